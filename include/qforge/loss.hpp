@@ -1,0 +1,83 @@
+// Fused, chunked linear + cross-entropy (challenge E). The N x V logits of
+// hidden[N,D] @ weight[V,D]^T are never materialised: tokens are processed
+// in chunks of `chunk` rows; per chunk one GEMM writes the chunk's logits
+// into a workspace, one pass computes log-sum-exp and the loss and (when
+// gradients are asked for) overwrites the logits with d loss / d logits,
+// and two more GEMMs turn that into grad_hidden (the chunk's rows) and
+// grad_weight (accumulated over chunks). With gradients computed in the
+// forward pass the backward pass is a rescale by the upstream gradient.
+//
+// Semantics (what the CPU twin and the CUDA kernels both compute; equal to
+// torch.nn.functional.cross_entropy for every option it has):
+//   u_c  = logit_scale * (h . w_c + bias_c)
+//   z_c  = softcap > 0 ? softcap * tanh(u_c / softcap) : u_c
+//   lse  = log sum_c exp(z_c)
+//   ce   = (1 - eps) * cw[y] * (lse - z_y) + eps / V * sum_c cw[c] * (lse - z_c)
+//   loss_i = ce + z_loss * lse^2                  (0 for ignored tokens)
+//   mean: sum_i loss_i / sum_{valid i} cw[y_i];  sum: sum_i loss_i;  none: loss_i
+// (cw = class weights, 1 when absent; eps = label_smoothing.) A mean over no
+// valid token is 0/0 = NaN as in PyTorch, with zero gradients.
+// Logits and d loss / d logits are stored in the input dtype between the
+// GEMMs (as PyTorch's own bf16 matmul output is); everything else runs in fp32.
+// NaN or Inf in hidden/weight propagates to the loss and the gradients.
+#pragma once
+#include <cstdint>
+
+namespace qforge::loss {
+
+enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
+enum class Reduction : int { None = 0, Mean = 1, Sum = 2 };
+
+struct LceOptions {
+  int64_t ignore_index = -100;
+  float label_smoothing = 0.0f;
+  float softcap = 0.0f;  // <= 0: no soft-capping
+  float logit_scale = 1.0f;
+  float z_loss = 0.0f;
+  Reduction reduction = Reduction::Mean;
+  int64_t chunk = 0;     // tokens per chunk, >= 1 (0: all N at once)
+  bool validate = true;  // CUDA: check labels on the host side (one stream sync)
+};
+
+struct LceInputs {
+  const void* hidden = nullptr;  // [N, D], row-major, dtype
+  const void* weight = nullptr;  // [V, D], row-major, dtype
+  const void* bias = nullptr;    // [V] dtype, or null
+  DType dtype = DType::F32;
+  int64_t N = 0, D = 0, V = 0;
+  const int64_t* labels = nullptr;       // [N]: 0..V-1 or ignore_index
+  const float* class_weight = nullptr;   // [V] fp32, or null
+};
+
+struct LceOutputs {
+  float* loss = nullptr;           // [1] (mean/sum) or [N] (none); required
+  float* lse = nullptr;            // [N] or null
+  void* grad_hidden = nullptr;     // [N, D] dtype, or null: not computed
+  void* grad_weight = nullptr;     // [V, D] grad_weight_dtype, or null
+  DType grad_weight_dtype = DType::F32;  // dtype, or F32 for fp32 accumulation
+  float* grad_bias = nullptr;      // [V] fp32, or null
+  // Per-token upstream gradient [N] (reduction none), or null (= 1). The
+  // gradients then are sum_i grad_scale[i] * d loss_i (times 1/denominator
+  // for mean).
+  const float* grad_scale = nullptr;
+};
+
+const char* dtype_name(DType d);
+int64_t dtype_size(DType d);
+
+// Bytes of workspace lce_forward needs for these sizes (chunk 0 = N).
+int64_t lce_workspace_bytes(bool cuda, int64_t N, int64_t D, int64_t V, DType dtype,
+                            int64_t chunk);
+
+// Validates everything (shapes, options, buffer sizes; labels on CPU) and
+// throws InvalidArgument naming the problem.
+void lce_check(const LceInputs& in, const LceOptions& opt, const LceOutputs& out,
+               int64_t workspace_bytes, bool cuda);
+
+void lce_forward_cpu(const LceInputs& in, const LceOptions& opt, const LceOutputs& out,
+                     void* workspace, int64_t workspace_bytes);
+// Pointers are device pointers; runs on `stream` (a cudaStream_t).
+void lce_forward_cuda(const LceInputs& in, const LceOptions& opt, const LceOutputs& out,
+                      void* workspace, int64_t workspace_bytes, void* stream);
+
+}  // namespace qforge::loss

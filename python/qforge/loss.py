@@ -1,0 +1,493 @@
+"""Memory-efficient linear + loss (challenge E).
+
+* ``linear_cross_entropy`` / ``LinearCrossEntropyLoss``: the fused, chunked
+  linear + cross-entropy of the C++/CUDA core (``qf_lce_forward``). The N x V
+  logits are never materialised; with reduction "mean"/"sum" all gradients are
+  computed in the forward pass (three GEMMs per chunk) and backward is a
+  rescale by the upstream gradient; with reduction "none" backward recomputes
+  per chunk with the per-token upstream gradients.
+* ``chunked_linear``: the generic form. Any Python ``loss_fn(hidden_chunk,
+  weight, labels_chunk, *extras_chunk)`` on a chunk of tokens, differentiated
+  by autograd per chunk (no hard-coded derivatives), chunks weighted by their
+  valid-token counts so that the result equals the unchunked computation.
+
+Both are torch custom ops / autograd Functions; NaN or Inf in the hidden
+states or the weight propagate to the loss and the gradients (documented, not
+checked: a check would cost a pass over the inputs).
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ._lib import (QF_BFLOAT16, QF_CPU, QF_CUDA, QF_FLOAT16, QF_FLOAT32, check, declare)
+
+__all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss", "chunked_linear", "ChunkedLinearLoss",
+           "auto_chunk_size"]
+
+_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+_QF_DTYPE = {torch.float32: QF_FLOAT32, torch.float16: QF_FLOAT16, torch.bfloat16: QF_BFLOAT16}
+
+
+class _Options(ctypes.Structure):
+    _fields_ = [("ignore_index", ctypes.c_int64), ("label_smoothing", ctypes.c_float),
+                ("softcap", ctypes.c_float), ("logit_scale", ctypes.c_float),
+                ("z_loss", ctypes.c_float), ("reduction", ctypes.c_int32),
+                ("validate", ctypes.c_int32), ("chunk_size", ctypes.c_int64)]
+
+
+_vp, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_lce_ws = declare("qf_lce_workspace_bytes", _i32, _i64, _i64, _i64, _i32, _i64,
+                  ctypes.POINTER(ctypes.c_int64))
+_lce_fwd = declare("qf_lce_forward", _i32, _vp, _vp, _vp, _i32, _i64, _i64, _i64, _vp, _vp,
+                   ctypes.POINTER(_Options), _vp, _vp, _vp, _vp, _i32, _vp, _vp, _vp, _i64, _vp)
+
+# Default budget for the chunk's logits buffer (the only large temporary).
+_DEFAULT_CHUNK_BYTES = 448 << 20
+
+
+def _ptr(t: Optional[Tensor]):
+    return None if t is None or t.numel() == 0 else ctypes.c_void_p(t.data_ptr())
+
+
+def auto_chunk_size(n: int, v: int, dtype: torch.dtype, device: torch.device,
+                    budget_bytes: Optional[int] = None) -> int:
+    """Tokens per chunk: the chunk's logits (n x V of dtype on CUDA, fp32 on the
+    CPU) fit in ``budget_bytes`` (env QFORGE_LCE_CHUNK_BYTES, default 448 MiB,
+    at most a quarter of the free device memory); chunks are balanced and
+    multiples of 128 tokens where that fits."""
+    if n <= 0:
+        return 1
+    if budget_bytes is None:
+        budget_bytes = int(os.environ.get("QFORGE_LCE_CHUNK_BYTES", _DEFAULT_CHUNK_BYTES))
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget_bytes = min(budget_bytes, free // 4)
+    elt = torch.finfo(dtype).bits // 8 if device.type == "cuda" else 4
+    max_chunk = max(1, budget_bytes // (v * elt))
+    if max_chunk >= n:
+        return n
+    if max_chunk >= 128:
+        max_chunk = max_chunk // 128 * 128
+    nchunks = -(-n // max_chunk)
+    chunk = -(-n // nchunks)
+    if max_chunk >= 128:
+        chunk = min(max_chunk, -(-chunk // 128) * 128)
+    return max(1, chunk)
+
+
+def _run_core(hidden, weight, labels, bias, class_weight, ignore_index, label_smoothing, softcap,
+              logit_scale, z_loss, reduction, chunk_size, validate, loss, lse, gh, gw, gb,
+              grad_scale):
+    n, d = hidden.shape
+    v = weight.shape[0]
+    dev = hidden.device
+    cuda = dev.type == "cuda"
+    if chunk_size <= 0:
+        chunk_size = auto_chunk_size(n, v, hidden.dtype, dev)
+    dtype = _QF_DTYPE[hidden.dtype]
+    nbytes = ctypes.c_int64(0)
+    check(_lce_ws(QF_CUDA if cuda else QF_CPU, n, d, v, dtype, chunk_size, ctypes.byref(nbytes)))
+    ws = torch.empty(nbytes.value, dtype=torch.uint8, device=dev)
+    if cuda and validate and torch.cuda.is_current_stream_capturing():
+        validate = False
+    opts = _Options(int(ignore_index), float(label_smoothing), float(softcap or 0.0),
+                    float(logit_scale), float(z_loss), int(reduction), int(bool(validate)),
+                    int(chunk_size))
+    stream = torch.cuda.current_stream(dev).cuda_stream if cuda else None
+    gw_dtype = _QF_DTYPE[gw.dtype] if gw is not None and gw.numel() else dtype
+    with torch.cuda.device(dev) if cuda else _nullctx():
+        check(_lce_fwd(QF_CUDA if cuda else QF_CPU, _ptr(hidden), _ptr(weight), _ptr(bias), dtype,
+                       n, d, v, _ptr(labels), _ptr(class_weight), ctypes.byref(opts), _ptr(loss),
+                       _ptr(lse), _ptr(gh), _ptr(gw), gw_dtype, _ptr(gb), _ptr(grad_scale),
+                       _ptr(ws), nbytes.value, stream))
+
+
+class _nullctx:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+# ------------------------------------------------------------------ torch ops
+@torch.library.custom_op("qforge::linear_cross_entropy", mutates_args=())
+def _lce_op(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor],
+            class_weight: Optional[Tensor], ignore_index: int, label_smoothing: float,
+            softcap: float, logit_scale: float, z_loss: float, reduction: int, chunk_size: int,
+            validate: bool, want_lse: bool, grad_hidden: bool, grad_weight: bool,
+            grad_bias: bool, fp32_grad_weight: bool
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    n, d = hidden.shape
+    v = weight.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    loss = torch.empty((n,) if reduction == 0 else (), **f32)
+    lse = torch.empty((n,) if want_lse else (0,), **f32)
+    gh = torch.empty((n, d) if grad_hidden else (0,), dtype=hidden.dtype, device=hidden.device)
+    gw = torch.empty((v, d) if grad_weight else (0,),
+                     dtype=torch.float32 if fp32_grad_weight else weight.dtype, device=weight.device)
+    gb = torch.empty((v,) if grad_bias else (0,), **f32)
+    _run_core(hidden, weight, labels, bias, class_weight, ignore_index, label_smoothing, softcap,
+              logit_scale, z_loss, reduction, chunk_size, validate, loss,
+              lse if want_lse else None, gh if grad_hidden else None,
+              gw if grad_weight else None, gb if grad_bias else None, None)
+    return loss, lse, gh, gw, gb
+
+
+@_lce_op.register_fake
+def _(hidden, weight, labels, bias, class_weight, ignore_index, label_smoothing, softcap,
+      logit_scale, z_loss, reduction, chunk_size, validate, want_lse, grad_hidden, grad_weight,
+      grad_bias, fp32_grad_weight):
+    n, d = hidden.shape
+    v = weight.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    return (hidden.new_empty((n,) if reduction == 0 else (), dtype=torch.float32),
+            torch.empty((n,) if want_lse else (0,), **f32),
+            hidden.new_empty((n, d) if grad_hidden else (0,)),
+            weight.new_empty((v, d) if grad_weight else (0,),
+                             dtype=torch.float32 if fp32_grad_weight else weight.dtype),
+            torch.empty((v,) if grad_bias else (0,), **f32))
+
+
+@torch.library.custom_op("qforge::linear_cross_entropy_backward", mutates_args=())
+def _lce_bwd_op(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor],
+                class_weight: Optional[Tensor], grad_loss: Tensor, ignore_index: int,
+                label_smoothing: float, softcap: float, logit_scale: float, z_loss: float,
+                reduction: int, chunk_size: int, grad_hidden: bool, grad_weight: bool,
+                grad_bias: bool, fp32_grad_weight: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients with a per-token upstream gradient (reduction none): recomputes
+    the chunks' logits with each token's gradient scaled by grad_loss[i]."""
+    n, d = hidden.shape
+    v = weight.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    loss = torch.empty((n,) if reduction == 0 else (), **f32)
+    gh = torch.empty((n, d) if grad_hidden else (0,), dtype=hidden.dtype, device=hidden.device)
+    gw = torch.empty((v, d) if grad_weight else (0,),
+                     dtype=torch.float32 if fp32_grad_weight else weight.dtype, device=weight.device)
+    gb = torch.empty((v,) if grad_bias else (0,), **f32)
+    scale = grad_loss.to(torch.float32).reshape(-1).expand(n).contiguous()
+    _run_core(hidden, weight, labels, bias, class_weight, ignore_index, label_smoothing, softcap,
+              logit_scale, z_loss, reduction, chunk_size, False, loss, None,
+              gh if grad_hidden else None, gw if grad_weight else None, gb if grad_bias else None,
+              scale)
+    return gh, gw, gb
+
+
+@_lce_bwd_op.register_fake
+def _(hidden, weight, labels, bias, class_weight, grad_loss, ignore_index, label_smoothing, softcap,
+      logit_scale, z_loss, reduction, chunk_size, grad_hidden, grad_weight, grad_bias,
+      fp32_grad_weight):
+    n, d = hidden.shape
+    v = weight.shape[0]
+    return (hidden.new_empty((n, d) if grad_hidden else (0,)),
+            weight.new_empty((v, d) if grad_weight else (0,),
+                             dtype=torch.float32 if fp32_grad_weight else weight.dtype),
+            torch.empty((v,) if grad_bias else (0,), dtype=torch.float32, device=hidden.device))
+
+
+_OPT_NAMES = ("ignore_index", "label_smoothing", "softcap", "logit_scale", "z_loss", "reduction",
+              "chunk_size", "validate", "want_lse", "grad_hidden", "grad_weight", "grad_bias",
+              "fp32_grad_weight")
+
+
+def _setup_context(ctx, inputs, output):
+    (hidden, weight, labels, bias, class_weight, *opts) = inputs
+    ctx.opts = dict(zip(_OPT_NAMES, opts))
+    loss, lse, gh, gw, gb = output
+    ctx.mark_non_differentiable(lse, gh, gw, gb)
+    ctx.has_bias = bias is not None
+    ctx.weight_dtype, ctx.bias_dtype = weight.dtype, (bias.dtype if bias is not None else None)
+    if ctx.opts["reduction"] == 0:
+        ctx.save_for_backward(hidden, weight, labels, bias, class_weight)
+    else:
+        ctx.save_for_backward(gh, gw, gb)
+
+
+def _scale(t: Tensor, g: Tensor, dtype: torch.dtype) -> Tensor:
+    if t.dtype == dtype and not torch.compiler.is_compiling():
+        return t.mul_(g.to(t.dtype))  # the buffer is ours: rescale in place, no copy
+    return (t * g).to(dtype)
+
+
+def _backward(ctx, g_loss, g_lse, g_gh, g_gw, g_gb):
+    o = ctx.opts
+    gh = gw = gb = None
+    if o["reduction"] == 0:
+        hidden, weight, labels, bias, class_weight = ctx.saved_tensors
+        gh, gw, gb = _lce_bwd_op(hidden, weight, labels, bias, class_weight, g_loss,
+                                 o["ignore_index"], o["label_smoothing"], o["softcap"],
+                                 o["logit_scale"], o["z_loss"], 0, o["chunk_size"],
+                                 o["grad_hidden"], o["grad_weight"], o["grad_bias"],
+                                 o["fp32_grad_weight"])
+        gh = gh if o["grad_hidden"] else None
+        gw = gw.to(ctx.weight_dtype) if o["grad_weight"] else None
+        gb = gb.to(ctx.bias_dtype) if o["grad_bias"] else None
+    else:
+        sgh, sgw, sgb = ctx.saved_tensors
+        if o["grad_hidden"]:
+            gh = _scale(sgh, g_loss, sgh.dtype)
+        if o["grad_weight"]:
+            gw = _scale(sgw, g_loss, ctx.weight_dtype)
+        if o["grad_bias"]:
+            gb = _scale(sgb, g_loss, ctx.bias_dtype)
+    return (gh, gw, None, gb, None) + (None,) * len(_OPT_NAMES)
+
+
+_lce_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------ public API
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None,
+                         ignore_index: int = -100, label_smoothing: float = 0.0,
+                         weight_per_class: Optional[Tensor] = None, reduction: str = "mean",
+                         softcap: Optional[float] = None, logit_scale: float = 1.0,
+                         z_loss: float = 0.0, return_lse: bool = False,
+                         chunk_size: Optional[int] = None, fp32_grad_weight: bool = False,
+                         validate: bool = True):
+    """cross_entropy(logit_scale * (hidden @ weight.T + bias) [soft-capped], labels)
+    without materialising the logits.
+
+    hidden [..., D], weight [V, D], labels [...] (int, ignore_index allowed),
+    bias [V], weight_per_class [V] (PyTorch's ``weight=``). Matches
+    ``torch.nn.functional.cross_entropy`` (with ``z_loss * lse**2`` added per
+    valid token, divided like the loss under "mean"). Returns the loss (a
+    scalar, or shaped like labels for "none"), and with ``return_lse`` also
+    the per-token log-sum-exp (fp32, not differentiable).
+    ``chunk_size`` tokens per chunk (None: automatic from free memory);
+    ``fp32_grad_weight`` accumulates grad_weight in fp32 across chunks;
+    ``validate`` checks labels up front on CUDA (one stream sync).
+    NaN/Inf in hidden or weight propagate to the loss and gradients.
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"linear_cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not isinstance(hidden, Tensor) or not isinstance(weight, Tensor) or not isinstance(labels, Tensor):
+        raise TypeError("linear_cross_entropy: hidden, weight and labels must be tensors")
+    if weight.dim() != 2:
+        raise ValueError(f"linear_cross_entropy: weight must be [V, D], got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear_cross_entropy: hidden {tuple(hidden.shape)} and weight "
+                         f"{tuple(weight.shape)} disagree on D (hidden's last dim must equal weight.shape[1])")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"linear_cross_entropy: labels {tuple(labels.shape)} must have hidden's "
+                         f"leading shape {tuple(hidden.shape[:-1])}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"linear_cross_entropy: labels must be an integer tensor, got {labels.dtype}")
+    dev_type = hidden.device.type
+    if torch.is_autocast_enabled(dev_type):
+        ac = torch.get_autocast_dtype(dev_type)
+        hidden, weight = hidden.to(ac), weight.to(ac)
+        bias = bias.to(ac) if bias is not None else None
+    for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype not in _QF_DTYPE:
+            raise ValueError(f"linear_cross_entropy: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"linear_cross_entropy: hidden ({hidden.dtype}) and weight ({weight.dtype}) "
+                         "must have the same dtype (or run under autocast)")
+    if bias is not None:
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"linear_cross_entropy: bias must be [V]=[{weight.shape[0]}], got {tuple(bias.shape)}")
+        bias = bias.to(hidden.dtype)
+    cw = None
+    if weight_per_class is not None:
+        if tuple(weight_per_class.shape) != (weight.shape[0],):
+            raise ValueError(f"linear_cross_entropy: weight_per_class must be [V]=[{weight.shape[0]}], "
+                             f"got {tuple(weight_per_class.shape)}")
+        cw = weight_per_class.detach().to(torch.float32).contiguous()
+    for name, t in (("weight", weight), ("labels", labels), ("bias", bias), ("weight_per_class", cw)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"linear_cross_entropy: {name} is on {t.device} but hidden is on {hidden.device}")
+    if softcap is not None and not (softcap > 0 and math.isfinite(softcap)):
+        raise ValueError(f"linear_cross_entropy: softcap must be a positive finite number or None, got {softcap}")
+    lead = hidden.shape[:-1]
+    h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    y = labels.reshape(-1).to(torch.int64).contiguous()
+    w = weight.contiguous()
+    b = bias.contiguous() if bias is not None else None
+    red = _REDUCTIONS[reduction]
+    grad_on = torch.is_grad_enabled()
+    loss, lse, *_ = _lce_op(
+        h2, w, y, b, cw, int(ignore_index), float(label_smoothing), float(softcap or 0.0),
+        float(logit_scale), float(z_loss), red, int(chunk_size or 0), bool(validate), bool(return_lse),
+        grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad, bool(fp32_grad_weight))
+    if red == 0:
+        loss = loss.reshape(lead)
+    if hidden.dtype != torch.float32 and red != 0:
+        pass  # the loss stays fp32, like cross_entropy on upcast logits
+    if return_lse:
+        return loss, lse.reshape(lead)
+    return loss
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """Module form: ``LinearCrossEntropyLoss(**options)(hidden, weight, labels, bias=None)``."""
+
+    def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0,
+                 weight_per_class: Optional[Tensor] = None, reduction: str = "mean",
+                 softcap: Optional[float] = None, logit_scale: float = 1.0, z_loss: float = 0.0,
+                 return_lse: bool = False, chunk_size: Optional[int] = None,
+                 fp32_grad_weight: bool = False):
+        super().__init__()
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        self.register_buffer("weight_per_class", weight_per_class, persistent=False)
+        self.kw = dict(ignore_index=ignore_index, label_smoothing=label_smoothing,
+                       reduction=reduction, softcap=softcap, logit_scale=logit_scale,
+                       z_loss=z_loss, return_lse=return_lse, chunk_size=chunk_size,
+                       fp32_grad_weight=fp32_grad_weight)
+
+    def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None):
+        return linear_cross_entropy(hidden, weight, labels, bias,
+                                    weight_per_class=self.weight_per_class, **self.kw)
+
+
+# ------------------------------------------------------------------ generic form
+def _split(t, sizes):
+    return t.split(sizes, dim=0) if isinstance(t, Tensor) else [t] * len(sizes)
+
+
+class _ChunkedLinearF(torch.autograd.Function):
+    """Per-chunk autograd in forward (loss_fn differentiated by autograd, no
+    hard-coded derivative); backward rescales by the upstream gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, loss_fn, sizes, reduction, fp32_grad_weight, valid, labels,
+                *extras):
+        need_h, need_w = hidden.requires_grad, weight.requires_grad
+        counts = [int(c) for c in torch.stack([v.sum() for v in valid.split(sizes, 0)]).tolist()]
+        total = sum(counts)
+        gh = torch.zeros_like(hidden) if need_h else None
+        gw = (torch.zeros(weight.shape, dtype=torch.float32 if fp32_grad_weight else weight.dtype,
+                          device=weight.device) if need_w else None)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        hs, ys = hidden.split(sizes, 0), labels.split(sizes, 0)
+        ex = [_split(e, sizes) for e in extras]
+        offset = 0
+        for i, n in enumerate(sizes):
+            if reduction == "mean" and counts[i] == 0 and total > 0:
+                offset += n  # no valid token: contributes nothing (its mean would be 0/0)
+                continue
+            h_c = hs[i].detach().requires_grad_(need_h)
+            w_c = weight.detach().requires_grad_(need_w)
+            with torch.enable_grad():
+                out = loss_fn(h_c, w_c, ys[i], *[e[i] for e in ex])
+                if not isinstance(out, Tensor) or out.dim() != 0:
+                    raise ValueError("chunked_linear: loss_fn must return a scalar tensor, got "
+                                     f"{getattr(out, 'shape', type(out))}")
+                out = out.float()
+                if reduction == "mean":  # chunk mean -> weight by its share of valid tokens
+                    out = out * (counts[i] / total if total > 0 else 1.0)
+            inputs = [t for t, need in ((h_c, need_h), (w_c, need_w)) if need]
+            if inputs and out.requires_grad:
+                grads = torch.autograd.grad(out, inputs, allow_unused=True)
+                k = 0
+                if need_h:
+                    if grads[0] is not None:
+                        gh[offset:offset + n] = grads[0]
+                    k = 1
+                if need_w and grads[k] is not None:
+                    gw += grads[k].to(gw.dtype)
+            loss += out.detach()
+            offset += n
+        ctx.save_for_backward(gh, gw)
+        ctx.need = (need_h, need_w)
+        ctx.wdtype = weight.dtype
+        ctx.n_extras = len(extras)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        gh, gw = ctx.saved_tensors
+        need_h, need_w = ctx.need
+        rh = gh.mul_(g.to(gh.dtype)) if need_h else None
+        rw = (gw * g).to(ctx.wdtype) if need_w else None
+        return (rh, rw, None, None, None, None, None, None) + (None,) * ctx.n_extras
+
+
+def _chunk_sizes(n: int, chunk_size, v: int, dtype, device) -> list[int]:
+    if n == 0:
+        return [0]
+    if chunk_size is None:
+        c = auto_chunk_size(n, v, torch.float32, device if device.type == "cuda" else torch.device("cpu"),
+                            budget_bytes=None)
+        # the generic path keeps fp32 logits + grad + softmax per chunk: ~3x fp32 logits
+        c = max(1, c // 3)
+        return _sizes_from_int(n, c)
+    if isinstance(chunk_size, int):
+        if chunk_size < 1:
+            raise ValueError(f"chunked_linear: chunk_size must be >= 1, got {chunk_size}")
+        return _sizes_from_int(n, chunk_size)
+    sizes = [int(s) for s in chunk_size]
+    if any(s < 1 for s in sizes) or sum(sizes) != n:
+        raise ValueError(f"chunked_linear: chunk sizes {sizes} must be >= 1 and sum to N={n}")
+    return sizes
+
+
+def _sizes_from_int(n, c):
+    return [min(c, n - s) for s in range(0, n, c)]
+
+
+def chunked_linear(hidden: Tensor, weight: Tensor, labels: Tensor,
+                   loss_fn: Callable[..., Tensor],
+                   chunk_size: Union[int, Sequence[int], None] = None, *extras: Tensor,
+                   reduction: str = "mean", ignore_index: int = -100,
+                   valid: Optional[Tensor] = None, fp32_grad_weight: bool = False) -> Tensor:
+    """Generic memory-efficient ``loss_fn(hidden @ ...)``: tokens are split into
+    chunks (``chunk_size`` int, a list of sizes, or None = automatic), and
+    ``loss_fn(hidden_chunk, weight, labels_chunk, *extras_chunk)`` is evaluated
+    and differentiated by autograd chunk by chunk; only one chunk's logits
+    exist at a time. Gradients for hidden and weight are computed in the
+    forward pass, so backward applies the upstream gradient by a rescale.
+
+    reduction "mean": loss_fn returns the mean over the chunk's valid tokens;
+    chunks are weighted by valid-token counts (``valid``, default
+    ``labels != ignore_index``), so the result equals the unchunked mean.
+    reduction "sum": loss_fn returns the chunk's sum; chunks are added.
+    ``extras`` (advantages, reference log-probs, masks, ...) are split along
+    dim 0 with the tokens. hidden [N, D] (or [..., D], flattened), labels [N].
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"chunked_linear: reduction must be 'mean' or 'sum', got {reduction!r}")
+    if hidden.dim() < 1 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"chunked_linear: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} "
+                         "must be [..., D] and [V, D]")
+    h = hidden.reshape(-1, hidden.shape[-1])
+    n = h.shape[0]
+    y = labels.reshape(n, *labels.shape[hidden.dim() - 1:]) if labels.dim() >= hidden.dim() - 1 else labels
+    if y.shape[0] != n:
+        raise ValueError(f"chunked_linear: labels {tuple(labels.shape)} do not match hidden's {n} tokens")
+    if valid is None:
+        valid = (y != ignore_index) if not y.dtype.is_floating_point else torch.ones(n, dtype=torch.bool, device=h.device)
+        if valid.dim() > 1:
+            valid = valid.reshape(n, -1).all(1)
+    valid = valid.reshape(n)
+    ex = []
+    for e in extras:
+        if isinstance(e, Tensor):
+            e = e.reshape(n, *e.shape[hidden.dim() - 1:]) if e.dim() >= hidden.dim() - 1 else e
+            if e.shape[0] != n:
+                raise ValueError(f"chunked_linear: extra tensor {tuple(e.shape)} does not have N={n} rows")
+        ex.append(e)
+    sizes = _chunk_sizes(n, chunk_size, weight.shape[0], h.dtype, h.device)
+    return _ChunkedLinearF.apply(h, weight, loss_fn, sizes, reduction, fp32_grad_weight, valid, y, *ex)
+
+
+class ChunkedLinearLoss(torch.nn.Module):
+    """Module form of :func:`chunked_linear` for a fixed ``loss_fn``."""
+
+    def __init__(self, loss_fn: Callable[..., Tensor], chunk_size=None, reduction: str = "mean",
+                 ignore_index: int = -100, fp32_grad_weight: bool = False):
+        super().__init__()
+        self.loss_fn, self.chunk_size, self.reduction = loss_fn, chunk_size, reduction
+        self.ignore_index, self.fp32_grad_weight = ignore_index, fp32_grad_weight
+
+    def forward(self, hidden, weight, labels, *extras, valid=None):
+        return chunked_linear(hidden, weight, labels, self.loss_fn, self.chunk_size, *extras,
+                              reduction=self.reduction, ignore_index=self.ignore_index,
+                              valid=valid, fp32_grad_weight=self.fp32_grad_weight)

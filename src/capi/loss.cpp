@@ -1,0 +1,84 @@
+// C ABI of the fused linear + cross-entropy: argument translation only.
+#include "guard.hpp"
+#include "qforge/loss.hpp"
+#include "qforge/qforge.h"
+
+namespace {
+using namespace qforge;
+
+loss::DType to_dtype(qf_dtype d, const char* what) {
+  switch (d) {
+    case QF_FLOAT32: return loss::DType::F32;
+    case QF_FLOAT16: return loss::DType::F16;
+    case QF_BFLOAT16: return loss::DType::BF16;
+    default: break;
+  }
+  QF_CHECK(false, "linear_cross_entropy: ", what, " must be float32, float16 or bfloat16 (qf_dtype ",
+           int(d), ")");
+  return loss::DType::F32;
+}
+
+void check_device(qf_device device) {
+  QF_CHECK(device == QF_CPU || device == QF_CUDA, "linear_cross_entropy: unknown device ", int(device));
+}
+}  // namespace
+
+extern "C" {
+
+int qf_lce_workspace_bytes(qf_device device, int64_t n, int64_t d, int64_t v, qf_dtype dtype,
+                           int64_t chunk_size, int64_t* bytes) {
+  return capi::guard([&] {
+    check_device(device);
+    QF_CHECK(bytes != nullptr, "qf_lce_workspace_bytes: bytes is null");
+    QF_CHECK(chunk_size >= 0, "linear_cross_entropy: chunk_size must be >= 0, got ", chunk_size);
+    *bytes = loss::lce_workspace_bytes(device == QF_CUDA, n, d, v, to_dtype(dtype, "dtype"), chunk_size);
+  });
+}
+
+int qf_lce_forward(qf_device device, const void* hidden, const void* weight, const void* bias,
+                   qf_dtype dtype, int64_t n, int64_t d, int64_t v, const int64_t* labels,
+                   const float* class_weight, const qf_lce_options* options, float* loss,
+                   float* lse, void* grad_hidden, void* grad_weight, qf_dtype grad_weight_dtype,
+                   float* grad_bias, const float* grad_scale, void* workspace,
+                   int64_t workspace_bytes, void* stream) {
+  return capi::guard([&] {
+    check_device(device);
+    QF_CHECK(options != nullptr, "qf_lce_forward: options is null");
+    loss::LceInputs in;
+    in.hidden = hidden;
+    in.weight = weight;
+    in.bias = bias;
+    in.dtype = to_dtype(dtype, "dtype");
+    in.N = n;
+    in.D = d;
+    in.V = v;
+    in.labels = labels;
+    in.class_weight = class_weight;
+    loss::LceOptions opt;
+    opt.ignore_index = options->ignore_index;
+    opt.label_smoothing = options->label_smoothing;
+    opt.softcap = options->softcap;
+    opt.logit_scale = options->logit_scale;
+    opt.z_loss = options->z_loss;
+    QF_CHECK(options->reduction >= 0 && options->reduction <= 2,
+             "linear_cross_entropy: reduction must be QF_REDUCTION_NONE/MEAN/SUM, got ",
+             options->reduction);
+    opt.reduction = static_cast<loss::Reduction>(options->reduction);
+    opt.validate = options->validate != 0;
+    opt.chunk = options->chunk_size;
+    loss::LceOutputs out;
+    out.loss = loss;
+    out.lse = lse;
+    out.grad_hidden = grad_hidden;
+    out.grad_weight = grad_weight;
+    out.grad_weight_dtype = grad_weight ? to_dtype(grad_weight_dtype, "grad_weight dtype") : in.dtype;
+    out.grad_bias = grad_bias;
+    out.grad_scale = grad_scale;
+    if (device == QF_CUDA)
+      loss::lce_forward_cuda(in, opt, out, workspace, workspace_bytes, stream);
+    else
+      loss::lce_forward_cpu(in, opt, out, workspace, workspace_bytes);
+  });
+}
+
+}  // extern "C"
