@@ -1,0 +1,201 @@
+/* qforge C ABI: the one boundary between the C++/CUDA core and everything else
+ * (the Python package reaches it through ctypes, C programs link it directly).
+ *
+ * Rules every entry follows:
+ *  - returns QF_OK (0) or an error status; never throws, never aborts;
+ *    qf_last_error() then holds a message naming the problem (per thread);
+ *  - takes raw pointers + element counts, so it can check sizes itself;
+ *  - never allocates in a hot path: outputs and workspaces are the caller's;
+ *  - device work runs on the caller's stream (a cudaStream_t passed as void*,
+ *    NULL = the legacy default stream); CPU work ignores the stream.
+ */
+#ifndef QFORGE_QFORGE_H
+#define QFORGE_QFORGE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(_WIN32)
+#define QF_API __declspec(dllexport)
+#else
+#define QF_API __attribute__((visibility("default")))
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---------------------------------------------------------------- common */
+enum {
+  QF_OK = 0,
+  QF_ERR_INVALID_ARGUMENT = 1, /* the caller's input is wrong: see qf_last_error() */
+  QF_ERR_RUNTIME = 2,          /* CUDA / cuBLAS / OS failure */
+  QF_ERR_OUT_OF_MEMORY = 3
+};
+
+typedef enum qf_dtype {
+  QF_FLOAT32 = 0,
+  QF_FLOAT16 = 1,
+  QF_BFLOAT16 = 2,
+  QF_UINT8 = 3,
+  QF_INT64 = 4,
+  QF_INT32 = 5,
+  QF_FLOAT64 = 6
+} qf_dtype;
+
+typedef enum qf_device { QF_CPU = 0, QF_CUDA = 1 } qf_device;
+
+QF_API const char* qf_version(void);
+QF_API const char* qf_last_error(void);
+QF_API int qf_built_with_cuda(void);
+QF_API int qf_cuda_device_count(void);
+
+/* ------------------------------------------------------------------- NF4
+ * bitsandbytes' 4-bit storage (see docs/nf4.md): element i of the flattened
+ * weight lives in byte i/2, high nibble for even i; block b = elements
+ * [b*blocksize, (b+1)*blocksize) shares one absmax. The absmax is either
+ * fp32 per block, or double-quantized: uint8 codes through a 256-entry map,
+ * one fp32 nested absmax per nested_blocksize codes, plus one fp32 offset:
+ *   absmax[b] = nested_code[q[b]] * nested_absmax[b / nested_blocksize] + offset
+ * (multiply and add rounded separately, as bitsandbytes does).
+ * All pointers of one call live on the same device. */
+typedef struct qf_nf4_weights {
+  const uint8_t* packed;        /* ceil(numel/2) bytes */
+  int64_t packed_bytes;
+  int64_t numel;                /* elements of the unpacked weight */
+  int32_t blocksize;            /* 32, 64, ..., 4096 */
+  const float* code;            /* the 16-entry quant_map */
+  const void* absmax;           /* fp32 or uint8 per block */
+  qf_dtype absmax_dtype;        /* QF_FLOAT32, or QF_UINT8 when double-quantized */
+  int64_t absmax_len;           /* ceil(numel / blocksize) */
+  /* double quantization only (absmax_dtype == QF_UINT8), NULL otherwise: */
+  const float* nested_absmax;   /* ceil(absmax_len / nested_blocksize) */
+  int64_t nested_absmax_len;
+  const float* nested_code;     /* 256 entries */
+  const float* nested_offset;   /* 1 entry */
+  int32_t nested_blocksize;     /* bitsandbytes uses 256 */
+} qf_nf4_weights;
+
+/* Sizes a caller allocates for a weight of numel elements. */
+QF_API int64_t qf_nf4_packed_bytes(int64_t numel);
+QF_API int64_t qf_nf4_num_blocks(int64_t numel, int32_t blocksize);
+
+/* Dequantize w into out (numel elements of out_dtype: fp32/fp16/bf16).
+ * On CUDA this is one kernel whatever the absmax form. */
+QF_API int qf_nf4_dequantize(qf_device device, const qf_nf4_weights* w, void* out,
+                             qf_dtype out_dtype, int64_t out_numel, void* stream);
+
+/* Quantize x (numel elements, fp32/fp16/bf16) to NF4 with an fp32 absmax per
+ * block, exactly as bitsandbytes' quantize_4bit(quant_type="nf4"). */
+QF_API int qf_nf4_quantize(qf_device device, const void* x, qf_dtype x_dtype, int64_t numel,
+                           int32_t blocksize, uint8_t* packed, int64_t packed_bytes,
+                           float* absmax, int64_t absmax_len, void* stream);
+
+/* 8-bit blockwise quantization of (x - *offset) through a 256-entry code, as
+ * bitsandbytes' quantize_blockwise (used for the absmax of double quant).
+ * offset may be NULL (no shift). */
+QF_API int qf_quantize_blockwise_8bit(qf_device device, const float* x, int64_t n,
+                                      const float* offset, const float* code256,
+                                      int32_t blocksize, uint8_t* q, float* absmax,
+                                      int64_t absmax_len, void* stream);
+
+/* The default 256-entry signed dynamic map (bitsandbytes create_dynamic_map()). */
+QF_API int qf_dynamic_map_8bit(float* out256);
+/* The 16-entry NF4 map (bitsandbytes get_4bit_type("nf4")). */
+QF_API int qf_nf4_code(float* out16);
+
+/* ------------------------------------------------- linear + loss (src/loss) */
+/* Fused chunked linear + cross-entropy (see include/qforge/loss.hpp for the
+ * exact formulas): loss of softmax(hidden[N,D] @ weight[V,D]^T + bias) against
+ * labels without materialising the N x V logits. Per chunk of `chunk_size`
+ * tokens: GEMM -> logits, one fused pass -> LSE, loss and d loss / d logits in
+ * place (fp32 arithmetic), GEMMs -> grad_hidden rows and grad_weight (+)=.
+ * Gradients are computed when their output pointer is non-NULL, so a caller
+ * can compute them in the forward pass and rescale in backward. */
+enum { QF_REDUCTION_NONE = 0, QF_REDUCTION_MEAN = 1, QF_REDUCTION_SUM = 2 };
+
+typedef struct qf_lce_options {
+  int64_t ignore_index;  /* PyTorch: -100 */
+  float label_smoothing; /* [0, 1] */
+  float softcap;         /* <= 0: none; else z = softcap * tanh(z / softcap) */
+  float logit_scale;     /* logits are multiplied by this (before softcap) */
+  float z_loss;          /* + z_loss * lse^2 per valid token */
+  int32_t reduction;     /* QF_REDUCTION_* */
+  int32_t validate;      /* CUDA: 1 = check labels first (one stream sync) and fail
+                            with a message; 0 = out-of-range labels give NaN */
+  int64_t chunk_size;    /* tokens per chunk; 0 = all at once */
+} qf_lce_options;
+
+/* Workspace bytes for qf_lce_forward (device memory on CUDA, 256-byte aligned). */
+QF_API int qf_lce_workspace_bytes(qf_device device, int64_t n, int64_t d, int64_t v,
+                                  qf_dtype dtype, int64_t chunk_size, int64_t* bytes);
+
+/* hidden [n,d], weight [v,d], bias [v] or NULL: all of `dtype` (fp32/fp16/bf16);
+ * labels [n] int64; class_weight [v] fp32 or NULL.
+ * loss: 1 float (mean/sum) or n floats (none); lse: n floats or NULL.
+ * grad_hidden [n,d] dtype, grad_weight [v,d] of grad_weight_dtype (dtype, or
+ * QF_FLOAT32 to accumulate in fp32), grad_bias [v] fp32: each NULL = skip.
+ * grad_scale: n floats multiplying each token's gradient (the upstream
+ * gradient of reduction none), or NULL. */
+QF_API int qf_lce_forward(qf_device device, const void* hidden, const void* weight,
+                          const void* bias, qf_dtype dtype, int64_t n, int64_t d, int64_t v,
+                          const int64_t* labels, const float* class_weight,
+                          const qf_lce_options* options, float* loss, float* lse,
+                          void* grad_hidden, void* grad_weight, qf_dtype grad_weight_dtype,
+                          float* grad_bias, const float* grad_scale, void* workspace,
+                          int64_t workspace_bytes, void* stream);
+
+/* ------------------------------------------- chat templates (src/chat) */
+/* A Jinja engine that renders Hugging Face chat templates byte-identically to
+ * transformers' apply_chat_template, and tool-call parsers. Strings are UTF-8
+ * (pointer + byte length). Results are qforge-owned qf_chat_buffer handles:
+ * read them with qf_chat_buffer_data and release them with qf_chat_buffer_free.
+ * Template errors return QF_ERR_INVALID_ARGUMENT with qf_last_error() =
+ * "<Kind>: <message> (line L:C)", Kind being the jinja2/Python exception
+ * (TemplateSyntaxError, TemplateError from raise_exception, UndefinedError,
+ * SecurityError, TypeError, ...). */
+typedef struct qf_chat_template qf_chat_template;
+typedef struct qf_chat_buffer qf_chat_buffer;
+
+/* Compile a template; *out receives a handle (free with qf_chat_template_free). */
+QF_API int qf_chat_template_compile(const char* source, size_t source_len, qf_chat_template** out);
+QF_API void qf_chat_template_free(qf_chat_template* tmpl);
+
+/* apply_chat_template. request_json is one JSON object:
+ *   {"messages": [...], "tools": [...]|null, "documents": [...]|null,
+ *    "add_generation_prompt": bool, "continue_final_message": bool|"field",
+ *    <any other key>: a template variable (bos_token, date_string, ...)}
+ * now: seconds since the epoch (UTC) that strftime_now() formats, or -1 for
+ * the local time now. *text receives the rendered text. When spans is not
+ * NULL, the {% generation %} blocks' [start, end) offsets in code points
+ * (Python string indices) are written as pairs into spans[0..2*spans_cap),
+ * and *n_spans receives how many there are (may exceed spans_cap). */
+QF_API int qf_chat_apply_template(const qf_chat_template* tmpl, const char* request_json, size_t request_len,
+                                  int64_t now, qf_chat_buffer** text, int64_t* spans, size_t spans_cap,
+                                  size_t* n_spans);
+
+/* Render with a JSON object of template variables, nothing added. */
+QF_API int qf_chat_template_render(const qf_chat_template* tmpl, const char* context_json, size_t context_len,
+                                   int64_t now, qf_chat_buffer** text);
+
+/* Parse tool calls out of generated text. format: "llama3", "hermes" (also
+ * Qwen's <tool_call>), or "auto". *result receives a JSON object
+ *   {"content": str|null, "tool_calls": [{"type": "function", "function":
+ *    {"name": str, "arguments": {...}}}], "stop": "eom"|"eot"|null,
+ *    "error": str|null}
+ * Malformed calls never fail the call: the raw text becomes the content and
+ * "error" says why. */
+QF_API int qf_chat_parse_tool_calls(const char* text, size_t text_len, const char* format, qf_chat_buffer** result);
+
+/* json.dumps(json.loads(text), ensure_ascii, indent (<0: None), sort_keys) with Python's exact output. */
+QF_API int qf_chat_json_dumps(const char* json, size_t json_len, int ensure_ascii, int indent, int sort_keys,
+                              qf_chat_buffer** result);
+
+QF_API const char* qf_chat_buffer_data(const qf_chat_buffer* buf, size_t* len);
+QF_API void qf_chat_buffer_free(qf_chat_buffer* buf);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* QFORGE_QFORGE_H */

@@ -1,0 +1,58 @@
+"""Tensor <-> C ABI glue shared by every torch op: dtypes, devices, streams, checks."""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from ._lib import QF_BFLOAT16, QF_CPU, QF_CUDA, QF_FLOAT16, QF_FLOAT32, QF_FLOAT64, QF_INT32, QF_INT64, QF_UINT8
+
+_QF_DTYPES = {
+    torch.float32: QF_FLOAT32,
+    torch.float16: QF_FLOAT16,
+    torch.bfloat16: QF_BFLOAT16,
+    torch.uint8: QF_UINT8,
+    torch.int64: QF_INT64,
+    torch.int32: QF_INT32,
+    torch.float64: QF_FLOAT64,
+}
+
+
+def qf_dtype(dtype: torch.dtype, what: str, allowed=(torch.float32, torch.float16, torch.bfloat16)) -> int:
+    if dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise ValueError(f"{what} must be one of {names}, got {str(dtype).removeprefix('torch.')}")
+    return _QF_DTYPES[dtype]
+
+
+def qf_device(t: torch.Tensor) -> int:
+    if t.device.type == "cpu":
+        return QF_CPU
+    if t.device.type == "cuda":
+        return QF_CUDA
+    raise ValueError(f"qforge runs on cpu or cuda tensors, got a {t.device.type} tensor")
+
+
+def require_contiguous(t: torch.Tensor, what: str) -> None:
+    if not t.is_contiguous():
+        raise ValueError(f"{what} must be contiguous (got strides {tuple(t.stride())} for shape {tuple(t.shape)})")
+
+
+def require_same_device(tensors: dict[str, torch.Tensor | None]) -> torch.device:
+    present = {name: t for name, t in tensors.items() if t is not None}
+    devices = {t.device for t in present.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{name} on {t.device}" for name, t in present.items())
+        raise ValueError(f"all tensors must be on one device: {where}")
+    return next(iter(devices))
+
+
+def ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr() if t is not None else None)
+
+
+def stream_of(device: torch.device) -> ctypes.c_void_p:
+    """The caller's current CUDA stream on `device` (None on CPU)."""
+    if device.type != "cuda":
+        return ctypes.c_void_p(None)
+    return ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)

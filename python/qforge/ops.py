@@ -1,0 +1,183 @@
+"""NF4 torch ops: `torch.ops.qforge.{quantize_nf4, dequantize_nf4, dequantize_nf4_into,
+quantize_blockwise_8bit}`, registered with torch.library and fake kernels so that
+torch.compile and FSDP2 see ordinary ops. Each op only checks tensors and calls the C ABI.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _torch as T
+from ._lib import QF_FLOAT32, QF_UINT8, check, declare
+
+
+class NF4Weights(ctypes.Structure):
+    """qf_nf4_weights of qforge.h."""
+
+    _fields_ = [
+        ("packed", ctypes.c_void_p),
+        ("packed_bytes", ctypes.c_int64),
+        ("numel", ctypes.c_int64),
+        ("blocksize", ctypes.c_int32),
+        ("code", ctypes.c_void_p),
+        ("absmax", ctypes.c_void_p),
+        ("absmax_dtype", ctypes.c_int),
+        ("absmax_len", ctypes.c_int64),
+        ("nested_absmax", ctypes.c_void_p),
+        ("nested_absmax_len", ctypes.c_int64),
+        ("nested_code", ctypes.c_void_p),
+        ("nested_offset", ctypes.c_void_p),
+        ("nested_blocksize", ctypes.c_int32),
+    ]
+
+
+_c_int64, _c_int32, _vp = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
+_dequantize = declare("qf_nf4_dequantize", ctypes.c_int, ctypes.POINTER(NF4Weights), _vp, ctypes.c_int, _c_int64, _vp)
+_quantize = declare("qf_nf4_quantize", ctypes.c_int, _vp, ctypes.c_int, _c_int64, _c_int32, _vp, _c_int64, _vp, _c_int64, _vp)
+_quantize_8bit = declare(
+    "qf_quantize_blockwise_8bit", ctypes.c_int, _vp, _c_int64, _vp, _vp, _c_int32, _vp, _vp, _c_int64, _vp
+)
+_code16 = declare("qf_nf4_code", _vp)
+_dynamic_map = declare("qf_dynamic_map_8bit", _vp)
+
+
+def nf4_code(device: torch.device | str = "cpu") -> Tensor:
+    """bitsandbytes' 16 NF4 levels (get_4bit_type('nf4')), float32."""
+    out = torch.empty(16, dtype=torch.float32)
+    check(_code16(T.ptr(out)))
+    return out.to(device)
+
+
+def dynamic_map(device: torch.device | str = "cpu") -> Tensor:
+    """bitsandbytes' signed 8-bit dynamic map (create_dynamic_map()), float32[256]."""
+    out = torch.empty(256, dtype=torch.float32)
+    check(_dynamic_map(T.ptr(out)))
+    return out.to(device)
+
+
+def _on_device(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _check_dequantize_args(packed, absmax, code, nested_absmax, nested_code, nested_offset, out):
+    tensors = dict(
+        packed=packed, absmax=absmax, quant_map=code, nested_absmax=nested_absmax,
+        nested_quant_map=nested_code, nested_offset=nested_offset, out=out,
+    )
+    device = T.require_same_device(tensors)
+    for name, t in tensors.items():
+        if t is not None:
+            T.require_contiguous(t, name)
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"packed NF4 weight must be uint8, got {packed.dtype}")
+    if code.dtype != torch.float32 or code.numel() != 16:
+        raise ValueError(f"quant_map must be 16 float32 values, got {code.numel()} {code.dtype}")
+    nested = absmax.dtype == torch.uint8
+    if not nested and absmax.dtype != torch.float32:
+        raise ValueError(f"absmax must be float32, or uint8 when double-quantized; got {absmax.dtype}")
+    if nested:
+        if nested_absmax is None or nested_code is None or nested_offset is None:
+            raise ValueError("uint8 (double-quantized) absmax needs nested_absmax, nested_quant_map and nested_offset")
+        for name, t, n in (("nested_absmax", nested_absmax, None), ("nested_quant_map", nested_code, 256), ("nested_offset", nested_offset, 1)):
+            if t.dtype != torch.float32 or (n is not None and t.numel() != n):
+                raise ValueError(f"{name} must be float32{'' if n is None else f' with {n} values'}, got {t.numel()} {t.dtype}")
+    return device, nested
+
+
+def _dequantize_into_impl(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_offset, nested_blocksize, out):
+    device, nested = _check_dequantize_args(packed, absmax, code, nested_absmax, nested_code, nested_offset, out)
+    w = NF4Weights(
+        packed=packed.data_ptr(), packed_bytes=packed.numel(), numel=out.numel(), blocksize=blocksize,
+        code=code.data_ptr(), absmax=absmax.data_ptr(), absmax_dtype=QF_UINT8 if nested else QF_FLOAT32,
+        absmax_len=absmax.numel(),
+        nested_absmax=nested_absmax.data_ptr() if nested else None,
+        nested_absmax_len=nested_absmax.numel() if nested else 0,
+        nested_code=nested_code.data_ptr() if nested else None,
+        nested_offset=nested_offset.data_ptr() if nested else None,
+        nested_blocksize=nested_blocksize,
+    )
+    out_dtype = T.qf_dtype(out.dtype, "dequantize_nf4 output dtype")
+    with _on_device(device):
+        check(_dequantize(T.qf_device(out), ctypes.byref(w), T.ptr(out), out_dtype, out.numel(), T.stream_of(device)))
+
+
+@torch.library.custom_op("qforge::dequantize_nf4_into", mutates_args=("out",))
+def dequantize_nf4_into(
+    packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int,
+    nested_absmax: Optional[Tensor], nested_code: Optional[Tensor], nested_offset: Optional[Tensor],
+    nested_blocksize: int, out: Tensor,
+) -> None:
+    """Dequantize into `out` (a reused workspace); one CUDA kernel, on the current stream."""
+    _dequantize_into_impl(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_offset, nested_blocksize, out)
+
+
+@dequantize_nf4_into.register_fake
+def _(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_offset, nested_blocksize, out):
+    return None
+
+
+@torch.library.custom_op("qforge::dequantize_nf4", mutates_args=())
+def dequantize_nf4(
+    packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, shape: list[int], dtype: torch.dtype,
+    nested_absmax: Optional[Tensor] = None, nested_code: Optional[Tensor] = None,
+    nested_offset: Optional[Tensor] = None, nested_blocksize: int = 256,
+) -> Tensor:
+    """A new tensor of `shape` and `dtype` holding the dequantized weight."""
+    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    _dequantize_into_impl(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_offset, nested_blocksize, out)
+    return out
+
+
+@dequantize_nf4.register_fake
+def _(packed, absmax, code, blocksize, shape, dtype, nested_absmax=None, nested_code=None, nested_offset=None, nested_blocksize=256):
+    return packed.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("qforge::quantize_nf4", mutates_args=())
+def quantize_nf4(x: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+    """(packed uint8 of shape (ceil(n/2), 1), fp32 absmax per block), as bitsandbytes' quantize_4bit."""
+    T.require_contiguous(x, "weight to quantize")
+    x_dtype = T.qf_dtype(x.dtype, "weight to quantize")
+    n = x.numel()
+    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(math.ceil(n / blocksize) if blocksize > 0 else 0, dtype=torch.float32, device=x.device)
+    with _on_device(x.device):
+        check(_quantize(T.qf_device(x), T.ptr(x), x_dtype, n, blocksize, T.ptr(packed), packed.numel(),
+                        T.ptr(absmax), absmax.numel(), T.stream_of(x.device)))
+    return packed, absmax
+
+
+@quantize_nf4.register_fake
+def _(x, blocksize):
+    n = x.numel()
+    return x.new_empty(((n + 1) // 2, 1), dtype=torch.uint8), x.new_empty(-(-n // blocksize), dtype=torch.float32)
+
+
+@torch.library.custom_op("qforge::quantize_blockwise_8bit", mutates_args=())
+def quantize_blockwise_8bit(x: Tensor, code: Tensor, blocksize: int, offset: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """bitsandbytes' quantize_blockwise of (x - offset): (uint8 codes, fp32 absmax per block)."""
+    T.require_same_device(dict(x=x, code=code, offset=offset))
+    for name, t in (("x", x), ("code", code), ("offset", offset)):
+        if t is not None:
+            T.require_contiguous(t, name)
+            if t.dtype != torch.float32:
+                raise ValueError(f"quantize_blockwise_8bit: {name} must be float32, got {t.dtype}")
+    if code.numel() != 256:
+        raise ValueError(f"quantize_blockwise_8bit: code must have 256 entries, got {code.numel()}")
+    n = x.numel()
+    q = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(math.ceil(n / blocksize) if blocksize > 0 else 0, dtype=torch.float32, device=x.device)
+    with _on_device(x.device):
+        check(_quantize_8bit(T.qf_device(x), T.ptr(x), n, T.ptr(offset), T.ptr(code), blocksize, T.ptr(q),
+                             T.ptr(absmax), absmax.numel(), T.stream_of(x.device)))
+    return q, absmax
+
+
+@quantize_blockwise_8bit.register_fake
+def _(x, code, blocksize, offset=None):
+    return x.new_empty(x.shape, dtype=torch.uint8), x.new_empty(-(-x.numel() // blocksize), dtype=torch.float32)

@@ -1,0 +1,58 @@
+// C ABI for NF4: translates arguments to qforge::nf4 and nothing else.
+#include <algorithm>
+
+#include "guard.hpp"
+#include "qforge/nf4.hpp"
+
+using qforge::capi::guard;
+namespace nf4 = qforge::nf4;
+
+extern "C" {
+
+int64_t qf_nf4_packed_bytes(int64_t numel) { return nf4::packed_bytes(numel); }
+
+int64_t qf_nf4_num_blocks(int64_t numel, int32_t blocksize) {
+  return blocksize > 0 ? nf4::num_blocks(numel, blocksize) : -1;
+}
+
+int qf_nf4_dequantize(qf_device device, const qf_nf4_weights* w, void* out, qf_dtype out_dtype,
+                      int64_t out_numel, void* stream) {
+  return guard([&] {
+    QF_CHECK(w != nullptr, "qf_nf4_dequantize: weights descriptor is null");
+    nf4::dequantize(device, *w, out, out_dtype, out_numel, stream);
+  });
+}
+
+int qf_nf4_quantize(qf_device device, const void* x, qf_dtype x_dtype, int64_t numel,
+                    int32_t blocksize, uint8_t* packed, int64_t packed_bytes, float* absmax,
+                    int64_t absmax_len, void* stream) {
+  return guard([&] {
+    nf4::quantize(device, x, x_dtype, numel, blocksize, packed, packed_bytes, absmax, absmax_len,
+                  stream);
+  });
+}
+
+int qf_quantize_blockwise_8bit(qf_device device, const float* x, int64_t n, const float* offset,
+                               const float* code256, int32_t blocksize, uint8_t* q, float* absmax,
+                               int64_t absmax_len, void* stream) {
+  return guard([&] {
+    nf4::quantize_blockwise_8bit(device, x, n, offset, code256, blocksize, q, absmax, absmax_len,
+                                 stream);
+  });
+}
+
+int qf_dynamic_map_8bit(float* out256) {
+  return guard([&] {
+    QF_CHECK(out256 != nullptr, "qf_dynamic_map_8bit: output is null");
+    std::copy(nf4::kDynamicMap, nf4::kDynamicMap + 256, out256);
+  });
+}
+
+int qf_nf4_code(float* out16) {
+  return guard([&] {
+    QF_CHECK(out16 != nullptr, "qf_nf4_code: output is null");
+    std::copy(nf4::kCode, nf4::kCode + 16, out16);
+  });
+}
+
+}

@@ -1,0 +1,317 @@
+// CUDA kernels for NF4. Their meaning is defined by the CPU twins in
+// nf4.cpp; both use the per-element rules of rules.hpp.
+//
+// dequantize: memory-bound. Per weight element it reads 0.5 byte of codes
+// (+ 1/blocksize of a byte or float of absmax) and writes sizeof(T) bytes, so
+// the floor is (numel/2 + numel*sizeof(T)) bytes at copy bandwidth. One
+// kernel does the whole double dequant: per 16-byte chunk of codes (32
+// elements, always inside one quant block since blocksize >= 32) a thread
+// decodes its absmax from the 8-bit code, nested absmax and offset, then
+// the 32 levels, scales in fp32, rounds to T and writes with 16-byte stores.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "core/cuda_check.cuh"
+#include "nf4/rules.hpp"
+#include "qforge/cuda_runtime.hpp"
+#include "qforge/nf4.hpp"
+
+namespace qforge::nf4 {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kUnroll = 4;           // 16-byte chunks in flight per thread
+constexpr int kElemsPerChunk = 32;   // 16 bytes of codes
+
+struct DequantParams {
+  const uint8_t* packed;
+  int64_t numel;
+  int log2_blocksize;
+  const float* code;
+  const float* absmax_f32;  // plain absmax, or
+  const uint8_t* absmax_u8; // double-quantized absmax ...
+  const float* nested_absmax;
+  const float* nested_code;
+  const float* nested_offset;
+  int log2_nested_blocksize;
+};
+
+int log2_exact(int64_t v) {
+  int l = 0;
+  while ((int64_t{1} << l) < v) ++l;
+  return l;
+}
+
+// Codes are read once: stream them past L1 and ask L2 for 256-byte sectors.
+__device__ __forceinline__ uint4 load_codes(const uint4* p) {
+  uint4 v;
+#if __CUDA_ARCH__ >= 800
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+#else
+  v = __ldcs(p);
+#endif
+  return v;
+}
+
+template <bool kNested>
+__device__ __forceinline__ float block_scale(const DequantParams& p, int64_t block,
+                                             const float* s_nested_code, float offset) {
+  if constexpr (kNested) {
+    const uint8_t q = __ldg(p.absmax_u8 + block);
+    const float nested = __ldg(p.nested_absmax + (block >> p.log2_nested_blocksize));
+    return nested_absmax_value(s_nested_code, q, nested, offset);
+  } else {
+    return __ldg(p.absmax_f32 + block);
+  }
+}
+
+template <typename T> __device__ __forceinline__ uint32_t pack2(float a, float b);
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
+  __half2 h = __floats2half2_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// 8 consecutive elements (one 32-bit word of codes) -> out[0..7], 16B-aligned.
+template <typename T>
+__device__ __forceinline__ void decode_word(uint32_t word, float scale, const float* s_code,
+                                            T* out) {
+  float v[8];
+#pragma unroll
+  for (int b = 0; b < 4; ++b) {
+    const uint32_t byte = (word >> (8 * b)) & 0xffu;
+    v[2 * b] = s_code[byte >> 4] * scale;
+    v[2 * b + 1] = s_code[byte & 0x0fu] * scale;
+  }
+  if constexpr (sizeof(T) == 4) {
+    reinterpret_cast<float4*>(out)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(out)[1] = make_float4(v[4], v[5], v[6], v[7]);
+  } else {
+    *reinterpret_cast<uint4*>(out) =
+        make_uint4(pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]), pack2<T>(v[4], v[5]),
+                   pack2<T>(v[6], v[7]));
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v) {
+  if constexpr (sizeof(T) == 4) return v;
+  else if constexpr (std::is_same_v<T, __half>) return __float2half_rn(v);
+  else return __float2bfloat16_rn(v);
+}
+
+template <typename T, bool kNested>
+__global__ void __launch_bounds__(kThreads)
+dequantize_nf4_kernel(DequantParams p, T* __restrict__ out, int64_t vec_chunks) {
+  __shared__ float s_code[16];
+  __shared__ float s_nested_code[kNested ? 256 : 1];
+  if (threadIdx.x < 16) s_code[threadIdx.x] = p.code[threadIdx.x];
+  if constexpr (kNested)
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) s_nested_code[i] = p.nested_code[i];
+  const float offset = kNested ? __ldg(p.nested_offset) : 0.0f;
+  __syncthreads();
+
+  const uint4* codes = reinterpret_cast<const uint4*>(p.packed);
+  const int64_t stride = int64_t(gridDim.x) * kThreads * kUnroll;
+  for (int64_t base = int64_t(blockIdx.x) * kThreads * kUnroll + threadIdx.x; base < vec_chunks;
+       base += stride) {
+    uint4 raw[kUnroll];
+    float scale[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t c = base + u * kThreads;
+      if (c < vec_chunks) raw[u] = load_codes(codes + c);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t c = base + u * kThreads;
+      if (c < vec_chunks)
+        scale[u] = block_scale<kNested>(p, (c * kElemsPerChunk) >> p.log2_blocksize,
+                                        s_nested_code, offset);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t c = base + u * kThreads;
+      if (c >= vec_chunks) break;
+      T* dst = out + c * kElemsPerChunk;
+      decode_word(raw[u].x, scale[u], s_code, dst);
+      decode_word(raw[u].y, scale[u], s_code, dst + 8);
+      decode_word(raw[u].z, scale[u], s_code, dst + 16);
+      decode_word(raw[u].w, scale[u], s_code, dst + 24);
+    }
+  }
+
+  // Elements the vector loop did not cover (the last < 32, or all of them
+  // when a buffer is not 16-byte aligned): one element per thread.
+  const int64_t threads = int64_t(gridDim.x) * kThreads;
+  for (int64_t i = vec_chunks * kElemsPerChunk + int64_t(blockIdx.x) * kThreads + threadIdx.x;
+       i < p.numel; i += threads) {
+    const uint8_t byte = p.packed[i >> 1];
+    const uint8_t level = (i & 1) ? (byte & 0x0f) : (byte >> 4);
+    const float scale = block_scale<kNested>(p, i >> p.log2_blocksize, s_nested_code, offset);
+    out[i] = from_float<T>(s_code[level] * scale);
+  }
+}
+
+// Blocks resident per SM for a kernel, cached per device (grid sized to the GPU).
+template <class Kernel>
+int resident_grid(Kernel kernel, int threads) {
+  constexpr int kMaxDevices = 64;
+  static int cache[kMaxDevices] = {};
+  const int device = cuda::current_device();
+  int& slot = cache[device % kMaxDevices];
+  if (slot == 0) {
+    int per_sm = 0;
+    QF_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+    slot = std::max(1, per_sm) * cuda::multiprocessor_count(device);
+  }
+  return slot;
+}
+
+template <typename T, bool kNested>
+void launch_dequantize(const DequantParams& p, void* out, cudaStream_t stream) {
+  const bool aligned = reinterpret_cast<uintptr_t>(p.packed) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  const int64_t vec_chunks = aligned ? p.numel / kElemsPerChunk : 0;
+  const int64_t work = vec_chunks > 0 ? (vec_chunks + kThreads * kUnroll - 1) / (kThreads * kUnroll)
+                                      : (p.numel + kThreads - 1) / kThreads;
+  auto kernel = dequantize_nf4_kernel<T, kNested>;
+  const int grid = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(work, resident_grid(kernel, kThreads))));
+  kernel<<<grid, kThreads, 0, stream>>>(p, static_cast<T*>(out), vec_chunks);
+  QF_CUDA_CHECK(cudaGetLastError());
+}
+
+template <typename T>
+void dispatch_nested(const DequantParams& p, void* out, cudaStream_t stream) {
+  if (p.absmax_u8) launch_dequantize<T, true>(p, out, stream);
+  else launch_dequantize<T, false>(p, out, stream);
+}
+
+// ------------------------------------------------------------- quantize
+template <typename T>
+__device__ __forceinline__ float to_float(T v) {
+  if constexpr (sizeof(T) == 4) return v;
+  else if constexpr (std::is_same_v<T, __half>) return __half2float(v);
+  else return __bfloat162float(v);
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// One warp per quant block: absmax, then the NF4 levels of x * (1/absmax).
+template <typename T>
+__global__ void quantize_nf4_kernel(const T* __restrict__ x, int64_t numel, int blocksize,
+                                    uint8_t* __restrict__ packed, float* __restrict__ absmax) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = int64_t(gridDim.x) * blockDim.x / 32;
+  const int64_t blocks = (numel + blocksize - 1) / blocksize;
+  for (int64_t b = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; b < blocks; b += warps) {
+    const int64_t begin = b * blocksize, end = min(numel, begin + blocksize);
+    float m = 0.0f;
+    for (int64_t i = begin + lane; i < end; i += 32) m = fmaxf(m, fabsf(to_float(x[i])));
+    m = warp_max(m);
+    if (lane == 0) absmax[b] = m;
+    const float inv = 1.0f / m;  // all-zero block: inf, and 0 * inf = NaN -> level 0
+    for (int64_t i = begin + 2 * lane; i < end; i += 64) {
+      const uint8_t hi = nf4_level(to_float(x[i]) * inv);
+      const uint8_t lo = nf4_level((i + 1 < end ? to_float(x[i + 1]) : 0.0f) * inv);
+      packed[i >> 1] = static_cast<uint8_t>(hi << 4 | lo);
+    }
+  }
+}
+
+__global__ void quantize_blockwise_8bit_kernel(const float* __restrict__ x, int64_t n,
+                                               const float* offset, const float* code,
+                                               int blocksize, uint8_t* __restrict__ q,
+                                               float* __restrict__ absmax) {
+  __shared__ float s_code[256];
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) s_code[i] = code[i];
+  __syncthreads();
+  const float shift = offset ? *offset : 0.0f;
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = int64_t(gridDim.x) * blockDim.x / 32;
+  const int64_t blocks = (n + blocksize - 1) / blocksize;
+  for (int64_t b = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; b < blocks; b += warps) {
+    const int64_t begin = b * blocksize, end = min(n, begin + blocksize);
+    float m = 0.0f;
+    for (int64_t i = begin + lane; i < end; i += 32) m = fmaxf(m, fabsf(x[i] - shift));
+    m = warp_max(m);
+    if (lane == 0) absmax[b] = m;
+    const float inv = 1.0f / m;
+    for (int64_t i = begin + lane; i < end; i += 32) q[i] = code8_index(s_code, (x[i] - shift) * inv);
+  }
+}
+
+int warp_grid(int64_t blocks, int threads) {
+  const int64_t warps_per_cta = threads / 32;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((blocks + warps_per_cta - 1) / warps_per_cta, 65535)));
+}
+
+}  // namespace
+
+void dequantize_cuda(const qf_nf4_weights& w, void* out, qf_dtype out_dtype, void* stream) {
+  cuda::require_cuda("dequantize_nf4 on CUDA");
+  DequantParams p{};
+  p.packed = w.packed;
+  p.numel = w.numel;
+  p.log2_blocksize = log2_exact(w.blocksize);
+  p.code = w.code;
+  if (w.absmax_dtype == QF_UINT8) {
+    p.absmax_u8 = static_cast<const uint8_t*>(w.absmax);
+    p.nested_absmax = w.nested_absmax;
+    p.nested_code = w.nested_code;
+    p.nested_offset = w.nested_offset;
+    p.log2_nested_blocksize = log2_exact(w.nested_blocksize);
+  } else {
+    p.absmax_f32 = static_cast<const float*>(w.absmax);
+  }
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (out_dtype) {
+    case QF_FLOAT16: return dispatch_nested<__half>(p, out, s);
+    case QF_BFLOAT16: return dispatch_nested<__nv_bfloat16>(p, out, s);
+    default: return dispatch_nested<float>(p, out, s);
+  }
+}
+
+void quantize_cuda(const void* x, qf_dtype x_dtype, int64_t numel, int32_t blocksize,
+                   uint8_t* packed, float* absmax, void* stream) {
+  cuda::require_cuda("quantize_nf4 on CUDA");
+  constexpr int threads = 256;
+  const int grid = warp_grid(num_blocks(numel, blocksize), threads);
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (x_dtype) {
+    case QF_FLOAT16:
+      quantize_nf4_kernel<<<grid, threads, 0, s>>>(static_cast<const __half*>(x), numel, blocksize, packed, absmax);
+      break;
+    case QF_BFLOAT16:
+      quantize_nf4_kernel<<<grid, threads, 0, s>>>(static_cast<const __nv_bfloat16*>(x), numel, blocksize, packed, absmax);
+      break;
+    default:
+      quantize_nf4_kernel<<<grid, threads, 0, s>>>(static_cast<const float*>(x), numel, blocksize, packed, absmax);
+  }
+  QF_CUDA_CHECK(cudaGetLastError());
+}
+
+void quantize_blockwise_8bit_cuda(const float* x, int64_t n, const float* offset,
+                                  const float* code, int32_t blocksize, uint8_t* q, float* absmax,
+                                  void* stream) {
+  cuda::require_cuda("quantize_blockwise_8bit on CUDA");
+  constexpr int threads = 256;
+  const int grid = warp_grid(num_blocks(n, blocksize), threads);
+  quantize_blockwise_8bit_kernel<<<grid, threads, 0, static_cast<cudaStream_t>(stream)>>>(
+      x, n, offset, code, blocksize, q, absmax);
+  QF_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace qforge::nf4
