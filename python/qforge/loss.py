@@ -210,7 +210,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _scale(t: Tensor, g: Tensor, dtype: torch.dtype) -> Tensor:
-    if t.dtype == dtype and not torch.compiler.is_compiling():
+    # in place only on plain eager tensors (not under tracing / functionalization)
+    if t.dtype == dtype and type(t) is torch.Tensor and not torch.compiler.is_compiling():
         return t.mul_(g.to(t.dtype))  # the buffer is ours: rescale in place, no copy
     return (t * g).to(dtype)
 

@@ -70,7 +70,8 @@ void lce_check(const LceInputs& in, const LceOptions& opt, const LceOutputs& out
     QF_CHECK(in.labels != nullptr, f, ": labels is null");
   }
   QF_CHECK(in.weight != nullptr, f, ": weight is null");
-  QF_CHECK(out.loss != nullptr, f, ": the loss output is null");
+  QF_CHECK(out.loss != nullptr || (opt.reduction == Reduction::None && in.N == 0), f,
+           ": the loss output is null");
   QF_CHECK(opt.label_smoothing >= 0.0f && opt.label_smoothing <= 1.0f, f,
            ": label_smoothing must be in [0, 1], got ", opt.label_smoothing);
   QF_CHECK(std::isfinite(opt.logit_scale) && opt.logit_scale != 0.0f, f,
