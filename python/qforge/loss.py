@@ -450,8 +450,10 @@ def chunked_linear(hidden: Tensor, weight: Tensor, labels: Tensor,
     chunks are weighted by valid-token counts (``valid``, default
     ``labels != ignore_index``), so the result equals the unchunked mean.
     reduction "sum": loss_fn returns the chunk's sum; chunks are added.
-    ``extras`` (advantages, reference log-probs, masks, ...) are split along
-    dim 0 with the tokens. hidden [N, D] (or [..., D], flattened), labels [N].
+    ``extras`` are per-token tensors (advantages, reference log-probs, masks,
+    teacher hidden states, ...) split along dim 0 with the tokens (after
+    flattening hidden's leading dims); pass anything else by closing over it
+    in ``loss_fn``. hidden [N, D] (or [..., D]), labels [N] (or [..., ...]).
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"chunked_linear: reduction must be 'mean' or 'sum', got {reduction!r}")
