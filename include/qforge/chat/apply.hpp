@@ -1,0 +1,45 @@
+// apply_chat_template with transformers' semantics (render_jinja_template in
+// transformers/utils/chat_template_utils.py): reasoning-field aliasing,
+// continue_final_message, generation spans.
+#pragma once
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "qforge/chat/template.hpp"
+#include "qforge/chat/value.hpp"
+
+namespace qforge::chat {
+
+struct ChatRequest {
+  Value messages;                       // list of dicts
+  Value tools;                          // list of JSON schemas, or None
+  Value documents;                      // list of dicts, or None
+  bool add_generation_prompt = false;
+  std::string continue_final_message;   // "" = off; else the field to continue ("content")
+  Value kwargs = Value::dict();         // extra template variables (bos_token, date_string, ...)
+};
+
+struct ChatRendered {
+  std::string text;
+  // {% generation %} blocks as [start, end) code point offsets (Python indices)
+  // into the text as the template rendered it, before a continue_final_message cut.
+  std::vector<std::pair<size_t, size_t>> generation;
+};
+
+// Throws TemplateError for template failures and InvalidArgument for bad
+// requests (messages that are not dicts, continue_final_message problems),
+// with transformers' messages.
+ChatRendered apply_chat_template(const Template& tmpl, const ChatRequest& req, const RenderOptions& opt = {});
+
+// A request from one JSON object: {"messages": [...], "tools": ..., "documents": ...,
+// "add_generation_prompt": bool, "continue_final_message": bool|str, <any other key>: kwarg}.
+ChatRequest chat_request_from_json(const Value& obj);
+
+// Byte offset -> Python (code point) offset in `text`.
+size_t codepoint_offset(std::string_view text, size_t byte_offset);
+
+// The official Llama 3.1 / 3.2 / 3.3 chat templates (for tokenizers that lack one).
+const char* llama3_template(int minor);  // 1, 2 or 3; nullptr otherwise
+
+}  // namespace qforge::chat

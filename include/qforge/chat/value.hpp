@@ -1,0 +1,153 @@
+// A JSON-and-Python value: what chat messages, tools and Jinja template values
+// are made of. Serialises exactly like Python: json.dumps (any indent,
+// separators, sort_keys, ensure_ascii) and str()/repr() of None, bools, ints,
+// floats (shortest round-trip repr), strings, lists, tuples and dicts.
+// Lists and dicts are shared, immutable once built (the Jinja sandbox never
+// mutates them); dicts keep insertion order like Python's.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace qforge::chat {
+
+class Value;
+using List = std::vector<Value>;
+struct Dict;
+
+// Template-only objects (callables, the loop object, ...) derive from this.
+struct Native {
+  virtual ~Native() = default;
+  virtual const char* type_name() const = 0;
+};
+
+enum class Kind : uint8_t {
+  Undefined,  // jinja2's Undefined: prints '', falsy, errors on most uses
+  None,
+  Bool,
+  Int,
+  Float,
+  String,
+  List,
+  Tuple,
+  Dict,
+  Namespace,  // jinja2 namespace(): a dict whose attributes can be assigned
+  Native,     // macros, builtin functions, loop objects
+};
+
+class Value {
+ public:
+  Value() : kind_(Kind::None), i_(0) {}
+  Value(std::nullptr_t) : Value() {}
+  Value(bool b) : kind_(Kind::Bool), i_(b) {}
+  Value(int v) : kind_(Kind::Int), i_(v) {}
+  Value(int64_t v) : kind_(Kind::Int), i_(v) {}
+  Value(double v) : kind_(Kind::Float), f_(v) {}
+  Value(const char* s) : Value(std::string(s)) {}
+  Value(std::string_view s) : Value(std::string(s)) {}
+  Value(std::string s);
+  Value(List l, Kind k = Kind::List);
+  Value(Dict d, Kind k = Kind::Dict);
+  Value(std::shared_ptr<Native> n);
+
+  // An Undefined; `hint` is jinja2's message for it ("'x' is undefined").
+  static Value undefined(std::string hint = {});
+  static Value tuple(List l) { return Value(std::move(l), Kind::Tuple); }
+  static Value dict() ;
+
+  Kind kind() const { return kind_; }
+  bool is_undefined() const { return kind_ == Kind::Undefined; }
+  bool is_none() const { return kind_ == Kind::None; }
+  bool is_bool() const { return kind_ == Kind::Bool; }
+  bool is_int() const { return kind_ == Kind::Int; }
+  bool is_float() const { return kind_ == Kind::Float; }
+  bool is_number() const { return kind_ == Kind::Int || kind_ == Kind::Float || kind_ == Kind::Bool; }
+  bool is_string() const { return kind_ == Kind::String; }
+  bool is_list() const { return kind_ == Kind::List; }
+  bool is_tuple() const { return kind_ == Kind::Tuple; }
+  bool is_sequence() const { return kind_ == Kind::List || kind_ == Kind::Tuple; }
+  bool is_dict() const { return kind_ == Kind::Dict; }
+  bool is_namespace() const { return kind_ == Kind::Namespace; }
+  bool is_mapping() const { return kind_ == Kind::Dict; }
+  bool is_native() const { return kind_ == Kind::Native; }
+
+  bool as_bool() const { return i_ != 0; }
+  int64_t as_int() const { return i_; }
+  double as_float() const { return kind_ == Kind::Float ? f_ : static_cast<double>(i_); }
+  const std::string& str() const;      // String (or the Undefined's hint)
+  const List& list() const;            // List or Tuple
+  const Dict& dict_ref() const;        // Dict or Namespace
+  Dict& dict_mut();                    // only while building / for namespaces
+  List& list_mut();                    // only while building
+  const std::shared_ptr<Native>& native() const { return native_; }
+  const void* identity() const { return ptr_.get(); }
+
+  // Python truthiness (Undefined is falsy).
+  bool truthy() const;
+
+  // Dict helpers: lookup by string key (nullptr when absent); set keeps order.
+  const Value* get(std::string_view key) const;
+  void set(Value key, Value v);
+  void push_back(Value v);
+  size_t size() const;  // items of a list/tuple/dict, code points of a string
+
+  // Python's type name, as jinja2 reports it ("str", "dict", "list", ...).
+  const char* type_name() const;
+
+ private:
+  Kind kind_;
+  union {
+    int64_t i_;
+    double f_;
+  };
+  std::shared_ptr<void> ptr_;        // std::string / List / Dict
+  std::shared_ptr<Native> native_;
+};
+
+struct Dict {
+  std::vector<std::pair<Value, Value>> items;
+  const Value* find(const Value& key) const;
+  Value* find(const Value& key);
+  const Value* find(std::string_view key) const;
+  void set(Value key, Value v);
+};
+
+// Python == between values (1 == 1.0 == True, deep for lists/dicts).
+bool py_equal(const Value& a, const Value& b);
+
+// json.dumps(v, ensure_ascii, indent, separators, sort_keys). indent: nullptr
+// for None, else the per-level indent string (Python turns an int n into n
+// spaces). separators: {item, key}; defaults follow Python (", " ": " without
+// indent, "," ": " with). Throws InvalidArgument for values JSON cannot hold
+// (Undefined, callables), with Python's message.
+struct DumpOptions {
+  bool ensure_ascii = false;
+  const std::string* indent = nullptr;
+  const std::string* item_separator = nullptr;
+  const std::string* key_separator = nullptr;
+  bool sort_keys = false;
+};
+std::string json_dumps(const Value& v, const DumpOptions& opt = {});
+void json_dumps_to(std::string& out, const Value& v, const DumpOptions& opt = {});
+
+// Python's repr() and str() of a value (str of a string is the string).
+std::string py_repr(const Value& v);
+std::string py_str(const Value& v);
+void py_str_to(std::string& out, const Value& v);
+std::string float_repr(double d);
+
+// json.loads: objects keep key order, ints that fit int64 stay ints.
+// Throws InvalidArgument naming the offset of the first error.
+Value json_loads(std::string_view text);
+// Parses one JSON value at text[pos...]; advances pos past it (no trailing check).
+Value json_parse_prefix(std::string_view text, size_t& pos);
+
+// UTF-8 helpers (code points as Python counts them).
+size_t utf8_length(std::string_view s);
+std::vector<uint32_t> utf8_decode(std::string_view s);
+void utf8_append(std::string& out, uint32_t cp);
+
+}  // namespace qforge::chat

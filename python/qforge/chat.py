@@ -1,0 +1,162 @@
+"""Chat templates and tool calling, rendered by qforge's C++ Jinja engine.
+
+`ChatTemplate(source).apply(messages, tools=..., add_generation_prompt=...)`
+renders byte-for-byte what transformers' `tokenizer.apply_chat_template(...,
+tokenize=False)` renders. `parse_tool_calls(text)` reads tool calls back out
+of generated text. `patch_tokenizer` and `assistant_masks` prepare training
+data (loss only on the assistant's turns).
+"""
+from __future__ import annotations
+
+import ctypes
+import inspect
+import json
+import re
+from typing import Any, Callable, Iterable, Sequence
+
+from qforge._lib import check, declare, lib
+
+_p = ctypes.c_void_p
+_compile = declare("qf_chat_template_compile", ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(_p))
+_free_tmpl = declare("qf_chat_template_free", _p, restype=None)
+_apply = declare(
+    "qf_chat_apply_template", _p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int64, ctypes.POINTER(_p),
+    ctypes.POINTER(ctypes.c_int64), ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t),
+)
+_render = declare("qf_chat_template_render", _p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int64, ctypes.POINTER(_p))
+_parse = declare("qf_chat_parse_tool_calls", ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.POINTER(_p))
+_dumps = declare(
+    "qf_chat_json_dumps", ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(_p)
+)
+_buf_data = declare("qf_chat_buffer_data", _p, ctypes.POINTER(ctypes.c_size_t), restype=ctypes.c_void_p)
+_buf_free = declare("qf_chat_buffer_free", _p, restype=None)
+
+_ERROR_RE = re.compile(r"^(\w+): (.*?)(?: \(line (\d+):(\d+)\))?$", re.S)
+
+
+class TemplateError(ValueError):
+    """A template failed to compile or render. `kind` names the jinja2/Python
+    exception it corresponds to (TemplateSyntaxError, TemplateError from
+    raise_exception, UndefinedError, SecurityError, TypeError, ...)."""
+
+    def __init__(self, kind: str, message: str, line: int = 0, column: int = 0):
+        super().__init__(f"{kind}: {message}" + (f" (line {line}:{column})" if line else ""))
+        self.kind, self.message, self.line, self.column = kind, message, line, column
+
+
+def _call(status: int) -> None:
+    try:
+        check(status)
+    except ValueError as e:
+        m = _ERROR_RE.match(str(e))
+        if m and m.group(1)[:1].isupper() and m.group(1) not in ("invalid",):
+            raise TemplateError(m.group(1), m.group(2), int(m.group(3) or 0), int(m.group(4) or 0)) from None
+        raise
+
+
+def _take(handle: ctypes.c_void_p) -> str:
+    n = ctypes.c_size_t()
+    ptr = _buf_data(handle, ctypes.byref(n))
+    try:
+        return ctypes.string_at(ptr, n.value).decode("utf-8")
+    finally:
+        _buf_free(handle)
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, allow_nan=True).encode("utf-8")
+
+
+def tool_schema(tool: dict | Callable) -> dict:
+    """A tool as a JSON schema: dicts pass through, Python functions are
+    converted exactly as transformers does (get_json_schema)."""
+    if isinstance(tool, dict):
+        return tool
+    if inspect.isfunction(tool) or inspect.ismethod(tool):
+        from transformers.utils import get_json_schema
+
+        return get_json_schema(tool)
+    raise ValueError(
+        "Tools should either be a JSON schema, or a callable function with type hints "
+        "and a docstring suitable for auto-conversion to a schema."
+    )
+
+
+class ChatTemplate:
+    """A compiled chat template (Jinja source as in tokenizer_config.json)."""
+
+    def __init__(self, source: str):
+        self.source = source
+        handle = ctypes.c_void_p()
+        raw = source.encode("utf-8")
+        _call(_compile(raw, len(raw), ctypes.byref(handle)))
+        self._handle = handle
+
+    def __del__(self):
+        if getattr(self, "_handle", None):
+            _free_tmpl(self._handle)
+            self._handle = None
+
+    def apply(
+        self,
+        messages: Sequence[dict],
+        tools: Iterable[dict | Callable] | None = None,
+        documents: Sequence[dict] | None = None,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool | str = False,
+        return_assistant_spans: bool = False,
+        now: int | None = None,
+        **kwargs,
+    ):
+        """Render like transformers' apply_chat_template(tokenize=False).
+        With return_assistant_spans, also returns the {% generation %} spans
+        as [(start, end)] string offsets. `now` (epoch seconds, UTC) fixes
+        what strftime_now() sees."""
+        request = {
+            "messages": list(messages),
+            "tools": None if tools is None else [tool_schema(t) for t in tools],
+            "documents": documents,
+            "add_generation_prompt": bool(add_generation_prompt),
+            "continue_final_message": continue_final_message,
+        }
+        for key, value in kwargs.items():
+            if key in request:
+                raise TypeError(f"render() got multiple values for keyword argument '{key}'")
+            request[key] = value
+        raw = _json(request)
+        out = ctypes.c_void_p()
+        cap = 256 if return_assistant_spans else 0
+        spans = (ctypes.c_int64 * (2 * cap))() if cap else None
+        n = ctypes.c_size_t()
+        _call(_apply(self._handle, raw, len(raw), -1 if now is None else int(now), ctypes.byref(out),
+                     spans, cap, ctypes.byref(n) if cap else None))
+        text = _take(out)
+        if not return_assistant_spans:
+            return text
+        if n.value > cap:
+            raise ValueError(f"more than {cap} generation blocks")
+        return text, [(spans[2 * i], spans[2 * i + 1]) for i in range(n.value)]
+
+    def render(self, now: int | None = None, **variables) -> str:
+        """Render with exactly these template variables."""
+        raw = _json(variables)
+        out = ctypes.c_void_p()
+        _call(_render(self._handle, raw, len(raw), -1 if now is None else int(now), ctypes.byref(out)))
+        return _take(out)
+
+
+def json_dumps(obj: Any, ensure_ascii: bool = False, indent: int | None = None, sort_keys: bool = False) -> str:
+    """Python's json.dumps, computed by the C++ value type (for tests)."""
+    raw = _json(obj)
+    out = ctypes.c_void_p()
+    _call(_dumps(raw, len(raw), int(ensure_ascii), -1 if indent is None else int(indent), int(sort_keys),
+                 ctypes.byref(out)))
+    return _take(out)
+
+
+def parse_tool_calls(text: str, format: str = "auto") -> dict:
+    """Tool calls in generated text -> {"content", "tool_calls", "stop", "error"}."""
+    raw = text.encode("utf-8")
+    out = ctypes.c_void_p()
+    _call(_parse(raw, len(raw), format.encode(), ctypes.byref(out)))
+    return json.loads(_take(out))

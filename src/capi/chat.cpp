@@ -1,0 +1,100 @@
+// C ABI of the chat capability: argument translation only.
+#include <cstring>
+#include <string>
+
+#include "guard.hpp"
+#include "qforge/chat/apply.hpp"
+#include "qforge/chat/template.hpp"
+#include "qforge/chat/tool_calls.hpp"
+
+struct qf_chat_template {
+  qforge::chat::Template tmpl;
+};
+struct qf_chat_buffer {
+  std::string data;
+};
+
+namespace {
+std::string_view view(const char* p, size_t n) { return p ? std::string_view(p, n) : std::string_view(); }
+qf_chat_buffer* make_buffer(std::string s) { return new qf_chat_buffer{std::move(s)}; }
+qforge::chat::RenderOptions options(int64_t now) {
+  qforge::chat::RenderOptions o;
+  o.now = now;
+  return o;
+}
+}  // namespace
+
+extern "C" {
+
+int qf_chat_template_compile(const char* source, size_t source_len, qf_chat_template** out) {
+  return qforge::capi::guard([&] {
+    QF_CHECK(out, "qf_chat_template_compile: out is NULL");
+    QF_CHECK(source || source_len == 0, "qf_chat_template_compile: source is NULL");
+    *out = nullptr;
+    *out = new qf_chat_template{qforge::chat::Template(view(source, source_len))};
+  });
+}
+
+void qf_chat_template_free(qf_chat_template* tmpl) { delete tmpl; }
+
+int qf_chat_apply_template(const qf_chat_template* tmpl, const char* request_json, size_t request_len, int64_t now,
+                           qf_chat_buffer** text, int64_t* spans, size_t spans_cap, size_t* n_spans) {
+  return qforge::capi::guard([&] {
+    QF_CHECK(tmpl && text, "qf_chat_apply_template: tmpl and text must not be NULL");
+    *text = nullptr;
+    auto req = qforge::chat::chat_request_from_json(qforge::chat::json_loads(view(request_json, request_len)));
+    auto r = qforge::chat::apply_chat_template(tmpl->tmpl, req, options(now));
+    if (spans || n_spans) {
+      QF_CHECK(n_spans, "qf_chat_apply_template: n_spans must be given with spans");
+      *n_spans = r.generation.size();
+      for (size_t i = 0; i < r.generation.size() && spans && i < spans_cap; ++i) {
+        spans[2 * i] = static_cast<int64_t>(r.generation[i].first);
+        spans[2 * i + 1] = static_cast<int64_t>(r.generation[i].second);
+      }
+    }
+    *text = make_buffer(std::move(r.text));
+  });
+}
+
+int qf_chat_template_render(const qf_chat_template* tmpl, const char* context_json, size_t context_len, int64_t now,
+                            qf_chat_buffer** text) {
+  return qforge::capi::guard([&] {
+    QF_CHECK(tmpl && text, "qf_chat_template_render: tmpl and text must not be NULL");
+    *text = nullptr;
+    auto ctx = qforge::chat::json_loads(view(context_json, context_len));
+    *text = make_buffer(tmpl->tmpl.render(ctx, options(now)));
+  });
+}
+
+int qf_chat_parse_tool_calls(const char* text, size_t text_len, const char* format, qf_chat_buffer** result) {
+  return qforge::capi::guard([&] {
+    QF_CHECK(result, "qf_chat_parse_tool_calls: result is NULL");
+    *result = nullptr;
+    auto fmt = qforge::chat::tool_call_format(format ? format : "auto");
+    auto parsed = qforge::chat::parse_tool_calls(view(text, text_len), fmt);
+    *result = make_buffer(qforge::chat::json_dumps(parsed.to_json()));
+  });
+}
+
+int qf_chat_json_dumps(const char* json, size_t json_len, int ensure_ascii, int indent, int sort_keys,
+                       qf_chat_buffer** result) {
+  return qforge::capi::guard([&] {
+    QF_CHECK(result, "qf_chat_json_dumps: result is NULL");
+    *result = nullptr;
+    qforge::chat::DumpOptions o;
+    std::string ind(indent > 0 ? static_cast<size_t>(indent) : 0, ' ');
+    o.ensure_ascii = ensure_ascii != 0;
+    o.indent = indent >= 0 ? &ind : nullptr;
+    o.sort_keys = sort_keys != 0;
+    *result = make_buffer(qforge::chat::json_dumps(qforge::chat::json_loads(view(json, json_len)), o));
+  });
+}
+
+const char* qf_chat_buffer_data(const qf_chat_buffer* buf, size_t* len) {
+  if (len) *len = buf ? buf->data.size() : 0;
+  return buf ? buf->data.c_str() : nullptr;
+}
+
+void qf_chat_buffer_free(qf_chat_buffer* buf) { delete buf; }
+
+}  // extern "C"

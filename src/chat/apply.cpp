@@ -1,0 +1,170 @@
+// apply_chat_template, mirroring transformers' render_jinja_template.
+#include "qforge/chat/apply.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+#include "qforge/error.hpp"
+
+namespace qforge::chat {
+
+namespace {
+
+const char* const kReasoningFields[] = {"reasoning_content", "thinking", "reasoning"};
+const char* const kContinueTag = "CONTINUE_FINAL_MESSAGE_TAG ";
+
+bool is_reasoning_field(const std::string& f) {
+  for (auto* r : kReasoningFields)
+    if (f == r) return true;
+  return false;
+}
+
+std::string_view strip_ws(std::string_view s) {
+  auto ws = [](char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; };
+  while (!s.empty() && ws(s.front())) s.remove_prefix(1);
+  while (!s.empty() && ws(s.back())) s.remove_suffix(1);
+  return s;
+}
+
+// {"thinking": r, **message, "reasoning_content": r} when any reasoning field is set
+Value alias_reasoning(const Value& msg) {
+  const Value* reasoning = nullptr;
+  for (auto* f : kReasoningFields) {
+    const Value* v = msg.get(f);
+    if (v && !v->is_none()) {
+      reasoning = v;
+      break;
+    }
+  }
+  if (!reasoning) return msg;
+  Dict d;
+  d.set(Value("thinking"), *reasoning);
+  for (auto& kv : msg.dict_ref().items) d.set(kv.first, kv.second);
+  d.set(Value("reasoning_content"), *reasoning);
+  return Value(std::move(d));
+}
+
+}  // namespace
+
+size_t codepoint_offset(std::string_view text, size_t byte_offset) {
+  return utf8_length(text.substr(0, std::min(byte_offset, text.size())));
+}
+
+ChatRendered apply_chat_template(const Template& tmpl, const ChatRequest& req, const RenderOptions& opt) {
+  QF_CHECK(req.messages.is_list() || req.messages.is_tuple(), "messages must be a list of dicts, got ", req.messages.type_name());
+  List chat;
+  for (auto& m : req.messages.list()) {
+    if (!m.is_dict())
+      throw InvalidArgument("Chat messages should be dicts, dataclasses or pydantic models, but got " + py_repr(m) + ".");
+    chat.push_back(alias_reasoning(m));
+  }
+  std::string final_message;
+  bool cont = !req.continue_final_message.empty();
+  if (cont) {
+    QF_CHECK(!chat.empty(), "continue_final_message is set but the conversation is empty!");
+    const std::string& field = req.continue_final_message;
+    const Value* fm = chat.back().get(field);
+    if (!fm || fm->is_none())
+      throw InvalidArgument("continue_final_message is set but the final message has no \"" + field + "\" to continue!");
+    std::vector<std::string> fields{field};
+    if (is_reasoning_field(field)) {
+      fields.clear();
+      for (auto* f : kReasoningFields) {
+        const Value* v = chat.back().get(f);
+        if (v && py_equal(*v, *fm)) fields.emplace_back(f);
+      }
+    }
+    bool any = false;
+    for (auto& f : fields) any = any || tmpl.source().find(f) != std::string::npos;
+    if (!any)
+      throw InvalidArgument("continue_final_message is set to \"" + field + "\" but this is not an accepted field in the chat_template");
+    Value last(Dict(chat.back().dict_ref()));
+    if (fm->is_sequence()) {
+      List blocks = fm->list();
+      bool found = false;
+      for (auto it = blocks.rbegin(); it != blocks.rend(); ++it) {
+        if (!it->is_dict()) continue;
+        const Value* text = it->get("text");
+        if (!text) continue;
+        final_message = py_str(*text);
+        Value block(Dict(it->dict_ref()));
+        block.set("text", Value(final_message + kContinueTag));
+        *it = block;
+        found = true;
+        break;
+      }
+      if (!found) throw InvalidArgument("continue_final_message is set but we could not find any text to continue in the final message!");
+      last.set(field, Value(std::move(blocks), fm->kind()));
+    } else {
+      QF_CHECK(fm->is_string(), "continue_final_message: the final message's \"", field, "\" must be a string or a list of parts");
+      final_message = fm->str();
+      for (auto& f : fields) last.set(f, Value(last.get(f)->str() + kContinueTag));
+    }
+    chat.back() = std::move(last);
+  }
+
+  Value ctx = Value::dict();
+  ctx.set("messages", Value(std::move(chat)));
+  ctx.set("tools", req.tools);
+  ctx.set("documents", req.documents);
+  ctx.set("add_generation_prompt", Value(req.add_generation_prompt));
+  if (req.kwargs.is_dict())
+    for (auto& kv : req.kwargs.dict_ref().items) {
+      QF_CHECK(kv.first.is_string(), "template kwargs must have string keys");
+      const std::string& k = kv.first.str();
+      QF_CHECK(k != "messages" && k != "tools" && k != "documents" && k != "add_generation_prompt",
+               "render() got multiple values for keyword argument '", k, "'");
+      ctx.set(kv.first, kv.second);
+    }
+  RenderResult r = tmpl.render_tracked(ctx, opt);
+  ChatRendered out{std::move(r.text), {}};
+  // Python string indices into the text as rendered (before any continue_final_message cut, as transformers)
+  for (auto& [a, b] : r.generation) out.generation.emplace_back(codepoint_offset(out.text, a), codepoint_offset(out.text, b));
+  if (cont) {
+    std::string_view tag_stripped = strip_ws(kContinueTag);
+    std::string_view fm_stripped = strip_ws(final_message);
+    if (out.text.find(fm_stripped) == std::string::npos || out.text.find(tag_stripped) == std::string::npos)
+      throw InvalidArgument(
+          "continue_final_message is set but the final message does not appear in the chat after applying the chat "
+          "template! This can happen if the chat template deletes portions of the final message. Please verify the "
+          "chat template and final message in your chat to ensure they are compatible.Final message to continue: " +
+          std::string(fm_stripped) + "\nRendered chat:\n" + out.text);
+    size_t loc = out.text.rfind(tag_stripped);
+    if (out.text.compare(loc, std::strlen(kContinueTag), kContinueTag) == 0) {
+      out.text.resize(loc);
+    } else {
+      out.text.resize(loc);
+      size_t e = out.text.size();
+      // Python's str.rstrip(): whitespace (ASCII here, plus the common Unicode ones via the engine's rules)
+      while (e > 0 && (out.text[e - 1] == ' ' || (out.text[e - 1] >= '\t' && out.text[e - 1] <= '\r') ||
+                       (out.text[e - 1] >= 0x1c && out.text[e - 1] <= 0x1f)))
+        --e;
+      out.text.resize(e);
+    }
+  }
+  return out;
+}
+
+ChatRequest chat_request_from_json(const Value& obj) {
+  QF_CHECK(obj.is_dict(), "a chat request must be a JSON object");
+  ChatRequest req;
+  for (auto& kv : obj.dict_ref().items) {
+    QF_CHECK(kv.first.is_string(), "request keys must be strings");
+    const std::string& k = kv.first.str();
+    const Value& v = kv.second;
+    if (k == "messages") req.messages = v;
+    else if (k == "tools") req.tools = v;
+    else if (k == "documents") req.documents = v;
+    else if (k == "add_generation_prompt") req.add_generation_prompt = v.truthy();
+    else if (k == "continue_final_message") {
+      if (v.is_string()) req.continue_final_message = v.str();
+      else if (v.truthy()) req.continue_final_message = "content";
+    } else {
+      req.kwargs.set(kv.first, v);
+    }
+  }
+  QF_CHECK(req.messages.is_list(), "a chat request needs \"messages\": a list of message objects");
+  return req;
+}
+
+}  // namespace qforge::chat

@@ -1,0 +1,1156 @@
+// jinja2's builtin filters and tests, transformers' globals, and the Python
+// str/list/dict methods templates call, with Python's semantics.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <ctime>
+
+#include "jinja_rt.hpp"
+
+namespace qforge::chat {
+
+namespace {
+
+// ------------------------------------------------------------ text helpers
+bool py_isspace(uint32_t c) {
+  return c == ' ' || (c >= 0x09 && c <= 0x0d) || (c >= 0x1c && c <= 0x1f) || c == 0x85 || c == 0xa0 || c == 0x1680 ||
+         (c >= 0x2000 && c <= 0x200a) || c == 0x2028 || c == 0x2029 || c == 0x202f || c == 0x205f || c == 0x3000;
+}
+
+uint32_t cp_upper(uint32_t c) {
+  if (c >= 'a' && c <= 'z') return c - 32;
+  if (c < 0x80) return c;
+  if ((c >= 0xe0 && c <= 0xfe && c != 0xf7)) return c - 32;
+  if (c >= 0x3b1 && c <= 0x3c9 && c != 0x3c2) return c - 32;
+  if (c >= 0x430 && c <= 0x44f) return c - 32;
+  if (c >= 0x450 && c <= 0x45f) return c - 80;
+  return c;
+}
+uint32_t cp_lower(uint32_t c) {
+  if (c >= 'A' && c <= 'Z') return c + 32;
+  if (c < 0x80) return c;
+  if ((c >= 0xc0 && c <= 0xde && c != 0xd7)) return c + 32;
+  if (c >= 0x391 && c <= 0x3a9 && c != 0x3a2) return c + 32;
+  if (c >= 0x410 && c <= 0x42f) return c + 32;
+  if (c >= 0x400 && c <= 0x40f) return c + 80;
+  return c;
+}
+bool cp_isupper(uint32_t c) { return cp_lower(c) != c; }
+bool cp_islower(uint32_t c) { return cp_upper(c) != c; }
+bool cp_isalpha(uint32_t c) { return (c < 0x80) ? ((c | 32) >= 'a' && (c | 32) <= 'z') : (cp_isupper(c) || cp_islower(c) || c >= 0x4e00); }
+bool cp_isdigit(uint32_t c) { return c >= '0' && c <= '9'; }
+
+std::string map_cps(const std::string& s, uint32_t (*fn)(uint32_t)) {
+  std::string out;
+  out.reserve(s.size());
+  bool ascii = true;
+  for (unsigned char c : s)
+    if (c >= 0x80) ascii = false;
+  if (ascii) {
+    for (unsigned char c : s) out += static_cast<char>(fn(c));
+    return out;
+  }
+  for (uint32_t cp : utf8_decode(s)) utf8_append(out, fn(cp));
+  return out;
+}
+std::string upper(const std::string& s) { return map_cps(s, cp_upper); }
+std::string lower(const std::string& s) { return map_cps(s, cp_lower); }
+
+std::string encode(const std::vector<uint32_t>& cps, size_t a, size_t b) {
+  std::string out;
+  for (size_t i = a; i < b; ++i) utf8_append(out, cps[i]);
+  return out;
+}
+
+// strip with Python semantics: chars == nullptr -> whitespace
+std::string strip(const std::string& s, const Value* chars, bool left, bool right) {
+  std::vector<uint32_t> set;
+  bool ws = !chars || chars->is_none();
+  if (!ws) set = utf8_decode(chars->str());
+  auto strip_it = [&](uint32_t c) { return ws ? py_isspace(c) : std::find(set.begin(), set.end(), c) != set.end(); };
+  // fast path for ASCII
+  auto cps = utf8_decode(s);
+  size_t a = 0, b = cps.size();
+  if (left)
+    while (a < b && strip_it(cps[a])) ++a;
+  if (right)
+    while (b > a && strip_it(cps[b - 1])) --b;
+  if (a == 0 && b == cps.size()) return s;
+  return encode(cps, a, b);
+}
+
+List split_ws(const std::string& s, int64_t maxsplit, bool from_right) {
+  auto cps = utf8_decode(s);
+  List out;
+  if (!from_right) {
+    size_t i = 0, n = cps.size();
+    while (true) {
+      while (i < n && py_isspace(cps[i])) ++i;
+      if (i >= n) break;
+      if (maxsplit >= 0 && static_cast<int64_t>(out.size()) >= maxsplit) {
+        size_t e = n;
+        while (e > i && py_isspace(cps[e - 1])) --e;
+        out.push_back(Value(encode(cps, i, e)));
+        break;
+      }
+      size_t j = i;
+      while (j < n && !py_isspace(cps[j])) ++j;
+      out.push_back(Value(encode(cps, i, j)));
+      i = j;
+    }
+    return out;
+  }
+  int64_t i = static_cast<int64_t>(cps.size()) - 1;
+  while (true) {
+    while (i >= 0 && py_isspace(cps[i])) --i;
+    if (i < 0) break;
+    if (maxsplit >= 0 && static_cast<int64_t>(out.size()) >= maxsplit) {
+      size_t a = 0;
+      while (static_cast<int64_t>(a) < i && py_isspace(cps[a])) ++a;
+      out.push_back(Value(encode(cps, a, i + 1)));
+      break;
+    }
+    int64_t j = i;
+    while (j >= 0 && !py_isspace(cps[j])) --j;
+    out.push_back(Value(encode(cps, j + 1, i + 1)));
+    i = j;
+  }
+  std::reverse(out.begin(), out.end());
+  return out;
+}
+
+List split_sep(const std::string& s, const std::string& sep, int64_t maxsplit, bool from_right) {
+  List out;
+  if (!from_right) {
+    size_t pos = 0;
+    while (maxsplit < 0 || static_cast<int64_t>(out.size()) < maxsplit) {
+      size_t f = s.find(sep, pos);
+      if (f == std::string::npos) break;
+      out.push_back(Value(s.substr(pos, f - pos)));
+      pos = f + sep.size();
+    }
+    out.push_back(Value(s.substr(pos)));
+    return out;
+  }
+  size_t end = s.size();
+  while (maxsplit < 0 || static_cast<int64_t>(out.size()) < maxsplit) {
+    if (end < sep.size()) break;
+    size_t f = s.rfind(sep, end - sep.size());
+    if (f == std::string::npos) break;
+    out.push_back(Value(s.substr(f + sep.size(), end - f - sep.size())));
+    end = f;
+  }
+  out.push_back(Value(s.substr(0, end)));
+  std::reverse(out.begin(), out.end());
+  return out;
+}
+
+std::string replace(const std::string& s, const std::string& old, const std::string& rep, int64_t count) {
+  if (old.empty()) {
+    auto cps = utf8_decode(s);
+    std::string out;
+    int64_t done = 0;
+    for (size_t i = 0; i <= cps.size(); ++i) {
+      if (count < 0 || done < count) {
+        out += rep;
+        ++done;
+      }
+      if (i < cps.size()) utf8_append(out, cps[i]);
+    }
+    return out;
+  }
+  std::string out;
+  size_t pos = 0;
+  int64_t done = 0;
+  while (count < 0 || done < count) {
+    size_t f = s.find(old, pos);
+    if (f == std::string::npos) break;
+    out.append(s, pos, f - pos);
+    out += rep;
+    pos = f + old.size();
+    ++done;
+  }
+  out.append(s, pos, std::string::npos);
+  return out;
+}
+
+List splitlines(const std::string& s, bool keepends) {
+  auto cps = utf8_decode(s);
+  List out;
+  size_t i = 0, start = 0, n = cps.size();
+  while (i < n) {
+    uint32_t c = cps[i];
+    bool brk = c == '\n' || c == '\r' || c == 0x0b || c == 0x0c || c == 0x1c || c == 0x1d || c == 0x1e || c == 0x85 ||
+               c == 0x2028 || c == 0x2029;
+    if (!brk) {
+      ++i;
+      continue;
+    }
+    size_t eol = i + 1;
+    if (c == '\r' && i + 1 < n && cps[i + 1] == '\n') eol = i + 2;
+    out.push_back(Value(encode(cps, start, keepends ? eol : i)));
+    start = i = eol;
+  }
+  if (start < n) out.push_back(Value(encode(cps, start, n)));
+  return out;
+}
+
+int64_t cp_index(const std::string& s, size_t byte_off) { return static_cast<int64_t>(utf8_length(std::string_view(s).substr(0, byte_off))); }
+
+std::string as_text(const Value& v) { return py_str(v); }
+
+const Value* arg(Args& a, size_t i, const char* name) { return a.get(i, name); }
+bool arg_bool(Args& a, size_t i, const char* name, bool dflt) {
+  const Value* v = a.get(i, name);
+  return v ? v->truthy() : dflt;
+}
+int64_t arg_int(Interp& in, Args& a, size_t i, const char* name, int64_t dflt, const Node& at) {
+  const Value* v = a.get(i, name);
+  if (!v || v->is_none()) return dflt;
+  if (!v->is_int() && !v->is_bool())
+    in.fail("TypeError", detail::concat("'", v->type_name(), "' object cannot be interpreted as an integer"), at);
+  return v->as_int();
+}
+const std::string& arg_str(Interp& in, Args& a, size_t i, const char* name, const Node& at) {
+  const Value* v = a.get(i, name);
+  if (!v) in.fail("TypeError", detail::concat("missing required argument '", name, "'"), at);
+  if (!v->is_string())
+    in.fail("TypeError", detail::concat("must be str, not ", v->type_name()), at);
+  return v->str();
+}
+
+// environment.getitem for a dotted attribute path ("a.b", "0")
+Value attr_path(Interp& in, const Value& item, const std::string& path, const Node& at) {
+  Value cur = item;
+  size_t pos = 0;
+  while (true) {
+    size_t dot = path.find('.', pos);
+    std::string part = path.substr(pos, dot == std::string::npos ? std::string::npos : dot - pos);
+    bool digits = !part.empty() && std::all_of(part.begin(), part.end(), [](char c) { return c >= '0' && c <= '9'; });
+    cur = in.getitem(cur, digits ? Value(static_cast<int64_t>(std::stoll(part))) : Value(part), at);
+    if (dot == std::string::npos) break;
+    pos = dot + 1;
+  }
+  return cur;
+}
+
+Value sort_key(const Value& v, bool case_sensitive) {
+  if (!case_sensitive && v.is_string()) return Value(lower(v.str()));
+  return v;
+}
+
+void sort_values(Interp& in, List& l, const Node& at, bool reverse, bool case_sensitive, const std::string* attribute) {
+  std::vector<std::pair<Value, Value>> keyed;
+  keyed.reserve(l.size());
+  for (auto& x : l) keyed.emplace_back(sort_key(attribute ? attr_path(in, x, *attribute, at) : x, case_sensitive), x);
+  std::stable_sort(keyed.begin(), keyed.end(), [&](auto& a, auto& b) {
+    return reverse ? in.cmp(b.first, a.first, at) < 0 : in.cmp(a.first, b.first, at) < 0;
+  });
+  for (size_t i = 0; i < l.size(); ++i) l[i] = keyed[i].second;
+}
+
+// printf-style "%" formatting of Python strings
+std::string percent_format(Interp& in, const std::string& fmt, const Value& rhs, const Node& at) {
+  std::string out;
+  List args;
+  bool is_map = rhs.is_dict();
+  if (rhs.is_tuple()) args = rhs.list();
+  else args.push_back(rhs);
+  size_t ai = 0;
+  for (size_t i = 0; i < fmt.size(); ++i) {
+    if (fmt[i] != '%') {
+      out += fmt[i];
+      continue;
+    }
+    if (++i >= fmt.size()) in.fail("ValueError", "incomplete format", at);
+    if (fmt[i] == '%') {
+      out += '%';
+      continue;
+    }
+    Value val;
+    if (fmt[i] == '(') {
+      size_t e = fmt.find(')', i);
+      if (e == std::string::npos || !is_map) in.fail("TypeError", "format requires a mapping", at);
+      const Value* v = rhs.get(fmt.substr(i + 1, e - i - 1));
+      if (!v) in.fail("KeyError", "'" + fmt.substr(i + 1, e - i - 1) + "'", at);
+      val = *v;
+      i = e + 1;
+    } else {
+      if (ai >= args.size()) in.fail("TypeError", "not enough arguments for format string", at);
+      val = args[ai++];
+    }
+    std::string spec;
+    while (i < fmt.size() && std::strchr("-+ #0123456789.", fmt[i])) spec += fmt[i++];
+    if (i >= fmt.size()) in.fail("ValueError", "incomplete format", at);
+    char conv = fmt[i];
+    char buf[512];
+    switch (conv) {
+      case 's': out += py_str(val); break;
+      case 'r': out += py_repr(val); break;
+      case 'd':
+      case 'i':
+        if (!val.is_number()) in.fail("TypeError", detail::concat("%d format: a real number is required, not ", val.type_name()), at);
+        std::snprintf(buf, sizeof buf, ("%" + spec + "lld").c_str(), static_cast<long long>(val.is_float() ? std::trunc(val.as_float()) : val.as_int()));
+        out += buf;
+        break;
+      case 'f':
+      case 'F':
+      case 'e':
+      case 'g':
+        if (!val.is_number()) in.fail("TypeError", detail::concat("must be real number, not ", val.type_name()), at);
+        std::snprintf(buf, sizeof buf, ("%" + spec + conv).c_str(), val.as_float());
+        out += buf;
+        break;
+      default: in.fail("ValueError", detail::concat("unsupported format character '", conv, "'"), at);
+    }
+  }
+  if (!is_map && ai < args.size()) in.fail("TypeError", "not all arguments converted during string formatting", at);
+  return out;
+}
+
+std::string str_format(Interp& in, const std::string& fmt, Args& args, const Node& at) {
+  std::string out;
+  size_t auto_idx = 0;
+  for (size_t i = 0; i < fmt.size(); ++i) {
+    char c = fmt[i];
+    if (c == '{') {
+      if (i + 1 < fmt.size() && fmt[i + 1] == '{') {
+        out += '{';
+        ++i;
+        continue;
+      }
+      size_t e = fmt.find('}', i);
+      if (e == std::string::npos) in.fail("ValueError", "Single '{' encountered in format string", at);
+      std::string field = fmt.substr(i + 1, e - i - 1);
+      size_t colon = field.find(':');
+      std::string name = field.substr(0, colon);
+      Value v;
+      if (name.empty()) {
+        if (auto_idx >= args.pos.size()) in.fail("IndexError", "Replacement index out of range for positional args tuple", at);
+        v = args.pos[auto_idx++];
+      } else if (std::all_of(name.begin(), name.end(), [](char d) { return d >= '0' && d <= '9'; })) {
+        size_t k = std::stoul(name);
+        if (k >= args.pos.size()) in.fail("IndexError", "Replacement index out of range for positional args tuple", at);
+        v = args.pos[k];
+      } else {
+        const Value* kv = nullptr;
+        for (auto& p : args.kw)
+          if (p.first == name) kv = &p.second;
+        if (!kv) in.fail("KeyError", "'" + name + "'", at);
+        v = *kv;
+      }
+      out += py_str(v);
+      i = e;
+    } else if (c == '}') {
+      if (i + 1 < fmt.size() && fmt[i + 1] == '}') ++i;
+      out += '}';
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------- filters
+enum FilterId {
+  F_TOJSON, F_LENGTH, F_TRIM, F_DEFAULT, F_STRING, F_UPPER, F_LOWER, F_JOIN, F_ITEMS, F_DICTSORT, F_SAFE, F_LIST,
+  F_MAP, F_SELECTATTR, F_REJECTATTR, F_SELECT, F_REJECT, F_INDENT, F_REPLACE, F_INT, F_FLOAT, F_UNIQUE, F_SORT,
+  F_FIRST, F_LAST, F_ABS, F_CAPITALIZE, F_TITLE, F_CENTER, F_ROUND, F_SUM, F_MIN, F_MAX, F_REVERSE, F_WORDCOUNT,
+  F_FORMAT, F_ESCAPE, F_ATTR, F_BATCH, F_BOOL, F_TRUNCATE,
+};
+struct NameId {
+  const char* name;
+  int id;
+};
+const NameId kFilters[] = {
+    {"tojson", F_TOJSON}, {"length", F_LENGTH}, {"count", F_LENGTH}, {"trim", F_TRIM}, {"default", F_DEFAULT},
+    {"d", F_DEFAULT}, {"string", F_STRING}, {"upper", F_UPPER}, {"lower", F_LOWER}, {"join", F_JOIN},
+    {"items", F_ITEMS}, {"dictsort", F_DICTSORT}, {"safe", F_SAFE}, {"list", F_LIST}, {"map", F_MAP},
+    {"selectattr", F_SELECTATTR}, {"rejectattr", F_REJECTATTR}, {"select", F_SELECT}, {"reject", F_REJECT},
+    {"indent", F_INDENT}, {"replace", F_REPLACE}, {"int", F_INT}, {"float", F_FLOAT}, {"unique", F_UNIQUE},
+    {"sort", F_SORT}, {"first", F_FIRST}, {"last", F_LAST}, {"abs", F_ABS}, {"capitalize", F_CAPITALIZE},
+    {"title", F_TITLE}, {"center", F_CENTER}, {"round", F_ROUND}, {"sum", F_SUM}, {"min", F_MIN}, {"max", F_MAX},
+    {"reverse", F_REVERSE}, {"wordcount", F_WORDCOUNT}, {"format", F_FORMAT}, {"escape", F_ESCAPE}, {"e", F_ESCAPE},
+    {"forceescape", F_ESCAPE}, {"attr", F_ATTR}, {"batch", F_BATCH}, {"truncate", F_TRUNCATE},
+};
+
+enum TestId {
+  T_DEFINED, T_UNDEFINED, T_NONE, T_STRING, T_MAPPING, T_ITERABLE, T_SEQUENCE, T_FALSE, T_TRUE, T_BOOLEAN, T_NUMBER,
+  T_INTEGER, T_FLOAT, T_CALLABLE, T_EQ, T_NE, T_LT, T_LE, T_GT, T_GE, T_IN, T_DIVISIBLEBY, T_ODD, T_EVEN, T_LOWER,
+  T_UPPER, T_SAMEAS, T_FILTER, T_TEST, T_ESCAPED,
+};
+const NameId kTests[] = {
+    {"defined", T_DEFINED}, {"undefined", T_UNDEFINED}, {"none", T_NONE}, {"string", T_STRING},
+    {"mapping", T_MAPPING}, {"iterable", T_ITERABLE}, {"sequence", T_SEQUENCE}, {"false", T_FALSE},
+    {"true", T_TRUE}, {"boolean", T_BOOLEAN}, {"number", T_NUMBER}, {"integer", T_INTEGER}, {"float", T_FLOAT},
+    {"callable", T_CALLABLE}, {"eq", T_EQ}, {"equalto", T_EQ}, {"==", T_EQ}, {"ne", T_NE}, {"!=", T_NE},
+    {"lt", T_LT}, {"lessthan", T_LT}, {"<", T_LT}, {"le", T_LE}, {"<=", T_LE}, {"gt", T_GT},
+    {"greaterthan", T_GT}, {">", T_GT}, {"ge", T_GE}, {">=", T_GE}, {"in", T_IN}, {"divisibleby", T_DIVISIBLEBY},
+    {"odd", T_ODD}, {"even", T_EVEN}, {"lower", T_LOWER}, {"upper", T_UPPER}, {"sameas", T_SAMEAS},
+    {"filter", T_FILTER}, {"test", T_TEST}, {"escaped", T_ESCAPED},
+};
+
+int lookup(const NameId* table, size_t n, std::string_view name) {
+  for (size_t i = 0; i < n; ++i)
+    if (name == table[i].name) return table[i].id;
+  return -1;
+}
+
+std::string html_escape(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    switch (c) {
+      case '&': out += "&amp;"; break;
+      case '<': out += "&lt;"; break;
+      case '>': out += "&gt;"; break;
+      case '"': out += "&#34;"; break;
+      case '\'': out += "&#39;"; break;
+      default: out += c;
+    }
+  }
+  return out;
+}
+
+List select_or_reject(Interp& in, const Value& seq, Args& args, const Node& at, bool use_attr, bool keep) {
+  List items, out;
+  in.iterate(seq, items, at);
+  size_t k = 0;
+  std::string attribute;
+  if (use_attr) attribute = arg_str(in, args, k++, "attribute", at);
+  int tid = -1;
+  std::string tname;
+  if (k < args.pos.size()) {
+    if (!args.pos[k].is_string()) in.fail("TypeError", "test name must be a string", at);
+    tname = args.pos[k++].str();
+    tid = test_id(tname);
+    if (tid < 0) in.fail("TemplateRuntimeError", "No test named '" + tname + "'.", at);
+  }
+  Args targs;
+  for (size_t i = k; i < args.pos.size(); ++i) targs.pos.push_back(args.pos[i]);
+  for (auto& x : items) {
+    in.tick(at);
+    Value v = use_attr ? attr_path(in, x, attribute, at) : x;
+    bool r = tid < 0 ? v.truthy() : apply_test(in, tid, tname, v, targs, at);
+    if (r == keep) out.push_back(x);
+  }
+  return out;
+}
+
+std::string indent(const std::string& s0, const Value* width, bool first, bool blank) {
+  std::string ind = width ? (width->is_string() ? width->str() : std::string(static_cast<size_t>(std::max<int64_t>(0, width->as_int())), ' ')) : "    ";
+  std::string s = s0 + "\n";
+  List lines = splitlines(s, false);
+  std::string rv;
+  if (blank) {
+    for (size_t i = 0; i < lines.size(); ++i) {
+      if (i) rv += "\n" + ind;
+      rv += lines[i].str();
+    }
+  } else {
+    rv = lines.empty() ? "" : lines[0].str();
+    for (size_t i = 1; i < lines.size(); ++i) {
+      rv += "\n";
+      if (!lines[i].str().empty()) rv += ind;
+      rv += lines[i].str();
+    }
+  }
+  if (first) rv = ind + rv;
+  return rv;
+}
+
+}  // namespace
+
+int filter_id(std::string_view name) { return lookup(kFilters, std::size(kFilters), name); }
+int test_id(std::string_view name) { return lookup(kTests, std::size(kTests), name); }
+
+Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& args, const Node& at) {
+  switch (id) {
+    case F_TOJSON: {
+      DumpOptions o;
+      o.ensure_ascii = arg_bool(args, 0, "ensure_ascii", false);
+      std::string indent_s, item_sep, key_sep;
+      if (const Value* ind = arg(args, 1, "indent"); ind && !ind->is_none()) {
+        if (ind->is_string()) indent_s = ind->str();
+        else if (ind->is_int()) indent_s = std::string(static_cast<size_t>(std::max<int64_t>(0, ind->as_int())), ' ');
+        else in.fail("TypeError", "indent must be an int or str", at);
+        o.indent = &indent_s;
+      }
+      if (const Value* sep = arg(args, 2, "separators"); sep && !sep->is_none()) {
+        if (!sep->is_sequence() || sep->list().size() != 2 || !sep->list()[0].is_string() || !sep->list()[1].is_string())
+          in.fail("ValueError", "separators must be a (item_separator, key_separator) pair", at);
+        item_sep = sep->list()[0].str();
+        key_sep = sep->list()[1].str();
+        o.item_separator = &item_sep;
+        o.key_separator = &key_sep;
+      }
+      o.sort_keys = arg_bool(args, 3, "sort_keys", false);
+      try {
+        return Value(json_dumps(v, o));
+      } catch (const TemplateError&) {
+        throw;
+      } catch (const InvalidArgument& e) {
+        in.fail("TypeError", e.what(), at);
+      }
+    }
+    case F_LENGTH:
+      if (v.is_undefined()) return Value(int64_t(0));
+      if (!v.is_string() && !v.is_sequence() && !v.is_dict())
+        in.fail("TypeError", detail::concat("object of type '", v.type_name(), "' has no len()"), at);
+      return Value(static_cast<int64_t>(v.size()));
+    case F_TRIM: return Value(strip(as_text(v), arg(args, 0, "chars"), true, true));
+    case F_DEFAULT: {
+      const Value* d = arg(args, 0, "default_value");
+      bool boolean = arg_bool(args, 1, "boolean", false);
+      if (v.is_undefined() || (boolean && !v.truthy())) return d ? *d : Value("");
+      return v;
+    }
+    case F_STRING: return v.is_string() ? v : Value(as_text(v));
+    case F_UPPER: return Value(upper(as_text(v)));
+    case F_LOWER: return Value(lower(as_text(v)));
+    case F_CAPITALIZE: {
+      auto cps = utf8_decode(as_text(v));
+      std::string out;
+      for (size_t i = 0; i < cps.size(); ++i) utf8_append(out, i == 0 ? cp_upper(cps[i]) : cp_lower(cps[i]));
+      return Value(out);
+    }
+    case F_TITLE: {
+      auto cps = utf8_decode(as_text(v));
+      std::string out;
+      bool start = true;
+      for (uint32_t c : cps) {
+        bool sep = c == '-' || py_isspace(c) || c == '(' || c == '{' || c == '[' || c == '<';
+        utf8_append(out, sep ? c : start ? cp_upper(c) : cp_lower(c));
+        start = sep;
+      }
+      return Value(out);
+    }
+    case F_JOIN: {
+      List items;
+      in.iterate(v, items, at);
+      std::string sep;
+      if (const Value* d = arg(args, 0, "d")) sep = as_text(*d);
+      const Value* attribute = arg(args, 1, "attribute");
+      std::string out;
+      for (size_t i = 0; i < items.size(); ++i) {
+        if (i) out += sep;
+        if (attribute && !attribute->is_none()) py_str_to(out, attr_path(in, items[i], as_text(*attribute), at));
+        else py_str_to(out, items[i]);
+      }
+      return Value(std::move(out));
+    }
+    case F_ITEMS: {
+      if (v.is_undefined()) return Value(List{});
+      if (!v.is_dict()) in.fail("TypeError", "Can only get item pairs from a mapping.", at);
+      List out;
+      for (auto& kv : v.dict_ref().items) out.push_back(Value::tuple({kv.first, kv.second}));
+      return Value(std::move(out));
+    }
+    case F_DICTSORT: {
+      if (!v.is_dict()) in.fail("TypeError", "dictsort requires a mapping", at);
+      bool cs = arg_bool(args, 0, "case_sensitive", false);
+      std::string by = "key";
+      if (const Value* b = arg(args, 1, "by")) by = as_text(*b);
+      bool rev = arg_bool(args, 2, "reverse", false);
+      if (by != "key" && by != "value") in.fail("FilterArgumentError", "You can only sort by either \"key\" or \"value\"", at);
+      List out;
+      for (auto& kv : v.dict_ref().items) out.push_back(Value::tuple({kv.first, kv.second}));
+      std::vector<std::pair<Value, Value>> keyed;
+      for (auto& x : out) keyed.emplace_back(sort_key(x.list()[by == "key" ? 0 : 1], cs), x);
+      std::stable_sort(keyed.begin(), keyed.end(), [&](auto& a, auto& b) {
+        return rev ? in.cmp(b.first, a.first, at) < 0 : in.cmp(a.first, b.first, at) < 0;
+      });
+      for (size_t i = 0; i < out.size(); ++i) out[i] = keyed[i].second;
+      return Value(std::move(out));
+    }
+    case F_SAFE: return v.is_string() ? v : Value(as_text(v));
+    case F_ESCAPE: return Value(html_escape(as_text(v)));
+    case F_LIST: {
+      List items;
+      in.iterate(v, items, at);
+      return Value(std::move(items));
+    }
+    case F_MAP: {
+      List items, out;
+      in.iterate(v, items, at);
+      const Value* attribute = nullptr;
+      for (auto& kv : args.kw)
+        if (kv.first == "attribute") attribute = &kv.second;
+      if (attribute) {
+        const Value* dflt = nullptr;
+        for (auto& kv : args.kw)
+          if (kv.first == "default") dflt = &kv.second;
+        for (auto& x : items) {
+          Value r = attr_path(in, x, as_text(*attribute), at);
+          out.push_back(r.is_undefined() && dflt ? *dflt : r);
+        }
+        return Value(std::move(out));
+      }
+      if (args.pos.empty() || !args.pos[0].is_string()) in.fail("FilterArgumentError", "map requires a filter argument", at);
+      std::string fname = args.pos[0].str();
+      int fid = filter_id(fname);
+      if (fid < 0) in.fail("TemplateRuntimeError", "No filter named '" + fname + "'.", at);
+      Args fargs;
+      fargs.pos.assign(args.pos.begin() + 1, args.pos.end());
+      fargs.kw = args.kw;
+      for (auto& x : items) {
+        in.tick(at);
+        Args a = fargs;
+        out.push_back(apply_filter(in, fid, fname, x, a, at));
+      }
+      return Value(std::move(out));
+    }
+    case F_SELECTATTR: return Value(select_or_reject(in, v, args, at, true, true));
+    case F_REJECTATTR: return Value(select_or_reject(in, v, args, at, true, false));
+    case F_SELECT: return Value(select_or_reject(in, v, args, at, false, true));
+    case F_REJECT: return Value(select_or_reject(in, v, args, at, false, false));
+    case F_INDENT:
+      return Value(indent(as_text(v), arg(args, 0, "width"), arg_bool(args, 1, "first", false), arg_bool(args, 2, "blank", false)));
+    case F_REPLACE: {
+      const Value* old = arg(args, 0, "old");
+      const Value* rep = arg(args, 1, "new");
+      if (!old || !rep) in.fail("TypeError", "replace() missing required arguments", at);
+      int64_t count = arg_int(in, args, 2, "count", -1, at);
+      return Value(replace(as_text(v), as_text(*old), as_text(*rep), count));
+    }
+    case F_INT: {
+      const Value* d = arg(args, 0, "default");
+      Value dflt = d ? *d : Value(int64_t(0));
+      if (v.is_int() || v.is_bool()) return Value(v.as_int());
+      if (v.is_float()) return std::isfinite(v.as_float()) ? Value(static_cast<int64_t>(std::trunc(v.as_float()))) : dflt;
+      if (v.is_string()) {
+        std::string s = strip(v.str(), nullptr, true, true);
+        char* end = nullptr;
+        long long iv = std::strtoll(s.c_str(), &end, 10);
+        if (!s.empty() && end && *end == 0) return Value(static_cast<int64_t>(iv));
+        double dv = std::strtod(s.c_str(), &end);
+        if (!s.empty() && end && *end == 0 && std::isfinite(dv)) return Value(static_cast<int64_t>(std::trunc(dv)));
+      }
+      return dflt;
+    }
+    case F_FLOAT: {
+      const Value* d = arg(args, 0, "default");
+      Value dflt = d ? *d : Value(0.0);
+      if (v.is_number()) return Value(v.as_float());
+      if (v.is_string()) {
+        std::string s = strip(v.str(), nullptr, true, true);
+        char* end = nullptr;
+        double dv = std::strtod(s.c_str(), &end);
+        if (!s.empty() && end && *end == 0) return Value(dv);
+      }
+      return dflt;
+    }
+    case F_UNIQUE: {
+      List items, out;
+      in.iterate(v, items, at);
+      bool cs = arg_bool(args, 0, "case_sensitive", false);
+      const Value* attribute = arg(args, 1, "attribute");
+      std::vector<Value> seen;
+      for (auto& x : items) {
+        Value k = sort_key(attribute && !attribute->is_none() ? attr_path(in, x, as_text(*attribute), at) : x, cs);
+        bool dup = false;
+        for (auto& s : seen)
+          if (py_equal(s, k)) dup = true;
+        if (!dup) {
+          seen.push_back(k);
+          out.push_back(x);
+        }
+      }
+      return Value(std::move(out));
+    }
+    case F_SORT: {
+      List items;
+      in.iterate(v, items, at);
+      const Value* attribute = arg(args, 2, "attribute");
+      std::string attr_s = attribute && !attribute->is_none() ? as_text(*attribute) : "";
+      sort_values(in, items, at, arg_bool(args, 0, "reverse", false), arg_bool(args, 1, "case_sensitive", false),
+                  attr_s.empty() ? nullptr : &attr_s);
+      return Value(std::move(items));
+    }
+    case F_FIRST: {
+      List items;
+      in.iterate(v, items, at);
+      return items.empty() ? Value::undefined("No first item, sequence was empty.") : items.front();
+    }
+    case F_LAST: {
+      List items;
+      in.iterate(v, items, at);
+      return items.empty() ? Value::undefined("No last item, sequence was empty.") : items.back();
+    }
+    case F_ABS:
+      if (!v.is_number()) in.fail("TypeError", detail::concat("bad operand type for abs(): '", v.type_name(), "'"), at);
+      return v.is_float() ? Value(std::fabs(v.as_float())) : Value(v.as_int() < 0 ? -v.as_int() : v.as_int());
+    case F_CENTER: {
+      std::string s = as_text(v);
+      int64_t width = arg_int(in, args, 0, "width", 80, at);
+      int64_t len = static_cast<int64_t>(utf8_length(s));
+      if (width <= len) return Value(s);
+      int64_t marg = width - len, left = marg / 2 + (marg & width & 1);
+      return Value(std::string(left, ' ') + s + std::string(marg - left, ' '));
+    }
+    case F_ROUND: {
+      if (!v.is_number()) in.fail("TypeError", "round requires a number", at);
+      int64_t prec = arg_int(in, args, 0, "precision", 0, at);
+      std::string method = "common";
+      if (const Value* m = arg(args, 1, "method")) method = as_text(*m);
+      double p = std::pow(10.0, static_cast<double>(prec)), x = v.as_float() * p;
+      double r = method == "ceil" ? std::ceil(x) : method == "floor" ? std::floor(x) : std::round(x);
+      return Value(r / p);
+    }
+    case F_SUM: {
+      List items;
+      in.iterate(v, items, at);
+      const Value* attribute = arg(args, 0, "attribute");
+      Value total = arg(args, 1, "start") ? *arg(args, 1, "start") : Value(int64_t(0));
+      for (auto& x : items)
+        total = in.binop(Op::Add, total, attribute && !attribute->is_none() ? attr_path(in, x, as_text(*attribute), at) : x, at);
+      return total;
+    }
+    case F_MIN:
+    case F_MAX: {
+      List items;
+      in.iterate(v, items, at);
+      if (items.empty()) return Value::undefined(id == F_MIN ? "No aggregated item, sequence was empty." : "No aggregated item, sequence was empty.");
+      bool cs = arg_bool(args, 0, "case_sensitive", false);
+      Value best = items[0];
+      for (auto& x : items) {
+        int c = in.cmp(sort_key(x, cs), sort_key(best, cs), at);
+        if (id == F_MIN ? c < 0 : c > 0) best = x;
+      }
+      return best;
+    }
+    case F_REVERSE: {
+      if (v.is_string()) {
+        auto cps = utf8_decode(v.str());
+        std::reverse(cps.begin(), cps.end());
+        return Value(encode(cps, 0, cps.size()));
+      }
+      List items;
+      in.iterate(v, items, at);
+      std::reverse(items.begin(), items.end());
+      return Value(std::move(items));
+    }
+    case F_WORDCOUNT: return Value(static_cast<int64_t>(split_ws(as_text(v), -1, false).size()));
+    case F_FORMAT: {
+      if (!args.kw.empty()) {
+        Dict d;
+        for (auto& kv : args.kw) d.set(Value(kv.first), kv.second);
+        return Value(percent_format(in, as_text(v), Value(std::move(d)), at));
+      }
+      return Value(percent_format(in, as_text(v), Value::tuple(args.pos), at));
+    }
+    case F_ATTR: return in.getattr(v, arg_str(in, args, 0, "name", at), at);
+    case F_BATCH: {
+      List items, out, cur;
+      in.iterate(v, items, at);
+      int64_t n = arg_int(in, args, 0, "linecount", 1, at);
+      if (n <= 0) in.fail("ValueError", "batch size must be positive", at);
+      const Value* fill = arg(args, 1, "fill_with");
+      for (auto& x : items) {
+        cur.push_back(x);
+        if (static_cast<int64_t>(cur.size()) == n) {
+          out.push_back(Value(std::move(cur)));
+          cur.clear();
+        }
+      }
+      if (!cur.empty()) {
+        if (fill && !fill->is_none())
+          while (static_cast<int64_t>(cur.size()) < n) cur.push_back(*fill);
+        out.push_back(Value(std::move(cur)));
+      }
+      return Value(std::move(out));
+    }
+    case F_TRUNCATE: {
+      std::string s = as_text(v);
+      int64_t length = arg_int(in, args, 0, "length", 255, at);
+      bool killwords = arg_bool(args, 1, "killwords", false);
+      std::string end = arg(args, 2, "end") ? as_text(*arg(args, 2, "end")) : "...";
+      int64_t leeway = arg_int(in, args, 3, "leeway", 5, at);
+      auto cps = utf8_decode(s);
+      int64_t n = static_cast<int64_t>(cps.size()), elen = static_cast<int64_t>(utf8_length(end));
+      if (n <= length + leeway) return Value(s);
+      if (killwords) return Value(encode(cps, 0, static_cast<size_t>(std::max<int64_t>(0, length - elen))) + end);
+      std::string cut = encode(cps, 0, static_cast<size_t>(std::max<int64_t>(0, length - elen)));
+      size_t sp = cut.rfind(' ');
+      if (sp != std::string::npos) cut.resize(sp);
+      return Value(cut + end);
+    }
+    default: in.fail("TemplateRuntimeError", "No filter named '" + name + "'.", at);
+  }
+}
+
+bool apply_test(Interp& in, int id, const std::string& name, const Value& v, Args& args, const Node& at) {
+  auto other = [&]() -> const Value& {
+    if (args.pos.empty()) in.fail("TypeError", "test '" + name + "' requires an argument", at);
+    return args.pos[0];
+  };
+  switch (id) {
+    case T_DEFINED: return !v.is_undefined();
+    case T_UNDEFINED: return v.is_undefined();
+    case T_NONE: return v.is_none();
+    case T_STRING: return v.is_string();
+    case T_MAPPING: return v.is_dict();
+    case T_ITERABLE: return v.is_string() || v.is_sequence() || v.is_dict() || v.is_undefined();
+    case T_SEQUENCE: return v.is_string() || v.is_sequence() || v.is_dict() || v.is_undefined();
+    case T_FALSE: return v.is_bool() && !v.as_bool();
+    case T_TRUE: return v.is_bool() && v.as_bool();
+    case T_BOOLEAN: return v.is_bool();
+    case T_NUMBER: return v.is_number();
+    case T_INTEGER: return v.is_int();
+    case T_FLOAT: return v.is_float();
+    case T_CALLABLE: return v.is_native() && dynamic_cast<Callable*>(v.native().get());
+    case T_EQ: return in.compare(Op::Eq, v, other(), at);
+    case T_NE: return in.compare(Op::Ne, v, other(), at);
+    case T_LT: return in.compare(Op::Lt, v, other(), at);
+    case T_LE: return in.compare(Op::Le, v, other(), at);
+    case T_GT: return in.compare(Op::Gt, v, other(), at);
+    case T_GE: return in.compare(Op::Ge, v, other(), at);
+    case T_IN: return in.compare(Op::In, v, other(), at);
+    case T_DIVISIBLEBY: {
+      const Value& o = other();
+      if (!v.is_number() || !o.is_number()) in.fail("TypeError", "divisibleby requires numbers", at);
+      if (o.as_float() == 0) in.fail("ZeroDivisionError", "integer modulo by zero", at);
+      return in.binop(Op::Mod, v, o, at).as_float() == 0;
+    }
+    case T_ODD:
+    case T_EVEN: {
+      if (!v.is_int() && !v.is_bool()) in.fail("TypeError", "odd/even require an integer", at);
+      int64_t r = v.as_int() % 2;
+      return id == T_ODD ? r != 0 : r == 0;
+    }
+    case T_LOWER: {
+      std::string s = as_text(v);
+      return lower(s) == s && upper(s) != s;
+    }
+    case T_UPPER: {
+      std::string s = as_text(v);
+      return upper(s) == s && lower(s) != s;
+    }
+    case T_SAMEAS: {
+      const Value& o = other();
+      if (v.kind() != o.kind()) return false;
+      if (v.is_none() || v.is_undefined()) return true;
+      if (v.is_bool() || v.is_int()) return v.as_int() == o.as_int();
+      return v.identity() == o.identity() && v.native() == o.native() && !(v.is_float());
+    }
+    case T_FILTER: return v.is_string() && filter_id(v.str()) >= 0;
+    case T_TEST: return v.is_string() && test_id(v.str()) >= 0;
+    case T_ESCAPED: return false;
+    default: in.fail("TemplateRuntimeError", "No test named '" + name + "'.", at);
+  }
+}
+
+// ---------------------------------------------------------------- methods
+static const char* kStrMethods[] = {
+    "strip", "lstrip", "rstrip", "split", "rsplit", "splitlines", "startswith", "endswith", "replace", "upper",
+    "lower", "title", "capitalize", "find", "rfind", "index", "rindex", "count", "join", "format", "isdigit",
+    "isalpha", "isalnum", "isspace", "isupper", "islower", "isnumeric", "isdecimal", "zfill", "center", "ljust",
+    "rjust", "partition", "rpartition", "removeprefix", "removesuffix", "casefold", "swapcase", "encode",
+    "expandtabs", "format_map", "istitle", "isidentifier", "isprintable", "isascii", "translate", "maketrans"};
+static const char* kDictMethods[] = {"get", "items", "keys", "values", "copy", "pop", "popitem", "setdefault",
+                                     "update", "clear", "fromkeys"};
+static const char* kListMethods[] = {"index", "count", "copy", "append", "extend", "insert", "pop", "remove",
+                                     "reverse", "sort", "clear"};
+
+bool has_method(const Value& obj, const std::string& name) {
+  auto in_table = [&](const char* const* t, size_t n) {
+    for (size_t i = 0; i < n; ++i)
+      if (name == t[i]) return true;
+    return false;
+  };
+  if (!name.empty() && name[0] == '_' && name.size() > 1 && name[1] == '_' && !obj.is_namespace()) return true;
+  switch (obj.kind()) {
+    case Kind::String: return in_table(kStrMethods, std::size(kStrMethods));
+    case Kind::Dict: return in_table(kDictMethods, std::size(kDictMethods));
+    case Kind::List: return in_table(kListMethods, std::size(kListMethods));
+    case Kind::Tuple: return name == "index" || name == "count";
+    default: return false;
+  }
+}
+
+Value BoundMethod::call(Interp& in, Args& args, const Node& at) {
+  if (self.is_native()) {
+    if (auto* l = dynamic_cast<LoopObj*>(self.native().get())) {
+      if (name == "cycle") {
+        if (args.pos.empty()) in.fail("TypeError", "no items for cycling given", at);
+        return args.pos[static_cast<size_t>(l->index0) % args.pos.size()];
+      }
+      in.fail("TypeError", "loop." + name + "() is not supported", at);
+    }
+  }
+  bool found;
+  return call_method(in, self, name, args, at, found);
+}
+
+Value call_method(Interp& in, const Value& obj, const std::string& name, Args& args, const Node& at, bool& found) {
+  found = true;
+  if (obj.is_string()) {
+    const std::string& s = obj.str();
+    if (name == "__mod__") return Value(percent_format(in, s, args.pos[0], at));
+    if (name == "strip") return Value(strip(s, arg(args, 0, "chars"), true, true));
+    if (name == "lstrip") return Value(strip(s, arg(args, 0, "chars"), true, false));
+    if (name == "rstrip") return Value(strip(s, arg(args, 0, "chars"), false, true));
+    if (name == "split" || name == "rsplit") {
+      const Value* sep = arg(args, 0, "sep");
+      int64_t maxsplit = arg_int(in, args, 1, "maxsplit", -1, at);
+      if (!sep || sep->is_none()) return Value(split_ws(s, maxsplit, name == "rsplit"));
+      if (!sep->is_string()) in.fail("TypeError", detail::concat("must be str or None, not ", sep->type_name()), at);
+      if (sep->str().empty()) in.fail("ValueError", "empty separator", at);
+      return Value(split_sep(s, sep->str(), maxsplit, name == "rsplit"));
+    }
+    if (name == "splitlines") return Value(splitlines(s, arg_bool(args, 0, "keepends", false)));
+    if (name == "startswith" || name == "endswith") {
+      const Value* p = arg(args, 0, "prefix");
+      if (!p) in.fail("TypeError", name + "() takes at least 1 argument (0 given)", at);
+      List cands;
+      if (p->is_tuple()) cands = p->list();
+      else if (p->is_string()) cands.push_back(*p);
+      else
+        in.fail("TypeError", detail::concat(name, " first arg must be str or a tuple of str, not ", p->type_name()), at);
+      for (auto& c : cands) {
+        if (!c.is_string()) in.fail("TypeError", "tuple for " + name + " must only contain str", at);
+        const std::string& x = c.str();
+        if (x.size() > s.size()) continue;
+        if (name == "startswith" ? s.compare(0, x.size(), x) == 0 : s.compare(s.size() - x.size(), x.size(), x) == 0) return Value(true);
+      }
+      return Value(false);
+    }
+    if (name == "replace") {
+      return Value(replace(s, arg_str(in, args, 0, "old", at), arg_str(in, args, 1, "new", at), arg_int(in, args, 2, "count", -1, at)));
+    }
+    if (name == "upper") return Value(upper(s));
+    if (name == "lower" || name == "casefold") return Value(lower(s));
+    if (name == "swapcase") return Value(map_cps(s, [](uint32_t c) { return cp_isupper(c) ? cp_lower(c) : cp_upper(c); }));
+    if (name == "title") {
+      auto cps = utf8_decode(s);
+      std::string out;
+      bool prev_cased = false;
+      for (uint32_t c : cps) {
+        bool cased = cp_isalpha(c);
+        utf8_append(out, cased ? (prev_cased ? cp_lower(c) : cp_upper(c)) : c);
+        prev_cased = cased;
+      }
+      return Value(out);
+    }
+    if (name == "capitalize") {
+      auto cps = utf8_decode(s);
+      std::string out;
+      for (size_t i = 0; i < cps.size(); ++i) utf8_append(out, i == 0 ? cp_upper(cps[i]) : cp_lower(cps[i]));
+      return Value(out);
+    }
+    if (name == "find" || name == "rfind" || name == "index" || name == "rindex" || name == "count") {
+      const std::string& sub = arg_str(in, args, 0, "sub", at);
+      if (name == "count") {
+        if (sub.empty()) return Value(static_cast<int64_t>(utf8_length(s) + 1));
+        int64_t c = 0;
+        for (size_t p = s.find(sub); p != std::string::npos; p = s.find(sub, p + sub.size())) ++c;
+        return Value(c);
+      }
+      size_t p = (name[0] == 'r') ? s.rfind(sub) : s.find(sub);
+      if (p == std::string::npos) {
+        if (name == "index" || name == "rindex") in.fail("ValueError", "substring not found", at);
+        return Value(int64_t(-1));
+      }
+      return Value(cp_index(s, p));
+    }
+    if (name == "join") {
+      const Value* it = arg(args, 0, "iterable");
+      if (!it) in.fail("TypeError", "join() takes exactly one argument (0 given)", at);
+      List items;
+      in.iterate(*it, items, at);
+      std::string out;
+      for (size_t i = 0; i < items.size(); ++i) {
+        if (!items[i].is_string())
+          in.fail("TypeError", detail::concat("sequence item ", i, ": expected str instance, ", items[i].type_name(), " found"), at);
+        if (i) out += s;
+        out += items[i].str();
+      }
+      return Value(std::move(out));
+    }
+    if (name == "format") return Value(str_format(in, s, args, at));
+    if (name.rfind("is", 0) == 0) {
+      auto cps = utf8_decode(s);
+      if (name == "isascii") return Value(std::all_of(cps.begin(), cps.end(), [](uint32_t c) { return c < 0x80; }));
+      if (cps.empty()) return Value(false);
+      if (name == "isdigit" || name == "isnumeric" || name == "isdecimal") return Value(std::all_of(cps.begin(), cps.end(), cp_isdigit));
+      if (name == "isalpha") return Value(std::all_of(cps.begin(), cps.end(), cp_isalpha));
+      if (name == "isalnum") return Value(std::all_of(cps.begin(), cps.end(), [](uint32_t c) { return cp_isalpha(c) || cp_isdigit(c); }));
+      if (name == "isspace") return Value(std::all_of(cps.begin(), cps.end(), py_isspace));
+      if (name == "isupper" || name == "islower") {
+        bool any = false;
+        for (uint32_t c : cps) {
+          if (name == "isupper" ? cp_islower(c) : cp_isupper(c)) return Value(false);
+          any = any || (name == "isupper" ? cp_isupper(c) : cp_islower(c));
+        }
+        return Value(any);
+      }
+    }
+    if (name == "zfill" || name == "center" || name == "ljust" || name == "rjust") {
+      int64_t width = arg_int(in, args, 0, "width", 0, at);
+      std::string fill = name == "zfill" ? "0" : (arg(args, 1, "fillchar") ? arg_str(in, args, 1, "fillchar", at) : " ");
+      int64_t len = static_cast<int64_t>(utf8_length(s));
+      if (width <= len) return Value(s);
+      int64_t pad = width - len;
+      auto rep = [&](int64_t k) {
+        std::string r;
+        for (int64_t i = 0; i < k; ++i) r += fill;
+        return r;
+      };
+      if (name == "ljust") return Value(s + rep(pad));
+      if (name == "rjust") return Value(rep(pad) + s);
+      if (name == "zfill") {
+        if (!s.empty() && (s[0] == '-' || s[0] == '+')) return Value(s.substr(0, 1) + rep(pad) + s.substr(1));
+        return Value(rep(pad) + s);
+      }
+      int64_t left = pad / 2 + (pad & width & 1);
+      return Value(rep(left) + s + rep(pad - left));
+    }
+    if (name == "partition" || name == "rpartition") {
+      const std::string& sep = arg_str(in, args, 0, "sep", at);
+      if (sep.empty()) in.fail("ValueError", "empty separator", at);
+      size_t p = name == "partition" ? s.find(sep) : s.rfind(sep);
+      if (p == std::string::npos)
+        return name == "partition" ? Value::tuple({Value(s), Value(""), Value("")}) : Value::tuple({Value(""), Value(""), Value(s)});
+      return Value::tuple({Value(s.substr(0, p)), Value(sep), Value(s.substr(p + sep.size()))});
+    }
+    if (name == "removeprefix") {
+      const std::string& p = arg_str(in, args, 0, "prefix", at);
+      return Value(s.compare(0, p.size(), p) == 0 && p.size() <= s.size() ? s.substr(p.size()) : s);
+    }
+    if (name == "removesuffix") {
+      const std::string& p = arg_str(in, args, 0, "suffix", at);
+      return Value(!p.empty() && p.size() <= s.size() && s.compare(s.size() - p.size(), p.size(), p) == 0 ? s.substr(0, s.size() - p.size()) : s);
+    }
+  } else if (obj.is_dict()) {
+    const Dict& d = obj.dict_ref();
+    if (name == "get") {
+      const Value* k = arg(args, 0, "key");
+      if (!k) in.fail("TypeError", "get expected at least 1 argument, got 0", at);
+      if (const Value* v = d.find(*k)) return *v;
+      const Value* dflt = arg(args, 1, "default");
+      return dflt ? *dflt : Value();
+    }
+    if (name == "items") {
+      List out;
+      for (auto& kv : d.items) out.push_back(Value::tuple({kv.first, kv.second}));
+      return Value(std::move(out));
+    }
+    if (name == "keys" || name == "values") {
+      List out;
+      for (auto& kv : d.items) out.push_back(name == "keys" ? kv.first : kv.second);
+      return Value(std::move(out));
+    }
+    if (name == "copy") return Value(Dict(d));
+  } else if (obj.is_sequence()) {
+    const List& l = obj.list();
+    if (name == "index" || name == "count") {
+      const Value* x = arg(args, 0, "value");
+      if (!x) in.fail("TypeError", name + "() takes exactly one argument (0 given)", at);
+      int64_t c = 0;
+      for (size_t i = 0; i < l.size(); ++i)
+        if (py_equal(l[i], *x)) {
+          if (name == "index") return Value(static_cast<int64_t>(i));
+          ++c;
+        }
+      if (name == "index") in.fail("ValueError", detail::concat(py_repr(*x), " is not in list"), at);
+      return Value(c);
+    }
+    if (name == "copy") return Value(List(l), obj.kind());
+  }
+  found = false;
+  if (!name.empty() && name[0] == '_')
+    in.fail("SecurityError", detail::concat("access to attribute '", name, "' of '", obj.type_name(), "' object is unsafe."), at);
+  in.fail("TypeError", detail::concat("'", obj.type_name(), "' method '", name, "' is not supported"), at);
+}
+
+// ---------------------------------------------------------------- globals
+namespace {
+
+struct Builtin : Callable {
+  enum Id { Range, DictFn, NamespaceFn, RaiseException, StrftimeNow } id;
+  explicit Builtin(Id i) : id(i) {}
+  const char* type_name() const override { return "function"; }
+  Value call(Interp& in, Args& args, const Node& at) override {
+    switch (id) {
+      case Range: {
+        int64_t start = 0, stop, step = 1;
+        auto num = [&](size_t i) {
+          if (!args.pos[i].is_int() && !args.pos[i].is_bool())
+            in.fail("TypeError", detail::concat("'", args.pos[i].type_name(), "' object cannot be interpreted as an integer"), at);
+          return args.pos[i].as_int();
+        };
+        if (args.pos.size() == 1) stop = num(0);
+        else if (args.pos.size() == 2 || args.pos.size() == 3) {
+          start = num(0);
+          stop = num(1);
+          if (args.pos.size() == 3) step = num(2);
+        } else {
+          in.fail("TypeError", detail::concat("range expected at most 3 arguments, got ", args.pos.size()), at);
+        }
+        if (step == 0) in.fail("ValueError", "range() arg 3 must not be zero", at);
+        int64_t n = step > 0 ? (stop > start ? (stop - start + step - 1) / step : 0)
+                             : (start > stop ? (start - stop - step - 1) / (-step) : 0);
+        if (n > 100000) in.fail("OverflowError", "Range too big. The sandbox blocks ranges larger than MAX_RANGE (100000).", at);
+        List l;
+        l.reserve(static_cast<size_t>(n));
+        for (int64_t i = 0; i < n; ++i) l.push_back(Value(start + i * step));
+        return Value(std::move(l));
+      }
+      case DictFn:
+      case NamespaceFn: {
+        Dict d;
+        if (!args.pos.empty()) {
+          if (args.pos.size() > 1) in.fail("TypeError", detail::concat("dict expected at most 1 argument, got ", args.pos.size()), at);
+          const Value& src = args.pos[0];
+          if (src.is_dict() || src.is_namespace()) d = src.dict_ref();
+          else {
+            List items;
+            in.iterate(src, items, at);
+            for (auto& kv : items) {
+              if (!kv.is_sequence() || kv.list().size() != 2)
+                in.fail("ValueError", "dictionary update sequence element has wrong length", at);
+              d.set(kv.list()[0], kv.list()[1]);
+            }
+          }
+        }
+        for (auto& kv : args.kw) d.set(Value(kv.first), kv.second);
+        if (id == NamespaceFn) {
+          for (auto& kv : d.items)
+            if (kv.first.is_string() && !kv.first.str().empty() && kv.first.str()[0] == '_')
+              in.fail("SecurityError", "Chat templates cannot store underscore-prefixed attributes on a namespace, but got '" +
+                                           kv.first.str() + "'. Please rename the attribute.", at);
+          return Value(std::move(d), Kind::Namespace);
+        }
+        return Value(std::move(d));
+      }
+      case RaiseException: {
+        std::string msg = args.pos.empty() ? "" : py_str(args.pos[0]);
+        in.fail("TemplateError", msg, at);
+      }
+      case StrftimeNow: {
+        if (args.pos.empty() || !args.pos[0].is_string()) in.fail("TypeError", "strftime_now() requires a format string", at);
+        std::time_t t = in.opt.now >= 0 ? static_cast<std::time_t>(in.opt.now) : std::time(nullptr);
+        std::tm tm{};
+        if (in.opt.now >= 0) gmtime_r(&t, &tm);
+        else localtime_r(&t, &tm);
+        char buf[512];
+        size_t n = std::strftime(buf, sizeof buf, args.pos[0].str().c_str(), &tm);
+        return Value(std::string(buf, n));
+      }
+    }
+    return Value();
+  }
+};
+
+}  // namespace
+
+void install_globals(Interp&, const Program& prog, Frame& globals) {
+  static const std::pair<const char*, Builtin::Id> table[] = {
+      {"range", Builtin::Range}, {"dict", Builtin::DictFn}, {"namespace", Builtin::NamespaceFn},
+      {"raise_exception", Builtin::RaiseException}, {"strftime_now", Builtin::StrftimeNow}};
+  for (auto& [nm, id] : table) {
+    auto it = prog.sym_ids.find(nm);
+    if (it != prog.sym_ids.end()) globals.set(it->second, Value(std::static_pointer_cast<Native>(std::make_shared<Builtin>(id))));
+  }
+}
+
+}  // namespace qforge::chat

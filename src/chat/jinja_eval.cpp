@@ -1,0 +1,727 @@
+// The evaluator: expressions with Python semantics, statements with jinja2's
+// scoping (a fresh frame per loop iteration, live closures for macros).
+#include <algorithm>
+#include <cmath>
+
+#include "jinja_rt.hpp"
+
+namespace qforge::chat {
+
+namespace {
+
+struct MacroObj : Callable {
+  const Node* def;      // Macro or CallBlock node (params in kwargs, body in body)
+  FramePtr closure;
+  std::string name;
+  Value caller;         // the caller() of a {% call %} block
+  bool catch_varargs, catch_kwargs;
+  const char* type_name() const override { return "Macro"; }
+  Value call(Interp& in, Args& args, const Node& at) override {
+    if (++in.depth > in.opt.limits.max_call_depth) in.fail("RecursionError", "maximum macro recursion depth exceeded", at);
+    auto frame = std::make_shared<Frame>();
+    frame->parent = closure;
+    ClearOnExit clear_frame{*frame};
+    auto& params = def->kwargs;
+    if (args.pos.size() > params.size() && !catch_varargs)
+      in.fail("TypeError", detail::concat("macro '", name, "' takes not more than ", params.size(), " argument(s)"), at);
+    std::vector<bool> bound(params.size(), false);
+    for (size_t i = 0; i < params.size() && i < args.pos.size(); ++i) {
+      frame->set(in.prog.sym_ids.at(params[i].first), args.pos[i]);
+      bound[i] = true;
+    }
+    Dict extra_kw;
+    for (auto& kv : args.kw) {
+      size_t k = 0;
+      while (k < params.size() && params[k].first != kv.first) ++k;
+      if (k < params.size()) {
+        if (bound[k]) in.fail("TypeError", detail::concat("macro '", name, "' got multiple values for argument '", kv.first, "'"), at);
+        frame->set(in.prog.sym_ids.at(params[k].first), kv.second);
+        bound[k] = true;
+      } else if (kv.first == "caller" && def->kind == NK::Macro) {
+        frame->set(const_cast<Program&>(in.prog).sym("caller"), kv.second);
+      } else if (catch_kwargs) {
+        extra_kw.set(Value(kv.first), kv.second);
+      } else {
+        in.fail("TypeError", detail::concat("macro '", name, "' takes no keyword argument '", kv.first, "'"), at);
+      }
+    }
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (bound[i]) continue;
+      int sym = in.prog.sym_ids.at(params[i].first);
+      if (params[i].second) frame->set(sym, in.eval(*params[i].second, *frame));
+      else frame->set(sym, Value::undefined(detail::concat("parameter '", params[i].first, "' was not provided")));
+    }
+    if (catch_varargs) {
+      List rest;
+      for (size_t i = params.size(); i < args.pos.size(); ++i) rest.push_back(args.pos[i]);
+      frame->set(in.prog.sym_ids.at("varargs"), Value::tuple(std::move(rest)));
+    }
+    if (catch_kwargs) frame->set(in.prog.sym_ids.at("kwargs"), Value(std::move(extra_kw)));
+    if (!caller.is_none()) frame->set(in.prog.sym_ids.at("caller"), caller);
+    std::string out;
+    in.exec(def->body, *frame, out);
+    --in.depth;
+    return Value(std::move(out));
+  }
+};
+
+bool is_intlike(const Value& v) { return v.is_int() || v.is_bool(); }
+
+int64_t floordiv(int64_t a, int64_t b) {
+  int64_t q = a / b;
+  if ((a % b != 0) && ((a < 0) != (b < 0))) --q;
+  return q;
+}
+
+}  // namespace
+
+[[noreturn]] void Interp::fail_undefined(const Value& u, const Node& at) {
+  const std::string& hint = u.str();
+  if (hint.rfind("access to attribute", 0) == 0) fail("SecurityError", hint, at);
+  fail("UndefinedError", hint.empty() ? "undefined value" : hint, at);
+}
+
+std::string object_type_repr(const Value& v) {
+  if (v.is_none()) return "None";
+  if (v.is_namespace()) return "jinja2.utils.Namespace object";
+  return std::string(v.type_name()) + " object";
+}
+
+static Value undefined_attr(const Value& obj, const std::string& name) {
+  return Value::undefined(detail::concat("'", object_type_repr(obj), "' has no attribute '", name, "'"));
+}
+
+static bool unsafe_method(const Value& obj, const std::string& name) {
+  if (name.size() && name[0] == '_') return true;
+  if (obj.is_list()) {
+    static const char* bad[] = {"append", "clear", "extend", "insert", "pop", "remove", "reverse", "sort"};
+    for (auto* b : bad)
+      if (name == b) return true;
+  }
+  if (obj.is_dict()) {
+    static const char* bad[] = {"clear", "pop", "popitem", "setdefault", "update"};
+    for (auto* b : bad)
+      if (name == b) return true;
+  }
+  return false;
+}
+
+static Value unsafe_undefined(const Value& obj, const std::string& name) {
+  return Value::undefined(detail::concat("access to attribute '", name, "' of '", obj.type_name(), "' object is unsafe."));
+}
+
+static Value loop_attr(const LoopObj& l, const std::string& name, const Value& self) {
+  if (name == "index") return Value(l.index0 + 1);
+  if (name == "index0") return Value(l.index0);
+  if (name == "first") return Value(l.index0 == 0);
+  if (name == "last") return Value(l.index0 == l.length - 1);
+  if (name == "length") return Value(l.length);
+  if (name == "revindex") return Value(l.length - l.index0);
+  if (name == "revindex0") return Value(l.length - l.index0 - 1);
+  if (name == "depth") return Value(int64_t(l.depth));
+  if (name == "depth0") return Value(int64_t(l.depth - 1));
+  if (name == "previtem")
+    return l.index0 > 0 ? l.items[l.index0 - 1] : Value::undefined("there is no previous item");
+  if (name == "nextitem")
+    return l.index0 + 1 < l.length ? l.items[l.index0 + 1] : Value::undefined("there is no next item");
+  if (name == "cycle" || name == "changed") return Value(std::make_shared<BoundMethod>(self, name));
+  return Value::undefined(detail::concat("'LoopContext' object has no attribute '", name, "'"));
+}
+
+Value Interp::getattr(const Value& obj, const std::string& name, const Node& at) {
+  switch (obj.kind()) {
+    case Kind::Undefined: fail_undefined(obj, at);
+    case Kind::Dict:
+      if (has_method(obj, name)) {
+        if (unsafe_method(obj, name)) return unsafe_undefined(obj, name);
+        return Value(std::make_shared<BoundMethod>(obj, name));
+      }
+      if (const Value* v = obj.get(name)) return *v;
+      return undefined_attr(obj, name);
+    case Kind::Namespace:
+      if (const Value* v = obj.get(name)) return *v;
+      return undefined_attr(obj, name);
+    case Kind::Native:
+      if (auto* l = dynamic_cast<LoopObj*>(obj.native().get())) return loop_attr(*l, name, obj);
+      return undefined_attr(obj, name);
+    default:
+      if (has_method(obj, name)) {
+        if (unsafe_method(obj, name)) return unsafe_undefined(obj, name);
+        return Value(std::make_shared<BoundMethod>(obj, name));
+      }
+      return undefined_attr(obj, name);
+  }
+}
+
+// Python slice indices for a sequence of length n.
+static void slice_indices(const Value* s0, const Value* s1, const Value* s2, int64_t n, int64_t& start, int64_t& stop,
+                          int64_t& step, Interp& in, const Node& at) {
+  auto num = [&](const Value* v, int64_t dflt) -> std::pair<bool, int64_t> {
+    if (!v || v->is_none()) return {false, dflt};
+    if (!is_intlike(*v)) in.fail("TypeError", "slice indices must be integers or None or have an __index__ method", at);
+    return {true, v->as_int()};
+  };
+  auto [has_step, st] = num(s2, 1);
+  (void)has_step;
+  if (st == 0) in.fail("ValueError", "slice step cannot be zero", at);
+  step = st;
+  auto adjust = [&](const Value* v, bool is_start) {
+    auto [has, x] = num(v, 0);
+    if (!has) return step > 0 ? (is_start ? int64_t(0) : n) : (is_start ? n - 1 : int64_t(-1));
+    if (x < 0) {
+      x += n;
+      if (x < 0) x = step < 0 ? -1 : 0;
+    } else if (x >= n) {
+      x = step < 0 ? n - 1 : n;
+    }
+    return x;
+  };
+  start = adjust(s0, true);
+  stop = adjust(s1, false);
+}
+
+Value Interp::getitem(const Value& obj, const Value& key, const Node& at) {
+  if (obj.is_undefined()) fail_undefined(obj, at);
+  auto missing = [&]() -> Value {
+    if (key.is_string()) {
+      if (has_method(obj, key.str())) {
+        if (unsafe_method(obj, key.str())) return unsafe_undefined(obj, key.str());
+        return Value(std::make_shared<BoundMethod>(obj, key.str()));
+      }
+      return undefined_attr(obj, key.str());
+    }
+    return Value::undefined(detail::concat(object_type_repr(obj), " has no element ", py_repr(key)));
+  };
+  if (key.is_native() && key.native() == nullptr) return missing();
+  switch (obj.kind()) {
+    case Kind::Dict:
+    case Kind::Namespace: {
+      if (obj.is_namespace()) return missing();
+      if (const Value* v = obj.dict_ref().find(key)) return *v;
+      return missing();
+    }
+    case Kind::List:
+    case Kind::Tuple:
+    case Kind::String: {
+      bool is_str = obj.is_string();
+      std::vector<uint32_t> cps;
+      int64_t n;
+      if (is_str) {
+        cps = utf8_decode(obj.str());
+        n = static_cast<int64_t>(cps.size());
+      } else {
+        n = static_cast<int64_t>(obj.list().size());
+      }
+      if (is_intlike(key)) {
+        int64_t i = key.as_int();
+        if (i < 0) i += n;
+        if (i < 0 || i >= n) return missing();
+        if (is_str) {
+          std::string s;
+          utf8_append(s, cps[i]);
+          return Value(std::move(s));
+        }
+        return obj.list()[i];
+      }
+      return missing();
+    }
+    default: return missing();
+  }
+}
+
+static Value do_slice(Interp& in, const Value& obj, const Node& slice, Frame& f) {
+  Value parts[3];
+  const Value* p[3] = {nullptr, nullptr, nullptr};
+  for (int k = 0; k < 3; ++k)
+    if (slice.args[k]) {
+      parts[k] = in.eval(*slice.args[k], f);
+      p[k] = &parts[k];
+    }
+  if (obj.is_undefined()) in.fail_undefined(obj, slice);
+  if (!obj.is_string() && !obj.is_sequence())
+    return Value::undefined(detail::concat(object_type_repr(obj), " has no element slice"));
+  std::vector<uint32_t> cps;
+  int64_t n;
+  if (obj.is_string()) {
+    cps = utf8_decode(obj.str());
+    n = static_cast<int64_t>(cps.size());
+  } else {
+    n = static_cast<int64_t>(obj.list().size());
+  }
+  int64_t start, stop, step;
+  slice_indices(p[0], p[1], p[2], n, start, stop, step, in, slice);
+  if (obj.is_string()) {
+    std::string s;
+    for (int64_t i = start; step > 0 ? i < stop : i > stop; i += step) utf8_append(s, cps[i]);
+    return Value(std::move(s));
+  }
+  List out;
+  auto& l = obj.list();
+  for (int64_t i = start; step > 0 ? i < stop : i > stop; i += step) out.push_back(l[i]);
+  return Value(std::move(out), obj.kind());
+}
+
+void Interp::iterate(const Value& v, List& out, const Node& at) {
+  switch (v.kind()) {
+    case Kind::Undefined: return;
+    case Kind::List:
+    case Kind::Tuple: out = v.list(); return;
+    case Kind::Dict:
+      for (auto& kv : v.dict_ref().items) out.push_back(kv.first);
+      return;
+    case Kind::String:
+      for (uint32_t cp : utf8_decode(v.str())) {
+        std::string s;
+        utf8_append(s, cp);
+        out.push_back(Value(std::move(s)));
+      }
+      return;
+    default: fail("TypeError", detail::concat("'", v.type_name(), "' object is not iterable"), at);
+  }
+}
+
+Value Interp::call(const Value& callee, Args& args, const Node& at) {
+  if (callee.is_undefined()) fail_undefined(callee, at);
+  if (callee.is_native())
+    if (auto* c = dynamic_cast<Callable*>(callee.native().get())) return c->call(*this, args, at);
+  fail("TypeError", detail::concat("'", callee.type_name(), "' object is not callable"), at);
+}
+
+int Interp::cmp(const Value& a, const Value& b, const Node& at) {
+  if (a.is_number() && b.is_number()) {
+    if (a.is_float() || b.is_float()) {
+      double x = a.as_float(), y = b.as_float();
+      return x < y ? -1 : x > y ? 1 : 0;
+    }
+    return a.as_int() < b.as_int() ? -1 : a.as_int() > b.as_int() ? 1 : 0;
+  }
+  if (a.is_string() && b.is_string()) {
+    int c = a.str().compare(b.str());
+    return c < 0 ? -1 : c > 0 ? 1 : 0;
+  }
+  if ((a.is_list() && b.is_list()) || (a.is_tuple() && b.is_tuple())) {
+    auto& x = a.list();
+    auto& y = b.list();
+    for (size_t i = 0; i < x.size() && i < y.size(); ++i) {
+      if (py_equal(x[i], y[i])) continue;
+      return cmp(x[i], y[i], at);
+    }
+    return x.size() < y.size() ? -1 : x.size() > y.size() ? 1 : 0;
+  }
+  if (a.is_undefined()) fail_undefined(a, at);
+  if (b.is_undefined()) fail_undefined(b, at);
+  fail("TypeError", detail::concat("'<' not supported between instances of '", a.type_name(), "' and '", b.type_name(), "'"), at);
+}
+
+static bool contains(Interp& in, const Value& container, const Value& item, const Node& at) {
+  switch (container.kind()) {
+    case Kind::String:
+      if (!item.is_string())
+        in.fail("TypeError", detail::concat("'in <string>' requires string as left operand, not ", item.type_name()), at);
+      return container.str().find(item.str()) != std::string::npos;
+    case Kind::List:
+    case Kind::Tuple:
+      for (auto& x : container.list())
+        if (py_equal(x, item)) return true;
+      return false;
+    case Kind::Dict: return container.dict_ref().find(item) != nullptr;
+    case Kind::Undefined: return false;
+    default: in.fail("TypeError", detail::concat("argument of type '", container.type_name(), "' is not iterable"), at);
+  }
+}
+
+bool Interp::compare(Op op, const Value& a, const Value& b, const Node& at) {
+  switch (op) {
+    case Op::Eq: return py_equal(a, b);
+    case Op::Ne: return !py_equal(a, b);
+    case Op::Lt: return cmp(a, b, at) < 0;
+    case Op::Le: return cmp(a, b, at) <= 0;
+    case Op::Gt: return cmp(a, b, at) > 0;
+    case Op::Ge: return cmp(a, b, at) >= 0;
+    case Op::In: return contains(*this, b, a, at);
+    case Op::NotIn: return !contains(*this, b, a, at);
+    default: return false;
+  }
+}
+
+Value Interp::binop(Op op, const Value& a, const Value& b, const Node& at) {
+  if (a.is_undefined()) fail_undefined(a, at);
+  if (b.is_undefined()) fail_undefined(b, at);
+  static const char* names[] = {"+", "-", "*", "/", "//", "%", "**"};
+  auto type_error = [&]() -> Value {
+    fail("TypeError", detail::concat("unsupported operand type(s) for ", names[int(op)], ": '", a.type_name(), "' and '",
+                                     b.type_name(), "'"), at);
+  };
+  if (a.is_number() && b.is_number()) {
+    bool fl = a.is_float() || b.is_float();
+    switch (op) {
+      case Op::Add: return fl ? Value(a.as_float() + b.as_float()) : Value(a.as_int() + b.as_int());
+      case Op::Sub: return fl ? Value(a.as_float() - b.as_float()) : Value(a.as_int() - b.as_int());
+      case Op::Mul: return fl ? Value(a.as_float() * b.as_float()) : Value(a.as_int() * b.as_int());
+      case Op::Div:
+        if (b.as_float() == 0) fail("ZeroDivisionError", "division by zero", at);
+        return Value(a.as_float() / b.as_float());
+      case Op::FloorDiv:
+        if (b.as_float() == 0) fail("ZeroDivisionError", "integer division or modulo by zero", at);
+        return fl ? Value(std::floor(a.as_float() / b.as_float())) : Value(floordiv(a.as_int(), b.as_int()));
+      case Op::Mod:
+        if (b.as_float() == 0) fail("ZeroDivisionError", "integer modulo by zero", at);
+        if (fl) {
+          double r = std::fmod(a.as_float(), b.as_float());
+          if (r != 0 && ((r < 0) != (b.as_float() < 0))) r += b.as_float();
+          return Value(r);
+        }
+        return Value(a.as_int() - floordiv(a.as_int(), b.as_int()) * b.as_int());
+      case Op::Pow:
+        if (!fl && b.as_int() >= 0) {
+          int64_t r = 1;
+          for (int64_t i = 0; i < b.as_int() && i < 64; ++i) r *= a.as_int();
+          return Value(r);
+        }
+        return Value(std::pow(a.as_float(), b.as_float()));
+      default: break;
+    }
+  }
+  if (op == Op::Add) {
+    if (a.is_string() && b.is_string()) return Value(a.str() + b.str());
+    if ((a.is_list() && b.is_list()) || (a.is_tuple() && b.is_tuple())) {
+      List l = a.list();
+      l.insert(l.end(), b.list().begin(), b.list().end());
+      return Value(std::move(l), a.kind());
+    }
+    if (a.is_string())
+      fail("TypeError", detail::concat("can only concatenate str (not \"", b.type_name(), "\") to str"), at);
+    if (a.is_list())
+      fail("TypeError", detail::concat("can only concatenate list (not \"", b.type_name(), "\") to list"), at);
+  }
+  if (op == Op::Mul) {
+    const Value* seq = (a.is_string() || a.is_sequence()) ? &a : (b.is_string() || b.is_sequence()) ? &b : nullptr;
+    const Value* cnt = seq == &a ? &b : &a;
+    if (seq && is_intlike(*cnt)) {
+      int64_t k = std::max<int64_t>(0, cnt->as_int());
+      QF_CHECK(k * int64_t(seq->is_string() ? seq->str().size() : seq->list().size()) <= int64_t(opt.limits.max_output_bytes),
+               "sequence repetition too large");
+      if (seq->is_string()) {
+        std::string s;
+        for (int64_t i = 0; i < k; ++i) s += seq->str();
+        return Value(std::move(s));
+      }
+      List l;
+      for (int64_t i = 0; i < k; ++i) l.insert(l.end(), seq->list().begin(), seq->list().end());
+      return Value(std::move(l), seq->kind());
+    }
+  }
+  if (op == Op::Mod && a.is_string()) {
+    Args args;
+    args.pos.push_back(b);
+    bool found;
+    return call_method(*this, a, "__mod__", args, at, found);
+  }
+  return type_error();
+}
+
+// ------------------------------------------------------------- expressions
+Value Interp::eval(const Node& n, Frame& f) {
+  switch (n.kind) {
+    case NK::Const: return n.value;
+    case NK::Name: {
+      if (Value* v = f.find(n.sym)) return *v;
+      return Value::undefined(detail::concat("'", n.name, "' is undefined"));
+    }
+    case NK::Getattr: return getattr(eval(*n.args[0], f), n.name, n);
+    case NK::Getitem: {
+      Value obj = eval(*n.args[0], f);
+      if (n.args[1]->kind == NK::Slice) return do_slice(*this, obj, *n.args[1], f);
+      return getitem(obj, eval(*n.args[1], f), n);
+    }
+    case NK::Call: {
+      const Node& callee = *n.args[0];
+      Args args;
+      auto collect = [&]() {
+        args.pos.reserve(n.args.size() - 1);
+        for (size_t i = 1; i < n.args.size(); ++i) args.pos.push_back(eval(*n.args[i], f));
+        for (auto& kv : n.kwargs) args.kw.emplace_back(kv.first, eval(*kv.second, f));
+      };
+      if (callee.kind == NK::Getattr) {
+        Value obj = eval(*callee.args[0], f);
+        if (!obj.is_undefined() && !obj.is_native() && !obj.is_namespace() && has_method(obj, callee.name)) {
+          if (unsafe_method(obj, callee.name)) fail_undefined(unsafe_undefined(obj, callee.name), callee);
+          collect();
+          bool found;
+          return call_method(*this, obj, callee.name, args, n, found);
+        }
+        Value fn = getattr(obj, callee.name, callee);
+        collect();
+        return call(fn, args, n);
+      }
+      Value fn = eval(callee, f);
+      collect();
+      return call(fn, args, n);
+    }
+    case NK::Filter: {
+      Value input = eval(*n.args[0], f);
+      Args args;
+      for (size_t i = 1; i < n.args.size(); ++i) args.pos.push_back(eval(*n.args[i], f));
+      for (auto& kv : n.kwargs) args.kw.emplace_back(kv.first, eval(*kv.second, f));
+      if (n.sym < 0) fail("TemplateRuntimeError", detail::concat("No filter named '", n.name, "' found."), n);
+      return apply_filter(*this, n.sym, n.name, std::move(input), args, n);
+    }
+    case NK::Test: {
+      Value v = eval(*n.args[0], f);
+      Args args;
+      for (size_t i = 1; i < n.args.size(); ++i) args.pos.push_back(eval(*n.args[i], f));
+      for (auto& kv : n.kwargs) args.kw.emplace_back(kv.first, eval(*kv.second, f));
+      if (n.sym < 0) fail("TemplateRuntimeError", detail::concat("No test named '", n.name, "' found."), n);
+      bool r = apply_test(*this, n.sym, n.name, v, args, n);
+      return Value(n.flag ? !r : r);
+    }
+    case NK::Neg:
+    case NK::Pos: {
+      Value v = eval(*n.args[0], f);
+      if (v.is_undefined()) fail_undefined(v, n);
+      if (!v.is_number())
+        fail("TypeError", detail::concat("bad operand type for unary ", n.kind == NK::Neg ? "-" : "+", ": '", v.type_name(), "'"), n);
+      if (n.kind == NK::Pos) return v.is_bool() ? Value(v.as_int()) : v;
+      return v.is_float() ? Value(-v.as_float()) : Value(-v.as_int());
+    }
+    case NK::Not: return Value(!eval(*n.args[0], f).truthy());
+    case NK::And: {
+      Value a = eval(*n.args[0], f);
+      return a.truthy() ? eval(*n.args[1], f) : a;
+    }
+    case NK::Or: {
+      Value a = eval(*n.args[0], f);
+      return a.truthy() ? a : eval(*n.args[1], f);
+    }
+    case NK::BinOp: return binop(n.op, eval(*n.args[0], f), eval(*n.args[1], f), n);
+    case NK::Compare: {
+      Value left = eval(*n.args[0], f);
+      for (size_t i = 0; i < n.ops.size(); ++i) {
+        Value right = eval(*n.args[i + 1], f);
+        if (!compare(n.ops[i], left, right, n)) return Value(false);
+        left = std::move(right);
+      }
+      return Value(true);
+    }
+    case NK::CondExpr: {
+      if (eval(*n.args[0], f).truthy()) return eval(*n.args[1], f);
+      if (n.args[2]) return eval(*n.args[2], f);
+      return Value::undefined("the inline if-expression on line " + std::to_string(n.line) +
+                              " evaluated to false and no else section was defined.");
+    }
+    case NK::ListLit:
+    case NK::TupleLit: {
+      List l;
+      l.reserve(n.args.size());
+      for (auto& a : n.args) l.push_back(eval(*a, f));
+      return Value(std::move(l), n.kind == NK::ListLit ? Kind::List : Kind::Tuple);
+    }
+    case NK::DictLit: {
+      Dict d;
+      for (size_t i = 0; i + 1 < n.args.size(); i += 2) {
+        Value k = eval(*n.args[i], f);
+        if (k.is_list() || k.is_dict()) fail("TypeError", detail::concat("unhashable type: '", k.type_name(), "'"), n);
+        d.set(std::move(k), eval(*n.args[i + 1], f));
+      }
+      return Value(std::move(d));
+    }
+    case NK::Concat: {
+      std::string s;
+      for (auto& a : n.args) py_str_to(s, eval(*a, f));
+      return Value(std::move(s));
+    }
+    case NK::Slice: fail("TypeError", "slice outside of subscript", n);
+    default: fail("TemplateRuntimeError", "statement used as expression", n);
+  }
+}
+
+// -------------------------------------------------------------- statements
+static void assign(Interp& in, const Node& target, const Value& v, Frame& f) {
+  if (target.kind == NK::Name) {
+    f.set(target.sym, v);
+    return;
+  }
+  if (target.kind == NK::TupleLit) {
+    List items;
+    in.iterate(v, items, target);
+    if (items.size() < target.args.size())
+      in.fail("ValueError", detail::concat("not enough values to unpack (expected ", target.args.size(), ", got ", items.size(), ")"), target);
+    if (items.size() > target.args.size())
+      in.fail("ValueError", detail::concat("too many values to unpack (expected ", target.args.size(), ")"), target);
+    for (size_t i = 0; i < items.size(); ++i) assign(in, *target.args[i], items[i], f);
+    return;
+  }
+  // namespace attribute
+  const Node& nsnode = *target.args[0];
+  Value* ns = f.find(nsnode.sym);
+  if (!ns || !ns->is_namespace()) in.fail("TemplateRuntimeError", "cannot assign attribute on non-namespace object", target);
+  if (!target.name.empty() && target.name[0] == '_')
+    in.fail("SecurityError", "Chat templates cannot store underscore-prefixed attributes on a namespace, but got '" + target.name +
+                                 "'. Please rename the attribute.", target);
+  ns->dict_mut().set(Value(target.name), v);
+}
+
+Interp::Flow Interp::exec(const std::vector<NodePtr>& body, Frame& f, std::string& out) {
+  for (auto& np : body) {
+    const Node& n = *np;
+    switch (n.kind) {
+      case NK::Text:
+        out += n.name;
+        check_output(out.size(), n);
+        break;
+      case NK::Emit: {
+        const Node& e = *n.args[0];
+        if (e.kind == NK::Const && e.value.is_string()) out += e.value.str();
+        else py_str_to(out, eval(e, f));
+        check_output(out.size(), n);
+        break;
+      }
+      case NK::If: {
+        Flow fl = eval(*n.args[0], f).truthy() ? exec(n.body, f, out) : exec(n.orelse, f, out);
+        if (fl != Flow::Normal) return fl;
+        break;
+      }
+      case NK::For: {
+        Value seq = eval(*n.args[1], f);
+        auto loop = std::make_shared<LoopObj>();
+        List& items = loop->items;
+        iterate(seq, items, n);
+        auto framep = std::make_shared<Frame>();
+        Frame& frame = *framep;
+        frame.parent = f.shared_from_this();
+        ClearOnExit clear_frame{frame};
+        if (n.flag) {
+          List kept;
+          for (auto& it : items) {
+            tick(n);
+            frame.vars.clear();
+            assign(*this, *n.args[0], it, frame);
+            if (eval(*n.args[2], frame).truthy()) kept.push_back(it);
+          }
+          items.swap(kept);
+        }
+        if (items.empty()) {
+          frame.vars.clear();
+          if (exec(n.orelse, frame, out) == Flow::Break) return Flow::Break;
+          break;
+        }
+        if (++depth > opt.limits.max_call_depth) fail("RecursionError", "blocks nested too deeply", n);
+        loop->length = static_cast<int64_t>(items.size());
+        Value loopv(std::static_pointer_cast<Native>(loop));
+        int loop_sym = -1;
+        if (auto it = prog.sym_ids.find("loop"); it != prog.sym_ids.end()) loop_sym = it->second;
+        for (size_t i = 0; i < items.size(); ++i) {
+          tick(n);
+          loop->index0 = static_cast<int64_t>(i);
+          frame.vars.clear();
+          if (loop_sym >= 0) frame.vars.emplace_back(loop_sym, loopv);
+          assign(*this, *n.args[0], items[i], frame);
+          if (exec(n.body, frame, out) == Flow::Break) break;
+        }
+        --depth;
+        break;
+      }
+      case NK::Set: assign(*this, *n.args[0], eval(*n.args[1], f), f); break;
+      case NK::SetBlock: {
+        std::string captured;
+        if (++depth > opt.limits.max_call_depth) fail("RecursionError", "blocks nested too deeply", n);
+        exec(n.body, f, captured);
+        --depth;
+        Value v(std::move(captured));
+        if (n.args.size() > 1) {
+          // re-run the filter chain with the captured text as input
+          std::vector<const Node*> chain;
+          for (const Node* x = n.args[1].get(); x && x->kind == NK::Filter; x = x->args[0].get()) chain.push_back(x);
+          for (auto it = chain.rbegin(); it != chain.rend(); ++it) {
+            Args args;
+            for (size_t i = 1; i < (*it)->args.size(); ++i) args.pos.push_back(eval(*(*it)->args[i], f));
+            for (auto& kv : (*it)->kwargs) args.kw.emplace_back(kv.first, eval(*kv.second, f));
+            if ((*it)->sym < 0) fail("TemplateRuntimeError", "No filter named '" + (*it)->name + "' found.", **it);
+            v = apply_filter(*this, (*it)->sym, (*it)->name, std::move(v), args, **it);
+          }
+        }
+        assign(*this, *n.args[0], v, f);
+        break;
+      }
+      case NK::FilterBlock: {
+        std::string captured;
+        exec(n.body, f, captured);
+        Value v(std::move(captured));
+        std::vector<const Node*> chain;
+        for (const Node* x = n.args[0].get(); x && x->kind == NK::Filter; x = x->args[0].get()) chain.push_back(x);
+        for (auto it = chain.rbegin(); it != chain.rend(); ++it) {
+          Args args;
+          for (size_t i = 1; i < (*it)->args.size(); ++i) args.pos.push_back(eval(*(*it)->args[i], f));
+          for (auto& kv : (*it)->kwargs) args.kw.emplace_back(kv.first, eval(*kv.second, f));
+          if ((*it)->sym < 0) fail("TemplateRuntimeError", "No filter named '" + (*it)->name + "' found.", **it);
+          v = apply_filter(*this, (*it)->sym, (*it)->name, std::move(v), args, **it);
+        }
+        py_str_to(out, v);
+        break;
+      }
+      case NK::Macro:
+      case NK::CallBlock: {
+        auto m = std::make_shared<MacroObj>();
+        m->def = &n;
+        m->closure = f.shared_from_this();
+        m->name = n.kind == NK::Macro ? n.name : "caller";
+        m->catch_varargs = prog.sym_ids.count("varargs") > 0;
+        m->catch_kwargs = prog.sym_ids.count("kwargs") > 0;
+        if (n.kind == NK::Macro) {
+          f.set(n.sym, Value(std::static_pointer_cast<Native>(m)));
+          break;
+        }
+        // {% call macro(args) %}body{% endcall %}: macro gets caller=<body>
+        const Node& call = *n.args[0];
+        Value fn = eval(*call.args[0], f);
+        Args args;
+        for (size_t i = 1; i < call.args.size(); ++i) args.pos.push_back(eval(*call.args[i], f));
+        for (auto& kv : call.kwargs) args.kw.emplace_back(kv.first, eval(*kv.second, f));
+        args.kw.emplace_back("caller", Value(std::static_pointer_cast<Native>(m)));
+        py_str_to(out, this->call(fn, args, call));
+        break;
+      }
+      case NK::Break: return Flow::Break;
+      case NK::Continue: return Flow::Continue;
+      case NK::Generation: {
+        size_t start = out.size();
+        Flow fl = exec(n.body, f, out);
+        if (generation && &out == root_out) generation->emplace_back(start, out.size());
+        if (fl != Flow::Normal) return fl;
+        break;
+      }
+      default: fail("TemplateRuntimeError", "unexpected node", n);
+    }
+  }
+  return Flow::Normal;
+}
+
+// ---------------------------------------------------------------- Template
+Template::Template(std::string_view source) : program_(compile_template(source)), source_(source) {}
+
+RenderResult Template::render_tracked(const Value& context, const RenderOptions& opt) const {
+  QF_CHECK(context.is_dict() || context.is_none(), "template context must be a dict, got ", context.type_name());
+  Interp in(*program_, opt);
+  auto globalsp = std::make_shared<Frame>();
+  Frame& globals = *globalsp;
+  install_globals(in, *program_, globals);
+  for (auto& kv : context.dict_ref().items) {
+    if (!kv.first.is_string()) continue;
+    auto it = program_->sym_ids.find(kv.first.str());
+    if (it != program_->sym_ids.end()) globals.set(it->second, kv.second);
+  }
+  auto top = std::make_shared<Frame>();
+  top->parent = globalsp;
+  ClearOnExit clear_top{*top}, clear_globals{globals};
+  RenderResult res;
+  in.generation = &res.generation;
+  in.root_out = &res.text;
+  in.exec(program_->root->body, *top, res.text);
+  return res;
+}
+
+std::string Template::render(const Value& context, const RenderOptions& opt) const {
+  return render_tracked(context, opt).text;
+}
+
+}  // namespace qforge::chat

@@ -1,0 +1,116 @@
+// Private: the evaluator's runtime objects shared by jinja_eval.cpp and
+// jinja_builtins.cpp.
+#pragma once
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "jinja.hpp"
+
+namespace qforge::chat {
+
+struct Frame : std::enable_shared_from_this<Frame> {
+  std::vector<std::pair<int, Value>> vars;
+  std::shared_ptr<Frame> parent;
+  Value* find(int sym) {
+    for (Frame* f = this; f; f = f->parent.get())
+      for (auto& kv : f->vars)
+        if (kv.first == sym) return &kv.second;
+    return nullptr;
+  }
+  Value* find_local(int sym) {
+    for (auto& kv : vars)
+      if (kv.first == sym) return &kv.second;
+    return nullptr;
+  }
+  void set(int sym, Value v) {
+    if (Value* slot = find_local(sym)) *slot = std::move(v);
+    else vars.emplace_back(sym, std::move(v));
+  }
+};
+using FramePtr = std::shared_ptr<Frame>;
+// Macros hold their defining frame, frames hold macros: break that cycle
+// when a frame's scope ends (also on exceptions).
+struct ClearOnExit {
+  Frame& f;
+  ~ClearOnExit() { f.vars.clear(); }
+};
+
+struct Args {
+  std::vector<Value> pos;
+  std::vector<std::pair<std::string, Value>> kw;
+  // positional i, else keyword `name`, else nullptr
+  const Value* get(size_t i, const char* name) const {
+    if (i < pos.size()) return &pos[i];
+    for (auto& kv : kw)
+      if (kv.first == name) return &kv.second;
+    return nullptr;
+  }
+};
+
+class Interp;
+
+// Callables visible to templates.
+struct Callable : Native {
+  virtual Value call(Interp& in, Args& args, const Node& at) = 0;
+};
+
+struct LoopObj : Native {
+  List items;
+  int64_t index0 = 0, length = 0;
+  int depth = 1;
+  const char* type_name() const override { return "LoopContext"; }
+};
+
+struct BoundMethod : Callable {
+  Value self;
+  std::string name;
+  BoundMethod(Value s, std::string n) : self(std::move(s)), name(std::move(n)) {}
+  const char* type_name() const override { return "builtin_function_or_method"; }
+  Value call(Interp& in, Args& args, const Node& at) override;
+};
+
+class Interp {
+ public:
+  Interp(const Program& p, const RenderOptions& o) : prog(p), opt(o) {}
+  const Program& prog;
+  const RenderOptions& opt;
+  std::vector<std::pair<size_t, size_t>>* generation = nullptr;
+  std::string* root_out = nullptr;
+  int depth = 0;
+  int64_t iterations = 0;
+
+  Value eval(const Node& n, Frame& f);
+  enum class Flow { Normal, Break, Continue };
+  Flow exec(const std::vector<NodePtr>& body, Frame& f, std::string& out);
+
+  // Python/jinja2 semantics shared with the builtins
+  Value getattr(const Value& obj, const std::string& name, const Node& at);
+  Value getitem(const Value& obj, const Value& key, const Node& at);
+  void iterate(const Value& v, List& out, const Node& at);  // list(v)
+  Value call(const Value& callee, Args& args, const Node& at);
+  Value binop(Op op, const Value& a, const Value& b, const Node& at);
+  bool compare(Op op, const Value& a, const Value& b, const Node& at);
+  int cmp(const Value& a, const Value& b, const Node& at);  // -1/0/1 or TypeError
+  [[noreturn]] void fail_undefined(const Value& u, const Node& at);
+  [[noreturn]] void fail(const char* kind, const std::string& msg, const Node& at) { raise(kind, msg, at.line, at.col); }
+  void check_output(size_t size, const Node& at) {
+    if (size > opt.limits.max_output_bytes) fail("OutputLimit", "rendered output exceeds the size limit", at);
+  }
+  void tick(const Node& at) {
+    if (++iterations > opt.limits.max_loop_iterations) fail("LoopLimit", "loop iteration limit exceeded", at);
+  }
+  std::string to_str(const Value& v) { return py_str(v); }
+};
+
+// Builtins (jinja_builtins.cpp)
+Value apply_filter(Interp& in, int id, const std::string& name, Value input, Args& args, const Node& at);
+bool apply_test(Interp& in, int id, const std::string& name, const Value& v, Args& args, const Node& at);
+// obj.name(args) for str/list/dict methods; found=false when obj has no such method.
+Value call_method(Interp& in, const Value& obj, const std::string& name, Args& args, const Node& at, bool& found);
+bool has_method(const Value& obj, const std::string& name);
+void install_globals(Interp& in, const Program& prog, Frame& globals);
+std::string object_type_repr(const Value& v);
+
+}  // namespace qforge::chat
