@@ -396,6 +396,8 @@ int lookup(const NameId* table, size_t n, std::string_view name) {
   return -1;
 }
 
+}  // namespace
+
 std::string html_escape(const std::string& s) {
   std::string out;
   for (char c : s) {
@@ -411,9 +413,13 @@ std::string html_escape(const std::string& s) {
   return out;
 }
 
-List select_or_reject(Interp& in, const Value& seq, Args& args, const Node& at, bool use_attr, bool keep) {
+namespace {
+
+Value generator(List l) { return Value(std::static_pointer_cast<Native>(std::make_shared<IterObj>(std::move(l), "generator"))); }
+
+Value select_or_reject(Interp& in, const Value& seq, Args& args, const Node& at, bool use_attr, bool keep) {
   List items, out;
-  in.iterate(seq, items, at);
+  if (seq.truthy()) in.iterate(seq, items, at);
   size_t k = 0;
   std::string attribute;
   if (use_attr) attribute = arg_str(in, args, k++, "attribute", at);
@@ -433,7 +439,7 @@ List select_or_reject(Interp& in, const Value& seq, Args& args, const Node& at, 
     bool r = tid < 0 ? v.truthy() : apply_test(in, tid, tname, v, targs, at);
     if (r == keep) out.push_back(x);
   }
-  return out;
+  return generator(std::move(out));
 }
 
 std::string indent(const std::string& s0, const Value* width, bool first, bool blank) {
@@ -562,8 +568,8 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
       for (size_t i = 0; i < out.size(); ++i) out[i] = keyed[i].second;
       return Value(std::move(out));
     }
-    case F_SAFE: return v.is_string() ? v : Value(as_text(v));
-    case F_ESCAPE: return Value(html_escape(as_text(v)));
+    case F_SAFE: return v.is_markup() ? v : Value::markup(as_text(v));
+    case F_ESCAPE: return v.is_markup() && name != "forceescape" ? v : Value::markup(html_escape(as_text(v)));
     case F_LIST: {
       List items;
       in.iterate(v, items, at);
@@ -571,7 +577,7 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
     }
     case F_MAP: {
       List items, out;
-      in.iterate(v, items, at);
+      if (v.truthy()) in.iterate(v, items, at);
       const Value* attribute = nullptr;
       for (auto& kv : args.kw)
         if (kv.first == "attribute") attribute = &kv.second;
@@ -583,7 +589,7 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
           Value r = attr_path(in, x, as_text(*attribute), at);
           out.push_back(r.is_undefined() && dflt ? *dflt : r);
         }
-        return Value(std::move(out));
+        return generator(std::move(out));
       }
       if (args.pos.empty() || !args.pos[0].is_string()) in.fail("FilterArgumentError", "map requires a filter argument", at);
       std::string fname = args.pos[0].str();
@@ -597,12 +603,12 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
         Args a = fargs;
         out.push_back(apply_filter(in, fid, fname, x, a, at));
       }
-      return Value(std::move(out));
+      return generator(std::move(out));
     }
-    case F_SELECTATTR: return Value(select_or_reject(in, v, args, at, true, true));
-    case F_REJECTATTR: return Value(select_or_reject(in, v, args, at, true, false));
-    case F_SELECT: return Value(select_or_reject(in, v, args, at, false, true));
-    case F_REJECT: return Value(select_or_reject(in, v, args, at, false, false));
+    case F_SELECTATTR: return select_or_reject(in, v, args, at, true, true);
+    case F_REJECTATTR: return select_or_reject(in, v, args, at, true, false);
+    case F_SELECT: return select_or_reject(in, v, args, at, false, true);
+    case F_REJECT: return select_or_reject(in, v, args, at, false, false);
     case F_INDENT:
       return Value(indent(as_text(v), arg(args, 0, "width"), arg_bool(args, 1, "first", false), arg_bool(args, 2, "blank", false)));
     case F_REPLACE: {
@@ -727,7 +733,7 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
       List items;
       in.iterate(v, items, at);
       std::reverse(items.begin(), items.end());
-      return Value(std::move(items));
+      return Value(std::static_pointer_cast<Native>(std::make_shared<IterObj>(std::move(items), "list_reverseiterator")));
     }
     case F_WORDCOUNT: return Value(static_cast<int64_t>(split_ws(as_text(v), -1, false).size()));
     case F_FORMAT: {
@@ -789,7 +795,9 @@ bool apply_test(Interp& in, int id, const std::string& name, const Value& v, Arg
     case T_NONE: return v.is_none();
     case T_STRING: return v.is_string();
     case T_MAPPING: return v.is_dict();
-    case T_ITERABLE: return v.is_string() || v.is_sequence() || v.is_dict() || v.is_undefined();
+    case T_ITERABLE:
+      return v.is_string() || v.is_sequence() || v.is_dict() || v.is_undefined() ||
+             (v.is_native() && dynamic_cast<IterObj*>(v.native().get()));
     case T_SEQUENCE: return v.is_string() || v.is_sequence() || v.is_dict() || v.is_undefined();
     case T_FALSE: return v.is_bool() && !v.as_bool();
     case T_TRUE: return v.is_bool() && v.as_bool();

@@ -276,7 +276,13 @@ void Interp::iterate(const Value& v, List& out, const Node& at) {
         out.push_back(Value(std::move(s)));
       }
       return;
-    default: fail("TypeError", detail::concat("'", v.type_name(), "' object is not iterable"), at);
+    default:
+      if (v.is_native())
+        if (auto* it = dynamic_cast<IterObj*>(v.native().get())) {
+          out = it->items;
+          return;
+        }
+      fail("TypeError", detail::concat("'", v.type_name(), "' object is not iterable"), at);
   }
 }
 
@@ -326,7 +332,14 @@ static bool contains(Interp& in, const Value& container, const Value& item, cons
       return false;
     case Kind::Dict: return container.dict_ref().find(item) != nullptr;
     case Kind::Undefined: return false;
-    default: in.fail("TypeError", detail::concat("argument of type '", container.type_name(), "' is not iterable"), at);
+    default:
+      if (container.is_native())
+        if (auto* it = dynamic_cast<IterObj*>(container.native().get())) {
+          for (auto& x : it->items)
+            if (py_equal(x, item)) return true;
+          return false;
+        }
+      in.fail("TypeError", detail::concat("argument of type '", container.type_name(), "' is not iterable"), at);
   }
 }
 
@@ -383,7 +396,12 @@ Value Interp::binop(Op op, const Value& a, const Value& b, const Node& at) {
     }
   }
   if (op == Op::Add) {
-    if (a.is_string() && b.is_string()) return Value(a.str() + b.str());
+    if (a.is_string() && b.is_string()) {
+      if (a.is_markup() && !b.is_markup()) return Value::markup(a.str() + html_escape(b.str()));
+      if (b.is_markup() && !a.is_markup()) return Value::markup(html_escape(a.str()) + b.str());
+      if (a.is_markup()) return Value::markup(a.str() + b.str());
+      return Value(a.str() + b.str());
+    }
     if ((a.is_list() && b.is_list()) || (a.is_tuple() && b.is_tuple())) {
       List l = a.list();
       l.insert(l.end(), b.list().begin(), b.list().end());

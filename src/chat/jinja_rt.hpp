@@ -63,6 +63,15 @@ struct LoopObj : Native {
   const char* type_name() const override { return "LoopContext"; }
 };
 
+// A lazy iterator in Python (map/select/reject results, reversed lists):
+// iterable, always truthy, no len(), not JSON serializable.
+struct IterObj : Native {
+  List items;
+  const char* tname;
+  IterObj(List l, const char* t) : items(std::move(l)), tname(t) {}
+  const char* type_name() const override { return tname; }
+};
+
 struct BoundMethod : Callable {
   Value self;
   std::string name;
@@ -112,5 +121,6 @@ Value call_method(Interp& in, const Value& obj, const std::string& name, Args& a
 bool has_method(const Value& obj, const std::string& name);
 void install_globals(Interp& in, const Program& prog, Frame& globals);
 std::string object_type_repr(const Value& v);
+std::string html_escape(const std::string& s);  // markupsafe.escape
 
 }  // namespace qforge::chat

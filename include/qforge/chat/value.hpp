@@ -56,7 +56,14 @@ class Value {
   // An Undefined; `hint` is jinja2's message for it ("'x' is undefined").
   static Value undefined(std::string hint = {});
   static Value tuple(List l) { return Value(std::move(l), Kind::Tuple); }
-  static Value dict() ;
+  static Value dict();
+  // markupsafe.Markup (from |safe / |escape): a str whose + escapes the other side
+  static Value markup(std::string s) {
+    Value v(std::move(s));
+    v.markup_ = true;
+    return v;
+  }
+  bool is_markup() const { return markup_; }
 
   Kind kind() const { return kind_; }
   bool is_undefined() const { return kind_ == Kind::Undefined; }
@@ -99,6 +106,7 @@ class Value {
 
  private:
   Kind kind_;
+  bool markup_ = false;
   union {
     int64_t i_;
     double f_;
