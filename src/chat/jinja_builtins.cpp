@@ -53,7 +53,15 @@ std::string map_cps(const std::string& s, uint32_t (*fn)(uint32_t)) {
   for (uint32_t cp : utf8_decode(s)) utf8_append(out, fn(cp));
   return out;
 }
-std::string upper(const std::string& s) { return map_cps(s, cp_upper); }
+std::string upper(const std::string& s) {
+  if (s.find("\xc3\x9f") == std::string::npos) return map_cps(s, cp_upper);
+  std::string out;  // German sharp s upper-cases to "SS" in Python
+  for (uint32_t cp : utf8_decode(s)) {
+    if (cp == 0xdf) out += "SS";
+    else utf8_append(out, cp_upper(cp));
+  }
+  return out;
+}
 std::string lower(const std::string& s) { return map_cps(s, cp_lower); }
 
 std::string encode(const std::vector<uint32_t>& cps, size_t a, size_t b) {
@@ -525,7 +533,8 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
       bool start = true;
       for (uint32_t c : cps) {
         bool sep = c == '-' || py_isspace(c) || c == '(' || c == '{' || c == '[' || c == '<';
-        utf8_append(out, sep ? c : start ? cp_upper(c) : cp_lower(c));
+        if (start && !sep && c == 0xdf) out += "SS";
+        else utf8_append(out, sep ? c : start ? cp_upper(c) : cp_lower(c));
         start = sep;
       }
       return Value(out);

@@ -590,7 +590,7 @@ class Parser {
     }
     auto n = node(NK::SetBlock, t);
     n->args.push_back(std::move(target));
-    if (is_op("|")) n->args.push_back(parse_filter(nullptr, true));
+    if (is_op("|")) n->args.push_back(parse_filter(nullptr, false));
     expect_block_end();
     open_blocks_.push_back("set");
     std::string end;

@@ -1,0 +1,203 @@
+"""The Jinja engine feature by feature: each snippet is rendered by qforge and
+by jinja2 configured exactly as transformers configures it (compiled through
+transformers' own _compile_jinja_template), outputs or failures compared."""
+from __future__ import annotations
+
+import pytest
+
+from qforge.chat import ChatTemplate, TemplateError, json_dumps
+
+jinja2 = pytest.importorskip("jinja2")
+ctu = pytest.importorskip("transformers.utils.chat_template_utils")
+
+CTX = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi 'there' \"you\" \\ é 日本 🚀"},
+        {"role": "assistant", "content": " ok ", "tool_calls": [
+            {"function": {"name": "f", "arguments": {"a": 1, "b": [1.5, None, True], "c": {"d": "e"}}}}]},
+    ],
+    "d": {"b": 2, "a": 1, "C": 3, "items": "key-named-items"},
+    "l": [3, 1, 2],
+    "s": "  Hello, World  ",
+    "n": None,
+    "f": 2.5,
+    "i": -7,
+    "big": 1e20,
+    "small": 1.5e-7,
+    "t": True,
+    "e": "",
+    "nested": {"x": [{"y": "z"}, {"y": "w"}]},
+    "u": "naïve café ÉCOLE ß",
+}
+
+SNIPPETS = [
+    # whitespace control, trim_blocks / lstrip_blocks
+    "a\n  {% if t %}\n    yes\n  {% endif %}\nb",
+    "a  {%- if t -%}  yes  {%- endif -%}  b",
+    "a\n  {%+ if t %}x{% endif +%}\nb",
+    "  {{ 'x' }}  \n  {# comment #}\n  end",
+    "{# c -#}   \n  x {#- d #} y",
+    "line1\n    {% for x in l %}\n    {{ x }}\n    {% endfor %}\nend\n",
+    "{% raw %}{{ not rendered }}{% endraw %}\n  {%- raw -%}  {% x %}  {%- endraw %}!",
+    "x\r\ny\r\n",
+    "trailing newline kept? \n\n",
+    "{{- '  a  ' -}}   b",
+    # expressions and operators
+    "{{ 1 + 2 * 3 - 4 / 2 }} {{ 7 // 2 }} {{ -7 // 2 }} {{ 7 % 3 }} {{ -7 % 3 }} {{ 2 ** 10 }} {{ 7 / 2 }}",
+    "{{ 'a' ~ 1 ~ none ~ t ~ f }} {{ 'ab' * 3 }} {{ [1] + [2] }} {{ (1, 2) + (3,) }}",
+    "{{ 1 < 2 < 3 }} {{ 1 < 3 < 2 }} {{ 'a' in 'cat' }} {{ 1 not in l }} {{ 'b' in d }} {{ not e }}",
+    "{{ t and 'yes' or 'no' }} {{ e or 'default' }} {{ n and 1 }} {{ 'x' if t else 'y' }} {{ 'x' if e }}!",
+    "{{ 1 == 1.0 }} {{ t == 1 }} {{ 'a' != 'b' }} {{ [1, 2] == [1, 2] }} {{ d == d }} {{ n == none }}",
+    "{{ f }} {{ i }} {{ big }} {{ small }} {{ 0.1 + 0.2 }} {{ 1e16 }} {{ 123456789.0 }} {{ -0.0 }} {{ 3.0 }}",
+    "{{ [1, 'a', none, t, 1.5, [2], {'k': 'v'}] }} {{ (1,) }} {{ () }} {{ d }} {{ {'a': \"it's\"} }}",
+    "{{ 'a\\nb\\t\\'q\\'' }} {{ \"x\\\"y\" }} {{ 'a' 'b' }} {{ '\\u00e9\\x41' }}",
+    # attribute / item access, slicing
+    "{{ messages[0].role }} {{ messages[-1]['content'] }} {{ messages[1].content[:5] }} {{ l[::-1] }} {{ l[1:] }}",
+    "{{ s[2:7] }}|{{ s[-3:] }}|{{ u[::2] }}|{{ u[1] }}|{{ l[10] }}|{{ d.missing }}|{{ d['missing'] }}|",
+    "{{ d.items is callable }}{{ d['items'] }}|{{ nested.x[1].y }}|{{ nested['x'][0]['y'] }}|{{ l.0 }}",
+    # filters
+    "{{ s|trim }}|{{ s|trim('  H') }}|{{ s|upper }}|{{ s|lower }}|{{ u|upper }}|{{ u|title }}|{{ s|capitalize }}",
+    "{{ l|length }} {{ d|length }} {{ s|length }} {{ u|length }} {{ undefined_var|length }} {{ l|count }}",
+    "{{ l|join(', ') }} {{ l|sort|list }} {{ l|sort(reverse=true)|list }} {{ l|first }} {{ l|last }} {{ l|sum }}",
+    "{{ d|dictsort }} {{ d|dictsort(reverse=true) }} {{ d|items|list }} {{ d|list }} {{ 'abc'|list }}",
+    "{{ messages|map(attribute='role')|join('/') }} {{ messages|selectattr('role', 'equalto', 'user')|list|length }}",
+    "{{ messages|rejectattr('role', 'in', ['system'])|map(attribute='role')|list }} {{ l|select('odd')|list }}",
+    "{{ l|reject('even')|list }} {{ ['a', 'B', 'a']|unique|list }} {{ l|min }} {{ l|max }} {{ [1,2,3,4,5]|batch(2)|list }}",
+    "{{ n|default('dflt') }} {{ undefined_var|default('dflt') }} {{ e|default('dflt', true) }} {{ 0|d(5, boolean=true) }}",
+    "{{ 'a\\nb\\n\\nc'|indent }}|{{ 'a\\nb'|indent(2, true) }}|{{ 'a\\n\\nb'|indent(width='> ', blank=true) }}",
+    "{{ '3'|int + 1 }} {{ '3.7'|int }} {{ 'x'|int }} {{ 'x'|int(9) }} {{ '2.5'|float }} {{ 3|float }} {{ -3|abs }}",
+    "{{ s|replace('l', 'L') }} {{ s|replace('l', 'L', 1) }} {{ 'x'|center(9) }}| {{ 'a b  c'|wordcount }} {{ 2.567|round(2) }}",
+    "{{ '<a href=\"x\">'|escape }} {{ '%s-%d'|format('a', 3) }} {{ 'abc'|reverse }} {{ l|reverse|list }} {{ l|string }}",
+    # tojson (transformers' override)
+    "{{ messages[2].tool_calls[0].function.arguments|tojson }}",
+    "{{ CTX_D|tojson(indent=2) }}|{{ d|tojson(sort_keys=true) }}|{{ u|tojson }}|{{ u|tojson(ensure_ascii=true) }}",
+    "{{ l|tojson(separators=(',', ':')) }} {{ d|tojson(indent=4, separators=(',', ': ')) }} {{ n|tojson }} {{ [f, big, small]|tojson }}",
+    "{{ '<script>&'|tojson }} {{ {'nested': {'empty': {}, 'list': []}}|tojson(indent=1) }} {{ 'tab\\tnl\\n\\u0001'|tojson }}",
+    # tests
+    "{{ n is none }} {{ s is string }} {{ d is mapping }} {{ l is iterable }} {{ l is sequence }} {{ 3 is number }}",
+    "{{ undefined_var is defined }} {{ d.a is defined }} {{ t is true }} {{ 1 is true }} {{ t is boolean }} {{ f is float }}",
+    "{{ 4 is divisibleby 2 }} {{ 3 is odd }} {{ 'abc' is lower }} {{ 'ABC' is upper }} {{ 2 is in l }} {{ d is not none }}",
+    "{{ i is integer }} {{ t is integer }} {{ 1 is sameas 1 }} {{ 1 is eq 1 }} {{ 2 is gt 1 }} {{ 'trim' is filter }}",
+    # str / list / dict methods
+    "{{ s.strip() }}|{{ s.lstrip() }}|{{ s.rstrip() }}|{{ 'xxaxx'.strip('x') }}|{{ s.split(',') }}|{{ 'a b  c'.split() }}",
+    "{{ 'a,b,c'.split(',', 1) }} {{ 'a,b,c'.rsplit(',', 1) }} {{ 'a\\nb\\r\\nc'.splitlines() }} {{ s.startswith('  H') }}",
+    "{{ s.endswith(('x', '  ')) }} {{ s.replace(' ', '_') }} {{ s.find('World') }} {{ u.find('café') }} {{ s.count('l') }}",
+    "{{ '-'.join(['a', 'b']) }} {{ 'ab'.upper() }} {{ 'Ab'.lower() }} {{ 'hello world'.title() }} {{ 'hELLO'.capitalize() }}",
+    "{{ '{} and {name}'.format(1, name='x') }} {{ '%s=%r' % ('k', 'v') }} {{ '42'.isdigit() }} {{ 'ab'.isalpha() }}",
+    "{{ d.get('a') }} {{ d.get('zz') }} {{ d.get('zz', 5) }} {{ d.keys()|list }} {{ d.values()|list }} {{ l.index(1) }}",
+    "{% for k, v in d.items() %}{{ k }}={{ v }};{% endfor %} {{ 'a:b'.partition(':') }} {{ '7'.zfill(3) }}",
+    "{{ 'abc'.removeprefix('a') }} {{ 'abc'.removesuffix('c') }} {{ 'ab'.ljust(4, '.') }}| {{ 'ab'.rjust(4) }}",
+    # loops
+    "{% for m in messages %}{{ loop.index }}/{{ loop.length }}:{{ loop.first }}{{ loop.last }}{{ loop.revindex }} {% endfor %}",
+    "{% for x in l if x > 1 %}{{ x }}{{ loop.index }}{% else %}empty{% endfor %}|{% for x in [] %}x{% else %}empty{% endfor %}",
+    "{% for x in l %}{% if x == 1 %}{% continue %}{% endif %}{% if x == 2 %}{% break %}{% endif %}{{ x }}{% endfor %}",
+    "{% for x in l %}{{ loop.previtem }}-{{ loop.nextitem }}-{{ loop.cycle('a', 'b') }} {% endfor %}",
+    "{% for a, b in [(1, 2), (3, 4)] %}{{ a + b }}{% endfor %} {% for c in 'héllo' %}{{ c }}.{% endfor %} {% for k in d %}{{ k }}{% endfor %}",
+    "{% for x in [1, 2] %}{% for y in [3, 4] %}{{ loop.index }}{{ x }}{{ y }} {% endfor %}{% endfor %}",
+    # scoping, set, namespace, macros
+    "{% set x = 1 %}{% for i in l %}{% set x = x + i %}{{ x }}{% endfor %}{{ x }}",
+    "{% set ns = namespace(total=0, items=[]) %}{% for i in l %}{% set ns.total = ns.total + i %}{% endfor %}{{ ns.total }} {{ ns.items }}",
+    "{% set a, b = 1, 2 %}{{ a }}{{ b }}{% set c = [1, 2] %}{{ c }}{% set block %}  inner {{ a }}  {% endset %}[{{ block }}]",
+    "{% set x %}  A  {% endset %}{% set y | trim %}  B  {% endset %}[{{ x }}][{{ y }}]",
+    "{% macro m(a, b='B', c=none) %}[{{ a }}{{ b }}{{ c }}]{% endmacro %}{{ m(1) }}{{ m(1, 2) }}{{ m(a=3, c=4) }}{{ m() }}",
+    "{% macro rec(n) %}{% if n > 0 %}{{ n }}{{ rec(n - 1) }}{% endif %}{% endmacro %}{{ rec(5) }}",
+    "{% macro outer() %}{{ varargs }}{{ kwargs }}{% endmacro %}{{ outer(1, 2, k=3) }}",
+    "{% macro lst() %}{{ caller() }}!{% endmacro %}{% call lst() %}inside{% endcall %}",
+    "{% filter upper %}shout {{ 'this' }}{% endfilter %}",
+    "{% if t %}a{% elif n %}b{% else %}c{% endif %}{% if n %}a{% elif t %}b{% else %}c{% endif %}{% if n %}a{% elif e %}b{% else %}c{% endif %}",
+    "{% set d2 = dict(a=1, b=2) %}{{ d2 }} {{ dict(d2, c=3) }} {{ range(3)|list }} {{ range(1, 10, 3)|list }} {{ range(5, 0, -2)|list }}",
+    "{{ strftime_now('%Y-%m-%d %H:%M %B %A %d %b') }}",
+    "{% generation %}gen {{ 1 }}{% endgeneration %} after",
+    # undefined semantics
+    "[{{ undefined_var }}] [{{ undefined_var ~ 'x' }}] {{ undefined_var is undefined }} {% for x in undefined_var %}x{% endfor %}",
+    "{{ d.missing is defined }} {{ d.missing|default('z') }} {{ n|string }} {{ undefined_var|string }}|{{ undefined_var|trim }}|",
+    "{{ undefined_var == undefined_var }} {{ d.nope == none }} {{ 'x' in undefined_var }}",
+]
+
+ERRORS = [
+    "{{ raise_exception('custom failure message') }}",
+    "{% if %}",
+    "{% for x in l %}",
+    "{{ x + }}",
+    "{% endif %}",
+    "{% do l.append(1) %}",
+    "{{ l.append(4) }}",
+    "{{ d.update({'a': 2}) }}",
+    "{{ ''.__class__.__mro__ }}",
+    "{% set ns = namespace() %}{% set ns._private = 1 %}",
+    "{% set x = 1 %}{% set x.attr = 2 %}",
+    "{{ undefined_var.attr }}",
+    "{{ undefined_var + 1 }}",
+    "{{ undefined_var() }}",
+    "{{ 'a' + 1 }}",
+    "{{ 1 / 0 }}",
+    "{{ l < 'a' }}",
+    "{{ n|length }}",
+    "{{ 5|items|list }}",
+    "{{ undefined_var|tojson }}",
+    "{{ range(200000)|length }}",
+    "{{ x|no_such_filter }}",
+    "{{ x is no_such_test }}",
+    "{% macro m(a) %}{% endmacro %}{{ m(1, 2) }}",
+    "{% for a, b in [1] %}{% endfor %}",
+    "{{ 'abc'.no_method() }}",
+    "{% break %}",
+    "{{ {'a': 1}['b'].c }}",
+    "{% set x = [1, 2 %}",
+    "{{ 'unterminated }}",
+    "{% raw %}never closed",
+    "{# never closed",
+]
+
+
+def jinja_render(source, **ctx):
+    tmpl = ctu._compile_jinja_template(source)
+    tmpl.globals["strftime_now"] = lambda fmt: __import__("datetime").datetime(2026, 1, 15, 9, 30, 5).strftime(fmt)
+    return tmpl.render(**ctx)
+
+
+NOW = 1768469405  # 2026-01-15 09:30:05 UTC
+
+
+@pytest.mark.parametrize("source", SNIPPETS, ids=range(len(SNIPPETS)))
+def test_snippet_matches_jinja2(source):
+    ctx = dict(CTX, CTX_D={"k": [1, {"z": None}], "é": "ü"})
+    expected = jinja_render(source, **ctx)
+    assert ChatTemplate(source).render(now=NOW, **ctx) == expected
+
+
+@pytest.mark.parametrize("source", ERRORS, ids=range(len(ERRORS)))
+def test_error_matches_jinja2(source):
+    with pytest.raises(Exception) as py_info:
+        jinja_render(source, **CTX)
+    with pytest.raises(TemplateError) as info:
+        ChatTemplate(source).render(**CTX)
+    py_exc = py_info.value
+    err = info.value
+    if isinstance(py_exc, jinja2.TemplateSyntaxError):
+        assert err.kind == "TemplateSyntaxError"
+        assert err.line == py_exc.lineno
+    elif type(py_exc).__name__ in ("TemplateError", "UndefinedError", "SecurityError"):
+        assert err.kind == type(py_exc).__name__
+        assert err.message == str(py_exc)
+    assert err.line >= 1 and err.column >= 1
+
+
+def test_error_position_is_line_and_column():
+    with pytest.raises(TemplateError) as info:
+        ChatTemplate("line one\n{% for m in messages %}\n  {{ m.content + 1 }}\n{% endfor %}").render(
+            messages=[{"content": "x"}])
+    assert (info.value.kind, info.value.line, info.value.column) == ("TypeError", 3, 16)
+
+
+@pytest.mark.parametrize("value", [
+    {"a": [1, 2.5, None, True, False, "é\n\"\\", {"b": {}}, []], "z": 1e-7, "big": 1e300, "neg": -0.0},
+    [1234567890123456789, 1.0, 0.1, 100.0, 1e16, 1.7976931348623157e308, 5e-324, "\u2028\x7f\x1f"],
+    "🚀 plain",
+])
+@pytest.mark.parametrize("opts", [{}, {"indent": 2}, {"sort_keys": True}, {"ensure_ascii": True, "indent": 0}])
+def test_json_dumps_matches_python(value, opts):
+    import json
+
+    assert json_dumps(value, **opts) == json.dumps(value, **{"ensure_ascii": False, **opts})
