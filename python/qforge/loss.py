@@ -196,23 +196,32 @@ _OPT_NAMES = ("ignore_index", "label_smoothing", "softcap", "logit_scale", "z_lo
               "fp32_grad_weight")
 
 
+def _eager(*ts) -> bool:
+    return not torch.compiler.is_compiling() and all(
+        t is None or type(t) is torch.Tensor for t in ts)
+
+
 def _setup_context(ctx, inputs, output):
     (hidden, weight, labels, bias, class_weight, *opts) = inputs
     ctx.opts = dict(zip(_OPT_NAMES, opts))
     loss, lse, gh, gw, gb = output
     ctx.mark_non_differentiable(lse, gh, gw, gb)
-    ctx.has_bias = bias is not None
     ctx.weight_dtype, ctx.bias_dtype = weight.dtype, (bias.dtype if bias is not None else None)
+    ctx.grads = None
     if ctx.opts["reduction"] == 0:
         ctx.save_for_backward(hidden, weight, labels, bias, class_weight)
+    elif _eager(gh, gw, gb):
+        # Held as plain attributes, not saved tensors: backward drops its reference
+        # and rescales in place, so autograd can take the buffer as .grad without
+        # a copy (a saved tensor would keep a second reference and force one).
+        ctx.grads = [gh, gw, gb]
     else:
         ctx.save_for_backward(gh, gw, gb)
 
 
-def _scale(t: Tensor, g: Tensor, dtype: torch.dtype) -> Tensor:
-    # in place only on plain eager tensors (not under tracing / functionalization)
-    if t.dtype == dtype and type(t) is torch.Tensor and not torch.compiler.is_compiling():
-        return t.mul_(g.to(t.dtype))  # the buffer is ours: rescale in place, no copy
+def _scale(t: Tensor, g: Tensor, dtype: torch.dtype, in_place: bool) -> Tensor:
+    if in_place and t.dtype == dtype:
+        return t.mul_(g)
     return (t * g).to(dtype)
 
 
@@ -230,13 +239,22 @@ def _backward(ctx, g_loss, g_lse, g_gh, g_gw, g_gb):
         gw = gw.to(ctx.weight_dtype) if o["grad_weight"] else None
         gb = gb.to(ctx.bias_dtype) if o["grad_bias"] else None
     else:
-        sgh, sgw, sgb = ctx.saved_tensors
+        in_place = ctx.grads is not None
+        if in_place:
+            sgh, sgw, sgb = ctx.grads
+            if sgh is None and sgw is None and sgb is None:
+                raise RuntimeError("linear_cross_entropy: backward ran twice; the gradients computed "
+                                   "in the forward pass are consumed by the first backward")
+            ctx.grads = [None, None, None]
+        else:
+            sgh, sgw, sgb = ctx.saved_tensors
         if o["grad_hidden"]:
-            gh = _scale(sgh, g_loss, sgh.dtype)
+            gh = _scale(sgh, g_loss, sgh.dtype, in_place)
         if o["grad_weight"]:
-            gw = _scale(sgw, g_loss, ctx.weight_dtype)
+            gw = _scale(sgw, g_loss, ctx.weight_dtype, in_place)
         if o["grad_bias"]:
-            gb = _scale(sgb, g_loss, ctx.bias_dtype)
+            gb = _scale(sgb, g_loss, ctx.bias_dtype, in_place)
+        del sgh, sgw, sgb
     return (gh, gw, None, gb, None) + (None,) * len(_OPT_NAMES)
 
 

@@ -263,11 +263,20 @@ struct GemmKey {
   int dev, ta, tb;
   int64_t m, n, k, lda, ldb, ldc;
   int at, ct;
+  uint32_t al_a, al_b, al_c;  // pointer alignments (bytes, <= 256): the algorithm depends on them
   bool operator<(const GemmKey& o) const {
-    return std::tie(dev, ta, tb, m, n, k, lda, ldb, ldc, at, ct) <
-           std::tie(o.dev, o.ta, o.tb, o.m, o.n, o.k, o.lda, o.ldb, o.ldc, o.at, o.ct);
+    return std::tie(dev, ta, tb, m, n, k, lda, ldb, ldc, at, ct, al_a, al_b, al_c) <
+           std::tie(o.dev, o.ta, o.tb, o.m, o.n, o.k, o.lda, o.ldb, o.ldc, o.at, o.ct, o.al_a,
+                    o.al_b, o.al_c);
   }
 };
+
+uint32_t alignment(const void* p) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  uint32_t al = 256;
+  while (al > 1 && (a % al) != 0) al >>= 1;
+  return al;
+}
 struct GemmPlan {
   cublasLtMatmulDesc_t desc = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
@@ -306,7 +315,8 @@ void gemm(int dev, cudaStream_t stream, bool ta, bool tb, int64_t m, int64_t n, 
           size_t ws_bytes) {
   if (m == 0 || n == 0) return;
   cublasLtHandle_t h = lt_handle(dev);
-  GemmKey key{dev, ta, tb, m, n, k, lda, ldb, ldc, int(ab_type), int(c_type)};
+  GemmKey key{dev, ta, tb, m, n, k, lda, ldb, ldc, int(ab_type), int(c_type),
+              alignment(A), alignment(B), alignment(C)};
   auto it = lt_state.plans.find(key);
   if (it == lt_state.plans.end()) {
     GemmPlan plan;
@@ -321,15 +331,25 @@ void gemm(int dev, cudaStream_t stream, bool ta, bool tb, int64_t m, int64_t n, 
     QF_LT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
     uint64_t wsb = ws_bytes;
     QF_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof(wsb)));
+    QF_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &key.al_a, sizeof(uint32_t)));
+    QF_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &key.al_b, sizeof(uint32_t)));
+    QF_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &key.al_c, sizeof(uint32_t)));
+    QF_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &key.al_c, sizeof(uint32_t)));
     cublasLtMatmulHeuristicResult_t res[1];
     int found = 0;
     cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(h, plan.desc, plan.a, plan.b, plan.c, plan.c,
                                                       pref, 1, res, &found);
     cublasLtMatmulPreferenceDestroy(pref);
-    if (st == CUBLAS_STATUS_SUCCESS && found > 0) {
-      plan.algo = res[0].algo;
-      plan.have_algo = true;
+    if (st != CUBLAS_STATUS_SUCCESS || found == 0) {
+      cublasLtMatrixLayoutDestroy(plan.a);
+      cublasLtMatrixLayoutDestroy(plan.b);
+      cublasLtMatrixLayoutDestroy(plan.c);
+      cublasLtMatmulDescDestroy(plan.desc);
+      throw RuntimeFailure(detail::concat("linear_cross_entropy: cuBLASLt has no algorithm for a ", m, "x", n,
+                                          "x", k, " GEMM (status ", int(st), ")"));
     }
+    plan.algo = res[0].algo;
+    plan.have_algo = true;
     it = lt_state.plans.emplace(key, plan).first;
   }
   const GemmPlan& plan = it->second;
