@@ -23,7 +23,7 @@ def run(mode, args):
     cfg = transformers.LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
                                    num_hidden_layers=args.layers, num_attention_heads=32,
                                    num_key_value_heads=8, max_position_embeddings=4096,
-                                   tie_word_embeddings=True, rope_theta=500000.0)
+                                   tie_word_embeddings=True)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device("cuda"):
