@@ -185,6 +185,12 @@ def profile_qforge(fn, h0, w0, y):
     return rows[:12]
 
 
+def save(result, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def versions():
     v = {"python": platform.python_version(), "torch": torch.__version__,
          "cuda": torch.version.cuda}
@@ -255,6 +261,7 @@ def main():
                     case["error"] = f"{type(e).__name__}: {e}"[:500]
                     traceback.print_exc()
             result["cases"].append(case)
+            save(result, args.out)  # incremental: a run cut short keeps what it measured
             if "ms" in case:
                 print(f"  {name:15s} {case['ms']:8.1f} ms  x{case['ratio_to_floor']:.3f} floor  "
                       f"x{case['ratio_to_gemm3']:.3f} gemm3  extra {case['extra_peak_gib']:6.2f} GiB  "
@@ -275,9 +282,7 @@ def main():
         del h0, w0, y, ref
         gc.collect()
         torch.cuda.empty_cache()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    save(result, args.out)
     print("\nsummary (ms, x floor, extra GiB, grad_hidden rel err)")
     for c in result["cases"]:
         if "ms" in c:
