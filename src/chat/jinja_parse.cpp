@@ -1014,7 +1014,7 @@ class Parser {
     expect_op(")");
   }
   NodePtr parse_call(NodePtr callee) {
-    auto n = node(NK::Call, cur());
+    auto n = std::make_unique<Node>(NK::Call, callee->line, callee->col);
     n->args.push_back(std::move(callee));
     parse_call_args(*n);
     return n;

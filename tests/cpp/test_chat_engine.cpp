@@ -1,0 +1,178 @@
+// The C++ chat engine on its own: every template x conversation against the
+// jinja2 goldens of tests/chat/make_goldens.py, plus values, errors, limits.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "qforge/chat/apply.hpp"
+#include "qforge/chat/template.hpp"
+#include "qforge/chat/value.hpp"
+
+using namespace qforge::chat;
+namespace fs = std::filesystem;
+
+namespace {
+
+fs::path chat_dir() { return fs::path(__FILE__).parent_path().parent_path() / "chat"; }
+
+std::string slurp(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  std::stringstream s;
+  s << f.rdbuf();
+  return s.str();
+}
+
+std::string render(const std::string& src, const char* ctx_json = "{}") {
+  return Template(src).render(json_loads(ctx_json));
+}
+
+}  // namespace
+
+TEST(ChatGoldens, EveryTemplateEveryConversationMatchesJinja2) {
+  Value requests = json_loads(slurp(chat_dir() / "conversations.json"));
+  int templates = 0, compared = 0;
+  for (auto& entry : fs::directory_iterator(chat_dir() / "goldens")) {
+    Value golden = json_loads(slurp(entry.path()));
+    std::string name = golden.get("template")->str();
+    std::string source = slurp(chat_dir() / "templates" / name);
+    RenderOptions opt;
+    opt.now = golden.get("now")->as_int();
+    std::unique_ptr<Template> tmpl;
+    std::string compile_error;
+    try {
+      tmpl = std::make_unique<Template>(source);
+    } catch (const TemplateError& e) {
+      compile_error = e.what();
+    }
+    ++templates;
+    for (auto& [conv, expected] : golden.get("cases")->dict_ref().items) {
+      SCOPED_TRACE(name + " / " + conv.str());
+      ChatRequest req = chat_request_from_json(*requests.get(conv.str()));
+      const Value* out = expected.get("output");
+      ++compared;
+      if (!out) {
+        const Value& err = *expected.get("error");
+        if (!tmpl) continue;  // failed to compile in both
+        try {
+          apply_chat_template(*tmpl, req, opt);
+          ADD_FAILURE() << "expected " << err.get("type")->str() << ": " << err.get("message")->str();
+        } catch (const TemplateError& e) {
+          if (err.get("type")->str() == "TemplateError") EXPECT_EQ(e.message, err.get("message")->str());
+        } catch (const qforge::InvalidArgument&) {
+        }
+        continue;
+      }
+      ASSERT_TRUE(tmpl) << compile_error;
+      ChatRendered r = apply_chat_template(*tmpl, req, opt);
+      EXPECT_EQ(r.text, out->str());
+      if (const Value* gen = expected.get("generation")) {
+        ASSERT_EQ(r.generation.size(), gen->list().size());
+        for (size_t i = 0; i < r.generation.size(); ++i) {
+          EXPECT_EQ(static_cast<int64_t>(r.generation[i].first), gen->list()[i].list()[0].as_int());
+          EXPECT_EQ(static_cast<int64_t>(r.generation[i].second), gen->list()[i].list()[1].as_int());
+        }
+      }
+    }
+  }
+  EXPECT_GE(templates, 60);
+  EXPECT_GE(compared, 60 * 20);
+}
+
+TEST(ChatValue, PythonFloatRepr) {
+  EXPECT_EQ(float_repr(0.1), "0.1");
+  EXPECT_EQ(float_repr(1.0), "1.0");
+  EXPECT_EQ(float_repr(1e16), "1e+16");
+  EXPECT_EQ(float_repr(123456789012345.6), "123456789012345.6");
+  EXPECT_EQ(float_repr(1e-5), "1e-05");
+  EXPECT_EQ(float_repr(0.0001), "0.0001");
+  EXPECT_EQ(float_repr(-2.5e-300), "-2.5e-300");
+  EXPECT_EQ(float_repr(0.1 + 0.2), "0.30000000000000004");
+}
+
+TEST(ChatValue, JsonRoundTripKeepsOrderAndPythonSpacing) {
+  Value v = json_loads(R"({"b": [1, 2.0, "é\n"], "a": {"x": null, "y": true}, "e": {}, "l": []})");
+  EXPECT_EQ(json_dumps(v), R"({"b": [1, 2.0, "é\n"], "a": {"x": null, "y": true}, "e": {}, "l": []})");
+  DumpOptions o;
+  std::string ind = "  ";
+  o.indent = &ind;
+  o.sort_keys = true;
+  o.ensure_ascii = true;
+  EXPECT_EQ(json_dumps(v), json_dumps(json_loads(json_dumps(v))));
+  EXPECT_EQ(json_dumps(v, o),
+            "{\n  \"a\": {\n    \"x\": null,\n    \"y\": true\n  },\n  \"b\": [\n    1,\n    2.0,\n    \"\\u00e9\\n\"\n  ],\n"
+            "  \"e\": {},\n  \"l\": []\n}");
+  EXPECT_EQ(py_repr(v), R"({'b': [1, 2.0, 'é\n'], 'a': {'x': None, 'y': True}, 'e': {}, 'l': []})");
+  EXPECT_THROW(json_loads("{\"a\": }"), qforge::InvalidArgument);
+  EXPECT_THROW(json_loads("[1, 2"), qforge::InvalidArgument);
+}
+
+TEST(ChatEngine, WhitespaceControlAsJinja2) {
+  EXPECT_EQ(render("a\n  {% if true %}\n    x\n  {% endif %}\nb"), "a\n    x\nb");
+  EXPECT_EQ(render("a  {%- if true -%}  x  {%- endif -%}  b"), "axb");
+  EXPECT_EQ(render("{{ 'x' }}\n"), "x");
+  EXPECT_EQ(render("{% raw %}{{ y }}{% endraw %}"), "{{ y }}");
+}
+
+TEST(ChatEngine, ErrorsCarryKindAndLineColumn) {
+  try {
+    render("ok\n  {{ raise_exception('bad role') }}");
+    FAIL();
+  } catch (const TemplateError& e) {
+    EXPECT_EQ(e.kind, "TemplateError");
+    EXPECT_EQ(e.message, "bad role");
+    EXPECT_EQ(e.line, 2);
+    EXPECT_EQ(e.column, 6);
+  }
+  try {
+    Template("{% for x in y %}");
+    FAIL();
+  } catch (const TemplateError& e) {
+    EXPECT_EQ(e.kind, "TemplateSyntaxError");
+    EXPECT_EQ(e.line, 1);
+  }
+  EXPECT_THROW(render("{{ x.y }}"), TemplateError);             // UndefinedError
+  EXPECT_THROW(render("{{ [1].append(2) }}"), TemplateError);    // sandbox: lists are immutable
+  EXPECT_THROW(render("{{ ''.__class__() }}"), TemplateError);   // sandbox: no dunders
+}
+
+TEST(ChatEngine, LimitsStopRunawayTemplates) {
+  RenderOptions opt;
+  opt.limits.max_loop_iterations = 1000;
+  EXPECT_THROW(Template("{% for i in range(100) %}{% for j in range(100) %}{% endfor %}{% endfor %}").render(Value::dict(), opt),
+               TemplateError);
+  EXPECT_THROW(render("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}"), TemplateError);
+  opt.limits.max_output_bytes = 1000;
+  EXPECT_THROW(Template("{% for i in range(1000) %}xxxxxxxxxx{% endfor %}").render(Value::dict(), opt), TemplateError);
+  EXPECT_THROW(render("{{ range(1000000) }}"), TemplateError);
+}
+
+TEST(ChatEngine, GenerationSpansAreCodePointOffsets) {
+  Template t("{% for m in messages %}{{ m.role }}: {% if m.role == 'assistant' %}{% generation %}{{ m.content }}"
+             "{% endgeneration %}{% else %}{{ m.content }}{% endif %}\n{% endfor %}");
+  ChatRequest req = chat_request_from_json(json_loads(
+      R"({"messages": [{"role": "user", "content": "héllo"}, {"role": "assistant", "content": "wörld"}]})"));
+  ChatRendered r = apply_chat_template(t, req);
+  EXPECT_EQ(r.text, "user: hélloassistant: wörld");  // trim_blocks ate the newlines after the tags
+  ASSERT_EQ(r.generation.size(), 1u);
+  EXPECT_EQ(r.generation[0].first, 22u);
+  EXPECT_EQ(r.generation[0].second, 27u);
+}
+
+TEST(ChatEngine, ShipsLlama3Templates) {
+  for (int minor : {1, 2, 3}) {
+    ASSERT_NE(llama3_template(minor), nullptr);
+    Template t(llama3_template(minor));
+    ChatRequest req = chat_request_from_json(json_loads(R"({"messages": [{"role": "user", "content": "hi"}],
+        "add_generation_prompt": true, "bos_token": "<|begin_of_text|>"})"));
+    std::string s = apply_chat_template(t, req).text;
+    EXPECT_NE(s.find("<|start_header_id|>assistant<|end_header_id|>\n\n"), std::string::npos);
+    std::string official = slurp(chat_dir() / "templates" /
+                                 (minor == 1 ? "meta-llama-Llama-3.1-8B-Instruct.jinja"
+                                  : minor == 2 ? "meta-llama-Llama-3.2-3B-Instruct.jinja"
+                                               : "meta-llama-Llama-3.3-70B-Instruct.jinja"));
+    EXPECT_EQ(std::string(llama3_template(minor)), official);
+  }
+  EXPECT_EQ(llama3_template(7), nullptr);
+}
