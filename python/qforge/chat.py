@@ -160,3 +160,137 @@ def parse_tool_calls(text: str, format: str = "auto") -> dict:
     out = ctypes.c_void_p()
     _call(_parse(raw, len(raw), format.encode(), ctypes.byref(out)))
     return json.loads(_take(out))
+
+
+# ------------------------------------------------------------ tokenizers
+LLAMA3_SPECIAL_TOKENS = (
+    "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+    "<|eot_id|>", "<|eom_id|>", "<|python_tag|>",
+)
+# An original Llama 3 tokenizer holds these placeholders where Llama 3.1 put
+# the tool-calling tokens (same ids: 128008, 128010, 128004).
+LLAMA3_RENAMES = {
+    "<|reserved_special_token_4|>": "<|eom_id|>",
+    "<|reserved_special_token_5|>": "<|python_tag|>",
+    "<|reserved_special_token_2|>": "<|finetune_right_pad_id|>",
+}
+
+
+def _rename_fast_tokenizer_tokens(tokenizer, renames: dict[str, str]) -> list[str]:
+    """Rename added tokens of a fast tokenizer in place, keeping their ids."""
+    from tokenizers import Tokenizer
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    present = {t["content"] for t in state.get("added_tokens", [])}
+    done = []
+    for old, new in renames.items():
+        if old not in present or new in present:
+            continue
+        for t in state["added_tokens"]:
+            if t["content"] == old:
+                t["content"] = new
+                t["special"] = True
+        vocab = state.get("model", {}).get("vocab")
+        if isinstance(vocab, dict) and old in vocab:
+            vocab[new] = vocab.pop(old)
+        done.append(new)
+    if done:
+        tokenizer._tokenizer = Tokenizer.from_str(json.dumps(state))
+        decoder = getattr(tokenizer, "_added_tokens_decoder", None)
+        if isinstance(decoder, dict):
+            for idx, tok in list(decoder.items()):
+                content = str(tok)
+                if content in renames and renames[content] in done:
+                    from tokenizers import AddedToken
+
+                    decoder[idx] = AddedToken(renames[content], special=True, normalized=False)
+        encoder = getattr(tokenizer, "_added_tokens_encoder", None)
+        if isinstance(encoder, dict):
+            for old, new in renames.items():
+                if new in done and old in encoder:
+                    encoder[new] = encoder.pop(old)
+    return done
+
+
+def patch_tokenizer(tokenizer, model=None, tokens: Sequence[str] = LLAMA3_SPECIAL_TOKENS,
+                    renames: dict[str, str] | None = None) -> dict:
+    """Make sure every token in `tokens` exists as a special token of a Hugging
+    Face tokenizer, found by content (never by id). Placeholders named in
+    `renames` (default: the Llama 3 reserved tokens at the ids Llama 3.1 uses
+    for <|eom_id|>/<|python_tag|>) are renamed in place rather than duplicated.
+    Only tokens that are truly new are appended, and only then is the model's
+    embedding resized (model.resize_token_embeddings). Returns
+    {"renamed": [...], "added": [...], "resized": bool}."""
+    renames = LLAMA3_RENAMES if renames is None else renames
+    vocab = tokenizer.get_vocab()
+    wanted = {renames[old]: old for old in renames if renames[old] in tokens}
+    to_rename = {old: new for new, old in wanted.items() if new not in vocab and old in vocab}
+    renamed = _rename_fast_tokenizer_tokens(tokenizer, to_rename) if to_rename else []
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in tokens if t not in vocab]
+    added = []
+    if missing:
+        from tokenizers import AddedToken
+
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
+        added = missing
+    resized = False
+    if added and model is not None:
+        embeddings = model.get_input_embeddings()
+        if embeddings.weight.shape[0] < len(tokenizer):
+            model.resize_token_embeddings(len(tokenizer))
+            resized = True
+    return {"renamed": renamed, "added": added, "resized": resized}
+
+
+# ------------------------------------------------------------ loss masks
+def assistant_spans(template: ChatTemplate, messages: Sequence[dict], **kwargs) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the [start, end) string spans of the
+    assistant's turns (tool calls included; tool/ipython results excluded).
+    Uses the template's {% generation %} blocks when it has them, else the
+    rendered-offset method: turn i spans from the end of the conversation up
+    to it rendered with add_generation_prompt=True to the end of the
+    conversation through it, which must both be prefixes of the full render."""
+    kwargs.pop("add_generation_prompt", None)
+    kwargs.pop("continue_final_message", None)
+    if re.search(r"\{%-?\s*generation\s*-?%\}", template.source):
+        text, spans = template.apply(messages, return_assistant_spans=True, **kwargs)
+        return text, [tuple(s) for s in spans]
+    text = template.apply(messages, **kwargs)
+    spans = []
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        prefix = template.apply(messages[:i], add_generation_prompt=True, **kwargs) if i else ""
+        through = template.apply(messages[: i + 1], **kwargs)
+        if not (through.startswith(prefix) and text.startswith(through)):
+            raise ValueError(
+                f"cannot locate assistant message {i} by rendered offsets: the template does not render "
+                "conversations as prefixes of each other (e.g. it rewrites earlier turns); add "
+                "{% generation %} blocks to the template instead")
+        if len(through) > len(prefix):
+            spans.append((len(prefix), len(through)))
+    return text, spans
+
+
+def train_on_responses_only(template: ChatTemplate, messages: Sequence[dict], tokenizer,
+                            ignore_index: int = -100, **kwargs) -> dict:
+    """Tokenize a conversation for training with the loss on the assistant's
+    turns only: {"input_ids", "attention_mask", "labels", "assistant_masks"};
+    labels are ignore_index outside the assistant's spans. As transformers
+    does, the tokenizer's special tokens (bos_token, ...) are template
+    variables unless kwargs override them."""
+    kwargs = {**getattr(tokenizer, "special_tokens_map", {}), **kwargs}
+    text, spans = assistant_spans(template, messages, **kwargs)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = []
+    for start, end in enc["offset_mapping"]:
+        inside = any(start < e and end > s for s, e in spans) if end > start else any(s <= start < e for s, e in spans)
+        mask.append(1 if inside else 0)
+    ids = list(enc["input_ids"])
+    return {
+        "input_ids": ids,
+        "attention_mask": [1] * len(ids),
+        "labels": [t if m else ignore_index for t, m in zip(ids, mask)],
+        "assistant_masks": mask,
+    }
