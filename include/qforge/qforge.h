@@ -191,6 +191,10 @@ QF_API int qf_chat_parse_tool_calls(const char* text, size_t text_len, const cha
 QF_API int qf_chat_json_dumps(const char* json, size_t json_len, int ensure_ascii, int indent, int sort_keys,
                               qf_chat_buffer** result);
 
+/* The official Llama 3.<minor> chat template (minor = 1, 2 or 3), NUL-terminated
+ * static text; NULL for other versions. */
+QF_API const char* qf_chat_llama3_template(int minor);
+
 QF_API const char* qf_chat_buffer_data(const qf_chat_buffer* buf, size_t* len);
 QF_API void qf_chat_buffer_free(qf_chat_buffer* buf);
 

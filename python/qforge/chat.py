@@ -12,6 +12,7 @@ import ctypes
 import inspect
 import json
 import re
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from qforge._lib import check, declare, lib
@@ -294,3 +295,131 @@ def train_on_responses_only(template: ChatTemplate, messages: Sequence[dict], to
         "labels": [t if m else ignore_index for t, m in zip(ids, mask)],
         "assistant_masks": mask,
     }
+
+
+# ------------------------------------------------------------ tokenizer_config.json
+_llama3 = declare("qf_chat_llama3_template", ctypes.c_int, restype=ctypes.c_char_p)
+
+
+def llama3_template(version: str = "3.1") -> str:
+    """The official Llama 3.1 / 3.2 / 3.3 chat template (for tokenizers without one)."""
+    minor = {"3.1": 1, "3.2": 2, "3.3": 3}.get(str(version))
+    raw = _llama3(minor) if minor else None
+    if not raw:
+        raise ValueError(f"no shipped Llama template for version {version!r} (have 3.1, 3.2, 3.3)")
+    return raw.decode("utf-8")
+
+
+def _token_text(value) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def load_tokenizer_config(config: str | Path | dict, name: str | None = None, tools=None,
+                          fallback: str | None = None) -> tuple[ChatTemplate, dict]:
+    """(template, special tokens) from a tokenizer_config.json (path or dict).
+    A list of named templates picks `name`, else "tool_use" when tools are
+    given and it exists, else "default" (as transformers). `fallback` is a
+    Llama version ("3.1", ...) whose shipped template is used when the config
+    has none."""
+    if not isinstance(config, dict):
+        config = json.loads(Path(config).read_text(encoding="utf-8"))
+    source = config.get("chat_template")
+    if isinstance(source, list):
+        named = {t["name"]: t["template"] for t in source}
+        if name is None:
+            name = "tool_use" if tools is not None and "tool_use" in named else "default"
+        if name not in named:
+            raise ValueError(f"tokenizer config has no chat template named {name!r} (has {sorted(named)})")
+        source = named[name]
+    elif name not in (None, "default"):
+        raise ValueError(f"tokenizer config has a single chat template, not one named {name!r}")
+    if source is None:
+        if fallback is None:
+            raise ValueError("tokenizer config has no chat_template (pass a Llama version to use a shipped one)")
+        source = llama3_template(fallback)
+    special = {}
+    for key in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"):
+        text = _token_text(config.get(key))
+        if text is not None:
+            special[key] = text
+    return ChatTemplate(source), special
+
+
+# ------------------------------------------------------------ command line
+def _read_json(path: str):
+    import sys
+
+    text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def _cmd_render(args) -> int:
+    import sys
+
+    data = _read_json(args.messages)
+    messages = data["messages"] if isinstance(data, dict) else data
+    tools = _read_json(args.tools) if args.tools else (data.get("tools") if isinstance(data, dict) else None)
+    if args.template:
+        tmpl, special = ChatTemplate(Path(args.template).read_text(encoding="utf-8")), {}
+    else:
+        tmpl, special = load_tokenizer_config(args.tokenizer_config, args.template_name, tools, args.llama_fallback)
+    variables = dict(special)
+    for item in args.var or []:
+        key, _, value = item.partition("=")
+        try:
+            variables[key] = json.loads(value)
+        except json.JSONDecodeError:
+            variables[key] = value
+    try:
+        if args.show_assistant:
+            text, spans = assistant_spans(tmpl, messages, tools=tools, **variables)
+        else:
+            text = tmpl.apply(messages, tools=tools, add_generation_prompt=args.add_generation_prompt,
+                              continue_final_message=args.continue_final_message, **variables)
+    except (TemplateError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.show_assistant:
+        out, last = [], 0
+        for s, e in spans:  # assistant (trained-on) text between >>> and <<<
+            out += [text[last:s], ">>>", text[s:e], "<<<"]
+            last = e
+        out.append(text[last:])
+        text = "".join(out)
+    sys.stdout.write(text)  # exactly the rendered text, no newline added
+    return 0
+
+
+def _cmd_parse(args) -> int:
+    import sys
+
+    text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+    result = parse_tool_calls(text, args.format)
+    print(json.dumps(result, ensure_ascii=False, indent=2))
+    return 0 if result["error"] is None else 1
+
+
+def add_cli(subparsers) -> None:
+    """`qforge chat render|parse`: check conversations before training."""
+    chat = subparsers.add_parser("chat", help="render chat templates, parse tool calls")
+    sub = chat.add_subparsers(dest="chat_command", required=True)
+    render = sub.add_parser("render", help="render a conversation exactly as transformers' apply_chat_template")
+    src = render.add_mutually_exclusive_group(required=True)
+    src.add_argument("--template", help="a Jinja chat template file")
+    src.add_argument("--tokenizer-config", help="a tokenizer_config.json (its chat_template and special tokens)")
+    render.add_argument("--template-name", help="named template in the config (default / tool_use)")
+    render.add_argument("--llama-fallback", help="Llama version (3.1/3.2/3.3) whose template to use if the config has none")
+    render.add_argument("--messages", required=True, help="JSON list of messages (or {messages, tools}); - for stdin")
+    render.add_argument("--tools", help="JSON list of tool schemas")
+    render.add_argument("--add-generation-prompt", action="store_true")
+    render.add_argument("--continue-final-message", action="store_true")
+    render.add_argument("--show-assistant", action="store_true",
+                        help="mark the assistant spans that train_on_responses_only keeps with >>> <<<")
+    render.add_argument("--var", action="append", metavar="KEY=JSON", help="extra template variable (date_string=...)")
+    render.set_defaults(func=_cmd_render)
+    parse = sub.add_parser("parse", help="parse tool calls out of generated text (prints JSON)")
+    parse.add_argument("file", nargs="?", default="-", help="text file; - for stdin")
+    parse.add_argument("--format", default="auto", choices=["auto", "llama3", "hermes", "qwen"])
+    parse.set_defaults(func=_cmd_parse)

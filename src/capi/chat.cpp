@@ -90,6 +90,8 @@ int qf_chat_json_dumps(const char* json, size_t json_len, int ensure_ascii, int 
   });
 }
 
+const char* qf_chat_llama3_template(int minor) { return qforge::chat::llama3_template(minor); }
+
 const char* qf_chat_buffer_data(const qf_chat_buffer* buf, size_t* len) {
   if (len) *len = buf ? buf->data.size() : 0;
   return buf ? buf->data.c_str() : nullptr;
