@@ -206,6 +206,7 @@ def _setup_context(ctx, inputs, output):
     ctx.opts = dict(zip(_OPT_NAMES, opts))
     loss, lse, gh, gw, gb = output
     ctx.mark_non_differentiable(lse, gh, gw, gb)
+    ctx.set_materialize_grads(False)  # no zero-filled V x D "gradients" for the grad outputs
     ctx.weight_dtype, ctx.bias_dtype = weight.dtype, (bias.dtype if bias is not None else None)
     ctx.grads = None
     if ctx.opts["reduction"] == 0:
@@ -217,12 +218,6 @@ def _setup_context(ctx, inputs, output):
         ctx.grads = [gh, gw, gb]
     else:
         ctx.save_for_backward(gh, gw, gb)
-
-
-def _scale(t: Tensor, g: Tensor, dtype: torch.dtype, in_place: bool) -> Tensor:
-    if in_place and t.dtype == dtype:
-        return t.mul_(g)
-    return (t * g).to(dtype)
 
 
 def _backward(ctx, g_loss, g_lse, g_gh, g_gw, g_gb):
@@ -248,12 +243,21 @@ def _backward(ctx, g_loss, g_lse, g_gh, g_gw, g_gb):
             ctx.grads = [None, None, None]
         else:
             sgh, sgw, sgb = ctx.saved_tensors
-        if o["grad_hidden"]:
-            gh = _scale(sgh, g_loss, sgh.dtype, in_place)
-        if o["grad_weight"]:
-            gw = _scale(sgw, g_loss, ctx.weight_dtype, in_place)
-        if o["grad_bias"]:
-            gb = _scale(sgb, g_loss, ctx.bias_dtype, in_place)
+        if g_loss is None:
+            g_loss = torch.ones((), dtype=torch.float32, device=sgh.device)
+        on_h, on_w, on_b = o["grad_hidden"], o["grad_weight"], o["grad_bias"]
+        if in_place:
+            # one multi-tensor kernel, fp32 arithmetic with the fp32 upstream scalar
+            bufs = ([sgh] if on_h else []) + ([sgw] if on_w and sgw.dtype == ctx.weight_dtype else [])
+            if bufs:
+                torch._foreach_mul_(bufs, g_loss)
+            gh = sgh if on_h else None
+            if on_w:
+                gw = sgw if sgw.dtype == ctx.weight_dtype else (sgw * g_loss).to(ctx.weight_dtype)
+        else:
+            gh = (sgh * g_loss).to(sgh.dtype) if on_h else None
+            gw = (sgw * g_loss).to(ctx.weight_dtype) if on_w else None
+        gb = (sgb * g_loss).to(ctx.bias_dtype) if on_b else None
         del sgh, sgw, sgb
     return (gh, gw, None, gb, None) + (None,) * len(_OPT_NAMES)
 
@@ -429,14 +433,19 @@ class _ChunkedLinearF(torch.autograd.Function):
         return (rh, rw, None, None, None, None, None, None) + (None,) * ctx.n_extras
 
 
+_GENERIC_CHUNK_BYTES = 1 << 30
+
+
 def _chunk_sizes(n: int, chunk_size, v: int, dtype, device) -> list[int]:
     if n == 0:
         return [0]
     if chunk_size is None:
-        c = auto_chunk_size(n, v, torch.float32, device if device.type == "cuda" else torch.device("cpu"),
-                            budget_bytes=None)
-        # the generic path keeps fp32 logits + grad + softmax per chunk: ~3x fp32 logits
-        c = max(1, c // 3)
+        # budget for one chunk's fp32 logits (the loss_fn's upcast; autograd keeps
+        # about three such buffers alive per chunk): env QFORGE_GENERIC_CHUNK_BYTES
+        budget = int(os.environ.get("QFORGE_GENERIC_CHUNK_BYTES", _GENERIC_CHUNK_BYTES))
+        if device.type == "cuda":
+            budget = min(budget, torch.cuda.mem_get_info(device)[0] // 8)
+        c = auto_chunk_size(n, v, torch.float32, torch.device("cpu"), budget_bytes=budget)
         return _sizes_from_int(n, c)
     if isinstance(chunk_size, int):
         if chunk_size < 1:
