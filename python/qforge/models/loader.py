@@ -1,0 +1,297 @@
+"""Local Hugging Face directories -> transformers models with qforge NF4 layers."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from .. import nf4
+from ..nn import DEFAULT_TARGETS, NF4Linear, _is_target
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_QUANT_KEY = "weight." + nf4.QUANT_STATE_KEY
+
+
+def default_device() -> torch.device:
+    from .._lib import built_with_cuda
+
+    return torch.device("cuda" if torch.cuda.is_available() and built_with_cuda() else "cpu")
+
+
+def _read_config(path: Path) -> dict:
+    if not path.exists():
+        raise ValueError(f"{path}: no such model directory")
+    if not path.is_dir():
+        raise ValueError(f"{path}: not a directory (qforge.load expects a local Hugging Face model directory)")
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        raise ValueError(f"{cfg_path}: missing (not a Hugging Face model directory)")
+    try:
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        arch = ", ".join(raw.get("architectures") or []) or "no architectures listed"
+        raise ValueError(f"{cfg_path}: unsupported architecture model_type={model_type!r} ({arch}); "
+                         f"qforge supports {', '.join(SUPPORTED_MODEL_TYPES)}")
+    return raw
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (path / f).exists()]
+        if missing:
+            raise ValueError(f"{path}: partial checkpoint: {len(missing)} of {len(files)} shards listed in "
+                             f"{index.name} are missing ({', '.join(missing[:3])}{'...' if len(missing) > 3 else ''})")
+        return [path / f for f in files]
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+        raise ValueError(f"{path}: only safetensors checkpoints are read (found .bin/.pt files; "
+                         "convert with transformers' save_pretrained(safe_serialization=True))")
+    raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def _bnb_config(raw: dict, where: Path) -> Optional[dict]:
+    q = raw.get("quantization_config")
+    if not q:
+        return None
+    method = q.get("quant_method")
+    if method != "bitsandbytes" or not q.get("load_in_4bit", False):
+        raise ValueError(f"{where}: quantization_config {method!r} "
+                         f"{'(8-bit) ' if q.get('load_in_8bit') else ''}is not supported; "
+                         "qforge reads bitsandbytes 4-bit (nf4) checkpoints or 16-bit ones")
+    if q.get("bnb_4bit_quant_type", "nf4") != "nf4":
+        raise ValueError(f"{where}: bnb_4bit_quant_type {q.get('bnb_4bit_quant_type')!r} is not supported (only nf4)")
+    return q
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> bool:
+    mod_name, _, leaf = name.rpartition(".")
+    try:
+        module = model.get_submodule(mod_name) if mod_name else model
+    except AttributeError:
+        return False
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+        return True
+    if leaf in module._buffers:
+        module._buffers[leaf] = value
+        return True
+    return False
+
+
+def _is_quant_target(name: str, module: nn.Module, targets) -> bool:
+    return isinstance(module, nn.Linear) and ".layers." in f".{name}" and _is_target(name, targets)
+
+
+def load(path, load_in_4bit: bool = True, dtype: torch.dtype = torch.bfloat16, max_seq_length: Optional[int] = None,
+         device=None, blocksize: int = 64, compress_statistics: bool = True,
+         target_modules: Iterable[str] = DEFAULT_TARGETS, attn_implementation: str = "sdpa"):
+    """A transformers ``*ForCausalLM`` from a local directory, its decoder-layer
+    projections (``target_modules``) as frozen ``NF4Linear`` layers (or plain
+    frozen 16-bit linears with ``load_in_4bit=False``). Embeddings, norms and the
+    LM head stay in ``dtype``. Every parameter is frozen; add adapters with
+    ``qforge.add_lora``. Errors (missing/partial checkpoint, unsupported
+    architecture, truncated file) raise ValueError naming the file."""
+    from safetensors import SafetensorError, safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    raw = _read_config(path)
+    bnb = _bnb_config(raw, path / "config.json")
+    if bnb is not None and not load_in_4bit:
+        raise ValueError(f"{path}: a bitsandbytes 4-bit checkpoint needs load_in_4bit=True")
+    files = _weight_files(path)
+    device = torch.device(device) if device is not None else default_device()
+    targets = tuple(target_modules)
+
+    config = AutoConfig.from_pretrained(str(path))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    modules = dict(model.named_modules())
+    quant_names = {n for n, m in modules.items() if load_in_4bit and _is_quant_target(n, m, targets)}
+
+    handles = {}
+    key_file: dict[str, Path] = {}
+    try:
+        for f in files:
+            try:
+                handles[f] = safe_open(str(f), framework="pt", device="cpu")
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
+            for k in handles[f].keys():
+                key_file[k] = f
+
+        def get(key: str) -> torch.Tensor:
+            try:
+                return handles[key_file[key]].get_tensor(key)
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise ValueError(f"{key_file[key]}: cannot read tensor '{key}' ({e})") from None
+
+        loaded = set()
+        for name in sorted(quant_names):
+            wkey = f"{name}.weight"
+            bkey = f"{name}.bias"
+            lin = modules[name]
+            if wkey not in key_file:
+                continue  # reported as missing below
+            bias = get(bkey).to(device, dtype) if bkey in key_file else None
+            if bias is None and lin.bias is not None:
+                continue
+            if f"{name}.{_QUANT_KEY}" in key_file:
+                tensors = {k: get(k) for k in key_file if k == wkey or k.startswith(wkey + ".")}
+                packed, state = nf4.from_state_dict(tensors, f"{name}.", device=device, where=str(key_file[wkey]))
+                if tuple(state.shape) != (lin.out_features, lin.in_features):
+                    raise ValueError(f"{key_file[wkey]}: '{wkey}' has shape {tuple(state.shape)}, the model "
+                                     f"expects {(lin.out_features, lin.in_features)}")
+                state.dtype = dtype
+                q = NF4Linear.from_quantized(packed, state, bias)
+            else:
+                if bnb is not None:
+                    raise ValueError(f"{key_file[wkey]}: '{wkey}' is not quantized in a bnb-4bit checkpoint")
+                w = get(wkey)
+                if tuple(w.shape) != (lin.out_features, lin.in_features):
+                    raise ValueError(f"{key_file[wkey]}: '{wkey}' has shape {tuple(w.shape)}, the model expects "
+                                     f"{(lin.out_features, lin.in_features)}")
+                q = NF4Linear.from_weight(w, bias, blocksize, compress_statistics, device=device, dtype=dtype)
+                del w
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, q)
+            loaded.update(k for k in key_file if k == wkey or k.startswith(wkey + ".") or k == bkey)
+
+        for key in key_file:
+            if key in loaded:
+                continue
+            if key.endswith(_QUANT_KEY) or ".weight." in key:
+                owner = key.split(".weight.")[0]
+                if owner not in quant_names:
+                    raise ValueError(f"{key_file[key]}: '{owner}' is 4-bit in the checkpoint but not a quantizable "
+                                     f"projection of this model (targets {list(targets)})")
+                continue
+            t = get(key)
+            t = t.to(device, dtype) if t.is_floating_point() else t.to(device)
+            mod_name, _, leaf = key.rpartition(".")
+            target = modules.get(mod_name)
+            if target is not None and leaf in target._parameters and target._parameters[leaf] is not None \
+                    and tuple(target._parameters[leaf].shape) != tuple(t.shape):
+                raise ValueError(f"{key_file[key]}: '{key}' has shape {tuple(t.shape)}, the model expects "
+                                 f"{tuple(target._parameters[leaf].shape)}")
+            _set_tensor(model, key, t)  # unknown keys (e.g. rotary caches) are skipped
+    finally:
+        handles.clear()
+
+    if getattr(config, "tie_word_embeddings", False):
+        out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+        if out_emb is not None and out_emb.weight.is_meta and not in_emb.weight.is_meta:
+            out_emb.weight = in_emb.weight
+    for name, module in list(model.named_modules()):
+        if any(b is not None and b.is_meta for b in module._buffers.values()) and "Rotary" in type(module).__name__:
+            parent, _, leaf = name.rpartition(".")
+            fresh = type(module)(config=model.config).to(device)
+            setattr(model.get_submodule(parent) if parent else model, leaf, fresh)
+    missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if missing:
+        raise ValueError(f"{path}: partial checkpoint: {len(missing)} tensors missing "
+                         f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.config.dtype = dtype
+    model.qforge_max_seq_length = max_seq_length or getattr(config, "max_position_embeddings", None)
+    model.qforge_source = str(path)
+    model.eval()
+    return model
+
+
+def load_tokenizer(path):
+    """transformers' tokenizer of a local model directory (no network)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot load a tokenizer ({e})") from None
+
+
+def save_4bit(model: nn.Module, path, max_shard_bytes: int = 2 << 30) -> None:
+    """Write the model as a bitsandbytes "bnb-4bit" checkpoint (config.json with a
+    quantization_config, safetensors in bnb's key layout); LoRA weights excluded."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    skip = set()
+    for name, m in model.named_modules():
+        if isinstance(m, NF4Linear):
+            tensors.update(nf4.state_dict_entries(f"{name}.", m.weight.data, m.quant_state()))
+            if m.bias is not None:
+                tensors[f"{name}.bias"] = m.bias.data
+            skip.update(f"{name}.{k}" for k, _ in m.named_parameters())
+            skip.update(f"{name}.{k}" for k, _ in m.named_buffers())
+    for name, t in model.state_dict().items():
+        if name not in skip and ".lora_" not in name and name not in tensors:
+            tensors[name] = t
+    if getattr(model.config, "tie_word_embeddings", False):
+        tensors.pop("lm_head.weight", None)
+    _write_sharded(path, {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, max_shard_bytes,
+                   save_file)
+    cfg = model.config.to_dict()
+    first = next((m for m in model.modules() if isinstance(m, NF4Linear)), None)
+    compute = str(model.config.dtype).removeprefix("torch.") if model.config.dtype else "bfloat16"
+    cfg["quantization_config"] = {
+        "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+        "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": bool(first is not None and not first.float_absmax),
+        "bnb_4bit_compute_dtype": compute, "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_skip_modules": ["lm_head"],
+    }
+    _atomic_write_text(path / "config.json", json.dumps(cfg, indent=2, default=str))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _write_sharded(path: Path, tensors: dict, max_shard_bytes: int, save_file) -> None:
+    """model.safetensors, or model-0000i-of-0000n.safetensors + index when larger
+    than max_shard_bytes; each file written to a temporary name and renamed."""
+    shards, cur, size = [], {}, 0
+    for k, v in tensors.items():
+        nbytes = v.numel() * v.element_size()
+        if cur and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = v
+        size += nbytes
+    shards.append(cur)
+    if len(shards) == 1:
+        tmp = path / "model.safetensors.tmp"
+        save_file(shards[0], str(tmp), metadata={"format": "pt"})
+        tmp.replace(path / "model.safetensors")
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tmp = path / (name + ".tmp")
+        save_file(shard, str(tmp), metadata={"format": "pt"})
+        tmp.replace(path / name)
+        weight_map.update({k: name for k in shard})
+    total = sum(v.numel() * v.element_size() for v in tensors.values())
+    _atomic_write_text(path / "model.safetensors.index.json",
+                       json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))

@@ -1,0 +1,329 @@
+"""QLoRA modules: a frozen NF4 linear layer (bitsandbytes' storage layout) with an
+optional LoRA adapter, as a drop-in for ``torch.nn.Linear`` inside transformers'
+model classes.
+
+Storage (what FSDP2 and torch.compile see):
+  * ``weight``: the packed 4-bit codes, a ``uint8`` Parameter of shape
+    ``(ceil(out*in/2), 1)`` (bitsandbytes' ``Linear4bit.weight``), ``requires_grad=False``.
+  * ``absmax``: the per-block statistics, a ``uint8`` Parameter (8-bit codes when
+    double-quantized; the raw bytes of the fp32 absmax otherwise).
+  * buffers ``quant_map`` (16 fp32), and when double-quantized ``nested_absmax``,
+    ``nested_quant_map`` (256 fp32) and ``nested_offset`` (1 fp32).
+Packed bits are never held in a float tensor, and the two sharded tensors are
+not floating point, so FSDP2's ``MixedPrecisionPolicy`` leaves them alone (it
+only casts floating-point parameters; buffers are never cast). Per decoder
+layer, ``fully_shard`` shards ``weight`` and ``absmax`` along dim 0 and the
+float buffers stay replicated (they are 1/4096 of the weight or less).
+
+Compute: the dequantized weight never outlives one use. Forward dequantizes into
+a reused per-(device, dtype) workspace, multiplies, and drops it; backward
+dequantizes again for ``grad_input = grad_output @ W``. Under torch.compile the
+same code calls the registered op ``torch.ops.qforge.dequantize_nf4`` (with a fake
+kernel), so a decoder layer traces with ``fullgraph=True``. The LoRA path is plain
+torch matmuls (a fused C++ LoRA kernel would go behind the same interface).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import nf4, ops
+
+__all__ = ["NF4Linear", "LoraConfig", "DEFAULT_TARGETS", "add_lora", "lora_parameters",
+           "replace_linears", "dequantized_weight", "workspace_bytes"]
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# ------------------------------------------------------------------ workspace
+class _Workspace:
+    """One flat buffer per (device, dtype), grown to the largest weight seen and
+    reused by every NF4 layer for its dequantized weight."""
+
+    def __init__(self):
+        self.buffers: dict[tuple, Tensor] = {}
+
+    def get(self, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+        n = math.prod(shape)
+        key = (device, dtype)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < n:
+            self.buffers.pop(key, None)  # release the smaller one first
+            buf = torch.empty(n, dtype=dtype, device=device)
+            self.buffers[key] = buf
+        return buf[:n].view(shape)
+
+    def clear(self) -> None:
+        self.buffers.clear()
+
+
+WORKSPACE = _Workspace()
+
+
+def workspace_bytes() -> int:
+    """Bytes held by the shared dequantization workspaces."""
+    return sum(b.numel() * b.element_size() for b in WORKSPACE.buffers.values())
+
+
+def _dequantize(packed, absmax, code, nested_absmax, nested_code, nested_offset, meta, dtype, use_workspace):
+    blocksize, nested_blocksize, shape, float_absmax = meta
+    if float_absmax:
+        absmax = absmax.view(torch.float32)
+    args = (packed, absmax, code, blocksize, nested_absmax, nested_code, nested_offset, nested_blocksize)
+    if torch.compiler.is_compiling():  # traced: the registered op, a fresh (compiler-planned) buffer
+        return torch.ops.qforge.dequantize_nf4(*args[:4], list(shape), dtype, *args[4:])
+    out = (WORKSPACE.get(shape, dtype, packed.device) if use_workspace
+           else torch.empty(shape, dtype=dtype, device=packed.device))
+    ops.dequantize_into(*args, out)
+    return out
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """x @ dequant(W).T with W frozen: forward and backward each dequantize into
+    the workspace; nothing but the packed storage is saved for backward."""
+
+    @staticmethod
+    def forward(ctx, x, packed, absmax, code, nested_absmax, nested_code, nested_offset, meta):
+        w = _dequantize(packed, absmax, code, nested_absmax, nested_code, nested_offset, meta, x.dtype, True)
+        ctx.save_for_backward(packed, absmax, code, nested_absmax, nested_code, nested_offset)
+        ctx.meta = meta
+        return F.linear(x, w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 8
+        packed, absmax, code, nested_absmax, nested_code, nested_offset = ctx.saved_tensors
+        w = _dequantize(packed, absmax, code, nested_absmax, nested_code, nested_offset, ctx.meta, grad.dtype, True)
+        return (grad @ w,) + (None,) * 7
+
+
+def _compute_dtype(x: Tensor, default: torch.dtype) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype if x.dtype.is_floating_point else default
+
+
+# ------------------------------------------------------------------ the layer
+class NF4Linear(nn.Module):
+    """A frozen NF4 weight (+ optional frozen bias) with an optional LoRA adapter:
+    ``y = x @ W.T + b + scaling * B(A(dropout(x)))``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, blocksize: int = 64,
+                 nested: bool = True, nested_blocksize: int = 256, dtype: torch.dtype = torch.bfloat16,
+                 device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.blocksize, self.nested_blocksize = blocksize, nested_blocksize
+        self.dtype = dtype  # the dtype the weight was quantized from (QuantState.dtype)
+        n = in_features * out_features
+        blocks = -(-n // blocksize)
+        self.float_absmax = not nested
+        u8 = dict(dtype=torch.uint8, device=device)
+        self.weight = nn.Parameter(torch.zeros(((n + 1) // 2, 1), **u8), requires_grad=False)
+        self.absmax = nn.Parameter(torch.zeros(blocks * (1 if nested else 4), **u8), requires_grad=False)
+        f32 = dict(dtype=torch.float32, device=device)
+        self.register_buffer("quant_map", torch.zeros(16, **f32))
+        if nested:
+            self.register_buffer("nested_absmax", torch.zeros(-(-blocks // nested_blocksize), **f32))
+            self.register_buffer("nested_quant_map", torch.zeros(256, **f32))
+            self.register_buffer("nested_offset", torch.zeros(1, **f32))
+        else:
+            self.nested_absmax = self.nested_quant_map = self.nested_offset = None
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.r = 0
+        self.lora_A = self.lora_B = None
+        self.lora_dropout = None
+        self.scaling = 0.0
+
+    # ---------------------------------------------------------- construction
+    @classmethod
+    def from_quantized(cls, packed: Tensor, state, bias: Optional[Tensor] = None) -> "NF4Linear":
+        """From bitsandbytes-layout storage (a qforge or bitsandbytes QuantState)."""
+        shape = tuple(state.shape)
+        if len(shape) != 2:
+            raise ValueError(f"NF4 linear weight must be 2-D, got shape {shape}")
+        out_f, in_f = shape
+        nested = state.state2 is not None
+        m = cls(in_f, out_f, bias=bias is not None, blocksize=state.blocksize, nested=nested,
+                nested_blocksize=state.state2.blocksize if nested else 256, dtype=state.dtype, device="meta")
+        dev = packed.device
+        m.weight = nn.Parameter(nf4._as_bytes(packed).reshape(-1, 1).contiguous(), requires_grad=False)
+        absmax = state.absmax.contiguous()
+        m.absmax = nn.Parameter(absmax if nested else absmax.float().view(torch.uint8), requires_grad=False)
+        m.quant_map = state.code.to(dev, torch.float32).contiguous()
+        if nested:
+            m.nested_absmax = state.state2.absmax.to(dev, torch.float32).contiguous()
+            m.nested_quant_map = state.state2.code.to(dev, torch.float32).contiguous()
+            m.nested_offset = state.offset.to(dev, torch.float32).reshape(1).contiguous()
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().to(dev), requires_grad=False)
+        return m
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, compress_statistics: bool = True,
+                    device=None) -> "NF4Linear":
+        """Quantize a float ``nn.Linear`` (on ``device``, default its own) with qforge's quantizer."""
+        return cls.from_weight(linear.weight, linear.bias, blocksize, compress_statistics, device)
+
+    @classmethod
+    def from_weight(cls, weight: Tensor, bias: Optional[Tensor] = None, blocksize: int = 64,
+                    compress_statistics: bool = True, device=None, dtype: Optional[torch.dtype] = None) -> "NF4Linear":
+        w = weight.detach()
+        if device is not None:
+            w = w.to(device)
+        if dtype is not None:
+            w = w.to(dtype)
+        packed, state = nf4.quantize(w.contiguous(), blocksize=blocksize, compress_statistics=compress_statistics)
+        b = None if bias is None else bias.detach().to(w.device, w.dtype)
+        return cls.from_quantized(packed, state, b)
+
+    # ---------------------------------------------------------- views
+    def quant_state(self) -> nf4.QuantState:
+        """The weight's QuantState (bitsandbytes' fields), sharing this module's tensors."""
+        nested = not self.float_absmax
+        state = nf4.QuantState(
+            absmax=self.absmax.data if nested else self.absmax.data.view(torch.float32),
+            shape=(self.out_features, self.in_features), dtype=self.dtype, blocksize=self.blocksize,
+            code=self.quant_map)
+        if nested:
+            state.offset = self.nested_offset.reshape(())
+            state.state2 = nf4.NestedState(absmax=self.nested_absmax, code=self.nested_quant_map,
+                                           blocksize=self.nested_blocksize)
+        return state
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """A new tensor holding the dequantized weight (for merging and tests)."""
+        return _dequantize(*self._storage(), dtype or self.dtype, False)
+
+    def _storage(self):
+        meta = (self.blocksize, self.nested_blocksize, (self.out_features, self.in_features), self.float_absmax)
+        return (self.weight, self.absmax, self.quant_map, self.nested_absmax, self.nested_quant_map,
+                self.nested_offset, meta)
+
+    # ---------------------------------------------------------- LoRA
+    def add_lora(self, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 dtype: torch.dtype = torch.float32, init: str = "default",
+                 generator: Optional[torch.Generator] = None) -> None:
+        """Attach a LoRA adapter as PEFT initialises it: A kaiming-uniform(a=sqrt(5)), B zero."""
+        if r <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {r}")
+        dev = self.weight.device
+        self.r = r
+        self.lora_alpha = alpha
+        self.use_rslora = use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=dtype)
+        with torch.no_grad():
+            if generator is None:
+                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            else:  # same distribution, drawn from `generator` (reproducible model building)
+                bound = 1.0 / math.sqrt(self.in_features)
+                a = torch.rand(self.lora_A.weight.shape, generator=generator, dtype=torch.float32)
+                self.lora_A.weight.copy_((a * 2 - 1) * bound)
+            nn.init.zeros_(self.lora_B.weight)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def lora_delta(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """scaling * B @ A, the weight update the adapter represents."""
+        delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+        return delta.to(dtype or self.dtype)
+
+    # ---------------------------------------------------------- forward
+    def forward(self, x: Tensor) -> Tensor:
+        cd = _compute_dtype(x, self.dtype)
+        h = x.to(cd)
+        out = _NF4Matmul.apply(h, *self._storage()) if not self.weight.is_meta else None
+        if out is None:
+            raise RuntimeError("NF4Linear: weights are on the meta device (not loaded)")
+        if self.bias is not None:
+            out = out + self.bias.to(cd)
+        if self.lora_A is not None:
+            a_dtype = self.lora_A.weight.dtype
+            lx = self.lora_dropout(x if torch.is_autocast_enabled(x.device.type) else x.to(a_dtype))
+            out = out + (self.lora_B(self.lora_A(lx)) * self.scaling).to(out.dtype)
+        return out
+
+    def extra_repr(self) -> str:
+        s = (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+             f"nf4 blocksize={self.blocksize}, double_quant={not self.float_absmax}")
+        return s + (f", lora r={self.r} scaling={self.scaling:g}" if self.r else "")
+
+
+# ------------------------------------------------------------------ model-level helpers
+def dequantized_weight(module: nn.Module, dtype: Optional[torch.dtype] = None) -> Tensor:
+    if isinstance(module, NF4Linear):
+        return module.dequantize(dtype)
+    return module.weight.detach().to(dtype or module.weight.dtype)
+
+
+def _is_target(name: str, targets: Iterable[str]) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return any(leaf == t or name == t or name.endswith("." + t) for t in targets)
+
+
+def replace_linears(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS, blocksize: int = 64,
+                    compress_statistics: bool = True, device=None, dtype: Optional[torch.dtype] = None) -> list[str]:
+    """Quantize every ``nn.Linear`` whose name ends in one of ``targets`` to an
+    ``NF4Linear`` in place, one layer at a time (each float weight is freed as soon
+    as its replacement exists). Returns the replaced module names."""
+    targets = tuple(targets)
+    done = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and _is_target(name, targets):
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            q = NF4Linear.from_weight(module.weight, module.bias, blocksize, compress_statistics, device, dtype)
+            setattr(parent, leaf, q)
+            done.append(name)
+    return done
+
+
+class LoraConfig(dict):
+    """The adapter's settings, kept on the model as ``model.qforge_lora``."""
+
+
+def add_lora(model: nn.Module, r: int = 16, alpha: float = 16.0, dropout: float = 0.0,
+             target_modules: Iterable[str] = DEFAULT_TARGETS, use_rslora: bool = False,
+             lora_dtype: torch.dtype = torch.float32, seed: Optional[int] = None) -> nn.Module:
+    """Attach LoRA adapters to the NF4 layers named by ``target_modules`` (PEFT's
+    matching: a module whose name ends in a target); freezes every other
+    parameter. Returns the model. Raises ValueError when nothing matches."""
+    targets = list(target_modules)
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    hit, plain = [], []
+    for name, module in model.named_modules():
+        if not _is_target(name, targets):
+            continue
+        if isinstance(module, NF4Linear):
+            module.add_lora(r, alpha, dropout, use_rslora, lora_dtype, generator=gen)
+            hit.append(name)
+        elif isinstance(module, nn.Linear):
+            plain.append(name)
+    if plain:
+        raise ValueError(f"add_lora: {len(plain)} target modules are not NF4 layers (e.g. {plain[0]!r}); "
+                         "load the model with qforge.load(..., load_in_4bit=True) first")
+    if not hit:
+        raise ValueError(f"add_lora: no module matches target_modules {targets}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in lora_parameters(model):
+        p.requires_grad_(True)
+    found = sorted({n.rsplit(".", 1)[-1] for n in hit})
+    model.qforge_lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=found,
+                                   use_rslora=use_rslora)
+    return model
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The adapter weights under the model's own module names (``...q_proj.lora_A.weight``)."""
+    return {n: p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}

@@ -1,0 +1,169 @@
+"""LoRA adapters in PEFT's file format, and merging them into a 16-bit checkpoint.
+
+``save_adapter(model, dir)`` writes ``adapter_config.json`` and
+``adapter_model.safetensors`` exactly as ``peft.PeftModel.save_pretrained`` does
+(keys ``base_model.model.<module>.lora_A.weight``), so
+``PeftModel.from_pretrained(original_hf_model, dir)`` loads it; ``load_adapter``
+reads PEFT's files back into a qforge model; ``merge_and_save`` writes
+``W + scaling * B @ A`` for every adapted layer (dequantized base) as an ordinary
+transformers checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .nn import NF4Linear, add_lora, lora_state_dict
+
+__all__ = ["save_adapter", "load_adapter", "merge_and_save", "adapter_config"]
+
+_PREFIX = "base_model.model."
+
+
+def adapter_config(model: nn.Module, base_model_name_or_path: Optional[str] = None) -> dict:
+    cfg = getattr(model, "qforge_lora", None)
+    if cfg is None:
+        raise ValueError("model has no LoRA adapter (call qforge.add_lora first)")
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "auto_mapping": None,
+        "base_model_name_or_path": base_model_name_or_path or getattr(model, "qforge_source", None),
+        "revision": None, "inference_mode": True,
+        "r": int(cfg["r"]), "lora_alpha": cfg["lora_alpha"], "lora_dropout": float(cfg["lora_dropout"]),
+        "target_modules": sorted(cfg["target_modules"]), "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": bool(cfg["use_rslora"]), "use_dora": False, "modules_to_save": None,
+        "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {}, "alpha_pattern": {},
+    }
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_adapter(model: nn.Module, path, base_model_name_or_path: Optional[str] = None) -> Path:
+    """Write the adapter in PEFT's format into directory ``path`` (each file
+    written to a temporary name, fsynced and renamed)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = adapter_config(model, base_model_name_or_path)
+    tensors = {_PREFIX + k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    tmp = path / "adapter_model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    _fsync_file(tmp)
+    tmp.replace(path / "adapter_model.safetensors")
+    tmp = path / "adapter_config.json.tmp"
+    tmp.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    _fsync_file(tmp)
+    tmp.replace(path / "adapter_config.json")
+    _fsync_dir(path)
+    return path
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def load_adapter(model: nn.Module, path, strict: bool = True) -> nn.Module:
+    """Load a PEFT LoRA adapter directory into a qforge model (adding the LoRA
+    layers when the model has none). Raises ValueError for files that are missing,
+    not LoRA, or whose tensors do not fit the model."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_path, w_path = path / "adapter_config.json", path / "adapter_model.safetensors"
+    for p in (cfg_path, w_path):
+        if not p.exists():
+            raise ValueError(f"{p}: missing (not a PEFT adapter directory)")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
+    if cfg.get("use_dora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise ValueError(f"{cfg_path}: DoRA and per-module rank/alpha patterns are not supported")
+    try:
+        tensors = load_file(str(w_path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{w_path}: not a readable safetensors file ({e})") from None
+    if getattr(model, "qforge_lora", None) is None:
+        targets = cfg["target_modules"]
+        if isinstance(targets, str):
+            raise ValueError(f"{cfg_path}: regex target_modules are not supported")
+        add_lora(model, r=int(cfg["r"]), alpha=cfg["lora_alpha"], dropout=float(cfg.get("lora_dropout", 0.0)),
+                 target_modules=targets, use_rslora=bool(cfg.get("use_rslora", False)))
+    own = lora_state_dict(model)
+    seen = set()
+    for key, value in tensors.items():
+        name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+        name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+        if name not in own:
+            if strict:
+                raise ValueError(f"{w_path}: tensor '{key}' does not match a LoRA layer of the model")
+            continue
+        if tuple(value.shape) != tuple(own[name].shape):
+            raise ValueError(f"{w_path}: '{key}' has shape {tuple(value.shape)}, the model's is {tuple(own[name].shape)}")
+        with torch.no_grad():
+            own[name].copy_(value.to(own[name].device, own[name].dtype))
+        seen.add(name)
+    missing = sorted(set(own) - seen)
+    if strict and missing:
+        raise ValueError(f"{w_path}: {len(missing)} LoRA tensors of the model are not in the file (e.g. '{missing[0]}')")
+    return model
+
+
+def merge_and_save(model: nn.Module, path, dtype: torch.dtype = torch.bfloat16, tokenizer=None,
+                   max_shard_bytes: int = 2 << 30) -> Path:
+    """Write a plain transformers checkpoint: every NF4 layer dequantized, plus
+    ``scaling * B @ A`` where it has an adapter, in ``dtype``; other tensors
+    converted to ``dtype``. Loads with ``AutoModelForCausalLM.from_pretrained``."""
+    from safetensors.torch import save_file
+
+    from .models.loader import _atomic_write_text, _write_sharded
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    skip = set()
+    for name, m in model.named_modules():
+        if isinstance(m, NF4Linear):
+            w = m.dequantize(torch.float32)
+            if m.lora_A is not None:
+                w = w + m.lora_delta(torch.float32).to(w.device)
+            tensors[f"{name}.weight"] = w.to(dtype).cpu()
+            if m.bias is not None:
+                tensors[f"{name}.bias"] = m.bias.detach().to(dtype).cpu()
+            skip.update(f"{name}.{k}" for k in m.state_dict())
+    for name, t in model.state_dict().items():
+        if name in skip or name in tensors:
+            continue
+        tensors[name] = (t.to(dtype) if t.is_floating_point() else t).detach().cpu().contiguous()
+    if getattr(model.config, "tie_word_embeddings", False):
+        tensors.pop("lm_head.weight", None)
+    _write_sharded(path, tensors, max_shard_bytes, save_file)
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    cfg["torch_dtype"] = cfg["dtype"]
+    _atomic_write_text(path / "config.json", json.dumps(cfg, indent=2, default=str))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
+    return path
