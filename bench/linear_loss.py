@@ -51,6 +51,14 @@ def make_impls(names):
             c = ql.auto_chunk_size(h.shape[0], w.shape[0], h.dtype, h.device, budget_bytes=2 * GIB)
             return ql.linear_cross_entropy(h, w, y, chunk_size=c)
         impls["qforge_chunk2g"] = big
+    if "qforge_nocluster" in names:  # ablation: the plain two-read row kernel
+        def nocl(h, w, y):
+            os.environ["QFORGE_LCE_CLUSTER"] = "0"
+            try:
+                return ql.linear_cross_entropy(h, w, y)
+            finally:
+                os.environ.pop("QFORGE_LCE_CLUSTER", None)
+        impls["qforge_nocluster"] = nocl
     if "qforge_generic" in names:
         impls["qforge_generic"] = lambda h, w, y: ql.chunked_linear(h, w, y, eager_ce)
     if "torch_eager" in names:
@@ -216,7 +224,8 @@ def versions():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/linear_loss.json")
-    ap.add_argument("--impls", default="qforge,qforge_chunk2g,qforge_generic,torch_eager,torch_compile,liger,cce")
+    ap.add_argument("--impls", default="qforge,qforge_chunk2g,qforge_nocluster,qforge_generic,torch_eager,torch_compile,liger,cce")
+    ap.add_argument("--sweep", default="1024,1536,1792,2048,3072,4096", help="qforge chunk sizes at N=16384")
     ap.add_argument("--shapes", default=None, help="N,D,V;N,D,V")
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
@@ -271,6 +280,21 @@ def main():
                 print(f"  {name:15s} {case['error'][:150]}", flush=True)
             gc.collect()
             torch.cuda.empty_cache()
+        if (n, d, v) == (16384, 4096, 128256) and args.sweep:
+            import qforge.loss as ql
+            result["chunk_sweep"] = []
+            for c in [int(x) for x in args.sweep.split(",")]:
+                try:
+                    r = run_case(f"qforge_chunk{c}", lambda h, w, y, c=c: ql.linear_cross_entropy(h, w, y, chunk_size=c),
+                                 n, d, v, ref, args.reps, h0, w0, y)
+                    r.update(chunk=c, ratio_to_floor=r["ms"] / floor)
+                    result["chunk_sweep"].append(r)
+                    print(f"  chunk {c:5d}: {r['ms']:7.1f} ms x{r['ratio_to_floor']:.3f} floor, extra {r['extra_peak_gib']:.2f} GiB", flush=True)
+                except Exception as e:  # noqa: BLE001
+                    print(f"  chunk {c}: {e}")
+                gc.collect()
+                torch.cuda.empty_cache()
+            save(result, args.out)
         if (n, d, v) == (16384, 4096, 128256) and "qforge" in impls:
             try:
                 rows = profile_qforge(impls["qforge"], h0, w0, y)
