@@ -174,6 +174,16 @@ QF_API int qf_chat_apply_template(const qf_chat_template* tmpl, const char* requ
                                   int64_t now, qf_chat_buffer** text, int64_t* spans, size_t spans_cap,
                                   size_t* n_spans);
 
+/* apply_chat_template over many conversations: shared_json is a request as
+ * above whose "messages" is ignored (tools, kwargs, ... apply to all);
+ * conversations_json is a JSON list of message lists. threads <= 0: all
+ * cores. *texts receives the outputs concatenated; offsets (n + 1 entries,
+ * n = number of conversations, caller-allocated) receives the byte offset of
+ * each output in it. */
+QF_API int qf_chat_apply_batch(const qf_chat_template* tmpl, const char* shared_json, size_t shared_len,
+                               const char* conversations_json, size_t conversations_len, int64_t now, int threads,
+                               qf_chat_buffer** texts, int64_t* offsets, size_t offsets_len);
+
 /* Render with a JSON object of template variables, nothing added. */
 QF_API int qf_chat_template_render(const qf_chat_template* tmpl, const char* context_json, size_t context_len,
                                    int64_t now, qf_chat_buffer** text);

@@ -24,6 +24,10 @@ _apply = declare(
     "qf_chat_apply_template", _p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int64, ctypes.POINTER(_p),
     ctypes.POINTER(ctypes.c_int64), ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t),
 )
+_batch = declare(
+    "qf_chat_apply_batch", _p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int64,
+    ctypes.c_int, ctypes.POINTER(_p), ctypes.POINTER(ctypes.c_int64), ctypes.c_size_t,
+)
 _render = declare("qf_chat_template_render", _p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int64, ctypes.POINTER(_p))
 _parse = declare("qf_chat_parse_tool_calls", ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.POINTER(_p))
 _dumps = declare(
@@ -65,7 +69,8 @@ def _take(handle: ctypes.c_void_p) -> str:
 
 
 def _json(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, allow_nan=True).encode("utf-8")
+    # ASCII-escaped JSON: Python's encoder is twice as fast that way
+    return json.dumps(obj, ensure_ascii=True, allow_nan=True).encode("ascii")
 
 
 def tool_schema(tool: dict | Callable) -> dict:
@@ -137,6 +142,41 @@ class ChatTemplate:
         if n.value > cap:
             raise ValueError(f"more than {cap} generation blocks")
         return text, [(spans[2 * i], spans[2 * i + 1]) for i in range(n.value)]
+
+    def apply_batch(
+        self,
+        conversations: Sequence[Sequence[dict]],
+        tools: Iterable[dict | Callable] | None = None,
+        documents: Sequence[dict] | None = None,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool | str = False,
+        threads: int = 0,
+        now: int | None = None,
+        **kwargs,
+    ) -> list[str]:
+        """apply() over many conversations that share tools/documents/kwargs,
+        rendered in C++ on `threads` threads (0: all cores)."""
+        shared = {
+            "tools": None if tools is None else [tool_schema(t) for t in tools],
+            "documents": documents,
+            "add_generation_prompt": bool(add_generation_prompt),
+            "continue_final_message": continue_final_message,
+            **kwargs,
+        }
+        raw_shared = _json(shared)
+        raw_convs = _json([list(c) for c in conversations])
+        n = len(conversations)
+        offsets = (ctypes.c_int64 * (n + 1))()
+        out = ctypes.c_void_p()
+        _call(_batch(self._handle, raw_shared, len(raw_shared), raw_convs, len(raw_convs),
+                     -1 if now is None else int(now), int(threads), ctypes.byref(out), offsets, n + 1))
+        size = ctypes.c_size_t()
+        ptr = _buf_data(out, ctypes.byref(size))
+        try:
+            data = ctypes.string_at(ptr, size.value)
+        finally:
+            _buf_free(out)
+        return [data[offsets[i]:offsets[i + 1]].decode("utf-8") for i in range(n)]
 
     def render(self, now: int | None = None, **variables) -> str:
         """Render with exactly these template variables."""

@@ -56,6 +56,34 @@ int qf_chat_apply_template(const qf_chat_template* tmpl, const char* request_jso
   });
 }
 
+int qf_chat_apply_batch(const qf_chat_template* tmpl, const char* shared_json, size_t shared_len,
+                        const char* conversations_json, size_t conversations_len, int64_t now, int threads,
+                        qf_chat_buffer** texts, int64_t* offsets, size_t offsets_len) {
+  return qforge::capi::guard([&] {
+    QF_CHECK(tmpl && texts && offsets, "qf_chat_apply_batch: tmpl, texts and offsets must not be NULL");
+    *texts = nullptr;
+    qforge::chat::Value shared = qforge::chat::json_loads(view(shared_json, shared_len));
+    QF_CHECK(shared.is_dict(), "qf_chat_apply_batch: shared request must be a JSON object");
+    if (!shared.get("messages")) shared.set("messages", qforge::chat::Value(qforge::chat::List{}));
+    auto req = qforge::chat::chat_request_from_json(shared);
+    qforge::chat::Value convs = qforge::chat::json_loads(view(conversations_json, conversations_len));
+    QF_CHECK(convs.is_list(), "qf_chat_apply_batch: conversations must be a JSON list of message lists");
+    QF_CHECK(offsets_len == convs.list().size() + 1, "qf_chat_apply_batch: offsets needs ", convs.list().size() + 1,
+             " entries, got ", offsets_len);
+    auto results = qforge::chat::apply_chat_template_batch(tmpl->tmpl, req, convs.list(), options(now), threads);
+    size_t total = 0;
+    for (auto& r : results) total += r.text.size();
+    std::string all;
+    all.reserve(total);
+    for (size_t i = 0; i < results.size(); ++i) {
+      offsets[i] = static_cast<int64_t>(all.size());
+      all += results[i].text;
+    }
+    offsets[results.size()] = static_cast<int64_t>(all.size());
+    *texts = make_buffer(std::move(all));
+  });
+}
+
 int qf_chat_template_render(const qf_chat_template* tmpl, const char* context_json, size_t context_len, int64_t now,
                             qf_chat_buffer** text) {
   return qforge::capi::guard([&] {

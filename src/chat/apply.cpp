@@ -3,6 +3,10 @@
 
 #include <algorithm>
 #include <cstring>
+#include <exception>
+#include <thread>
+
+#include "jinja_rt.hpp"
 
 #include "qforge/error.hpp"
 
@@ -28,6 +32,10 @@ std::string_view strip_ws(std::string_view s) {
 
 // {"thinking": r, **message, "reasoning_content": r} when any reasoning field is set
 Value alias_reasoning(const Value& msg) {
+  bool any = false;
+  for (auto& kv : msg.dict_ref().items)
+    if (kv.first.is_string() && is_reasoning_field(kv.first.str()) && !kv.second.is_none()) any = true;
+  if (!any) return msg;
   const Value* reasoning = nullptr;
   for (auto* f : kReasoningFields) {
     const Value* v = msg.get(f);
@@ -36,7 +44,6 @@ Value alias_reasoning(const Value& msg) {
       break;
     }
   }
-  if (!reasoning) return msg;
   Dict d;
   d.set(Value("thinking"), *reasoning);
   for (auto& kv : msg.dict_ref().items) d.set(kv.first, kv.second);
@@ -140,6 +147,56 @@ ChatRendered apply_chat_template(const Template& tmpl, const ChatRequest& req, c
                        (out.text[e - 1] >= 0x1c && out.text[e - 1] <= 0x1f)))
         --e;
       out.text.resize(e);
+    }
+  }
+  return out;
+}
+
+std::vector<ChatRendered> apply_chat_template_batch(const Template& tmpl, const ChatRequest& shared,
+                                                    const List& conversations, const RenderOptions& opt, int threads) {
+  size_t n = conversations.size();
+  std::vector<ChatRendered> out(n);
+  if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  threads = static_cast<int>(std::min<size_t>(static_cast<size_t>(threads), std::max<size_t>(n, 1)));
+  std::vector<std::exception_ptr> errors(static_cast<size_t>(threads));
+  std::vector<size_t> failed_at(static_cast<size_t>(threads), n);
+  auto work = [&](int t) {
+    RenderCache cache;
+    RenderOptions o = opt;
+    if (!o.cache) o.cache = &cache;
+    ChatRequest req = shared;
+    for (size_t i = static_cast<size_t>(t); i < n; i += static_cast<size_t>(threads)) {
+      try {
+        req.messages = conversations[i];
+        out[i] = apply_chat_template(tmpl, req, o);
+      } catch (...) {
+        errors[t] = std::current_exception();
+        failed_at[t] = i;
+        return;
+      }
+    }
+  };
+  if (threads == 1) {
+    work(0);
+  } else {
+    std::vector<std::thread> pool;
+    for (int t = 0; t < threads; ++t) pool.emplace_back(work, t);
+    for (auto& th : pool) th.join();
+  }
+  size_t first = n;
+  int which = -1;
+  for (int t = 0; t < threads; ++t)
+    if (errors[t] && failed_at[t] < first) {
+      first = failed_at[t];
+      which = t;
+    }
+  if (which >= 0) {
+    try {
+      std::rethrow_exception(errors[which]);
+    } catch (const TemplateError& e) {
+      throw TemplateError(e.kind, detail::concat("conversation ", first, ": ", e.message), e.line, e.column);
+    } catch (const InvalidArgument& e) {
+      throw InvalidArgument(detail::concat("conversation ", first, ": ", e.what()));
     }
   }
   return out;

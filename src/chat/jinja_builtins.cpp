@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <ctime>
+#include <unordered_set>
 
 #include "jinja_rt.hpp"
 
@@ -71,20 +72,43 @@ std::string encode(const std::vector<uint32_t>& cps, size_t a, size_t b) {
 }
 
 // strip with Python semantics: chars == nullptr -> whitespace
+// the code point starting at byte i (and its length)
+uint32_t cp_at(const std::string& s, size_t i, size_t& len) {
+  size_t j = i + 1;
+  while (j < s.size() && (static_cast<unsigned char>(s[j]) & 0xC0) == 0x80) ++j;
+  len = j - i;
+  auto cps = utf8_decode(std::string_view(s).substr(i, len));
+  return cps.empty() ? 0xFFFD : cps[0];
+}
+
+// strip with Python semantics: chars == nullptr -> whitespace; works on
+// UTF-8 bytes, decoding only the code points at the edges
 std::string strip(const std::string& s, const Value* chars, bool left, bool right) {
   std::vector<uint32_t> set;
   bool ws = !chars || chars->is_none();
   if (!ws) set = utf8_decode(chars->str());
   auto strip_it = [&](uint32_t c) { return ws ? py_isspace(c) : std::find(set.begin(), set.end(), c) != set.end(); };
-  // fast path for ASCII
-  auto cps = utf8_decode(s);
-  size_t a = 0, b = cps.size();
+  size_t a = 0, b = s.size();
   if (left)
-    while (a < b && strip_it(cps[a])) ++a;
+    while (a < b) {
+      size_t len = 1;
+      uint32_t c = static_cast<unsigned char>(s[a]);
+      if (c >= 0x80) c = cp_at(s, a, len);
+      if (!strip_it(c)) break;
+      a += len;
+    }
   if (right)
-    while (b > a && strip_it(cps[b - 1])) --b;
-  if (a == 0 && b == cps.size()) return s;
-  return encode(cps, a, b);
+    while (b > a) {
+      size_t start = b - 1;
+      while (start > a && (static_cast<unsigned char>(s[start]) & 0xC0) == 0x80) --start;
+      size_t len = 1;
+      uint32_t c = static_cast<unsigned char>(s[start]);
+      if (c >= 0x80) c = cp_at(s, start, len);
+      if (!strip_it(c)) break;
+      b = start;
+    }
+  if (a == 0 && b == s.size()) return s;
+  return s.substr(a, b - a);
 }
 
 List split_ws(const std::string& s, int64_t maxsplit, bool from_right) {
@@ -498,8 +522,18 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
         o.key_separator = &key_sep;
       }
       o.sort_keys = arg_bool(args, 3, "sort_keys", false);
+      std::string key;
+      bool cacheable = in.opt.cache && (v.is_dict() || v.is_list()) && v.identity();
+      if (cacheable) {
+        key = detail::concat(o.ensure_ascii, o.sort_keys, o.indent ? "i" + indent_s : "-", "|", item_sep, "|", key_sep,
+                             o.item_separator ? "s" : "-");
+        for (auto& e : in.opt.cache->tojson)
+          if (e.value.identity() == v.identity() && e.options == key) return e.json;
+      }
       try {
-        return Value(json_dumps(v, o));
+        Value out(json_dumps(v, o));
+        if (cacheable && in.opt.cache->tojson.size() < 256) in.opt.cache->tojson.push_back({v, key, out});
+        return out;
       } catch (const TemplateError&) {
         throw;
       } catch (const InvalidArgument& e) {
@@ -869,16 +903,19 @@ static const char* kListMethods[] = {"index", "count", "copy", "append", "extend
                                      "reverse", "sort", "clear"};
 
 bool has_method(const Value& obj, const std::string& name) {
-  auto in_table = [&](const char* const* t, size_t n) {
-    for (size_t i = 0; i < n; ++i)
-      if (name == t[i]) return true;
-    return false;
+  static const auto make = [](const char* const* t, size_t n) {
+    std::unordered_set<std::string_view> set;
+    for (size_t i = 0; i < n; ++i) set.insert(t[i]);
+    return set;
   };
-  if (!name.empty() && name[0] == '_' && name.size() > 1 && name[1] == '_' && !obj.is_namespace()) return true;
+  static const std::unordered_set<std::string_view> str_methods = make(kStrMethods, std::size(kStrMethods));
+  static const std::unordered_set<std::string_view> dict_methods = make(kDictMethods, std::size(kDictMethods));
+  static const std::unordered_set<std::string_view> list_methods = make(kListMethods, std::size(kListMethods));
+  if (name.size() > 1 && name[0] == '_' && name[1] == '_' && !obj.is_namespace()) return true;
   switch (obj.kind()) {
-    case Kind::String: return in_table(kStrMethods, std::size(kStrMethods));
-    case Kind::Dict: return in_table(kDictMethods, std::size(kDictMethods));
-    case Kind::List: return in_table(kListMethods, std::size(kListMethods));
+    case Kind::String: return str_methods.count(name) > 0;
+    case Kind::Dict: return dict_methods.count(name) > 0;
+    case Kind::List: return list_methods.count(name) > 0;
     case Kind::Tuple: return name == "index" || name == "count";
     default: return false;
   }

@@ -88,7 +88,7 @@ std::string object_type_repr(const Value& v) {
 }
 
 static Value undefined_attr(const Value& obj, const std::string& name) {
-  return Value::undefined(detail::concat("'", object_type_repr(obj), "' has no attribute '", name, "'"));
+  return Value::undefined("'" + object_type_repr(obj) + "' has no attribute '" + name + "'");
 }
 
 static bool unsafe_method(const Value& obj, const std::string& name) {
@@ -444,7 +444,7 @@ Value Interp::eval(const Node& n, Frame& f) {
     case NK::Const: return n.value;
     case NK::Name: {
       if (Value* v = f.find(n.sym)) return *v;
-      return Value::undefined(detail::concat("'", n.name, "' is undefined"));
+      return n.value;
     }
     case NK::Getattr: return getattr(eval(*n.args[0], f), n.name, n);
     case NK::Getitem: {
@@ -554,6 +554,37 @@ Value Interp::eval(const Node& n, Frame& f) {
 }
 
 // -------------------------------------------------------------- statements
+// {{ a + b + c }}: when every operand is a plain string, append them straight
+// to the output instead of building the intermediate sums.
+void Interp::emit_sum(const Node& e, Frame& f, std::string& out) {
+  std::vector<const Node*> leaves, adds;
+  const Node* cur = &e;
+  while (cur->kind == NK::BinOp && cur->op == Op::Add) {
+    adds.push_back(cur);
+    leaves.push_back(cur->args[1].get());
+    cur = cur->args[0].get();
+  }
+  leaves.push_back(cur);
+  Value vals[16];
+  size_t n = leaves.size();
+  if (n > 16) {
+    py_str_to(out, eval(e, f));
+    return;
+  }
+  bool plain = true;
+  for (size_t i = 0; i < n; ++i) {
+    vals[i] = eval(*leaves[n - 1 - i], f);
+    plain = plain && vals[i].is_string() && !vals[i].is_markup();
+  }
+  if (plain) {
+    for (size_t i = 0; i < n; ++i) out += vals[i].str();
+    return;
+  }
+  Value acc = vals[0];
+  for (size_t i = 1; i < n; ++i) acc = binop(Op::Add, acc, vals[i], *adds[n - 1 - i]);
+  py_str_to(out, acc);
+}
+
 static void assign(Interp& in, const Node& target, const Value& v, Frame& f) {
   if (target.kind == NK::Name) {
     f.set(target.sym, v);
@@ -590,6 +621,9 @@ Interp::Flow Interp::exec(const std::vector<NodePtr>& body, Frame& f, std::strin
       case NK::Emit: {
         const Node& e = *n.args[0];
         if (e.kind == NK::Const && e.value.is_string()) out += e.value.str();
+        else if (e.kind == NK::Concat)
+          for (auto& a : e.args) py_str_to(out, eval(*a, f));
+        else if (e.kind == NK::BinOp && e.op == Op::Add) emit_sum(e, f, out);
         else py_str_to(out, eval(e, f));
         check_output(out.size(), n);
         break;

@@ -866,6 +866,7 @@ class Parser {
         n->kind = NK::Name;
         n->name = t.text;
         n->sym = prog_.sym(t.text);
+        n->value = Value::undefined("'" + t.text + "' is undefined");  // what a missing name evaluates to
       }
       return n;
     }

@@ -51,6 +51,15 @@ struct Args {
 
 class Interp;
 
+struct RenderCache {
+  struct Entry {
+    Value value;  // keeps the identity alive
+    std::string options;
+    Value json;
+  };
+  std::vector<Entry> tojson;
+};
+
 // Callables visible to templates.
 struct Callable : Native {
   virtual Value call(Interp& in, Args& args, const Node& at) = 0;
@@ -93,6 +102,7 @@ class Interp {
   Value eval(const Node& n, Frame& f);
   enum class Flow { Normal, Break, Continue };
   Flow exec(const std::vector<NodePtr>& body, Frame& f, std::string& out);
+  void emit_sum(const Node& e, Frame& f, std::string& out);
 
   // Python/jinja2 semantics shared with the builtins
   Value getattr(const Value& obj, const std::string& name, const Node& at);

@@ -28,10 +28,7 @@ static const std::string kEmpty;
 static const List kEmptyList;
 static const Dict kEmptyDict;
 
-const std::string& Value::str() const {
-  if ((kind_ == Kind::String || kind_ == Kind::Undefined) && ptr_) return *static_cast<const std::string*>(ptr_.get());
-  return kEmpty;
-}
+const std::string& Value::empty_string() { return kEmpty; }
 const List& Value::list() const {
   if (kind_ == Kind::List || kind_ == Kind::Tuple) return *static_cast<const List*>(ptr_.get());
   return kEmptyList;
@@ -107,8 +104,11 @@ const Value* Dict::find(const Value& key) const {
 }
 Value* Dict::find(const Value& key) { return const_cast<Value*>(static_cast<const Dict*>(this)->find(key)); }
 const Value* Dict::find(std::string_view key) const {
-  for (auto& kv : items)
-    if (kv.first.is_string() && kv.first.str() == key) return &kv.second;
+  for (auto& kv : items) {
+    if (!kv.first.is_string()) continue;
+    const std::string& k = kv.first.str();
+    if (k.size() == key.size() && std::memcmp(k.data(), key.data(), key.size()) == 0) return &kv.second;
+  }
   return nullptr;
 }
 void Dict::set(Value key, Value v) {
@@ -248,15 +248,18 @@ sci:
 static void json_string(std::string& out, std::string_view s, bool ensure_ascii) {
   out += '"';
   static const char* hex = "0123456789abcdef";
-  size_t i = 0;
+  size_t i = 0, run = 0;  // s[run, i) is copied verbatim in one append
+  auto flush = [&]() {
+    if (i > run) out.append(s.data() + run, i - run);
+  };
   while (i < s.size()) {
     unsigned char c = s[i];
+    if (c >= 0x20 && c != '"' && c != '\\' && (c < 0x7f || (!ensure_ascii && c >= 0x80) || (c == 0x7f && !ensure_ascii))) {
+      ++i;
+      continue;
+    }
+    flush();
     if (c >= 0x80) {
-      if (!ensure_ascii) {
-        out += static_cast<char>(c);
-        ++i;
-        continue;
-      }
       size_t j = i + 1;
       while (j < s.size() && (static_cast<unsigned char>(s[j]) & 0xC0) == 0x80) ++j;
       for (uint32_t cp : utf8_decode(s.substr(i, j - i))) {
@@ -272,7 +275,7 @@ static void json_string(std::string& out, std::string_view s, bool ensure_ascii)
           emit(cp);
         }
       }
-      i = j;
+      i = run = j;
       continue;
     }
     switch (c) {
@@ -284,16 +287,13 @@ static void json_string(std::string& out, std::string_view s, bool ensure_ascii)
       case '\b': out += "\\b"; break;
       case '\f': out += "\\f"; break;
       default:
-        if (c < 0x20 || (ensure_ascii && c == 0x7f)) {
-          out += "\\u00";
-          out += hex[c >> 4];
-          out += hex[c & 0xF];
-        } else {
-          out += static_cast<char>(c);
-        }
+        out += "\\u00";
+        out += hex[c >> 4];
+        out += hex[c & 0xF];
     }
-    ++i;
+    run = ++i;
   }
+  flush();
   out += '"';
 }
 
@@ -351,25 +351,26 @@ static void dumps_rec(std::string& out, const Value& v, const DumpOptions& o, co
         out += "{}";
         return;
       }
-      std::vector<const std::pair<Value, Value>*> order;
-      order.reserve(items.size());
-      for (auto& kv : items) order.push_back(&kv);
-      if (o.sort_keys) {
-        for (auto* kv : order)
-          if (!kv->first.is_string())
-            throw InvalidArgument("'<' not supported between instances of non-str dict keys in json.dumps(sort_keys=True)");
-        std::stable_sort(order.begin(), order.end(),
-                         [](auto* a, auto* b) { return a->first.str() < b->first.str(); });
-      }
-      out += '{';
-      bool first = true;
-      for (auto* kv : order) {
+      auto emit = [&](const std::pair<Value, Value>& kv, bool first) {
         if (!first) out += item_sep;
-        first = false;
         if (o.indent) newline(level + 1);
-        json_key(out, kv->first, o.ensure_ascii);
+        json_key(out, kv.first, o.ensure_ascii);
         out += key_sep;
-        dumps_rec(out, kv->second, o, item_sep, key_sep, level + 1);
+        dumps_rec(out, kv.second, o, item_sep, key_sep, level + 1);
+      };
+      out += '{';
+      if (o.sort_keys) {
+        std::vector<const std::pair<Value, Value>*> order;
+        order.reserve(items.size());
+        for (auto& kv : items) {
+          if (!kv.first.is_string())
+            throw InvalidArgument("'<' not supported between instances of non-str dict keys in json.dumps(sort_keys=True)");
+          order.push_back(&kv);
+        }
+        std::stable_sort(order.begin(), order.end(), [](auto* a, auto* b) { return a->first.str() < b->first.str(); });
+        for (size_t i = 0; i < order.size(); ++i) emit(*order[i], i == 0);
+      } else {
+        for (size_t i = 0; i < items.size(); ++i) emit(items[i], i == 0);
       }
       if (o.indent) newline(level);
       out += '}';
@@ -550,13 +551,13 @@ struct JsonReader {
     std::string s;
     while (true) {
       if (p >= t.size()) fail("unterminated string");
+      size_t run = p;
+      while (p < t.size() && t[p] != '"' && t[p] != '\\' && static_cast<unsigned char>(t[p]) >= 0x20) ++p;
+      s.append(t.data() + run, p - run);
+      if (p >= t.size()) fail("unterminated string");
       char c = t[p++];
       if (c == '"') break;
       if (static_cast<unsigned char>(c) < 0x20) fail("control character in string");
-      if (c != '\\') {
-        s += c;
-        continue;
-      }
       if (p >= t.size()) fail("unterminated string");
       char e = t[p++];
       switch (e) {

@@ -32,6 +32,15 @@ struct ChatRendered {
 // with transformers' messages.
 ChatRendered apply_chat_template(const Template& tmpl, const ChatRequest& req, const RenderOptions& opt = {});
 
+// Many conversations sharing tools, documents and kwargs (a training set):
+// conversations[i] is a list of messages rendered with `shared`'s other
+// fields. Runs on `threads` threads (<= 0: hardware concurrency); shared
+// values' tojson is computed once per thread. Results in input order; the
+// first failure is rethrown (naming the conversation's index).
+std::vector<ChatRendered> apply_chat_template_batch(const Template& tmpl, const ChatRequest& shared,
+                                                    const List& conversations, const RenderOptions& opt = {},
+                                                    int threads = 1);
+
 // A request from one JSON object: {"messages": [...], "tools": ..., "documents": ...,
 // "add_generation_prompt": bool, "continue_final_message": bool|str, <any other key>: kwarg}.
 ChatRequest chat_request_from_json(const Value& obj);

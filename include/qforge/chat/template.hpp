@@ -32,11 +32,17 @@ struct RenderLimits {
   int64_t max_loop_iterations = 10'000'000;  // summed over the whole render
 };
 
+struct RenderCache;  // memoised tojson of shared values across renders (private)
+
 struct RenderOptions {
   // Seconds since the epoch (UTC) that strftime_now() formats; < 0: now,
   // local time, as Python's datetime.now().
   int64_t now = -1;
   RenderLimits limits;
+  // Optional, for many renders sharing values (a batch with the same tools):
+  // tojson results of the same list/dict are reused. Not thread-safe: one
+  // per thread. Holds references to the values it has seen.
+  RenderCache* cache = nullptr;
 };
 
 struct RenderResult {

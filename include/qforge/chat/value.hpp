@@ -84,7 +84,12 @@ class Value {
   bool as_bool() const { return i_ != 0; }
   int64_t as_int() const { return i_; }
   double as_float() const { return kind_ == Kind::Float ? f_ : static_cast<double>(i_); }
-  const std::string& str() const;      // String (or the Undefined's hint)
+  // String (or the Undefined's hint); "" otherwise
+  const std::string& str() const {
+    if ((kind_ == Kind::String || kind_ == Kind::Undefined) && ptr_) return *static_cast<const std::string*>(ptr_.get());
+    return empty_string();
+  }
+  static const std::string& empty_string();
   const List& list() const;            // List or Tuple
   const Dict& dict_ref() const;        // Dict or Namespace
   Dict& dict_mut();                    // only while building / for namespaces
