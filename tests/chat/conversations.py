@@ -130,6 +130,26 @@ def requests() -> dict[str, dict]:
         documents=[{"title": "Report", "text": "Revenue grew 12% in 2025."},
                    {"title": "Memo", "text": "Hiring is paused."}])
     add("empty_system", [{"role": "system", "content": ""}, u1], agp=True)
+    add("content_and_tool_call", [sys, q, {"role": "assistant", "content": "Let me check that for you.",
+                                           "tool_calls": [call("call00006", "get_weather", {"city": "Paris"})]},
+                                  {"role": "tool", "tool_call_id": "call00006", "content": "sunny"}], tools=TOOLS, agp=True)
+    add("tools_mid_history", [sys, u1, a1, q, one_call, one_result,
+                              {"role": "assistant", "content": "It is sunny."},
+                              {"role": "user", "content": "Thanks, and tomorrow?"}], tools=TOOLS, agp=True)
+    add("empty_tools", [u1], tools=[], agp=True)
+    add("image_parts", [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]},
+                        {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+                        {"role": "user", "content": [{"type": "text", "text": "And its colour?"}]}], agp=True)
+    add("unicode_tool_args", [{"role": "user", "content": "Météo à Zürich?"}, {"role": "assistant", "content": "",
+                              "tool_calls": [call("call00007", "get_weather", '{"city": "Zürich", "note": "ß → 日本 🚀"}')]},
+                              {"role": "tool", "tool_call_id": "call00007", "name": "get_weather",
+                               "content": "{\"temp\": -3.25, \"desc\": \"neige ❄\"}"}], tools=TOOLS, agp=True)
+    add("consecutive_users", [{"role": "user", "content": "First part."}, {"role": "user", "content": "Second part."}],
+        agp=True)
+    add("whitespace_content", [{"role": "system", "content": "\n\n  spaced system  \n"},
+                               {"role": "user", "content": "\ttabbed\n"},
+                               {"role": "assistant", "content": "\n\nanswer\n\n"},
+                               {"role": "user", "content": " "}], agp=True)
     return r
 
 
