@@ -55,4 +55,26 @@ def stream_of(device: torch.device) -> ctypes.c_void_p:
     """The caller's current CUDA stream on `device` (None on CPU)."""
     if device.type != "cuda":
         return ctypes.c_void_p(None)
-    return ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
+    # the raw handle, without building a torch.cuda.Stream object (hot path)
+    return ctypes.c_void_p(torch._C._cuda_getCurrentRawStream(device.index))
+
+
+class on_device:
+    """Make `device` current for a kernel launch; free when it already is (hot path)."""
+
+    __slots__ = ("index", "previous")
+
+    def __init__(self, device: torch.device):
+        self.index = device.index if device.type == "cuda" else None
+
+    def __enter__(self):
+        self.previous = None
+        if self.index is not None:
+            current = torch.cuda.current_device()
+            if current != self.index:
+                self.previous = current
+                torch.cuda.set_device(self.index)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            torch.cuda.set_device(self.previous)

@@ -162,19 +162,22 @@ def dequantize(packed: Tensor, state, out: Optional[Tensor] = None, dtype: Optio
     nested = state.state2 is not None
     args = (
         packed, state.absmax, state.code, state.blocksize,
-    )
-    nested_args = (
         state.state2.absmax if nested else None,
         state.state2.code if nested else None,
         state.offset.reshape(1) if nested else None,
         state.state2.blocksize if nested else 256,
     )
-    if out is not None:
-        if out.numel() != math.prod(state.shape):
-            raise ValueError(f"out has {out.numel()} elements, the weight {math.prod(state.shape)}")
-        torch.ops.qforge.dequantize_nf4_into(*args, *nested_args, out)
-        return out
-    return torch.ops.qforge.dequantize_nf4(*args, list(state.shape), dtype or state.dtype, *nested_args)
+    if torch.compiler.is_compiling():  # traced: go through the registered ops
+        if out is not None:
+            torch.ops.qforge.dequantize_nf4_into(*args, out)
+            return out
+        return torch.ops.qforge.dequantize_nf4(*args[:4], list(state.shape), dtype or state.dtype, *args[4:])
+    if out is None:
+        out = torch.empty(state.shape, dtype=dtype or state.dtype, device=packed.device)
+    elif out.numel() != math.prod(state.shape):
+        raise ValueError(f"out has {out.numel()} elements, the weight {math.prod(state.shape)}")
+    ops.dequantize_into(*args, out)
+    return out
 
 
 # ------------------------------------------------------------- state dicts / files

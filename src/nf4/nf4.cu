@@ -4,10 +4,18 @@
 // dequantize: memory-bound. Per weight element it reads 0.5 byte of codes
 // (+ 1/blocksize of a byte or float of absmax) and writes sizeof(T) bytes, so
 // the floor is (numel/2 + numel*sizeof(T)) bytes at copy bandwidth. One
-// kernel does the whole double dequant: per 16-byte chunk of codes (32
+// kernel does the whole double dequant: per 32-bit word of codes (8
 // elements, always inside one quant block since blocksize >= 32) a thread
 // decodes its absmax from the 8-bit code, nested absmax and offset, then
-// the 32 levels, scales in fp32, rounds to T and writes with 16-byte stores.
+// the 8 levels, scales in fp32, rounds to T and writes one 16-byte store;
+// consecutive lanes take consecutive words, so loads and stores coalesce.
+//
+// quantize: bitsandbytes builds its kernels with --use_fast_math, so its
+// 1/absmax is the approximate reciprocal (rcp.approx.ftz). The CUDA quantizer
+// uses the same instruction, to write the same bytes as bitsandbytes on a GPU;
+// the CPU twin divides exactly, as bitsandbytes' CPU backend does. The two
+// reciprocals differ by at most one ulp, which moves an element to the
+// neighbouring level only when its scaled value sits on a level midpoint.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -22,9 +30,14 @@
 namespace qforge::nf4 {
 namespace {
 
+// Measured on an H100 (bench/results/nf4_dequant.json and the sweep in the
+// commit that set them): 4 words in flight per thread at full occupancy (8
+// blocks of 256 threads per SM, so at most 32 registers) beat 8 or 16 words
+// at 4-6 blocks per SM: 0.90 of copy bandwidth on large weights against 0.83-0.88.
 constexpr int kThreads = 256;
-constexpr int kUnroll = 4;           // 16-byte chunks in flight per thread
-constexpr int kElemsPerChunk = 32;   // 16 bytes of codes
+constexpr int kMinBlocksPerSM = 8;
+constexpr int kUnroll = 4;         // 32-bit words of codes in flight per thread
+constexpr int kElemsPerWord = 8;   // 4 bytes of codes
 
 struct DequantParams {
   const uint8_t* packed;
@@ -46,12 +59,10 @@ int log2_exact(int64_t v) {
 }
 
 // Codes are read once: stream them past L1 and ask L2 for 256-byte sectors.
-__device__ __forceinline__ uint4 load_codes(const uint4* p) {
-  uint4 v;
+__device__ __forceinline__ uint32_t load_codes(const uint32_t* p) {
+  uint32_t v;
 #if __CUDA_ARCH__ >= 800
-  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.u32 %0, [%1];" : "=r"(v) : "l"(p));
 #else
   v = __ldcs(p);
 #endif
@@ -109,8 +120,8 @@ __device__ __forceinline__ T from_float(float v) {
 }
 
 template <typename T, bool kNested>
-__global__ void __launch_bounds__(kThreads)
-dequantize_nf4_kernel(DequantParams p, T* __restrict__ out, int64_t vec_chunks) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+dequantize_nf4_kernel(DequantParams p, T* __restrict__ out, int64_t vec_words) {
   __shared__ float s_code[16];
   __shared__ float s_nested_code[kNested ? 256 : 1];
   if (threadIdx.x < 16) s_code[threadIdx.x] = p.code[threadIdx.x];
@@ -119,40 +130,37 @@ dequantize_nf4_kernel(DequantParams p, T* __restrict__ out, int64_t vec_chunks) 
   const float offset = kNested ? __ldg(p.nested_offset) : 0.0f;
   __syncthreads();
 
-  const uint4* codes = reinterpret_cast<const uint4*>(p.packed);
+  // Thread t of a step handles words base + u * kThreads: a warp's loads are
+  // 128 contiguous bytes and its 16-byte stores 512 contiguous bytes.
+  const uint32_t* codes = reinterpret_cast<const uint32_t*>(p.packed);
   const int64_t stride = int64_t(gridDim.x) * kThreads * kUnroll;
-  for (int64_t base = int64_t(blockIdx.x) * kThreads * kUnroll + threadIdx.x; base < vec_chunks;
+  for (int64_t base = int64_t(blockIdx.x) * kThreads * kUnroll + threadIdx.x; base < vec_words;
        base += stride) {
-    uint4 raw[kUnroll];
+    uint32_t raw[kUnroll];
     float scale[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int64_t c = base + u * kThreads;
-      if (c < vec_chunks) raw[u] = load_codes(codes + c);
+      const int64_t w = base + u * kThreads;
+      if (w < vec_words) raw[u] = load_codes(codes + w);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int64_t c = base + u * kThreads;
-      if (c < vec_chunks)
-        scale[u] = block_scale<kNested>(p, (c * kElemsPerChunk) >> p.log2_blocksize,
+      const int64_t w = base + u * kThreads;
+      if (w < vec_words)
+        scale[u] = block_scale<kNested>(p, (w * kElemsPerWord) >> p.log2_blocksize,
                                         s_nested_code, offset);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int64_t c = base + u * kThreads;
-      if (c >= vec_chunks) break;
-      T* dst = out + c * kElemsPerChunk;
-      decode_word(raw[u].x, scale[u], s_code, dst);
-      decode_word(raw[u].y, scale[u], s_code, dst + 8);
-      decode_word(raw[u].z, scale[u], s_code, dst + 16);
-      decode_word(raw[u].w, scale[u], s_code, dst + 24);
+      const int64_t w = base + u * kThreads;
+      if (w < vec_words) decode_word(raw[u], scale[u], s_code, out + w * kElemsPerWord);
     }
   }
 
-  // Elements the vector loop did not cover (the last < 32, or all of them
+  // Elements the vector loop did not cover (the last < 8, or all of them
   // when a buffer is not 16-byte aligned): one element per thread.
   const int64_t threads = int64_t(gridDim.x) * kThreads;
-  for (int64_t i = vec_chunks * kElemsPerChunk + int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  for (int64_t i = vec_words * kElemsPerWord + int64_t(blockIdx.x) * kThreads + threadIdx.x;
        i < p.numel; i += threads) {
     const uint8_t byte = p.packed[i >> 1];
     const uint8_t level = (i & 1) ? (byte & 0x0f) : (byte >> 4);
@@ -178,14 +186,14 @@ int resident_grid(Kernel kernel, int threads) {
 
 template <typename T, bool kNested>
 void launch_dequantize(const DequantParams& p, void* out, cudaStream_t stream) {
-  const bool aligned = reinterpret_cast<uintptr_t>(p.packed) % 16 == 0 &&
+  const bool aligned = reinterpret_cast<uintptr_t>(p.packed) % 4 == 0 &&
                        reinterpret_cast<uintptr_t>(out) % 16 == 0;
-  const int64_t vec_chunks = aligned ? p.numel / kElemsPerChunk : 0;
-  const int64_t work = vec_chunks > 0 ? (vec_chunks + kThreads * kUnroll - 1) / (kThreads * kUnroll)
-                                      : (p.numel + kThreads - 1) / kThreads;
+  const int64_t vec_words = aligned ? p.numel / kElemsPerWord : 0;
+  const int64_t work = vec_words > 0 ? (vec_words + kThreads * kUnroll - 1) / (kThreads * kUnroll)
+                                     : (p.numel + kThreads - 1) / kThreads;
   auto kernel = dequantize_nf4_kernel<T, kNested>;
   const int grid = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(work, resident_grid(kernel, kThreads))));
-  kernel<<<grid, kThreads, 0, stream>>>(p, static_cast<T*>(out), vec_chunks);
+  kernel<<<grid, kThreads, 0, stream>>>(p, static_cast<T*>(out), vec_words);
   QF_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -201,6 +209,20 @@ __device__ __forceinline__ float to_float(T v) {
   if constexpr (sizeof(T) == 4) return v;
   else if constexpr (std::is_same_v<T, __half>) return __half2float(v);
   else return __bfloat162float(v);
+}
+
+// bitsandbytes' 1.0f / absmax under --use_fast_math (flushes denormals too).
+__device__ __forceinline__ float fast_reciprocal(float x) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+
+// x * y with denormal results flushed, as bitsandbytes' fast-math multiply.
+__device__ __forceinline__ float mul_ftz(float x, float y) {
+  float r;
+  asm("mul.rn.ftz.f32 %0, %1, %2;" : "=f"(r) : "f"(x), "f"(y));
+  return r;
 }
 
 __device__ __forceinline__ float warp_max(float v) {
@@ -222,10 +244,10 @@ __global__ void quantize_nf4_kernel(const T* __restrict__ x, int64_t numel, int 
     for (int64_t i = begin + lane; i < end; i += 32) m = fmaxf(m, fabsf(to_float(x[i])));
     m = warp_max(m);
     if (lane == 0) absmax[b] = m;
-    const float inv = 1.0f / m;  // all-zero block: inf, and 0 * inf = NaN -> level 0
+    const float inv = fast_reciprocal(m);  // all-zero block: inf, and 0 * inf = NaN -> level 0
     for (int64_t i = begin + 2 * lane; i < end; i += 64) {
-      const uint8_t hi = nf4_level(to_float(x[i]) * inv);
-      const uint8_t lo = nf4_level((i + 1 < end ? to_float(x[i + 1]) : 0.0f) * inv);
+      const uint8_t hi = nf4_level(mul_ftz(to_float(x[i]), inv));
+      const uint8_t lo = nf4_level(mul_ftz(i + 1 < end ? to_float(x[i + 1]) : 0.0f, inv));
       packed[i >> 1] = static_cast<uint8_t>(hi << 4 | lo);
     }
   }
@@ -248,8 +270,8 @@ __global__ void quantize_blockwise_8bit_kernel(const float* __restrict__ x, int6
     for (int64_t i = begin + lane; i < end; i += 32) m = fmaxf(m, fabsf(x[i] - shift));
     m = warp_max(m);
     if (lane == 0) absmax[b] = m;
-    const float inv = 1.0f / m;
-    for (int64_t i = begin + lane; i < end; i += 32) q[i] = code8_index(s_code, (x[i] - shift) * inv);
+    const float inv = fast_reciprocal(m);
+    for (int64_t i = begin + lane; i < end; i += 32) q[i] = code8_index(s_code, mul_ftz(x[i] - shift, inv));
   }
 }
 

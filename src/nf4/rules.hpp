@@ -12,22 +12,28 @@
 
 namespace qforge::nf4 {
 
-// Index of the NF4 level nearest to x in [-1, 1]: the number of midpoints
-// between adjacent levels that x lies strictly above (ties go to the lower
-// level; NaN, which compares false, gives level 0), as bitsandbytes'
-// dQuantizeNF4 decision tree does.
-QF_HOST_DEVICE uint8_t nf4_level(float x) {
+// The decision thresholds of bitsandbytes' dQuantizeNF4: the midpoints between
+// adjacent NF4 levels, computed in double precision and written as float
+// literals (so not always the fp32 midpoint of the fp32 levels).
+QF_HOST_DEVICE float nf4_midpoint(int i) {
   constexpr float kMidpoints[15] = {
       -0.8480964004993439f, -0.6106329262256622f, -0.4599952697753906f,
       -0.33967943489551544f, -0.23460740596055984f, -0.13791173323988914f,
       -0.045525018125772476f, 0.03979014977812767f, 0.1202552504837513f,
       0.2035212516784668f, 0.2920137718319893f, 0.3893125355243683f,
       0.5016634166240692f, 0.6427869200706482f, 0.8614784181118011f};
+  return kMidpoints[i];
+}
+
+// Index of the NF4 level nearest to x in [-1, 1]: the number of thresholds
+// that x lies strictly above (ties go to the lower level; NaN, which compares
+// false, gives level 0), as bitsandbytes' dQuantizeNF4 decision tree does.
+QF_HOST_DEVICE uint8_t nf4_level(float x) {
   uint8_t level = 0;
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
-  for (int i = 0; i < 15; ++i) level += (x > kMidpoints[i]) ? 1 : 0;
+  for (int i = 0; i < 15; ++i) level += (x > nf4_midpoint(i)) ? 1 : 0;
   return level;
 }
 

@@ -256,28 +256,56 @@ def test_compiles_fullgraph_without_graph_breaks(rng):
     assert torch.equal(compiled(x), linear(x))
 
 
+def unpack_levels(packed, n):
+    p = packed.reshape(-1).long()
+    return torch.stack([p >> 4, p & 15], dim=1).reshape(-1)[:n]
+
+
+def assert_differ_only_at_midpoints(ours, theirs, scaled, levels):
+    """Codes from the GPU (bitsandbytes' fast-math reciprocal) and the CPU twin (exact
+    reciprocal) may differ only where the scaled value sits on a midpoint between two
+    levels, to within the reciprocal's one-ulp difference; and then by one level."""
+    differ = (ours != theirs).nonzero().flatten()
+    if differ.numel() == 0:
+        return
+    assert torch.all((ours[differ] - theirs[differ]).abs() == 1)
+    levels = levels.double()
+    midpoints = (levels[:-1] + levels[1:]) / 2
+    s = scaled[differ].double()
+    gap = (s[:, None] - midpoints[None, :]).abs().min(dim=1).values
+    assert torch.all(gap <= 4 * torch.finfo(torch.float32).eps * s.abs().clamp(min=1e-30)), gap.max()
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("compress", [True, False])
-def test_cuda_matches_cpu_and_bitsandbytes(dtype, compress, rng):
+def test_cuda_matches_bitsandbytes_and_cpu_twin(dtype, compress, rng):
     for shape in SHAPES + [(4096, 4096 + 32)]:
         for blocksize in (64, 32, 256, 4096):
             w = random_weight(shape, dtype, rng)
             packed, state = nf4.quantize(w.cuda(), blocksize=blocksize, compress_statistics=compress)
-            cpu_packed, cpu_state = nf4.quantize(w, blocksize=blocksize, compress_statistics=compress)
-            assert torch.equal(packed.cpu(), cpu_packed)
-            out = nf4.dequantize(packed, state)
-            torch.cuda.synchronize()
-            # dequantize the GPU's state on the CPU twin: the same bits
-            assert torch.equal(bits(out.cpu()), bits(nf4.dequantize(packed.cpu(), state.to("cpu"))))
-            state.to("cuda")
-            try:
-                ref_packed, ref_state = bnb_F.quantize_4bit(w.cuda(), blocksize=blocksize, compress_statistics=compress, quant_type="nf4")
-            except Exception as e:  # a bitsandbytes without CUDA on this machine
-                pytest.fail(f"bitsandbytes CUDA backend unavailable: {e}")
+            ref_packed, ref_state = bnb_F.quantize_4bit(w.cuda(), blocksize=blocksize, compress_statistics=compress, quant_type="nf4")
+            # the GPU writes exactly bitsandbytes' bytes
             assert torch.equal(packed, ref_packed.view(packed.shape)), (shape, blocksize)
             assert_same_state(state, ref_state)
+            out = nf4.dequantize(packed, state)
             assert torch.equal(bits(out), bits(bnb_F.dequantize_4bit(ref_packed, ref_state))), (shape, blocksize)
+            # the CPU twin dequantizes the GPU's state to the same bits
+            cpu_state = nf4.QuantState.from_dict(state.as_dict(packed=True), device="cpu")
+            assert torch.equal(bits(out.cpu()), bits(nf4.dequantize(packed.cpu(), cpu_state)))
+            # and quantizes to the same codes but at level midpoints
+            _, absmax = torch.ops.qforge.quantize_nf4(w, blocksize)
+            cpu_packed, cpu_q = nf4.quantize(w, blocksize=blocksize, compress_statistics=compress)
+            n = w.numel()
+            scaled = w.reshape(-1).float() * (1 / absmax).repeat_interleave(blocksize)[:n]
+            assert_differ_only_at_midpoints(unpack_levels(packed.cpu(), n), unpack_levels(cpu_packed, n), scaled, nf4.ops.nf4_code())
+            if compress:
+                # the same offset as the GPU's (torch's mean on another device may differ by an ulp)
+                offset = state.offset.cpu().reshape(1)
+                cpu_codes, cpu_absmax2 = torch.ops.qforge.quantize_blockwise_8bit(absmax, cpu_q.state2.code, 256, offset)
+                assert torch.equal(cpu_absmax2, state.state2.absmax.cpu())
+                x = (absmax - offset) * (1 / cpu_absmax2).repeat_interleave(256)[: absmax.numel()]
+                assert_differ_only_at_midpoints(state.absmax.cpu().long(), cpu_codes.long(), x, cpu_q.state2.code)
 
 
 @pytest.mark.cuda
@@ -305,9 +333,15 @@ def test_cuda_more_than_2_pow_31_elements():
     absmax = torch.rand(blocks, device="cuda", generator=gen)
     state = nf4.QuantState(absmax=absmax, shape=(n,), dtype=torch.bfloat16, blocksize=64)
     out = nf4.dequantize(packed, state)
-    tail = slice(n - 100_000, n)
-    tail_packed = packed.view(-1)[(n - 100_000) // 2:]
-    tail_state = nf4.QuantState(absmax=absmax[(n - 100_000) // 64:], shape=(100_000,), dtype=torch.bfloat16, blocksize=64)
-    # n - 100000 is a multiple of 64, so the tail is a weight of its own
-    assert (n - 100_000) % 64 == 0
-    assert torch.equal(bits(out[tail].cpu()), bits(nf4.dequantize(tail_packed.cpu(), tail_state.to("cpu"))))
+    # the last `tail` elements start on a block boundary, so they form a weight of their own
+    tail = n % 64 + 64 * 1500
+    first_block = (n - tail) // 64
+    assert (n - tail) % 64 == 0 and first_block * 64 > 2**31
+    tail_packed = packed.view(-1)[(n - tail) // 2:]
+    tail_state = nf4.QuantState(absmax=absmax[first_block:], shape=(tail,), dtype=torch.bfloat16, blocksize=64)
+    assert torch.equal(bits(out[n - tail:].cpu()), bits(nf4.dequantize(tail_packed.cpu(), tail_state.to("cpu"))))
+    # and a slice from the middle, across the 2^31 boundary
+    start = (2**31 // 64 - 10) * 64
+    mid_state = nf4.QuantState(absmax=absmax[start // 64: start // 64 + 20], shape=(1280,), dtype=torch.bfloat16, blocksize=64)
+    mid = nf4.dequantize(packed.view(-1)[start // 2: start // 2 + 640].cpu(), mid_state.to("cpu"))
+    assert torch.equal(bits(out[start: start + 1280].cpu()), bits(mid))
