@@ -3,7 +3,8 @@
 impls: qforge (fused C++/CUDA), qforge_generic (chunked_linear + F.cross_entropy),
 torch_eager, torch_compile, liger (Liger-Kernel fused linear CE), cce (Apple
 Cut Cross-Entropy); plus qforge_chunk2g (the fused path with a 2 GiB chunk
-budget instead of the default 448 MiB), an extra point on the memory/speed curve.
+budget instead of the default 512 MiB workspace) and qforge_cluster (the Hopper
+cluster row kernel instead of the default one), and a chunk-size sweep.
 
 Per (N, D, V, impl): median fwd+bwd time over `--reps` runs (CUDA events),
 peak memory beyond inputs and the two gradient buffers, and the loss /
@@ -51,14 +52,14 @@ def make_impls(names):
             c = ql.auto_chunk_size(h.shape[0], w.shape[0], h.dtype, h.device, budget_bytes=2 * GIB)
             return ql.linear_cross_entropy(h, w, y, chunk_size=c)
         impls["qforge_chunk2g"] = big
-    if "qforge_nocluster" in names:  # ablation: the plain two-read row kernel
-        def nocl(h, w, y):
-            os.environ["QFORGE_LCE_CLUSTER"] = "0"
+    if "qforge_cluster" in names:  # ablation: the Hopper cluster row kernel (one HBM read)
+        def cl(h, w, y):
+            os.environ["QFORGE_LCE_CLUSTER"] = "1"
             try:
                 return ql.linear_cross_entropy(h, w, y)
             finally:
                 os.environ.pop("QFORGE_LCE_CLUSTER", None)
-        impls["qforge_nocluster"] = nocl
+        impls["qforge_cluster"] = cl
     if "qforge_generic" in names:
         impls["qforge_generic"] = lambda h, w, y: ql.chunked_linear(h, w, y, eager_ce)
     if "torch_eager" in names:
@@ -184,6 +185,24 @@ def profile_qforge(fn, h0, w0, y):
         h.grad = w.grad = None
         fn(h, w, y).backward()
         torch.cuda.synchronize()
+    # GPU idle time inside the step: the union of kernel intervals vs their span
+    ivs = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                 if str(getattr(e, "device_type", "")).endswith("CUDA") and e.time_range.end > e.time_range.start)
+    gaps = []
+    if ivs:
+        busy, (cs, ce, cn) = 0.0, ivs[0]
+        for st, en, nm in ivs[1:]:
+            if st > ce:
+                gaps.append((st - ce, cn[:40], nm[:40]))
+                busy += ce - cs
+                cs, ce, cn = st, en, nm
+            elif en > ce:
+                ce, cn = en, nm
+        busy += ce - cs
+        span = ivs[-1][1] - ivs[0][0]
+        gaps.sort(reverse=True)
+        print(f"    GPU busy {busy / 1e3:.2f} ms of a {span / 1e3:.2f} ms span; largest gaps (us): "
+              + "; ".join(f"{g:.0f} after {a} before {b}" for g, a, b in gaps[:4]), flush=True)
     rows = []
     for e in prof.key_averages():
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
@@ -224,8 +243,8 @@ def versions():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/linear_loss.json")
-    ap.add_argument("--impls", default="qforge,qforge_chunk2g,qforge_nocluster,qforge_generic,torch_eager,torch_compile,liger,cce")
-    ap.add_argument("--sweep", default="1024,1536,1792,2048,3072,4096", help="qforge chunk sizes at N=16384")
+    ap.add_argument("--impls", default="qforge,qforge_chunk2g,qforge_cluster,qforge_generic,torch_eager,torch_compile,liger,cce")
+    ap.add_argument("--sweep", default="1024,1664,2048,4096", help="qforge chunk sizes at N=16384")
     ap.add_argument("--shapes", default=None, help="N,D,V;N,D,V")
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()

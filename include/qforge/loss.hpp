@@ -80,4 +80,9 @@ void lce_forward_cpu(const LceInputs& in, const LceOptions& opt, const LceOutput
 void lce_forward_cuda(const LceInputs& in, const LceOptions& opt, const LceOutputs& out,
                       void* workspace, int64_t workspace_bytes, void* stream);
 
+// x[i] *= scale[0] for n elements of dtype (fp32 arithmetic, rounded once);
+// scale lives where x does. The backward pass's rescale by the upstream gradient.
+void scale_inplace_cpu(void* x, DType dtype, int64_t n, const float* scale);
+void scale_inplace_cuda(void* x, DType dtype, int64_t n, const float* scale, void* stream);
+
 }  // namespace qforge::loss

@@ -81,4 +81,16 @@ int qf_lce_forward(qf_device device, const void* hidden, const void* weight, con
   });
 }
 
+int qf_lce_scale_inplace(qf_device device, void* x, qf_dtype dtype, int64_t n, const float* scale,
+                         void* stream) {
+  return capi::guard([&] {
+    check_device(device);
+    const loss::DType d = to_dtype(dtype, "dtype");
+    if (device == QF_CUDA)
+      loss::scale_inplace_cuda(x, d, n, scale, stream);
+    else
+      loss::scale_inplace_cpu(x, d, n, scale);
+  });
+}
+
 }  // extern "C"

@@ -3,6 +3,7 @@
 // rounding points (logits and d loss / d logits stored in the input dtype).
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -33,6 +34,16 @@ int64_t effective_chunk(int64_t N, int64_t chunk) {
 
 static int64_t align_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
 
+// cuBLASLt workspace inside ours: 8 MiB (env QFORGE_LCE_CUBLAS_WS_MB overrides)
+int64_t cublas_workspace_bytes() {
+  int64_t mb = 8;
+  if (const char* e = std::getenv("QFORGE_LCE_CUBLAS_WS_MB")) {
+    const long v = std::strtol(e, nullptr, 10);
+    if (v >= 0 && v <= 1024) mb = v;
+  }
+  return mb << 20;
+}
+
 int64_t cuda_logits_ld(int64_t V) { return align_up(V, 8); }
 
 CudaWorkspaceLayout cuda_workspace_layout(int64_t N, int64_t V, DType dtype, int64_t chunk) {
@@ -42,7 +53,7 @@ CudaWorkspaceLayout cuda_workspace_layout(int64_t N, int64_t V, DType dtype, int
   l.token_loss = align_up(c * cuda_logits_ld(V) * dtype_size(dtype), 256);
   l.scalars = l.token_loss + align_up(std::max<int64_t>(N, 1) * 4, 256);
   l.cublas = l.scalars + 256;
-  l.cublas_bytes = int64_t(32) << 20;
+  l.cublas_bytes = cublas_workspace_bytes();
   l.total = l.cublas + l.cublas_bytes;
   return l;
 }
@@ -277,7 +288,34 @@ void lce_forward_cpu(const LceInputs& in, const LceOptions& opt, const LceOutput
   }
 }
 
+void scale_inplace_cpu(void* x, DType dtype, int64_t n, const float* scale) {
+  QF_CHECK(n >= 0, "scale_inplace: n must be >= 0");
+  if (n == 0) return;
+  QF_CHECK(x != nullptr && scale != nullptr, "scale_inplace: null pointer");
+  const float g = scale[0];
+  switch (dtype) {
+    case DType::F32: {
+      float* p = static_cast<float*>(x);
+      for (int64_t i = 0; i < n; ++i) p[i] *= g;
+      break;
+    }
+    case DType::BF16: {
+      uint16_t* p = static_cast<uint16_t*>(x);
+      for (int64_t i = 0; i < n; ++i) p[i] = float_to_bf16(bf16_to_float(p[i]) * g);
+      break;
+    }
+    case DType::F16: {
+      uint16_t* p = static_cast<uint16_t*>(x);
+      for (int64_t i = 0; i < n; ++i) p[i] = float_to_half(half_to_float(p[i]) * g);
+      break;
+    }
+  }
+}
+
 #ifndef QFORGE_WITH_CUDA
+void scale_inplace_cuda(void*, DType, int64_t, const float*, void*) {
+  QF_CHECK(false, "scale_inplace: this libqforge was built without CUDA (no nvcc at build time)");
+}
 void lce_forward_cuda(const LceInputs&, const LceOptions&, const LceOutputs&, void*, int64_t,
                       void*) {
   QF_CHECK(false, "linear_cross_entropy: this libqforge was built without CUDA (no nvcc at build time)");

@@ -108,6 +108,7 @@ QF_HD float grad_logit(const RowParams& p, const RowGrad& g, float z, float cwc,
 // Internal helpers shared by lce.cpp and lce_cuda.cu.
 int64_t effective_chunk(int64_t N, int64_t chunk);
 int64_t cuda_logits_ld(int64_t V);
+int64_t cublas_workspace_bytes();
 struct CudaWorkspaceLayout {
   int64_t logits, token_loss, scalars, cublas, cublas_bytes, total;
 };

@@ -386,3 +386,15 @@ def test_cuda_cluster_and_plain_row_paths(dtype, v, monkeypatch):
         for red in ("mean", "none"):
             check_case("cuda", dtype, 21, 24, v, 5, red, True, {"label_smoothing": 0.1, "z_loss": 1e-3},
                        seed=v % 97, ignore_frac=0.3)
+
+
+@pytest.mark.parametrize("device", dev_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_scale_inplace(device, dtype):
+    from qforge.loss import scale_inplace_
+    x = torch.randn(1003, dtype=torch.float32).to(dtype).to(device)
+    g = torch.tensor(0.3, device=device)
+    want = (x.float() * 0.3).to(dtype)
+    ptr = x.data_ptr()
+    scale_inplace_(x, g)
+    assert x.data_ptr() == ptr and torch.equal(x, want)
