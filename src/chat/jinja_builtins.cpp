@@ -206,6 +206,17 @@ std::string replace(const std::string& s, const std::string& old, const std::str
   return out;
 }
 
+// refuses a replace() whose result would exceed the output limit
+void check_replace(Interp& in, const std::string& s, const std::string& old, const std::string& rep, int64_t count,
+                   const Node& at) {
+  size_t occ = 0;
+  if (old.empty()) occ = utf8_length(s) + 1;
+  else
+    for (size_t p = s.find(old); p != std::string::npos; p = s.find(old, p + old.size())) ++occ;
+  if (count >= 0) occ = std::min(occ, static_cast<size_t>(count));
+  in.check_output(s.size() + occ * rep.size(), at);
+}
+
 List splitlines(const std::string& s, bool keepends) {
   auto cps = utf8_decode(s);
   List out;
@@ -584,6 +595,7 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
         if (i) out += sep;
         if (attribute && !attribute->is_none()) py_str_to(out, attr_path(in, items[i], as_text(*attribute), at));
         else py_str_to(out, items[i]);
+        in.check_output(out.size(), at);
       }
       return Value(std::move(out));
     }
@@ -653,13 +665,16 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
     case F_SELECT: return select_or_reject(in, v, args, at, false, true);
     case F_REJECT: return select_or_reject(in, v, args, at, false, false);
     case F_INDENT:
+      if (const Value* w = arg(args, 0, "width"); w && w->is_int()) in.check_output(static_cast<size_t>(std::max<int64_t>(0, w->as_int())), at);
       return Value(indent(as_text(v), arg(args, 0, "width"), arg_bool(args, 1, "first", false), arg_bool(args, 2, "blank", false)));
     case F_REPLACE: {
       const Value* old = arg(args, 0, "old");
       const Value* rep = arg(args, 1, "new");
       if (!old || !rep) in.fail("TypeError", "replace() missing required arguments", at);
       int64_t count = arg_int(in, args, 2, "count", -1, at);
-      return Value(replace(as_text(v), as_text(*old), as_text(*rep), count));
+      std::string text = as_text(v), o = as_text(*old), r = as_text(*rep);
+      check_replace(in, text, o, r, count, at);
+      return Value(replace(text, o, r, count));
     }
     case F_INT: {
       const Value* d = arg(args, 0, "default");
@@ -731,6 +746,7 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
     case F_CENTER: {
       std::string s = as_text(v);
       int64_t width = arg_int(in, args, 0, "width", 80, at);
+      in.check_output(static_cast<size_t>(std::max<int64_t>(0, width)), at);
       int64_t len = static_cast<int64_t>(utf8_length(s));
       if (width <= len) return Value(s);
       int64_t marg = width - len, left = marg / 2 + (marg & width & 1);
@@ -969,7 +985,10 @@ Value call_method(Interp& in, const Value& obj, const std::string& name, Args& a
       return Value(false);
     }
     if (name == "replace") {
-      return Value(replace(s, arg_str(in, args, 0, "old", at), arg_str(in, args, 1, "new", at), arg_int(in, args, 2, "count", -1, at)));
+      const std::string &o = arg_str(in, args, 0, "old", at), &r = arg_str(in, args, 1, "new", at);
+      int64_t count = arg_int(in, args, 2, "count", -1, at);
+      check_replace(in, s, o, r, count, at);
+      return Value(replace(s, o, r, count));
     }
     if (name == "upper") return Value(upper(s));
     if (name == "lower" || name == "casefold") return Value(lower(s));
@@ -1017,6 +1036,7 @@ Value call_method(Interp& in, const Value& obj, const std::string& name, Args& a
           in.fail("TypeError", detail::concat("sequence item ", i, ": expected str instance, ", items[i].type_name(), " found"), at);
         if (i) out += s;
         out += items[i].str();
+        in.check_output(out.size(), at);
       }
       return Value(std::move(out));
     }
@@ -1040,6 +1060,7 @@ Value call_method(Interp& in, const Value& obj, const std::string& name, Args& a
     }
     if (name == "zfill" || name == "center" || name == "ljust" || name == "rjust") {
       int64_t width = arg_int(in, args, 0, "width", 0, at);
+      in.check_output(static_cast<size_t>(std::max<int64_t>(0, width)), at);
       std::string fill = name == "zfill" ? "0" : (arg(args, 1, "fillchar") ? arg_str(in, args, 1, "fillchar", at) : " ");
       int64_t len = static_cast<int64_t>(utf8_length(s));
       if (width <= len) return Value(s);
@@ -1141,8 +1162,9 @@ struct Builtin : Callable {
           in.fail("TypeError", detail::concat("range expected at most 3 arguments, got ", args.pos.size()), at);
         }
         if (step == 0) in.fail("ValueError", "range() arg 3 must not be zero", at);
-        int64_t n = step > 0 ? (stop > start ? (stop - start + step - 1) / step : 0)
-                             : (start > stop ? (start - stop - step - 1) / (-step) : 0);
+        __int128 span = step > 0 ? (__int128)stop - start : (__int128)start - stop;
+        __int128 mag = step > 0 ? (__int128)step : -(__int128)step;
+        int64_t n = span > 0 ? static_cast<int64_t>(std::min<__int128>((span + mag - 1) / mag, 1 << 30)) : 0;
         if (n > 100000) in.fail("OverflowError", "Range too big. The sandbox blocks ranges larger than MAX_RANGE (100000).", at);
         List l;
         l.reserve(static_cast<size_t>(n));

@@ -178,6 +178,8 @@ static void slice_indices(const Value* s0, const Value* s1, const Value* s2, int
   };
   start = adjust(s0, true);
   stop = adjust(s1, false);
+  if (step > n) step = n + 1;  // one element at most; keeps i += step from overflowing
+  if (step < -n) step = -(n + 1);
 }
 
 Value Interp::getitem(const Value& obj, const Value& key, const Node& at) {
@@ -293,7 +295,10 @@ Value Interp::call(const Value& callee, Args& args, const Node& at) {
   fail("TypeError", detail::concat("'", callee.type_name(), "' object is not callable"), at);
 }
 
-int Interp::cmp(const Value& a, const Value& b, const Node& at) {
+int Interp::cmp(const Value& a, const Value& b, const Node& at) { return cmp_rec(a, b, at, 0); }
+
+int Interp::cmp_rec(const Value& a, const Value& b, const Node& at, int depth) {
+  if (depth > 500) fail("RecursionError", "maximum recursion depth exceeded in comparison", at);
   if (a.is_number() && b.is_number()) {
     if (a.is_float() || b.is_float()) {
       double x = a.as_float(), y = b.as_float();
@@ -310,7 +315,7 @@ int Interp::cmp(const Value& a, const Value& b, const Node& at) {
     auto& y = b.list();
     for (size_t i = 0; i < x.size() && i < y.size(); ++i) {
       if (py_equal(x[i], y[i])) continue;
-      return cmp(x[i], y[i], at);
+      return cmp_rec(x[i], y[i], at, depth + 1);
     }
     return x.size() < y.size() ? -1 : x.size() > y.size() ? 1 : 0;
   }
@@ -368,14 +373,25 @@ Value Interp::binop(Op op, const Value& a, const Value& b, const Node& at) {
   if (a.is_number() && b.is_number()) {
     bool fl = a.is_float() || b.is_float();
     switch (op) {
-      case Op::Add: return fl ? Value(a.as_float() + b.as_float()) : Value(a.as_int() + b.as_int());
-      case Op::Sub: return fl ? Value(a.as_float() - b.as_float()) : Value(a.as_int() - b.as_int());
-      case Op::Mul: return fl ? Value(a.as_float() * b.as_float()) : Value(a.as_int() * b.as_int());
+      case Op::Add:
+      case Op::Sub:
+      case Op::Mul: {
+        if (fl)
+          return Value(op == Op::Add ? a.as_float() + b.as_float()
+                       : op == Op::Sub ? a.as_float() - b.as_float() : a.as_float() * b.as_float());
+        int64_t r;
+        bool overflow = op == Op::Add ? __builtin_add_overflow(a.as_int(), b.as_int(), &r)
+                        : op == Op::Sub ? __builtin_sub_overflow(a.as_int(), b.as_int(), &r)
+                                        : __builtin_mul_overflow(a.as_int(), b.as_int(), &r);
+        if (overflow) fail("OverflowError", "integer result does not fit in 64 bits", at);
+        return Value(r);
+      }
       case Op::Div:
         if (b.as_float() == 0) fail("ZeroDivisionError", "division by zero", at);
         return Value(a.as_float() / b.as_float());
       case Op::FloorDiv:
         if (b.as_float() == 0) fail("ZeroDivisionError", "integer division or modulo by zero", at);
+        if (!fl && b.as_int() == -1 && a.as_int() == INT64_MIN) fail("OverflowError", "integer result does not fit in 64 bits", at);
         return fl ? Value(std::floor(a.as_float() / b.as_float())) : Value(floordiv(a.as_int(), b.as_int()));
       case Op::Mod:
         if (b.as_float() == 0) fail("ZeroDivisionError", "integer modulo by zero", at);
@@ -384,11 +400,19 @@ Value Interp::binop(Op op, const Value& a, const Value& b, const Node& at) {
           if (r != 0 && ((r < 0) != (b.as_float() < 0))) r += b.as_float();
           return Value(r);
         }
+        if (b.as_int() == -1) return Value(int64_t(0));
         return Value(a.as_int() - floordiv(a.as_int(), b.as_int()) * b.as_int());
       case Op::Pow:
         if (!fl && b.as_int() >= 0) {
           int64_t r = 1;
-          for (int64_t i = 0; i < b.as_int() && i < 64; ++i) r *= a.as_int();
+          for (int64_t i = 0; i < b.as_int(); ++i) {
+            if (__builtin_mul_overflow(r, a.as_int(), &r)) fail("OverflowError", "integer result does not fit in 64 bits", at);
+            if (r == 0 || r == 1) break;
+            if (r == -1) {
+              r = ((b.as_int() - i - 1) % 2 == 0) ? -1 : 1;
+              break;
+            }
+          }
           return Value(r);
         }
         return Value(std::pow(a.as_float(), b.as_float()));
@@ -397,12 +421,14 @@ Value Interp::binop(Op op, const Value& a, const Value& b, const Node& at) {
   }
   if (op == Op::Add) {
     if (a.is_string() && b.is_string()) {
+      check_output(a.str().size() + b.str().size(), at);
       if (a.is_markup() && !b.is_markup()) return Value::markup(a.str() + html_escape(b.str()));
       if (b.is_markup() && !a.is_markup()) return Value::markup(html_escape(a.str()) + b.str());
       if (a.is_markup()) return Value::markup(a.str() + b.str());
       return Value(a.str() + b.str());
     }
     if ((a.is_list() && b.is_list()) || (a.is_tuple() && b.is_tuple())) {
+      check_output(16 * (a.list().size() + b.list().size()), at);
       List l = a.list();
       l.insert(l.end(), b.list().begin(), b.list().end());
       return Value(std::move(l), a.kind());
@@ -416,9 +442,10 @@ Value Interp::binop(Op op, const Value& a, const Value& b, const Node& at) {
     const Value* seq = (a.is_string() || a.is_sequence()) ? &a : (b.is_string() || b.is_sequence()) ? &b : nullptr;
     const Value* cnt = seq == &a ? &b : &a;
     if (seq && is_intlike(*cnt)) {
-      int64_t k = std::max<int64_t>(0, cnt->as_int());
-      QF_CHECK(k * int64_t(seq->is_string() ? seq->str().size() : seq->list().size()) <= int64_t(opt.limits.max_output_bytes),
-               "sequence repetition too large");
+      int64_t k = std::max<int64_t>(0, cnt->as_int()), total;
+      int64_t unit = static_cast<int64_t>(seq->is_string() ? seq->str().size() : 16 * seq->list().size());
+      if (__builtin_mul_overflow(k, unit, &total) || total > static_cast<int64_t>(opt.limits.max_output_bytes))
+        fail("OutputLimit", "sequence repetition exceeds the size limit", at);
       if (seq->is_string()) {
         std::string s;
         for (int64_t i = 0; i < k; ++i) s += seq->str();
@@ -500,6 +527,7 @@ Value Interp::eval(const Node& n, Frame& f) {
       if (!v.is_number())
         fail("TypeError", detail::concat("bad operand type for unary ", n.kind == NK::Neg ? "-" : "+", ": '", v.type_name(), "'"), n);
       if (n.kind == NK::Pos) return v.is_bool() ? Value(v.as_int()) : v;
+      if (!v.is_float() && v.as_int() == INT64_MIN) fail("OverflowError", "integer result does not fit in 64 bits", n);
       return v.is_float() ? Value(-v.as_float()) : Value(-v.as_int());
     }
     case NK::Not: return Value(!eval(*n.args[0], f).truthy());
@@ -545,7 +573,10 @@ Value Interp::eval(const Node& n, Frame& f) {
     }
     case NK::Concat: {
       std::string s;
-      for (auto& a : n.args) py_str_to(s, eval(*a, f));
+      for (auto& a : n.args) {
+        py_str_to(s, eval(*a, f));
+        check_output(s.size(), n);
+      }
       return Value(std::move(s));
     }
     case NK::Slice: fail("TypeError", "slice outside of subscript", n);

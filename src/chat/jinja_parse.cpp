@@ -387,6 +387,14 @@ class Parser {
   size_t i_ = 0;
   Program& prog_;
   int soft_ = 0;  // inside an {% if %} (unknown filters become runtime errors)
+  int depth_ = 0; // nesting of expressions and blocks (bounded: no stack overflow)
+  struct Nest {
+    Parser& p;
+    explicit Nest(Parser& parser) : p(parser) {
+      if (++p.depth_ > 300) p.fail("expressions or blocks nested too deeply");
+    }
+    ~Nest() { --p.depth_; }
+  };
   std::vector<std::string> open_blocks_;
 
   const Token& cur() const { return t_[i_]; }
@@ -474,6 +482,7 @@ class Parser {
   }
 
   NodePtr parse_statement() {
+    Nest nest(*this);
     const Token& t = cur();
     const std::string& kw = t.text;
     if (kw == "if") return parse_if();
@@ -717,6 +726,7 @@ class Parser {
   NodePtr parse_expression(bool with_condexpr) { return with_condexpr ? parse_condexpr() : parse_or(); }
 
   NodePtr parse_condexpr() {
+    Nest nest(*this);
     NodePtr expr1 = parse_or();
     while (is_name("if")) {
       const Token& t = cur();
@@ -761,6 +771,7 @@ class Parser {
     return left;
   }
   NodePtr parse_not() {
+    Nest nest(*this);
     if (is_name("not")) {
       auto n = node(NK::Not, cur());
       ++i_;
@@ -842,6 +853,7 @@ class Parser {
     return left;
   }
   NodePtr parse_unary(bool with_filter) {
+    Nest nest(*this);
     NodePtr n;
     if (is_op("-") || is_op("+")) {
       n = node(is_op("-") ? NK::Neg : NK::Pos, cur());

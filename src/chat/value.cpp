@@ -11,9 +11,44 @@
 namespace qforge::chat {
 
 // ------------------------------------------------------------------ basics
+// Containers are freed iteratively: a list nested 100,000 deep (a template
+// can build one) must not overflow the stack when it dies.
+namespace {
+struct Reaper {
+  bool active = false;
+  std::vector<List*> lists;
+  std::vector<Dict*> dicts;
+};
+thread_local Reaper reaper;
+
+void drain() {
+  reaper.active = true;
+  while (!reaper.lists.empty() || !reaper.dicts.empty()) {
+    if (!reaper.lists.empty()) {
+      List* l = reaper.lists.back();
+      reaper.lists.pop_back();
+      delete l;  // children that die here are queued, not freed recursively
+    } else {
+      Dict* d = reaper.dicts.back();
+      reaper.dicts.pop_back();
+      delete d;
+    }
+  }
+  reaper.active = false;
+}
+void free_list(List* l) {
+  reaper.lists.push_back(l);
+  if (!reaper.active) drain();
+}
+void free_dict(Dict* d) {
+  reaper.dicts.push_back(d);
+  if (!reaper.active) drain();
+}
+}  // namespace
+
 Value::Value(std::string s) : kind_(Kind::String), i_(0), ptr_(std::make_shared<std::string>(std::move(s))) {}
-Value::Value(List l, Kind k) : kind_(k), i_(0), ptr_(std::make_shared<List>(std::move(l))) {}
-Value::Value(Dict d, Kind k) : kind_(k), i_(0), ptr_(std::make_shared<Dict>(std::move(d))) {}
+Value::Value(List l, Kind k) : kind_(k), i_(0), ptr_(new List(std::move(l)), free_list) {}
+Value::Value(Dict d, Kind k) : kind_(k), i_(0), ptr_(new Dict(std::move(d)), free_dict) {}
 Value::Value(std::shared_ptr<Native> n) : kind_(Kind::Native), i_(0), native_(std::move(n)) {}
 
 Value Value::undefined(std::string hint) {
@@ -119,7 +154,11 @@ void Dict::set(Value key, Value v) {
   items.emplace_back(std::move(key), std::move(v));
 }
 
-bool py_equal(const Value& a, const Value& b) {
+static bool py_equal_rec(const Value& a, const Value& b, int depth);
+bool py_equal(const Value& a, const Value& b) { return py_equal_rec(a, b, 0); }
+
+static bool py_equal_rec(const Value& a, const Value& b, int depth) {
+  QF_CHECK(depth < 1000, "maximum recursion depth exceeded in comparison");
   if (a.is_number() && b.is_number()) {
     if (a.is_float() || b.is_float()) return a.as_float() == b.as_float();
     return a.as_int() == b.as_int();
@@ -135,7 +174,7 @@ bool py_equal(const Value& a, const Value& b) {
       auto& y = b.list();
       if (x.size() != y.size()) return false;
       for (size_t i = 0; i < x.size(); ++i)
-        if (!py_equal(x[i], y[i])) return false;
+        if (!py_equal_rec(x[i], y[i], depth + 1)) return false;
       return true;
     }
     case Kind::Dict: {
@@ -144,7 +183,7 @@ bool py_equal(const Value& a, const Value& b) {
       if (x.size() != y.items.size()) return false;
       for (auto& kv : x) {
         const Value* o = y.find(kv.first);
-        if (!o || !py_equal(kv.second, *o)) return false;
+        if (!o || !py_equal_rec(kv.second, *o, depth + 1)) return false;
       }
       return true;
     }
@@ -616,8 +655,9 @@ struct JsonReader {
       auto r = std::from_chars(num.data(), num.data() + num.size(), v);
       if (r.ec == std::errc()) return Value(v);
     }
-    double d;
-    std::from_chars(num.data(), num.data() + num.size(), d);
+    double d = 0;
+    auto r = std::from_chars(num.data(), num.data() + num.size(), d);
+    if (r.ec == std::errc::result_out_of_range) d = std::strtod(std::string(num).c_str(), nullptr);  // inf or 0, as Python
     return Value(d);
   }
   bool lit(const char* w) {

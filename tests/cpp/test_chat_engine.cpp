@@ -25,6 +25,7 @@ std::string slurp(const fs::path& p) {
 }
 
 std::string render(const std::string& src, const char* ctx_json = "{}") {
+  if (!ctx_json) ctx_json = "{}";
   return Template(src).render(json_loads(ctx_json));
 }
 
@@ -146,6 +147,21 @@ TEST(ChatEngine, LimitsStopRunawayTemplates) {
   opt.limits.max_output_bytes = 1000;
   EXPECT_THROW(Template("{% for i in range(1000) %}xxxxxxxxxx{% endfor %}").render(Value::dict(), opt), TemplateError);
   EXPECT_THROW(render("{{ range(1000000) }}"), TemplateError);
+  // growth that would exhaust memory before any loop limit
+  EXPECT_THROW(render("{% set ns = namespace(s='ab') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"),
+               TemplateError);
+  EXPECT_THROW(render("{{ 'x'|center(10**12) }}"), TemplateError);
+  EXPECT_THROW(render("{{ ('x' * 1000)|replace('', 'yyyyyyyyyy' * 10000) }}"), TemplateError);
+  EXPECT_THROW(render("{{ 'ab' * 9223372036854775807 }}"), TemplateError);
+  EXPECT_THROW(render("{{ 9223372036854775807 + 1 }}"), TemplateError);  // Python has big ints; we refuse, never wrap
+  EXPECT_THROW(render("{{ 2 ** 64 }}"), TemplateError);
+  EXPECT_EQ(render("{{ (-1) ** 9223372036854775807 }} {{ 1 ** 10**18 }} {{ [1, 2, 3][::-9223372036854775807] }}"), "-1 1 [3]");
+  // nesting: parser depth is bounded, deep values are freed without recursion
+  EXPECT_THROW(Template("{{ " + std::string(5000, '(') + "1" + std::string(5000, ')') + " }}"), TemplateError);
+  std::string deep = "{% set ns = namespace(l=[]) %}{% for i in range(500) %}{% for j in range(400) %}{% set ns.l = [ns.l] %}{% endfor %}{% endfor %}ok";
+  EXPECT_EQ(render(deep.c_str()), "ok");
+  EXPECT_THROW(render((deep + "{{ ns.l == ns.l }}").c_str()), qforge::InvalidArgument);
+  EXPECT_THROW(render((deep + "{{ ns.l|tojson }}").c_str()), TemplateError);
 }
 
 TEST(ChatEngine, GenerationSpansAreCodePointOffsets) {
