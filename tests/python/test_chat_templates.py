@@ -63,3 +63,29 @@ def test_every_template_has_goldens():
     names = {p.name for p in (CHAT / "templates").glob("*.jinja")}
     assert len(names) >= 60
     assert {json.loads(p.read_text())["template"] for p in GOLDENS} == names
+
+
+@pytest.mark.parametrize("template", ["meta-llama-Llama-3.1-8B-Instruct.jinja", "Qwen-Qwen3-0.6B.jinja",
+                                      "NousResearch-Hermes-3-Llama-3.1-8B-tool_use.jinja"])
+def test_batch_equals_single_renders(template):
+    golden = json.loads((CHAT / "goldens" / (template[: -len(".jinja")] + ".json")).read_text(encoding="utf-8"))
+    shared = dict(REQUESTS["tool_result"])
+    del shared["messages"]
+    names = [c for c in ("tool_result", "one_tool_call", "several_tool_calls", "unicode", "nested_json_args",
+                         "tools_mid_history") if "output" in golden["cases"][c]]  # those the template accepts
+    assert len(names) >= 4
+    convs = [REQUESTS[c]["messages"] for c in names]
+    tmpl = compiled(template)
+    for threads in (1, 3):
+        batch = tmpl.apply_batch(convs, now=golden["now"], threads=threads, **shared)
+        single = [tmpl.apply(m, now=golden["now"], **shared) for m in convs]
+        assert batch == single
+    assert batch[0] == golden["cases"]["tool_result"]["output"]
+
+
+def test_batch_reports_the_failing_conversation():
+    tmpl = compiled("google-gemma-2-2b-it.jinja")
+    ok = [{"role": "user", "content": "hi"}]
+    bad = [{"role": "system", "content": "no system role here"}, {"role": "user", "content": "hi"}]
+    with pytest.raises(TemplateError, match="conversation 2: System role not supported"):
+        tmpl.apply_batch([ok, ok, bad, ok], threads=2)
