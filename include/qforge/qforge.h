@@ -145,6 +145,13 @@ QF_API int qf_lce_forward(qf_device device, const void* hidden, const void* weig
                           float* grad_bias, const float* grad_scale, void* workspace,
                           int64_t workspace_bytes, void* stream);
 
+/* x[i] *= scale[0] in place (n elements of dtype fp32/fp16/bf16, fp32
+ * arithmetic; scale is one fp32 on the same device as x): the backward
+ * rescale of gradients computed in the forward pass by the upstream gradient,
+ * without a host sync. */
+QF_API int qf_lce_scale_inplace(qf_device device, void* x, qf_dtype dtype, int64_t n,
+                                const float* scale, void* stream);
+
 /* ------------------------------------------- chat templates (src/chat) */
 /* A Jinja engine that renders Hugging Face chat templates byte-identically to
  * transformers' apply_chat_template, and tool-call parsers. Strings are UTF-8
