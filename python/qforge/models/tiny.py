@@ -34,7 +34,7 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 1024):
 
 
 def tiny_llama_config(vocab_size: int, hidden: int = 128, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                      intermediate: int = 352, max_positions: int = 2048, tokenizer=None):
+                      intermediate: int = 352, max_positions: int = 2048, init_std: float = 0.08, tokenizer=None):
     from transformers import LlamaConfig
 
     kw = {}
@@ -44,11 +44,13 @@ def tiny_llama_config(vocab_size: int, hidden: int = 128, layers: int = 2, heads
     return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                        max_position_embeddings=max_positions, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                       rope_theta=500000.0, **kw)
+                       rope_theta=500000.0, initializer_range=init_std, **kw)
 
 
 def build_tiny_model(config, seed: int = 0):
-    """transformers' LlamaForCausalLM with its own random initialisation, seeded."""
+    """transformers' LlamaForCausalLM with its own random initialisation, seeded.
+    The default init_std (0.08, not Llama's 0.02) gives the frozen random LM head
+    a logit range wide enough for LoRA training to lower the loss visibly."""
     from transformers import AutoModelForCausalLM
 
     state = torch.random.get_rng_state()
@@ -72,7 +74,19 @@ def write_default_model(path, texts: Iterable[str], seed: int = 0, **shape) -> P
         import shutil
 
         shutil.rmtree(tmp)
-    model.to(torch.bfloat16).save_pretrained(str(tmp))
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.to(torch.bfloat16).save_pretrained(str(tmp))
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     tok.save_pretrained(str(tmp))
-    tmp.replace(path) if not path.exists() else None
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    tmp.replace(path)
     return path

@@ -1,0 +1,442 @@
+"""`qforge train`: chat JSONL -> LoRA adapter on a 4-bit model.
+
+The loop: packed padding-free batches (``qforge.data``), the fused
+linear-cross-entropy loss (``qforge.hf.patch_causal_lm``: full logits never
+exist), AdamW on the LoRA weights, gradient accumulation normalised by the
+number of trained tokens, linear warmup + cosine decay, bf16 autocast on CUDA,
+optional activation checkpointing (optionally offloaded to CPU). It writes a
+metrics JSONL, a loss-curve PNG, checkpoints that are complete or absent
+(written to a temporary directory and renamed), and the final adapter in
+PEFT's format. ``resume`` continues from the latest checkpoint bit for bit.
+
+With neither a model nor data it runs the embedded default: a tiny random
+Llama-architecture model and tokenizer built by code, and a built-in
+tool-calling dataset.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .nn import DEFAULT_TARGETS
+
+__all__ = ["TrainArgs", "train", "latest_checkpoint", "DEFAULT_JOB"]
+
+
+@dataclass
+class TrainArgs:
+    model: Optional[str] = None  # a local HF directory; None: the embedded tiny model
+    data: Optional[str] = None  # chat JSONL; None: the built-in tool-calling dataset
+    output: Optional[str] = None  # None: qforge-runs/run-<time>
+    max_seq_length: int = 2048
+    tokens_per_batch: Optional[int] = None  # tokens per micro-batch (packed); default max_seq_length
+    grad_accum: int = 1
+    max_steps: Optional[int] = None
+    epochs: float = 1.0
+    lr: float = 2e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: Optional[int] = None  # default: 5% of the steps
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lora_r: int = 16
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: tuple = DEFAULT_TARGETS
+    seed: int = 0
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    device: Optional[str] = None
+    save_every: int = 0  # steps between checkpoints; 0: only at the end
+    keep_checkpoints: int = 2
+    resume: bool = False
+    log_every: int = 1
+    gradient_checkpointing: bool = False
+    offload_activations: bool = False
+    skip_long: bool = False
+    progress: bool = True
+    stop_after: Optional[int] = None  # stop (after checkpointing) at this step: tests and time-boxed runs
+    loss: str = "auto"  # fused (C++/CUDA linear-cross-entropy), generic (chunked torch CE); auto: fused on CUDA
+
+
+# the embedded default job: sized to show a clearly falling loss in well under
+# two minutes on two CPU cores
+DEFAULT_JOB = dict(max_seq_length=1024, tokens_per_batch=1024, max_steps=100, lr=4e-3, warmup_steps=4,
+                   lora_r=16, lora_alpha=32.0, save_every=25)
+
+
+# ------------------------------------------------------------------ helpers
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float) -> float:
+    """Linear warmup for `warmup` steps, then cosine decay to min_ratio * base (step is 0-based)."""
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    except Exception:  # pragma: no cover - non-POSIX
+        return float("nan")
+
+
+def latest_checkpoint(output: Path) -> Optional[Path]:
+    """The newest complete checkpoint (directories are renamed into place whole)."""
+    root = Path(output) / "checkpoints"
+    if not root.is_dir():
+        return None
+    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
+                  and (p / "state.json").exists())
+    return done[-1] if done else None
+
+
+def plot_losses(metrics_path: Path, png: Path) -> None:
+    """The loss curve (raw and smoothed) as a PNG, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [r for r in rows if "loss" in r]
+    if not rows:
+        return
+    steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
+    smooth, s = [], None
+    for v in losses:
+        s = v if s is None else 0.9 * s + 0.1 * v
+        smooth.append(s)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, losses, alpha=0.35, label="loss")
+    ax.plot(steps, smooth, label="smoothed (EMA 0.9)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (assistant tokens)")
+    ax.set_title("qforge train")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png.with_name(f".{png.stem}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(png)
+
+
+class _Progress:
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="qforge train", unit="step", dynamic_ncols=True,
+                            file=sys.stderr)
+
+    def update(self, **post):
+        if self.bar is not None:
+            self.bar.set_postfix_str(" ".join(f"{k}={v}" for k, v in post.items()), refresh=False)
+            self.bar.update(1)
+
+    def write(self, text: str):
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ------------------------------------------------------------------ setup
+def _prepare_default_model(output: Path, records, seed: int) -> Path:
+    """Build (once per run directory) the tiny model + tokenizer as an HF directory."""
+    from .chat import ChatTemplate, llama3_template
+    from .data import render_texts
+    from .models.tiny import write_default_model
+
+    base = output / "base-model"
+    if (base / "config.json").exists():
+        return base
+    texts = render_texts(records, ChatTemplate(llama3_template("3.1")), {"bos_token": "<|begin_of_text|>"})
+    return write_default_model(base, texts, seed=seed)
+
+
+def _resolve_output(args: TrainArgs) -> Path:
+    if args.output:
+        return Path(args.output)
+    return Path("qforge-runs") / time.strftime("run-%Y%m%d-%H%M%S")
+
+
+def train(args: TrainArgs | None = None, **overrides) -> dict:
+    """Run a training job; returns a summary dict (losses, steps, paths, speed)."""
+    from . import hf
+    from .data import PackedBatches, builtin_dataset, read_jsonl, template_for, tokenize_records
+    from .models import default_device, load, load_tokenizer
+    from .nn import add_lora, lora_parameters
+    from .peft_io import load_adapter, save_adapter
+
+    args = TrainArgs(**{**asdict(args or TrainArgs()), **overrides})
+    default_job = args.model is None and args.data is None
+    if args.grad_accum < 1 or args.max_seq_length < 8:
+        raise ValueError("grad_accum must be >= 1 and max_seq_length >= 8")
+
+    # 1. everything that can fail on bad input, before anything is written
+    records = read_jsonl(args.data) if args.data else builtin_dataset(seed=args.seed)
+    if args.model is not None:
+        from .models.loader import _read_config, _weight_files
+
+        _read_config(Path(args.model))
+        _weight_files(Path(args.model))
+    output = _resolve_output(args)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"{output}: exists and is not a directory")
+    resume_from = latest_checkpoint(output) if args.resume else None
+    if not args.resume and latest_checkpoint(output) is not None:
+        raise ValueError(f"{output}: holds checkpoints of an earlier run; pass --resume to continue it "
+                         "or choose another --output (nothing was overwritten)")
+    if args.resume and resume_from is None and (output / "metrics.jsonl").exists():
+        raise ValueError(f"{output}: --resume found no complete checkpoint to continue from")
+
+    device = torch.device(args.device) if args.device else default_device()
+    if args.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, args.dtype)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+
+    output.mkdir(parents=True, exist_ok=True)
+    model_dir = _prepare_default_model(output, records, args.seed) if args.model is None else Path(args.model)
+    tokenizer = load_tokenizer(model_dir)
+    model_type = json.loads((model_dir / "config.json").read_text())["model_type"]
+    template = template_for(tokenizer, model_type)
+    examples = tokenize_records(records, tokenizer, template, args.max_seq_length,
+                                on_too_long="skip" if args.skip_long else "error")
+    tokens_per_batch = args.tokens_per_batch or args.max_seq_length
+    batches = PackedBatches(examples, tokens_per_batch, seed=args.seed)
+    per_epoch = max(1, batches.batches_per_epoch // args.grad_accum)
+    total_steps = args.max_steps or max(1, math.ceil(args.epochs * batches.batches_per_epoch / args.grad_accum))
+    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, total_steps // 20)
+
+    model = load(model_dir, dtype=dtype, max_seq_length=args.max_seq_length, device=device)
+    add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+             target_modules=args.target_modules, seed=args.seed)
+    loss_mode = args.loss if args.loss != "auto" else ("fused" if device.type == "cuda" else "generic")
+    hf.patch_causal_lm(model, loss_mode)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = lora_parameters(model)
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
+
+    start = 0
+    metrics_path = output / "metrics.jsonl"
+    if resume_from is not None:
+        state = json.loads((resume_from / "state.json").read_text(encoding="utf-8"))
+        load_adapter(model, resume_from)
+        opt.load_state_dict(torch.load(resume_from / "optimizer.pt", map_location=device, weights_only=True))
+        torch.set_rng_state(torch.load(resume_from / "rng.pt", weights_only=True))
+        start = state["step"]
+        if metrics_path.exists():  # drop lines past the checkpoint (a crash after it)
+            kept = [line for line in metrics_path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= start]
+            _atomic_text(metrics_path, "".join(line + "\n" for line in kept))
+    elif metrics_path.exists():
+        metrics_path.unlink()  # a run that never checkpointed: nothing to keep consistent with
+    _atomic_text(output / "train_args.json", json.dumps({**asdict(args), "output": str(output),
+                                                         "model": str(model_dir)}, indent=2, default=str))
+
+    use_amp = device.type == "cuda" and dtype != torch.float32
+    amp = (lambda: torch.autocast(device.type, dtype=dtype)) if use_amp else contextlib.nullcontext
+    offload = (lambda: torch.autograd.graph.save_on_cpu(pin_memory=True)) if args.offload_activations \
+        else contextlib.nullcontext
+    n_params = sum(p.numel() for p in params)
+    bar = _Progress(total_steps, start, args.progress)
+    bar.write(f"qforge train: {model_dir} ({model_type}, NF4 + LoRA r={args.lora_r}, {n_params:,} trainable) "
+              f"on {device}, {dtype}; {len(examples)} conversations, {total_steps} steps "
+              f"({per_epoch} per epoch) -> {output}")
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    losses = []
+    t_run = time.perf_counter()
+    tokens_run = 0
+    step = start
+    stopped_early = False
+    with open(metrics_path, "a", encoding="utf-8") as mf:
+        for step in range(start, total_steps):
+            t0 = time.perf_counter()
+            lr = lr_at(step, total_steps, args.lr, warmup, args.min_lr_ratio)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            micro = [batches.batch(step * args.grad_accum + k) for k in range(args.grad_accum)]
+            n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+            loss_sum, n_tokens = 0.0, 0
+            for b in micro:
+                with amp(), offload():
+                    out = model(input_ids=b["input_ids"].to(device), position_ids=b["position_ids"].to(device),
+                                labels=b["labels"].to(device), num_items_in_batch=n_items, use_cache=False)
+                out.loss.backward()
+                loss_sum += float(out.loss.detach())
+                n_tokens += b["input_ids"].numel()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            tokens_run += n_tokens
+            losses.append(loss_sum)
+            row = {"step": step + 1, "loss": round(loss_sum, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
+                   "tokens": n_tokens, "trained_tokens": n_items, "tokens_per_s": round(n_tokens / dt, 1),
+                   "step_s": round(dt, 4), "mem_gib": round(_memory_gib(device), 3),
+                   "epoch": micro[-1]["epoch"], "elapsed_s": round(time.perf_counter() - t_run, 2)}
+            if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
+                mf.write(json.dumps(row) + "\n")
+                mf.flush()
+            bar.update(loss=f"{loss_sum:.4f}", tok_s=f"{n_tokens / dt:,.0f}", mem=f"{row['mem_gib']:.2f}GiB",
+                       lr=f"{lr:.2e}")
+            last = step + 1 == total_steps
+            stop = args.stop_after is not None and step + 1 >= args.stop_after
+            if (args.save_every and (step + 1) % args.save_every == 0) or last or stop:
+                mf.flush()
+                os.fsync(mf.fileno())
+                _save_checkpoint(output, step + 1, model, opt, args, save_adapter)
+                plot_losses(metrics_path, output / "loss.png")
+            if stop and not last:
+                stopped_early = True
+                break
+    bar.close()
+    final = step + 1 if total_steps > start else start
+    summary = {"output": str(output), "steps": final, "total_steps": total_steps, "losses": losses,
+               "tokens_per_s": round(tokens_run / max(1e-9, time.perf_counter() - t_run), 1),
+               "peak_mem_gib": round(_memory_gib(device), 3), "device": str(device), "stopped_early": stopped_early,
+               "metrics": str(metrics_path), "loss_png": str(output / "loss.png")}
+    if not stopped_early:
+        adapter_dir = output / "adapter"
+        tmp = output / ".adapter.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        save_adapter(model, tmp, base_model_name_or_path=str(model_dir.resolve()))
+        tokenizer.save_pretrained(str(tmp))
+        if adapter_dir.exists():
+            old = output / ".adapter.old"
+            if old.exists():
+                shutil.rmtree(old)
+            adapter_dir.replace(old)
+            tmp.replace(adapter_dir)
+            shutil.rmtree(old)
+        else:
+            tmp.replace(adapter_dir)
+        summary["adapter"] = str(adapter_dir)
+        _atomic_text(output / "summary.json", json.dumps(summary, indent=2))
+    model.qforge_train_summary = summary
+    summary["model"] = model
+    return summary
+
+
+def _save_checkpoint(output: Path, step: int, model, opt, args: TrainArgs, save_adapter) -> Path:
+    """checkpoints/step-NNNNNN: adapter (PEFT files), optimizer, RNG and loop state;
+    built in a hidden temporary directory and renamed into place, then older
+    checkpoints beyond keep_checkpoints are removed."""
+    root = output / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".step-{step:06d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_adapter(model, tmp)
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    torch.save(torch.get_rng_state(), tmp / "rng.pt")
+    _atomic_text(tmp / "state.json", json.dumps({"step": step, "time": time.time(), "args": asdict(args)},
+                                                indent=2, default=str))
+    if final.exists():  # re-saving the same step (resumed run): swap
+        shutil.rmtree(final)
+    tmp.replace(final)
+    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    for old in done[:-max(1, args.keep_checkpoints)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# ------------------------------------------------------------------ command line
+def add_cli(subparsers) -> None:
+    """`qforge train`: registered by qforge.cli."""
+    p = subparsers.add_parser(
+        "train", help="QLoRA fine-tuning: chat JSONL -> LoRA adapter (no arguments: the embedded default job)",
+        description="Fine-tune a 4-bit Llama-family model with LoRA on chat-format JSONL. With neither --model "
+                    "nor --data: a tiny random Llama model and a built-in tool-calling dataset.")
+    a = p.add_argument
+    a("--model", help="local Hugging Face model directory (16-bit safetensors or bnb-4bit)")
+    a("--data", help="chat JSONL: one {\"messages\": [...], \"tools\": [...]} per line")
+    a("--output", help="run directory (default qforge-runs/run-<time>)")
+    a("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    a("--max-seq-length", type=int)
+    a("--tokens-per-batch", type=int, help="tokens per packed micro-batch (default max-seq-length)")
+    a("--grad-accum", type=int)
+    a("--max-steps", type=int)
+    a("--epochs", type=float)
+    a("--lr", type=float)
+    a("--warmup-steps", type=int)
+    a("--weight-decay", type=float)
+    a("--max-grad-norm", type=float)
+    a("--lora-r", type=int)
+    a("--lora-alpha", type=float)
+    a("--lora-dropout", type=float)
+    a("--target-modules", nargs="+")
+    a("--seed", type=int)
+    a("--dtype", choices=("auto", "bfloat16", "float16", "float32"))
+    a("--device", help="cpu or cuda[:i] (default: cuda if available)")
+    a("--loss", choices=("auto", "fused", "generic"), help="fused C++/CUDA linear-CE or chunked torch CE")
+    a("--save-every", type=int, help="steps between checkpoints (0: only at the end)")
+    a("--keep-checkpoints", type=int)
+    a("--gradient-checkpointing", action="store_true", default=None)
+    a("--offload-activations", action="store_true", default=None, help="keep saved activations in CPU memory")
+    a("--skip-long", action="store_true", default=None, help="skip conversations longer than max-seq-length")
+    a("--stop-after", type=int, help="checkpoint and stop at this step (resume later)")
+    a("--no-progress", dest="progress", action="store_false", default=None)
+    p.set_defaults(func=run_cli)
+
+
+def run_cli(ns) -> int:
+    keys = {f for f in TrainArgs.__dataclass_fields__}
+    given = {k: v for k, v in vars(ns).items() if k in keys and v is not None and v is not False}
+    if "target_modules" in given:
+        given["target_modules"] = tuple(given["target_modules"])
+    base = dict(DEFAULT_JOB) if ns.model is None and ns.data is None else {}
+    summary = train(TrainArgs(**{**base, **given}))
+    losses = summary["losses"]
+    if losses:
+        k = max(1, min(10, len(losses) // 5))
+        first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+        print(f"loss {first:.3f} -> {last:.3f} (mean of first/last {k} steps) over {summary['steps']} steps; "
+              f"{summary['tokens_per_s']:,.0f} tokens/s; peak memory {summary['peak_mem_gib']:.2f} GiB")
+    out = summary["output"]
+    if summary.get("adapter"):
+        print(f"adapter (PEFT format): {summary['adapter']}")
+    else:
+        print(f"stopped at step {summary['steps']} of {summary['total_steps']}; continue with "
+              f"qforge train --output {out} --resume")
+    print(f"metrics: {summary['metrics']}  loss curve: {summary['loss_png']}")
+    return 0
