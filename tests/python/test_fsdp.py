@@ -1,0 +1,170 @@
+"""FSDP2 (torch.distributed.fsdp.fully_shard) on a QLoRA model, two CPU processes
+over gloo: per-decoder-layer sharding of the NF4 storage, the sharded run's loss
+and LoRA gradients equal to one process on the whole batch, and a
+MixedPrecisionPolicy that casts the float parameters but leaves the packed
+4-bit codes and their statistics untouched (uint8, bit-identical)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+WORLD = 2
+HERE = Path(__file__).resolve()
+
+
+def build_model(seed=0):
+    from qforge import hf
+    from qforge.nn import add_lora, replace_linears
+
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   initializer_range=0.05, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg)
+    replace_linears(model)  # every q/k/v/o/gate/up/down -> NF4
+    add_lora(model, r=4, alpha=8, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # non-zero B so that A gets gradients too
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    hf.patch_causal_lm(model)
+    model.train()
+    return model
+
+
+def batch():
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 128, (WORLD, 24), generator=g)
+    return ids, ids.clone()
+
+
+def lora_grads(model):
+    return {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
+def worker(rank: int, port: int, out: str, mode: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from qforge.nn import NF4Linear
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    ids, labels = batch()
+
+    # single-process reference on the whole batch (every rank computes it)
+    ref = build_model()
+    ref_loss = ref(input_ids=ids, labels=labels).loss
+    ref_loss.backward()
+    ref_grads = lora_grads(ref)
+    originals = {n: (m.weight.detach().clone(), m.absmax.detach().clone())
+                 for n, m in ref.named_modules() if isinstance(m, NF4Linear)}
+
+    model = build_model()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mode == "bf16" \
+        else MixedPrecisionPolicy()
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+
+    seen = {}
+
+    def record(name):
+        def hook(mod, args):
+            seen[name] = {"weight_dtype": mod.weight.dtype, "absmax_dtype": mod.absmax.dtype,
+                          "weight_equal": torch.equal(mod.weight, originals[name][0]),
+                          "absmax_equal": torch.equal(mod.absmax, originals[name][1]),
+                          "lora_dtype": mod.lora_A.weight.dtype, "x_dtype": args[0].dtype,
+                          "nested_dtype": mod.nested_absmax.dtype}
+        return hook
+
+    for n, m in model.named_modules():
+        if isinstance(m, NF4Linear):
+            m.register_forward_pre_hook(record(n))
+    q = model.model.layers[0].self_attn.q_proj
+    shard_info = {"type": type(q.weight).__name__, "dtype": q.weight.dtype,
+                  "local_rows": q.weight.to_local().shape[0], "global_rows": q.weight.shape[0],
+                  "absmax_type": type(q.absmax).__name__, "absmax_dtype": q.absmax.dtype}
+
+    loss = model(input_ids=ids[rank:rank + 1], labels=labels[rank:rank + 1]).loss
+    loss.backward()
+    grads = lora_grads(model)
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    mean_loss /= WORLD
+    if rank == 0:
+        torch.save({"ref_loss": ref_loss.detach(), "loss": mean_loss, "ref_grads": ref_grads, "grads": grads,
+                    "seen": seen, "shard": shard_info}, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_fsdp(tmp_path, mode):
+    out = tmp_path / f"fsdp-{mode}.pt"
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parents[2] / "python"),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    procs = [subprocess.Popen([sys.executable, str(HERE), str(r), str(port), str(out), mode], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(WORLD)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=240)[0].decode(errors="replace"))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+    return torch.load(out, weights_only=False)
+
+
+def test_fsdp2_sharded_equals_single_process(tmp_path):
+    r = run_fsdp(tmp_path, "fp32")
+    # the NF4 storage is sharded per decoder layer, as uint8
+    assert r["shard"]["type"] == "DTensor" and r["shard"]["dtype"] == torch.uint8
+    assert r["shard"]["local_rows"] == -(-r["shard"]["global_rows"] // WORLD)
+    assert r["shard"]["absmax_type"] == "DTensor" and r["shard"]["absmax_dtype"] == torch.uint8
+    # unsharded for compute: bit-identical to the unsharded model's storage
+    assert len(r["seen"]) == 14 and all(s["weight_equal"] and s["absmax_equal"] for s in r["seen"].values())
+    torch.testing.assert_close(r["loss"], r["ref_loss"], rtol=1e-6, atol=1e-6)
+    assert set(r["grads"]) == set(r["ref_grads"]) and len(r["grads"]) == 28
+    for name, g in r["grads"].items():
+        torch.testing.assert_close(g, r["ref_grads"][name], rtol=1e-5, atol=1e-6, msg=name)
+        assert g.abs().sum() > 0, name
+
+
+def test_fsdp2_mixed_precision_never_casts_nf4_storage(tmp_path):
+    r = run_fsdp(tmp_path, "bf16")
+    for name, s in r["seen"].items():
+        assert s["weight_dtype"] == torch.uint8 and s["absmax_dtype"] == torch.uint8, name
+        assert s["weight_equal"] and s["absmax_equal"], name  # no bit of the codes changed
+        assert s["nested_dtype"] == torch.float32, name  # statistics buffers are never cast
+        assert s["lora_dtype"] == torch.bfloat16, name  # the policy is active on float parameters
+    torch.testing.assert_close(r["loss"], r["ref_loss"], rtol=2e-2, atol=2e-2)
+    for name, g in r["grads"].items():
+        assert g.dtype == torch.float32  # sharded grads keep the fp32 master dtype
+        rel = (g - r["ref_grads"][name]).norm() / r["ref_grads"][name].norm()
+        assert rel < 0.1, (name, float(rel))
+
+
+if __name__ == "__main__":
+    worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
