@@ -1223,9 +1223,15 @@ void install_globals(Interp&, const Program& prog, Frame& globals) {
   static const std::pair<const char*, Builtin::Id> table[] = {
       {"range", Builtin::Range}, {"dict", Builtin::DictFn}, {"namespace", Builtin::NamespaceFn},
       {"raise_exception", Builtin::RaiseException}, {"strftime_now", Builtin::StrftimeNow}};
-  for (auto& [nm, id] : table) {
-    auto it = prog.sym_ids.find(nm);
-    if (it != prog.sym_ids.end()) globals.set(it->second, Value(std::static_pointer_cast<Native>(std::make_shared<Builtin>(id))));
+  static const Value fns[] = {  // stateless: shared by every render (thread-safe refcounts)
+      Value(std::static_pointer_cast<Native>(std::make_shared<Builtin>(Builtin::Range))),
+      Value(std::static_pointer_cast<Native>(std::make_shared<Builtin>(Builtin::DictFn))),
+      Value(std::static_pointer_cast<Native>(std::make_shared<Builtin>(Builtin::NamespaceFn))),
+      Value(std::static_pointer_cast<Native>(std::make_shared<Builtin>(Builtin::RaiseException))),
+      Value(std::static_pointer_cast<Native>(std::make_shared<Builtin>(Builtin::StrftimeNow)))};
+  for (size_t i = 0; i < std::size(table); ++i) {
+    auto it = prog.sym_ids.find(table[i].first);
+    if (it != prog.sym_ids.end()) globals.set(it->second, fns[i]);
   }
 }
 
