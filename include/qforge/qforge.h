@@ -46,6 +46,8 @@ typedef enum qf_dtype {
 typedef enum qf_device { QF_CPU = 0, QF_CUDA = 1 } qf_device;
 
 QF_API const char* qf_version(void);
+/* The message of the last failed call on this thread ("" after a success);
+ * the pointer stays valid until the next qforge call on this thread. */
 QF_API const char* qf_last_error(void);
 QF_API int qf_built_with_cuda(void);
 QF_API int qf_cuda_device_count(void);
