@@ -25,12 +25,7 @@ bool is_reasoning_field(const std::string& f) {
   return false;
 }
 
-std::string_view strip_ws(std::string_view s) {
-  auto ws = [](char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; };
-  while (!s.empty() && ws(s.front())) s.remove_prefix(1);
-  while (!s.empty() && ws(s.back())) s.remove_suffix(1);
-  return s;
-}
+std::string_view strip_ws(std::string_view s) { return py_strip(s); }
 
 // {"thinking": r, **message, "reasoning_content": r} when any reasoning field is set
 Value alias_reasoning(const Value& msg) {
@@ -143,12 +138,7 @@ ChatRendered apply_chat_template(const Template& tmpl, const ChatRequest& req, c
       out.text.resize(loc);
     } else {
       out.text.resize(loc);
-      size_t e = out.text.size();
-      // Python's str.rstrip(): whitespace (ASCII here, plus the common Unicode ones via the engine's rules)
-      while (e > 0 && (out.text[e - 1] == ' ' || (out.text[e - 1] >= '\t' && out.text[e - 1] <= '\r') ||
-                       (out.text[e - 1] >= 0x1c && out.text[e - 1] <= 0x1f)))
-        --e;
-      out.text.resize(e);
+      out.text.resize(py_strip(out.text, false, true).size());  // str.rstrip()
     }
   }
   return out;

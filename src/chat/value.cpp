@@ -235,6 +235,37 @@ void utf8_append(std::string& out, uint32_t cp) {
   }
 }
 
+bool py_isspace(uint32_t c) {
+  return c == ' ' || (c >= 0x09 && c <= 0x0d) || (c >= 0x1c && c <= 0x1f) || c == 0x85 || c == 0xa0 || c == 0x1680 ||
+         (c >= 0x2000 && c <= 0x200a) || c == 0x2028 || c == 0x2029 || c == 0x202f || c == 0x205f || c == 0x3000;
+}
+
+std::string_view py_strip(std::string_view s, bool left, bool right) {
+  auto cp_at = [&](size_t i, size_t& len) -> uint32_t {
+    unsigned char c = s[i];
+    if (c < 0x80) {
+      len = 1;
+      return c;
+    }
+    size_t j = i + 1;
+    while (j < s.size() && (static_cast<unsigned char>(s[j]) & 0xC0) == 0x80) ++j;
+    len = j - i;
+    auto cps = utf8_decode(s.substr(i, len));
+    return cps.empty() ? 0xFFFD : cps[0];
+  };
+  size_t a = 0, b = s.size(), len = 1;
+  if (left)
+    while (a < b && py_isspace(cp_at(a, len))) a += len;
+  if (right)
+    while (b > a) {
+      size_t start = b - 1;
+      while (start > a && (static_cast<unsigned char>(s[start]) & 0xC0) == 0x80) --start;
+      if (!py_isspace(cp_at(start, len))) break;
+      b = start;
+    }
+  return s.substr(a, b - a);
+}
+
 // ------------------------------------------------------------------- floats
 std::string float_repr(double d) {
   if (std::isnan(d)) return "nan";

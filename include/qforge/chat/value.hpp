@@ -158,6 +158,10 @@ Value json_loads(std::string_view text);
 // Parses one JSON value at text[pos...]; advances pos past it (no trailing check).
 Value json_parse_prefix(std::string_view text, size_t& pos);
 
+// Python's str.strip()/lstrip()/rstrip() with no argument (Unicode whitespace).
+std::string_view py_strip(std::string_view s, bool left = true, bool right = true);
+bool py_isspace(uint32_t cp);
+
 // UTF-8 helpers (code points as Python counts them).
 size_t utf8_length(std::string_view s);
 std::vector<uint32_t> utf8_decode(std::string_view s);
