@@ -1,0 +1,123 @@
+"""NF4Linear + LoRA: forward and gradients equal F.linear with the dequantized
+weight, storage is non-float, the dequantized weight lives only in the shared
+workspace (never on the module, never saved for backward)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qforge import nf4
+from qforge.nn import WORKSPACE, NF4Linear, add_lora, lora_parameters, replace_linears
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("bias", [False, True])
+def test_forward_backward_equal_dequantized_linear(double_quant, bias, rng):
+    lin = torch.nn.Linear(192, 80, bias=bias)
+    q = NF4Linear.from_linear(lin, compress_statistics=double_quant)
+    packed, state = nf4.quantize(lin.weight.detach(), 64, double_quant)
+    assert torch.equal(q.weight.view(-1), packed.view(-1))
+    w = nf4.dequantize(packed, state)
+    assert torch.equal(q.dequantize(), w)
+    x = torch.randn(3, 5, 192, generator=rng, requires_grad=True)
+    y = q(x)
+    ref = F.linear(x, w, lin.bias.detach() if bias else None)
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    g = torch.randn(y.shape, generator=rng)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, g @ w, rtol=1e-6, atol=1e-6)
+    assert not any(p.requires_grad for p in q.parameters())
+
+
+def test_storage_dtypes_and_state_dict():
+    q = NF4Linear.from_linear(torch.nn.Linear(128, 64))
+    assert q.weight.dtype == torch.uint8 and q.weight.shape == (128 * 64 // 2, 1)
+    assert q.absmax.dtype == torch.uint8 and isinstance(q.absmax, torch.nn.Parameter)
+    assert {n for n, _ in q.named_buffers()} == {"quant_map", "nested_absmax", "nested_quant_map", "nested_offset"}
+    floats = [t for t in list(q.parameters()) + list(q.buffers()) if t.is_floating_point()]
+    assert all(t.numel() <= 256 + 64 for t in floats)  # nothing weight-sized is float
+    single = NF4Linear.from_linear(torch.nn.Linear(128, 64), compress_statistics=False)
+    assert single.absmax.dtype == torch.uint8  # fp32 absmax kept as its raw bytes
+    assert single.quant_state().absmax.dtype == torch.float32
+
+
+def test_lora_matches_peft_formula(rng):
+    lin = torch.nn.Linear(96, 64, bias=False)
+    q = NF4Linear.from_linear(lin)
+    q.add_lora(r=8, alpha=32)
+    assert q.scaling == 4.0
+    torch.testing.assert_close(q.lora_B.weight, torch.zeros(64, 8))
+    with torch.no_grad():
+        q.lora_B.weight.normal_(generator=rng)
+    x = torch.randn(7, 96, generator=rng, requires_grad=True)
+    y = q(x)
+    w = q.dequantize()
+    A, B = q.lora_A.weight, q.lora_B.weight
+    ref = x @ w.T + 4.0 * (x @ A.T) @ B.T
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    A2, B2 = A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    (x2 @ w.T + 4.0 * (x2 @ A2.T) @ B2.T).square().sum().backward()
+    torch.testing.assert_close(A.grad, A2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(B.grad, B2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(q.lora_delta(torch.float32), 4.0 * B.detach() @ A.detach())
+
+
+def test_bf16_autocast_computes_in_bf16(rng):
+    q = NF4Linear.from_linear(torch.nn.Linear(128, 64))
+    q.add_lora(4, 8)
+    x = torch.randn(4, 128, generator=rng, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = q(x)
+    assert y.dtype == torch.bfloat16
+    ref = F.linear(x.bfloat16(), q.dequantize(torch.bfloat16), q.bias.bfloat16())
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and q.lora_A.weight.grad.dtype == torch.float32
+
+
+def test_dequantized_weight_only_in_shared_workspace(rng):
+    """Forward and backward dequantize into one reused buffer; nothing
+    weight-sized is saved for backward or kept on the module."""
+    WORKSPACE.clear()
+    layers = torch.nn.Sequential(*[NF4Linear.from_linear(torch.nn.Linear(256, 256)) for _ in range(3)])
+    x = torch.randn(2, 256, generator=rng, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layers(x)
+    y.sum().backward()
+    assert (256, 256) not in [s for s, d in saved if d.is_floating_point]
+    assert all(d == torch.uint8 or s[0] < 256 * 256 // 4 for s, d in saved)
+    bufs = list(WORKSPACE.buffers.values())
+    assert len(bufs) == 1 and bufs[0].numel() == 256 * 256  # one workspace for all three layers, both passes
+    for m in layers:
+        assert not any(t.is_floating_point() and t.numel() >= 256 * 256 for t in m.state_dict().values())
+
+
+def test_add_lora_targets_and_freezing():
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    model = transformers.LlamaForCausalLM(cfg)
+    with pytest.raises(ValueError, match="not NF4 layers"):
+        add_lora(model, r=4, alpha=8)
+    replaced = replace_linears(model)
+    assert len(replaced) == 14 and "lm_head" not in replaced
+    add_lora(model, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 8 and all(("q_proj" in n or "v_proj" in n) and ".lora_" in n for n in trainable)
+    assert len(lora_parameters(model)) == 8
+    assert model.qforge_lora["target_modules"] == ["q_proj", "v_proj"]
+    with pytest.raises(ValueError, match="no module matches"):
+        add_lora(model, r=4, alpha=8, target_modules=["nonexistent"])
+    with pytest.raises(ValueError, match="rank must be positive"):
+        NF4Linear.from_linear(torch.nn.Linear(64, 64)).add_lora(0, 1)
