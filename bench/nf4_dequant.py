@@ -6,8 +6,9 @@ as the roofline.
   python bench/nf4_dequant.py [--iters 1000] [--out bench/results/nf4_dequant.json]
 
 Reports the challenge harness (three MLP configs, 1000 iterations, synchronize
-after each dequant, wall clock) and per-shape kernel times (CUDA events) for
-Llama 3 8B / 70B weight shapes, checks every output bit-for-bit against
+after each dequant, wall clock) and, for Llama 3 8B / 70B weight shapes, the
+GPU time per dequant (20 calls replayed from one CUDA graph) and the time per
+eager call (back-to-back calls, CUDA events: launch path included), checks every output bit-for-bit against
 bitsandbytes, writes JSON and a PNG plot.
 """
 from __future__ import annotations
@@ -58,6 +59,27 @@ def event_time(fn, reps):
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / reps
+
+
+def graph_time(fn, reps):
+    """Mean milliseconds per call of `reps` calls captured in one CUDA graph:
+    the GPU's time alone, without the per-call launch path. None if `fn`
+    cannot be captured."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                fn()
+    except RuntimeError as e:
+        print(f"  (not capturable: {str(e).splitlines()[0]})")
+        return None
+    return event_time(graph.replay, 5) / reps
 
 
 def copy_bandwidth(nbytes):
@@ -111,8 +133,10 @@ def per_shape(gen, reps):
             packed, state = quantized(rows_, cols, dtype, gen)
             out = torch.empty(state.shape, dtype=dtype, device="cuda")
             ref = torch.empty_like(out)
-            qf_ms = event_time(lambda: nf4.dequantize(packed, state, out=out), reps)
-            bnb_ms = event_time(lambda: bnb_F.dequantize_4bit(packed, state, out=ref), reps)
+            qf = lambda: nf4.dequantize(packed, state, out=out)  # noqa: E731
+            bnb = lambda: bnb_F.dequantize_4bit(packed, state, out=ref)  # noqa: E731
+            qf_call, bnb_call = event_time(qf, reps), event_time(bnb, reps)
+            qf_ms, bnb_ms = graph_time(qf, 20) or qf_call, graph_time(bnb, 20) or bnb_call
             exact = torch.equal(bits(out), bits(ref))
             n = out.numel()
             moved = n // 2 + n * out.element_size() + state.absmax.numel()  # codes + output + 8-bit absmax
@@ -120,13 +144,15 @@ def per_shape(gen, reps):
             row = dict(name=name, shape=[rows_, cols], dtype=str(dtype).removeprefix("torch."),
                        output_mib=n * out.element_size() / 2**20, bytes_moved=moved,
                        qforge_us=qf_ms * 1e3, bitsandbytes_us=bnb_ms * 1e3, speedup=bnb_ms / qf_ms,
+                       qforge_call_us=qf_call * 1e3, bitsandbytes_call_us=bnb_call * 1e3,
                        copy_gbps=copy_bps / 1e9,
                        qforge_copy_fraction=moved / (qf_ms * 1e-3) / copy_bps,
                        bitsandbytes_copy_fraction=moved / (bnb_ms * 1e-3) / copy_bps, bit_exact=exact)
             rows.append(row)
-            print(f"{name:24s} {row['dtype']:8s} {rows_:5d}x{cols:5d}: qforge {row['qforge_us']:7.1f} us "
+            print(f"{name:24s} {row['dtype']:8s} {rows_:5d}x{cols:5d}: kernel qforge {row['qforge_us']:7.1f} us "
                   f"({row['qforge_copy_fraction']:.2f} of copy), bnb {row['bitsandbytes_us']:7.1f} us "
-                  f"({row['bitsandbytes_copy_fraction']:.2f}), x{row['speedup']:.2f}, exact {exact}")
+                  f"({row['bitsandbytes_copy_fraction']:.2f}), x{row['speedup']:.2f}; per eager call "
+                  f"{row['qforge_call_us']:.1f} vs {row['bitsandbytes_call_us']:.1f} us; exact {exact}")
     return rows
 
 
