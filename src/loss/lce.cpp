@@ -8,6 +8,10 @@
 #include <limits>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "core/half.hpp"
 #include "loss/lce_common.hpp"
 #include "qforge/error.hpp"
@@ -114,6 +118,8 @@ void lce_check(const LceInputs& in, const LceOptions& opt, const LceOutputs& out
 // ------------------------------------------------------------------ CPU twin
 namespace {
 
+constexpr int kVB = 32;  // vocabulary rows per CPU tile
+
 struct F32T {
   using S = float;
   static float load(const float* p, int64_t i) { return p[i]; }
@@ -172,13 +178,25 @@ void forward_cpu(const LceInputs& in, const LceOptions& opt, const LceOutputs& o
     const int64_t n = std::min(chunk, N - s);
     for (int64_t i = 0; i < n * D; ++i) hc[i] = T::load(H, s * D + i);
     // GEMM 1: logits = Hc W^T (+ stored in the input dtype, as the GPU GEMM does)
-#pragma omp parallel for schedule(static)
-    for (int64_t c = 0; c < V; ++c) {
-      for (int64_t i = 0; i < n; ++i) {
-        float acc = 0.0f;
-        const float* h = hc + i * D;
-        for (int64_t k = 0; k < D; ++k) acc += h[k] * T::load(W, c * D + k);
-        logits[i * V + c] = T::round(acc);
+    // blocks of kVB vocabulary rows (converted to fp32 once) share each hidden row load
+#pragma omp parallel
+    {
+      std::vector<float> wrow(kVB * D);
+#pragma omp for schedule(static)
+      for (int64_t cb = 0; cb < V; cb += kVB) {
+        const int nb = int(std::min<int64_t>(kVB, V - cb));
+        for (int j = 0; j < nb; ++j)
+          for (int64_t k = 0; k < D; ++k) wrow[j * D + k] = T::load(W, (cb + j) * D + k);
+        for (int64_t i = 0; i < n; ++i) {
+          const float* h = hc + i * D;
+          for (int j = 0; j < nb; ++j) {
+            const float* w = wrow.data() + j * D;
+            float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t k = 0; k < D; ++k) acc += h[k] * w[k];
+            logits[i * V + cb + j] = T::round(acc);
+          }
+        }
       }
     }
     // fused pass: lse, loss, d loss / d logits in place
@@ -230,39 +248,68 @@ void forward_cpu(const LceInputs& in, const LceOptions& opt, const LceOutputs& o
     // GEMM 2: grad_hidden rows = dL W
     if (out.grad_hidden) {
       S* GH = static_cast<S*>(out.grad_hidden);
-#pragma omp parallel for schedule(static)
-      for (int64_t i = 0; i < n; ++i) {
-        float* acc = gh + i * D;
-        std::fill(acc, acc + D, 0.0f);
-        for (int64_t c = 0; c < V; ++c) {
-          const float d = logits[i * V + c];
-          if (d == 0.0f) continue;
-          for (int64_t k = 0; k < D; ++k) acc[k] += d * T::load(W, c * D + k);
+      std::fill(gh, gh + n * D, 0.0f);
+#pragma omp parallel
+      {
+        // each thread owns a range of rows; vocabulary tiles converted to fp32 once per thread
+        int nt = 1, t = 0;
+#ifdef _OPENMP
+        nt = omp_get_num_threads();
+        t = omp_get_thread_num();
+#endif
+        const int64_t i0 = n * t / nt, i1 = n * (t + 1) / nt;
+        std::vector<float> tile(kVB * D);
+        for (int64_t cb = 0; cb < V && i0 < i1; cb += kVB) {
+          const int nb = int(std::min<int64_t>(kVB, V - cb));
+          for (int j = 0; j < nb; ++j)
+            for (int64_t k = 0; k < D; ++k) tile[j * D + k] = T::load(W, (cb + j) * D + k);
+          for (int64_t i = i0; i < i1; ++i) {
+            float* acc = gh + i * D;
+            const float* dl = logits + i * V + cb;
+            for (int j = 0; j < nb; ++j) {
+              const float d = dl[j];
+              if (d == 0.0f) continue;
+              const float* w = tile.data() + j * D;
+#pragma omp simd
+              for (int64_t k = 0; k < D; ++k) acc[k] += d * w[k];
+            }
+          }
         }
-        for (int64_t k = 0; k < D; ++k) T::store(GH, (s + i) * D + k, acc[k]);
       }
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t k = 0; k < D; ++k) T::store(GH, (s + i) * D + k, gh[i * D + k]);
     }
     // GEMM 3: grad_weight (+)= dL^T Hc, rounded to its dtype once per chunk
     if (out.grad_weight) {
       const bool first = s == 0;
 #pragma omp parallel
       {
-        std::vector<float> acc(D);
+        std::vector<float> acc(kVB * D);
 #pragma omp for schedule(static)
-        for (int64_t c = 0; c < V; ++c) {
+        for (int64_t cb = 0; cb < V; cb += kVB) {
+          const int nb = int(std::min<int64_t>(kVB, V - cb));
           std::fill(acc.begin(), acc.end(), 0.0f);
           for (int64_t i = 0; i < n; ++i) {
-            const float d = logits[i * V + c];
-            if (d == 0.0f) continue;
-            for (int64_t k = 0; k < D; ++k) acc[k] += d * hc[i * D + k];
+            const float* h = hc + i * D;
+            for (int j = 0; j < nb; ++j) {
+              const float d = logits[i * V + cb + j];
+              if (d == 0.0f) continue;
+              float* a = acc.data() + j * D;
+#pragma omp simd
+              for (int64_t k = 0; k < D; ++k) a[k] += d * h[k];
+            }
           }
-          if (out.grad_weight_dtype == DType::F32) {
-            float* GW = static_cast<float*>(out.grad_weight) + c * D;
-            for (int64_t k = 0; k < D; ++k) GW[k] = first ? acc[k] : GW[k] + acc[k];
-          } else {
-            S* GW = static_cast<S*>(out.grad_weight);
-            for (int64_t k = 0; k < D; ++k)
-              T::store(GW, c * D + k, first ? acc[k] : T::load(GW, c * D + k) + acc[k]);
+          for (int j = 0; j < nb; ++j) {
+            const int64_t c = cb + j;
+            const float* a = acc.data() + j * D;
+            if (out.grad_weight_dtype == DType::F32) {
+              float* GW = static_cast<float*>(out.grad_weight) + c * D;
+              for (int64_t k = 0; k < D; ++k) GW[k] = first ? a[k] : GW[k] + a[k];
+            } else {
+              S* GW = static_cast<S*>(out.grad_weight);
+              for (int64_t k = 0; k < D; ++k)
+                T::store(GW, c * D + k, first ? a[k] : T::load(GW, c * D + k) + a[k]);
+            }
           }
         }
       }
