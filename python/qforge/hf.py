@@ -5,7 +5,7 @@ fused linear + cross-entropy, so full logits are never computed.
     qforge.hf.patch_causal_lm(model)             # fused C++/CUDA path
     qforge.hf.patch_causal_lm(model, "generic")  # chunked_linear + F.cross_entropy
 
-Works for Llama-family ``*ForCausalLM`` models (a ``.model`` returning
+Works for Llama-family ``*ForCausalLM`` models (also inside a PEFT wrapper) (a ``.model`` returning
 ``last_hidden_state`` and an ``.lm_head`` Linear), Gemma-2-style
 ``final_logit_softcapping`` included. With ``labels`` (or ``shift_labels``)
 in training mode the loss equals transformers' ``ForCausalLMLoss``
@@ -63,6 +63,9 @@ def patch_causal_lm(model: torch.nn.Module, mode: str = "fused", chunk_size: Opt
 
     if mode not in ("fused", "generic"):
         raise ValueError(f"patch_causal_lm: mode must be 'fused' or 'generic', got {mode!r}")
+    if hasattr(model, "get_base_model"):  # a PEFT wrapper: patch the wrapped causal LM
+        patch_causal_lm(model.get_base_model(), mode, chunk_size)
+        return model
     if not hasattr(model, "lm_head") or not hasattr(model, "model"):
         raise ValueError(f"patch_causal_lm: {type(model).__name__} has no .model/.lm_head "
                          "(expected a Llama-family *ForCausalLM)")
@@ -97,6 +100,9 @@ def patch_causal_lm(model: torch.nn.Module, mode: str = "fused", chunk_size: Opt
 
 def unpatch_causal_lm(model: torch.nn.Module):
     """Undo :func:`patch_causal_lm`."""
+    if hasattr(model, "get_base_model"):
+        unpatch_causal_lm(model.get_base_model())
+        return model
     orig = getattr(model, "_qforge_original_forward", None)
     if orig is not None:
         model.forward = orig

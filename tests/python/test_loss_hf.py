@@ -60,3 +60,20 @@ def test_num_items_in_batch_and_inference_unchanged():
         assert ours(input_ids=ids, labels=labels).logits is not None  # eval: unchanged
     unpatch_causal_lm(ours)
     assert not hasattr(ours.forward, "__func__") or ours.forward.__func__.__name__ == "forward"
+
+
+def test_peft_lora_model():
+    peft = pytest.importorskip("peft")
+    ref = tiny_llama()
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    ref = peft.get_peft_model(ref, cfg)
+    ours = copy.deepcopy(ref)
+    patch_causal_lm(ours)
+    ref.train(), ours.train()
+    ids, labels = batch(seed=9)
+    a, b = ref(input_ids=ids, labels=labels), ours(input_ids=ids, labels=labels)
+    assert b.logits is None and abs(a.loss.item() - b.loss.item()) < 1e-5
+    a.loss.backward(), b.loss.backward()
+    for (n, p), q in zip(ref.named_parameters(), ours.parameters()):
+        if p.requires_grad:
+            assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), n
