@@ -1,0 +1,230 @@
+"""`qforge train`: the embedded default's loss falls; resume continues bit for bit;
+checkpoints are complete or absent; packed batches equal separate sequences;
+labels cover exactly the assistant turns; bad data gets FILE:LINE errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import qforge  # noqa: E402
+from qforge import cli, train as T  # noqa: E402
+from qforge.data import (PackedBatches, builtin_dataset, read_jsonl, template_for,  # noqa: E402
+                         tokenize_records)
+
+SMALL_RUN = dict(max_seq_length=1024, tokens_per_batch=512, lr=4e-3, warmup_steps=2, lora_r=8, lora_alpha=16.0,
+                 progress=False)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """The embedded default model + tokenizer, built once."""
+    out = tmp_path_factory.mktemp("default")
+    return T._prepare_default_model(out, builtin_dataset(seed=0), seed=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(base_dir):
+    return qforge.load_tokenizer(base_dir)
+
+
+def read_metrics(out: Path):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_default_job_loss_falls(tmp_path):
+    """The no-argument job (tiny random Llama + built-in tool-calling data),
+    shortened to 24 steps: the loss must drop by a wide margin."""
+    s = T.train(output=str(tmp_path / "run"), progress=False, **{**T.DEFAULT_JOB, "max_steps": 24, "save_every": 0})
+    losses = s["losses"]
+    assert len(losses) == 24
+    first, last = losses[0], sum(losses[-5:]) / 5
+    assert first > 6.0  # ~ln(vocab) at random init
+    assert last < first - 2.0, losses
+    out = tmp_path / "run"
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 25))
+    assert all(r["tokens_per_s"] > 0 and r["trained_tokens"] > 0 and r["mem_gib"] > 0 for r in rows)
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "adapter" / "adapter_config.json").exists()
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert (out / "adapter" / "tokenizer.json").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 24 and summary["losses"] == losses
+    # the adapter it wrote reproduces the trained model
+    model = qforge.load(out / "base-model", dtype=torch.float32, device="cpu")
+    qforge.load_adapter(model, out / "adapter")
+    trained = s["model"]
+    ids = torch.randint(0, 500, (1, 20))
+    trained.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, trained(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_resume_is_bit_exact(tmp_path, base_dir):
+    kw = dict(model=str(base_dir), max_steps=8, save_every=4, grad_accum=2, lora_dropout=0.1, **SMALL_RUN)
+    straight = T.train(output=str(tmp_path / "a"), **kw)
+    first = T.train(output=str(tmp_path / "b"), stop_after=4, **kw)
+    assert first["stopped_early"] and first["steps"] == 4
+    assert not (tmp_path / "b" / "adapter").exists()
+    resumed = T.train(output=str(tmp_path / "b"), resume=True, **kw)
+    assert resumed["losses"] == straight["losses"][4:]
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [r["loss"] for r in a] == [r["loss"] for r in b] and len(b) == 8
+    from safetensors.torch import load_file
+
+    wa = load_file(str(tmp_path / "a" / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "adapter" / "adapter_model.safetensors"))
+    assert set(wa) == set(wb) and len(wa) == 28
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_checkpoint_is_complete_or_absent(tmp_path, base_dir, monkeypatch):
+    out = tmp_path / "run"
+    kw = dict(model=str(base_dir), max_steps=6, save_every=2, **SMALL_RUN)
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def failing_save(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # step 4's optimizer state: the "crash" mid-checkpoint
+            raise OSError("disk full (simulated)")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(T.torch, "save", failing_save)
+    with pytest.raises(OSError, match="simulated"):
+        T.train(output=str(out), **kw)
+    monkeypatch.setattr(T.torch, "save", real_save)
+    done = sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("."))
+    assert done == ["step-000002"]  # no half-written step-000004
+    assert T.latest_checkpoint(out).name == "step-000002"
+    # a new run may not overwrite it ...
+    before = {p: p.read_bytes() for p in (out / "checkpoints" / "step-000002").iterdir()}
+    with pytest.raises(ValueError, match="pass --resume"):
+        T.train(output=str(out), **kw)
+    assert {p: p.read_bytes() for p in (out / "checkpoints" / "step-000002").iterdir()} == before
+    # ... and resuming continues from it to the end, equal to an uninterrupted run
+    resumed = T.train(output=str(out), resume=True, **kw)
+    straight = T.train(output=str(tmp_path / "straight"), **kw)
+    assert resumed["losses"] == straight["losses"][2:]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_packed_batch_equals_separate_sequences(base_dir, tokenizer):
+    model = qforge.load(base_dir, dtype=torch.float32, device="cpu")
+    qforge.add_lora(model, r=4, alpha=8, seed=0)
+    examples = tokenize_records(builtin_dataset(8), tokenizer, template_for(tokenizer), 1024)
+    batches = PackedBatches(examples, 1024, seed=0)
+    b = batches.batch(0)
+    starts = [i for i, p in enumerate(b["position_ids"][0].tolist()) if p == 0]
+    assert len(starts) >= 2 and b["input_ids"].shape[1] <= 1024
+    model.eval()
+    with torch.no_grad():
+        # use_cache=False, as the training loop calls it: with a KV cache transformers skips
+        # its packed-sequence (block-diagonal) mask
+        packed = model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits[0]
+        bounds = starts + [b["input_ids"].shape[1]]
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            alone = model(input_ids=b["input_ids"][:, s:e]).logits[0]
+            torch.testing.assert_close(packed[s:e], alone, rtol=1e-4, atol=1e-4)
+    assert all(b["labels"][0, s] == -100 for s in starts)  # no loss across a boundary
+
+
+def test_batches_cover_each_example_once_per_epoch_and_are_deterministic(base_dir, tokenizer):
+    examples = tokenize_records(builtin_dataset(24), tokenizer, template_for(tokenizer), 1024)
+    a, b = PackedBatches(examples, 700, seed=5), PackedBatches(examples, 700, seed=5)
+    rows = a.epoch_rows(0)
+    assert sorted(i for r in rows for i in r) == list(range(24))
+    assert all(sum(len(examples[i].input_ids) for i in r) <= 700 for r in rows)
+    assert a.epoch_rows(1) != rows  # reshuffled each epoch
+    for i in (0, 3, len(rows), len(rows) + 2):
+        assert torch.equal(a.batch(i)["input_ids"], b.batch(i)["input_ids"])
+
+
+def test_labels_are_exactly_the_assistant_turns(tokenizer):
+    rec = builtin_dataset(1)[0]
+    (ex,) = tokenize_records([rec], tokenizer, template_for(tokenizer), 1024)
+    trained = tokenizer.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != -100])
+    call = rec["messages"][2]["tool_calls"][0]["function"]
+    answer = rec["messages"][4]["content"]
+    expected = json.dumps({"name": call["name"], "parameters": call["arguments"]}) + "<|eot_id|>" + answer + "<|eot_id|>"
+    assert trained == expected
+    assert "What's the weather" not in trained and "temperature" not in trained
+
+
+def test_learning_rate_schedule():
+    assert T.lr_at(0, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+    assert T.lr_at(9, 100, 1.0, 10, 0.1) == pytest.approx(1.0)
+    assert T.lr_at(10, 100, 1.0, 10, 0.1) == pytest.approx(1.0)
+    assert T.lr_at(55, 100, 1.0, 10, 0.1) == pytest.approx(0.55)
+    assert T.lr_at(100, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
+
+
+# ------------------------------------------------------------------ bad input
+def write_lines(path: Path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+GOOD = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+
+
+@pytest.mark.parametrize("line, reason", [
+    ('{"messages": [', r"data\.jsonl:2: not valid JSON"),
+    ('{"messages": []}', r"data\.jsonl:2: 'messages' must be a non-empty list"),
+    ('{"messages": [{"role": "robot", "content": "x"}]}', r"data\.jsonl:2: messages\[0\]: role 'robot'"),
+    ('{"messages": [{"role": "user", "content": "x"}]}', r"data\.jsonl:2: no assistant message"),
+    ('{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]}',
+     r"data\.jsonl:2: messages\[0\]: content must be a string"),
+    ('{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": '
+     '[{"function": {"name": "f", "arguments": "{bad"}}]}]}',
+     r"data\.jsonl:2: messages\[1\]: tool_calls\[0\]\.function\.arguments is not valid JSON"),
+])
+def test_bad_lines_are_named(tmp_path, line, reason):
+    path = write_lines(tmp_path / "data.jsonl", [GOOD, line])
+    with pytest.raises(ValueError, match=reason):
+        read_jsonl(path)
+
+
+def test_openai_tool_calls_are_normalised(tmp_path):
+    line = json.dumps({"messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        {"role": "assistant", "content": "Sunny."}]})
+    (rec,) = read_jsonl(write_lines(tmp_path / "d.jsonl", [line]))
+    assert rec["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}
+    assert "content" not in rec["messages"][1]
+
+
+def test_too_long_conversation_is_named(tmp_path, base_dir):
+    long = json.dumps({"messages": [{"role": "user", "content": "word " * 300},
+                                    {"role": "assistant", "content": "ok"}]})
+    data = write_lines(tmp_path / "data.jsonl", [GOOD, GOOD, long])
+    with pytest.raises(ValueError, match=r"data\.jsonl:3: conversation is \d+ tokens, longer than max_seq_length=128"):
+        T.train(model=str(base_dir), data=str(data), output=str(tmp_path / "o"), max_seq_length=128, progress=False)
+    s = T.train(model=str(base_dir), data=str(data), output=str(tmp_path / "o2"), max_seq_length=128,
+                skip_long=True, max_steps=1, progress=False)
+    assert s["steps"] == 1
+
+
+def test_cli_train_and_errors(tmp_path, base_dir, capsys):
+    data = write_lines(tmp_path / "data.jsonl", [GOOD, "not json"])
+    assert cli.main(["train", "--model", str(base_dir), "--data", str(data), "--output", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "qforge: error:" in err and "data.jsonl:2: not valid JSON" in err
+    assert not (tmp_path / "x").exists()  # nothing written for bad data
+    assert cli.main(["train", "--model", str(tmp_path / "missing")]) == 2
+    assert "no such model directory" in capsys.readouterr().err
+    data = write_lines(tmp_path / "ok.jsonl", [GOOD] * 4)
+    rc = cli.main(["train", "--model", str(base_dir), "--data", str(data), "--output", str(tmp_path / "y"),
+                   "--max-steps", "2", "--lora-r", "4", "--no-progress"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "adapter (PEFT format):" in out and (tmp_path / "y" / "adapter" / "adapter_model.safetensors").exists()
