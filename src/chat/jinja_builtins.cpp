@@ -201,6 +201,14 @@ std::string replace(const std::string& s, const std::string& old, const std::str
   return out;
 }
 
+bool hashable(const Value& v) {
+  if (v.is_list() || v.is_dict() || v.is_namespace()) return false;
+  if (v.is_tuple())
+    for (auto& x : v.list())
+      if (!hashable(x)) return false;
+  return true;
+}
+
 // refuses a replace() whose result would exceed the output limit
 void check_replace(Interp& in, const std::string& s, const std::string& old, const std::string& rep, int64_t count,
                    const Node& at) {
@@ -292,6 +300,7 @@ std::string percent_format(Interp& in, const std::string& fmt, const Value& rhs,
   std::string out;
   List args;
   bool is_map = rhs.is_dict();
+  bool mapping_like = is_map || rhs.is_list() || rhs.is_undefined();  // CPython skips the "not all converted" check
   if (rhs.is_tuple()) args = rhs.list();
   else args.push_back(rhs);
   size_t ai = 0;
@@ -342,7 +351,7 @@ std::string percent_format(Interp& in, const std::string& fmt, const Value& rhs,
       default: in.fail("ValueError", detail::concat("unsupported format character '", conv, "'"), at);
     }
   }
-  if (!is_map && ai < args.size()) in.fail("TypeError", "not all arguments converted during string formatting", at);
+  if (!mapping_like && ai < args.size()) in.fail("TypeError", "not all arguments converted during string formatting", at);
   return out;
 }
 
@@ -660,6 +669,8 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
     case F_SELECT: return select_or_reject(in, v, args, at, false, true);
     case F_REJECT: return select_or_reject(in, v, args, at, false, false);
     case F_INDENT:
+      if (v.is_undefined()) in.fail_undefined(v, at);
+      if (!v.is_string()) in.fail("TypeError", detail::concat("unsupported operand type(s) for +=: '", v.type_name(), "' and 'str'"), at);
       if (const Value* w = arg(args, 0, "width"); w && w->is_int()) in.check_output(static_cast<size_t>(std::max<int64_t>(0, w->as_int())), at);
       return Value(indent(as_text(v), arg(args, 0, "width"), arg_bool(args, 1, "first", false), arg_bool(args, 2, "blank", false)));
     case F_REPLACE: {
@@ -672,6 +683,7 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
       return Value(replace(text, o, r, count));
     }
     case F_INT: {
+      if (v.is_undefined()) in.fail_undefined(v, at);  // Undefined.__int__ raises
       const Value* d = arg(args, 0, "default");
       Value dflt = d ? *d : Value(int64_t(0));
       if (v.is_int() || v.is_bool()) return Value(v.as_int());
@@ -687,6 +699,7 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
       return dflt;
     }
     case F_FLOAT: {
+      if (v.is_undefined()) in.fail_undefined(v, at);
       const Value* d = arg(args, 0, "default");
       Value dflt = d ? *d : Value(0.0);
       if (v.is_number()) return Value(v.as_float());
@@ -705,6 +718,7 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
       const Value* attribute = arg(args, 1, "attribute");
       std::vector<Value> seen;
       for (auto& x : items) {
+        if (!hashable(x)) in.fail("TypeError", detail::concat("unhashable type: '", x.type_name(), "'"), at);
         Value k = sort_key(attribute && !attribute->is_none() ? attr_path(in, x, as_text(*attribute), at) : x, cs);
         bool dup = false;
         for (auto& s : seen)
@@ -752,9 +766,22 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
       int64_t prec = arg_int(in, args, 0, "precision", 0, at);
       std::string method = "common";
       if (const Value* m = arg(args, 1, "method")) method = as_text(*m);
+      if (method != "common" && method != "ceil" && method != "floor")
+        in.fail("FilterArgumentError", "method must be common, ceil or floor", at);
+      if (method == "common") {
+        if (!v.is_float()) return Value(v.as_int());  // round(int, n) is the int
+        if (prec < 0 || prec > 300 || !std::isfinite(v.as_float())) {
+          double p = std::pow(10.0, static_cast<double>(prec));
+          return Value(std::nearbyint(v.as_float() * p) / p);
+        }
+        // Python rounds the exact binary value half-to-even, as printf does
+        char buf[400];
+        std::snprintf(buf, sizeof buf, "%.*f", static_cast<int>(prec), v.as_float());
+        double r = std::strtod(buf, nullptr);
+        return Value(r == 0 && std::signbit(v.as_float()) ? -0.0 : r);
+      }
       double p = std::pow(10.0, static_cast<double>(prec)), x = v.as_float() * p;
-      double r = method == "ceil" ? std::ceil(x) : method == "floor" ? std::floor(x) : std::round(x);
-      return Value(r / p);
+      return Value((method == "ceil" ? std::ceil(x) : std::floor(x)) / p);
     }
     case F_SUM: {
       List items;
@@ -789,7 +816,16 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
       std::reverse(items.begin(), items.end());
       return Value(std::static_pointer_cast<Native>(std::make_shared<IterObj>(std::move(items), "list_reverseiterator")));
     }
-    case F_WORDCOUNT: return Value(static_cast<int64_t>(split_ws(as_text(v), -1, false).size()));
+    case F_WORDCOUNT: {  // len(re.findall(r"\w+", s))
+      int64_t words = 0;
+      bool in_word = false;
+      for (uint32_t c : utf8_decode(as_text(v))) {
+        bool w = c == '_' || cp_isdigit(c) || cp_isalpha(c);
+        if (w && !in_word) ++words;
+        in_word = w;
+      }
+      return Value(words);
+    }
     case F_FORMAT: {
       if (!args.kw.empty()) {
         Dict d;
@@ -859,7 +895,7 @@ bool apply_test(Interp& in, int id, const std::string& name, const Value& v, Arg
     case T_NUMBER: return v.is_number();
     case T_INTEGER: return v.is_int();
     case T_FLOAT: return v.is_float();
-    case T_CALLABLE: return v.is_native() && dynamic_cast<Callable*>(v.native().get());
+    case T_CALLABLE: return v.is_undefined() || (v.is_native() && dynamic_cast<Callable*>(v.native().get()));
     case T_EQ: return in.compare(Op::Eq, v, other(), at);
     case T_NE: return in.compare(Op::Ne, v, other(), at);
     case T_LT: return in.compare(Op::Lt, v, other(), at);
@@ -875,9 +911,8 @@ bool apply_test(Interp& in, int id, const std::string& name, const Value& v, Arg
     }
     case T_ODD:
     case T_EVEN: {
-      if (!v.is_int() && !v.is_bool()) in.fail("TypeError", "odd/even require an integer", at);
-      int64_t r = v.as_int() % 2;
-      return id == T_ODD ? r != 0 : r == 0;
+      Value r = in.binop(Op::Mod, v, Value(int64_t(2)), at);  // value % 2 == 1 / == 0, as jinja2
+      return py_equal(r, Value(int64_t(id == T_ODD ? 1 : 0)));
     }
     case T_LOWER: {
       std::string s = as_text(v);

@@ -335,7 +335,10 @@ static bool contains(Interp& in, const Value& container, const Value& item, cons
       for (auto& x : container.list())
         if (py_equal(x, item)) return true;
       return false;
-    case Kind::Dict: return container.dict_ref().find(item) != nullptr;
+    case Kind::Dict:
+      if (item.is_list() || item.is_dict() || item.is_namespace())
+        in.fail("TypeError", detail::concat("unhashable type: '", item.type_name(), "'"), at);
+      return container.dict_ref().find(item) != nullptr;
     case Kind::Undefined: return false;
     default:
       if (container.is_native())
@@ -363,6 +366,12 @@ bool Interp::compare(Op op, const Value& a, const Value& b, const Node& at) {
 }
 
 Value Interp::binop(Op op, const Value& a, const Value& b, const Node& at) {
+  if (op == Op::Mod && a.is_string()) {  // printf-style formatting (an Undefined argument is a mapping to CPython)
+    Args args;
+    args.pos.push_back(b);
+    bool found;
+    return call_method(*this, a, "__mod__", args, at, found);
+  }
   if (a.is_undefined()) fail_undefined(a, at);
   if (b.is_undefined()) fail_undefined(b, at);
   static const char* names[] = {"+", "-", "*", "/", "//", "%", "**"};
@@ -455,12 +464,6 @@ Value Interp::binop(Op op, const Value& a, const Value& b, const Node& at) {
       for (int64_t i = 0; i < k; ++i) l.insert(l.end(), seq->list().begin(), seq->list().end());
       return Value(std::move(l), seq->kind());
     }
-  }
-  if (op == Op::Mod && a.is_string()) {
-    Args args;
-    args.pos.push_back(b);
-    bool found;
-    return call_method(*this, a, "__mod__", args, at, found);
   }
   return type_error();
 }
