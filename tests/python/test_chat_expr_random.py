@@ -67,3 +67,46 @@ def test_random_expressions_match_jinja2():
         if py[0] != qf[0] or (py[0] == "ok" and py[1] != qf[1]):
             mismatches.append((source, py, qf))
     assert not mismatches, "\n".join(map(repr, mismatches[:10]))
+
+
+METHODS = ["s.split()", "s.rsplit(',', 1)", "t.split(',', 1)", "s.lstrip(' H')", "s.rstrip()", "s.upper()",
+           "s.title()", "s.startswith(' H')", "s.endswith(('d ', 'x'))", "s.find('l')", "s.rfind('l')", "s.count('l')",
+           "t.replace(',', ';', 2)", "'-'.join(['a', 'b'])", "s.center(20, '*')", "s.zfill(20)", "t.partition(',')",
+           "s[::-2]", "s[-3:]", "li[1:]", "l[::2]", "t.splitlines()", "'%s|%d|%r' % ('a', 3, 'b')",
+           "'{}-{x}'.format(1, x=2)", "d.keys()|list", "d.values()|list", "li.index(3)", "l.count(None)",
+           "'a b'.title()", "s.isspace()", "'12'.isdigit()", "s.casefold()", "s.swapcase()"]
+
+
+def stmt(rng, depth=0):
+    r = rng.random()
+    body = lambda: "".join(stmt(rng, depth + 1) for _ in range(rng.randint(1, 3)))  # noqa: E731
+    if depth > 2 or r < 0.3:
+        return "{{ " + rng.choice(METHODS + ATOMS) + " }}" + rng.choice(["", " ", "\n", "  \n"])
+    if r < 0.45:
+        return "{% for x in " + rng.choice(["li", "l", "s", "d", "el", "t.split(',')", "range(3)"]) + \
+               rng.choice(["", " if x"]) + " %}" + rng.choice(["{{ loop.index }}", "{{ x }}", "{{ loop.last }}"]) + \
+               body() + rng.choice(["", "{% else %}E"]) + "{% endfor %}"
+    if r < 0.6:
+        return "{% if " + expr(rng, 2) + " %}" + body() + rng.choice(["", "{% else %}" + body()]) + "{% endif %}"
+    if r < 0.7:
+        return "{% set v = " + expr(rng, 2) + " %}{{ v }}"
+    if r < 0.8:
+        return "{%- set ns = namespace(c=0) -%}{% for x in li %}{% set ns.c = ns.c + x %}{% endfor %}{{ ns.c }}"
+    if r < 0.9:
+        return "{% macro mm(a, b='B') %}[{{ a }}{{ b }}]{% endmacro %}{{ mm(" + rng.choice(ATOMS) + ") }}"
+    return rng.choice(["  {%- if b %} x {% endif -%}  \n", "\n  {% if b %}\n  y\n  {% endif %}\n",
+                       "{# c #}\n", "{%+ if b %}z{% endif +%}\n", "{% raw %}{{ r }}{% endraw %}"])
+
+
+def test_random_statements_match_jinja2():
+    rng = random.Random(os.environ.get("QF_EXPR_SEED", "qforge") + "stmt")
+    n = int(os.environ.get("QF_EXPR_N", "300")) // 2
+    mismatches = []
+    for _ in range(n):
+        source = "".join(stmt(rng) for _ in range(rng.randint(1, 4)))
+        py, qf = render_py(source), render_qf(source)
+        if "object at 0x" in str(py[1]) or "<generator" in str(py[1]):
+            continue
+        if py[0] != qf[0] or (py[0] == "ok" and py[1] != qf[1]):
+            mismatches.append((source, py, qf))
+    assert not mismatches, "\n".join(map(repr, mismatches[:10]))
