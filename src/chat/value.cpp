@@ -5,6 +5,7 @@
 #include <charconv>
 #include <cmath>
 #include <cstring>
+#include <unordered_map>
 
 #include "qforge/error.hpp"
 
@@ -699,6 +700,19 @@ struct JsonReader {
     }
     return false;
   }
+  // Object keys repeat ("role", "content", ...): share one Value per
+  // distinct short key within this thread, as CPython's decoder memoises keys.
+  static Value key(std::string k) {
+    if (k.size() > 32) return Value(std::move(k));
+    thread_local std::unordered_map<std::string, Value> memo;
+    auto it = memo.find(k);
+    if (it != memo.end()) return it->second;
+    if (memo.size() >= 4096) memo.clear();
+    Value v(k);
+    memo.emplace(std::move(k), v);
+    return v;
+  }
+
   Value value() {
     if (++depth > 1000) fail("nesting too deep");
     ws();
@@ -714,12 +728,12 @@ struct JsonReader {
         while (true) {
           ws();
           if (p >= t.size() || t[p] != '"') fail("expecting property name enclosed in double quotes");
-          std::string k = string();
+          Value k = key(string());
           ws();
           if (p >= t.size() || t[p] != ':') fail("expecting ':' delimiter");
           ++p;
           Value v = value();
-          d.set(Value(std::move(k)), std::move(v));
+          d.set(std::move(k), std::move(v));
           ws();
           if (p < t.size() && t[p] == ',') { ++p; continue; }
           if (p < t.size() && t[p] == '}') { ++p; break; }
