@@ -2,10 +2,6 @@ import pytest
 import torch
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one; run on the GPU machine)")
-
-
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
