@@ -1,4 +1,5 @@
-"""`qforge` command line. With no arguments it runs the main job on its embedded default."""
+"""`qforge` command line. With no arguments it runs the main job on its embedded default:
+`qforge train` with a tiny random Llama model and a built-in tool-calling dataset."""
 from __future__ import annotations
 
 import argparse
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:  # the embedded default main job
-        args = parser.parse_args(["demo"])
+        args = parser.parse_args(["train"])
     try:
         return args.func(args)
     except ValueError as e:
