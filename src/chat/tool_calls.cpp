@@ -215,6 +215,54 @@ void parse_llama3(std::string_view text, ParsedToolCalls& r) {
   r.content = c.empty() ? Value() : Value(c);
 }
 
+// Qwen3-Coder: <function=name><parameter=key>\nvalue\n</parameter>...</function>.
+// The template prints strings raw and other values as JSON, so a value that
+// reads as a JSON number/bool/null/object/array is taken as one.
+bool xml_function_call(std::string_view body, Value& out, std::string& error) {
+  const std::string_view fn_open = "<function=", fn_close = "</function>", p_open = "<parameter=", p_close = "</parameter>";
+  if (body.substr(0, fn_open.size()) != fn_open) return false;
+  size_t gt = body.find('>');
+  if (gt == std::string_view::npos) {
+    error = "malformed <function=...> tag";
+    return false;
+  }
+  std::string name(trim(body.substr(fn_open.size(), gt - fn_open.size())));
+  size_t end = body.rfind(fn_close);
+  if (name.empty() || end == std::string_view::npos || end < gt) {
+    error = "a <function=...> block is not closed";
+    return false;
+  }
+  Value args = Value::dict();
+  size_t pos = gt + 1;
+  while (true) {
+    size_t a = body.find(p_open, pos);
+    if (a == std::string_view::npos || a > end) break;
+    size_t g = body.find('>', a);
+    size_t b = body.find(p_close, a);
+    if (g == std::string_view::npos || b == std::string_view::npos || g > b) {
+      error = "malformed <parameter=...> block";
+      return false;
+    }
+    std::string key(trim(body.substr(a + p_open.size(), g - a - p_open.size())));
+    std::string_view raw = body.substr(g + 1, b - g - 1);
+    if (!raw.empty() && raw.front() == '\n') raw.remove_prefix(1);
+    if (!raw.empty() && raw.back() == '\n') raw.remove_suffix(1);
+    Value v(raw);
+    std::string_view t = trim(raw);
+    if (!t.empty() && (t[0] == '{' || t[0] == '[' || t[0] == '-' || (t[0] >= '0' && t[0] <= '9') || t == "true" ||
+                       t == "false" || t == "null")) {
+      try {
+        v = json_loads(t);
+      } catch (const InvalidArgument&) {
+      }
+    }
+    args.set(Value(key), std::move(v));
+    pos = b + p_close.size();
+  }
+  out = make_call(Value(name), std::move(args));
+  return true;
+}
+
 // Hermes / Qwen: <tool_call>{json}</tool_call> blocks
 void parse_hermes(std::string_view text, ParsedToolCalls& r) {
   const std::string_view open_tag = "<tool_call>", close_tag = "</tool_call>";
@@ -229,11 +277,13 @@ void parse_hermes(std::string_view text, ParsedToolCalls& r) {
     content.append(text.substr(pos, a - pos));
     Value call;
     std::string error;
-    bool ok = false;
-    try {
-      ok = call_from_json(json_loads(body), call, error);
-    } catch (const InvalidArgument& e) {
-      error = std::string("malformed JSON in <tool_call>: ") + e.what();
+    bool ok = xml_function_call(body, call, error);
+    if (!ok && error.empty()) {
+      try {
+        ok = call_from_json(json_loads(body), call, error);
+      } catch (const InvalidArgument& e) {
+        error = std::string("malformed JSON in <tool_call>: ") + e.what();
+      }
     }
     if (!ok) {
       r.error = error.empty() ? "a <tool_call> block is not a {\"name\", \"arguments\"} object" : error;

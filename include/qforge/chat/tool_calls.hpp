@@ -1,6 +1,7 @@
 // Reading tool calls back out of generated text, into OpenAI-style
 // tool_calls: Llama 3.x JSON calls and <|python_tag|> builtin calls, and
-// Hermes / Qwen <tool_call> blocks. Never throws on malformed model output:
+// Hermes / Qwen <tool_call> blocks (JSON inside, or Qwen3-Coder's
+// <function=...><parameter=...> form). Never throws on malformed model output:
 // the raw text comes back as content with `error` set.
 #pragma once
 #include <string>
