@@ -38,7 +38,7 @@ struct MacroObj : Callable {
         frame->set(in.prog.sym_ids.at(params[k].first), kv.second);
         bound[k] = true;
       } else if (kv.first == "caller" && def->kind == NK::Macro) {
-        frame->set(const_cast<Program&>(in.prog).sym("caller"), kv.second);
+        frame->set(in.prog.sym_ids.at("caller"), kv.second);  // interned at compile time
       } else if (catch_kwargs) {
         extra_kw.set(Value(kv.first), kv.second);
       } else {

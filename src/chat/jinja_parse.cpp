@@ -1084,6 +1084,7 @@ class Parser {
 
 std::shared_ptr<Program> compile_template(std::string_view source) {
   auto prog = std::make_shared<Program>();
+  prog->sym("caller");  // renders never add symbols: a compiled template is shared by threads
   Lexer lex(source);
   Parser parser(lex.run(), *prog);
   prog->root = parser.parse_template();
