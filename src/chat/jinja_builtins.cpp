@@ -603,12 +603,12 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
       }
       return Value(std::move(out));
     }
-    case F_ITEMS: {
-      if (v.is_undefined()) return Value(List{});
+    case F_ITEMS: {  // a generator in jinja2 (always truthy, no len)
+      if (v.is_undefined()) return generator({});
       if (!v.is_dict()) in.fail("TypeError", "Can only get item pairs from a mapping.", at);
       List out;
       for (auto& kv : v.dict_ref().items) out.push_back(Value::tuple({kv.first, kv.second}));
-      return Value(std::move(out));
+      return generator(std::move(out));
     }
     case F_DICTSORT: {
       if (!v.is_dict()) in.fail("TypeError", "dictsort requires a mapping", at);
