@@ -314,6 +314,12 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 16.0, dropout: float 
         p.requires_grad_(False)
     for p in lora_parameters(model):
         p.requires_grad_(True)
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "use_cache", None):
+        # Training forwards must not build a KV cache: with one, transformers ignores
+        # position_ids restarts and packed sequences would attend to each other.
+        # generate() still caches (it follows generation_config.use_cache).
+        config.use_cache = False
     found = sorted({n.rsplit(".", 1)[-1] for n in hit})
     model.qforge_lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=found,
                                    use_rslora=use_rslora)

@@ -4,6 +4,7 @@ labels cover exactly the assistant turns; bad data gets FILE:LINE errors."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,51 @@ def test_labels_are_exactly_the_assistant_turns(tokenizer):
     expected = json.dumps({"name": call["name"], "parameters": call["arguments"]}) + "<|eot_id|>" + answer + "<|eot_id|>"
     assert trained == expected
     assert "What's the weather" not in trained and "temperature" not in trained
+
+
+def test_transformers_trainer_trains_the_adapter(tmp_path, base_dir, tokenizer):
+    """transformers' Trainer + its padding-free DataCollatorWithFlattening on a
+    qforge model: the LoRA weights train, the 4-bit base stays bit-identical,
+    and the packed loss equals the loss over the sequences one at a time."""
+    from qforge import hf
+
+    model = qforge.load(base_dir, dtype=torch.float32, device="cpu")
+    qforge.add_lora(model, r=4, alpha=8, seed=0)
+    hf.patch_causal_lm(model)
+    examples = tokenize_records(builtin_dataset(12), tokenizer, template_for(tokenizer), 1024)
+    rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+    collator = transformers.DataCollatorWithFlattening()
+    # packed batch loss == token-weighted mean of the separate losses (no attention across sequences)
+    model.train()
+    with torch.no_grad():
+        packed = model(**collator(rows[:3])).loss
+        parts = [model(**collator([r])) for r in rows[:3]]
+        counts = [sum(1 for t in r["labels"][1:] if t != -100) for r in rows[:3]]
+        separate = sum(p.loss * c for p, c in zip(parts, counts)) / sum(counts)
+    torch.testing.assert_close(packed, separate, rtol=1e-5, atol=1e-5)
+
+    codes = {n: m.weight.detach().clone() for n, m in model.named_modules() if hasattr(m, "absmax")}
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=3, per_device_train_batch_size=3,
+                                          learning_rate=5e-3, report_to=[], use_cpu=True, save_strategy="no",
+                                          logging_steps=1, remove_unused_columns=False)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows, data_collator=collator)
+    result = trainer.train()
+    assert result.global_step == 3 and math.isfinite(result.training_loss)
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert len(changed) == len(before) == 28
+    for n, m in model.named_modules():
+        if n in codes:
+            assert torch.equal(m.weight, codes[n]) and m.weight.dtype == torch.uint8
+
+
+def test_activation_checkpointing_gives_the_same_training(tmp_path, base_dir):
+    kw = dict(model=str(base_dir), max_steps=2, **SMALL_RUN)
+    plain = T.train(output=str(tmp_path / "plain"), **kw)
+    ckpt = T.train(output=str(tmp_path / "ckpt"), gradient_checkpointing=True, **kw)
+    offload = T.train(output=str(tmp_path / "offload"), gradient_checkpointing=True, offload_activations=True, **kw)
+    torch.testing.assert_close(torch.tensor(ckpt["losses"]), torch.tensor(plain["losses"]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(offload["losses"]), torch.tensor(plain["losses"]), rtol=1e-5, atol=1e-5)
 
 
 def test_learning_rate_schedule():
