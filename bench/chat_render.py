@@ -122,6 +122,21 @@ def main() -> None:
     got = qf_tmpl.apply_batch(convs, tools=TOOLS, add_generation_prompt=True, threads=threads, **kwargs)
     t_qforge = time.perf_counter() - t0
 
+    # the C++ call alone (JSON parse + render of every conversation), inputs serialised beforehand
+    import ctypes
+
+    from qforge import chat as qchat
+
+    raw_shared = qchat._json(dict(tools=TOOLS, add_generation_prompt=True, **kwargs))
+    raw_convs = qchat._json(convs)
+    offsets = (ctypes.c_int64 * (args.n + 1))()
+    out = ctypes.c_void_p()
+    t0 = time.perf_counter()
+    qchat._call(qchat._batch(qf_tmpl._handle, raw_shared, len(raw_shared), raw_convs, len(raw_convs), -1, 1,
+                             ctypes.byref(out), offsets, args.n + 1))
+    t_engine = time.perf_counter() - t0
+    qchat._buf_free(out)
+
     mismatches = sum(a != b for a, b in zip(got, expected)) + sum(a != b for a, b in zip(got, via_transformers))
     mismatches += sum(a != b for a, b in zip(got_single, expected)) + sum(a != b for a, b in zip(got_batch1, expected))
     chars = sum(len(s) for s in got)
@@ -143,9 +158,12 @@ def main() -> None:
         "speedup_vs_jinja2_1_thread": round(t_jinja / t_batch1, 2),
         "speedup_vs_jinja2_apply_per_conversation": round(t_jinja / t_apply, 2),
         "speedup_vs_transformers": round(t_transformers / t_qforge, 2),
+        "seconds_qforge_engine_1_thread": round(t_engine, 4),
+        "speedup_engine_vs_jinja2_1_thread": round(t_jinja / t_engine, 2),
         "note": ("qforge timed end to end through its Python API (json.dumps of the inputs, ctypes, C++ parse + "
                  "render, decode): speedup_vs_jinja2 = ChatTemplate.apply_batch on all cores; _1_thread = one "
-                 "thread; _apply_per_conversation = one ChatTemplate.apply call per conversation. jinja2 = the "
+                 "thread; _apply_per_conversation = one ChatTemplate.apply call per conversation; engine = the C "
+                 "call alone (JSON parse + render, inputs serialised beforehand), one thread. jinja2 = the "
                  "compiled template's render() (transformers' configuration), GIL-bound to one core."),
         **golden_summary(),
         "device": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),

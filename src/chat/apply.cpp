@@ -161,6 +161,7 @@ std::vector<ChatRendered> apply_chat_template_batch(const Template& tmpl, const 
       try {
         req.messages = conversations[i];
         out[i] = apply_chat_template(tmpl, req, o);
+        o.reserve = out[i].text.size() + out[i].text.size() / 4;
       } catch (...) {
         errors[t] = std::current_exception();
         failed_at[t] = i;

@@ -974,6 +974,13 @@ Value BoundMethod::call(Interp& in, Args& args, const Node& at) {
         if (args.pos.empty()) in.fail("TypeError", "no items for cycling given", at);
         return args.pos[static_cast<size_t>(l->index0) % args.pos.size()];
       }
+      if (name == "changed") {
+        Value now = Value::tuple(args.pos);
+        if (l->changed_seen && py_equal(now, l->last_changed)) return Value(false);
+        l->changed_seen = true;
+        l->last_changed = now;
+        return Value(true);
+      }
       in.fail("TypeError", "loop." + name + "() is not supported", at);
     }
   }

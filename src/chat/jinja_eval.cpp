@@ -800,6 +800,7 @@ RenderResult Template::render_tracked(const Value& context, const RenderOptions&
   top->parent = globalsp;
   ClearOnExit clear_top{*top}, clear_globals{globals};
   RenderResult res;
+  res.text.reserve(opt.reserve ? opt.reserve : 1024);
   in.generation = &res.generation;
   in.root_out = &res.text;
   in.exec(program_->root->body, *top, res.text);

@@ -69,6 +69,8 @@ struct LoopObj : Native {
   List items;
   int64_t index0 = 0, length = 0;
   int depth = 1;
+  bool changed_seen = false;  // loop.changed() state
+  Value last_changed;
   const char* type_name() const override { return "LoopContext"; }
 };
 

@@ -43,6 +43,7 @@ struct RenderOptions {
   // tojson results of the same list/dict are reused. Not thread-safe: one
   // per thread. Holds references to the values it has seen.
   RenderCache* cache = nullptr;
+  size_t reserve = 0;  // expected output size (bytes), to size the buffer once
 };
 
 struct RenderResult {
