@@ -245,9 +245,13 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
              target_modules=args.target_modules, seed=args.seed)
     loss_mode = args.loss if args.loss != "auto" else ("fused" if device.type == "cuda" else "generic")
     hf.patch_causal_lm(model, loss_mode)
+    offload_done = False  # whether transformers offloads the checkpointed layer inputs itself
     if args.gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable({"use_reentrant": False}, offload=args.offload_activations)
+            offload_done = args.offload_activations
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = lora_parameters(model)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
 
@@ -270,7 +274,8 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
 
     use_amp = device.type == "cuda" and dtype != torch.float32
     amp = (lambda: torch.autocast(device.type, dtype=dtype)) if use_amp else contextlib.nullcontext
-    offload = (lambda: torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")) if args.offload_activations \
+    offload = (lambda: torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")) \
+        if args.offload_activations and not offload_done \
         else contextlib.nullcontext
     n_params = sum(p.numel() for p in params)
     bar = _Progress(total_steps, start, args.progress)
