@@ -469,6 +469,18 @@ Value Interp::binop(Op op, const Value& a, const Value& b, const Node& at) {
 }
 
 // ------------------------------------------------------------- expressions
+// The value of `n` without copying it when it is a variable or a constant
+// (the frame / node outlives the use); otherwise evaluated into `tmp`.
+const Value& Interp::ref(const Node& n, Frame& f, Value& tmp) {
+  if (n.kind == NK::Const) return n.value;
+  if (n.kind == NK::Name) {
+    if (Value* v = f.find(n.sym)) return *v;
+    return n.value;
+  }
+  tmp = eval(n, f);
+  return tmp;
+}
+
 Value Interp::eval(const Node& n, Frame& f) {
   switch (n.kind) {
     case NK::Const: return n.value;
@@ -476,11 +488,15 @@ Value Interp::eval(const Node& n, Frame& f) {
       if (Value* v = f.find(n.sym)) return *v;
       return n.value;
     }
-    case NK::Getattr: return getattr(eval(*n.args[0], f), n.name, n);
+    case NK::Getattr: {
+      Value tmp;
+      return getattr(ref(*n.args[0], f, tmp), n.name, n);
+    }
     case NK::Getitem: {
-      Value obj = eval(*n.args[0], f);
+      Value tmp, ktmp;
+      const Value& obj = ref(*n.args[0], f, tmp);
       if (n.args[1]->kind == NK::Slice) return do_slice(*this, obj, *n.args[1], f);
-      return getitem(obj, eval(*n.args[1], f), n);
+      return getitem(obj, ref(*n.args[1], f, ktmp), n);
     }
     case NK::Call: {
       const Node& callee = *n.args[0];
@@ -544,6 +560,11 @@ Value Interp::eval(const Node& n, Frame& f) {
     }
     case NK::BinOp: return binop(n.op, eval(*n.args[0], f), eval(*n.args[1], f), n);
     case NK::Compare: {
+      if (n.ops.size() == 1) {
+        Value lt, rt;
+        const Value& left = ref(*n.args[0], f, lt);
+        return Value(compare(n.ops[0], left, ref(*n.args[1], f, rt), n));
+      }
       Value left = eval(*n.args[0], f);
       for (size_t i = 0; i < n.ops.size(); ++i) {
         Value right = eval(*n.args[i + 1], f);

@@ -102,6 +102,7 @@ class Interp {
   int64_t iterations = 0;
 
   Value eval(const Node& n, Frame& f);
+  const Value& ref(const Node& n, Frame& f, Value& tmp);
   enum class Flow { Normal, Break, Continue };
   Flow exec(const std::vector<NodePtr>& body, Frame& f, std::string& out);
   void emit_sum(const Node& e, Frame& f, std::string& out);
