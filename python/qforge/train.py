@@ -65,7 +65,7 @@ class TrainArgs:
     skip_long: bool = False
     progress: bool = True
     stop_after: Optional[int] = None  # stop (after checkpointing) at this step: tests and time-boxed runs
-    loss: str = "auto"  # fused (C++/CUDA linear-cross-entropy), generic (chunked torch CE); auto: fused on CUDA
+    loss: str = "fused"  # fused: qforge's C++/CUDA linear-cross-entropy; generic: chunked torch CE
 
 
 # the embedded default job: sized to show a clearly falling loss in well under
@@ -243,8 +243,7 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
     model = load(model_dir, dtype=dtype, max_seq_length=args.max_seq_length, device=device)
     add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
              target_modules=args.target_modules, seed=args.seed)
-    loss_mode = args.loss if args.loss != "auto" else ("fused" if device.type == "cuda" else "generic")
-    hf.patch_causal_lm(model, loss_mode)
+    hf.patch_causal_lm(model, args.loss)  # full logits never exist in training
     offload_done = False  # whether transformers offloads the checkpointed layer inputs itself
     if args.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):
@@ -414,7 +413,7 @@ def add_cli(subparsers) -> None:
     a("--seed", type=int)
     a("--dtype", choices=("auto", "bfloat16", "float16", "float32"))
     a("--device", help="cpu or cuda[:i] (default: cuda if available)")
-    a("--loss", choices=("auto", "fused", "generic"), help="fused C++/CUDA linear-CE or chunked torch CE")
+    a("--loss", choices=("fused", "generic"), help="fused C++/CUDA linear-CE (default) or chunked torch CE")
     a("--save-every", type=int, help="steps between checkpoints (0: only at the end)")
     a("--keep-checkpoints", type=int)
     a("--gradient-checkpointing", action="store_true", default=None)

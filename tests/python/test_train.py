@@ -260,6 +260,24 @@ def test_too_long_conversation_is_named(tmp_path, base_dir):
     assert s["steps"] == 1
 
 
+def test_qforge_without_arguments_runs_the_default_job(monkeypatch):
+    seen = {}
+
+    def fake_train(args):
+        seen["args"] = args
+        return {"losses": [7.0, 2.0], "steps": 2, "total_steps": 2, "tokens_per_s": 1.0, "peak_mem_gib": 0.1,
+                "output": "o", "adapter": "o/adapter", "metrics": "o/metrics.jsonl", "loss_png": "o/loss.png"}
+
+    monkeypatch.setattr(T, "train", fake_train)
+    assert cli.main([]) == 0
+    args = seen["args"]
+    assert args.model is None and args.data is None
+    for key, value in T.DEFAULT_JOB.items():
+        assert getattr(args, key) == value, key
+    assert cli.main(["train", "--max-steps", "7"]) == 0 and seen["args"].max_steps == 7
+    assert seen["args"].lr == T.DEFAULT_JOB["lr"]
+
+
 def test_cli_train_and_errors(tmp_path, base_dir, capsys):
     data = write_lines(tmp_path / "data.jsonl", [GOOD, "not json"])
     assert cli.main(["train", "--model", str(base_dir), "--data", str(data), "--output", str(tmp_path / "x")]) == 2
