@@ -507,7 +507,8 @@ Value Interp::eval(const Node& n, Frame& f) {
         for (auto& kv : n.kwargs) args.kw.emplace_back(kv.first, eval(*kv.second, f));
       };
       if (callee.kind == NK::Getattr) {
-        Value obj = eval(*callee.args[0], f);
+        Value otmp;
+        const Value& obj = ref(*callee.args[0], f, otmp);
         if (!obj.is_undefined() && !obj.is_native() && !obj.is_namespace() && has_method(obj, callee.name)) {
           if (unsafe_method(obj, callee.name)) fail_undefined(unsafe_undefined(obj, callee.name), callee);
           collect();
@@ -531,7 +532,8 @@ Value Interp::eval(const Node& n, Frame& f) {
       return apply_filter(*this, n.sym, n.name, std::move(input), args, n);
     }
     case NK::Test: {
-      Value v = eval(*n.args[0], f);
+      Value vtmp;
+      const Value& v = ref(*n.args[0], f, vtmp);
       Args args;
       for (size_t i = 1; i < n.args.size(); ++i) args.pos.push_back(eval(*n.args[i], f));
       for (auto& kv : n.kwargs) args.kw.emplace_back(kv.first, eval(*kv.second, f));
@@ -549,7 +551,10 @@ Value Interp::eval(const Node& n, Frame& f) {
       if (!v.is_float() && v.as_int() == INT64_MIN) fail("OverflowError", "integer result does not fit in 64 bits", n);
       return v.is_float() ? Value(-v.as_float()) : Value(-v.as_int());
     }
-    case NK::Not: return Value(!eval(*n.args[0], f).truthy());
+    case NK::Not: {
+      Value tmp;
+      return Value(!ref(*n.args[0], f, tmp).truthy());
+    }
     case NK::And: {
       Value a = eval(*n.args[0], f);
       return a.truthy() ? eval(*n.args[1], f) : a;
@@ -558,7 +563,11 @@ Value Interp::eval(const Node& n, Frame& f) {
       Value a = eval(*n.args[0], f);
       return a.truthy() ? a : eval(*n.args[1], f);
     }
-    case NK::BinOp: return binop(n.op, eval(*n.args[0], f), eval(*n.args[1], f), n);
+    case NK::BinOp: {
+      Value lt, rt;
+      const Value& a = ref(*n.args[0], f, lt);
+      return binop(n.op, a, ref(*n.args[1], f, rt), n);
+    }
     case NK::Compare: {
       if (n.ops.size() == 1) {
         Value lt, rt;
@@ -679,12 +688,16 @@ Interp::Flow Interp::exec(const std::vector<NodePtr>& body, Frame& f, std::strin
         else if (e.kind == NK::Concat)
           for (auto& a : e.args) py_str_to(out, eval(*a, f));
         else if (e.kind == NK::BinOp && e.op == Op::Add) emit_sum(e, f, out);
-        else py_str_to(out, eval(e, f));
+        else {
+          Value tmp;
+          py_str_to(out, ref(e, f, tmp));
+        }
         check_output(out.size(), n);
         break;
       }
       case NK::If: {
-        Flow fl = eval(*n.args[0], f).truthy() ? exec(n.body, f, out) : exec(n.orelse, f, out);
+        Value tmp;
+        Flow fl = ref(*n.args[0], f, tmp).truthy() ? exec(n.body, f, out) : exec(n.orelse, f, out);
         if (fl != Flow::Normal) return fl;
         break;
       }
