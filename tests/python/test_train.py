@@ -203,6 +203,35 @@ def test_activation_checkpointing_gives_the_same_training(tmp_path, base_dir):
     torch.testing.assert_close(torch.tensor(offload["losses"]), torch.tensor(plain["losses"]), rtol=1e-5, atol=1e-5)
 
 
+def test_trains_a_qwen2_model_with_its_own_template(tmp_path):
+    """--model with a Qwen2 directory: its tokenizer's (Qwen2.5) template renders the
+    tool calls as <tool_call> blocks; labels cover the assistant turns; it trains."""
+    from qforge.data import render_texts
+    from qforge.models.tiny import build_tokenizer
+
+    source = (Path(__file__).resolve().parents[1] / "chat" / "templates" / "Qwen-Qwen2.5-7B-Instruct.jinja").read_text()
+    records = builtin_dataset(16)
+    from qforge.chat import ChatTemplate
+
+    tok = build_tokenizer(render_texts(records, ChatTemplate(source)), vocab_size=600)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = source
+    cfg = transformers.Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, initializer_range=0.08)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(str(tmp_path / "qwen"))
+    tok.save_pretrained(str(tmp_path / "qwen"))
+    data = write_lines(tmp_path / "d.jsonl", [json.dumps({"messages": r["messages"], "tools": r["tools"]})
+                                              for r in records])
+    tok2 = qforge.load_tokenizer(tmp_path / "qwen")
+    (ex,) = tokenize_records(read_jsonl(data)[:1], tok2, template_for(tok2), 1024)
+    trained = tok2.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != -100])
+    assert trained.startswith("<tool_call>\n{\"name\": \"get_weather\"") and trained.count("<|im_end|>") == 2
+    s = T.train(model=str(tmp_path / "qwen"), data=str(data), output=str(tmp_path / "run"), max_steps=6,
+                max_seq_length=1024, tokens_per_batch=1024, lr=5e-3, progress=False)
+    assert s["steps"] == 6 and sum(s["losses"][-2:]) < sum(s["losses"][:2])
+
+
 def test_learning_rate_schedule():
     assert T.lr_at(0, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
     assert T.lr_at(9, 100, 1.0, 10, 0.1) == pytest.approx(1.0)
