@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import qforge
 
 transformers = pytest.importorskip("transformers")
 
@@ -121,7 +122,8 @@ def _free_port() -> int:
 def run_fsdp(tmp_path, mode):
     out = tmp_path / f"fsdp-{mode}.pt"
     port = _free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parents[2] / "python"),
+    # the workers import the same qforge as this process (installed or from PYTHONPATH)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(qforge.__file__).resolve().parents[1]),
                                                        os.environ.get("PYTHONPATH", "")]))
     procs = [subprocess.Popen([sys.executable, str(HERE), str(r), str(port), str(out), mode], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(WORLD)]
