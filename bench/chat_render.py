@@ -133,7 +133,7 @@ def main() -> None:
     out = ctypes.c_void_p()
     t0 = time.perf_counter()
     qchat._call(qchat._batch(qf_tmpl._handle, raw_shared, len(raw_shared), raw_convs, len(raw_convs), -1, 1,
-                             ctypes.byref(out), offsets, args.n + 1))
+                             ctypes.byref(out), offsets, args.n + 1, 0))
     t_engine = time.perf_counter() - t0
     qchat._buf_free(out)
 

@@ -26,7 +26,7 @@ _apply = declare(
 )
 _batch = declare(
     "qf_chat_apply_batch", _p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int64,
-    ctypes.c_int, ctypes.POINTER(_p), ctypes.POINTER(ctypes.c_int64), ctypes.c_size_t,
+    ctypes.c_int, ctypes.POINTER(_p), ctypes.POINTER(ctypes.c_int64), ctypes.c_size_t, ctypes.c_int,
 )
 _render = declare("qf_chat_template_render", _p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int64, ctypes.POINTER(_p))
 _parse = declare("qf_chat_parse_tool_calls", ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.POINTER(_p))
@@ -169,14 +169,10 @@ class ChatTemplate:
         offsets = (ctypes.c_int64 * (n + 1))()
         out = ctypes.c_void_p()
         _call(_batch(self._handle, raw_shared, len(raw_shared), raw_convs, len(raw_convs),
-                     -1 if now is None else int(now), int(threads), ctypes.byref(out), offsets, n + 1))
-        size = ctypes.c_size_t()
-        ptr = _buf_data(out, ctypes.byref(size))
-        try:
-            data = ctypes.string_at(ptr, size.value)
-        finally:
-            _buf_free(out)
-        return [data[offsets[i]:offsets[i + 1]].decode("utf-8") for i in range(n)]
+                     -1 if now is None else int(now), int(threads), ctypes.byref(out), offsets, n + 1, 1))
+        text = _take(out)  # one decode, then slices by code point offsets
+        bounds = offsets[:]
+        return [text[bounds[i]:bounds[i + 1]] for i in range(n)]
 
     def render(self, now: int | None = None, **variables) -> str:
         """Render with exactly these template variables."""

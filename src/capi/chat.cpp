@@ -58,7 +58,7 @@ int qf_chat_apply_template(const qf_chat_template* tmpl, const char* request_jso
 
 int qf_chat_apply_batch(const qf_chat_template* tmpl, const char* shared_json, size_t shared_len,
                         const char* conversations_json, size_t conversations_len, int64_t now, int threads,
-                        qf_chat_buffer** texts, int64_t* offsets, size_t offsets_len) {
+                        qf_chat_buffer** texts, int64_t* offsets, size_t offsets_len, int code_points) {
   return qforge::capi::guard([&] {
     QF_CHECK(tmpl && texts && offsets, "qf_chat_apply_batch: tmpl, texts and offsets must not be NULL");
     *texts = nullptr;
@@ -75,11 +75,14 @@ int qf_chat_apply_batch(const qf_chat_template* tmpl, const char* shared_json, s
     for (auto& r : results) total += r.text.size();
     std::string all;
     all.reserve(total);
+    int64_t cps = 0;
     for (size_t i = 0; i < results.size(); ++i) {
-      offsets[i] = static_cast<int64_t>(all.size());
+      offsets[i] = code_points ? cps : static_cast<int64_t>(all.size());
       all += results[i].text;
+      if (code_points) cps += static_cast<int64_t>(qforge::chat::utf8_length(results[i].text));
+      std::string().swap(results[i].text);  // release as we go
     }
-    offsets[results.size()] = static_cast<int64_t>(all.size());
+    offsets[results.size()] = code_points ? cps : static_cast<int64_t>(all.size());
     *texts = make_buffer(std::move(all));
   });
 }
