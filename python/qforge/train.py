@@ -66,6 +66,8 @@ class TrainArgs:
     progress: bool = True
     stop_after: Optional[int] = None  # stop (after checkpointing) at this step: tests and time-boxed runs
     loss: str = "fused"  # fused: qforge's C++/CUDA linear-cross-entropy; generic: chunked torch CE
+    compile: bool = False  # torch.compile each decoder layer (fullgraph, dynamic shapes): regional compile
+    compile_backend: str = "inductor"
 
 
 # the embedded default job: sized to show a clearly falling loss in well under
@@ -251,6 +253,10 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
             offload_done = args.offload_activations
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.compile:  # one graph shared by all layers (two: with and without a packed mask); no graph breaks
+        model.enable_input_require_grads()  # layer 0's input then requires grad like every other layer's
+        for layer in model.model.layers:
+            layer.compile(fullgraph=True, dynamic=True, backend=args.compile_backend)
     params = lora_parameters(model)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
 
@@ -420,6 +426,7 @@ def add_cli(subparsers) -> None:
     a("--offload-activations", action="store_true", default=None, help="keep saved activations in CPU memory")
     a("--skip-long", action="store_true", default=None, help="skip conversations longer than max-seq-length")
     a("--stop-after", type=int, help="checkpoint and stop at this step (resume later)")
+    a("--compile", action="store_true", default=None, help="torch.compile each decoder layer (fullgraph)")
     a("--no-progress", dest="progress", action="store_false", default=None)
     p.set_defaults(func=run_cli)
 
