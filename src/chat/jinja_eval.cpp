@@ -618,6 +618,22 @@ Value Interp::eval(const Node& n, Frame& f) {
 }
 
 // -------------------------------------------------------------- statements
+// {% set x | f | g %} / {% filter f | g %}: the chain's innermost input is the
+// captured block text.
+Value Interp::filter_chain(const Node& last, Value v, Frame& f) {
+  std::vector<const Node*> chain;
+  for (const Node* x = &last; x && x->kind == NK::Filter; x = x->args[0].get()) chain.push_back(x);
+  for (auto it = chain.rbegin(); it != chain.rend(); ++it) {
+    const Node& fn = **it;
+    Args args;
+    for (size_t i = 1; i < fn.args.size(); ++i) args.pos.push_back(eval(*fn.args[i], f));
+    for (auto& kv : fn.kwargs) args.kw.emplace_back(kv.first, eval(*kv.second, f));
+    if (fn.sym < 0) fail("TemplateRuntimeError", "No filter named '" + fn.name + "' found.", fn);
+    v = apply_filter(*this, fn.sym, fn.name, std::move(v), args, fn);
+  }
+  return v;
+}
+
 // {{ a + b + c }}: when every operand is a plain string, append them straight
 // to the output instead of building the intermediate sums.
 void Interp::emit_sum(const Node& e, Frame& f, std::string& out) {
@@ -748,34 +764,14 @@ Interp::Flow Interp::exec(const std::vector<NodePtr>& body, Frame& f, std::strin
         exec(n.body, f, captured);
         --depth;
         Value v(std::move(captured));
-        if (n.args.size() > 1) {
-          // re-run the filter chain with the captured text as input
-          std::vector<const Node*> chain;
-          for (const Node* x = n.args[1].get(); x && x->kind == NK::Filter; x = x->args[0].get()) chain.push_back(x);
-          for (auto it = chain.rbegin(); it != chain.rend(); ++it) {
-            Args args;
-            for (size_t i = 1; i < (*it)->args.size(); ++i) args.pos.push_back(eval(*(*it)->args[i], f));
-            for (auto& kv : (*it)->kwargs) args.kw.emplace_back(kv.first, eval(*kv.second, f));
-            if ((*it)->sym < 0) fail("TemplateRuntimeError", "No filter named '" + (*it)->name + "' found.", **it);
-            v = apply_filter(*this, (*it)->sym, (*it)->name, std::move(v), args, **it);
-          }
-        }
+        if (n.args.size() > 1) v = filter_chain(*n.args[1], std::move(v), f);
         assign(*this, *n.args[0], v, f);
         break;
       }
       case NK::FilterBlock: {
         std::string captured;
         exec(n.body, f, captured);
-        Value v(std::move(captured));
-        std::vector<const Node*> chain;
-        for (const Node* x = n.args[0].get(); x && x->kind == NK::Filter; x = x->args[0].get()) chain.push_back(x);
-        for (auto it = chain.rbegin(); it != chain.rend(); ++it) {
-          Args args;
-          for (size_t i = 1; i < (*it)->args.size(); ++i) args.pos.push_back(eval(*(*it)->args[i], f));
-          for (auto& kv : (*it)->kwargs) args.kw.emplace_back(kv.first, eval(*kv.second, f));
-          if ((*it)->sym < 0) fail("TemplateRuntimeError", "No filter named '" + (*it)->name + "' found.", **it);
-          v = apply_filter(*this, (*it)->sym, (*it)->name, std::move(v), args, **it);
-        }
+        Value v = filter_chain(*n.args[0], Value(std::move(captured)), f);
         py_str_to(out, v);
         break;
       }

@@ -106,6 +106,7 @@ class Interp {
   enum class Flow { Normal, Break, Continue };
   Flow exec(const std::vector<NodePtr>& body, Frame& f, std::string& out);
   void emit_sum(const Node& e, Frame& f, std::string& out);
+  Value filter_chain(const Node& last, Value v, Frame& f);
 
   // Python/jinja2 semantics shared with the builtins
   Value getattr(const Value& obj, const std::string& name, const Node& at);

@@ -471,8 +471,8 @@ static bool py_printable(uint32_t cp) {
   if (cp >= 0x80 && cp < 0xA0) return false;
   if (cp == 0xAD) return false;
   if (cp >= 0x2028 && cp <= 0x2029) return false;
-  if (cp >= 0x2000 && cp <= 0x200F && cp != 0x2010) return cp > 0x200A ? false : false;
-  if (cp >= 0x202A && cp <= 0x202F) return cp == 0x202F ? false : false;
+  if (cp >= 0x2000 && cp <= 0x200F) return false;  // Zs spaces and Cf marks
+  if (cp >= 0x202A && cp <= 0x202F) return false;
   if (cp >= 0x2060 && cp <= 0x206F) return false;
   if (cp == 0xFEFF || cp == 0x3000 || cp == 0x1680 || cp == 0x205F || cp == 0xA0) return false;
   if (cp >= 0xD800 && cp <= 0xDFFF) return false;
@@ -530,21 +530,10 @@ static void repr_to(std::string& out, const Value& v, int depth) {
       out += tup ? ')' : ']';
       return;
     }
-    case Kind::Dict: {
-      out += '{';
-      bool first = true;
-      for (auto& kv : v.dict_ref().items) {
-        if (!first) out += ", ";
-        first = false;
-        repr_to(out, kv.first, depth + 1);
-        out += ": ";
-        repr_to(out, kv.second, depth + 1);
-      }
-      out += '}';
-      return;
-    }
+    case Kind::Dict:
     case Kind::Namespace: {
-      out += "<Namespace {";
+      bool ns = v.is_namespace();
+      out += ns ? "<Namespace {" : "{";
       bool first = true;
       for (auto& kv : v.dict_ref().items) {
         if (!first) out += ", ";
@@ -553,7 +542,7 @@ static void repr_to(std::string& out, const Value& v, int depth) {
         out += ": ";
         repr_to(out, kv.second, depth + 1);
       }
-      out += "}>";
+      out += ns ? "}>" : "}";
       return;
     }
     case Kind::Undefined: out += "Undefined"; return;

@@ -2,6 +2,8 @@
 // jinja2 goldens of tests/chat/make_goldens.py, plus values, errors, limits.
 #include <gtest/gtest.h>
 
+#include "chat_test_util.hpp"
+
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -15,14 +17,8 @@ namespace fs = std::filesystem;
 
 namespace {
 
-fs::path chat_dir() { return fs::path(__FILE__).parent_path().parent_path() / "chat"; }
-
-std::string slurp(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  std::stringstream s;
-  s << f.rdbuf();
-  return s.str();
-}
+using chat_test::chat_dir;
+using chat_test::slurp;
 
 std::string render(const std::string& src, const char* ctx_json = "{}") {
   if (!ctx_json) ctx_json = "{}";

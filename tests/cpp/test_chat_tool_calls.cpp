@@ -2,6 +2,8 @@
 // render for a tool call (those renderings equal jinja2's: test_chat_engine).
 #include <gtest/gtest.h>
 
+#include "chat_test_util.hpp"
+
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -15,14 +17,8 @@ namespace fs = std::filesystem;
 
 namespace {
 
-fs::path chat_dir() { return fs::path(__FILE__).parent_path().parent_path() / "chat"; }
-
-std::string slurp(const fs::path& p) {
-  std::ifstream f(p, std::ios::binary);
-  std::stringstream s;
-  s << f.rdbuf();
-  return s.str();
-}
+using chat_test::chat_dir;
+using chat_test::slurp;
 
 // The first assistant turn that carries tool calls, as the template rendered it.
 std::string assistant_turn(const std::string& text, const std::string& header, const std::vector<std::string>& ends,
