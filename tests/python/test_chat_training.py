@@ -154,3 +154,32 @@ def test_template_errors_are_typed():
     with pytest.raises(TemplateError) as info:
         ChatTemplate("{% if x %}")
     assert info.value.kind == "TemplateSyntaxError" and info.value.line == 1
+
+
+def test_llama31_builtin_tool_round_trip_for_training():
+    """Render a Llama 3.1 conversation with a builtin (brave_search) call and
+    its ipython result, train only on the assistant's turns, and read the call
+    back out of exactly the text the model is trained to produce."""
+    tok = llama3_layout_tokenizer()
+    patch_tokenizer(tok)
+    tmpl = ChatTemplate(__import__("qforge.chat", fromlist=["llama3_template"]).llama3_template("3.1"))
+    messages = [
+        {"role": "user", "content": "What's new with Llama?"},
+        {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+            "name": "brave_search", "arguments": {"query": "Llama 3.1 release"}}}]},
+        {"role": "ipython", "content": "Llama 3.1 was released in July 2024."},
+        {"role": "assistant", "content": "It came out in July 2024."},
+    ]
+    kwargs = {"builtin_tools": ["brave_search", "wolfram_alpha"], "date_string": "15 Jan 2026"}
+    out = train_on_responses_only(tmpl, messages, tok, **kwargs)
+    text, spans = assistant_spans(tmpl, messages, bos_token=tok.bos_token, **kwargs)
+    turns = [text[s:e] for s, e in spans]
+    assert turns == ['<|python_tag|>brave_search.call(query="Llama 3.1 release")<|eom_id|>',
+                     "It came out in July 2024.<|eot_id|>"]
+    kept = tok.decode([t for t, m in zip(out["input_ids"], out["assistant_masks"]) if m])
+    assert kept == "".join(turns) and "released in July" not in kept
+    parsed = parse_tool_calls(turns[0])
+    assert parsed["stop"] == "eom" and parsed["error"] is None
+    assert parsed["tool_calls"] == [{"type": "function", "function": {
+        "name": "brave_search", "arguments": {"query": "Llama 3.1 release"}}}]
+    assert "Environment: ipython\nTools: brave_search, wolfram_alpha" in text
