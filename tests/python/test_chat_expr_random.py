@@ -28,10 +28,18 @@ TESTS = ["defined", "undefined", "none", "string", "number", "integer", "float",
          "callable", "sameas(none)"]
 
 
+METHODS = ["s.split()", "s.rsplit(',', 1)", "t.split(',', 1)", "s.lstrip(' H')", "s.rstrip()", "s.upper()",
+           "s.title()", "s.startswith(' H')", "s.endswith(('d ', 'x'))", "s.find('l')", "s.rfind('l')", "s.count('l')",
+           "t.replace(',', ';', 2)", "'-'.join(['a', 'b'])", "s.center(20, '*')", "s.zfill(20)", "t.partition(',')",
+           "s[::-2]", "s[-3:]", "li[1:]", "l[::2]", "t.splitlines()", "'%s|%d|%r' % ('a', 3, 'b')",
+           "'{}-{x}'.format(1, x=2)", "d.keys()|list", "d.values()|list", "li.index(3)", "l.count(None)",
+           "'a b'.title()", "s.isspace()", "'12'.isdigit()", "s.casefold()", "s.swapcase()"]
+
+
 def expr(rng, depth=0):
     r = rng.random()
     if depth > 2 or r < 0.35:
-        return rng.choice(ATOMS)
+        return rng.choice(ATOMS + METHODS)
     if r < 0.6:
         return f"({expr(rng, depth + 1)} {rng.choice(BINOPS)} {expr(rng, depth + 1)})"
     if r < 0.8:
@@ -68,13 +76,6 @@ def test_random_expressions_match_jinja2():
             mismatches.append((source, py, qf))
     assert not mismatches, "\n".join(map(repr, mismatches[:10]))
 
-
-METHODS = ["s.split()", "s.rsplit(',', 1)", "t.split(',', 1)", "s.lstrip(' H')", "s.rstrip()", "s.upper()",
-           "s.title()", "s.startswith(' H')", "s.endswith(('d ', 'x'))", "s.find('l')", "s.rfind('l')", "s.count('l')",
-           "t.replace(',', ';', 2)", "'-'.join(['a', 'b'])", "s.center(20, '*')", "s.zfill(20)", "t.partition(',')",
-           "s[::-2]", "s[-3:]", "li[1:]", "l[::2]", "t.splitlines()", "'%s|%d|%r' % ('a', 3, 'b')",
-           "'{}-{x}'.format(1, x=2)", "d.keys()|list", "d.values()|list", "li.index(3)", "l.count(None)",
-           "'a b'.title()", "s.isspace()", "'12'.isdigit()", "s.casefold()", "s.swapcase()"]
 
 
 def stmt(rng, depth=0):
