@@ -89,7 +89,14 @@ class _NF4Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, packed, absmax, code, nested_absmax, nested_code, nested_offset, meta):
         w = _dequantize(packed, absmax, code, nested_absmax, nested_code, nested_offset, meta, x.dtype, True)
-        ctx.save_for_backward(packed, absmax, code, nested_absmax, nested_code, nested_offset)
+        storage = (packed, absmax, code, nested_absmax, nested_code, nested_offset)
+        if torch.compiler.is_compiling():
+            ctx.save_for_backward(*storage)
+            ctx.storage = None
+        else:
+            # Held by reference, not saved: saved-tensor hooks (activation offloading with
+            # save_on_cpu) would otherwise copy the frozen 4-bit weights to the host every step.
+            ctx.storage = storage
         ctx.meta = meta
         return F.linear(x, w)
 
@@ -97,7 +104,8 @@ class _NF4Matmul(torch.autograd.Function):
     def backward(ctx, grad):
         if not ctx.needs_input_grad[0]:
             return (None,) * 8
-        packed, absmax, code, nested_absmax, nested_code, nested_offset = ctx.saved_tensors
+        storage = ctx.storage if ctx.storage is not None else ctx.saved_tensors
+        packed, absmax, code, nested_absmax, nested_code, nested_offset = storage
         w = _dequantize(packed, absmax, code, nested_absmax, nested_code, nested_offset, ctx.meta, grad.dtype, True)
         return (grad @ w,) + (None,) * 7
 

@@ -95,7 +95,9 @@ def test_dequantized_weight_only_in_shared_workspace(rng):
         y = layers(x)
     y.sum().backward()
     assert (256, 256) not in [s for s, d in saved if d.is_floating_point]
-    assert all(d == torch.uint8 or s[0] < 256 * 256 // 4 for s, d in saved)
+    # the frozen NF4 matmul saves nothing through saved-tensor hooks: grad_input needs only
+    # the weight, which backward re-dequantizes (so save_on_cpu never copies 4-bit weights)
+    assert saved == []
     bufs = list(WORKSPACE.buffers.values())
     assert len(bufs) == 1 and bufs[0].numel() == 256 * 256  # one workspace for all three layers, both passes
     for m in layers:
