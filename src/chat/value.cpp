@@ -13,12 +13,14 @@ namespace qforge::chat {
 
 // ------------------------------------------------------------------ basics
 // Containers are freed iteratively: a list nested 100,000 deep (a template
-// can build one) must not overflow the stack when it dies.
+// can build one) must not overflow the stack when it dies. A dying box hands
+// its contents to a per-thread queue (an O(1) move) instead of destroying
+// them inside its own destructor.
 namespace {
 struct Reaper {
   bool active = false;
-  std::vector<List*> lists;
-  std::vector<Dict*> dicts;
+  std::vector<List> lists;
+  std::vector<Dict> dicts;
 };
 thread_local Reaper reaper;
 
@@ -26,30 +28,41 @@ void drain() {
   reaper.active = true;
   while (!reaper.lists.empty() || !reaper.dicts.empty()) {
     if (!reaper.lists.empty()) {
-      List* l = reaper.lists.back();
+      List l = std::move(reaper.lists.back());
       reaper.lists.pop_back();
-      delete l;  // children that die here are queued, not freed recursively
+      l.clear();  // children dying here are queued, not freed recursively
     } else {
-      Dict* d = reaper.dicts.back();
+      Dict d = std::move(reaper.dicts.back());
       reaper.dicts.pop_back();
-      delete d;
+      d.items.clear();
     }
   }
   reaper.active = false;
 }
-void free_list(List* l) {
-  reaper.lists.push_back(l);
-  if (!reaper.active) drain();
-}
-void free_dict(Dict* d) {
-  reaper.dicts.push_back(d);
-  if (!reaper.active) drain();
-}
+
+struct ListBox {
+  List l;
+  explicit ListBox(List&& x) : l(std::move(x)) {}
+  ~ListBox() {
+    if (l.empty()) return;
+    reaper.lists.push_back(std::move(l));
+    if (!reaper.active) drain();
+  }
+};
+struct DictBox {
+  Dict d;
+  explicit DictBox(Dict&& x) : d(std::move(x)) {}
+  ~DictBox() {
+    if (d.items.empty()) return;
+    reaper.dicts.push_back(std::move(d));
+    if (!reaper.active) drain();
+  }
+};
 }  // namespace
 
 Value::Value(std::string s) : kind_(Kind::String), i_(0), ptr_(std::make_shared<std::string>(std::move(s))) {}
-Value::Value(List l, Kind k) : kind_(k), i_(0), ptr_(new List(std::move(l)), free_list) {}
-Value::Value(Dict d, Kind k) : kind_(k), i_(0), ptr_(new Dict(std::move(d)), free_dict) {}
+Value::Value(List l, Kind k) : kind_(k), i_(0), ptr_(std::make_shared<ListBox>(std::move(l))) {}
+Value::Value(Dict d, Kind k) : kind_(k), i_(0), ptr_(std::make_shared<DictBox>(std::move(d))) {}
 Value::Value(std::shared_ptr<Native> n) : kind_(Kind::Native), i_(0), native_(std::move(n)) {}
 
 Value Value::undefined(std::string hint) {
@@ -66,20 +79,20 @@ static const Dict kEmptyDict;
 
 const std::string& Value::empty_string() { return kEmpty; }
 const List& Value::list() const {
-  if (kind_ == Kind::List || kind_ == Kind::Tuple) return *static_cast<const List*>(ptr_.get());
+  if (kind_ == Kind::List || kind_ == Kind::Tuple) return static_cast<const ListBox*>(ptr_.get())->l;
   return kEmptyList;
 }
 const Dict& Value::dict_ref() const {
-  if (kind_ == Kind::Dict || kind_ == Kind::Namespace) return *static_cast<const Dict*>(ptr_.get());
+  if (kind_ == Kind::Dict || kind_ == Kind::Namespace) return static_cast<const DictBox*>(ptr_.get())->d;
   return kEmptyDict;
 }
 Dict& Value::dict_mut() {
   QF_CHECK(kind_ == Kind::Dict || kind_ == Kind::Namespace, "value is not a dict");
-  return *static_cast<Dict*>(ptr_.get());
+  return static_cast<DictBox*>(ptr_.get())->d;
 }
 List& Value::list_mut() {
   QF_CHECK(kind_ == Kind::List || kind_ == Kind::Tuple, "value is not a list");
-  return *static_cast<List*>(ptr_.get());
+  return static_cast<ListBox*>(ptr_.get())->l;
 }
 
 bool Value::truthy() const {
