@@ -56,6 +56,7 @@ def test_default_job_loss_falls(tmp_path):
     assert (out / "adapter" / "tokenizer.json").exists()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 24 and summary["losses"] == losses
+    assert len(summary["samples"]) == 4 and all("reply" in x and "tool_calls" in x for x in summary["samples"])
     # the adapter it wrote reproduces the trained model
     model = qforge.load(out / "base-model", dtype=torch.float32, device="cpu")
     qforge.load_adapter(model, out / "adapter")
