@@ -66,11 +66,10 @@ int qf_chat_apply_batch(const qf_chat_template* tmpl, const char* shared_json, s
     QF_CHECK(shared.is_dict(), "qf_chat_apply_batch: shared request must be a JSON object");
     if (!shared.get("messages")) shared.set("messages", qforge::chat::Value(qforge::chat::List{}));
     auto req = qforge::chat::chat_request_from_json(shared);
-    qforge::chat::Value convs = qforge::chat::json_loads(view(conversations_json, conversations_len));
-    QF_CHECK(convs.is_list(), "qf_chat_apply_batch: conversations must be a JSON list of message lists");
-    QF_CHECK(offsets_len == convs.list().size() + 1, "qf_chat_apply_batch: offsets needs ", convs.list().size() + 1,
+    auto results = qforge::chat::apply_chat_template_batch_json(
+        tmpl->tmpl, req, view(conversations_json, conversations_len), options(now), threads);
+    QF_CHECK(offsets_len == results.size() + 1, "qf_chat_apply_batch: offsets needs ", results.size() + 1,
              " entries, got ", offsets_len);
-    auto results = qforge::chat::apply_chat_template_batch(tmpl->tmpl, req, convs.list(), options(now), threads);
     size_t total = 0;
     for (auto& r : results) total += r.text.size();
     std::string all;

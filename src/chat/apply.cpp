@@ -144,9 +144,12 @@ ChatRendered apply_chat_template(const Template& tmpl, const ChatRequest& req, c
   return out;
 }
 
-std::vector<ChatRendered> apply_chat_template_batch(const Template& tmpl, const ChatRequest& shared,
-                                                    const List& conversations, const RenderOptions& opt, int threads) {
-  size_t n = conversations.size();
+namespace {
+
+// Renders conversation i = get(i) for i in [0, n) on `threads` threads.
+template <class Get>
+std::vector<ChatRendered> render_batch(const Template& tmpl, const ChatRequest& shared, size_t n, Get get,
+                                       const RenderOptions& opt, int threads) {
   std::vector<ChatRendered> out(n);
   if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   threads = static_cast<int>(std::min<size_t>(static_cast<size_t>(threads), std::max<size_t>(n, 1)));
@@ -159,7 +162,7 @@ std::vector<ChatRendered> apply_chat_template_batch(const Template& tmpl, const 
     ChatRequest req = shared;
     for (size_t i = static_cast<size_t>(t); i < n; i += static_cast<size_t>(threads)) {
       try {
-        req.messages = conversations[i];
+        req.messages = get(i);
         out[i] = apply_chat_template(tmpl, req, o);
         o.reserve = out[i].text.size() + out[i].text.size() / 4;
       } catch (...) {
@@ -193,6 +196,61 @@ std::vector<ChatRendered> apply_chat_template_batch(const Template& tmpl, const 
     }
   }
   return out;
+}
+
+}  // namespace
+
+std::vector<ChatRendered> apply_chat_template_batch(const Template& tmpl, const ChatRequest& shared,
+                                                    const List& conversations, const RenderOptions& opt, int threads) {
+  return render_batch(tmpl, shared, conversations.size(), [&](size_t i) { return conversations[i]; }, opt, threads);
+}
+
+std::vector<ChatRendered> apply_chat_template_batch_json(const Template& tmpl, const ChatRequest& shared,
+                                                         std::string_view conversations_json, const RenderOptions& opt,
+                                                         int threads) {
+  // split the top-level array into its elements, then parse each where it is rendered (in parallel, cache-hot)
+  std::vector<std::string_view> items;
+  std::string_view t = conversations_json;
+  size_t p = 0;
+  auto ws = [&] {
+    while (p < t.size() && (t[p] == ' ' || t[p] == '\t' || t[p] == '\n' || t[p] == '\r')) ++p;
+  };
+  ws();
+  QF_CHECK(p < t.size() && t[p] == '[', "conversations must be a JSON list of message lists");
+  ++p;
+  ws();
+  if (p < t.size() && t[p] == ']') ++p;
+  else
+    while (true) {
+      ws();
+      size_t start = p;
+      int depth = 0;
+      bool in_str = false;
+      for (; p < t.size(); ++p) {
+        char c = t[p];
+        if (in_str) {
+          if (c == '\\') ++p;
+          else if (c == '"') in_str = false;
+          continue;
+        }
+        if (c == '"') in_str = true;
+        else if (c == '[' || c == '{') ++depth;
+        else if (c == ']' || c == '}') {
+          if (depth == 0) break;
+          --depth;
+        } else if (c == ',' && depth == 0) break;
+      }
+      QF_CHECK(p < t.size() && depth == 0, "invalid JSON: unterminated conversations list");
+      items.push_back(t.substr(start, p - start));
+      if (t[p] == ']') {
+        ++p;
+        break;
+      }
+      ++p;  // ','
+    }
+  ws();
+  QF_CHECK(p == t.size(), "invalid JSON: extra data after the conversations list at offset ", p);
+  return render_batch(tmpl, shared, items.size(), [&](size_t i) { return json_loads(items[i]); }, opt, threads);
 }
 
 ChatRequest chat_request_from_json(const Value& obj) {

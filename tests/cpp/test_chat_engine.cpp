@@ -188,3 +188,31 @@ TEST(ChatEngine, ShipsLlama3Templates) {
   }
   EXPECT_EQ(llama3_template(7), nullptr);
 }
+
+TEST(ChatEngine, BatchFromJsonEqualsSingleRenders) {
+  Value requests = json_loads(slurp(chat_dir() / "conversations.json"));
+  Template t(llama3_template(2));
+  ChatRequest shared = chat_request_from_json(*requests.get("tool_result"));
+  List convs;
+  std::string json = " [ ";
+  for (const char* c : {"tool_result", "unicode", "multi_turn", "nested_json_args"}) {
+    convs.push_back(*requests.get(c)->get("messages"));
+    json += (convs.size() > 1 ? " , " : "") + json_dumps(convs.back());
+  }
+  json += " ] ";
+  for (int threads : {1, 3}) {
+    auto a = apply_chat_template_batch(t, shared, convs, {}, threads);
+    auto b = apply_chat_template_batch_json(t, shared, json, {}, threads);
+    ASSERT_EQ(a.size(), convs.size());
+    ASSERT_EQ(b.size(), convs.size());
+    for (size_t i = 0; i < convs.size(); ++i) {
+      ChatRequest one = shared;
+      one.messages = convs[i];
+      EXPECT_EQ(a[i].text, apply_chat_template(t, one).text);
+      EXPECT_EQ(b[i].text, a[i].text);
+    }
+  }
+  EXPECT_TRUE(apply_chat_template_batch_json(t, shared, "[]").empty());
+  for (const char* bad : {"", "[", "[[{\"role\": \"user\"}]", "[[]] x", "{}", "[[{\"a\": \"]\"]"})
+    EXPECT_THROW(apply_chat_template_batch_json(t, shared, bad), qforge::InvalidArgument) << bad;
+}

@@ -41,6 +41,12 @@ std::vector<ChatRendered> apply_chat_template_batch(const Template& tmpl, const 
                                                     const List& conversations, const RenderOptions& opt = {},
                                                     int threads = 1);
 
+// The same with the conversations as one JSON list (each element parsed by
+// the thread that renders it).
+std::vector<ChatRendered> apply_chat_template_batch_json(const Template& tmpl, const ChatRequest& shared,
+                                                         std::string_view conversations_json,
+                                                         const RenderOptions& opt = {}, int threads = 1);
+
 // A request from one JSON object: {"messages": [...], "tools": ..., "documents": ...,
 // "add_generation_prompt": bool, "continue_final_message": bool|str, <any other key>: kwarg}.
 ChatRequest chat_request_from_json(const Value& obj);
