@@ -47,6 +47,12 @@ void run_one(std::string_view data) {
       }
     }
     if (context.is_dict()) t.render(context, opt);
+    try {  // the same bytes as a batch of conversations (the splitter and per-item parse)
+      ChatRequest shared;
+      shared.messages = Value(List{});
+      apply_chat_template_batch_json(t, shared, data, opt, 1);
+    } catch (const qforge::InvalidArgument&) {
+    }
   } catch (const qforge::InvalidArgument&) {
   }
   try {
