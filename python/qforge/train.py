@@ -262,8 +262,13 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
 
     start = 0
     metrics_path = output / "metrics.jsonl"
+    fingerprint = _fingerprint(examples, tokens_per_batch, args)
     if resume_from is not None:
         state = json.loads((resume_from / "state.json").read_text(encoding="utf-8"))
+        if state.get("fingerprint", fingerprint) != fingerprint:
+            raise ValueError(f"{resume_from}: the data or batching settings (tokens, batch size, grad_accum, seed, "
+                             "LoRA shape) differ from the run that wrote this checkpoint; resuming would not "
+                             "continue it. Use the original settings or a new --output")
         load_adapter(model, resume_from)
         opt.load_state_dict(torch.load(resume_from / "optimizer.pt", map_location=device, weights_only=True))
         torch.set_rng_state(torch.load(resume_from / "rng.pt", weights_only=True))
@@ -333,7 +338,7 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
             if (args.save_every and (step + 1) % args.save_every == 0) or last or stop:
                 mf.flush()
                 os.fsync(mf.fileno())
-                _save_checkpoint(output, step + 1, model, opt, args, save_adapter)
+                _save_checkpoint(output, step + 1, model, opt, args, save_adapter, fingerprint)
                 plot_losses(metrics_path, output / "loss.png")
             if stop and not last:
                 stopped_early = True
@@ -401,7 +406,22 @@ def _samples(model, tokenizer, template, records, bar, n: int = 4) -> list[dict]
     return out
 
 
-def _save_checkpoint(output: Path, step: int, model, opt, args: TrainArgs, save_adapter) -> Path:
+def _fingerprint(examples, tokens_per_batch: int, args: TrainArgs) -> str:
+    """What a resumed run must share with the original to continue it bit for bit."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(len(e.input_ids).to_bytes(4, "little"))
+        h.update(b"".join(t.to_bytes(4, "little", signed=True) for t in e.input_ids))
+        h.update(b"".join(t.to_bytes(4, "little", signed=True) for t in e.labels))
+    h.update(json.dumps([tokens_per_batch, args.grad_accum, args.seed, args.lora_r, args.lora_alpha,
+                         sorted(args.target_modules)]).encode())
+    return h.hexdigest()
+
+
+def _save_checkpoint(output: Path, step: int, model, opt, args: TrainArgs, save_adapter,
+                     fingerprint: str = "") -> Path:
     """checkpoints/step-NNNNNN: adapter (PEFT files), optimizer, RNG and loop state;
     built in a hidden temporary directory and renamed into place, then older
     checkpoints beyond keep_checkpoints are removed."""
@@ -414,8 +434,8 @@ def _save_checkpoint(output: Path, step: int, model, opt, args: TrainArgs, save_
     save_adapter(model, tmp)
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
     torch.save(torch.get_rng_state(), tmp / "rng.pt")
-    _atomic_text(tmp / "state.json", json.dumps({"step": step, "time": time.time(), "args": asdict(args)},
-                                                indent=2, default=str))
+    _atomic_text(tmp / "state.json", json.dumps({"step": step, "time": time.time(), "fingerprint": fingerprint,
+                                                 "args": asdict(args)}, indent=2, default=str))
     if final.exists():  # re-saving the same step (resumed run): swap
         shutil.rmtree(final)
     tmp.replace(final)

@@ -73,6 +73,8 @@ def test_resume_is_bit_exact(tmp_path, base_dir):
     first = T.train(output=str(tmp_path / "b"), stop_after=4, **kw)
     assert first["stopped_early"] and first["steps"] == 4
     assert not (tmp_path / "b" / "adapter").exists()
+    with pytest.raises(ValueError, match="differ from the run that wrote this checkpoint"):
+        T.train(output=str(tmp_path / "b"), resume=True, **{**kw, "grad_accum": 1})
     resumed = T.train(output=str(tmp_path / "b"), resume=True, **kw)
     assert resumed["losses"] == straight["losses"][4:]
     a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
