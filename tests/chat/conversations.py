@@ -150,6 +150,12 @@ def requests() -> dict[str, dict]:
                                {"role": "user", "content": "\ttabbed\n"},
                                {"role": "assistant", "content": "\n\nanswer\n\n"},
                                {"role": "user", "content": " "}], agp=True)
+    # kwargs some templates need: firefunction-v2 reads `functions` and `datetime`;
+    # command-r-plus needs tools always and additionalProperties on object parameters
+    add("functions_kwarg", [sys, q, one_call, one_result, {"role": "assistant", "content": "Sunny, 21.5 °C."},
+                            {"role": "user", "content": "Thanks!"}], tools=[WEATHER], agp=True,
+        functions=json.dumps([WEATHER["function"]], indent=2), datetime="2026-01-15 09:30")
+    add("weather_tool_only", [q, one_call, one_result], tools=[WEATHER], agp=True)
     return r
 
 
