@@ -55,9 +55,11 @@ TEST(ChatGoldens, EveryTemplateEveryConversationMatchesJinja2) {
         try {
           apply_chat_template(*tmpl, req, opt);
           ADD_FAILURE() << "expected " << err.get("type")->str() << ": " << err.get("message")->str();
-        } catch (const TemplateError& e) {
-          if (err.get("type")->str() == "TemplateError") EXPECT_EQ(e.message, err.get("message")->str());
+        } catch (const TemplateError& e) {  // same exception class and message as Python
+          EXPECT_EQ(e.kind, err.get("type")->str());
+          EXPECT_EQ(e.message, err.get("message")->str());
         } catch (const qforge::InvalidArgument&) {
+          EXPECT_EQ(err.get("type")->str(), "ValueError");
         }
         continue;
       }
