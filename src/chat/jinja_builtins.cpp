@@ -611,7 +611,8 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
       return generator(std::move(out));
     }
     case F_DICTSORT: {
-      if (!v.is_dict()) in.fail("TypeError", "dictsort requires a mapping", at);
+      if (v.is_undefined()) in.fail_undefined(v, at);
+      if (!v.is_dict()) in.fail("AttributeError", detail::concat("'", v.type_name(), "' object has no attribute 'items'"), at);
       bool cs = arg_bool(args, 0, "case_sensitive", false);
       std::string by = "key";
       if (const Value* b = arg(args, 1, "by")) by = as_text(*b);
@@ -670,6 +671,8 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
     case F_REJECT: return select_or_reject(in, v, args, at, false, false);
     case F_INDENT:
       if (v.is_undefined()) in.fail_undefined(v, at);
+      if (v.is_list()) in.fail("AttributeError", "'list' object has no attribute 'splitlines'", at);  // list += str extends
+      if (v.is_tuple()) in.fail("TypeError", "can only concatenate tuple (not \"str\") to tuple", at);
       if (!v.is_string()) in.fail("TypeError", detail::concat("unsupported operand type(s) for +=: '", v.type_name(), "' and 'str'"), at);
       if (const Value* w = arg(args, 0, "width"); w && w->is_int()) in.check_output(static_cast<size_t>(std::max<int64_t>(0, w->as_int())), at);
       return Value(indent(as_text(v), arg(args, 0, "width"), arg_bool(args, 1, "first", false), arg_bool(args, 2, "blank", false)));
@@ -744,7 +747,9 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
       in.iterate(v, items, at);
       return items.empty() ? Value::undefined("No first item, sequence was empty.") : items.front();
     }
-    case F_LAST: {
+    case F_LAST: {  // next(iter(reversed(seq)))
+      if (!v.is_sequence() && !v.is_dict() && !v.is_string() && !v.is_undefined())
+        in.fail("TypeError", detail::concat("'", v.type_name(), "' object is not reversible"), at);
       List items;
       in.iterate(v, items, at);
       return items.empty() ? Value::undefined("No last item, sequence was empty.") : items.back();
@@ -762,7 +767,7 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
       return Value(std::string(left, ' ') + s + std::string(marg - left, ' '));
     }
     case F_ROUND: {
-      if (!v.is_number()) in.fail("TypeError", "round requires a number", at);
+      if (!v.is_number()) in.fail("TypeError", detail::concat("type ", v.type_name(), " doesn't define __round__ method"), at);
       int64_t prec = arg_int(in, args, 0, "precision", 0, at);
       std::string method = "common";
       if (const Value* m = arg(args, 1, "method")) method = as_text(*m);
@@ -800,7 +805,7 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
       bool cs = arg_bool(args, 0, "case_sensitive", false);
       Value best = items[0];
       for (auto& x : items) {
-        int c = in.cmp(sort_key(x, cs), sort_key(best, cs), at);
+        int c = in.cmp(sort_key(x, cs), sort_key(best, cs), at, id == F_MIN ? "<" : ">");
         if (id == F_MIN ? c < 0 : c > 0) best = x;
       }
       return best;
@@ -812,6 +817,8 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
         return Value(encode(cps, 0, cps.size()));
       }
       List items;
+      if (!v.is_sequence() && !v.is_dict() && !v.is_undefined() && !v.is_native())
+        in.fail("FilterArgumentError", "argument must be iterable", at);
       in.iterate(v, items, at);
       std::reverse(items.begin(), items.end());
       return Value(std::static_pointer_cast<Native>(std::make_shared<IterObj>(std::move(items), "list_reverseiterator")));
@@ -903,12 +910,7 @@ bool apply_test(Interp& in, int id, const std::string& name, const Value& v, Arg
     case T_GT: return in.compare(Op::Gt, v, other(), at);
     case T_GE: return in.compare(Op::Ge, v, other(), at);
     case T_IN: return in.compare(Op::In, v, other(), at);
-    case T_DIVISIBLEBY: {
-      const Value& o = other();
-      if (!v.is_number() || !o.is_number()) in.fail("TypeError", "divisibleby requires numbers", at);
-      if (o.as_float() == 0) in.fail("ZeroDivisionError", "integer modulo by zero", at);
-      return in.binop(Op::Mod, v, o, at).as_float() == 0;
-    }
+    case T_DIVISIBLEBY: return py_equal(in.binop(Op::Mod, v, other(), at), Value(int64_t(0)));  // value % num == 0
     case T_ODD:
     case T_EVEN: {
       Value r = in.binop(Op::Mod, v, Value(int64_t(2)), at);  // value % 2 == 1 / == 0, as jinja2

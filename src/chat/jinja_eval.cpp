@@ -295,9 +295,9 @@ Value Interp::call(const Value& callee, Args& args, const Node& at) {
   fail("TypeError", detail::concat("'", callee.type_name(), "' object is not callable"), at);
 }
 
-int Interp::cmp(const Value& a, const Value& b, const Node& at) { return cmp_rec(a, b, at, 0); }
+int Interp::cmp(const Value& a, const Value& b, const Node& at, const char* op) { return cmp_rec(a, b, at, 0, op); }
 
-int Interp::cmp_rec(const Value& a, const Value& b, const Node& at, int depth) {
+int Interp::cmp_rec(const Value& a, const Value& b, const Node& at, int depth, const char* op) {
   if (depth > 500) fail("RecursionError", "maximum recursion depth exceeded in comparison", at);
   if (a.is_number() && b.is_number()) {
     if (a.is_float() || b.is_float()) {
@@ -315,13 +315,13 @@ int Interp::cmp_rec(const Value& a, const Value& b, const Node& at, int depth) {
     auto& y = b.list();
     for (size_t i = 0; i < x.size() && i < y.size(); ++i) {
       if (py_equal(x[i], y[i])) continue;
-      return cmp_rec(x[i], y[i], at, depth + 1);
+      return cmp_rec(x[i], y[i], at, depth + 1, op);
     }
     return x.size() < y.size() ? -1 : x.size() > y.size() ? 1 : 0;
   }
   if (a.is_undefined()) fail_undefined(a, at);
   if (b.is_undefined()) fail_undefined(b, at);
-  fail("TypeError", detail::concat("'<' not supported between instances of '", a.type_name(), "' and '", b.type_name(), "'"), at);
+  fail("TypeError", detail::concat("'", op, "' not supported between instances of '", a.type_name(), "' and '", b.type_name(), "'"), at);
 }
 
 static bool contains(Interp& in, const Value& container, const Value& item, const Node& at) {
@@ -355,10 +355,10 @@ bool Interp::compare(Op op, const Value& a, const Value& b, const Node& at) {
   switch (op) {
     case Op::Eq: return py_equal(a, b);
     case Op::Ne: return !py_equal(a, b);
-    case Op::Lt: return cmp(a, b, at) < 0;
-    case Op::Le: return cmp(a, b, at) <= 0;
-    case Op::Gt: return cmp(a, b, at) > 0;
-    case Op::Ge: return cmp(a, b, at) >= 0;
+    case Op::Lt: return cmp(a, b, at, "<") < 0;
+    case Op::Le: return cmp(a, b, at, "<=") <= 0;
+    case Op::Gt: return cmp(a, b, at, ">") > 0;
+    case Op::Ge: return cmp(a, b, at, ">=") >= 0;
     case Op::In: return contains(*this, b, a, at);
     case Op::NotIn: return !contains(*this, b, a, at);
     default: return false;
@@ -396,14 +396,15 @@ Value Interp::binop(Op op, const Value& a, const Value& b, const Node& at) {
         return Value(r);
       }
       case Op::Div:
-        if (b.as_float() == 0) fail("ZeroDivisionError", "division by zero", at);
+        if (b.as_float() == 0) fail("ZeroDivisionError", fl ? "float division by zero" : "division by zero", at);
         return Value(a.as_float() / b.as_float());
       case Op::FloorDiv:
-        if (b.as_float() == 0) fail("ZeroDivisionError", "integer division or modulo by zero", at);
+        if (b.as_float() == 0)
+          fail("ZeroDivisionError", fl ? "float floor division by zero" : "integer division or modulo by zero", at);
         if (!fl && b.as_int() == -1 && a.as_int() == INT64_MIN) fail("OverflowError", "integer result does not fit in 64 bits", at);
         return fl ? Value(std::floor(a.as_float() / b.as_float())) : Value(floordiv(a.as_int(), b.as_int()));
       case Op::Mod:
-        if (b.as_float() == 0) fail("ZeroDivisionError", "integer modulo by zero", at);
+        if (b.as_float() == 0) fail("ZeroDivisionError", fl ? "float modulo" : "integer modulo by zero", at);
         if (fl) {
           double r = std::fmod(a.as_float(), b.as_float());
           if (r != 0 && ((r < 0) != (b.as_float() < 0))) r += b.as_float();
@@ -444,8 +445,9 @@ Value Interp::binop(Op op, const Value& a, const Value& b, const Node& at) {
     }
     if (a.is_string())
       fail("TypeError", detail::concat("can only concatenate str (not \"", b.type_name(), "\") to str"), at);
-    if (a.is_list())
-      fail("TypeError", detail::concat("can only concatenate list (not \"", b.type_name(), "\") to list"), at);
+    if (a.is_list() || a.is_tuple())
+      fail("TypeError", detail::concat("can only concatenate ", a.type_name(), " (not \"", b.type_name(), "\") to ",
+                                       a.type_name()), at);
   }
   if (op == Op::Mul) {
     const Value* seq = (a.is_string() || a.is_sequence()) ? &a : (b.is_string() || b.is_sequence()) ? &b : nullptr;
@@ -464,6 +466,9 @@ Value Interp::binop(Op op, const Value& a, const Value& b, const Node& at) {
       for (int64_t i = 0; i < k; ++i) l.insert(l.end(), seq->list().begin(), seq->list().end());
       return Value(std::move(l), seq->kind());
     }
+    if (seq)
+      fail("TypeError", detail::concat("can't multiply sequence by non-int of type '",
+                                       (seq == &a ? b : a).type_name(), "'"), at);
   }
   return type_error();
 }

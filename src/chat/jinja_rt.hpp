@@ -115,8 +115,9 @@ class Interp {
   Value call(const Value& callee, Args& args, const Node& at);
   Value binop(Op op, const Value& a, const Value& b, const Node& at);
   bool compare(Op op, const Value& a, const Value& b, const Node& at);
-  int cmp(const Value& a, const Value& b, const Node& at);  // -1/0/1 or TypeError
-  int cmp_rec(const Value& a, const Value& b, const Node& at, int depth);
+  // -1/0/1, or Python's TypeError naming the comparison `op`
+  int cmp(const Value& a, const Value& b, const Node& at, const char* op = "<");
+  int cmp_rec(const Value& a, const Value& b, const Node& at, int depth, const char* op);
   [[noreturn]] void fail_undefined(const Value& u, const Node& at);
   [[noreturn]] void fail(const char* kind, const std::string& msg, const Node& at) { raise(kind, msg, at.line, at.col); }
   void check_output(size_t size, const Node& at) {

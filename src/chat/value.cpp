@@ -135,7 +135,7 @@ const char* Value::type_name() const {
     case Kind::Bool: return "bool";
     case Kind::Int: return "int";
     case Kind::Float: return "float";
-    case Kind::String: return "str";
+    case Kind::String: return markup_ ? "Markup" : "str";
     case Kind::List: return "list";
     case Kind::Tuple: return "tuple";
     case Kind::Dict: return "dict";
