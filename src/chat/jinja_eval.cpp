@@ -677,6 +677,8 @@ static void assign(Interp& in, const Node& target, const Value& v, Frame& f) {
   }
   if (target.kind == NK::TupleLit) {
     List items;
+    if (!v.is_string() && !v.is_sequence() && !v.is_dict() && !v.is_undefined() && !v.is_native())
+      in.fail("TypeError", detail::concat("cannot unpack non-iterable ", v.type_name(), " object"), target);
     in.iterate(v, items, target);
     if (items.size() < target.args.size())
       in.fail("ValueError", detail::concat("not enough values to unpack (expected ", target.args.size(), ", got ", items.size(), ")"), target);

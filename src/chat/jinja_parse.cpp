@@ -508,7 +508,8 @@ class Parser {
         if (b == "for") in_loop = true;
         if (b == "macro") in_loop = false;
       }
-      if (!in_loop) fail(detail::concat("Encountered unknown tag '", kw, "'."));
+      // jinja2 compiles this to Python code that Python rejects
+      if (!in_loop) raise("SyntaxError", detail::concat("'", kw, "' ", kw == "break" ? "outside loop" : "not properly in loop"), t.line, t.col);
       ++i_;
       auto n = node(kw == "break" ? NK::Break : NK::Continue, t);
       expect_block_end();
