@@ -259,6 +259,8 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
             layer.compile(fullgraph=True, dynamic=True, backend=args.compile_backend)
     params = lora_parameters(model)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
+    use_amp = device.type == "cuda" and dtype != torch.float32
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and dtype == torch.float16)  # fp16 only
 
     start = 0
     metrics_path = output / "metrics.jsonl"
@@ -271,6 +273,8 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
                              "continue it. Use the original settings or a new --output")
         load_adapter(model, resume_from)
         opt.load_state_dict(torch.load(resume_from / "optimizer.pt", map_location=device, weights_only=True))
+        if scaler.is_enabled() and (resume_from / "scaler.pt").exists():
+            scaler.load_state_dict(torch.load(resume_from / "scaler.pt", weights_only=True))
         torch.set_rng_state(torch.load(resume_from / "rng.pt", weights_only=True))
         start = state["step"]
         if metrics_path.exists():  # drop lines past the checkpoint (a crash after it)
@@ -282,7 +286,6 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
     _atomic_text(output / "train_args.json", json.dumps({**asdict(args), "output": str(output),
                                                          "model": str(model_dir)}, indent=2, default=str))
 
-    use_amp = device.type == "cuda" and dtype != torch.float32
     amp = (lambda: torch.autocast(device.type, dtype=dtype)) if use_amp else contextlib.nullcontext
     offload = (lambda: torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")) \
         if args.offload_activations and not offload_done \
@@ -313,11 +316,13 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
                 with amp(), offload():
                     out = model(input_ids=b["input_ids"].to(device), position_ids=b["position_ids"].to(device),
                                 labels=b["labels"].to(device), num_items_in_batch=n_items, use_cache=False)
-                out.loss.backward()
+                scaler.scale(out.loss).backward()
                 loss_sum += float(out.loss.detach())
                 n_tokens += b["input_ids"].numel()
+            scaler.unscale_(opt)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             opt.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -338,7 +343,7 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
             if (args.save_every and (step + 1) % args.save_every == 0) or last or stop:
                 mf.flush()
                 os.fsync(mf.fileno())
-                _save_checkpoint(output, step + 1, model, opt, args, save_adapter, fingerprint)
+                _save_checkpoint(output, step + 1, model, opt, args, save_adapter, fingerprint, scaler)
                 plot_losses(metrics_path, output / "loss.png")
             if stop and not last:
                 stopped_early = True
@@ -421,7 +426,7 @@ def _fingerprint(examples, tokens_per_batch: int, args: TrainArgs) -> str:
 
 
 def _save_checkpoint(output: Path, step: int, model, opt, args: TrainArgs, save_adapter,
-                     fingerprint: str = "") -> Path:
+                     fingerprint: str = "", scaler=None) -> Path:
     """checkpoints/step-NNNNNN: adapter (PEFT files), optimizer, RNG and loop state;
     built in a hidden temporary directory and renamed into place, then older
     checkpoints beyond keep_checkpoints are removed."""
@@ -433,6 +438,8 @@ def _save_checkpoint(output: Path, step: int, model, opt, args: TrainArgs, save_
         shutil.rmtree(tmp)
     save_adapter(model, tmp)
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    if scaler is not None and scaler.is_enabled():
+        torch.save(scaler.state_dict(), tmp / "scaler.pt")
     torch.save(torch.get_rng_state(), tmp / "rng.pt")
     _atomic_text(tmp / "state.json", json.dumps({"step": step, "time": time.time(), "fingerprint": fingerprint,
                                                  "args": asdict(args)}, indent=2, default=str))
