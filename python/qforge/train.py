@@ -15,6 +15,7 @@ tool-calling dataset.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -60,7 +61,7 @@ class TrainArgs:
     keep_checkpoints: int = 2
     resume: bool = False
     log_every: int = 1
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: Optional[bool] = None  # None: on for --model runs, off for the tiny default
     offload_activations: bool = False
     skip_long: bool = False
     progress: bool = True
@@ -247,7 +248,8 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
              target_modules=args.target_modules, seed=args.seed)
     hf.patch_causal_lm(model, args.loss)  # full logits never exist in training
     offload_done = False  # whether transformers offloads the checkpointed layer inputs itself
-    if args.gradient_checkpointing:
+    checkpointing = args.gradient_checkpointing if args.gradient_checkpointing is not None else args.model is not None
+    if checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable({"use_reentrant": False}, offload=args.offload_activations)
             offload_done = args.offload_activations
@@ -483,7 +485,8 @@ def add_cli(subparsers) -> None:
     a("--loss", choices=("fused", "generic"), help="fused C++/CUDA linear-CE (default) or chunked torch CE")
     a("--save-every", type=int, help="steps between checkpoints (0: only at the end)")
     a("--keep-checkpoints", type=int)
-    a("--gradient-checkpointing", action="store_true", default=None)
+    a("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+      help="recompute each decoder layer in backward (default: on with --model, off for the tiny default)")
     a("--offload-activations", action="store_true", default=None, help="keep saved activations in CPU memory")
     a("--skip-long", action="store_true", default=None, help="skip conversations longer than max-seq-length")
     a("--stop-after", type=int, help="checkpoint and stop at this step (resume later)")
@@ -494,7 +497,7 @@ def add_cli(subparsers) -> None:
 
 def run_cli(ns) -> int:
     keys = {f for f in TrainArgs.__dataclass_fields__}
-    given = {k: v for k, v in vars(ns).items() if k in keys and v is not None and v is not False}
+    given = {k: v for k, v in vars(ns).items() if k in keys and v is not None and (v is not False or k == "gradient_checkpointing")}
     if "target_modules" in given:
         given["target_modules"] = tuple(given["target_modules"])
     base = dict(DEFAULT_JOB) if ns.model is None and ns.data is None else {}
