@@ -971,6 +971,15 @@ bool has_method(const Value& obj, const std::string& name) {
 
 Value BoundMethod::call(Interp& in, Args& args, const Node& at) {
   if (self.is_native()) {
+    if (auto* c = dynamic_cast<CyclerObj*>(self.native().get())) {
+      if (name == "reset") {
+        c->pos = 0;
+        return Value();
+      }
+      Value v = c->items[c->pos];
+      c->pos = (c->pos + 1) % c->items.size();
+      return v;
+    }
     if (auto* l = dynamic_cast<LoopObj*>(self.native().get())) {
       if (name == "cycle") {
         if (args.pos.empty()) in.fail("TypeError", "no items for cycling given", at);
@@ -1180,7 +1189,7 @@ Value call_method(Interp& in, const Value& obj, const std::string& name, Args& a
 namespace {
 
 struct Builtin : Callable {
-  enum Id { Range, DictFn, NamespaceFn, RaiseException, StrftimeNow } id;
+  enum Id { Range, DictFn, NamespaceFn, RaiseException, StrftimeNow, Joiner, Cycler } id;
   explicit Builtin(Id i) : id(i) {}
   const char* type_name() const override { return "function"; }
   Value call(Interp& in, Args& args, const Node& at) override {
@@ -1241,6 +1250,18 @@ struct Builtin : Callable {
         std::string msg = args.pos.empty() ? "" : py_str(args.pos[0]);
         in.fail("TemplateError", msg, at);
       }
+      case Joiner: {
+        auto j = std::make_shared<JoinerObj>();
+        const Value* sep = args.get(0, "sep");
+        j->sep = sep ? *sep : Value(", ");
+        return Value(std::static_pointer_cast<Native>(j));
+      }
+      case Cycler: {
+        if (args.pos.empty()) in.fail("RuntimeError", "at least one item has to be provided", at);
+        auto c = std::make_shared<CyclerObj>();
+        c->items = args.pos;
+        return Value(std::static_pointer_cast<Native>(c));
+      }
       case StrftimeNow: {
         if (args.pos.empty() || !args.pos[0].is_string()) in.fail("TypeError", "strftime_now() requires a format string", at);
         std::time_t t = in.opt.now >= 0 ? static_cast<std::time_t>(in.opt.now) : std::time(nullptr);
@@ -1261,13 +1282,16 @@ struct Builtin : Callable {
 void install_globals(Interp&, const Program& prog, Frame& globals) {
   static const std::pair<const char*, Builtin::Id> table[] = {
       {"range", Builtin::Range}, {"dict", Builtin::DictFn}, {"namespace", Builtin::NamespaceFn},
-      {"raise_exception", Builtin::RaiseException}, {"strftime_now", Builtin::StrftimeNow}};
+      {"raise_exception", Builtin::RaiseException}, {"strftime_now", Builtin::StrftimeNow},
+      {"joiner", Builtin::Joiner}, {"cycler", Builtin::Cycler}};
   static const Value fns[] = {  // stateless: shared by every render (thread-safe refcounts)
       Value(std::static_pointer_cast<Native>(std::make_shared<Builtin>(Builtin::Range))),
       Value(std::static_pointer_cast<Native>(std::make_shared<Builtin>(Builtin::DictFn))),
       Value(std::static_pointer_cast<Native>(std::make_shared<Builtin>(Builtin::NamespaceFn))),
       Value(std::static_pointer_cast<Native>(std::make_shared<Builtin>(Builtin::RaiseException))),
-      Value(std::static_pointer_cast<Native>(std::make_shared<Builtin>(Builtin::StrftimeNow)))};
+      Value(std::static_pointer_cast<Native>(std::make_shared<Builtin>(Builtin::StrftimeNow))),
+      Value(std::static_pointer_cast<Native>(std::make_shared<Builtin>(Builtin::Joiner))),
+      Value(std::static_pointer_cast<Native>(std::make_shared<Builtin>(Builtin::Cycler)))};
   for (size_t i = 0; i < std::size(table); ++i) {
     auto it = prog.sym_ids.find(table[i].first);
     if (it != prog.sym_ids.end()) globals.set(it->second, fns[i]);

@@ -143,6 +143,10 @@ Value Interp::getattr(const Value& obj, const std::string& name, const Node& at)
       return undefined_attr(obj, name);
     case Kind::Native:
       if (auto* l = dynamic_cast<LoopObj*>(obj.native().get())) return loop_attr(*l, name, obj);
+      if (auto* c = dynamic_cast<CyclerObj*>(obj.native().get())) {
+        if (name == "current") return c->items[c->pos];
+        if (name == "next" || name == "reset") return Value(std::make_shared<BoundMethod>(obj, name));
+      }
       return undefined_attr(obj, name);
     default:
       if (has_method(obj, name)) {

@@ -83,6 +83,27 @@ struct IterObj : Native {
   const char* type_name() const override { return tname; }
 };
 
+// jinja2's joiner(sep): "" on the first call, sep afterwards.
+struct JoinerObj : Callable {
+  Value sep;
+  bool used = false;
+  const char* type_name() const override { return "Joiner"; }
+  Value call(Interp&, Args&, const Node&) override {
+    if (!used) {
+      used = true;
+      return Value("");
+    }
+    return sep;
+  }
+};
+
+// jinja2's cycler(*items): .next(), .current, .reset()
+struct CyclerObj : Native {
+  List items;
+  size_t pos = 0;
+  const char* type_name() const override { return "Cycler"; }
+};
+
 struct BoundMethod : Callable {
   Value self;
   std::string name;

@@ -109,6 +109,8 @@ SNIPPETS = [
     "{% if t %}a{% elif n %}b{% else %}c{% endif %}{% if n %}a{% elif t %}b{% else %}c{% endif %}{% if n %}a{% elif e %}b{% else %}c{% endif %}",
     "{% set d2 = dict(a=1, b=2) %}{{ d2 }} {{ dict(d2, c=3) }} {{ range(3)|list }} {{ range(1, 10, 3)|list }} {{ range(5, 0, -2)|list }}",
     "{{ strftime_now('%Y-%m-%d %H:%M %B %A %d %b') }}",
+    "{% set comma = joiner(' | ') %}{% for x in l %}{{ comma() }}{{ x }}{% endfor %}",
+    "{% set c = cycler('odd', 'even') %}{% for x in l %}{{ c.next() }}{{ c.current }} {% endfor %}{{ c.reset() }}{{ c.current }}",
     "{% generation %}gen {{ 1 }}{% endgeneration %} after",
     # undefined semantics
     "[{{ undefined_var }}] [{{ undefined_var ~ 'x' }}] {{ undefined_var is undefined }} {% for x in undefined_var %}x{% endfor %}",
