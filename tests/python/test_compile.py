@@ -113,3 +113,42 @@ def test_varying_sequence_lengths_do_not_recompile_per_length():
         out = compiled(x, position_embeddings=pe, position_ids=pos)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] <= 2  # static first, then one dynamic-shape graph
+
+
+def test_whole_training_forward_compiles_without_breaks():
+    """The full causal LM on a packed batch, with the fused linear-cross-entropy
+    loss (a registered op): one graph, and loss + LoRA gradients equal eager."""
+    from qforge import hf
+
+    torch._dynamo.reset()
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    replace_linears(model)
+    add_lora(model, r=4, alpha=8, seed=0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.05)
+    hf.patch_causal_lm(model)
+    model.train()
+    ids = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(2))
+    pos = torch.cat([torch.arange(10), torch.arange(14)]).view(1, -1)  # two packed sequences
+
+    def step(ids, pos, labels):
+        return model(input_ids=ids, position_ids=pos, labels=labels, use_cache=False).loss
+
+    ex = torch._dynamo.explain(step)(ids, pos, ids)
+    assert ex.graph_break_count == 0 and ex.graph_count == 1, ex.break_reasons
+    torch._dynamo.reset()
+    ref = step(ids, pos, ids)
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    loss = torch.compile(step, fullgraph=True, backend="aot_eager")(ids, pos, ids)
+    loss.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
