@@ -74,6 +74,8 @@ def worker(rank: int, port: int, out: str, mode: str) -> None:
                  for n, m in ref.named_modules() if isinstance(m, NF4Linear)}
 
     model = build_model()
+    if mode == "ckpt":  # activation checkpointing under FSDP2: recompute re-gathers and re-dequantizes
+        model.activation_checkpointing_enable({"use_reentrant": False})
     mesh = init_device_mesh("cpu", (WORLD,))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mode == "bf16" \
         else MixedPrecisionPolicy()
@@ -139,8 +141,9 @@ def run_fsdp(tmp_path, mode):
     return torch.load(out, weights_only=False)
 
 
-def test_fsdp2_sharded_equals_single_process(tmp_path):
-    r = run_fsdp(tmp_path, "fp32")
+@pytest.mark.parametrize("mode", ["fp32", "ckpt"])
+def test_fsdp2_sharded_equals_single_process(tmp_path, mode):
+    r = run_fsdp(tmp_path, mode)
     # the NF4 storage is sharded per decoder layer, as uint8
     assert r["shard"]["type"] == "DTensor" and r["shard"]["dtype"] == torch.uint8
     assert r["shard"]["local_rows"] == -(-r["shard"]["global_rows"] // WORLD)
