@@ -88,7 +88,12 @@ std::string object_type_repr(const Value& v) {
 }
 
 static Value undefined_attr(const Value& obj, const std::string& name) {
-  return Value::undefined("'" + object_type_repr(obj) + "' has no attribute '" + name + "'");
+  std::string hint = "'";  // built by appends (GCC 12 misreports "'" + std::string with -Wrestrict)
+  hint += object_type_repr(obj);
+  hint += "' has no attribute '";
+  hint += name;
+  hint += "'";
+  return Value::undefined(std::move(hint));
 }
 
 static bool unsafe_method(const Value& obj, const std::string& name) {

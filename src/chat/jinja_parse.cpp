@@ -1041,7 +1041,8 @@ class Parser {
       std::string name = expect_name();
       while (is_op(".")) {
         ++i_;
-        name += "." + expect_name();
+        name += '.';
+        name += expect_name();
       }
       auto f = node(NK::Filter, t);
       f->name = name;
@@ -1060,7 +1061,8 @@ class Parser {
     std::string name = expect_name();
     while (is_op(".")) {
       ++i_;
-      name += "." + expect_name();
+      name += '.';
+      name += expect_name();
     }
     auto test = node(NK::Test, t);
     test->name = name;
