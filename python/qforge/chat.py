@@ -359,9 +359,19 @@ def load_tokenizer_config(config: str | Path | dict, name: str | None = None, to
     given and it exists, else "default" (as transformers). `fallback` is a
     Llama version ("3.1", ...) whose shipped template is used when the config
     has none."""
+    folder = None
     if not isinstance(config, dict):
+        folder = Path(config).parent
         config = json.loads(Path(config).read_text(encoding="utf-8"))
     source = config.get("chat_template")
+    if source is None and folder is not None:
+        # newer checkpoints keep the template(s) beside the config: chat_template.jinja,
+        # additional_chat_templates/<name>.jinja
+        named = {p.stem: p.read_text(encoding="utf-8") for p in sorted((folder / "additional_chat_templates").glob("*.jinja"))}
+        if (folder / "chat_template.jinja").is_file():
+            named["default"] = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        if named:
+            source = named["default"] if list(named) == ["default"] else [{"name": k, "template": v} for k, v in named.items()]
     if isinstance(source, list):
         named = {t["name"]: t["template"] for t in source}
         if name is None:

@@ -59,3 +59,14 @@ def test_parse(tmp_path, capsys):
     r = json.loads(out.out)
     assert r["tool_calls"][0]["function"] == {"name": "brave_search", "arguments": {"query": "qforge"}}
     assert r["stop"] == "eom"
+
+
+def test_tokenizer_config_with_template_files_beside_it(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}")
+    (tmp_path / "additional_chat_templates").mkdir()
+    (tmp_path / "additional_chat_templates" / "tool_use.jinja").write_text("tools:{{ tools|length }}")
+    tmpl, special = chat.load_tokenizer_config(tmp_path / "tokenizer_config.json")
+    assert tmpl.apply([{"role": "user", "content": "hi"}], **special) == "hi</s>"
+    tmpl, _ = chat.load_tokenizer_config(tmp_path / "tokenizer_config.json", tools=[{"type": "function"}])
+    assert tmpl.apply([], tools=[{"type": "function"}]) == "tools:1"
