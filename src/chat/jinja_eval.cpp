@@ -203,7 +203,6 @@ Value Interp::getitem(const Value& obj, const Value& key, const Node& at) {
     }
     return Value::undefined(detail::concat(object_type_repr(obj), " has no element ", py_repr(key)));
   };
-  if (key.is_native() && key.native() == nullptr) return missing();
   switch (obj.kind()) {
     case Kind::Dict:
     case Kind::Namespace: {
