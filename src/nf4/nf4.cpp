@@ -87,6 +87,10 @@ const float kDynamicMap[256] = {
 namespace {
 bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
 
+// Below this many elements a thread team costs more than it saves (its
+// start-up and barrier take milliseconds when the cores are oversubscribed).
+constexpr int64_t kParallelMinElements = int64_t{1} << 18;
+
 const char* dtype_name(qf_dtype d) {
   switch (d) {
     case QF_FLOAT32: return "float32";
@@ -162,7 +166,7 @@ template <class Out, class Convert>
 void dequantize_blocks(const qf_nf4_weights& w, Out* out, Convert convert) {
   const int64_t blocks = num_blocks(w.numel, w.blocksize);
   const bool nested = w.absmax_dtype == QF_UINT8;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (w.numel >= kParallelMinElements)
   for (int64_t b = 0; b < blocks; ++b) {
     const float scale =
         nested ? nested_absmax_value(w.nested_code, static_cast<const uint8_t*>(w.absmax)[b],
@@ -190,7 +194,7 @@ void dequantize_cpu(const qf_nf4_weights& w, void* out, qf_dtype out_dtype) {
 void quantize_cpu(const void* x, qf_dtype x_dtype, int64_t numel, int32_t blocksize,
                   uint8_t* packed, float* absmax) {
   const int64_t blocks = num_blocks(numel, blocksize);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (numel >= kParallelMinElements)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t begin = b * blocksize, end = std::min<int64_t>(numel, begin + blocksize);
     const float amax = block_absmax(x, x_dtype, begin, end);
@@ -209,7 +213,7 @@ void quantize_blockwise_8bit_cpu(const float* x, int64_t n, const float* offset,
                                  const float* code, int32_t blocksize, uint8_t* q, float* absmax) {
   const float shift = offset ? *offset : 0.0f;
   const int64_t blocks = num_blocks(n, blocksize);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n >= kParallelMinElements)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t begin = b * blocksize, end = std::min<int64_t>(n, begin + blocksize);
     float amax = 0.0f;
