@@ -65,9 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--blocksize", type=int, default=64)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+    from .chat import add_cli as add_chat_cli
     from .train import add_cli as add_train_cli
 
     add_train_cli(sub)
+    add_chat_cli(sub)
     return parser
 
 
