@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ._files import atomic_write_text, read_json
 from .nn import NF4Linear, add_lora, lora_state_dict
 
 __all__ = ["save_adapter", "load_adapter", "merge_and_save", "adapter_config"]
@@ -89,13 +90,9 @@ def load_adapter(model: nn.Module, path, strict: bool = True) -> nn.Module:
 
     path = Path(path)
     cfg_path, w_path = path / "adapter_config.json", path / "adapter_model.safetensors"
-    for p in (cfg_path, w_path):
-        if not p.exists():
-            raise ValueError(f"{p}: missing (not a PEFT adapter directory)")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    cfg = read_json(cfg_path, "not a PEFT adapter directory")
+    if not w_path.exists():
+        raise ValueError(f"{w_path}: missing (not a PEFT adapter directory)")
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
     if cfg.get("use_dora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
@@ -137,7 +134,7 @@ def merge_and_save(model: nn.Module, path, dtype: torch.dtype = torch.bfloat16, 
     converted to ``dtype``. Loads with ``AutoModelForCausalLM.from_pretrained``."""
     from safetensors.torch import save_file
 
-    from .models.loader import _atomic_write_text, _write_sharded
+    from .models.loader import _write_sharded
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -163,7 +160,7 @@ def merge_and_save(model: nn.Module, path, dtype: torch.dtype = torch.bfloat16, 
     cfg.pop("quantization_config", None)
     cfg["dtype"] = str(dtype).removeprefix("torch.")
     cfg["torch_dtype"] = cfg["dtype"]
-    _atomic_write_text(path / "config.json", json.dumps(cfg, indent=2, default=str))
+    atomic_write_text(path / "config.json", json.dumps(cfg, indent=2, default=str))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
     return path

@@ -24,12 +24,13 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from ._files import atomic_write_text
 from .nn import DEFAULT_TARGETS
 
 __all__ = ["TrainArgs", "train", "latest_checkpoint", "DEFAULT_JOB"]
@@ -78,15 +79,6 @@ DEFAULT_JOB = dict(max_seq_length=1024, tokens_per_batch=1024, max_steps=100, lr
 
 
 # ------------------------------------------------------------------ helpers
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
 def lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float) -> float:
     """Linear warmup for `warmup` steps, then cosine decay to min_ratio * base (step is 0-based)."""
     if warmup > 0 and step < warmup:
@@ -282,10 +274,10 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
         if metrics_path.exists():  # drop lines past the checkpoint (a crash after it)
             kept = [line for line in metrics_path.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= start]
-            _atomic_text(metrics_path, "".join(line + "\n" for line in kept))
+            atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
     elif metrics_path.exists():
         metrics_path.unlink()  # a run that never checkpointed: nothing to keep consistent with
-    _atomic_text(output / "train_args.json", json.dumps({**asdict(args), "output": str(output),
+    atomic_write_text(output / "train_args.json", json.dumps({**asdict(args), "output": str(output),
                                                          "model": str(model_dir)}, indent=2, default=str))
 
     amp = (lambda: torch.autocast(device.type, dtype=dtype)) if use_amp else contextlib.nullcontext
@@ -373,10 +365,10 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
         else:
             tmp.replace(adapter_dir)
         summary["adapter"] = str(adapter_dir)
-        _atomic_text(output / "summary.json", json.dumps(summary, indent=2))
+        atomic_write_text(output / "summary.json", json.dumps(summary, indent=2))
     if default_job and not stopped_early:
         summary["samples"] = _samples(model, tokenizer, template, builtin_dataset(8, seed=args.seed + 1), bar)
-        _atomic_text(output / "summary.json", json.dumps(summary, indent=2))
+        atomic_write_text(output / "summary.json", json.dumps(summary, indent=2))
     model.qforge_train_summary = summary
     summary["model"] = model
     return summary
@@ -443,7 +435,7 @@ def _save_checkpoint(output: Path, step: int, model, opt, args: TrainArgs, save_
     if scaler is not None and scaler.is_enabled():
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
     torch.save(torch.get_rng_state(), tmp / "rng.pt")
-    _atomic_text(tmp / "state.json", json.dumps({"step": step, "time": time.time(), "fingerprint": fingerprint,
+    atomic_write_text(tmp / "state.json", json.dumps({"step": step, "time": time.time(), "fingerprint": fingerprint,
                                                  "args": asdict(args)}, indent=2, default=str))
     if final.exists():  # re-saving the same step (resumed run): swap
         shutil.rmtree(final)

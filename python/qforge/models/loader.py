@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .. import nf4
+from .._files import atomic_write_text, read_json
 from ..nn import DEFAULT_TARGETS, NF4Linear, _is_target
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -27,12 +28,7 @@ def _read_config(path: Path) -> dict:
     if not path.is_dir():
         raise ValueError(f"{path}: not a directory (qforge.load expects a local Hugging Face model directory)")
     cfg_path = path / "config.json"
-    if not cfg_path.exists():
-        raise ValueError(f"{cfg_path}: missing (not a Hugging Face model directory)")
-    try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    raw = read_json(cfg_path, "not a Hugging Face model directory")
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         arch = ", ".join(raw.get("architectures") or []) or "no architectures listed"
@@ -259,13 +255,7 @@ def save_4bit(model: nn.Module, path, max_shard_bytes: int = 2 << 30) -> None:
         "bnb_4bit_compute_dtype": compute, "bnb_4bit_quant_storage": "uint8",
         "llm_int8_skip_modules": ["lm_head"],
     }
-    _atomic_write_text(path / "config.json", json.dumps(cfg, indent=2, default=str))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path / "config.json", json.dumps(cfg, indent=2, default=str))
 
 
 def _write_sharded(path: Path, tensors: dict, max_shard_bytes: int, save_file) -> None:
@@ -293,5 +283,5 @@ def _write_sharded(path: Path, tensors: dict, max_shard_bytes: int, save_file) -
         tmp.replace(path / name)
         weight_map.update({k: name for k in shard})
     total = sum(v.numel() * v.element_size() for v in tensors.values())
-    _atomic_write_text(path / "model.safetensors.index.json",
+    atomic_write_text(path / "model.safetensors.index.json",
                        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
