@@ -132,6 +132,26 @@ __global__ void init_scalars(Scalars* sc) {
 }
 
 // ------------------------------------------------------------ the fused row pass
+// Merges every thread's online-softmax state (running max m, sum s of
+// exp(z - m)) and plain sum swz across the block; the result is in thread 0.
+template <int kBlockThreads>
+__device__ __forceinline__ void block_merge(float& m, float& s, float& swz) {
+  __shared__ float s_m[kBlockThreads / 32], s_s[kBlockThreads / 32], s_w[kBlockThreads / 32];
+  for (int o = 16; o > 0; o >>= 1) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+    const float s2 = __shfl_xor_sync(0xffffffffu, s, o);
+    online_merge(m, s, m2, s2);
+    swz += __shfl_xor_sync(0xffffffffu, swz, o);
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) { s_m[warp] = m; s_s[warp] = s; s_w[warp] = swz; }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    m = s_m[0], s = s_s[0], swz = s_w[0];
+    for (int i = 1; i < kBlockThreads / 32; ++i) { online_merge(m, s, s_m[i], s_s[i]); swz += s_w[i]; }
+  }
+}
+
 template <class T>
 __global__ void __launch_bounds__(kThreads) row_kernel(
     T* logits, int64_t ld, int64_t V, const T* __restrict__ bias,
@@ -139,7 +159,6 @@ __global__ void __launch_bounds__(kThreads) row_kernel(
     const Scalars* __restrict__ sc, RowParams p, int64_t ignore, int reduction,
     float* __restrict__ tok_loss, float* __restrict__ lse_out,
     const float* __restrict__ grad_scale, int want_grad) {
-  __shared__ float s_m[32], s_s[32], s_w[32];
   __shared__ float s_lse;
   const int64_t row = blockIdx.x;
   T* L = logits + row * ld;
@@ -176,19 +195,9 @@ __global__ void __launch_bounds__(kThreads) row_kernel(
     online_update(m, s, z);
     if (need_swz) swz += (cw ? cw[c] : 1.0f) * z;
   }
-  for (int o = 16; o > 0; o >>= 1) {
-    const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
-    const float s2 = __shfl_xor_sync(0xffffffffu, s, o);
-    online_merge(m, s, m2, s2);
-    swz += __shfl_xor_sync(0xffffffffu, swz, o);
-  }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) { s_m[warp] = m; s_s[warp] = s; s_w[warp] = swz; }
-  __syncthreads();
+  block_merge<kThreads>(m, s, swz);
   if (threadIdx.x == 0) {
-    float M = s_m[0], S = s_s[0], SW = s_w[0];
-    for (int i = 1; i < kThreads / 32; ++i) { online_merge(M, S, s_m[i], s_s[i]); SW += s_w[i]; }
-    const float lse = M + logf(S);
+    const float lse = m + logf(s);
     s_lse = lse;
     if (lse_out) lse_out[row] = lse;
     float loss = 0.0f;
@@ -196,7 +205,7 @@ __global__ void __launch_bounds__(kThreads) row_kernel(
       loss = NAN;
     } else if (valid) {
       const float wy = cw ? cw[y] : 1.0f;
-      loss = row_loss(p, lse, z_of(Ty<T>::f(L[y]), y), wy, float(sc->wsum), SW);
+      loss = row_loss(p, lse, z_of(Ty<T>::f(L[y]), y), wy, float(sc->wsum), swz);
     }
     tok_loss[row] = loss;
   }
@@ -253,7 +262,6 @@ __global__ void __launch_bounds__(kCThreads) row_kernel_cluster(
   namespace cg = cooperative_groups;
   extern __shared__ uint4 smem_raw[];
   T* sm = reinterpret_cast<T*>(smem_raw);
-  __shared__ float s_m[32], s_s[32], s_w[32];
   __shared__ float s_part[3];
   __shared__ float s_lse;
   cg::cluster_group cluster = cg::this_cluster();
@@ -326,20 +334,8 @@ __global__ void __launch_bounds__(kCThreads) row_kernel_cluster(
     sm[c] = r;
     elem(Ty<T>::f(r), c0 + c);
   }
-  for (int o = 16; o > 0; o >>= 1) {
-    const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
-    const float s2 = __shfl_xor_sync(0xffffffffu, s, o);
-    online_merge(m, s, m2, s2);
-    swz += __shfl_xor_sync(0xffffffffu, swz, o);
-  }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) { s_m[warp] = m; s_s[warp] = s; s_w[warp] = swz; }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float M = s_m[0], S = s_s[0], SW = s_w[0];
-    for (int i = 1; i < kCThreads / 32; ++i) { online_merge(M, S, s_m[i], s_s[i]); SW += s_w[i]; }
-    s_part[0] = M; s_part[1] = S; s_part[2] = SW;
-  }
+  block_merge<kCThreads>(m, s, swz);
+  if (threadIdx.x == 0) { s_part[0] = m; s_part[1] = s; s_part[2] = swz; }
   cluster.sync();  // partials of every CTA visible cluster-wide
   if (threadIdx.x == 0) {
     float M = -INFINITY, S = 0.0f, SW = 0.0f;
