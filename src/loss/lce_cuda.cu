@@ -132,6 +132,20 @@ __global__ void init_scalars(Scalars* sc) {
 }
 
 // ------------------------------------------------------------ the fused row pass
+// The factor a row's logit gradient is scaled by: 1/denom (mean) or 1 (sum),
+// times the per-token upstream gradient where given; 0 for an ignored row,
+// NaN for a row with a bad label.
+__device__ __forceinline__ float row_grad_scale(bool valid, bool bad, int reduction,
+                                                const Scalars* __restrict__ sc,
+                                                const float* __restrict__ grad_scale, int64_t row) {
+  if (bad) return NAN;
+  float scale = !valid ? 0.0f
+                : reduction == int(Reduction::Mean) ? (sc->denom > 0.0 ? float(1.0 / sc->denom) : 0.0f)
+                                                    : 1.0f;
+  if (grad_scale) scale *= grad_scale[row];
+  return scale;
+}
+
 // Merges every thread's online-softmax state (running max m, sum s of
 // exp(z - m)) and plain sum swz across the block; the result is in thread 0.
 template <int kBlockThreads>
@@ -212,14 +226,8 @@ __global__ void __launch_bounds__(kThreads) row_kernel(
   if (!want_grad) return;
   __syncthreads();
   const float lse = s_lse;
-  float scale = 0.0f, wy = 0.0f;
-  if (valid && !bad) {
-    wy = cw ? cw[y] : 1.0f;
-    scale = reduction == int(Reduction::Mean) ? (sc->denom > 0.0 ? float(1.0 / sc->denom) : 0.0f)
-                                              : 1.0f;
-  }
-  if (grad_scale) scale *= grad_scale[row];
-  if (bad) scale = NAN;
+  const float wy = valid && !bad ? (cw ? cw[y] : 1.0f) : 0.0f;
+  const float scale = row_grad_scale(valid, bad, reduction, sc, grad_scale, row);
   if (scale == 0.0f) {
     const float zero[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int64_t g = threadIdx.x; g < n8; g += kThreads) store8(L + g * 8, zero);
@@ -359,14 +367,8 @@ __global__ void __launch_bounds__(kCThreads) row_kernel_cluster(
   cluster.sync();  // remote reads done before any CTA may exit; s_lse visible
   if (!want_grad) return;
   const float lse = s_lse;
-  float scale = 0.0f, wy = 0.0f;
-  if (valid && !bad) {
-    wy = cw ? cw[y] : 1.0f;
-    scale = reduction == int(Reduction::Mean) ? (sc->denom > 0.0 ? float(1.0 / sc->denom) : 0.0f)
-                                              : 1.0f;
-  }
-  if (grad_scale) scale *= grad_scale[row];
-  if (bad) scale = NAN;
+  const float wy = valid && !bad ? (cw ? cw[y] : 1.0f) : 0.0f;
+  const float scale = row_grad_scale(valid, bad, reduction, sc, grad_scale, row);
   const RowGrad rg = make_row_grad(p, lse, wy, float(sc->wsum), scale);
   const int64_t m8 = len / 8;
   for (int64_t g = threadIdx.x; g < m8; g += kCThreads) {
