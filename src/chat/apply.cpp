@@ -159,10 +159,21 @@ std::vector<ChatRendered> render_batch(const Template& tmpl, const ChatRequest& 
     RenderCache cache;
     RenderOptions o = opt;
     if (!o.cache) o.cache = &cache;
-    ChatRequest req = shared;
+    ChatRequest req;
+    try {  // values are counted without atomics: every thread gets its own copy
+      req.tools = threads > 1 ? deep_copy(shared.tools) : shared.tools;
+      req.documents = threads > 1 ? deep_copy(shared.documents) : shared.documents;
+      req.kwargs = threads > 1 ? deep_copy(shared.kwargs) : shared.kwargs;
+    } catch (...) {
+      errors[t] = std::current_exception();
+      failed_at[t] = 0;
+      return;
+    }
+    req.add_generation_prompt = shared.add_generation_prompt;
+    req.continue_final_message = shared.continue_final_message;
     for (size_t i = static_cast<size_t>(t); i < n; i += static_cast<size_t>(threads)) {
       try {
-        req.messages = get(i);
+        req.messages = get(i, threads > 1);
         out[i] = apply_chat_template(tmpl, req, o);
         o.reserve = out[i].text.size() + out[i].text.size() / 4;
       } catch (...) {
@@ -202,7 +213,10 @@ std::vector<ChatRendered> render_batch(const Template& tmpl, const ChatRequest& 
 
 std::vector<ChatRendered> apply_chat_template_batch(const Template& tmpl, const ChatRequest& shared,
                                                     const List& conversations, const RenderOptions& opt, int threads) {
-  return render_batch(tmpl, shared, conversations.size(), [&](size_t i) { return conversations[i]; }, opt, threads);
+  return render_batch(
+      tmpl, shared, conversations.size(),
+      [&](size_t i, bool other_thread) { return other_thread ? deep_copy(conversations[i]) : conversations[i]; }, opt,
+      threads);
 }
 
 std::vector<ChatRendered> apply_chat_template_batch_json(const Template& tmpl, const ChatRequest& shared,
@@ -250,7 +264,7 @@ std::vector<ChatRendered> apply_chat_template_batch_json(const Template& tmpl, c
     }
   ws();
   QF_CHECK(p == t.size(), "invalid JSON: extra data after the conversations list at offset ", p);
-  return render_batch(tmpl, shared, items.size(), [&](size_t i) { return json_loads(items[i]); }, opt, threads);
+  return render_batch(tmpl, shared, items.size(), [&](size_t i, bool) { return json_loads(items[i]); }, opt, threads);
 }
 
 ChatRequest chat_request_from_json(const Value& obj) {

@@ -462,7 +462,7 @@ std::string html_escape(const std::string& s) {
 
 namespace {
 
-Value generator(List l) { return Value(std::static_pointer_cast<Native>(std::make_shared<IterObj>(std::move(l), "generator"))); }
+Value generator(List l) { return Value(new IterObj(std::move(l), "generator")); }
 
 Value select_or_reject(Interp& in, const Value& seq, Args& args, const Node& at, bool use_attr, bool keep) {
   List items, out;
@@ -821,7 +821,7 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
         in.fail("FilterArgumentError", "argument must be iterable", at);
       in.iterate(v, items, at);
       std::reverse(items.begin(), items.end());
-      return Value(std::static_pointer_cast<Native>(std::make_shared<IterObj>(std::move(items), "list_reverseiterator")));
+      return Value(new IterObj(std::move(items), "list_reverseiterator"));
     }
     case F_WORDCOUNT: {  // len(re.findall(r"\w+", s))
       int64_t words = 0;
@@ -894,7 +894,7 @@ bool apply_test(Interp& in, int id, const std::string& name, const Value& v, Arg
     case T_MAPPING: return v.is_dict();
     case T_ITERABLE:
       return v.is_string() || v.is_sequence() || v.is_dict() || v.is_undefined() ||
-             (v.is_native() && dynamic_cast<IterObj*>(v.native().get()));
+             (v.is_native() && dynamic_cast<IterObj*>(v.native()));
     case T_SEQUENCE: return v.is_string() || v.is_sequence() || v.is_dict() || v.is_undefined();
     case T_FALSE: return v.is_bool() && !v.as_bool();
     case T_TRUE: return v.is_bool() && v.as_bool();
@@ -902,7 +902,7 @@ bool apply_test(Interp& in, int id, const std::string& name, const Value& v, Arg
     case T_NUMBER: return v.is_number();
     case T_INTEGER: return v.is_int();
     case T_FLOAT: return v.is_float();
-    case T_CALLABLE: return v.is_undefined() || (v.is_native() && dynamic_cast<Callable*>(v.native().get()));
+    case T_CALLABLE: return v.is_undefined() || (v.is_native() && dynamic_cast<Callable*>(v.native()));
     case T_EQ: return in.compare(Op::Eq, v, other(), at);
     case T_NE: return in.compare(Op::Ne, v, other(), at);
     case T_LT: return in.compare(Op::Lt, v, other(), at);
@@ -929,7 +929,7 @@ bool apply_test(Interp& in, int id, const std::string& name, const Value& v, Arg
       if (v.kind() != o.kind()) return false;
       if (v.is_none() || v.is_undefined()) return true;
       if (v.is_bool() || v.is_int()) return v.as_int() == o.as_int();
-      return v.identity() == o.identity() && v.native() == o.native() && !(v.is_float());
+      return v.identity() == o.identity() && !(v.is_float());
     }
     case T_FILTER: return v.is_string() && filter_id(v.str()) >= 0;
     case T_TEST: return v.is_string() && test_id(v.str()) >= 0;
@@ -971,7 +971,7 @@ bool has_method(const Value& obj, const std::string& name) {
 
 Value BoundMethod::call(Interp& in, Args& args, const Node& at) {
   if (self.is_native()) {
-    if (auto* c = dynamic_cast<CyclerObj*>(self.native().get())) {
+    if (auto* c = dynamic_cast<CyclerObj*>(self.native())) {
       if (name == "reset") {
         c->pos = 0;
         return Value();
@@ -980,7 +980,7 @@ Value BoundMethod::call(Interp& in, Args& args, const Node& at) {
       c->pos = (c->pos + 1) % c->items.size();
       return v;
     }
-    if (auto* l = dynamic_cast<LoopObj*>(self.native().get())) {
+    if (auto* l = dynamic_cast<LoopObj*>(self.native())) {
       if (name == "cycle") {
         if (args.pos.empty()) in.fail("TypeError", "no items for cycling given", at);
         return args.pos[static_cast<size_t>(l->index0) % args.pos.size()];
@@ -1251,16 +1251,18 @@ struct Builtin : Callable {
         in.fail("TemplateError", msg, at);
       }
       case Joiner: {
-        auto j = std::make_shared<JoinerObj>();
+        auto* j = new JoinerObj;
+        Value joiner(j);
         const Value* sep = args.get(0, "sep");
         j->sep = sep ? *sep : Value(", ");
-        return Value(std::static_pointer_cast<Native>(j));
+        return joiner;
       }
       case Cycler: {
         if (args.pos.empty()) in.fail("RuntimeError", "at least one item has to be provided", at);
-        auto c = std::make_shared<CyclerObj>();
+        auto* c = new CyclerObj;
+        Value cycler(c);
         c->items = args.pos;
-        return Value(std::static_pointer_cast<Native>(c));
+        return cycler;
       }
       case StrftimeNow: {
         if (args.pos.empty() || !args.pos[0].is_string()) in.fail("TypeError", "strftime_now() requires a format string", at);
@@ -1284,14 +1286,12 @@ void install_globals(Interp&, const Program& prog, Frame& globals) {
       {"range", Builtin::Range}, {"dict", Builtin::DictFn}, {"namespace", Builtin::NamespaceFn},
       {"raise_exception", Builtin::RaiseException}, {"strftime_now", Builtin::StrftimeNow},
       {"joiner", Builtin::Joiner}, {"cycler", Builtin::Cycler}};
-  static const Value fns[] = {  // stateless: shared by every render (thread-safe refcounts)
-      Value(std::static_pointer_cast<Native>(std::make_shared<Builtin>(Builtin::Range))),
-      Value(std::static_pointer_cast<Native>(std::make_shared<Builtin>(Builtin::DictFn))),
-      Value(std::static_pointer_cast<Native>(std::make_shared<Builtin>(Builtin::NamespaceFn))),
-      Value(std::static_pointer_cast<Native>(std::make_shared<Builtin>(Builtin::RaiseException))),
-      Value(std::static_pointer_cast<Native>(std::make_shared<Builtin>(Builtin::StrftimeNow))),
-      Value(std::static_pointer_cast<Native>(std::make_shared<Builtin>(Builtin::Joiner))),
-      Value(std::static_pointer_cast<Native>(std::make_shared<Builtin>(Builtin::Cycler)))};
+  static const std::vector<Value> fns = [] {  // stateless: shared by every render, so immortal
+    std::vector<Value> v;
+    for (auto& [name, id] : table) v.emplace_back(new Builtin(id));
+    for (auto& x : v) x.make_immortal();
+    return v;
+  }();
   for (size_t i = 0; i < std::size(table); ++i) {
     auto it = prog.sym_ids.find(table[i].first);
     if (it != prog.sym_ids.end()) globals.set(it->second, fns[i]);

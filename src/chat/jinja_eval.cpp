@@ -129,7 +129,7 @@ static Value loop_attr(const LoopObj& l, const std::string& name, const Value& s
     return l.index0 > 0 ? l.items[l.index0 - 1] : Value::undefined("there is no previous item");
   if (name == "nextitem")
     return l.index0 + 1 < l.length ? l.items[l.index0 + 1] : Value::undefined("there is no next item");
-  if (name == "cycle" || name == "changed") return Value(std::make_shared<BoundMethod>(self, name));
+  if (name == "cycle" || name == "changed") return Value(new BoundMethod(self, name));
   return Value::undefined(detail::concat("'LoopContext' object has no attribute '", name, "'"));
 }
 
@@ -139,7 +139,7 @@ Value Interp::getattr(const Value& obj, const std::string& name, const Node& at)
     case Kind::Dict:
       if (has_method(obj, name)) {
         if (unsafe_method(obj, name)) return unsafe_undefined(obj, name);
-        return Value(std::make_shared<BoundMethod>(obj, name));
+        return Value(new BoundMethod(obj, name));
       }
       if (const Value* v = obj.get(name)) return *v;
       return undefined_attr(obj, name);
@@ -147,16 +147,16 @@ Value Interp::getattr(const Value& obj, const std::string& name, const Node& at)
       if (const Value* v = obj.get(name)) return *v;
       return undefined_attr(obj, name);
     case Kind::Native:
-      if (auto* l = dynamic_cast<LoopObj*>(obj.native().get())) return loop_attr(*l, name, obj);
-      if (auto* c = dynamic_cast<CyclerObj*>(obj.native().get())) {
+      if (auto* l = dynamic_cast<LoopObj*>(obj.native())) return loop_attr(*l, name, obj);
+      if (auto* c = dynamic_cast<CyclerObj*>(obj.native())) {
         if (name == "current") return c->items[c->pos];
-        if (name == "next" || name == "reset") return Value(std::make_shared<BoundMethod>(obj, name));
+        if (name == "next" || name == "reset") return Value(new BoundMethod(obj, name));
       }
       return undefined_attr(obj, name);
     default:
       if (has_method(obj, name)) {
         if (unsafe_method(obj, name)) return unsafe_undefined(obj, name);
-        return Value(std::make_shared<BoundMethod>(obj, name));
+        return Value(new BoundMethod(obj, name));
       }
       return undefined_attr(obj, name);
   }
@@ -197,7 +197,7 @@ Value Interp::getitem(const Value& obj, const Value& key, const Node& at) {
     if (key.is_string()) {
       if (has_method(obj, key.str())) {
         if (unsafe_method(obj, key.str())) return unsafe_undefined(obj, key.str());
-        return Value(std::make_shared<BoundMethod>(obj, key.str()));
+        return Value(new BoundMethod(obj, key.str()));
       }
       return undefined_attr(obj, key.str());
     }
@@ -288,7 +288,7 @@ void Interp::iterate(const Value& v, List& out, const Node& at) {
       return;
     default:
       if (v.is_native())
-        if (auto* it = dynamic_cast<IterObj*>(v.native().get())) {
+        if (auto* it = dynamic_cast<IterObj*>(v.native())) {
           out = it->items;
           return;
         }
@@ -299,7 +299,7 @@ void Interp::iterate(const Value& v, List& out, const Node& at) {
 Value Interp::call(const Value& callee, Args& args, const Node& at) {
   if (callee.is_undefined()) fail_undefined(callee, at);
   if (callee.is_native())
-    if (auto* c = dynamic_cast<Callable*>(callee.native().get())) return c->call(*this, args, at);
+    if (auto* c = dynamic_cast<Callable*>(callee.native())) return c->call(*this, args, at);
   fail("TypeError", detail::concat("'", callee.type_name(), "' object is not callable"), at);
 }
 
@@ -350,7 +350,7 @@ static bool contains(Interp& in, const Value& container, const Value& item, cons
     case Kind::Undefined: return false;
     default:
       if (container.is_native())
-        if (auto* it = dynamic_cast<IterObj*>(container.native().get())) {
+        if (auto* it = dynamic_cast<IterObj*>(container.native())) {
           for (auto& x : it->items)
             if (py_equal(x, item)) return true;
           return false;
@@ -734,7 +734,8 @@ Interp::Flow Interp::exec(const std::vector<NodePtr>& body, Frame& f, std::strin
       }
       case NK::For: {
         Value seq = eval(*n.args[1], f);
-        auto loop = std::make_shared<LoopObj>();
+        auto* loop = new LoopObj;
+        Value loopv(loop);
         List& items = loop->items;
         iterate(seq, items, n);
         auto framep = std::make_shared<Frame>();
@@ -758,7 +759,6 @@ Interp::Flow Interp::exec(const std::vector<NodePtr>& body, Frame& f, std::strin
         }
         if (++depth > opt.limits.max_call_depth) fail("RecursionError", "blocks nested too deeply", n);
         loop->length = static_cast<int64_t>(items.size());
-        Value loopv(std::static_pointer_cast<Native>(loop));
         int loop_sym = -1;
         if (auto it = prog.sym_ids.find("loop"); it != prog.sym_ids.end()) loop_sym = it->second;
         for (size_t i = 0; i < items.size(); ++i) {
@@ -792,14 +792,15 @@ Interp::Flow Interp::exec(const std::vector<NodePtr>& body, Frame& f, std::strin
       }
       case NK::Macro:
       case NK::CallBlock: {
-        auto m = std::make_shared<MacroObj>();
+        auto* m = new MacroObj;
+        Value macro(m);
         m->def = &n;
         m->closure = f.shared_from_this();
         m->name = n.kind == NK::Macro ? n.name : "caller";
         m->catch_varargs = prog.sym_ids.count("varargs") > 0;
         m->catch_kwargs = prog.sym_ids.count("kwargs") > 0;
         if (n.kind == NK::Macro) {
-          f.set(n.sym, Value(std::static_pointer_cast<Native>(m)));
+          f.set(n.sym, macro);
           break;
         }
         // {% call macro(args) %}body{% endcall %}: macro gets caller=<body>
@@ -808,7 +809,7 @@ Interp::Flow Interp::exec(const std::vector<NodePtr>& body, Frame& f, std::strin
         Args args;
         for (size_t i = 1; i < call.args.size(); ++i) args.pos.push_back(eval(*call.args[i], f));
         for (auto& kv : call.kwargs) args.kw.emplace_back(kv.first, eval(*kv.second, f));
-        args.kw.emplace_back("caller", Value(std::static_pointer_cast<Native>(m)));
+        args.kw.emplace_back("caller", macro);
         py_str_to(out, this->call(fn, args, call));
         break;
       }

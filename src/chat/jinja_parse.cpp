@@ -1085,12 +1085,23 @@ class Parser {
 
 }  // namespace
 
+// Constants are read by every thread that renders the template: never counted.
+static void make_constants_immortal(const Node& n) {
+  n.value.make_immortal();
+  for (auto* v : {&n.args, &n.body, &n.orelse})
+    for (auto& c : *v)
+      if (c) make_constants_immortal(*c);
+  for (auto& kv : n.kwargs)
+    if (kv.second) make_constants_immortal(*kv.second);
+}
+
 std::shared_ptr<Program> compile_template(std::string_view source) {
   auto prog = std::make_shared<Program>();
   prog->sym("caller");  // renders never add symbols: a compiled template is shared by threads
   Lexer lex(source);
   Parser parser(lex.run(), *prog);
   prog->root = parser.parse_template();
+  make_constants_immortal(*prog->root);
   return prog;
 }
 

@@ -12,87 +12,97 @@
 namespace qforge::chat {
 
 // ------------------------------------------------------------------ basics
-// Containers are freed iteratively: a list nested 100,000 deep (a template
-// can build one) must not overflow the stack when it dies. A dying box hands
-// its contents to a per-thread queue (an O(1) move) instead of destroying
-// them inside its own destructor.
-namespace {
-struct Reaper {
-  bool active = false;
-  std::vector<List> lists;
-  std::vector<Dict> dicts;
-};
-thread_local Reaper reaper;
-
-void drain() {
-  reaper.active = true;
-  while (!reaper.lists.empty() || !reaper.dicts.empty()) {
-    if (!reaper.lists.empty()) {
-      List l = std::move(reaper.lists.back());
-      reaper.lists.pop_back();
-      l.clear();  // children dying here are queued, not freed recursively
-    } else {
-      Dict d = std::move(reaper.dicts.back());
-      reaper.dicts.pop_back();
-      d.items.clear();
-    }
+// Objects are freed with bounded recursion: a list nested 100,000 deep (a
+// template can build one) must not overflow the stack when it dies. Past a
+// depth, dying objects are queued and freed by the outermost call.
+void destroy_obj(Obj* o) {
+  thread_local int depth = 0;
+  thread_local std::vector<Obj*> queued;
+  if (depth >= 64) {
+    queued.push_back(o);
+    return;
   }
-  reaper.active = false;
+  ++depth;
+  delete o;
+  if (depth == 1)
+    while (!queued.empty()) {
+      Obj* q = queued.back();
+      queued.pop_back();
+      delete q;
+    }
+  --depth;
 }
 
-struct ListBox {
-  List l;
-  explicit ListBox(List&& x) : l(std::move(x)) {}
-  ~ListBox() {
-    if (l.empty()) return;
-    reaper.lists.push_back(std::move(l));
-    if (!reaper.active) drain();
-  }
-};
-struct DictBox {
-  Dict d;
-  explicit DictBox(Dict&& x) : d(std::move(x)) {}
-  ~DictBox() {
-    if (d.items.empty()) return;
-    reaper.dicts.push_back(std::move(d));
-    if (!reaper.active) drain();
-  }
-};
-}  // namespace
+namespace impl {
+const List kEmptyList;
+const Dict kEmptyDict;
+}  // namespace impl
 
-Value::Value(std::string s) : kind_(Kind::String), i_(0), ptr_(std::make_shared<std::string>(std::move(s))) {}
-Value::Value(List l, Kind k) : kind_(k), i_(0), ptr_(std::make_shared<ListBox>(std::move(l))) {}
-Value::Value(Dict d, Kind k) : kind_(k), i_(0), ptr_(std::make_shared<DictBox>(std::move(d))) {}
-Value::Value(std::shared_ptr<Native> n) : kind_(Kind::Native), i_(0), native_(std::move(n)) {}
+Value::Value(std::string s) : kind_(Kind::String), p_(nullptr) {
+  if (!s.empty()) {
+    p_ = new impl::StrObj(std::move(s));
+    p_->refs = 1;
+  }
+}
+Value::Value(List l, Kind k) : kind_(k), p_(new impl::ListObj(std::move(l))) { p_->refs = 1; }
+Value::Value(Dict d, Kind k) : kind_(k), p_(new impl::DictObj(std::move(d))) { p_->refs = 1; }
 
 Value Value::undefined(std::string hint) {
   Value v;
   v.kind_ = Kind::Undefined;
-  if (!hint.empty()) v.ptr_ = std::make_shared<std::string>(std::move(hint));
+  v.p_ = nullptr;
+  if (!hint.empty()) {
+    v.p_ = new impl::StrObj(std::move(hint));
+    v.p_->refs = 1;
+  }
   return v;
 }
 Value Value::dict() { return Value(Dict{}); }
 
 static const std::string kEmpty;
-static const List kEmptyList;
-static const Dict kEmptyDict;
-
 const std::string& Value::empty_string() { return kEmpty; }
-const List& Value::list() const {
-  if (kind_ == Kind::List || kind_ == Kind::Tuple) return static_cast<const ListBox*>(ptr_.get())->l;
-  return kEmptyList;
-}
-const Dict& Value::dict_ref() const {
-  if (kind_ == Kind::Dict || kind_ == Kind::Namespace) return static_cast<const DictBox*>(ptr_.get())->d;
-  return kEmptyDict;
-}
 Dict& Value::dict_mut() {
   QF_CHECK(kind_ == Kind::Dict || kind_ == Kind::Namespace, "value is not a dict");
-  return static_cast<DictBox*>(ptr_.get())->d;
+  return static_cast<impl::DictObj*>(p_)->d;
 }
 List& Value::list_mut() {
   QF_CHECK(kind_ == Kind::List || kind_ == Kind::Tuple, "value is not a list");
-  return static_cast<ListBox*>(ptr_.get())->l;
+  return static_cast<impl::ListObj*>(p_)->l;
+}
+
+void Value::make_immortal() const {
+  if (!owns() || (p_->refs & Obj::kImmortal)) return;
+  p_->refs |= Obj::kImmortal;
+  if (kind_ == Kind::List || kind_ == Kind::Tuple)
+    for (auto& x : list()) x.make_immortal();
+  else if (kind_ == Kind::Dict || kind_ == Kind::Namespace)
+    for (auto& [k, x] : dict_ref().items) {
+      k.make_immortal();
+      x.make_immortal();
+    }
+}
+
+Value deep_copy(const Value& v) {
+  switch (v.kind()) {
+    case Kind::String: return v.is_markup() ? Value::markup(v.str()) : Value(v.str());
+    case Kind::Undefined: return Value::undefined(v.str());
+    case Kind::List:
+    case Kind::Tuple: {
+      List l;
+      l.reserve(v.list().size());
+      for (auto& x : v.list()) l.push_back(deep_copy(x));
+      return Value(std::move(l), v.kind());
+    }
+    case Kind::Dict:
+    case Kind::Namespace: {
+      Dict d;
+      d.items.reserve(v.dict_ref().items.size());
+      for (auto& [k, x] : v.dict_ref().items) d.items.emplace_back(deep_copy(k), deep_copy(x));
+      return Value(std::move(d), v.kind());
+    }
+    case Kind::Native: QF_CHECK(false, "template objects cannot be copied to another thread");
+    default: return v;
+  }
 }
 
 bool Value::truthy() const {
@@ -140,7 +150,7 @@ const char* Value::type_name() const {
     case Kind::Tuple: return "tuple";
     case Kind::Dict: return "dict";
     case Kind::Namespace: return "Namespace";
-    case Kind::Native: return native_ ? native_->type_name() : "object";
+    case Kind::Native: return native()->type_name();
   }
   return "object";
 }
@@ -201,7 +211,7 @@ static bool py_equal_rec(const Value& a, const Value& b, int depth) {
       }
       return true;
     }
-    default: return a.identity() == b.identity() && a.native() == b.native();
+    default: return a.identity() == b.identity();
   }
 }
 
@@ -702,16 +712,15 @@ struct JsonReader {
     }
     return false;
   }
-  // Object keys repeat ("role", "content", ...): share one Value per
-  // distinct short key within this thread, as CPython's decoder memoises keys.
-  static Value key(std::string k) {
+  // Object keys repeat ("role", "content", ...): one Value per distinct
+  // short key within a document, as CPython's decoder memoises keys.
+  std::vector<Value> keys;
+  Value key(std::string k) {
     if (k.size() > 32) return Value(std::move(k));
-    thread_local std::unordered_map<std::string, Value> memo;
-    auto it = memo.find(k);
-    if (it != memo.end()) return it->second;
-    if (memo.size() >= 4096) memo.clear();
-    Value v(k);
-    memo.emplace(std::move(k), v);
+    for (auto& v : keys)
+      if (v.str() == k) return v;
+    Value v(std::move(k));
+    if (keys.size() < 64) keys.push_back(v);
     return v;
   }
 
@@ -774,14 +783,17 @@ struct JsonReader {
 }  // namespace
 
 Value json_parse_prefix(std::string_view text, size_t& pos) {
-  JsonReader r{text, pos};
+  JsonReader r;
+  r.t = text;
+  r.p = pos;
   Value v = r.value();
   pos = r.p;
   return v;
 }
 
 Value json_loads(std::string_view text) {
-  JsonReader r{text};
+  JsonReader r;
+  r.t = text;
   Value v = r.value();
   r.ws();
   if (r.p != text.size()) r.fail("extra data");

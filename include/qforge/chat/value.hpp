@@ -4,9 +4,14 @@
 // floats (shortest round-trip repr), strings, lists, tuples and dicts.
 // Lists and dicts are shared, immutable once built (the Jinja sandbox never
 // mutates them); dicts keep insertion order like Python's.
+//
+// A Value is 16 bytes: a kind and a number or a pointer to a reference-counted
+// object. The counts are plain integers, as in CPython: a value graph belongs
+// to one thread at a time (deep_copy() makes a private copy for another
+// thread). Values reachable from a compiled Template are immortal (never
+// counted), so one Template renders on many threads at once.
 #pragma once
 #include <cstdint>
-#include <memory>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -18,9 +23,25 @@ class Value;
 using List = std::vector<Value>;
 struct Dict;
 
+// What a Value points at: strings, lists, dicts and template objects.
+struct Obj {
+  static constexpr uint32_t kImmortal = 0x80000000u;
+  uint32_t refs = 0;
+  Obj() = default;
+  Obj(const Obj&) = delete;
+  Obj& operator=(const Obj&) = delete;
+  virtual ~Obj() = default;
+};
+void destroy_obj(Obj* o);  // delete, iteratively for deep nesting (value.cpp)
+inline void retain(Obj* o) {
+  if (!(o->refs & Obj::kImmortal)) ++o->refs;
+}
+inline void release(Obj* o) {
+  if (!(o->refs & Obj::kImmortal) && --o->refs == 0) destroy_obj(o);
+}
+
 // Template-only objects (callables, the loop object, ...) derive from this.
-struct Native {
-  virtual ~Native() = default;
+struct Native : Obj {
   virtual const char* type_name() const = 0;
 };
 
@@ -51,7 +72,31 @@ class Value {
   Value(std::string s);
   Value(List l, Kind k = Kind::List);
   Value(Dict d, Kind k = Kind::Dict);
-  Value(std::shared_ptr<Native> n);
+  // Takes a new Native (refs == 0) or shares one.
+  explicit Value(Native* n) : kind_(Kind::Native), p_(n) { retain(n); }
+
+  Value(const Value& o) : kind_(o.kind_), markup_(o.markup_), i_(o.i_) {
+    if (owns()) retain(p_);
+  }
+  Value(Value&& o) noexcept : kind_(o.kind_), markup_(o.markup_), i_(o.i_) { o.kind_ = Kind::None; }
+  Value& operator=(const Value& o) {
+    Value tmp(o);
+    swap(tmp);
+    return *this;
+  }
+  Value& operator=(Value&& o) noexcept {
+    Value tmp(std::move(o));
+    swap(tmp);
+    return *this;
+  }
+  ~Value() {
+    if (owns()) release(p_);
+  }
+  void swap(Value& o) noexcept {
+    std::swap(kind_, o.kind_);
+    std::swap(markup_, o.markup_);
+    std::swap(i_, o.i_);
+  }
 
   // An Undefined; `hint` is jinja2's message for it ("'x' is undefined").
   static Value undefined(std::string hint = {});
@@ -85,17 +130,14 @@ class Value {
   int64_t as_int() const { return i_; }
   double as_float() const { return kind_ == Kind::Float ? f_ : static_cast<double>(i_); }
   // String (or the Undefined's hint); "" otherwise
-  const std::string& str() const {
-    if ((kind_ == Kind::String || kind_ == Kind::Undefined) && ptr_) return *static_cast<const std::string*>(ptr_.get());
-    return empty_string();
-  }
+  inline const std::string& str() const;
   static const std::string& empty_string();
-  const List& list() const;            // List or Tuple
-  const Dict& dict_ref() const;        // Dict or Namespace
-  Dict& dict_mut();                    // only while building / for namespaces
-  List& list_mut();                    // only while building
-  const std::shared_ptr<Native>& native() const { return native_; }
-  const void* identity() const { return ptr_.get(); }
+  inline const List& list() const;      // List or Tuple
+  inline const Dict& dict_ref() const;  // Dict or Namespace
+  Dict& dict_mut();                     // only while building / for namespaces
+  List& list_mut();                     // only while building
+  Native* native() const { return kind_ == Kind::Native ? static_cast<Native*>(p_) : nullptr; }
+  const void* identity() const { return owns() ? p_ : nullptr; }
 
   // Python truthiness (Undefined is falsy).
   bool truthy() const;
@@ -109,15 +151,19 @@ class Value {
   // Python's type name, as jinja2 reports it ("str", "dict", "list", ...).
   const char* type_name() const;
 
+  // Never counted or freed from now on (with everything it reaches): for
+  // values a compiled template holds and many threads read.
+  void make_immortal() const;
+
  private:
+  bool owns() const { return (kind_ >= Kind::String || kind_ == Kind::Undefined) && p_; }
   Kind kind_;
   bool markup_ = false;
   union {
     int64_t i_;
     double f_;
+    Obj* p_;
   };
-  std::shared_ptr<void> ptr_;        // std::string / List / Dict
-  std::shared_ptr<Native> native_;
 };
 
 struct Dict {
@@ -127,6 +173,39 @@ struct Dict {
   const Value* find(std::string_view key) const;
   void set(Value key, Value v);
 };
+
+namespace impl {
+struct StrObj : Obj {
+  std::string s;
+  explicit StrObj(std::string x) : s(std::move(x)) {}
+};
+struct ListObj : Obj {
+  List l;
+  explicit ListObj(List&& x) : l(std::move(x)) {}
+};
+struct DictObj : Obj {
+  Dict d;
+  explicit DictObj(Dict&& x) : d(std::move(x)) {}
+};
+extern const List kEmptyList;
+extern const Dict kEmptyDict;
+}  // namespace impl
+
+inline const std::string& Value::str() const {
+  if ((kind_ == Kind::String || kind_ == Kind::Undefined) && p_) return static_cast<const impl::StrObj*>(p_)->s;
+  return empty_string();
+}
+inline const List& Value::list() const {
+  if (kind_ == Kind::List || kind_ == Kind::Tuple) return static_cast<const impl::ListObj*>(p_)->l;
+  return impl::kEmptyList;
+}
+inline const Dict& Value::dict_ref() const {
+  if (kind_ == Kind::Dict || kind_ == Kind::Namespace) return static_cast<const impl::DictObj*>(p_)->d;
+  return impl::kEmptyDict;
+}
+
+// A copy sharing nothing with `v` (for handing values to another thread).
+Value deep_copy(const Value& v);
 
 // Python == between values (1 == 1.0 == True, deep for lists/dicts).
 bool py_equal(const Value& a, const Value& b);
