@@ -57,6 +57,7 @@ size_t codepoint_offset(std::string_view text, size_t byte_offset) {
 ChatRendered apply_chat_template(const Template& tmpl, const ChatRequest& req, const RenderOptions& opt) {
   QF_CHECK(req.messages.is_list() || req.messages.is_tuple(), "messages must be a list of dicts, got ", req.messages.type_name());
   List chat;
+  chat.reserve(req.messages.list().size());
   for (auto& m : req.messages.list()) {
     if (!m.is_dict())
       throw InvalidArgument("Chat messages should be dicts, dataclasses or pydantic models, but got " + py_repr(m) + ".");
@@ -107,7 +108,9 @@ ChatRendered apply_chat_template(const Template& tmpl, const ChatRequest& req, c
     chat.back() = std::move(last);
   }
 
-  Value ctx = Value::dict();
+  Dict vars;
+  vars.items.reserve(4 + req.kwargs.dict_ref().items.size());
+  Value ctx(std::move(vars));
   ctx.set("messages", Value(std::move(chat)));
   ctx.set("tools", req.tools);
   ctx.set("documents", req.documents);
@@ -158,7 +161,7 @@ std::vector<ChatRendered> render_batch(const Template& tmpl, const ChatRequest& 
   auto work = [&](int t) {
     RenderCache cache;
     RenderOptions o = opt;
-    if (!o.cache) o.cache = &cache;
+    o.cache = &cache;
     ChatRequest req;
     try {  // values are counted without atomics: every thread gets its own copy
       req.tools = threads > 1 ? deep_copy(shared.tools) : shared.tools;
@@ -169,6 +172,9 @@ std::vector<ChatRendered> render_batch(const Template& tmpl, const ChatRequest& 
       failed_at[t] = 0;
       return;
     }
+    cache.share(req.tools);
+    cache.share(req.documents);
+    for (auto& kv : req.kwargs.dict_ref().items) cache.share(kv.second);
     req.add_generation_prompt = shared.add_generation_prompt;
     req.continue_final_message = shared.continue_final_message;
     for (size_t i = static_cast<size_t>(t); i < n; i += static_cast<size_t>(threads)) {

@@ -1,6 +1,7 @@
 // jinja2's builtin filters and tests, transformers' globals, and the Python
 // str/list/dict methods templates call, with Python's semantics.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <ctime>
@@ -68,17 +69,17 @@ std::string encode(const std::vector<uint32_t>& cps, size_t a, size_t b) {
 
 // strip with Python semantics: chars == nullptr -> whitespace
 // the code point starting at byte i (and its length)
-uint32_t cp_at(const std::string& s, size_t i, size_t& len) {
+uint32_t cp_at(std::string_view s, size_t i, size_t& len) {
   size_t j = i + 1;
   while (j < s.size() && (static_cast<unsigned char>(s[j]) & 0xC0) == 0x80) ++j;
   len = j - i;
-  auto cps = utf8_decode(std::string_view(s).substr(i, len));
+  auto cps = utf8_decode(s.substr(i, len));
   return cps.empty() ? 0xFFFD : cps[0];
 }
 
 // strip with Python semantics: chars == nullptr -> whitespace; works on
 // UTF-8 bytes, decoding only the code points at the edges
-std::string strip(const std::string& s, const Value* chars, bool left, bool right) {
+std::string_view strip(std::string_view s, const Value* chars, bool left, bool right) {
   std::vector<uint32_t> set;
   bool ws = !chars || chars->is_none();
   if (!ws) set = utf8_decode(chars->str());
@@ -102,8 +103,14 @@ std::string strip(const std::string& s, const Value* chars, bool left, bool righ
       if (!strip_it(c)) break;
       b = start;
     }
-  if (a == 0 && b == s.size()) return s;
   return s.substr(a, b - a);
+}
+
+// str.strip() and friends on a string value: the value itself when nothing is stripped.
+Value strip_value(const Value& v, std::string_view s, const Value* chars, bool left, bool right) {
+  std::string_view r = strip(s, chars, left, right);
+  if (r.size() == s.size() && v.is_string() && !v.is_markup()) return v;
+  return Value(r);
 }
 
 List split_ws(const std::string& s, int64_t maxsplit, bool from_right) {
@@ -519,35 +526,38 @@ int test_id(std::string_view name) { return lookup(kTests, std::size(kTests), na
 Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& args, const Node& at) {
   switch (id) {
     case F_TOJSON: {
-      DumpOptions o;
-      o.ensure_ascii = arg_bool(args, 0, "ensure_ascii", false);
-      std::string indent_s, item_sep, key_sep;
+      RenderCache::Options k;
+      k.ensure_ascii = arg_bool(args, 0, "ensure_ascii", false);
       if (const Value* ind = arg(args, 1, "indent"); ind && !ind->is_none()) {
-        if (ind->is_string()) indent_s = ind->str();
-        else if (ind->is_int()) indent_s = std::string(static_cast<size_t>(std::max<int64_t>(0, ind->as_int())), ' ');
+        if (ind->is_string()) k.indent = ind->str();
+        else if (ind->is_int()) k.indent = std::string(static_cast<size_t>(std::max<int64_t>(0, ind->as_int())), ' ');
         else in.fail("TypeError", "indent must be an int or str", at);
-        o.indent = &indent_s;
+        k.has_indent = true;
       }
       if (const Value* sep = arg(args, 2, "separators"); sep && !sep->is_none()) {
         if (!sep->is_sequence() || sep->list().size() != 2 || !sep->list()[0].is_string() || !sep->list()[1].is_string())
           in.fail("ValueError", "separators must be a (item_separator, key_separator) pair", at);
-        item_sep = sep->list()[0].str();
-        key_sep = sep->list()[1].str();
-        o.item_separator = &item_sep;
-        o.key_separator = &key_sep;
+        k.item_sep = sep->list()[0].str();
+        k.key_sep = sep->list()[1].str();
+        k.has_separators = true;
       }
-      o.sort_keys = arg_bool(args, 3, "sort_keys", false);
-      std::string key;
-      bool cacheable = in.opt.cache && (v.is_dict() || v.is_list()) && v.identity();
-      if (cacheable) {
-        key = detail::concat(o.ensure_ascii, o.sort_keys, o.indent ? "i" + indent_s : "-", "|", item_sep, "|", key_sep,
-                             o.item_separator ? "s" : "-");
-        for (auto& e : in.opt.cache->tojson)
-          if (e.value.identity() == v.identity() && e.options == key) return e.json;
+      k.sort_keys = arg_bool(args, 3, "sort_keys", false);
+      RenderCache* cache = in.opt.cache;
+      bool cacheable = cache && (v.is_dict() || v.is_list()) && cache->shared.count(v.identity());
+      if (cacheable)
+        for (auto& e : cache->tojson)
+          if (e.identity == v.identity() && e.options == k) return e.json;
+      DumpOptions o;
+      o.ensure_ascii = k.ensure_ascii;
+      o.sort_keys = k.sort_keys;
+      if (k.has_indent) o.indent = &k.indent;
+      if (k.has_separators) {
+        o.item_separator = &k.item_sep;
+        o.key_separator = &k.key_sep;
       }
       try {
         Value out(json_dumps(v, o));
-        if (cacheable && in.opt.cache->tojson.size() < 256) in.opt.cache->tojson.push_back({v, key, out});
+        if (cacheable && cache->tojson.size() < 1024) cache->tojson.push_back({v.identity(), k, out});
         return out;
       } catch (const TemplateError&) {
         throw;
@@ -560,7 +570,9 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
       if (!v.is_string() && !v.is_sequence() && !v.is_dict())
         in.fail("TypeError", detail::concat("object of type '", v.type_name(), "' has no len()"), at);
       return Value(static_cast<int64_t>(v.size()));
-    case F_TRIM: return Value(strip(as_text(v), arg(args, 0, "chars"), true, true));
+    case F_TRIM:
+      if (v.is_string()) return strip_value(v, v.str(), arg(args, 0, "chars"), true, true);
+      return Value(strip(as_text(v), arg(args, 0, "chars"), true, true));
     case F_DEFAULT: {
       const Value* d = arg(args, 0, "default_value");
       bool boolean = arg_bool(args, 1, "boolean", false);
@@ -692,7 +704,7 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
       if (v.is_int() || v.is_bool()) return Value(v.as_int());
       if (v.is_float()) return std::isfinite(v.as_float()) ? Value(static_cast<int64_t>(std::trunc(v.as_float()))) : dflt;
       if (v.is_string()) {
-        std::string s = strip(v.str(), nullptr, true, true);
+        std::string s(strip(v.str(), nullptr, true, true));
         char* end = nullptr;
         long long iv = std::strtoll(s.c_str(), &end, 10);
         if (!s.empty() && end && *end == 0) return Value(static_cast<int64_t>(iv));
@@ -707,7 +719,7 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
       Value dflt = d ? *d : Value(0.0);
       if (v.is_number()) return Value(v.as_float());
       if (v.is_string()) {
-        std::string s = strip(v.str(), nullptr, true, true);
+        std::string s(strip(v.str(), nullptr, true, true));
         char* end = nullptr;
         double dv = std::strtod(s.c_str(), &end);
         if (!s.empty() && end && *end == 0) return Value(dv);
@@ -959,7 +971,16 @@ bool has_method(const Value& obj, const std::string& name) {
   static const std::unordered_set<std::string_view> str_methods = make(kStrMethods, std::size(kStrMethods));
   static const std::unordered_set<std::string_view> dict_methods = make(kDictMethods, std::size(kDictMethods));
   static const std::unordered_set<std::string_view> list_methods = make(kListMethods, std::size(kListMethods));
+  // (length, first letter) of every method name: most attribute names (role, content, ...) stop here, unhashed
+  static const std::array<uint32_t, 16> maybe = [] {
+    std::array<uint32_t, 16> m{};
+    for (auto* t : {&str_methods, &dict_methods, &list_methods})
+      for (auto name : *t) m[std::min<size_t>(name.size(), 15)] |= 1u << (name[0] - 'a');
+    return m;
+  }();
   if (name.size() > 1 && name[0] == '_' && name[1] == '_' && !obj.is_namespace()) return true;
+  if (name.empty() || name[0] < 'a' || name[0] > 'z' || !((maybe[std::min<size_t>(name.size(), 15)] >> (name[0] - 'a')) & 1))
+    return false;
   switch (obj.kind()) {
     case Kind::String: return str_methods.count(name) > 0;
     case Kind::Dict: return dict_methods.count(name) > 0;
@@ -1004,9 +1025,9 @@ Value call_method(Interp& in, const Value& obj, const std::string& name, Args& a
   if (obj.is_string()) {
     const std::string& s = obj.str();
     if (name == "__mod__") return Value(percent_format(in, s, args.pos[0], at));
-    if (name == "strip") return Value(strip(s, arg(args, 0, "chars"), true, true));
-    if (name == "lstrip") return Value(strip(s, arg(args, 0, "chars"), true, false));
-    if (name == "rstrip") return Value(strip(s, arg(args, 0, "chars"), false, true));
+    if (name == "strip") return strip_value(obj, s, arg(args, 0, "chars"), true, true);
+    if (name == "lstrip") return strip_value(obj, s, arg(args, 0, "chars"), true, false);
+    if (name == "rstrip") return strip_value(obj, s, arg(args, 0, "chars"), false, true);
     if (name == "split" || name == "rsplit") {
       const Value* sep = arg(args, 0, "sep");
       int64_t maxsplit = arg_int(in, args, 1, "maxsplit", -1, at);

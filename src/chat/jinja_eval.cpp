@@ -650,31 +650,34 @@ Value Interp::filter_chain(const Node& last, Value v, Frame& f) {
 // {{ a + b + c }}: when every operand is a plain string, append them straight
 // to the output instead of building the intermediate sums.
 void Interp::emit_sum(const Node& e, Frame& f, std::string& out) {
-  std::vector<const Node*> leaves, adds;
+  constexpr size_t kMax = 16;
+  const Node* leaves[kMax];
+  const Node* adds[kMax];
+  size_t n = 0;
   const Node* cur = &e;
   while (cur->kind == NK::BinOp && cur->op == Op::Add) {
-    adds.push_back(cur);
-    leaves.push_back(cur->args[1].get());
+    if (n + 1 >= kMax) {
+      py_str_to(out, eval(e, f));
+      return;
+    }
+    adds[n] = cur;
+    leaves[n++] = cur->args[1].get();
     cur = cur->args[0].get();
   }
-  leaves.push_back(cur);
-  Value vals[16];
-  size_t n = leaves.size();
-  if (n > 16) {
-    py_str_to(out, eval(e, f));
-    return;
-  }
+  leaves[n++] = cur;
+  Value tmp[kMax];
+  const Value* vals[kMax];
   bool plain = true;
   for (size_t i = 0; i < n; ++i) {
-    vals[i] = eval(*leaves[n - 1 - i], f);
-    plain = plain && vals[i].is_string() && !vals[i].is_markup();
+    vals[i] = &ref(*leaves[n - 1 - i], f, tmp[i]);
+    plain = plain && vals[i]->is_string() && !vals[i]->is_markup();
   }
   if (plain) {
-    for (size_t i = 0; i < n; ++i) out += vals[i].str();
+    for (size_t i = 0; i < n; ++i) out += vals[i]->str();
     return;
   }
-  Value acc = vals[0];
-  for (size_t i = 1; i < n; ++i) acc = binop(Op::Add, acc, vals[i], *adds[n - 1 - i]);
+  Value acc = *vals[0];
+  for (size_t i = 1; i < n; ++i) acc = binop(Op::Add, acc, *vals[i], *adds[n - 1 - i]);
   py_str_to(out, acc);
 }
 
@@ -740,6 +743,7 @@ Interp::Flow Interp::exec(const std::vector<NodePtr>& body, Frame& f, std::strin
         iterate(seq, items, n);
         auto framep = std::make_shared<Frame>();
         Frame& frame = *framep;
+        frame.vars.reserve(4);
         frame.parent = f.shared_from_this();
         ClearOnExit clear_frame{frame};
         if (n.flag) {
@@ -836,6 +840,7 @@ RenderResult Template::render_tracked(const Value& context, const RenderOptions&
   Interp in(*program_, opt);
   auto globalsp = std::make_shared<Frame>();
   Frame& globals = *globalsp;
+  globals.vars.reserve(program_->symbols.size());
   install_globals(in, *program_, globals);
   for (auto& kv : context.dict_ref().items) {
     if (!kv.first.is_string()) continue;
@@ -843,6 +848,7 @@ RenderResult Template::render_tracked(const Value& context, const RenderOptions&
     if (it != program_->sym_ids.end()) globals.set(it->second, kv.second);
   }
   auto top = std::make_shared<Frame>();
+  top->vars.reserve(8);
   top->parent = globalsp;
   ClearOnExit clear_top{*top}, clear_globals{globals};
   RenderResult res;

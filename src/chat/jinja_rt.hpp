@@ -4,6 +4,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 #include "jinja.hpp"
@@ -51,13 +52,33 @@ struct Args {
 
 class Interp;
 
+// tojson of the values a batch shares (tools, documents, kwargs), computed
+// once per thread. Only registered values are cached: a conversation's own
+// values die with it.
 struct RenderCache {
+  struct Options {
+    bool ensure_ascii = false, sort_keys = false, has_indent = false, has_separators = false;
+    std::string indent, item_sep, key_sep;
+    bool operator==(const Options&) const = default;
+  };
   struct Entry {
-    Value value;  // keeps the identity alive
-    std::string options;
+    const void* identity;
+    Options options;
     Value json;
   };
+  std::unordered_set<const void*> shared;
+  std::vector<Value> keep_alive;  // what `shared` points into
   std::vector<Entry> tojson;
+  // Registers v and the lists/dicts nested in it (a template may dump tools[i].function).
+  void share(const Value& v, int depth = 0) {
+    if (!(v.is_list() || v.is_dict()) || depth > 4 || shared.size() > 4096) return;
+    if (depth == 0) keep_alive.push_back(v);
+    shared.insert(v.identity());
+    if (v.is_list())
+      for (auto& x : v.list()) share(x, depth + 1);
+    else
+      for (auto& kv : v.dict_ref().items) share(kv.second, depth + 1);
+  }
 };
 
 // Callables visible to templates.

@@ -2,6 +2,7 @@
 #include "qforge/chat/value.hpp"
 
 #include <algorithm>
+#include <bit>
 #include <charconv>
 #include <cmath>
 #include <cstring>
@@ -339,6 +340,34 @@ sci:
 }
 
 // --------------------------------------------------------------- json.dumps
+// The first byte at or after s[i] that JSON must treat specially: '"', '\\',
+// a control character, or (when `ascii`) anything from 0x7f up. Eight bytes
+// at a time (SWAR): most of a chat is plain string content.
+static size_t plain_run(std::string_view s, size_t i, bool ascii) {
+  static_assert(std::endian::native == std::endian::little, "the first hit is found by trailing zeros");
+  constexpr uint64_t ones = 0x0101010101010101ull, highs = 0x8080808080808080ull;
+  const size_t n = s.size();
+  while (i + 8 <= n) {
+    uint64_t w;
+    std::memcpy(&w, s.data() + i, 8);
+    uint64_t quote = w ^ (ones * '"'), slash = w ^ (ones * '\\');
+    // a byte's high bit is set when it is zero in quote/slash, or < 0x20 in w (bytes >= 0x80 masked by ~w)
+    uint64_t hit = ((quote - ones) & ~quote) | ((slash - ones) & ~slash) | ((w - ones * 0x20) & ~w);
+    if (ascii) {
+      uint64_t del = w ^ (ones * 0x7f);
+      hit |= w | ((del - ones) & ~del);
+    }
+    hit &= highs;
+    if (hit) return i + static_cast<size_t>(std::countr_zero(hit) >> 3);
+    i += 8;
+  }
+  for (; i < n; ++i) {
+    unsigned char c = s[i];
+    if (c < 0x20 || c == '"' || c == '\\' || (ascii && c >= 0x7f)) break;
+  }
+  return i;
+}
+
 static void json_string(std::string& out, std::string_view s, bool ensure_ascii) {
   out += '"';
   static const char* hex = "0123456789abcdef";
@@ -346,12 +375,10 @@ static void json_string(std::string& out, std::string_view s, bool ensure_ascii)
   auto flush = [&]() {
     if (i > run) out.append(s.data() + run, i - run);
   };
-  while (i < s.size()) {
+  while (true) {
+    i = plain_run(s, i, ensure_ascii);
+    if (i >= s.size()) break;
     unsigned char c = s[i];
-    if (c >= 0x20 && c != '"' && c != '\\' && (c < 0x7f || (!ensure_ascii && c >= 0x80) || (c == 0x7f && !ensure_ascii))) {
-      ++i;
-      continue;
-    }
     flush();
     if (c >= 0x80) {
       size_t j = i + 1;
@@ -631,11 +658,18 @@ struct JsonReader {
   }
   std::string string() {
     ++p;  // opening quote
-    std::string s;
+    size_t run = p;
+    p = plain_run(t, p, false);
+    if (p < t.size() && t[p] == '"') {  // no escapes: one copy
+      std::string s(t.data() + run, p - run);
+      ++p;
+      return s;
+    }
+    std::string s(t.data() + run, p - run);
     while (true) {
       if (p >= t.size()) fail("unterminated string");
-      size_t run = p;
-      while (p < t.size() && t[p] != '"' && t[p] != '\\' && static_cast<unsigned char>(t[p]) >= 0x20) ++p;
+      run = p;
+      p = plain_run(t, p, false);
       s.append(t.data() + run, p - run);
       if (p >= t.size()) fail("unterminated string");
       char c = t[p++];
@@ -724,6 +758,11 @@ struct JsonReader {
     return v;
   }
 
+  // Children of the containers being parsed; each container takes its
+  // exact range at the end (one allocation, no regrowth).
+  std::vector<Value> items_stack;
+  std::vector<std::pair<Value, Value>> pairs_stack;
+
   Value value() {
     if (++depth > 1000) fail("nesting too deep");
     ws();
@@ -732,7 +771,7 @@ struct JsonReader {
     char c = t[p];
     if (c == '{') {
       ++p;
-      Dict d;
+      size_t base = pairs_stack.size();
       ws();
       if (p < t.size() && t[p] == '}') ++p;
       else {
@@ -744,28 +783,40 @@ struct JsonReader {
           if (p >= t.size() || t[p] != ':') fail("expecting ':' delimiter");
           ++p;
           Value v = value();
-          d.set(std::move(k), std::move(v));
+          size_t i = base;  // a repeated key keeps its first place and takes the last value, as in Python
+          while (i < pairs_stack.size() && pairs_stack[i].first.identity() != k.identity() &&
+                 pairs_stack[i].first.str() != k.str())
+            ++i;
+          if (i < pairs_stack.size()) pairs_stack[i].second = std::move(v);
+          else pairs_stack.emplace_back(std::move(k), std::move(v));
           ws();
           if (p < t.size() && t[p] == ',') { ++p; continue; }
           if (p < t.size() && t[p] == '}') { ++p; break; }
           fail("expecting ',' delimiter");
         }
       }
+      Dict d;
+      d.items.assign(std::make_move_iterator(pairs_stack.begin() + static_cast<ptrdiff_t>(base)),
+                     std::make_move_iterator(pairs_stack.end()));
+      pairs_stack.resize(base);
       out = Value(std::move(d));
     } else if (c == '[') {
       ++p;
-      List l;
+      size_t base = items_stack.size();
       ws();
       if (p < t.size() && t[p] == ']') ++p;
       else {
         while (true) {
-          l.push_back(value());
+          items_stack.push_back(value());
           ws();
           if (p < t.size() && t[p] == ',') { ++p; continue; }
           if (p < t.size() && t[p] == ']') { ++p; break; }
           fail("expecting ',' delimiter");
         }
       }
+      List l(std::make_move_iterator(items_stack.begin() + static_cast<ptrdiff_t>(base)),
+             std::make_move_iterator(items_stack.end()));
+      items_stack.resize(base);
       out = Value(std::move(l));
     } else if (c == '"') {
       out = Value(string());

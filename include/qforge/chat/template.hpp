@@ -39,9 +39,8 @@ struct RenderOptions {
   // local time, as Python's datetime.now().
   int64_t now = -1;
   RenderLimits limits;
-  // Optional, for many renders sharing values (a batch with the same tools):
-  // tojson results of the same list/dict are reused. Not thread-safe: one
-  // per thread. Holds references to the values it has seen.
+  // Set by the batch renderers (apply_chat_template_batch*): tojson of the
+  // values the batch shares, kept across its renders on one thread.
   RenderCache* cache = nullptr;
   size_t reserve = 0;  // expected output size (bytes), to size the buffer once
 };
