@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import inspect
 import json
+import marshal
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -25,8 +26,8 @@ _apply = declare(
     ctypes.POINTER(ctypes.c_int64), ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t),
 )
 _batch = declare(
-    "qf_chat_apply_batch", _p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int64,
-    ctypes.c_int, ctypes.POINTER(_p), ctypes.POINTER(ctypes.c_int64), ctypes.c_size_t, ctypes.c_int,
+    "qf_chat_apply_batch", _p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int,
+    ctypes.c_int64, ctypes.c_int, ctypes.POINTER(_p), ctypes.POINTER(ctypes.c_int64), ctypes.c_size_t, ctypes.c_int,
 )
 _render = declare("qf_chat_template_render", _p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int64, ctypes.POINTER(_p))
 _parse = declare("qf_chat_parse_tool_calls", ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.POINTER(_p))
@@ -66,6 +67,19 @@ def _take(handle: ctypes.c_void_p) -> str:
         return ctypes.string_at(ptr, n.value).decode("utf-8")
     finally:
         _buf_free(handle)
+
+
+_CHAT_JSON, _CHAT_MARSHAL = 0, 1
+
+
+def _conversations(conversations: Sequence[Sequence[dict]]) -> tuple[bytes, int]:
+    """The conversations as marshal data (4x faster to write than JSON), or as
+    JSON when they hold types marshal cannot write (dict subclasses, ...)."""
+    items = [list(c) for c in conversations]
+    try:
+        return marshal.dumps(items, 4), _CHAT_MARSHAL
+    except ValueError:
+        return _json(items), _CHAT_JSON
 
 
 def _json(obj: Any) -> bytes:
@@ -164,15 +178,20 @@ class ChatTemplate:
             **kwargs,
         }
         raw_shared = _json(shared)
-        raw_convs = _json([list(c) for c in conversations])
+        raw_convs, fmt = _conversations(conversations)
         n = len(conversations)
         offsets = (ctypes.c_int64 * (n + 1))()
         out = ctypes.c_void_p()
-        _call(_batch(self._handle, raw_shared, len(raw_shared), raw_convs, len(raw_convs),
-                     -1 if now is None else int(now), int(threads), ctypes.byref(out), offsets, n + 1, 1))
-        text = _take(out)  # one decode, then slices by code point offsets
-        bounds = offsets[:]
-        return [text[bounds[i]:bounds[i + 1]] for i in range(n)]
+        _call(_batch(self._handle, raw_shared, len(raw_shared), raw_convs, len(raw_convs), fmt,
+                     -1 if now is None else int(now), int(threads), ctypes.byref(out), offsets, n + 1, 0))
+        size = ctypes.c_size_t()
+        ptr = _buf_data(out, ctypes.byref(size))
+        try:  # each output decoded from its byte range (no n-times larger str of everything)
+            data = memoryview((ctypes.c_char * size.value).from_address(ptr)) if size.value else memoryview(b"")
+            bounds = offsets[:]
+            return [str(data[bounds[i]:bounds[i + 1]], "utf-8") for i in range(n)]
+        finally:
+            _buf_free(out)
 
     def render(self, now: int | None = None, **variables) -> str:
         """Render with exactly these template variables."""

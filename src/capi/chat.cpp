@@ -57,8 +57,8 @@ int qf_chat_apply_template(const qf_chat_template* tmpl, const char* request_jso
 }
 
 int qf_chat_apply_batch(const qf_chat_template* tmpl, const char* shared_json, size_t shared_len,
-                        const char* conversations_json, size_t conversations_len, int64_t now, int threads,
-                        qf_chat_buffer** texts, int64_t* offsets, size_t offsets_len, int code_points) {
+                        const char* conversations, size_t conversations_len, int conversations_format, int64_t now,
+                        int threads, qf_chat_buffer** texts, int64_t* offsets, size_t offsets_len, int code_points) {
   return qforge::capi::guard([&] {
     QF_CHECK(tmpl && texts && offsets, "qf_chat_apply_batch: tmpl, texts and offsets must not be NULL");
     *texts = nullptr;
@@ -66,8 +66,19 @@ int qf_chat_apply_batch(const qf_chat_template* tmpl, const char* shared_json, s
     QF_CHECK(shared.is_dict(), "qf_chat_apply_batch: shared request must be a JSON object");
     if (!shared.get("messages")) shared.set("messages", qforge::chat::Value(qforge::chat::List{}));
     auto req = qforge::chat::chat_request_from_json(shared);
-    auto results = qforge::chat::apply_chat_template_batch_json(
-        tmpl->tmpl, req, view(conversations_json, conversations_len), options(now), threads);
+    QF_CHECK(conversations_format == QF_CHAT_JSON || conversations_format == QF_CHAT_MARSHAL,
+             "qf_chat_apply_batch: conversations_format must be QF_CHAT_JSON or QF_CHAT_MARSHAL, got ",
+             conversations_format);
+    std::vector<qforge::chat::ChatRendered> results;
+    if (conversations_format == QF_CHAT_JSON) {
+      results = qforge::chat::apply_chat_template_batch_json(tmpl->tmpl, req, view(conversations, conversations_len),
+                                                             options(now), threads);
+    } else {
+      auto list = qforge::chat::marshal_loads(view(conversations, conversations_len));
+      QF_CHECK(list.is_sequence(), "qf_chat_apply_batch: conversations must be a list of message lists, got ",
+               list.type_name());
+      results = qforge::chat::apply_chat_template_batch(tmpl->tmpl, req, list.list(), options(now), threads);
+    }
     QF_CHECK(offsets_len == results.size() + 1, "qf_chat_apply_batch: offsets needs ", results.size() + 1,
              " entries, got ", offsets_len);
     size_t total = 0;
