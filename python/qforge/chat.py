@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from qforge._lib import check, declare, lib
+from qforge._lib import check, declare
 
 _p = ctypes.c_void_p
 _compile = declare("qf_chat_template_compile", ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(_p))

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <thread>
 
 #include "qforge/chat/apply.hpp"
 #include "qforge/chat/template.hpp"
@@ -105,6 +106,53 @@ TEST(ChatValue, JsonRoundTripKeepsOrderAndPythonSpacing) {
   EXPECT_EQ(py_repr(v), R"({'b': [1, 2.0, 'é\n'], 'a': {'x': None, 'y': True}, 'e': {}, 'l': []})");
   EXPECT_THROW(json_loads("{\"a\": }"), qforge::InvalidArgument);
   EXPECT_THROW(json_loads("[1, 2"), qforge::InvalidArgument);
+}
+
+TEST(ChatValue, MarshalReadsPythonsVersion4Data) {
+  // marshal.dumps([{'role': 'user', 'content': 'héhé', 'n': 1, 'f': 1.5, 't': True, 'x': None,
+  //                 'big': 2**70, 'neg': -5, 'tup': (1, 'a'), 'again': 'user'}], 4)
+  const std::string data(
+      "\x5b\x01\x00\x00\x00\x7b\xda\x04\x72\x6f\x6c\x65\xda\x04\x75\x73\x65\x72\xda\x07\x63\x6f\x6e\x74"
+      "\x65\x6e\x74\xf5\x06\x00\x00\x00\x68\xc3\xa9\x68\xc3\xa9\xda\x01\x6e\xe9\x01\x00\x00\x00\xda\x01"
+      "\x66\xe7\x00\x00\x00\x00\x00\x00\xf8\x3f\xda\x01\x74\x54\xda\x01\x78\x4e\xda\x03\x62\x69\x67\x6c"
+      "\x05\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x04\xda\x03\x6e\x65\x67\xe9\xfb\xff\xff\xff"
+      "\xda\x03\x74\x75\x70\xa9\x02\x72\x05\x00\x00\x00\xda\x01\x61\xda\x05\x61\x67\x61\x69\x6e\x72\x01"
+      "\x00\x00\x00\x30",
+      124);
+  Value v = marshal_loads(data);
+  ASSERT_TRUE(v.is_list());
+  const Value& m = v.list()[0];
+  EXPECT_EQ(py_repr(m),
+            "{'role': 'user', 'content': 'h\xc3\xa9h\xc3\xa9', 'n': 1, 'f': 1.5, 't': True, 'x': None, "
+            "'big': 1.1805916207174113e+21, 'neg': -5, 'tup': (1, 'a'), 'again': 'user'}");
+  EXPECT_EQ(m.get("again")->identity(), m.get("role")->identity());  // a back-reference shares the object
+  EXPECT_THROW(marshal_loads(data.substr(0, 40)), qforge::InvalidArgument);
+  EXPECT_THROW(marshal_loads(std::string("s\x01\x00\x00\x00x", 6)), qforge::InvalidArgument);  // bytes
+  EXPECT_THROW(marshal_loads(std::string("r\x00\x00\x00\x00", 5)), qforge::InvalidArgument);  // dangling ref
+  EXPECT_THROW(marshal_loads("NN"), qforge::InvalidArgument);
+}
+
+TEST(ChatValue, DeepCopySharesNothing) {
+  Value v = json_loads(R"([{"a": [1, "x", {"b": null}]}, "s"])");
+  Value c = deep_copy(v);
+  EXPECT_EQ(json_dumps(c), json_dumps(v));
+  EXPECT_NE(c.identity(), v.identity());
+  EXPECT_NE(c.list()[0].get("a")->identity(), v.list()[0].get("a")->identity());
+  EXPECT_NE(c.list()[1].identity(), v.list()[1].identity());
+}
+
+TEST(ChatEngine, OneTemplateRendersOnManyThreads) {
+  // constants and builtins are immortal: threads share them without counting
+  Template t("{% for m in messages %}{{ m.role + ': ' + m.content | trim }}{{ range(2) | list }}{% endfor %}");
+  std::vector<std::string> outs(8);
+  std::vector<std::thread> pool;
+  for (int k = 0; k < 8; ++k)
+    pool.emplace_back([&, k] {
+      for (int i = 0; i < 2000; ++i)
+        outs[k] = t.render(json_loads(R"({"messages": [{"role": "user", "content": " hi "}]})"));
+    });
+  for (auto& th : pool) th.join();
+  for (auto& o : outs) EXPECT_EQ(o, "user: hi[0, 1]");
 }
 
 TEST(ChatEngine, WhitespaceControlAsJinja2) {
