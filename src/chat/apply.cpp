@@ -163,10 +163,12 @@ std::vector<ChatRendered> render_batch(const Template& tmpl, const ChatRequest& 
     RenderOptions o = opt;
     o.cache = &cache;
     ChatRequest req;
-    try {  // values are counted without atomics: every thread gets its own copy
-      req.tools = threads > 1 ? deep_copy(shared.tools) : shared.tools;
-      req.documents = threads > 1 ? deep_copy(shared.documents) : shared.documents;
-      req.kwargs = threads > 1 ? deep_copy(shared.kwargs) : shared.kwargs;
+    // values are counted without atomics: with several threads each gets its own copy
+    auto own = [&](const Value& v) { return threads > 1 ? deep_copy(v) : v; };
+    try {
+      req.tools = own(shared.tools);
+      req.documents = own(shared.documents);
+      req.kwargs = own(shared.kwargs);
     } catch (...) {
       errors[t] = std::current_exception();
       failed_at[t] = 0;

@@ -6,7 +6,6 @@
 #include <charconv>
 #include <cmath>
 #include <cstring>
-#include <unordered_map>
 
 #include "qforge/error.hpp"
 
@@ -49,13 +48,8 @@ Value::Value(List l, Kind k) : kind_(k), p_(new impl::ListObj(std::move(l))) { p
 Value::Value(Dict d, Kind k) : kind_(k), p_(new impl::DictObj(std::move(d))) { p_->refs = 1; }
 
 Value Value::undefined(std::string hint) {
-  Value v;
+  Value v(std::move(hint));  // the hint is held like a string
   v.kind_ = Kind::Undefined;
-  v.p_ = nullptr;
-  if (!hint.empty()) {
-    v.p_ = new impl::StrObj(std::move(hint));
-    v.p_->refs = 1;
-  }
   return v;
 }
 Value Value::dict() { return Value(Dict{}); }
