@@ -5,6 +5,7 @@
 #include <cstring>
 #include <exception>
 #include <thread>
+#include <utility>
 
 #include "jinja_rt.hpp"
 
@@ -108,21 +109,24 @@ ChatRendered apply_chat_template(const Template& tmpl, const ChatRequest& req, c
     chat.back() = std::move(last);
   }
 
+  static const Value* const keys = [] {  // shared by every render: immortal
+    static const Value k[] = {Value("messages"), Value("tools"), Value("documents"), Value("add_generation_prompt")};
+    for (auto& v : k) v.make_immortal();
+    return k;
+  }();
   Dict vars;
   vars.items.reserve(4 + req.kwargs.dict_ref().items.size());
+  vars.items.emplace_back(keys[0], Value(std::move(chat)));
+  vars.items.emplace_back(keys[1], req.tools);
+  vars.items.emplace_back(keys[2], req.documents);
+  vars.items.emplace_back(keys[3], Value(req.add_generation_prompt));
+  for (auto& kv : req.kwargs.dict_ref().items) {  // unique keys (a dict's), none of the four above
+    QF_CHECK(kv.first.is_string(), "template kwargs must have string keys");
+    QF_CHECK(!std::as_const(vars).find(std::string_view(kv.first.str())), "render() got multiple values for keyword argument '",
+             kv.first.str(), "'");
+    vars.items.emplace_back(kv.first, kv.second);
+  }
   Value ctx(std::move(vars));
-  ctx.set("messages", Value(std::move(chat)));
-  ctx.set("tools", req.tools);
-  ctx.set("documents", req.documents);
-  ctx.set("add_generation_prompt", Value(req.add_generation_prompt));
-  if (req.kwargs.is_dict())
-    for (auto& kv : req.kwargs.dict_ref().items) {
-      QF_CHECK(kv.first.is_string(), "template kwargs must have string keys");
-      const std::string& k = kv.first.str();
-      QF_CHECK(k != "messages" && k != "tools" && k != "documents" && k != "add_generation_prompt",
-               "render() got multiple values for keyword argument '", k, "'");
-      ctx.set(kv.first, kv.second);
-    }
   RenderResult r = tmpl.render_tracked(ctx, opt);
   ChatRendered out{std::move(r.text), {}};
   // Python string indices into the text as rendered (before any continue_final_message cut, as transformers)

@@ -29,7 +29,7 @@ struct Node {
   NK kind;
   int line = 0, col = 0;
   Op op = Op::Add;
-  bool flag = false;   // Test: negated; For: has filter; Slice parts present...
+  bool flag = false;   // Test: negated; For: has filter; Getattr: a dict method name; ...
   int sym = -1;        // Name: symbol id; Filter/Test: builtin id
   std::string name;    // identifier / attribute / filter / test / text
   Value value;         // Const
@@ -44,7 +44,17 @@ struct Program {
   NodePtr root;
   std::vector<std::string> symbols;            // id -> name
   std::unordered_map<std::string, int> sym_ids;
+  // Set once compiled, read by every render:
+  std::vector<std::pair<int, Value>> builtins;  // the global functions the template names (immortal)
+  int loop_sym = -1;                            // `loop`, or -1 when no loop object is ever read
   int sym(const std::string& name);
+  // The symbol id of `name`, -1 when the template never uses it: one hash of
+  // the bytes and a probe, for the context's keys on every render.
+  int find_sym(std::string_view name) const;
+  void finish();  // builds the lookup table (after the last sym())
+
+ private:
+  std::vector<int> table_;  // open addressing: symbol ids, -1 empty
 };
 
 // Builds the program from source; throws TemplateError.
@@ -53,6 +63,13 @@ std::shared_ptr<Program> compile_template(std::string_view source);
 // Ids of builtin filters/tests (resolved at parse time; -1 = unknown).
 int filter_id(std::string_view name);
 int test_id(std::string_view name);
+
+// Whether `obj.name` on a dict names a method rather than an item (dict
+// methods and dunders shadow keys).
+bool is_dict_method(std::string_view name);
+
+// Resolves the global functions (range, namespace, ...) a program names.
+void link_builtins(Program& prog);
 
 [[noreturn]] void raise(const char* kind, std::string message, int line = 0, int col = 0);
 

@@ -990,6 +990,15 @@ bool has_method(const Value& obj, const std::string& name) {
   }
 }
 
+bool is_dict_method(std::string_view name) {
+  static const Value dict = [] {
+    Value d = Value::dict();
+    d.make_immortal();
+    return d;
+  }();
+  return has_method(dict, std::string(name));
+}
+
 Value BoundMethod::call(Interp& in, Args& args, const Node& at) {
   if (self.is_native()) {
     if (auto* c = dynamic_cast<CyclerObj*>(self.native())) {
@@ -1302,7 +1311,7 @@ struct Builtin : Callable {
 
 }  // namespace
 
-void install_globals(Interp&, const Program& prog, Frame& globals) {
+void link_builtins(Program& prog) {
   static const std::pair<const char*, Builtin::Id> table[] = {
       {"range", Builtin::Range}, {"dict", Builtin::DictFn}, {"namespace", Builtin::NamespaceFn},
       {"raise_exception", Builtin::RaiseException}, {"strftime_now", Builtin::StrftimeNow},
@@ -1313,9 +1322,10 @@ void install_globals(Interp&, const Program& prog, Frame& globals) {
     for (auto& x : v) x.make_immortal();
     return v;
   }();
+  prog.builtins.clear();
   for (size_t i = 0; i < std::size(table); ++i) {
-    auto it = prog.sym_ids.find(table[i].first);
-    if (it != prog.sym_ids.end()) globals.set(it->second, fns[i]);
+    int sym = prog.find_sym(table[i].first);
+    if (sym >= 0) prog.builtins.emplace_back(sym, fns[i]);
   }
 }
 

@@ -485,12 +485,51 @@ Value Interp::binop(Op op, const Value& a, const Value& b, const Node& at) {
 // The value of `n` without copying it when it is a variable or a constant
 // (the frame / node outlives the use); otherwise evaluated into `tmp`.
 const Value& Interp::ref(const Node& n, Frame& f, Value& tmp) {
-  if (n.kind == NK::Const) return n.value;
-  if (n.kind == NK::Name) {
-    if (Value* v = f.find(n.sym)) return *v;
-    return n.value;
+  switch (n.kind) {
+    case NK::Const: return n.value;
+    case NK::Name:
+      if (Value* v = f.find(n.sym)) return *v;
+      return n.value;
+    case NK::Getattr:
+    case NK::Getitem: return ref_item(n, f, tmp);
+    default: tmp = eval(n, f); return tmp;
   }
-  tmp = eval(n, f);
+}
+
+// obj.name, obj['key'] and obj[i] read in place when obj is a dict or a list
+// (immutable in the sandbox: the item lives as long as obj does); the general
+// rules of getattr/getitem otherwise.
+const Value& Interp::ref_item(const Node& n, Frame& f, Value& tmp) {
+  const Node* key = n.kind == NK::Getitem ? n.args[1].get() : nullptr;
+  const Value& obj = ref(*n.args[0], f, tmp);
+  const Value* hit = nullptr;
+  if (!key) {
+    if (obj.is_dict() && !n.flag) hit = obj.dict_ref().find(std::string_view(n.name));
+  } else if (key->kind == NK::Const) {
+    const Value& k = key->value;
+    if (k.is_string() && obj.is_dict()) {
+      hit = obj.dict_ref().find(std::string_view(k.str()));
+    } else if (k.is_int() && obj.is_sequence()) {
+      const List& l = obj.list();
+      int64_t i = k.as_int(), size = static_cast<int64_t>(l.size());
+      if (i < 0) i += size;
+      if (i >= 0 && i < size) hit = &l[static_cast<size_t>(i)];
+    }
+  }
+  if (hit) {
+    if (&obj != &tmp) return *hit;
+    Value item = *hit;  // obj is the temporary: keep the item, drop obj
+    tmp = std::move(item);
+    return tmp;
+  }
+  if (!key) {
+    tmp = getattr(obj, n.name, n);
+  } else if (key->kind == NK::Slice) {
+    tmp = do_slice(*this, obj, *key, f);
+  } else {
+    Value ktmp;
+    tmp = getitem(obj, ref(*key, f, ktmp), n);
+  }
   return tmp;
 }
 
@@ -501,15 +540,12 @@ Value Interp::eval(const Node& n, Frame& f) {
       if (Value* v = f.find(n.sym)) return *v;
       return n.value;
     }
-    case NK::Getattr: {
-      Value tmp;
-      return getattr(ref(*n.args[0], f, tmp), n.name, n);
-    }
+    case NK::Getattr:
     case NK::Getitem: {
-      Value tmp, ktmp;
-      const Value& obj = ref(*n.args[0], f, tmp);
-      if (n.args[1]->kind == NK::Slice) return do_slice(*this, obj, *n.args[1], f);
-      return getitem(obj, ref(*n.args[1], f, ktmp), n);
+      Value tmp;
+      const Value& item = ref_item(n, f, tmp);
+      if (&item == &tmp) return tmp;
+      return item;
     }
     case NK::Call: {
       const Node& callee = *n.args[0];
@@ -763,8 +799,7 @@ Interp::Flow Interp::exec(const std::vector<NodePtr>& body, Frame& f, std::strin
         }
         if (++depth > opt.limits.max_call_depth) fail("RecursionError", "blocks nested too deeply", n);
         loop->length = static_cast<int64_t>(items.size());
-        int loop_sym = -1;
-        if (auto it = prog.sym_ids.find("loop"); it != prog.sym_ids.end()) loop_sym = it->second;
+        const int loop_sym = prog.loop_sym;
         for (size_t i = 0; i < items.size(); ++i) {
           tick(n);
           loop->index0 = static_cast<int64_t>(i);
@@ -840,12 +875,12 @@ RenderResult Template::render_tracked(const Value& context, const RenderOptions&
   Interp in(*program_, opt);
   auto globalsp = std::make_shared<Frame>();
   Frame& globals = *globalsp;
-  globals.vars.reserve(program_->symbols.size());
-  install_globals(in, *program_, globals);
+  globals.vars.reserve(program_->builtins.size() + context.dict_ref().items.size());
+  globals.vars = program_->builtins;
   for (auto& kv : context.dict_ref().items) {
     if (!kv.first.is_string()) continue;
-    auto it = program_->sym_ids.find(kv.first.str());
-    if (it != program_->sym_ids.end()) globals.set(it->second, kv.second);
+    int sym = program_->find_sym(kv.first.str());
+    if (sym >= 0) globals.set(sym, kv.second);
   }
   auto top = std::make_shared<Frame>();
   top->vars.reserve(8);

@@ -145,6 +145,7 @@ class Interp {
 
   Value eval(const Node& n, Frame& f);
   const Value& ref(const Node& n, Frame& f, Value& tmp);
+  const Value& ref_item(const Node& n, Frame& f, Value& tmp);  // obj.name, obj[key]
   enum class Flow { Normal, Break, Continue };
   Flow exec(const std::vector<NodePtr>& body, Frame& f, std::string& out);
   void emit_sum(const Node& e, Frame& f, std::string& out);
@@ -177,7 +178,6 @@ bool apply_test(Interp& in, int id, const std::string& name, const Value& v, Arg
 // obj.name(args) for str/list/dict methods; found=false when obj has no such method.
 Value call_method(Interp& in, const Value& obj, const std::string& name, Args& args, const Node& at, bool& found);
 bool has_method(const Value& obj, const std::string& name);
-void install_globals(Interp& in, const Program& prog, Frame& globals);
 std::string object_type_repr(const Value& v);
 std::string html_escape(const std::string& s);  // markupsafe.escape
 

@@ -100,7 +100,7 @@ Value deep_copy(const Value& v) {
   }
 }
 
-bool Value::truthy() const {
+bool Value::truthy_slow() const {
   switch (kind_) {
     case Kind::Undefined:
     case Kind::None: return false;
@@ -160,8 +160,7 @@ Value* Dict::find(const Value& key) { return const_cast<Value*>(static_cast<cons
 const Value* Dict::find(std::string_view key) const {
   for (auto& kv : items) {
     if (!kv.first.is_string()) continue;
-    const std::string& k = kv.first.str();
-    if (k.size() == key.size() && std::memcmp(k.data(), key.data(), key.size()) == 0) return &kv.second;
+    if (same_string(kv.first.str(), key)) return &kv.second;
   }
   return nullptr;
 }
@@ -174,7 +173,7 @@ void Dict::set(Value key, Value v) {
 }
 
 static bool py_equal_rec(const Value& a, const Value& b, int depth);
-bool py_equal(const Value& a, const Value& b) { return py_equal_rec(a, b, 0); }
+bool py_equal_slow(const Value& a, const Value& b) { return py_equal_rec(a, b, 0); }
 
 static bool py_equal_rec(const Value& a, const Value& b, int depth) {
   QF_CHECK(depth < 1000, "maximum recursion depth exceeded in comparison");
@@ -186,7 +185,7 @@ static bool py_equal_rec(const Value& a, const Value& b, int depth) {
   switch (a.kind()) {
     case Kind::Undefined:
     case Kind::None: return true;
-    case Kind::String: return a.str() == b.str();
+    case Kind::String: return same_string(a.str(), b.str());
     case Kind::List:
     case Kind::Tuple: {
       auto& x = a.list();

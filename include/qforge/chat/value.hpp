@@ -12,6 +12,7 @@
 // counted), so one Template renders on many threads at once.
 #pragma once
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -140,7 +141,7 @@ class Value {
   const void* identity() const { return owns() ? p_ : nullptr; }
 
   // Python truthiness (Undefined is falsy).
-  bool truthy() const;
+  bool truthy() const { return kind_ == Kind::Bool ? i_ != 0 : truthy_slow(); }
 
   // Dict helpers: lookup by string key (nullptr when absent); set keeps order.
   const Value* get(std::string_view key) const;
@@ -156,6 +157,7 @@ class Value {
   void make_immortal() const;
 
  private:
+  bool truthy_slow() const;
   bool owns() const { return (kind_ >= Kind::String || kind_ == Kind::Undefined) && p_; }
   Kind kind_;
   bool markup_ = false;
@@ -207,8 +209,31 @@ inline const Dict& Value::dict_ref() const {
 // A copy sharing nothing with `v` (for handing values to another thread).
 Value deep_copy(const Value& v);
 
+// Byte equality of two short runs, without a call: dict keys and the strings
+// templates compare are a few bytes long.
+inline bool same_bytes(const char* a, const char* b, size_t n) {
+  auto load8 = [](const char* p) { uint64_t w; std::memcpy(&w, p, 8); return w; };
+  auto load4 = [](const char* p) { uint32_t w; std::memcpy(&w, p, 4); return w; };
+  if (n >= 8) {
+    for (size_t i = 0; i + 8 < n; i += 8)
+      if (load8(a + i) != load8(b + i)) return false;
+    return load8(a + n - 8) == load8(b + n - 8);
+  }
+  if (n >= 4) return load4(a) == load4(b) && load4(a + n - 4) == load4(b + n - 4);
+  for (size_t i = 0; i < n; ++i)
+    if (a[i] != b[i]) return false;
+  return true;
+}
+inline bool same_string(std::string_view a, std::string_view b) {
+  return a.size() == b.size() && same_bytes(a.data(), b.data(), a.size());
+}
+
 // Python == between values (1 == 1.0 == True, deep for lists/dicts).
-bool py_equal(const Value& a, const Value& b);
+bool py_equal_slow(const Value& a, const Value& b);
+inline bool py_equal(const Value& a, const Value& b) {
+  if (a.is_string() && b.is_string()) return same_string(a.str(), b.str());
+  return py_equal_slow(a, b);
+}
 
 // json.dumps(v, ensure_ascii, indent, separators, sort_keys). indent: nullptr
 // for None, else the per-level indent string (Python turns an int n into n
