@@ -523,6 +523,32 @@ std::string indent(const std::string& s0, const Value* width, bool first, bool b
 int filter_id(std::string_view name) { return lookup(kFilters, std::size(kFilters), name); }
 int test_id(std::string_view name) { return lookup(kTests, std::size(kTests), name); }
 
+bool filter_view(const Node& n, const Value& input, std::string_view& piece) {
+  if (n.sym != F_TRIM || n.args.size() != 1 || !n.kwargs.empty() || !input.is_string() || input.is_markup()) return false;
+  piece = strip(input.str(), nullptr, true, true);
+  return true;
+}
+
+bool emit_filter(Interp& in, const Node& n, const Value& v, std::string& out) {
+  if (n.args.size() != 1 || !n.kwargs.empty()) return false;
+  std::string_view piece;
+  if (filter_view(n, v, piece)) {
+    out += piece;
+    return true;
+  }
+  if (n.sym != F_TOJSON) return false;
+  const RenderCache* cache = in.opt.cache;
+  if (cache && (v.is_dict() || v.is_list()) && cache->shared.count(v.identity())) return false;  // cached
+  try {
+    json_dumps_to(out, v);
+  } catch (const TemplateError&) {
+    throw;
+  } catch (const InvalidArgument& e) {
+    in.fail("TypeError", e.what(), n);
+  }
+  return true;
+}
+
 Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& args, const Node& at) {
   switch (id) {
     case F_TOJSON: {

@@ -20,7 +20,11 @@ struct MacroObj : Callable {
     if (++in.depth > in.opt.limits.max_call_depth) in.fail("RecursionError", "maximum macro recursion depth exceeded", at);
     auto frame = std::make_shared<Frame>();
     frame->parent = closure;
-    ClearOnExit clear_frame{*frame};
+    frame->up = closure.get();
+    struct ClearOnExit {  // see Scope
+      Frame& f;
+      ~ClearOnExit() { f.vars.clear(); }
+    } clear_frame{*frame};
     auto& params = def->kwargs;
     if (args.pos.size() > params.size() && !catch_varargs)
       in.fail("TypeError", detail::concat("macro '", name, "' takes not more than ", params.size(), " argument(s)"), at);
@@ -572,14 +576,7 @@ Value Interp::eval(const Node& n, Frame& f) {
       collect();
       return call(fn, args, n);
     }
-    case NK::Filter: {
-      Value input = eval(*n.args[0], f);
-      Args args;
-      for (size_t i = 1; i < n.args.size(); ++i) args.pos.push_back(eval(*n.args[i], f));
-      for (auto& kv : n.kwargs) args.kw.emplace_back(kv.first, eval(*kv.second, f));
-      if (n.sym < 0) fail("TemplateRuntimeError", detail::concat("No filter named '", n.name, "' found."), n);
-      return apply_filter(*this, n.sym, n.name, std::move(input), args, n);
-    }
+    case NK::Filter: return apply_filter_node(n, eval(*n.args[0], f), f);
     case NK::Test: {
       Value vtmp;
       const Value& v = ref(*n.args[0], f, vtmp);
@@ -666,6 +663,14 @@ Value Interp::eval(const Node& n, Frame& f) {
   }
 }
 
+Value Interp::apply_filter_node(const Node& n, Value input, Frame& f) {
+  Args args;
+  for (size_t i = 1; i < n.args.size(); ++i) args.pos.push_back(eval(*n.args[i], f));
+  for (auto& kv : n.kwargs) args.kw.emplace_back(kv.first, eval(*kv.second, f));
+  if (n.sym < 0) fail("TemplateRuntimeError", detail::concat("No filter named '", n.name, "' found."), n);
+  return apply_filter(*this, n.sym, n.name, std::move(input), args, n);
+}
+
 // -------------------------------------------------------------- statements
 // {% set x | f | g %} / {% filter f | g %}: the chain's innermost input is the
 // captured block text.
@@ -702,16 +707,35 @@ void Interp::emit_sum(const Node& e, Frame& f, std::string& out) {
   }
   leaves[n++] = cur;
   Value tmp[kMax];
-  const Value* vals[kMax];
+  const Value* vals[kMax];    // nullptr: pieces[i] is a trimmed view
+  std::string_view pieces[kMax];
   bool plain = true;
   for (size_t i = 0; i < n; ++i) {
-    vals[i] = &ref(*leaves[n - 1 - i], f, tmp[i]);
-    plain = plain && vals[i]->is_string() && !vals[i]->is_markup();
+    const Node& leaf = *leaves[n - 1 - i];
+    if (leaf.kind == NK::Filter) {
+      const Value& input = ref(*leaf.args[0], f, tmp[i]);
+      if (filter_view(leaf, input, pieces[i])) {
+        vals[i] = nullptr;
+        continue;
+      }
+      Value result = apply_filter_node(leaf, input, f);
+      tmp[i] = std::move(result);
+      vals[i] = &tmp[i];
+    } else {
+      vals[i] = &ref(leaf, f, tmp[i]);
+    }
+    if (vals[i]->is_string() && !vals[i]->is_markup()) pieces[i] = vals[i]->str();
+    else plain = false;
   }
   if (plain) {
-    for (size_t i = 0; i < n; ++i) out += vals[i]->str();
+    for (size_t i = 0; i < n; ++i) out += pieces[i];
     return;
   }
+  for (size_t i = 0; i < n; ++i)
+    if (!vals[i]) {
+      tmp[i] = Value(pieces[i]);
+      vals[i] = &tmp[i];
+    }
   Value acc = *vals[0];
   for (size_t i = 1; i < n; ++i) acc = binop(Op::Add, acc, *vals[i], *adds[n - 1 - i]);
   py_str_to(out, acc);
@@ -758,7 +782,11 @@ Interp::Flow Interp::exec(const std::vector<NodePtr>& body, Frame& f, std::strin
         else if (e.kind == NK::Concat)
           for (auto& a : e.args) py_str_to(out, eval(*a, f));
         else if (e.kind == NK::BinOp && e.op == Op::Add) emit_sum(e, f, out);
-        else {
+        else if (e.kind == NK::Filter) {
+          Value tmp;
+          const Value& input = ref(*e.args[0], f, tmp);
+          if (!emit_filter(*this, e, input, out)) py_str_to(out, apply_filter_node(e, input, f));
+        } else {
           Value tmp;
           py_str_to(out, ref(e, f, tmp));
         }
@@ -777,11 +805,9 @@ Interp::Flow Interp::exec(const std::vector<NodePtr>& body, Frame& f, std::strin
         Value loopv(loop);
         List& items = loop->items;
         iterate(seq, items, n);
-        auto framep = std::make_shared<Frame>();
-        Frame& frame = *framep;
+        Scope scope(prog.has_macros, &f);
+        Frame& frame = scope.frame;
         frame.vars.reserve(4);
-        frame.parent = f.shared_from_this();
-        ClearOnExit clear_frame{frame};
         if (n.flag) {
           List kept;
           for (auto& it : items) {
@@ -873,8 +899,8 @@ Template::Template(std::string_view source) : program_(compile_template(source))
 RenderResult Template::render_tracked(const Value& context, const RenderOptions& opt) const {
   QF_CHECK(context.is_dict() || context.is_none(), "template context must be a dict, got ", context.type_name());
   Interp in(*program_, opt);
-  auto globalsp = std::make_shared<Frame>();
-  Frame& globals = *globalsp;
+  Scope global_scope(program_->has_macros, nullptr);
+  Frame& globals = global_scope.frame;
   globals.vars.reserve(program_->builtins.size() + context.dict_ref().items.size());
   globals.vars = program_->builtins;
   for (auto& kv : context.dict_ref().items) {
@@ -882,15 +908,13 @@ RenderResult Template::render_tracked(const Value& context, const RenderOptions&
     int sym = program_->find_sym(kv.first.str());
     if (sym >= 0) globals.set(sym, kv.second);
   }
-  auto top = std::make_shared<Frame>();
-  top->vars.reserve(8);
-  top->parent = globalsp;
-  ClearOnExit clear_top{*top}, clear_globals{globals};
+  Scope top(program_->has_macros, &globals);
+  top.frame.vars.reserve(8);
   RenderResult res;
   res.text.reserve(opt.reserve ? opt.reserve : 1024);
   in.generation = &res.generation;
   in.root_out = &res.text;
-  in.exec(program_->root->body, *top, res.text);
+  in.exec(program_->root->body, top.frame, res.text);
   return res;
 }
 

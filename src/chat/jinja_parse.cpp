@@ -1121,13 +1121,15 @@ class Parser {
 }  // namespace
 
 // Constants are read by every thread that renders the template: never counted.
-static void make_constants_immortal(const Node& n) {
+// Constants become immortal (threads share them); notes whether closures exist.
+static void seal(const Node& n, Program& prog) {
   n.value.make_immortal();
+  if (n.kind == NK::Macro || n.kind == NK::CallBlock) prog.has_macros = true;
   for (auto* v : {&n.args, &n.body, &n.orelse})
     for (auto& c : *v)
-      if (c) make_constants_immortal(*c);
+      if (c) seal(*c, prog);
   for (auto& kv : n.kwargs)
-    if (kv.second) make_constants_immortal(*kv.second);
+    if (kv.second) seal(*kv.second, prog);
 }
 
 std::shared_ptr<Program> compile_template(std::string_view source) {
@@ -1136,7 +1138,7 @@ std::shared_ptr<Program> compile_template(std::string_view source) {
   Lexer lex(source);
   Parser parser(lex.run(), *prog);
   prog->root = parser.parse_template();
-  make_constants_immortal(*prog->root);
+  seal(*prog->root, *prog);
   prog->finish();
   return prog;
 }

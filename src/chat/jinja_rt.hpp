@@ -13,9 +13,10 @@ namespace qforge::chat {
 
 struct Frame : std::enable_shared_from_this<Frame> {
   std::vector<std::pair<int, Value>> vars;
-  std::shared_ptr<Frame> parent;
+  Frame* up = nullptr;            // the enclosing scope, for lookups
+  std::shared_ptr<Frame> parent;  // owns `up` where closures may outlive it (templates with macros)
   Value* find(int sym) {
-    for (Frame* f = this; f; f = f->parent.get())
+    for (Frame* f = this; f; f = f->up)
       for (auto& kv : f->vars)
         if (kv.first == sym) return &kv.second;
     return nullptr;
@@ -31,11 +32,23 @@ struct Frame : std::enable_shared_from_this<Frame> {
   }
 };
 using FramePtr = std::shared_ptr<Frame>;
-// Macros hold their defining frame, frames hold macros: break that cycle
-// when a frame's scope ends (also on exceptions).
-struct ClearOnExit {
-  Frame& f;
-  ~ClearOnExit() { f.vars.clear(); }
+
+// A scope inside `up` (nullptr: the outermost). On the stack, unless the
+// template defines macros: a macro's closure keeps its defining scopes alive,
+// so there every scope is shared.
+struct Scope {
+  std::shared_ptr<Frame> shared;
+  Frame local;
+  Frame& frame;
+  Scope(bool closures, Frame* up) : frame(closures ? *(shared = std::make_shared<Frame>()) : local) {
+    frame.up = up;
+    if (closures && up) frame.parent = up->shared_from_this();
+  }
+  // Macros hold their defining frame, frames hold macros: break that cycle
+  // when the scope ends (also on exceptions).
+  ~Scope() { frame.vars.clear(); }
+  Scope(const Scope&) = delete;
+  Scope& operator=(const Scope&) = delete;
 };
 
 struct Args {
@@ -150,6 +163,7 @@ class Interp {
   Flow exec(const std::vector<NodePtr>& body, Frame& f, std::string& out);
   void emit_sum(const Node& e, Frame& f, std::string& out);
   Value filter_chain(const Node& last, Value v, Frame& f);
+  Value apply_filter_node(const Node& n, Value input, Frame& f);  // input | name(args...)
 
   // Python/jinja2 semantics shared with the builtins
   Value getattr(const Value& obj, const std::string& name, const Node& at);
@@ -174,6 +188,12 @@ class Interp {
 
 // Builtins (jinja_builtins.cpp)
 Value apply_filter(Interp& in, int id, const std::string& name, Value input, Args& args, const Node& at);
+// The filters a template emits most, without building their result:
+// `input | trim` of a plain string as a view into it (filter_view), and
+// `input | tojson` of a value not cached as shared, written straight to out
+// (emit_filter). Both return false when `n` is not such a case.
+bool filter_view(const Node& n, const Value& input, std::string_view& piece);
+bool emit_filter(Interp& in, const Node& n, const Value& input, std::string& out);
 bool apply_test(Interp& in, int id, const std::string& name, const Value& v, Args& args, const Node& at);
 // obj.name(args) for str/list/dict methods; found=false when obj has no such method.
 Value call_method(Interp& in, const Value& obj, const std::string& name, Args& args, const Node& at, bool& found);
