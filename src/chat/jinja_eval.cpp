@@ -130,9 +130,9 @@ static Value loop_attr(const LoopObj& l, const std::string& name, const Value& s
   if (name == "depth") return Value(int64_t(l.depth));
   if (name == "depth0") return Value(int64_t(l.depth - 1));
   if (name == "previtem")
-    return l.index0 > 0 ? l.items[l.index0 - 1] : Value::undefined("there is no previous item");
+    return l.index0 > 0 ? (*l.items)[l.index0 - 1] : Value::undefined("there is no previous item");
   if (name == "nextitem")
-    return l.index0 + 1 < l.length ? l.items[l.index0 + 1] : Value::undefined("there is no next item");
+    return l.index0 + 1 < l.length ? (*l.items)[l.index0 + 1] : Value::undefined("there is no next item");
   if (name == "cycle" || name == "changed") return Value(new BoundMethod(self, name));
   return Value::undefined(detail::concat("'LoopContext' object has no attribute '", name, "'"));
 }
@@ -271,6 +271,8 @@ static Value do_slice(Interp& in, const Value& obj, const Node& slice, Frame& f)
   }
   List out;
   auto& l = obj.list();
+  int64_t count = step > 0 ? (stop - start + step - 1) / step : (start - stop - step - 1) / -step;
+  out.reserve(static_cast<size_t>(std::max<int64_t>(0, count)));
   for (int64_t i = start; step > 0 ? i < stop : i > stop; i += step) out.push_back(l[i]);
   return Value(std::move(out), obj.kind());
 }
@@ -800,24 +802,26 @@ Interp::Flow Interp::exec(const std::vector<NodePtr>& body, Frame& f, std::strin
         break;
       }
       case NK::For: {
-        Value seq = eval(*n.args[1], f);
         auto* loop = new LoopObj;
         Value loopv(loop);
-        List& items = loop->items;
-        iterate(seq, items, n);
+        loop->seq = eval(*n.args[1], f);
+        if (loop->seq.is_sequence()) loop->items = &loop->seq.list();  // iterated in place (immutable)
+        else iterate(loop->seq, loop->own, n);
         Scope scope(prog.has_macros, &f);
         Frame& frame = scope.frame;
         frame.vars.reserve(4);
         if (n.flag) {
           List kept;
-          for (auto& it : items) {
+          for (auto& it : *loop->items) {
             tick(n);
             frame.vars.clear();
             assign(*this, *n.args[0], it, frame);
             if (eval(*n.args[2], frame).truthy()) kept.push_back(it);
           }
-          items.swap(kept);
+          loop->own.swap(kept);
+          loop->items = &loop->own;
         }
+        const List& items = *loop->items;
         if (items.empty()) {
           frame.vars.clear();
           if (exec(n.orelse, frame, out) == Flow::Break) return Flow::Break;

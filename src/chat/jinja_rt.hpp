@@ -100,7 +100,9 @@ struct Callable : Native {
 };
 
 struct LoopObj : Native {
-  List items;
+  Value seq;                 // what is iterated: `items` may point into it
+  List own;                  // items, when they are not seq's own list
+  const List* items = &own;
   int64_t index0 = 0, length = 0;
   int depth = 1;
   bool changed_seen = false;  // loop.changed() state
