@@ -28,12 +28,15 @@ bool is_reasoning_field(const std::string& f) {
 
 std::string_view strip_ws(std::string_view s) { return py_strip(s); }
 
+bool has_reasoning(const Value& msg) {
+  for (auto& kv : msg.dict_ref().items)
+    if (kv.first.is_string() && is_reasoning_field(kv.first.str()) && !kv.second.is_none()) return true;
+  return false;
+}
+
 // {"thinking": r, **message, "reasoning_content": r} when any reasoning field is set
 Value alias_reasoning(const Value& msg) {
-  bool any = false;
-  for (auto& kv : msg.dict_ref().items)
-    if (kv.first.is_string() && is_reasoning_field(kv.first.str()) && !kv.second.is_none()) any = true;
-  if (!any) return msg;
+  if (!has_reasoning(msg)) return msg;
   const Value* reasoning = nullptr;
   for (auto* f : kReasoningFields) {
     const Value* v = msg.get(f);
@@ -57,15 +60,19 @@ size_t codepoint_offset(std::string_view text, size_t byte_offset) {
 
 ChatRendered apply_chat_template(const Template& tmpl, const ChatRequest& req, const RenderOptions& opt) {
   QF_CHECK(req.messages.is_list() || req.messages.is_tuple(), "messages must be a list of dicts, got ", req.messages.type_name());
-  List chat;
-  chat.reserve(req.messages.list().size());
+  bool cont = !req.continue_final_message.empty();
+  bool as_given = req.messages.is_list() && !cont;  // the template gets the caller's list itself
   for (auto& m : req.messages.list()) {
     if (!m.is_dict())
       throw InvalidArgument("Chat messages should be dicts, dataclasses or pydantic models, but got " + py_repr(m) + ".");
-    chat.push_back(alias_reasoning(m));
+    as_given = as_given && !has_reasoning(m);
+  }
+  List chat;
+  if (!as_given) {
+    chat.reserve(req.messages.list().size());
+    for (auto& m : req.messages.list()) chat.push_back(alias_reasoning(m));
   }
   std::string final_message;
-  bool cont = !req.continue_final_message.empty();
   if (cont) {
     QF_CHECK(!chat.empty(), "continue_final_message is set but the conversation is empty!");
     const std::string& field = req.continue_final_message;
@@ -116,7 +123,7 @@ ChatRendered apply_chat_template(const Template& tmpl, const ChatRequest& req, c
   }();
   Dict vars;
   vars.items.reserve(4 + req.kwargs.dict_ref().items.size());
-  vars.items.emplace_back(keys[0], Value(std::move(chat)));
+  vars.items.emplace_back(keys[0], as_given ? req.messages : Value(std::move(chat)));
   vars.items.emplace_back(keys[1], req.tools);
   vars.items.emplace_back(keys[2], req.documents);
   vars.items.emplace_back(keys[3], Value(req.add_generation_prompt));
