@@ -579,16 +579,7 @@ Value Interp::eval(const Node& n, Frame& f) {
       return call(fn, args, n);
     }
     case NK::Filter: return apply_filter_node(n, eval(*n.args[0], f), f);
-    case NK::Test: {
-      Value vtmp;
-      const Value& v = ref(*n.args[0], f, vtmp);
-      Args args;
-      for (size_t i = 1; i < n.args.size(); ++i) args.pos.push_back(eval(*n.args[i], f));
-      for (auto& kv : n.kwargs) args.kw.emplace_back(kv.first, eval(*kv.second, f));
-      if (n.sym < 0) fail("TemplateRuntimeError", detail::concat("No test named '", n.name, "' found."), n);
-      bool r = apply_test(*this, n.sym, n.name, v, args, n);
-      return Value(n.flag ? !r : r);
-    }
+    case NK::Test: return Value(test(n, f));
     case NK::Neg:
     case NK::Pos: {
       Value v = eval(*n.args[0], f);
@@ -599,10 +590,7 @@ Value Interp::eval(const Node& n, Frame& f) {
       if (!v.is_float() && v.as_int() == INT64_MIN) fail("OverflowError", "integer result does not fit in 64 bits", n);
       return v.is_float() ? Value(-v.as_float()) : Value(-v.as_int());
     }
-    case NK::Not: {
-      Value tmp;
-      return Value(!ref(*n.args[0], f, tmp).truthy());
-    }
+    case NK::Not: return Value(!truth(*n.args[0], f));
     case NK::And: {
       Value a = eval(*n.args[0], f);
       return a.truthy() ? eval(*n.args[1], f) : a;
@@ -631,7 +619,7 @@ Value Interp::eval(const Node& n, Frame& f) {
       return Value(true);
     }
     case NK::CondExpr: {
-      if (eval(*n.args[0], f).truthy()) return eval(*n.args[1], f);
+      if (truth(*n.args[0], f)) return eval(*n.args[1], f);
       if (n.args[2]) return eval(*n.args[2], f);
       return Value::undefined("the inline if-expression on line " + std::to_string(n.line) +
                               " evaluated to false and no else section was defined.");
@@ -671,6 +659,38 @@ Value Interp::apply_filter_node(const Node& n, Value input, Frame& f) {
   for (auto& kv : n.kwargs) args.kw.emplace_back(kv.first, eval(*kv.second, f));
   if (n.sym < 0) fail("TemplateRuntimeError", detail::concat("No filter named '", n.name, "' found."), n);
   return apply_filter(*this, n.sym, n.name, std::move(input), args, n);
+}
+
+bool Interp::test(const Node& n, Frame& f) {
+  Value vtmp;
+  const Value& v = ref(*n.args[0], f, vtmp);
+  Args args;
+  for (size_t i = 1; i < n.args.size(); ++i) args.pos.push_back(eval(*n.args[i], f));
+  for (auto& kv : n.kwargs) args.kw.emplace_back(kv.first, eval(*kv.second, f));
+  if (n.sym < 0) fail("TemplateRuntimeError", detail::concat("No test named '", n.name, "' found."), n);
+  bool r = apply_test(*this, n.sym, n.name, v, args, n);
+  return n.flag ? !r : r;
+}
+
+// The truth of `n` where only that is needed (if, not, a for loop's filter):
+// and/or/not, comparisons and tests without building their values.
+bool Interp::truth(const Node& n, Frame& f) {
+  switch (n.kind) {
+    case NK::Not: return !truth(*n.args[0], f);
+    case NK::And: return truth(*n.args[0], f) && truth(*n.args[1], f);
+    case NK::Or: return truth(*n.args[0], f) || truth(*n.args[1], f);
+    case NK::Test: return test(n, f);
+    case NK::Compare:
+      if (n.ops.size() == 1) {
+        Value lt, rt;
+        const Value& left = ref(*n.args[0], f, lt);
+        return compare(n.ops[0], left, ref(*n.args[1], f, rt), n);
+      }
+      break;
+    default: break;
+  }
+  Value tmp;
+  return ref(n, f, tmp).truthy();
 }
 
 // -------------------------------------------------------------- statements
@@ -796,8 +816,7 @@ Interp::Flow Interp::exec(const std::vector<NodePtr>& body, Frame& f, std::strin
         break;
       }
       case NK::If: {
-        Value tmp;
-        Flow fl = ref(*n.args[0], f, tmp).truthy() ? exec(n.body, f, out) : exec(n.orelse, f, out);
+        Flow fl = truth(*n.args[0], f) ? exec(n.body, f, out) : exec(n.orelse, f, out);
         if (fl != Flow::Normal) return fl;
         break;
       }
@@ -816,7 +835,7 @@ Interp::Flow Interp::exec(const std::vector<NodePtr>& body, Frame& f, std::strin
             tick(n);
             frame.vars.clear();
             assign(*this, *n.args[0], it, frame);
-            if (eval(*n.args[2], frame).truthy()) kept.push_back(it);
+            if (truth(*n.args[2], frame)) kept.push_back(it);
           }
           loop->own.swap(kept);
           loop->items = &loop->own;

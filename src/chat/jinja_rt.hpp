@@ -161,6 +161,8 @@ class Interp {
   Value eval(const Node& n, Frame& f);
   const Value& ref(const Node& n, Frame& f, Value& tmp);
   const Value& ref_item(const Node& n, Frame& f, Value& tmp);  // obj.name, obj[key]
+  bool truth(const Node& n, Frame& f);                         // bool(n)
+  bool test(const Node& n, Frame& f);                          // v is name(args)
   enum class Flow { Normal, Break, Continue };
   Flow exec(const std::vector<NodePtr>& body, Frame& f, std::string& out);
   void emit_sum(const Node& e, Frame& f, std::string& out);
