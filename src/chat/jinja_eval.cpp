@@ -490,16 +490,10 @@ Value Interp::binop(Op op, const Value& a, const Value& b, const Node& at) {
 // ------------------------------------------------------------- expressions
 // The value of `n` without copying it when it is a variable or a constant
 // (the frame / node outlives the use); otherwise evaluated into `tmp`.
-const Value& Interp::ref(const Node& n, Frame& f, Value& tmp) {
-  switch (n.kind) {
-    case NK::Const: return n.value;
-    case NK::Name:
-      if (Value* v = f.find(n.sym)) return *v;
-      return n.value;
-    case NK::Getattr:
-    case NK::Getitem: return ref_item(n, f, tmp);
-    default: tmp = eval(n, f); return tmp;
-  }
+const Value& Interp::ref_other(const Node& n, Frame& f, Value& tmp) {
+  if (n.kind == NK::Getattr || n.kind == NK::Getitem) return ref_item(n, f, tmp);
+  tmp = eval(n, f);
+  return tmp;
 }
 
 // obj.name, obj['key'] and obj[i] read in place when obj is a dict or a list
@@ -854,7 +848,9 @@ Interp::Flow Interp::exec(const std::vector<NodePtr>& body, Frame& f, std::strin
           loop->index0 = static_cast<int64_t>(i);
           frame.vars.clear();
           if (loop_sym >= 0) frame.vars.emplace_back(loop_sym, loopv);
-          assign(*this, *n.args[0], items[i], frame);
+          const Node& target = *n.args[0];
+          if (target.kind == NK::Name && target.sym != loop_sym) frame.vars.emplace_back(target.sym, items[i]);
+          else assign(*this, target, items[i], frame);
           if (exec(n.body, frame, out) == Flow::Break) break;
         }
         --depth;

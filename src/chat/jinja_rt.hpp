@@ -159,7 +159,16 @@ class Interp {
   int64_t iterations = 0;
 
   Value eval(const Node& n, Frame& f);
-  const Value& ref(const Node& n, Frame& f, Value& tmp);
+  // Constants and variables in place (the commonest operands: inline).
+  const Value& ref(const Node& n, Frame& f, Value& tmp) {
+    if (n.kind == NK::Const) return n.value;
+    if (n.kind == NK::Name) {
+      if (Value* v = f.find(n.sym)) return *v;
+      return n.value;  // the Undefined naming it
+    }
+    return ref_other(n, f, tmp);
+  }
+  const Value& ref_other(const Node& n, Frame& f, Value& tmp);
   const Value& ref_item(const Node& n, Frame& f, Value& tmp);  // obj.name, obj[key]
   bool truth(const Node& n, Frame& f);                         // bool(n)
   bool test(const Node& n, Frame& f);                          // v is name(args)
