@@ -185,9 +185,11 @@ QF_API int qf_chat_apply_template(const qf_chat_template* tmpl, const char* requ
 
 /* apply_chat_template over many conversations: shared_json is a request as
  * above whose "messages" is ignored (tools, kwargs, ... apply to all);
- * conversations is a list of message lists, as JSON (format QF_CHAT_JSON) or
- * as Python's marshal.dumps(conversations, 4) (QF_CHAT_MARSHAL: None, bool,
- * int, float, str, list, tuple and dict only). threads <= 0: all cores.
+ * conversations is a list of message lists, as JSON (format QF_CHAT_JSON), or
+ * (QF_CHAT_MARSHAL) as n = offsets_len - 1 little-endian int64 sizes followed
+ * by n documents, each Python's marshal.dumps(messages, 4) of one
+ * conversation (None, bool, int, float, str, list, tuple and dict only; each
+ * parsed by the thread that renders it). threads <= 0: all cores.
  * *texts receives the outputs concatenated; offsets (n + 1 entries, n =
  * number of conversations, caller-allocated) receives where each output
  * starts in it: byte offsets, or code point offsets when code_points != 0. */

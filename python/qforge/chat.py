@@ -8,11 +8,13 @@ data (loss only on the assistant's turns).
 """
 from __future__ import annotations
 
+import array
 import ctypes
 import inspect
 import json
 import marshal
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -73,13 +75,19 @@ _CHAT_JSON, _CHAT_MARSHAL = 0, 1
 
 
 def _conversations(conversations: Sequence[Sequence[dict]]) -> tuple[bytes, int]:
-    """The conversations as marshal data (4x faster to write than JSON), or as
-    JSON when they hold types marshal cannot write (dict subclasses, ...)."""
+    """The conversations as marshal data (4x faster to write than JSON): their
+    sizes, then one document per conversation, so that C++ threads read them in
+    parallel. As JSON when they hold types marshal cannot write (dict
+    subclasses, ...)."""
     items = [list(c) for c in conversations]
     try:
-        return marshal.dumps(items, 4), _CHAT_MARSHAL
+        docs = [marshal.dumps(c, 4) for c in items]
     except ValueError:
         return _json(items), _CHAT_JSON
+    sizes = array.array("q", map(len, docs))
+    if sys.byteorder != "little":
+        sizes.byteswap()
+    return sizes.tobytes() + b"".join(docs), _CHAT_MARSHAL
 
 
 def _json(obj: Any) -> bytes:

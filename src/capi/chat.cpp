@@ -56,6 +56,26 @@ int qf_chat_apply_template(const qf_chat_template* tmpl, const char* request_jso
   });
 }
 
+// QF_CHAT_MARSHAL framing: n little-endian int64 sizes, then the n documents back to back.
+static std::vector<std::string_view> marshal_documents(std::string_view data, size_t offsets_len) {
+  QF_CHECK(offsets_len >= 1, "qf_chat_apply_batch: offsets needs n + 1 entries, got 0");
+  size_t n = offsets_len - 1;
+  QF_CHECK(n <= data.size() / 8, "qf_chat_apply_batch: marshal conversations: ", data.size(),
+           " bytes cannot hold the sizes of ", n, " documents");
+  std::vector<std::string_view> docs(n);
+  size_t at = 8 * n;
+  for (size_t i = 0; i < n; ++i) {
+    int64_t size;
+    std::memcpy(&size, data.data() + 8 * i, 8);
+    QF_CHECK(size >= 0 && static_cast<uint64_t>(size) <= data.size() - at, "qf_chat_apply_batch: marshal conversation ", i,
+             " claims ", size, " bytes, ", data.size() - at, " remain");
+    docs[i] = data.substr(at, static_cast<size_t>(size));
+    at += static_cast<size_t>(size);
+  }
+  QF_CHECK(at == data.size(), "qf_chat_apply_batch: ", data.size() - at, " bytes after the last marshal conversation");
+  return docs;
+}
+
 int qf_chat_apply_batch(const qf_chat_template* tmpl, const char* shared_json, size_t shared_len,
                         const char* conversations, size_t conversations_len, int conversations_format, int64_t now,
                         int threads, qf_chat_buffer** texts, int64_t* offsets, size_t offsets_len, int code_points) {
@@ -74,10 +94,8 @@ int qf_chat_apply_batch(const qf_chat_template* tmpl, const char* shared_json, s
       results = qforge::chat::apply_chat_template_batch_json(tmpl->tmpl, req, view(conversations, conversations_len),
                                                              options(now), threads);
     } else {
-      auto list = qforge::chat::marshal_loads(view(conversations, conversations_len));
-      QF_CHECK(list.is_sequence(), "qf_chat_apply_batch: conversations must be a list of message lists, got ",
-               list.type_name());
-      results = qforge::chat::apply_chat_template_batch(tmpl->tmpl, req, list.list(), options(now), threads);
+      results = qforge::chat::apply_chat_template_batch_marshal(
+          tmpl->tmpl, req, marshal_documents(view(conversations, conversations_len), offsets_len), options(now), threads);
     }
     QF_CHECK(offsets_len == results.size() + 1, "qf_chat_apply_batch: offsets needs ", results.size() + 1,
              " entries, got ", offsets_len);

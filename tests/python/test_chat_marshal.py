@@ -6,7 +6,9 @@ Bad data fails with a clear error."""
 from __future__ import annotations
 
 import ctypes
+import marshal
 import random
+import struct
 from collections import OrderedDict
 
 import pytest
@@ -73,14 +75,41 @@ def test_non_chat_types_are_refused():
         ChatTemplate("{{ messages }}").apply_batch([[{"role": "user", "content": b"bytes"}]])
 
 
-@pytest.mark.parametrize("data", [b"", b"[", b"[\x02\x00\x00\x00N", b"[\x01\x00\x00\x00r\x00\x00\x00\x00",
-                                  b"[\xff\xff\xff\xff", b"NN", b"\xe9\x01\x00", b"{N"])
-def test_bad_marshal_data_is_an_error(data):
+def call_marshal(data: bytes, n: int):
     tmpl = ChatTemplate("x")
-    offsets = (ctypes.c_int64 * 2)()
+    offsets = (ctypes.c_int64 * (n + 1))()
     out = ctypes.c_void_p()
     status = qchat._batch(tmpl._handle, b"{}", 2, data, len(data), qchat._CHAT_MARSHAL, 0, 1, ctypes.byref(out),
-                          offsets, 2, 0)
+                          offsets, n + 1, 0)
     assert status != 0
-    with pytest.raises(ValueError, match="invalid marshal data|list of message lists"):
-        qchat._call(status)
+    qchat._call(status)
+
+
+@pytest.mark.parametrize("doc", [b"", b"[", b"[\x02\x00\x00\x00N", b"[\x01\x00\x00\x00r\x00\x00\x00\x00",
+                                 b"[\xff\xff\xff\xff", b"NN", b"\xe9\x01\x00", b"{N"])
+def test_bad_marshal_data_is_an_error(doc):
+    with pytest.raises(ValueError, match="invalid marshal data|messages must be a list"):
+        call_marshal(struct.pack("<q", len(doc)) + doc, 1)
+
+
+@pytest.mark.parametrize("data, n, message", [
+    (b"\x01\x00", 1, "cannot hold the sizes of 1 documents"),
+    (struct.pack("<q", -1) + b"N", 1, "claims -1 bytes, 1 remain"),
+    (struct.pack("<qq", 1, 5) + b"[\x00", 2, "conversation 1 claims 5 bytes, 1 remain"),
+    (struct.pack("<q", 1) + b"NN", 1, "1 bytes after the last marshal conversation"),
+])
+def test_bad_marshal_framing_is_an_error(data, n, message):
+    with pytest.raises(ValueError, match=message):
+        call_marshal(data, n)
+
+
+def test_conversations_travel_as_one_marshal_document_each():
+    convs = [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b" * 300}], []]
+    data, fmt = qchat._conversations(convs)
+    assert fmt == qchat._CHAT_MARSHAL
+    sizes = struct.unpack_from("<3q", data)
+    docs, at = [], 24
+    for size in sizes:
+        docs.append(marshal.loads(data[at:at + size]))
+        at += size
+    assert at == len(data) and docs == convs

@@ -3,6 +3,7 @@
 // continue_final_message, generation spans.
 #pragma once
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -46,6 +47,12 @@ std::vector<ChatRendered> apply_chat_template_batch(const Template& tmpl, const 
 std::vector<ChatRendered> apply_chat_template_batch_json(const Template& tmpl, const ChatRequest& shared,
                                                          std::string_view conversations_json,
                                                          const RenderOptions& opt = {}, int threads = 1);
+
+// The same with conversation i as Python's marshal.dumps(messages, 4) in
+// conversations[i] (each parsed by the thread that renders it).
+std::vector<ChatRendered> apply_chat_template_batch_marshal(const Template& tmpl, const ChatRequest& shared,
+                                                            const std::vector<std::string_view>& conversations,
+                                                            const RenderOptions& opt = {}, int threads = 1);
 
 // A request from one JSON object: {"messages": [...], "tools": ..., "documents": ...,
 // "add_generation_prompt": bool, "continue_final_message": bool|str, <any other key>: kwarg}.
