@@ -6,6 +6,7 @@
 #include <bit>
 #include <cmath>
 #include <cstring>
+#include <iterator>
 
 #include "qforge/chat/value.hpp"
 #include "qforge/error.hpp"
@@ -14,12 +15,25 @@ namespace qforge::chat {
 
 namespace {
 
-struct MarshalReader {
-  std::string_view t;
-  size_t p = 0;
-  int depth = 0;
+// Working space of a read, kept per thread across documents (one per conversation).
+struct Scratch {
   std::vector<Value> refs;  // FLAG_REF objects, in the order the writer flagged them
   std::vector<bool> ready;  // false while a flagged container is still being read
+  std::vector<std::pair<Value, Value>> items;  // the dicts being read (marshal gives no size): sized once at the end
+  void clear() {
+    refs.clear();
+    ready.clear();
+    items.clear();
+  }
+};
+
+struct MarshalReader {
+  std::string_view t;
+  std::vector<Value>& refs;
+  std::vector<bool>& ready;
+  std::vector<std::pair<Value, Value>>& items;
+  size_t p = 0;
+  int depth = 0;
 
   [[noreturn]] void fail(const std::string& what) {
     throw InvalidArgument(detail::concat("invalid marshal data: ", what, " at offset ", p));
@@ -123,7 +137,7 @@ struct MarshalReader {
         break;
       }
       case '{': {
-        Dict d;
+        size_t start = items.size();
         while (true) {
           need(1);
           if (t[p] == '0') {
@@ -132,8 +146,13 @@ struct MarshalReader {
           }
           Value k = value();
           if (k.is_list() || k.is_dict()) fail("unhashable dict key");
-          d.items.emplace_back(std::move(k), value());  // marshal writes each key once
+          Value item = value();
+          items.emplace_back(std::move(k), std::move(item));  // marshal writes each key once
         }
+        Dict d;
+        d.items.assign(std::make_move_iterator(items.begin() + static_cast<std::ptrdiff_t>(start)),
+                       std::make_move_iterator(items.end()));
+        items.resize(start);
         v = Value(std::move(d));
         break;
       }
@@ -154,8 +173,12 @@ struct MarshalReader {
 }  // namespace
 
 Value marshal_loads(std::string_view data) {
-  MarshalReader r;
-  r.t = data;
+  thread_local Scratch scratch;
+  struct Release {  // what the document's values hold goes with it, also on errors
+    Scratch& s;
+    ~Release() { s.clear(); }
+  } release{scratch};
+  MarshalReader r{data, scratch.refs, scratch.ready, scratch.items};
   Value v = r.value();
   if (r.p != data.size()) r.fail("extra data");
   return v;

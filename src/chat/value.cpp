@@ -5,7 +5,9 @@
 #include <bit>
 #include <charconv>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <new>
 
 #include "qforge/error.hpp"
 
@@ -34,6 +36,60 @@ void destroy_obj(Obj* o) {
 }
 
 namespace impl {
+
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+// sanitizers see every allocation
+void* obj_alloc(size_t size) { return ::operator new(size); }
+void obj_free(void* p, size_t) noexcept { ::operator delete(p); }
+#else
+namespace {
+// Size classes of 16 bytes up to 128; at most kKeep free blocks each per
+// thread (1 MiB at most), the rest go back to the C library. A block freed on
+// another thread joins that thread's lists (all came from malloc).
+constexpr size_t kClasses = 8, kKeep = 1024;
+struct BlockPool {
+  struct Block {
+    Block* next;
+  };
+  Block* head[kClasses] = {};
+  size_t count[kClasses] = {};
+  ~BlockPool() {
+    for (auto& h : head)
+      while (h) {
+        Block* b = h;
+        h = b->next;
+        std::free(b);
+      }
+  }
+};
+thread_local BlockPool pool;
+}  // namespace
+
+void* obj_alloc(size_t size) {
+  size_t c = (size + 15) / 16 - 1;
+  if (c >= kClasses) return ::operator new(size);
+  BlockPool& p = pool;
+  if (BlockPool::Block* b = p.head[c]) {
+    p.head[c] = b->next;
+    --p.count[c];
+    return b;
+  }
+  if (void* m = std::malloc((c + 1) * 16)) return m;
+  throw std::bad_alloc();
+}
+
+void obj_free(void* ptr, size_t size) noexcept {
+  size_t c = (size + 15) / 16 - 1;
+  if (c >= kClasses) return ::operator delete(ptr);
+  BlockPool& p = pool;
+  if (p.count[c] >= kKeep) return std::free(ptr);
+  auto* b = static_cast<BlockPool::Block*>(ptr);
+  b->next = p.head[c];
+  p.head[c] = b;
+  ++p.count[c];
+}
+#endif
+
 const List kEmptyList;
 const Dict kEmptyDict;
 }  // namespace impl

@@ -24,6 +24,14 @@ class Value;
 using List = std::vector<Value>;
 struct Dict;
 
+namespace impl {
+// Blocks for objects, recycled per thread: reading one conversation or
+// rendering it makes and drops dozens of strings, lists and dicts of a few
+// sizes, more than the C library's per-thread cache holds (value.cpp).
+void* obj_alloc(size_t size);
+void obj_free(void* p, size_t size) noexcept;
+}  // namespace impl
+
 // What a Value points at: strings, lists, dicts and template objects.
 struct Obj {
   static constexpr uint32_t kImmortal = 0x80000000u;
@@ -32,6 +40,9 @@ struct Obj {
   Obj(const Obj&) = delete;
   Obj& operator=(const Obj&) = delete;
   virtual ~Obj() = default;
+  // `delete obj` passes the dynamic type's size (virtual destructor)
+  static void* operator new(size_t size) { return impl::obj_alloc(size); }
+  static void operator delete(void* p, size_t size) noexcept { impl::obj_free(p, size); }
 };
 void destroy_obj(Obj* o);  // delete, iteratively for deep nesting (value.cpp)
 inline void retain(Obj* o) {
