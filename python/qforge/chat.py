@@ -79,7 +79,7 @@ def _conversations(conversations: Sequence[Sequence[dict]]) -> tuple[bytes, int]
     sizes, then one document per conversation, so that C++ threads read them in
     parallel. As JSON when they hold types marshal cannot write (dict
     subclasses, ...)."""
-    items = [list(c) for c in conversations]
+    items = [c if type(c) is list else list(c) for c in conversations]
     try:
         docs = [marshal.dumps(c, 4) for c in items]
     except ValueError:
