@@ -2,6 +2,7 @@
 // scoping (a fresh frame per loop iteration, live closures for macros).
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "jinja_rt.hpp"
 
@@ -707,7 +708,7 @@ Value Interp::filter_chain(const Node& last, Value v, Frame& f) {
 // {{ a + b + c }}: when every operand is a plain string, append them straight
 // to the output instead of building the intermediate sums.
 void Interp::emit_sum(const Node& e, Frame& f, std::string& out) {
-  constexpr size_t kMax = 16;
+  constexpr size_t kMax = 8;
   const Node* leaves[kMax];
   const Node* adds[kMax];
   size_t n = 0;
@@ -723,15 +724,22 @@ void Interp::emit_sum(const Node& e, Frame& f, std::string& out) {
   }
   leaves[n++] = cur;
   Value tmp[kMax];
-  const Value* vals[kMax];    // nullptr: pieces[i] is a trimmed view
-  std::string_view pieces[kMax];
+  const Value* vals[kMax];  // nullptr: pieces[i] is a trimmed view
+  struct Piece {
+    const char* data;
+    size_t size;
+  } pieces[kMax];  // (left uninitialised: set before use)
+  size_t total = 0;
   bool plain = true;
   for (size_t i = 0; i < n; ++i) {
     const Node& leaf = *leaves[n - 1 - i];
+    std::string_view piece;
     if (leaf.kind == NK::Filter) {
       const Value& input = ref(*leaf.args[0], f, tmp[i]);
-      if (filter_view(leaf, input, pieces[i])) {
+      if (filter_view(leaf, input, piece)) {
         vals[i] = nullptr;
+        pieces[i] = {piece.data(), piece.size()};
+        total += piece.size();
         continue;
       }
       Value result = apply_filter_node(leaf, input, f);
@@ -740,16 +748,27 @@ void Interp::emit_sum(const Node& e, Frame& f, std::string& out) {
     } else {
       vals[i] = &ref(leaf, f, tmp[i]);
     }
-    if (vals[i]->is_string() && !vals[i]->is_markup()) pieces[i] = vals[i]->str();
-    else plain = false;
+    if (vals[i]->is_string() && !vals[i]->is_markup()) {
+      const std::string& s = vals[i]->str();
+      pieces[i] = {s.data(), s.size()};
+      total += s.size();
+    } else {
+      plain = false;
+    }
   }
-  if (plain) {
-    for (size_t i = 0; i < n; ++i) out += pieces[i];
+  if (plain) {  // one resize, then the parts copied in
+    size_t at = out.size();
+    out.resize(at + total);
+    char* dst = out.data() + at;
+    for (size_t i = 0; i < n; ++i) {
+      std::memcpy(dst, pieces[i].data, pieces[i].size);
+      dst += pieces[i].size;
+    }
     return;
   }
   for (size_t i = 0; i < n; ++i)
     if (!vals[i]) {
-      tmp[i] = Value(pieces[i]);
+      tmp[i] = Value(std::string_view(pieces[i].data, pieces[i].size));
       vals[i] = &tmp[i];
     }
   Value acc = *vals[0];
