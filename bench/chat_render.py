@@ -207,8 +207,8 @@ def main() -> None:
     pairs = []
     for _ in range(args.pairs):
         t_j, _ = best_of(lambda: [py_tmpl.render(messages=m, tools=TOOLS, documents=None, add_generation_prompt=True,
-                                                 **kwargs) for m in convs], k=1)
-        cpp = cpp_engine.run(1)
+                                                 **kwargs) for m in convs])
+        cpp = cpp_engine.run(3)
         pairs.append((t_j, cpp["seconds_best"]))
         mismatches_cpp = sum(a != b for a, b in zip(cpp["outputs"], expected)) + abs(len(cpp["outputs"]) - len(expected))
         if mismatches_cpp:
@@ -257,7 +257,7 @@ def main() -> None:
                  "compiled template's render() of the Python objects (transformers' configuration); qforge = "
                  "bench/chat_render_engine, a C++ program calling apply_chat_template_batch on the conversations "
                  "as C++ values (read beforehand, then rendered once to warm up, untimed; jinja2 is warm from "
-                 "the runs before). The two run in turn `pairs` times; speedup_vs_jinja2 "
+                 "the runs before). The two run in turn `pairs` times, each the best of 3 runs; speedup_vs_jinja2 "
                  "is the median of the per-pair ratios (all in speedup_pairs), the seconds are the medians. "
                  "from_python figures are each the best of 3 runs: qforge "
                  "through its Python API: apply_batch (marshal.dumps of the conversations, the C call, UTF-8 "
