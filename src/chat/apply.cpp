@@ -116,11 +116,8 @@ ChatRendered apply_chat_template(const Template& tmpl, const ChatRequest& req, c
     chat.back() = std::move(last);
   }
 
-  static const Value* const keys = [] {  // shared by every render: immortal
-    static const Value k[] = {Value("messages"), Value("tools"), Value("documents"), Value("add_generation_prompt")};
-    for (auto& v : k) v.make_immortal();
-    return k;
-  }();
+  static const Value* const keys =
+      process_values({Value("messages"), Value("tools"), Value("documents"), Value("add_generation_prompt")});
   Dict vars;
   vars.items.reserve(4 + req.kwargs.dict_ref().items.size());
   vars.items.emplace_back(keys[0], as_given ? req.messages : Value(std::move(chat)));

@@ -48,6 +48,10 @@ struct Program {
   std::vector<std::pair<int, Value>> builtins;  // the global functions the template names (immortal)
   int loop_sym = -1;                            // `loop`, or -1 when no loop object is ever read
   bool has_macros = false;                      // macros or call blocks: scopes may outlive their block
+  Program() = default;
+  Program(const Program&) = delete;
+  Program& operator=(const Program&) = delete;
+  ~Program();  // frees the constants (immortal while renders could share them)
   int sym(const std::string& name);
   // The symbol id of `name`, -1 when the template never uses it: one hash of
   // the bytes and a probe, for the context's keys on every render.

@@ -1032,12 +1032,8 @@ bool has_method(const Value& obj, const std::string& name) {
 }
 
 bool is_dict_method(std::string_view name) {
-  static const Value dict = [] {
-    Value d = Value::dict();
-    d.make_immortal();
-    return d;
-  }();
-  return has_method(dict, std::string(name));
+  static const Value* const dict = process_values({Value::dict()});
+  return has_method(*dict, std::string(name));
 }
 
 Value BoundMethod::call(Interp& in, Args& args, const Node& at) {
@@ -1357,11 +1353,10 @@ void link_builtins(Program& prog) {
       {"range", Builtin::Range}, {"dict", Builtin::DictFn}, {"namespace", Builtin::NamespaceFn},
       {"raise_exception", Builtin::RaiseException}, {"strftime_now", Builtin::StrftimeNow},
       {"joiner", Builtin::Joiner}, {"cycler", Builtin::Cycler}};
-  static const std::vector<Value> fns = [] {  // stateless: shared by every render, so immortal
+  static const Value* const fns = [] {  // stateless: shared by every render
     std::vector<Value> v;
     for (auto& [name, id] : table) v.emplace_back(new Builtin(id));
-    for (auto& x : v) x.make_immortal();
-    return v;
+    return process_values(std::move(v));
   }();
   prog.builtins.clear();
   for (size_t i = 0; i < std::size(table); ++i) {

@@ -1121,6 +1121,22 @@ class Parser {
 }  // namespace
 
 // Constants are read by every thread that renders the template: never counted.
+static void constants(const Node& n, std::vector<const Value*>& out) {
+  out.push_back(&n.value);
+  for (auto* v : {&n.args, &n.body, &n.orelse})
+    for (auto& c : *v)
+      if (c) constants(*c, out);
+  for (auto& kv : n.kwargs)
+    if (kv.second) constants(*kv.second, out);
+}
+
+Program::~Program() {
+  if (!root) return;
+  std::vector<const Value*> values;
+  constants(*root, values);
+  make_mortal(values);  // the nodes' destruction then frees them
+}
+
 // Constants become immortal (threads share them); notes whether closures exist.
 static void seal(const Node& n, Program& prog) {
   n.value.make_immortal();

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <unordered_map>
 
 #include "qforge/error.hpp"
 
@@ -131,6 +132,34 @@ void Value::make_immortal() const {
       k.make_immortal();
       x.make_immortal();
     }
+}
+
+const Value* process_values(std::vector<Value> values) {
+  auto* kept = new Value[values.size()];
+  for (size_t i = 0; i < values.size(); ++i) {
+    kept[i] = std::move(values[i]);
+    kept[i].make_immortal();
+  }
+  return kept;
+}
+
+void make_mortal(const std::vector<const Value*>& roots) {
+  std::unordered_map<Obj*, uint32_t> refs;  // references to each immortal object from within the graph
+  std::vector<const Value*> todo(roots.begin(), roots.end());
+  while (!todo.empty()) {
+    const Value* v = todo.back();
+    todo.pop_back();
+    auto* o = static_cast<Obj*>(const_cast<void*>(v->identity()));
+    if (!o || !(o->refs & Obj::kImmortal) || refs[o]++ > 0) continue;  // children counted once per object
+    if (v->is_list() || v->is_tuple())
+      for (auto& x : v->list()) todo.push_back(&x);
+    else if (v->is_dict() || v->is_namespace())
+      for (auto& [k, x] : v->dict_ref().items) {
+        todo.push_back(&k);
+        todo.push_back(&x);
+      }
+  }
+  for (auto& [o, n] : refs) o->refs = n;
 }
 
 Value deep_copy(const Value& v) {

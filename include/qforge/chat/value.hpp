@@ -217,6 +217,16 @@ inline const Dict& Value::dict_ref() const {
   return impl::kEmptyDict;
 }
 
+// Values made once for the whole process and shared by every render on
+// every thread: immortal and never freed (kept reachable, so leak checkers
+// stay quiet). Returns the first of them.
+const Value* process_values(std::vector<Value> values);
+
+// Undoes make_immortal() for everything `roots` reach, counting the
+// references among them: once every root is gone, all of it is freed (a
+// compiled Template's constants, when the Template goes).
+void make_mortal(const std::vector<const Value*>& roots);
+
 // A copy sharing nothing with `v` (for handing values to another thread).
 Value deep_copy(const Value& v);
 
