@@ -54,7 +54,9 @@ struct BlockPool {
   };
   Block* head[kClasses] = {};
   size_t count[kClasses] = {};
+  bool gone = false;  // thread exit: values other thread-locals free later go straight back
   ~BlockPool() {
+    gone = true;
     for (auto& h : head)
       while (h) {
         Block* b = h;
@@ -83,7 +85,7 @@ void obj_free(void* ptr, size_t size) noexcept {
   size_t c = (size + 15) / 16 - 1;
   if (c >= kClasses) return ::operator delete(ptr);
   BlockPool& p = pool;
-  if (p.count[c] >= kKeep) return std::free(ptr);
+  if (p.gone || p.count[c] >= kKeep) return std::free(ptr);
   auto* b = static_cast<BlockPool::Block*>(ptr);
   b->next = p.head[c];
   p.head[c] = b;
