@@ -155,6 +155,35 @@ TEST(ChatEngine, OneTemplateRendersOnManyThreads) {
   for (auto& o : outs) EXPECT_EQ(o, "user: hi[0, 1]");
 }
 
+TEST(ChatEngine, BatchReadsOneMarshalDocumentPerConversation) {
+  // marshal.dumps([{'role': 'user', 'content': c}], 4) for c in ('x', 'yz')
+  auto doc = [](const std::string& content) {
+    return std::string("[\x01\x00\x00\x00{\xda\x04" "role\xda\x04" "user\xda\x07" "content\xda", 28) +
+           static_cast<char>(content.size()) + content + "0";
+  };
+  std::vector<std::string> docs;
+  for (int i = 0; i < 40; ++i) docs.push_back(doc(i % 2 ? "yz" : "x"));
+  std::vector<std::string_view> views(docs.begin(), docs.end());
+  Template t("{% for m in messages %}{{ m.role }}: {{ m.content }}{% endfor %}|{{ tools | tojson }}");
+  ChatRequest shared;
+  shared.tools = json_loads(R"([{"name": "f"}])");
+  for (int threads : {1, 3}) {
+    auto out = apply_chat_template_batch_marshal(t, shared, views, {}, threads);
+    ASSERT_EQ(out.size(), docs.size());
+    for (size_t i = 0; i < out.size(); ++i)
+      EXPECT_EQ(out[i].text, std::string(i % 2 ? "user: yz" : "user: x") + R"(|[{"name": "f"}])");
+  }
+  docs[7].resize(docs[7].size() - 3);  // truncated
+  views.assign(docs.begin(), docs.end());
+  try {
+    apply_chat_template_batch_marshal(t, shared, views, {}, 3);
+    FAIL();
+  } catch (const qforge::InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("conversation 7: invalid marshal data: truncated"), std::string::npos)
+        << e.what();
+  }
+}
+
 TEST(ChatEngine, WhitespaceControlAsJinja2) {
   EXPECT_EQ(render("a\n  {% if true %}\n    x\n  {% endif %}\nb"), "a\n    x\nb");
   EXPECT_EQ(render("a  {%- if true -%}  x  {%- endif -%}  b"), "axb");
