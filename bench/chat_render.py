@@ -218,6 +218,8 @@ def main() -> None:
     t_pair_j = min(j for j, _ in pairs)  # each side's fastest run: the machine's other work only adds time
     t_cpp = min(c for _, c in pairs)
     speedup = t_pair_j / t_cpp
+    # the Python-API figures were not interleaved: they are set against jinja2's fastest run of the whole benchmark
+    t_base = min(t_jinja, t_pair_j)
 
     mismatches = sum(a != b for a, b in zip(got, expected)) + sum(a != b for a, b in zip(got, via_transformers))
     mismatches += sum(a != b for a, b in zip(got_single, expected)) + sum(a != b for a, b in zip(got_batch1, expected))
@@ -240,7 +242,7 @@ def main() -> None:
         "target_speedup": 20,
         "target_met": speedup >= 20,
         "from_python": {
-            "seconds_jinja2": round(t_jinja, 4),
+            "seconds_jinja2_fastest": round(t_base, 4),
             "seconds_transformers_render_jinja_template": round(t_transformers, 4),
             "threads": threads,
             "seconds_apply_batch_all_threads": round(t_qforge, 4),
@@ -248,11 +250,11 @@ def main() -> None:
             "seconds_apply_per_conversation": round(t_apply, 4),
             "seconds_c_call_marshal_1_thread": round(t_c_call, 4),
             "seconds_c_call_json_1_thread": round(engine["json"], 4),
-            "speedup_apply_batch_all_threads": round(t_jinja / t_qforge, 2),
-            "speedup_apply_batch_1_thread": round(t_jinja / t_batch1, 2),
-            "speedup_apply_per_conversation": round(t_jinja / t_apply, 2),
-            "speedup_c_call_marshal_1_thread": round(t_jinja / t_c_call, 2),
-            "speedup_c_call_json_1_thread": round(t_jinja / engine["json"], 2),
+            "speedup_apply_batch_all_threads": round(t_base / t_qforge, 2),
+            "speedup_apply_batch_1_thread": round(t_base / t_batch1, 2),
+            "speedup_apply_per_conversation": round(t_base / t_apply, 2),
+            "speedup_c_call_marshal_1_thread": round(t_base / t_c_call, 2),
+            "speedup_c_call_json_1_thread": round(t_base / engine["json"], 2),
             "speedup_apply_batch_all_threads_vs_transformers": round(t_transformers / t_qforge, 2),
         },
         "note": ("Both engines render what they are given, compiled template cached, one thread each: jinja2 = the "
@@ -262,7 +264,7 @@ def main() -> None:
                  "the runs before). The two run in turn `pairs` times, each side the best of 3 runs per pair; "
                  "speedup_vs_jinja2 = each side's fastest run over all pairs (the machine's other work only adds "
                  "time), speedup_median_of_pairs = the median of the per-pair ratios (all in speedup_pairs). "
-                 "from_python figures are each the best of 3 runs: qforge "
+                 "from_python figures are each the best of 3 runs, against jinja2's fastest run: qforge "
                  "through its Python API: apply_batch (marshal.dumps of the conversations, the C call, UTF-8 "
                  "decode of each output) on all cores or one thread, one apply() call per conversation, and the "
                  "C call alone (reading the serialised conversations, marshal or JSON, and rendering them). "
