@@ -543,10 +543,10 @@ bool emit_filter(Interp& in, const Node& n, const Value& v, Frame& f, std::strin
         out += e.json.str();
         return true;
       }
-    bool constant_args = true;
-    for (size_t i = 1; i < n.args.size(); ++i) constant_args = constant_args && n.args[i]->kind == NK::Const;
-    for (auto& kv : n.kwargs) constant_args = constant_args && kv.second->kind == NK::Const;
     if (cache->shared.count(v.identity())) {
+      bool constant_args = true;
+      for (size_t i = 1; i < n.args.size(); ++i) constant_args = constant_args && n.args[i]->kind == NK::Const;
+      for (auto& kv : n.kwargs) constant_args = constant_args && kv.second->kind == NK::Const;
       Value json = in.apply_filter_node(n, v, f);
       if (constant_args && cache->tojson_at.size() < 1024) cache->tojson_at.push_back({&n, v.identity(), json});
       py_str_to(out, json);

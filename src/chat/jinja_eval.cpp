@@ -19,13 +19,8 @@ struct MacroObj : Callable {
   const char* type_name() const override { return "Macro"; }
   Value call(Interp& in, Args& args, const Node& at) override {
     if (++in.depth > in.opt.limits.max_call_depth) in.fail("RecursionError", "maximum macro recursion depth exceeded", at);
-    auto frame = std::make_shared<Frame>();
-    frame->parent = closure;
-    frame->up = closure.get();
-    struct ClearOnExit {  // see Scope
-      Frame& f;
-      ~ClearOnExit() { f.vars.clear(); }
-    } clear_frame{*frame};
+    Scope scope(true, closure.get());  // shared: macros defined inside may capture it
+    Frame* frame = &scope.frame;
     auto& params = def->kwargs;
     if (args.pos.size() > params.size() && !catch_varargs)
       in.fail("TypeError", detail::concat("macro '", name, "' takes not more than ", params.size(), " argument(s)"), at);

@@ -1120,32 +1120,31 @@ class Parser {
 
 }  // namespace
 
-// Constants are read by every thread that renders the template: never counted.
-static void constants(const Node& n, std::vector<const Value*>& out) {
-  out.push_back(&n.value);
+// Calls visit(node) for `n` and every node below it.
+template <class Visit>
+static void for_each_node(const Node& n, Visit&& visit) {
+  visit(n);
   for (auto* v : {&n.args, &n.body, &n.orelse})
     for (auto& c : *v)
-      if (c) constants(*c, out);
+      if (c) for_each_node(*c, visit);
   for (auto& kv : n.kwargs)
-    if (kv.second) constants(*kv.second, out);
+    if (kv.second) for_each_node(*kv.second, visit);
 }
 
 Program::~Program() {
   if (!root) return;
   std::vector<const Value*> values;
-  constants(*root, values);
+  for_each_node(*root, [&](const Node& n) { values.push_back(&n.value); });
   make_mortal(values);  // the nodes' destruction then frees them
 }
 
-// Constants become immortal (threads share them); notes whether closures exist.
-static void seal(const Node& n, Program& prog) {
-  n.value.make_immortal();
-  if (n.kind == NK::Macro || n.kind == NK::CallBlock) prog.has_macros = true;
-  for (auto* v : {&n.args, &n.body, &n.orelse})
-    for (auto& c : *v)
-      if (c) seal(*c, prog);
-  for (auto& kv : n.kwargs)
-    if (kv.second) seal(*kv.second, prog);
+// Constants are read by every thread that renders the template: never
+// counted (until ~Program). Notes whether closures exist.
+static void seal(Program& prog) {
+  for_each_node(*prog.root, [&](const Node& n) {
+    n.value.make_immortal();
+    if (n.kind == NK::Macro || n.kind == NK::CallBlock) prog.has_macros = true;
+  });
 }
 
 std::shared_ptr<Program> compile_template(std::string_view source) {
@@ -1154,7 +1153,7 @@ std::shared_ptr<Program> compile_template(std::string_view source) {
   Lexer lex(source);
   Parser parser(lex.run(), *prog);
   prog->root = parser.parse_template();
-  seal(*prog->root, *prog);
+  seal(*prog);
   prog->finish();
   return prog;
 }

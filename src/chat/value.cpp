@@ -66,10 +66,11 @@ struct BlockPool {
   }
 };
 thread_local BlockPool pool;
+size_t size_class(size_t size) { return (size + 15) / 16 - 1; }
 }  // namespace
 
 void* obj_alloc(size_t size) {
-  size_t c = (size + 15) / 16 - 1;
+  size_t c = size_class(size);
   if (c >= kClasses) return ::operator new(size);
   BlockPool& p = pool;
   if (BlockPool::Block* b = p.head[c]) {
@@ -82,7 +83,7 @@ void* obj_alloc(size_t size) {
 }
 
 void obj_free(void* ptr, size_t size) noexcept {
-  size_t c = (size + 15) / 16 - 1;
+  size_t c = size_class(size);
   if (c >= kClasses) return ::operator delete(ptr);
   BlockPool& p = pool;
   if (p.gone || p.count[c] >= kKeep) return std::free(ptr);
