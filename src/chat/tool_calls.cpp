@@ -1,9 +1,21 @@
 // Tool-call parsers for generated text (Llama 3.x JSON / <|python_tag|>
 // builtin calls, Hermes / Qwen <tool_call> blocks). Malformed output never
 // throws: the raw text is returned as content with `error` set.
+//
+// Generated text can hold any number of '{' and '[' (a model stuck printing
+// "[[[[..."), and the Llama 3 format allows a call anywhere in it. Trying a
+// JSON parse at every bracket costs the text's length per bracket; instead
+// one scanner (JsonScan) reads forward from a bracket with an explicit stack
+// and records, for every bracket it meets, whether a JSON value starts there
+// and where it ends. A bracket is scanned once: later tries reuse the record.
 #include "qforge/chat/tool_calls.hpp"
 
+#include <algorithm>
 #include <cctype>
+#include <cstdint>
+#include <deque>
+#include <set>
+#include <vector>
 
 #include "qforge/error.hpp"
 
@@ -27,6 +39,311 @@ bool ends_with(std::string_view s, std::string_view suffix) {
   return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
 }
 
+int hex_digit(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+// The code unit of the \uXXXX escape at s[i] ('\\'), or -1 when there is none.
+int32_t u_escape(std::string_view s, size_t i) {
+  if (i + 6 > s.size() || s[i] != '\\' || s[i + 1] != 'u') return -1;
+  int32_t v = 0;
+  for (size_t k = i + 2; k < i + 6; ++k) {
+    int d = hex_digit(s[k]);
+    if (d < 0) return -1;
+    v = v * 16 + d;
+  }
+  return v;
+}
+
+// What the scanner knows about the JSON value that may start at one bracket.
+enum : uint8_t { kUnknown, kParsed, kMalformed, kTooDeep };
+enum : uint8_t {
+  kNamed = 1,     // an object whose "name" (the last one, as json.loads keeps) is a string
+  kCallList = 2,  // a non-empty list of kNamed objects
+};
+struct Bracket {
+  uint32_t at;        // offset of the '{' or '['
+  uint32_t end = 0;   // kParsed: one past the value; kMalformed / kTooDeep: where it failed
+  uint8_t state = kUnknown;
+  uint8_t flags = 0;
+};
+
+// Scans JSON values that start at the brackets of a text, as json.loads
+// would read them (same grammar, NaN/Infinity included), but without
+// building them, with at most kMaxToolCallDepth open brackets, and
+// remembering each bracket's outcome. Two tries can read the same bytes
+// differently only where one is inside a string and the other is not, so
+// in practice a byte is read once or twice; the total is capped at
+// kMaxToolCallScanFactor steps per byte (exhausted() then says so).
+class JsonScan {
+ public:
+  explicit JsonScan(std::string_view t) : t_(t), budget_(kMaxToolCallScanFactor * t.size() + 4096) {
+    for (size_t i = 0; i < t.size(); ++i)
+      if (t[i] == '{' || t[i] == '[') brackets_.push_back({static_cast<uint32_t>(i)});
+  }
+  size_t size() const { return brackets_.size(); }
+  size_t at(size_t k) const { return brackets_[k].at; }
+  bool exhausted() const { return exhausted_; }
+  // The outcome of the bracket with ordinal k (scanned now if not yet known).
+  const Bracket& result(size_t k) {
+    if (brackets_[k].state == kUnknown && !exhausted_) scan_from(k);
+    return brackets_[k];
+  }
+  // The parsed value at bracket k (state kParsed), lone surrogate escapes read as U+FFFD.
+  Value load(size_t k) const {
+    const Bracket& b = brackets_[k];
+    std::string_view json = t_.substr(b.at, b.end - b.at);
+    auto first = lone_.lower_bound(b.at);
+    if (first == lone_.end() || *first >= b.end) return json_loads(json);
+    std::string fixed(json);
+    for (auto it = first; it != lone_.end() && *it < b.end; ++it) fixed.replace(*it - b.at, 6, "\\ufffd");
+    return json_loads(fixed);
+  }
+
+ private:
+  enum Expect : uint8_t { kFirstKey, kKey, kColon, kFirstItem, kItem, kNext };
+  struct Frame {
+    size_t k;  // bracket ordinal
+    bool object;
+    Expect expect;
+    bool key_is_name = false;  // the key just read is "name"
+    bool named = false;        // object: the last "name" holds a string
+    bool call_list = true;     // list: every item so far is a kNamed object
+    bool empty = true;
+  };
+
+  bool charge(size_t steps) {
+    used_ += steps;
+    if (used_ > budget_) exhausted_ = true;
+    return !exhausted_;
+  }
+  size_t skip_ws(size_t p) const {
+    while (p < t_.size() && is_ws(t_[p])) ++p;
+    return p;
+  }
+  // The string at t_[p] == '"': one past its closing quote, or 0 when malformed.
+  size_t string_end(size_t p, bool* is_name) {
+    size_t i = p + 1;
+    bool escaped = false, bad = false;
+    while (i < t_.size() && !bad) {
+      unsigned char c = static_cast<unsigned char>(t_[i]);
+      if (c == '"') break;
+      if (c < 0x20) {
+        bad = true;
+      } else if (c != '\\') {
+        ++i;
+      } else if (i + 1 < t_.size() && t_[i + 1] == 'u') {
+        escaped = true;
+        int32_t u = u_escape(t_, i);
+        int32_t lo = u >= 0xD800 && u < 0xDC00 ? u_escape(t_, i + 6) : -1;
+        if (u < 0) bad = true;
+        else if (lo >= 0xDC00 && lo < 0xE000) i += 12;  // a surrogate pair: one code point
+        else {
+          if (u >= 0xD800 && u < 0xE000) lone_.insert(static_cast<uint32_t>(i));
+          i += 6;
+        }
+      } else if (i + 1 < t_.size() && std::string_view("\"\\/bfnrt").find(t_[i + 1]) != std::string_view::npos) {
+        escaped = true;
+        i += 2;
+      } else {
+        bad = true;
+      }
+    }
+    charge(i - p);
+    if (bad || i >= t_.size()) return 0;
+    if (is_name) {
+      *is_name = t_.substr(p + 1, i - p - 1) == "name";
+      if (escaped && !*is_name) {
+        try {  // "\u006eame" is "name" too (rare: only keys with escapes come here)
+          *is_name = json_loads(t_.substr(p, i + 1 - p)).str() == "name";
+        } catch (const InvalidArgument&) {
+          *is_name = false;
+        }
+      }
+    }
+    return i + 1;
+  }
+  // A number or literal at t_[p]: one past it, or 0 when there is none.
+  size_t scalar_end(size_t p) {
+    for (std::string_view lit : {"true", "false", "null", "NaN", "Infinity", "-Infinity"})
+      if (t_.substr(p, lit.size()) == lit) return p + lit.size();
+    size_t i = p;
+    auto digits = [&] {
+      size_t s = i;
+      while (i < t_.size() && t_[i] >= '0' && t_[i] <= '9') ++i;
+      return i > s;
+    };
+    if (i < t_.size() && t_[i] == '-') ++i;
+    if (i >= t_.size() || !(t_[i] >= '0' && t_[i] <= '9')) return 0;
+    if (t_[i] == '0') ++i;
+    else digits();
+    if (i + 1 < t_.size() && t_[i] == '.' && t_[i + 1] >= '0' && t_[i + 1] <= '9') {
+      ++i;
+      digits();
+    }
+    if (i < t_.size() && (t_[i] == 'e' || t_[i] == 'E')) {
+      size_t save = i++;
+      if (i < t_.size() && (t_[i] == '+' || t_[i] == '-')) ++i;
+      if (!digits()) i = save;
+    }
+    charge(i - p);
+    return i;
+  }
+  size_t ordinal_of(size_t pos, size_t from) const {
+    auto it = std::lower_bound(brackets_.begin() + static_cast<std::ptrdiff_t>(from), brackets_.end(), pos,
+                               [](const Bracket& b, size_t p) { return b.at < p; });
+    return static_cast<size_t>(it - brackets_.begin());
+  }
+
+  // Reads the value at bracket k, recording every bracket met as a value.
+  void scan_from(size_t k) {
+    std::deque<Frame> stack;  // at most kMaxToolCallDepth frames
+    stack.push_back({k, t_[brackets_[k].at] == '{', t_[brackets_[k].at] == '{' ? kFirstKey : kFirstItem});
+    size_t p = brackets_[k].at + 1;
+    auto fail = [&](size_t where, uint8_t why) {
+      for (auto& f : stack) {
+        brackets_[f.k].state = why;
+        brackets_[f.k].end = static_cast<uint32_t>(where);
+      }
+    };
+    // an item or value of the innermost frame is complete
+    auto done = [&](bool is_string, bool named_object) {
+      Frame& f = stack.back();
+      if (f.object) {
+        if (f.key_is_name) f.named = is_string;
+      } else {
+        f.call_list = f.call_list && named_object;
+        f.empty = false;
+      }
+      f.expect = kNext;
+    };
+    while (!stack.empty()) {
+      if (!charge(1)) return;
+      size_t q = skip_ws(p);
+      charge(q - p);
+      p = q;
+      if (p >= t_.size()) return fail(p, kMalformed);
+      Frame& f = stack.back();
+      char c = t_[p];
+      bool close = (c == '}' && f.object && (f.expect == kFirstKey || f.expect == kNext)) ||
+                   (c == ']' && !f.object && (f.expect == kFirstItem || f.expect == kNext));
+      if (close) {
+        Bracket& b = brackets_[f.k];
+        b.state = kParsed;
+        b.end = static_cast<uint32_t>(p + 1);
+        b.flags = f.object ? (f.named ? kNamed : 0) : (!f.empty && f.call_list ? kCallList : 0);
+        ++p;
+        stack.pop_back();
+        if (!stack.empty()) done(false, b.flags & kNamed);
+        continue;
+      }
+      switch (f.expect) {
+        case kFirstKey:
+        case kKey: {
+          if (c != '"') return fail(p, kMalformed);
+          size_t e = string_end(p, &f.key_is_name);
+          if (!e) return fail(p, kMalformed);
+          p = e;
+          f.expect = kColon;
+          break;
+        }
+        case kColon:
+          if (c != ':') return fail(p, kMalformed);
+          ++p;
+          f.expect = kItem;
+          break;
+        case kNext:
+          if (c != ',') return fail(p, kMalformed);
+          ++p;
+          f.expect = f.object ? kKey : kItem;
+          break;
+        case kFirstItem:
+        case kItem:
+          if (c == '{' || c == '[') {
+            size_t j = ordinal_of(p, f.k + 1);
+            const Bracket& b = brackets_[j];
+            if (b.state == kParsed) {  // read before: skip it
+              p = b.end;
+              done(false, b.flags & kNamed);
+            } else if (b.state != kUnknown) {  // the same bytes fail the same way
+              return fail(b.end, b.state);
+            } else {
+              if (stack.size() == static_cast<size_t>(kMaxToolCallDepth)) {
+                // the outermost value nests too deep; the inner ones may not
+                brackets_[stack.front().k].state = kTooDeep;
+                brackets_[stack.front().k].end = static_cast<uint32_t>(p);
+                stack.pop_front();
+              }
+              stack.push_back({j, c == '{', c == '{' ? kFirstKey : kFirstItem});
+              ++p;
+            }
+          } else if (c == '"') {
+            size_t e = string_end(p, nullptr);
+            if (!e) return fail(p, kMalformed);
+            p = e;
+            done(true, false);
+          } else {
+            size_t e = scalar_end(p);
+            if (!e) return fail(p, kMalformed);
+            p = e;
+            done(false, false);
+          }
+          break;
+      }
+    }
+  }
+
+  std::string_view t_;
+  std::vector<Bracket> brackets_;
+  std::set<uint32_t> lone_;  // offsets of \uXXXX escapes of lone surrogates (inside strings)
+  size_t used_ = 0, budget_;
+  bool exhausted_ = false;
+};
+
+const char* too_deep_message() {
+  static const std::string m = "tool call JSON nests deeper than " + std::to_string(kMaxToolCallDepth) + " levels";
+  return m.c_str();
+}
+
+// One JSON document (a <tool_call> body, a JSON-string "arguments", a Qwen3-Coder
+// parameter) with the tool-call limits; false with `error` set when it is not one.
+bool load_json(std::string_view json, Value& out, std::string& error) {
+  size_t p = 0;
+  while (p < json.size() && is_ws(json[p])) ++p;
+  if (p < json.size() && (json[p] == '{' || json[p] == '[')) {
+    JsonScan scan(json);
+    const Bracket& b = scan.result(0);
+    if (b.state == kTooDeep) {
+      error = too_deep_message();
+      return false;
+    }
+    size_t e = b.end;
+    while (e < json.size() && is_ws(json[e])) ++e;
+    if (b.state == kParsed && e == json.size()) {
+      out = scan.load(0);
+      return true;
+    }
+    error = b.state == kParsed ? "extra data after the JSON value at offset " + std::to_string(b.end)
+                               : "invalid JSON at offset " + std::to_string(b.end);
+    return false;
+  }
+  try {  // a scalar: no nesting
+    out = json_loads(json);
+  } catch (const InvalidArgument& e) {
+    error = e.what();
+    return false;
+  }
+  if (out.is_string()) {
+    std::string storage;
+    std::string_view s = scrub_utf8(out.str(), storage);
+    if (s.size() != out.str().size() || s.data() != out.str().data()) out = Value(std::string(s));
+  }
+  return true;
+}
+
 // {"type": "function", "function": {"name": name, "arguments": args}}
 Value make_call(const Value& name, Value args) {
   Value fn = Value::dict();
@@ -47,12 +364,13 @@ bool call_from_json(const Value& obj, Value& out, std::string& error) {
   if (!name || !name->is_string()) return false;
   Value a = args ? *args : Value::dict();
   if (a.is_string()) {
-    try {
-      a = json_loads(a.str());
-    } catch (const InvalidArgument& e) {
-      error = std::string("tool call arguments are not valid JSON: ") + e.what();
+    std::string why;
+    Value parsed;
+    if (!load_json(a.str(), parsed, why)) {
+      error = "tool call arguments are not valid JSON: " + why;
       return false;
     }
+    a = std::move(parsed);
   }
   if (!a.is_dict()) {
     error = "tool call arguments must be a JSON object";
@@ -90,12 +408,8 @@ bool python_literal(std::string_view s, size_t& p, Value& out) {
   else if (tok == "False") out = Value(false);
   else if (tok == "None") out = Value();
   else {
-    try {
-      out = json_loads(tok);
-    } catch (const InvalidArgument&) {
-      return false;
-    }
-    if (!out.is_number()) return false;
+    std::string why;
+    if (!load_json(tok, out, why) || !out.is_number()) return false;
   }
   return true;
 }
@@ -133,6 +447,13 @@ bool builtin_call(std::string_view s, Value& out) {
   return true;
 }
 
+// '{' at text[open] directly followed (after whitespace) by the key "name"
+bool opens_with_name_key(std::string_view text, size_t open) {
+  size_t p = open + 1;
+  while (p < text.size() && is_ws(text[p])) ++p;
+  return text.substr(p, 6) == "\"name\"";
+}
+
 // Llama 3.x: JSON calls anywhere in the text (objects, ';'-separated, or lists).
 void parse_llama3(std::string_view text, ParsedToolCalls& r) {
   std::string without_tag;
@@ -157,61 +478,64 @@ void parse_llama3(std::string_view text, ParsedToolCalls& r) {
     without_tag = std::string(text.substr(0, tag)) + std::string(text.substr(tag + kPythonTag.size()));
     text = without_tag;
   }
+  // Each bracket is a candidate, in text order, unless inside a call already
+  // taken. An object with a string "name", or a list of such objects, is a
+  // call (or calls) or an error; other JSON values are looked into.
+  JsonScan scan(text);
   std::string content;
-  size_t pos = 0, copied = 0;
-  while (pos < text.size()) {
-    size_t open = text.find_first_of("{[", pos);
-    if (open == std::string_view::npos) break;
-    size_t end = open;
-    Value parsed;
-    bool ok = true;
-    try {
-      parsed = json_parse_prefix(text, end);
-    } catch (const InvalidArgument&) {
-      ok = false;
+  size_t copied = 0;
+  for (size_t k = 0; k < scan.size(); ++k) {
+    size_t open = scan.at(k);
+    if (open < copied) continue;
+    const Bracket& b = scan.result(k);
+    if (scan.exhausted()) {
+      r.error = "gave up searching for JSON tool calls: the text's brackets take more than " +
+                std::to_string(kMaxToolCallScanFactor) + " scanner steps per byte";
+      r.tool_calls = Value(List{});
+      return;
     }
+    if (b.state != kParsed) {
+      if (text[open] == '{' && opens_with_name_key(text, open)) {
+        r.error = b.state == kTooDeep ? too_deep_message() : "malformed JSON tool call";
+        r.tool_calls = Value(List{});
+        return;
+      }
+      continue;
+    }
+    if (!(b.flags & (kNamed | kCallList))) continue;
+    Value parsed = scan.load(k);
     List calls;
     std::string error;
-    if (ok) {
-      if (parsed.is_dict()) {
-        Value c;
-        if (call_from_json(parsed, c, error)) calls.push_back(std::move(c));
-      } else if (parsed.is_list() && !parsed.list().empty()) {
-        for (auto& item : parsed.list()) {
-          Value c;
-          if (!call_from_json(item, c, error)) {
-            calls.clear();
-            break;
-          }
-          calls.push_back(std::move(c));
-        }
-      }
+    if (parsed.is_dict()) {
+      Value c;
+      if (call_from_json(parsed, c, error)) calls.push_back(std::move(c));
     } else {
-      // something that starts like a call but is not valid JSON
-      std::string_view rest = trim(text.substr(open + 1));
-      if (text[open] == '{' && rest.substr(0, 6) == "\"name\"") error = "malformed JSON tool call";
+      for (auto& item : parsed.list()) {
+        Value c;
+        if (!call_from_json(item, c, error)) {
+          calls.clear();
+          break;
+        }
+        calls.push_back(std::move(c));
+      }
     }
     if (!error.empty()) {
       r.error = error;
       r.tool_calls = Value(List{});
       return;
     }
-    if (calls.empty()) {
-      pos = open + 1;
-      continue;
-    }
+    if (calls.empty()) continue;
     content.append(text.substr(copied, open - copied));
     for (auto& c : calls) r.tool_calls.push_back(std::move(c));
-    pos = copied = end;
+    copied = b.end;
     while (copied < text.size() && (is_ws(text[copied]) || text[copied] == ';')) ++copied;
-    pos = copied;
   }
-  content.append(text.substr(copied));
-  std::string_view c = trim(content);
   if (r.tool_calls.list().empty()) {
     r.content = Value(text);
     return;
   }
+  content.append(text.substr(copied));
+  std::string_view c = trim(content);
   r.content = c.empty() ? Value() : Value(c);
 }
 
@@ -251,10 +575,9 @@ bool xml_function_call(std::string_view body, Value& out, std::string& error) {
     std::string_view t = trim(raw);
     if (!t.empty() && (t[0] == '{' || t[0] == '[' || t[0] == '-' || (t[0] >= '0' && t[0] <= '9') || t == "true" ||
                        t == "false" || t == "null")) {
-      try {
-        v = json_loads(t);
-      } catch (const InvalidArgument&) {
-      }
+      Value parsed;
+      std::string not_json;  // then the value is the raw string
+      if (load_json(t, parsed, not_json)) v = std::move(parsed);
     }
     args.set(Value(key), std::move(v));
     pos = b + p_close.size();
@@ -279,18 +602,16 @@ void parse_hermes(std::string_view text, ParsedToolCalls& r) {
     std::string error;
     bool ok = xml_function_call(body, call, error);
     if (!ok && error.empty()) {
-      try {
-        ok = call_from_json(json_loads(body), call, error);
-      } catch (const InvalidArgument& e) {
-        error = std::string("malformed JSON in <tool_call>: ") + e.what();
-      }
+      Value parsed;
+      std::string why;
+      if (load_json(body, parsed, why)) ok = call_from_json(parsed, call, error);
+      else error = "malformed JSON in <tool_call>: " + why;
     }
     if (!ok) {
       r.error = error.empty() ? "a <tool_call> block is not a {\"name\", \"arguments\"} object" : error;
       r.tool_calls = Value(List{});
       return;
     }
-    if (b == std::string_view::npos && !r.error.empty()) return;
     r.tool_calls.push_back(std::move(call));
     if (b == std::string_view::npos) {
       pos = text.size();
@@ -307,7 +628,66 @@ void parse_hermes(std::string_view text, ParsedToolCalls& r) {
   r.content = c.empty() ? Value() : Value(c);
 }
 
+// The length of the valid UTF-8 sequence at s[i], 0 when none starts there.
+size_t utf8_sequence(std::string_view s, size_t i) {
+  auto cont = [&](size_t k, unsigned lo, unsigned hi) {
+    if (i + k >= s.size()) return false;
+    unsigned c = static_cast<unsigned char>(s[i + k]);
+    return c >= lo && c <= hi;
+  };
+  unsigned c = static_cast<unsigned char>(s[i]);
+  if (c < 0x80) return 1;
+  if (c >= 0xC2 && c <= 0xDF) return cont(1, 0x80, 0xBF) ? 2 : 0;
+  if (c >= 0xE0 && c <= 0xEF) {
+    unsigned lo = c == 0xE0 ? 0xA0 : 0x80, hi = c == 0xED ? 0x9F : 0xBF;
+    return cont(1, lo, hi) && cont(2, 0x80, 0xBF) ? 3 : 0;
+  }
+  if (c >= 0xF0 && c <= 0xF4) {
+    unsigned lo = c == 0xF0 ? 0x90 : 0x80, hi = c == 0xF4 ? 0x8F : 0xBF;
+    return cont(1, lo, hi) && cont(2, 0x80, 0xBF) && cont(3, 0x80, 0xBF) ? 4 : 0;
+  }
+  return 0;
+}
+
+// The bytes an invalid sequence at s[i] spans: an encoded surrogate whole,
+// else its maximal subpart (the longest start of a valid sequence), at least one.
+size_t invalid_sequence(std::string_view s, size_t i) {
+  auto byte = [&](size_t k) { return i + k < s.size() ? static_cast<unsigned>(static_cast<unsigned char>(s[i + k])) : 0u; };
+  unsigned c = byte(0);
+  if (c == 0xED && byte(1) >= 0xA0 && byte(1) <= 0xBF && byte(2) >= 0x80 && byte(2) <= 0xBF) return 3;
+  size_t need = c >= 0xC2 && c <= 0xDF ? 2 : c >= 0xE0 && c <= 0xEF ? 3 : c >= 0xF0 && c <= 0xF4 ? 4 : 1;
+  unsigned lo = c == 0xE0 ? 0xA0 : c == 0xF0 ? 0x90 : 0x80, hi = c == 0xED ? 0x9F : c == 0xF4 ? 0x8F : 0xBF;
+  size_t k = 1;
+  for (; k < need; ++k) {
+    unsigned b = byte(k);
+    if (b < (k == 1 ? lo : 0x80) || b > (k == 1 ? hi : 0xBF)) break;
+  }
+  return k;
+}
+
 }  // namespace
+
+std::string_view scrub_utf8(std::string_view text, std::string& storage) {
+  size_t i = 0;
+  while (i < text.size()) {
+    size_t n = utf8_sequence(text, i);
+    if (!n) break;
+    i += n;
+  }
+  if (i == text.size()) return text;
+  storage.assign(text.substr(0, i));
+  while (i < text.size()) {
+    size_t n = utf8_sequence(text, i);
+    if (n) {
+      storage.append(text.substr(i, n));
+      i += n;
+    } else {
+      storage += "\xEF\xBF\xBD";  // U+FFFD
+      i += invalid_sequence(text, i);
+    }
+  }
+  return storage;
+}
 
 Value ParsedToolCalls::to_json() const {
   Value out = Value::dict();
@@ -325,9 +705,11 @@ ToolCallFormat tool_call_format(std::string_view name) {
   throw InvalidArgument("unknown tool-call format '" + std::string(name) + "' (expected auto, llama3, hermes or qwen)");
 }
 
-ParsedToolCalls parse_tool_calls(std::string_view text, ToolCallFormat format) {
+ParsedToolCalls parse_tool_calls(std::string_view raw_text, ToolCallFormat format) {
   ParsedToolCalls r;
   r.tool_calls = Value(List{});
+  std::string storage;
+  std::string_view text = scrub_utf8(raw_text, storage);
   std::string_view body = text;
   // the stop token tells a tool call awaiting a result (eom) from a finished turn (eot)
   std::string_view t = trim(body);
@@ -338,6 +720,12 @@ ParsedToolCalls parse_tool_calls(std::string_view text, ToolCallFormat format) {
       body = t.substr(0, t.size() - tok.size());
       break;
     }
+  }
+  if (body.size() > kMaxToolCallTextBytes) {
+    r.error = "text of " + std::to_string(body.size()) + " bytes is longer than the " +
+              std::to_string(kMaxToolCallTextBytes) + " searched for tool calls";
+    r.content = Value(body);
+    return r;
   }
   if (format == ToolCallFormat::Auto)
     format = body.find("<tool_call>") != std::string_view::npos ? ToolCallFormat::Hermes : ToolCallFormat::Llama3;
