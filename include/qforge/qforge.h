@@ -189,7 +189,9 @@ QF_API int qf_chat_apply_template(const qf_chat_template* tmpl, const char* requ
  * (QF_CHAT_MARSHAL) as n = offsets_len - 1 little-endian int64 sizes followed
  * by n documents, each Python's marshal.dumps(messages, 4) of one
  * conversation (None, bool, int, float, str, list, tuple and dict only; each
- * parsed by the thread that renders it). threads <= 0: all cores.
+ * parsed by the thread that renders it). threads <= 0: all cores; at most
+ * 256 are used, and threads the system refuses to start are not an error
+ * (the calling thread renders their share).
  * *texts receives the outputs concatenated; offsets (n + 1 entries, n =
  * number of conversations, caller-allocated) receives where each output
  * starts in it: byte offsets, or code point offsets when code_points != 0. */

@@ -218,9 +218,13 @@ def json_dumps(obj: Any, ensure_ascii: bool = False, indent: int | None = None, 
     return _take(out)
 
 
-def parse_tool_calls(text: str, format: str = "auto") -> dict:
-    """Tool calls in generated text -> {"content", "tool_calls", "stop", "error"}."""
-    raw = text.encode("utf-8")
+def parse_tool_calls(text: str | bytes, format: str = "auto") -> dict:
+    """Tool calls in generated text -> {"content", "tool_calls", "stop", "error"}.
+    Never raises for any text (only for an unknown format): malformed calls come back as content with
+    "error" set. `text` may also be bytes (UTF-8 as the model produced it);
+    invalid UTF-8, lone surrogates in `text` and lone surrogate JSON escapes
+    ("\\ud800") read as U+FFFD (docs/chat.md, "Tool-call parsing")."""
+    raw = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
     out = ctypes.c_void_p()
     _call(_parse(raw, len(raw), format.encode(), ctypes.byref(out)))
     return json.loads(_take(out))

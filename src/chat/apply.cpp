@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstring>
 #include <exception>
+#include <system_error>
 #include <thread>
 #include <utility>
 
@@ -163,25 +164,20 @@ std::vector<ChatRendered> render_batch(const Template& tmpl, const ChatRequest& 
                                        const RenderOptions& opt, int threads) {
   std::vector<ChatRendered> out(n);
   if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  threads = std::min(threads, kMaxBatchThreads);
   threads = static_cast<int>(std::min<size_t>(static_cast<size_t>(threads), std::max<size_t>(n, 1)));
   std::vector<std::exception_ptr> errors(static_cast<size_t>(threads));
   std::vector<size_t> failed_at(static_cast<size_t>(threads), n);
-  auto work = [&](int t) {
+  auto render_stride = [&](int t) {
     RenderCache cache;
     RenderOptions o = opt;
     o.cache = &cache;
     ChatRequest req;
     // values are counted without atomics: with several threads each gets its own copy
     auto own = [&](const Value& v) { return threads > 1 ? deep_copy(v) : v; };
-    try {
-      req.tools = own(shared.tools);
-      req.documents = own(shared.documents);
-      req.kwargs = own(shared.kwargs);
-    } catch (...) {
-      errors[t] = std::current_exception();
-      failed_at[t] = 0;
-      return;
-    }
+    req.tools = own(shared.tools);
+    req.documents = own(shared.documents);
+    req.kwargs = own(shared.kwargs);
     cache.share(req.tools);
     cache.share(req.documents);
     for (auto& kv : req.kwargs.dict_ref().items) cache.share(kv.second);
@@ -199,11 +195,30 @@ std::vector<ChatRendered> render_batch(const Template& tmpl, const ChatRequest& 
       }
     }
   };
+  auto work = [&](int t) noexcept {
+    try {
+      render_stride(t);
+    } catch (...) {  // before the stride's first conversation: copying the shared values
+      errors[t] = std::current_exception();
+      failed_at[t] = static_cast<size_t>(t);
+    }
+  };
   if (threads == 1) {
     work(0);
   } else {
+    // Threads the system refuses (EAGAIN under RLIMIT_NPROC / RLIMIT_AS,
+    // ...) are not an error: the calling thread renders their strides.
     std::vector<std::thread> pool;
-    for (int t = 0; t < threads; ++t) pool.emplace_back(work, t);
+    pool.reserve(static_cast<size_t>(threads));
+    int started = 0;
+    for (; started < threads; ++started) {
+      try {
+        pool.emplace_back(work, started);
+      } catch (const std::system_error&) {
+        break;
+      }
+    }
+    for (int t = started; t < threads; ++t) work(t);
     for (auto& th : pool) th.join();
   }
   size_t first = n;

@@ -33,11 +33,17 @@ struct ChatRendered {
 // with transformers' messages.
 ChatRendered apply_chat_template(const Template& tmpl, const ChatRequest& req, const RenderOptions& opt = {});
 
+// The most threads a batch renders on; more are asked for in vain.
+inline constexpr int kMaxBatchThreads = 256;
+
 // Many conversations sharing tools, documents and kwargs (a training set):
 // conversations[i] is a list of messages rendered with `shared`'s other
-// fields. Runs on `threads` threads (<= 0: hardware concurrency); shared
-// values' tojson is computed once per thread. Results in input order; the
-// first failure is rethrown (naming the conversation's index).
+// fields. Runs on `threads` threads (<= 0: hardware concurrency; at most
+// kMaxBatchThreads and one per conversation); threads the system refuses to
+// create (std::system_error: RLIMIT_NPROC, no memory for a stack) are not an
+// error, the calling thread does their share. Shared values' tojson is
+// computed once per thread. Results in input order; the first failure is
+// rethrown (naming the conversation's index).
 std::vector<ChatRendered> apply_chat_template_batch(const Template& tmpl, const ChatRequest& shared,
                                                     const List& conversations, const RenderOptions& opt = {},
                                                     int threads = 1);
