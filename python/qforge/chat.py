@@ -9,6 +9,7 @@ data (loss only on the assistant's turns).
 from __future__ import annotations
 
 import array
+import bisect
 import ctypes
 import inspect
 import json
@@ -152,18 +153,19 @@ class ChatTemplate:
                 raise TypeError(f"render() got multiple values for keyword argument '{key}'")
             request[key] = value
         raw = _json(request)
-        out = ctypes.c_void_p()
         cap = 256 if return_assistant_spans else 0
-        spans = (ctypes.c_int64 * (2 * cap))() if cap else None
-        n = ctypes.c_size_t()
-        _call(_apply(self._handle, raw, len(raw), -1 if now is None else int(now), ctypes.byref(out),
-                     spans, cap, ctypes.byref(n) if cap else None))
-        text = _take(out)
-        if not return_assistant_spans:
-            return text
-        if n.value > cap:
-            raise ValueError(f"more than {cap} generation blocks")
-        return text, [(spans[2 * i], spans[2 * i + 1]) for i in range(n.value)]
+        while True:  # at most twice: the first call says how many spans there are
+            out = ctypes.c_void_p()
+            spans = (ctypes.c_int64 * (2 * cap))() if cap else None
+            n = ctypes.c_size_t()
+            _call(_apply(self._handle, raw, len(raw), -1 if now is None else int(now), ctypes.byref(out),
+                         spans, cap, ctypes.byref(n) if cap else None))
+            text = _take(out)
+            if not return_assistant_spans:
+                return text
+            if n.value <= cap:
+                return text, [(spans[2 * i], spans[2 * i + 1]) for i in range(n.value)]
+            cap = n.value
 
     def apply_batch(
         self,
@@ -312,33 +314,95 @@ def patch_tokenizer(tokenizer, model=None, tokens: Sequence[str] = LLAMA3_SPECIA
 
 
 # ------------------------------------------------------------ loss masks
+# The old method (full prefixes rendered per assistant turn) is used where
+# windows do not reproduce the full render; it may render at most this many
+# messages in all, plus EXACT_SPAN_RENDERS_PER_MESSAGE per message of the
+# conversation, before assistant_spans gives up (ValueError).
+EXACT_SPAN_RENDER_BUDGET = 65536
+EXACT_SPAN_RENDERS_PER_MESSAGE = 8
+
+
 def assistant_spans(template: ChatTemplate, messages: Sequence[dict], **kwargs) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the [start, end) string spans of the
     assistant's turns (tool calls included; tool/ipython results excluded).
     Uses the template's {% generation %} blocks when it has them, else the
     rendered-offset method: turn i spans from the end of the conversation up
     to it rendered with add_generation_prompt=True to the end of the
-    conversation through it, which must both be prefixes of the full render."""
+    conversation through it, which must both be prefixes of the full render.
+
+    Time is linear in the conversation's length: turn k is rendered in a
+    window (a leading system message, then the messages from after turn k-2
+    through turn k, started at the same parity so role-alternation checks
+    hold), and its text must appear in the full render right where turn k-1
+    ended. Where it does not (a template that renders a turn differently
+    depending on messages outside the window), the turn falls back to full
+    prefixes, within EXACT_SPAN_RENDER_BUDGET."""
     kwargs.pop("add_generation_prompt", None)
     kwargs.pop("continue_final_message", None)
     if re.search(r"\{%-?\s*generation\s*-?%\}", template.source):
         text, spans = template.apply(messages, return_assistant_spans=True, **kwargs)
         return text, [tuple(s) for s in spans]
     text = template.apply(messages, **kwargs)
-    spans = []
-    for i, message in enumerate(messages):
-        if message.get("role") != "assistant":
-            continue
-        prefix = template.apply(messages[:i], add_generation_prompt=True, **kwargs) if i else ""
-        through = template.apply(messages[: i + 1], **kwargs)
-        if not (through.startswith(prefix) and text.startswith(through)):
-            raise ValueError(
-                f"cannot locate assistant message {i} by rendered offsets: the template does not render "
-                "conversations as prefixes of each other (e.g. it rewrites earlier turns); add "
-                "{% generation %} blocks to the template instead")
-        if len(through) > len(prefix):
-            spans.append((len(prefix), len(through)))
+    turns = [i for i, message in enumerate(messages) if message.get("role") == "assistant"]
+    head = 1 if messages and messages[0].get("role") == "system" else 0
+    windows = {}  # turn number k -> first message of its window after the head
+    for k in range(1, len(turns)):
+        first = turns[k - 2] + 1 if k >= 2 else 0
+        first -= (first - head) % 2
+        if first > head:
+            windows[k] = first
+    order = list(windows)
+    # for window j: [through turn k-1, through turn k] without, [up to turn k] with the generation prompt
+    closed = [messages[:head] + messages[windows[k]:turns[k - 1] + 1] for k in order]
+    closed += [messages[:head] + messages[windows[k]:turns[k] + 1] for k in order]
+    opened = [messages[:head] + messages[windows[k]:turns[k]] for k in order]
+    closed = _render_each(template, closed, False, kwargs)
+    opened = _render_each(template, opened, True, kwargs)
+    budget = EXACT_SPAN_RENDER_BUDGET + EXACT_SPAN_RENDERS_PER_MESSAGE * len(messages)
+    spans, end = [], 0  # end: where turn k-1 ends in text
+    slot = {k: j for j, k in enumerate(order)}
+    for k, i in enumerate(turns):
+        found = None
+        if k in slot:
+            before, after, prompt = closed[slot[k]], closed[len(order) + slot[k]], opened[slot[k]]
+            if None not in (before, after, prompt) and after.startswith(prompt) and prompt.startswith(before):
+                turn = after[len(before):]  # the messages after turn k-1 through turn k
+                if text.startswith(turn, end):
+                    found = (end + len(prompt) - len(before), end + len(turn))
+        if found is None:
+            budget -= 2 * i + 1
+            if budget < 0:
+                raise ValueError(
+                    f"cannot locate assistant message {i} in linear time: the template renders turns differently "
+                    "depending on messages outside a window, and the full-prefix method's budget "
+                    f"(EXACT_SPAN_RENDER_BUDGET = {EXACT_SPAN_RENDER_BUDGET}) is spent; add {{% generation %}} "
+                    "blocks to the template instead")
+            prefix = template.apply(messages[:i], add_generation_prompt=True, **kwargs) if i else ""
+            full = template.apply(messages[: i + 1], **kwargs)
+            if not (full.startswith(prefix) and text.startswith(full)):
+                raise ValueError(
+                    f"cannot locate assistant message {i} by rendered offsets: the template does not render "
+                    "conversations as prefixes of each other (e.g. it rewrites earlier turns); add "
+                    "{% generation %} blocks to the template instead")
+            found = (len(prefix), len(full))
+        if found[1] > found[0]:
+            spans.append(found)
+        end = found[1]
     return text, spans
+
+
+def _render_each(template: ChatTemplate, conversations: list, add_generation_prompt: bool, kwargs: dict) -> list:
+    """Each conversation rendered, None where the template refuses it."""
+    try:
+        return template.apply_batch(conversations, add_generation_prompt=add_generation_prompt, threads=1, **kwargs)
+    except ValueError:  # TemplateError is one: find which, one by one
+        out = []
+        for messages in conversations:
+            try:
+                out.append(template.apply(messages, add_generation_prompt=add_generation_prompt, **kwargs))
+            except ValueError:
+                out.append(None)
+        return out
 
 
 def train_on_responses_only(template: ChatTemplate, messages: Sequence[dict], tokenizer,
@@ -351,10 +415,8 @@ def train_on_responses_only(template: ChatTemplate, messages: Sequence[dict], to
     kwargs = {**getattr(tokenizer, "special_tokens_map", {}), **kwargs}
     text, spans = assistant_spans(template, messages, **kwargs)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    mask = []
-    for start, end in enc["offset_mapping"]:
-        inside = any(start < e and end > s for s, e in spans) if end > start else any(s <= start < e for s, e in spans)
-        mask.append(1 if inside else 0)
+    inside = _span_membership(spans)
+    mask = [1 if inside(start, end) else 0 for start, end in enc["offset_mapping"]]
     ids = list(enc["input_ids"])
     return {
         "input_ids": ids,
@@ -362,6 +424,31 @@ def train_on_responses_only(template: ChatTemplate, messages: Sequence[dict], to
         "labels": [t if m else ignore_index for t, m in zip(ids, mask)],
         "assistant_masks": mask,
     }
+
+
+def _span_membership(spans: Sequence[tuple[int, int]]) -> Callable[[int, int], bool]:
+    """inside(start, end): whether the token [start, end) overlaps a span (an
+    empty token: lies in one), in O(log spans) per token."""
+    merged = []  # the union of the non-empty spans, as sorted disjoint [start, end)
+    for s, e in sorted(sp for sp in spans if sp[1] > sp[0]):
+        if merged and s <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], e)
+        else:
+            merged.append([s, e])
+    starts = [s for s, _ in merged]
+    points = sorted(s for s, e in spans if s == e)  # empty spans overlap the tokens around them
+
+    def inside(start: int, end: int) -> bool:
+        if end > start:
+            j = bisect.bisect_left(starts, end) - 1
+            if j >= 0 and merged[j][1] > start:
+                return True
+            p = bisect.bisect_right(points, start)
+            return p < len(points) and points[p] < end
+        j = bisect.bisect_right(starts, start) - 1
+        return j >= 0 and start < merged[j][1]
+
+    return inside
 
 
 # ------------------------------------------------------------ tokenizer_config.json

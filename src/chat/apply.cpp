@@ -55,10 +55,6 @@ Value alias_reasoning(const Value& msg) {
 
 }  // namespace
 
-size_t codepoint_offset(std::string_view text, size_t byte_offset) {
-  return utf8_length(text.substr(0, std::min(byte_offset, text.size())));
-}
-
 ChatRendered apply_chat_template(const Template& tmpl, const ChatRequest& req, const RenderOptions& opt) {
   QF_CHECK(req.messages.is_list() || req.messages.is_tuple(), "messages must be a list of dicts, got ", req.messages.type_name());
   bool cont = !req.continue_final_message.empty();
@@ -134,8 +130,24 @@ ChatRendered apply_chat_template(const Template& tmpl, const ChatRequest& req, c
   Value ctx(std::move(vars));
   RenderResult r = tmpl.render_tracked(ctx, opt);
   ChatRendered out{std::move(r.text), {}};
-  // Python string indices into the text as rendered (before any continue_final_message cut, as transformers)
-  for (auto& [a, b] : r.generation) out.generation.emplace_back(codepoint_offset(out.text, a), codepoint_offset(out.text, b));
+  // Python string indices into the text as rendered (before any continue_final_message cut, as transformers):
+  // all span ends sorted, then one pass over the text (a conversation has a span per assistant turn)
+  std::vector<std::pair<size_t, size_t>> ends;  // (byte offset, 2 * span + which end)
+  ends.reserve(2 * r.generation.size());
+  for (size_t i = 0; i < r.generation.size(); ++i) {
+    ends.emplace_back(std::min(r.generation[i].first, out.text.size()), 2 * i);
+    ends.emplace_back(std::min(r.generation[i].second, out.text.size()), 2 * i + 1);
+  }
+  std::sort(ends.begin(), ends.end());
+  std::vector<size_t> code_points(ends.size());
+  size_t at = 0, count = 0;
+  for (auto& [byte, slot] : ends) {
+    count += utf8_length(std::string_view(out.text).substr(at, byte - at));
+    at = byte;
+    code_points[slot] = count;
+  }
+  out.generation.reserve(r.generation.size());
+  for (size_t i = 0; i < r.generation.size(); ++i) out.generation.emplace_back(code_points[2 * i], code_points[2 * i + 1]);
   if (cont) {
     std::string_view tag_stripped = strip_ws(kContinueTag);
     std::string_view fm_stripped = strip_ws(final_message);

@@ -64,9 +64,6 @@ std::vector<ChatRendered> apply_chat_template_batch_marshal(const Template& tmpl
 // "add_generation_prompt": bool, "continue_final_message": bool|str, <any other key>: kwarg}.
 ChatRequest chat_request_from_json(const Value& obj);
 
-// Byte offset -> Python (code point) offset in `text`.
-size_t codepoint_offset(std::string_view text, size_t byte_offset);
-
 // The official Llama 3.1 / 3.2 / 3.3 chat templates (for tokenizers that lack one).
 const char* llama3_template(int minor);  // 1, 2 or 3; nullptr otherwise
 
