@@ -215,7 +215,7 @@ QF_API int qf_chat_template_render(const qf_chat_template* tmpl, const char* con
  * "error" says why. */
 QF_API int qf_chat_parse_tool_calls(const char* text, size_t text_len, const char* format, qf_chat_buffer** result);
 
-/* json.dumps(json.loads(text), ensure_ascii, indent (<0: None), sort_keys) with Python's exact output. */
+/* json.dumps(json.loads(text), ensure_ascii, indent (<0: None; at most 64), sort_keys) with Python's exact output. */
 QF_API int qf_chat_json_dumps(const char* json, size_t json_len, int ensure_ascii, int indent, int sort_keys,
                               qf_chat_buffer** result);
 

@@ -15,6 +15,7 @@ struct qf_chat_buffer {
 };
 
 namespace {
+constexpr int kMaxJsonIndent = 64;  // qf_chat_json_dumps: spaces per level (the output grows with it)
 std::string_view view(const char* p, size_t n) { return p ? std::string_view(p, n) : std::string_view(); }
 qf_chat_buffer* make_buffer(std::string s) { return new qf_chat_buffer{std::move(s)}; }
 qforge::chat::RenderOptions options(int64_t now) {
@@ -140,6 +141,7 @@ int qf_chat_json_dumps(const char* json, size_t json_len, int ensure_ascii, int 
   return qforge::capi::guard([&] {
     QF_CHECK(result, "qf_chat_json_dumps: result is NULL");
     *result = nullptr;
+    QF_CHECK(indent <= kMaxJsonIndent, "qf_chat_json_dumps: indent ", indent, " is more than ", kMaxJsonIndent);
     qforge::chat::DumpOptions o;
     std::string ind(indent > 0 ? static_cast<size_t>(indent) : 0, ' ');
     o.ensure_ascii = ensure_ascii != 0;

@@ -151,7 +151,9 @@ ChatRendered apply_chat_template(const Template& tmpl, const ChatRequest& req, c
   if (cont) {
     std::string_view tag_stripped = strip_ws(kContinueTag);
     std::string_view fm_stripped = strip_ws(final_message);
-    if (out.text.find(fm_stripped) == std::string::npos || out.text.find(tag_stripped) == std::string::npos)
+    // glibc's memmem (two-way) is linear however the final message repeats itself; std::string::find is not
+    bool has_final = fm_stripped.empty() || memmem(out.text.data(), out.text.size(), fm_stripped.data(), fm_stripped.size());
+    if (!has_final || out.text.find(tag_stripped) == std::string::npos)
       throw InvalidArgument(
           "continue_final_message is set but the final message does not appear in the chat after applying the chat "
           "template! This can happen if the chat template deletes portions of the final message. Please verify the "

@@ -4,9 +4,15 @@
 
 #include "chat_test_util.hpp"
 
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <system_error>
+#include <thread>
 
 #include "qforge/chat/apply.hpp"
 #include "qforge/chat/template.hpp"
@@ -177,4 +183,218 @@ TEST(ChatToolCalls, HermesKeepsSurroundingText) {
   EXPECT_EQ(p.tool_calls.list().size(), 2u);
   EXPECT_EQ(p.stop, "eot");
   EXPECT_THROW(tool_call_format("xml"), qforge::InvalidArgument);
+}
+
+// ------------------------------------------------------------ hostile model output
+namespace {
+
+double seconds_to_parse(const std::string& text, ParsedToolCalls& out) {
+  auto t0 = std::chrono::steady_clock::now();
+  out = parse_tool_calls(text);
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+bool valid_utf8(const std::string& s) {
+  std::string storage;
+  return scrub_utf8(s, storage).data() == s.data();
+}
+
+}  // namespace
+
+TEST(ChatToolCalls, DeepBracketsAndGarbageParseInLinearTime) {
+  std::string garbage;
+  uint64_t x = 88172645463325252ull;  // xorshift: JSON punctuation, digits, quotes, escapes
+  const char alphabet[] = "{}[]\",:0123456789.-eE truefalsnul\\u";
+  for (int i = 0; i < (1 << 20); ++i) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    garbage += alphabet[x % (sizeof(alphabet) - 1)];
+  }
+  std::string repeated_key;
+  for (int i = 0; i < 100000; ++i) repeated_key += "{\"a\":";
+  std::string strings_flipped = "[\"[\" , ";  // a bracket inside every string of another reading
+  for (int i = 0; i < 200000; ++i) strings_flipped += "\",\" , ";
+  for (const std::string& text : {std::string(100000, '['), std::string(1 << 20, '['), std::string(1 << 20, '{'), repeated_key,
+                                  strings_flipped, garbage}) {
+    SCOPED_TRACE(text.substr(0, 24));
+    ParsedToolCalls p;
+    double s = seconds_to_parse(text, p);
+    EXPECT_LT(s, 1.0);  // 81 s for '[' * 100000 when every bracket was parsed anew
+    EXPECT_TRUE(p.tool_calls.list().empty());
+    EXPECT_EQ(p.content.str(), text);
+  }
+}
+
+TEST(ChatToolCalls, NestingDeeperThanTheLimitIsAnErrorKeepingTheText) {
+  auto call = [](int depth) {
+    std::string args;
+    for (int i = 0; i < depth; ++i) args += "{\"a\":";
+    args += "1" + std::string(static_cast<size_t>(depth), '}');
+    return "{\"name\":\"f\",\"parameters\":" + args + "}";
+  };
+  ParsedToolCalls ok = parse_tool_calls(call(kMaxToolCallDepth - 1));  // the call's object is a level too
+  EXPECT_TRUE(ok.error.empty()) << ok.error;
+  EXPECT_EQ(ok.tool_calls.list().size(), 1u);
+  for (int depth : {kMaxToolCallDepth, 600, 100000}) {
+    std::string text = call(depth);
+    for (const std::string& t : {text, "<tool_call>" + text + "</tool_call>"}) {
+      ParsedToolCalls p = parse_tool_calls(t);
+      EXPECT_NE(p.error.find("deeper than 64"), std::string::npos) << p.error;
+      EXPECT_TRUE(p.tool_calls.list().empty());
+      EXPECT_EQ(p.content.str(), t);
+    }
+  }
+  // arguments as a JSON string nesting too deep
+  std::string deep_string = "{\"name\": \"f\", \"arguments\": \"" + std::string(1000, '[') + "\"}";
+  ParsedToolCalls p = parse_tool_calls(deep_string);
+  EXPECT_NE(p.error.find("deeper than 64"), std::string::npos) << p.error;
+  EXPECT_EQ(p.content.str(), deep_string);
+}
+
+TEST(ChatToolCalls, TruncatedJsonIsAnErrorKeepingTheText) {
+  for (const char* text : {R"({"name": "f", "parameters": {"a": [1, 2)", R"({"name": "f", "parameters": {"a": "unterminated)",
+                           R"({"name": "f", "parameters": {"a": 1})", "<tool_call>{\"name\": \"f\", \"arguments\": {",
+                           R"({"name": "f", "parameters": {"a": "\ud8"}})"}) {
+    SCOPED_TRACE(text);
+    ParsedToolCalls p = parse_tool_calls(text);
+    EXPECT_FALSE(p.error.empty());
+    EXPECT_TRUE(p.tool_calls.list().empty());
+    EXPECT_EQ(p.content.str(), text);
+  }
+}
+
+TEST(ChatToolCalls, LoneSurrogateEscapesReadAsReplacementCharacter) {
+  const std::string fffd = "\xEF\xBF\xBD";
+  ParsedToolCalls p = parse_tool_calls(R"({"name":"f","parameters":{"a":"\ud800","b":"x\udc00y","c":"\ud83d\ude00"}})");
+  ASSERT_TRUE(p.error.empty()) << p.error;
+  const Value& args = *p.tool_calls.list()[0].get("function")->get("arguments");
+  EXPECT_EQ(args.get("a")->str(), fffd);
+  EXPECT_EQ(args.get("b")->str(), "x" + fffd + "y");
+  EXPECT_EQ(args.get("c")->str(), "\xF0\x9F\x98\x80");  // a pair is one code point
+  // in a key, in arguments given as a JSON string, in a Hermes block
+  for (const char* text : {R"({"name":"f","parameters":{"\udfff":1}})", R"({"name":"f","arguments":"{\"a\": \"\\ud800\"}"})",
+                           "<tool_call>{\"name\":\"f\",\"arguments\":{\"a\":\"\\ud800\"}}</tool_call>"}) {
+    ParsedToolCalls q = parse_tool_calls(text);
+    ASSERT_TRUE(q.error.empty()) << text << ": " << q.error;
+    std::string dumped = json_dumps(q.to_json());
+    EXPECT_TRUE(valid_utf8(dumped)) << dumped;
+    EXPECT_NE(dumped.find(fffd), std::string::npos) << dumped;
+  }
+}
+
+TEST(ChatToolCalls, InvalidUtf8InTheTextReadsAsReplacementCharacters) {
+  const std::string fffd = "\xEF\xBF\xBD";
+  std::string storage;
+  // as Python's bytes.decode("utf-8", "replace"), except an encoded surrogate is one U+FFFD
+  EXPECT_EQ(scrub_utf8("ok \xC3\xA9", storage), "ok \xC3\xA9");
+  EXPECT_EQ(scrub_utf8("a\xFF" "b", storage), "a" + fffd + "b");
+  EXPECT_EQ(scrub_utf8("\xE2\x82", storage), fffd);                  // truncated: one maximal subpart
+  EXPECT_EQ(scrub_utf8("\xE2\x82" "x", storage), fffd + "x");
+  EXPECT_EQ(scrub_utf8("\xC0\xAF", storage), fffd + fffd);           // overlong
+  EXPECT_EQ(scrub_utf8("\xF4\x90\x80\x80", storage), fffd + fffd + fffd + fffd);  // beyond U+10FFFF
+  EXPECT_EQ(scrub_utf8("\xED\xA0\x80", storage), fffd);              // a surrogate, as "surrogatepass" writes it
+  EXPECT_EQ(scrub_utf8("\xED\x9F\xBF", storage), "\xED\x9F\xBF");    // U+D7FF is fine
+  std::string text = "Sure \xFF\xED\xA0\x80 {\"name\": \"f\", \"parameters\": {\"q\": \"caf\xC3\"}}";
+  ParsedToolCalls p = parse_tool_calls(text);
+  ASSERT_TRUE(p.error.empty()) << p.error;
+  EXPECT_EQ(p.content.str(), "Sure " + fffd + fffd);
+  EXPECT_EQ(p.tool_calls.list()[0].get("function")->get("arguments")->get("q")->str(), "caf" + fffd);
+  ParsedToolCalls plain = parse_tool_calls("no calls \xC3");
+  EXPECT_EQ(plain.content.str(), "no calls " + fffd);
+}
+
+TEST(ChatToolCalls, TextBeyondTheSizeLimitIsReturnedAsContent) {
+  std::string text(kMaxToolCallTextBytes + 1, 'x');
+  text.replace(0, 40, R"({"name": "f", "parameters": {}}         )");
+  ParsedToolCalls p = parse_tool_calls(text);
+  EXPECT_NE(p.error.find("longer than"), std::string::npos);
+  EXPECT_TRUE(p.tool_calls.list().empty());
+  EXPECT_EQ(p.content.str().size(), text.size());
+}
+
+TEST(ChatToolCalls, CallsNestedInOtherJsonAndAfterBrokenJsonAreFound) {
+  // a bracket inside a string of a failed value is tried on its own
+  ParsedToolCalls p = parse_tool_calls(R"(["oops {"name": "f", "parameters": {"k": [1]}} and {"x": {"name": "g", "parameters": {}}})");
+  ASSERT_TRUE(p.error.empty()) << p.error;
+  ASSERT_EQ(p.tool_calls.list().size(), 2u);
+  EXPECT_EQ(p.tool_calls.list()[0].get("function")->get("name")->str(), "f");
+  EXPECT_EQ(p.tool_calls.list()[1].get("function")->get("name")->str(), "g");
+  // "name" that is not a string: not a call, look inside
+  p = parse_tool_calls(R"({"name": 1, "inner": {"name": "h", "arguments": {}}})");
+  ASSERT_EQ(p.tool_calls.list().size(), 1u);
+  EXPECT_EQ(p.tool_calls.list()[0].get("function")->get("name")->str(), "h");
+  // the last "name" counts, as in json.loads
+  p = parse_tool_calls(R"({"name": 1, "parameters": {}, "name": "k"})");
+  ASSERT_EQ(p.tool_calls.list().size(), 1u);
+  EXPECT_EQ(p.tool_calls.list()[0].get("function")->get("name")->str(), "k");
+}
+
+// ------------------------------------------------------------ batches and spans
+TEST(ChatBatch, AbsurdThreadCountsAreClamped) {
+  Template tmpl("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}");
+  List convs;
+  for (int i = 0; i < 600; ++i)
+    convs.push_back(json_loads(R"([{"role": "user", "content": "q)" + std::to_string(i) + R"("}])"));
+  ChatRequest shared;
+  auto one = apply_chat_template_batch(tmpl, shared, convs, {}, 1);
+  for (int threads : {1000, 100000, -5}) {
+    auto many = apply_chat_template_batch(tmpl, shared, convs, {}, threads);
+    ASSERT_EQ(many.size(), one.size());
+    for (size_t i = 0; i < one.size(); ++i) EXPECT_EQ(many[i].text, one[i].text);
+  }
+}
+
+TEST(ChatBatchDeathTest, ThreadsTheSystemRefusesAreNotFatal) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  Template tmpl("{% for m in messages %}{{ m.content }};{% endfor %}");
+  List convs;
+  for (int i = 0; i < 2000; ++i) convs.push_back(json_loads(R"([{"role": "user", "content": "c)" + std::to_string(i) + R"("}])"));
+  ChatRequest shared;
+  auto want = apply_chat_template_batch(tmpl, shared, convs, {}, 1);
+  // In a child with little address space left, most of 200 threads' stacks
+  // cannot be mapped: std::thread throws std::system_error (before: the batch
+  // died in std::terminate), and the calling thread renders their share.
+  EXPECT_EXIT(
+      {
+        std::ifstream statm("/proc/self/statm");
+        size_t pages = 0;
+        statm >> pages;
+        rlimit lim{};
+        getrlimit(RLIMIT_AS, &lim);
+        lim.rlim_cur = pages * static_cast<size_t>(sysconf(_SC_PAGESIZE)) + (64u << 20);
+        setrlimit(RLIMIT_AS, &lim);
+        std::vector<std::thread> probe;  // the limit bites (else the test proves nothing)
+        bool refused = false;
+        for (int i = 0; i < 200 && !refused; ++i) {
+          try {
+            probe.emplace_back([] {});
+          } catch (const std::system_error&) {
+            refused = true;
+          }
+        }
+        for (auto& t : probe) t.join();
+        if (!refused) std::_Exit(2);
+        auto got = apply_chat_template_batch(tmpl, shared, convs, {}, 200);
+        bool same = got.size() == want.size();
+        for (size_t i = 0; same && i < got.size(); ++i) same = got[i].text == want[i].text;
+        std::_Exit(same ? 0 : 1);
+      },
+      ::testing::ExitedWithCode(0), "");
+}
+
+TEST(ChatSpans, ManyGenerationBlocksGetCodePointOffsets) {
+  Template tmpl("{% for m in messages %}é→{% generation %}{{ m.content }}{% endgeneration %}|{% endfor %}");
+  ChatRequest req;
+  List msgs;
+  for (int i = 0; i < 5000; ++i) msgs.push_back(json_loads(R"({"role": "assistant", "content": "ü)" + std::to_string(i) + R"("})"));
+  req.messages = Value(std::move(msgs));
+  auto t0 = std::chrono::steady_clock::now();
+  ChatRendered r = apply_chat_template(tmpl, req);
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 1.0);
+  ASSERT_EQ(r.generation.size(), 5000u);
+  size_t at = 0;  // in code points: "é→" then "ü<i>" then "|"
+  for (int i = 0; i < 5000; ++i) {
+    size_t len = 1 + std::to_string(i).size();
+    EXPECT_EQ(r.generation[i], std::make_pair(at + 2, at + 2 + len)) << i;
+    at += 2 + len + 1;
+  }
 }
