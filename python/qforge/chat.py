@@ -154,7 +154,7 @@ class ChatTemplate:
             request[key] = value
         raw = _json(request)
         cap = 256 if return_assistant_spans else 0
-        while True:  # at most twice: the first call says how many spans there are
+        for _ in range(2):  # the first call says how many spans there are
             out = ctypes.c_void_p()
             spans = (ctypes.c_int64 * (2 * cap))() if cap else None
             n = ctypes.c_size_t()
@@ -166,6 +166,7 @@ class ChatTemplate:
             if n.value <= cap:
                 return text, [(spans[2 * i], spans[2 * i + 1]) for i in range(n.value)]
             cap = n.value
+        raise ValueError(f"the template rendered more generation blocks ({n.value}) on a second render than the first")
 
     def apply_batch(
         self,
