@@ -62,6 +62,42 @@ struct LceOutputs {
   const float* grad_scale = nullptr;
 };
 
+// A tensor handed over by a caller that holds shapes and strides (a torch op):
+// the C ABI's qf_tensor, translated. Element types and devices use the C
+// ABI's numbering (qf_dtype, qf_device).
+constexpr int kMaxDims = 8;
+struct TensorRef {
+  const void* data = nullptr;
+  int elem = 0;          // qf_dtype
+  int device = 0;        // qf_device
+  int device_index = 0;
+  int ndim = -1;         // < 0: absent
+  int64_t sizes[kMaxDims] = {};
+  int64_t strides[kMaxDims] = {};
+  bool present() const { return ndim >= 0; }
+};
+
+struct LceTensors {
+  TensorRef hidden, weight, bias, labels, class_weight;
+  TensorRef loss, lse, grad_hidden, grad_weight, grad_bias, grad_scale, workspace;
+};
+
+// What lce_forward_* take, bound from checked tensors.
+struct LceCall {
+  LceInputs in;
+  LceOutputs out;
+  void* workspace = nullptr;
+  int64_t workspace_bytes = 0;
+  bool cuda = false;
+  int device_index = 0;
+};
+
+// Checks every tensor (presence, rank, sizes, contiguity, element type,
+// device) against the others and `opt`, throwing InvalidArgument that names
+// the tensor and what is wrong. lce_forward_* then run lce_check (options,
+// workspace size, labels' range).
+LceCall lce_bind(const LceTensors& t, const LceOptions& opt);
+
 const char* dtype_name(DType d);
 int64_t dtype_size(DType d);
 

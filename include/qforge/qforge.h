@@ -147,6 +147,39 @@ QF_API int qf_lce_forward(qf_device device, const void* hidden, const void* weig
                           float* grad_bias, const float* grad_scale, void* workspace,
                           int64_t workspace_bytes, void* stream);
 
+/* A tensor as a torch op hands it over: its data, element type, device and
+ * layout (sizes and strides in elements, row-major contiguous expected).
+ * ndim < 0 marks an optional tensor that is absent. */
+#define QF_MAX_DIMS 8
+typedef struct qf_tensor {
+  const void* data;
+  int32_t dtype;        /* qf_dtype */
+  int32_t device;       /* qf_device */
+  int32_t device_index; /* CUDA ordinal; 0 on the CPU */
+  int32_t ndim;         /* 0..QF_MAX_DIMS, or < 0: absent */
+  int64_t sizes[QF_MAX_DIMS];
+  int64_t strides[QF_MAX_DIMS];
+} qf_tensor;
+
+/* Every tensor of one qf_lce_run call. Required: hidden [N,D], weight [V,D]
+ * (same dtype: fp32/fp16/bf16), labels [N] int64, loss (fp32: [N] for
+ * reduction none, else one element), workspace (uint8, at least
+ * qf_lce_workspace_bytes). Optional (ndim < 0 = absent): bias [V] of
+ * hidden's dtype, class_weight [V] fp32, lse [N] fp32, grad_hidden [N,D] of
+ * hidden's dtype, grad_weight [V,D] of hidden's dtype or fp32, grad_bias [V]
+ * fp32, grad_scale [N] fp32. All contiguous, all on one device (on CUDA the
+ * current device). */
+typedef struct qf_lce_tensors {
+  qf_tensor hidden, weight, bias, labels, class_weight;
+  qf_tensor loss, lse, grad_hidden, grad_weight, grad_bias, grad_scale, workspace;
+} qf_lce_tensors;
+
+/* qf_lce_forward on tensor descriptors: checks every shape, stride, dtype and
+ * device against the others (and the labels' range on the CPU, or on CUDA
+ * with options->validate) before touching any data; the entry behind the
+ * torch ops qforge::linear_cross_entropy and its backward. */
+QF_API int qf_lce_run(const qf_lce_tensors* tensors, const qf_lce_options* options, void* stream);
+
 /* x[i] *= scale[0] in place (n elements of dtype fp32/fp16/bf16, fp32
  * arithmetic; scale is one fp32 on the same device as x): the backward
  * rescale of gradients computed in the forward pass by the upstream gradient,

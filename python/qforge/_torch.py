@@ -78,3 +78,31 @@ class on_device:
     def __exit__(self, *exc):
         if self.previous is not None:
             torch.cuda.set_device(self.previous)
+
+
+MAX_DIMS = 8  # QF_MAX_DIMS
+
+
+class QfTensor(ctypes.Structure):
+    """qf_tensor of qforge.h: a tensor's data, dtype, device and layout, for
+    entries that check shapes and strides in C++ themselves."""
+
+    _fields_ = [("data", ctypes.c_void_p), ("dtype", ctypes.c_int32), ("device", ctypes.c_int32),
+                ("device_index", ctypes.c_int32), ("ndim", ctypes.c_int32),
+                ("sizes", ctypes.c_int64 * MAX_DIMS), ("strides", ctypes.c_int64 * MAX_DIMS)]
+
+
+_DEVICE_CODES = {"cpu": QF_CPU, "cuda": QF_CUDA}
+
+
+def describe(t: torch.Tensor | None) -> QfTensor:
+    """The qf_tensor of `t` (None: absent). Unknown dtypes and devices get
+    codes the C++ side rejects by name; ranks above MAX_DIMS are passed on
+    (sizes truncated) for the C++ side to reject."""
+    if t is None:
+        return QfTensor(None, 0, 0, 0, -1)
+    d = QfTensor(t.data_ptr() or None, _QF_DTYPES.get(t.dtype, -1), _DEVICE_CODES.get(t.device.type, -1),
+                 t.device.index or 0, t.dim())
+    for i, (size, stride) in enumerate(zip(t.shape[:MAX_DIMS], t.stride()[:MAX_DIMS])):
+        d.sizes[i], d.strides[i] = size, stride
+    return d

@@ -25,6 +25,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from . import _torch as T
 from ._lib import (QF_BFLOAT16, QF_CPU, QF_CUDA, QF_FLOAT16, QF_FLOAT32, check, declare)
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss", "chunked_linear", "ChunkedLinearLoss",
@@ -45,16 +46,19 @@ _vp, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _lce_ws = declare("qf_lce_workspace_bytes", _i32, _i64, _i64, _i64, _i32, _i64,
                   ctypes.POINTER(ctypes.c_int64))
 _lce_scale = declare("qf_lce_scale_inplace", _i32, _vp, _i32, _i64, _vp, _vp)
-_lce_fwd = declare("qf_lce_forward", _i32, _vp, _vp, _vp, _i32, _i64, _i64, _i64, _vp, _vp,
-                   ctypes.POINTER(_Options), _vp, _vp, _vp, _vp, _i32, _vp, _vp, _vp, _i64, _vp)
+
+
+class _LceTensors(ctypes.Structure):
+    _fields_ = [(name, T.QfTensor) for name in (
+        "hidden", "weight", "bias", "labels", "class_weight", "loss", "lse", "grad_hidden", "grad_weight",
+        "grad_bias", "grad_scale", "workspace")]
+
+
+_lce_run = declare("qf_lce_run", ctypes.POINTER(_LceTensors), ctypes.POINTER(_Options), _vp)
 
 # Default budget for the whole workspace of the fused path (the chunk's logits
 # are nearly all of it); env QFORGE_LCE_CHUNK_BYTES overrides.
 _DEFAULT_WORKSPACE_BYTES = 512 << 20
-
-
-def _ptr(t: Optional[Tensor]):
-    return None if t is None or t.numel() == 0 else ctypes.c_void_p(t.data_ptr())
 
 
 def auto_chunk_size(n: int, v: int, dtype: torch.dtype, device: torch.device,
@@ -99,18 +103,28 @@ def scale_inplace_(t: Tensor, scale: Tensor) -> Tensor:
     return t
 
 
+def _token_sizes(hidden: Tensor, weight: Tensor) -> tuple[int, int, int]:
+    """(N, D, V) to size the outputs by; read leniently so that a tensor of the
+    wrong rank reaches the C++ checks (which name it) instead of failing here."""
+    n = hidden.shape[0] if hidden.dim() >= 1 else 1
+    d = hidden.shape[-1] if hidden.dim() >= 1 else 1
+    v = weight.shape[0] if weight.dim() >= 1 else 1
+    return n, d, v
+
+
 def _run_core(hidden, weight, labels, bias, class_weight, ignore_index, label_smoothing, softcap,
               logit_scale, z_loss, reduction, chunk_size, validate, loss, lse, gh, gw, gb,
               grad_scale):
-    n, d = hidden.shape
-    v = weight.shape[0]
+    """One qf_lce_run: every tensor's shape, strides, dtype and device are checked in C++."""
+    n, d, v = _token_sizes(hidden, weight)
     dev = hidden.device
     cuda = dev.type == "cuda"
     if chunk_size <= 0:
         chunk_size = auto_chunk_size(n, v, hidden.dtype, dev)
-    dtype = _QF_DTYPE[hidden.dtype]
     nbytes = ctypes.c_int64(0)
-    check(_lce_ws(QF_CUDA if cuda else QF_CPU, n, d, v, dtype, chunk_size, ctypes.byref(nbytes)))
+    if hidden.dtype in _QF_DTYPE and d >= 1 and v >= 1:
+        check(_lce_ws(QF_CUDA if cuda else QF_CPU, n, d, v, _QF_DTYPE[hidden.dtype], chunk_size,
+                      ctypes.byref(nbytes)))
     ws = torch.empty(nbytes.value, dtype=torch.uint8, device=dev)
     if cuda and validate and torch.cuda.is_current_stream_capturing():
         validate = False
@@ -118,12 +132,10 @@ def _run_core(hidden, weight, labels, bias, class_weight, ignore_index, label_sm
                     float(logit_scale), float(z_loss), int(reduction), int(bool(validate)),
                     int(chunk_size))
     stream = torch.cuda.current_stream(dev).cuda_stream if cuda else None
-    gw_dtype = _QF_DTYPE[gw.dtype] if gw is not None and gw.numel() else dtype
+    tensors = _LceTensors(*(T.describe(t) for t in (hidden, weight, bias, labels, class_weight, loss, lse, gh,
+                                                    gw, gb, grad_scale, ws)))
     with torch.cuda.device(dev) if cuda else _nullctx():
-        check(_lce_fwd(QF_CUDA if cuda else QF_CPU, _ptr(hidden), _ptr(weight), _ptr(bias), dtype,
-                       n, d, v, _ptr(labels), _ptr(class_weight), ctypes.byref(opts), _ptr(loss),
-                       _ptr(lse), _ptr(gh), _ptr(gw), gw_dtype, _ptr(gb), _ptr(grad_scale),
-                       _ptr(ws), nbytes.value, stream))
+        check(_lce_run(ctypes.byref(tensors), ctypes.byref(opts), stream))
 
 
 class _nullctx:
@@ -142,8 +154,7 @@ def _lce_op(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tenso
             validate: bool, want_lse: bool, grad_hidden: bool, grad_weight: bool,
             grad_bias: bool, fp32_grad_weight: bool
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    n, d = hidden.shape
-    v = weight.shape[0]
+    n, d, v = _token_sizes(hidden, weight)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     loss = torch.empty((n,) if reduction == 0 else (), **f32)
     lse = torch.empty((n,) if want_lse else (0,), **f32)
@@ -162,8 +173,7 @@ def _lce_op(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tenso
 def _(hidden, weight, labels, bias, class_weight, ignore_index, label_smoothing, softcap,
       logit_scale, z_loss, reduction, chunk_size, validate, want_lse, grad_hidden, grad_weight,
       grad_bias, fp32_grad_weight):
-    n, d = hidden.shape
-    v = weight.shape[0]
+    n, d, v = _token_sizes(hidden, weight)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     return (hidden.new_empty((n,) if reduction == 0 else (), dtype=torch.float32),
             torch.empty((n,) if want_lse else (0,), **f32),
@@ -181,15 +191,17 @@ def _lce_bwd_op(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[T
                 grad_bias: bool, fp32_grad_weight: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients with a per-token upstream gradient (reduction none): recomputes
     the chunks' logits with each token's gradient scaled by grad_loss[i]."""
-    n, d = hidden.shape
-    v = weight.shape[0]
+    n, d, v = _token_sizes(hidden, weight)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     loss = torch.empty((n,) if reduction == 0 else (), **f32)
     gh = torch.empty((n, d) if grad_hidden else (0,), dtype=hidden.dtype, device=hidden.device)
     gw = torch.empty((v, d) if grad_weight else (0,),
                      dtype=torch.float32 if fp32_grad_weight else weight.dtype, device=weight.device)
     gb = torch.empty((v,) if grad_bias else (0,), **f32)
-    scale = grad_loss.to(torch.float32).reshape(-1).expand(n).contiguous()
+    scale = grad_loss.to(torch.float32).reshape(-1)
+    if scale.numel() == 1:
+        scale = scale.expand(n)
+    scale = scale.contiguous()  # any other size than 1 or N is named by the C++ checks
     _run_core(hidden, weight, labels, bias, class_weight, ignore_index, label_smoothing, softcap,
               logit_scale, z_loss, reduction, chunk_size, False, loss, None,
               gh if grad_hidden else None, gw if grad_weight else None, gb if grad_bias else None,
@@ -201,8 +213,7 @@ def _lce_bwd_op(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[T
 def _(hidden, weight, labels, bias, class_weight, grad_loss, ignore_index, label_smoothing, softcap,
       logit_scale, z_loss, reduction, chunk_size, grad_hidden, grad_weight, grad_bias,
       fp32_grad_weight):
-    n, d = hidden.shape
-    v = weight.shape[0]
+    n, d, v = _token_sizes(hidden, weight)
     return (hidden.new_empty((n, d) if grad_hidden else (0,)),
             weight.new_empty((v, d) if grad_weight else (0,),
                              dtype=torch.float32 if fp32_grad_weight else weight.dtype),

@@ -18,6 +18,37 @@ loss::DType to_dtype(qf_dtype d, const char* what) {
   return loss::DType::F32;
 }
 
+loss::LceOptions to_options(const qf_lce_options* options) {
+  QF_CHECK(options != nullptr, "linear_cross_entropy: options is null");
+  loss::LceOptions opt;
+  opt.ignore_index = options->ignore_index;
+  opt.label_smoothing = options->label_smoothing;
+  opt.softcap = options->softcap;
+  opt.logit_scale = options->logit_scale;
+  opt.z_loss = options->z_loss;
+  QF_CHECK(options->reduction >= 0 && options->reduction <= 2,
+           "linear_cross_entropy: reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
+           options->reduction);
+  opt.reduction = static_cast<loss::Reduction>(options->reduction);
+  opt.validate = options->validate != 0;
+  opt.chunk = options->chunk_size;
+  return opt;
+}
+
+loss::TensorRef to_ref(const qf_tensor& t) {
+  loss::TensorRef r;
+  r.data = t.data;
+  r.elem = t.dtype;
+  r.device = t.device;
+  r.device_index = t.device_index;
+  r.ndim = t.ndim < 0 ? -1 : t.ndim;
+  for (int i = 0; i < QF_MAX_DIMS; ++i) {
+    r.sizes[i] = t.sizes[i];
+    r.strides[i] = t.strides[i];
+  }
+  return r;
+}
+
 void check_device(qf_device device) {
   QF_CHECK(device == QF_CPU || device == QF_CUDA, "linear_cross_entropy: unknown device ", int(device));
 }
@@ -43,7 +74,6 @@ int qf_lce_forward(qf_device device, const void* hidden, const void* weight, con
                    int64_t workspace_bytes, void* stream) {
   return capi::guard([&] {
     check_device(device);
-    QF_CHECK(options != nullptr, "qf_lce_forward: options is null");
     loss::LceInputs in;
     in.hidden = hidden;
     in.weight = weight;
@@ -54,18 +84,7 @@ int qf_lce_forward(qf_device device, const void* hidden, const void* weight, con
     in.V = v;
     in.labels = labels;
     in.class_weight = class_weight;
-    loss::LceOptions opt;
-    opt.ignore_index = options->ignore_index;
-    opt.label_smoothing = options->label_smoothing;
-    opt.softcap = options->softcap;
-    opt.logit_scale = options->logit_scale;
-    opt.z_loss = options->z_loss;
-    QF_CHECK(options->reduction >= 0 && options->reduction <= 2,
-             "linear_cross_entropy: reduction must be QF_REDUCTION_NONE/MEAN/SUM, got ",
-             options->reduction);
-    opt.reduction = static_cast<loss::Reduction>(options->reduction);
-    opt.validate = options->validate != 0;
-    opt.chunk = options->chunk_size;
+    const loss::LceOptions opt = to_options(options);
     loss::LceOutputs out;
     out.loss = loss;
     out.lse = lse;
@@ -78,6 +97,25 @@ int qf_lce_forward(qf_device device, const void* hidden, const void* weight, con
       loss::lce_forward_cuda(in, opt, out, workspace, workspace_bytes, stream);
     else
       loss::lce_forward_cpu(in, opt, out, workspace, workspace_bytes);
+  });
+}
+
+int qf_lce_run(const qf_lce_tensors* tensors, const qf_lce_options* options, void* stream) {
+  return capi::guard([&] {
+    QF_CHECK(tensors != nullptr, "qf_lce_run: tensors is null");
+    static_assert(QF_MAX_DIMS == loss::kMaxDims, "qf_tensor and loss::TensorRef must agree");
+    const loss::LceOptions opt = to_options(options);
+    const loss::LceTensors t{to_ref(tensors->hidden),      to_ref(tensors->weight),
+                             to_ref(tensors->bias),        to_ref(tensors->labels),
+                             to_ref(tensors->class_weight), to_ref(tensors->loss),
+                             to_ref(tensors->lse),         to_ref(tensors->grad_hidden),
+                             to_ref(tensors->grad_weight), to_ref(tensors->grad_bias),
+                             to_ref(tensors->grad_scale),  to_ref(tensors->workspace)};
+    const loss::LceCall call = loss::lce_bind(t, opt);
+    if (call.cuda)
+      loss::lce_forward_cuda(call.in, opt, call.out, call.workspace, call.workspace_bytes, stream);
+    else
+      loss::lce_forward_cpu(call.in, opt, call.out, call.workspace, call.workspace_bytes);
   });
 }
 

@@ -257,6 +257,116 @@ TEST(LossLce, ClearErrors) {
   EXPECT_EQ(qf_lce_workspace_bytes(QF_CPU, -1, 4, 4, QF_FLOAT32, 0, &bytes), QF_ERR_INVALID_ARGUMENT);
 }
 
+qf_tensor describe(const void* data, qf_dtype dtype, std::initializer_list<int64_t> sizes) {
+  qf_tensor t{};
+  t.data = data;
+  t.dtype = dtype;
+  t.device = QF_CPU;
+  t.ndim = int32_t(sizes.size());
+  int i = 0;
+  for (int64_t s : sizes) t.sizes[i++] = s;
+  int64_t stride = 1;
+  for (int k = t.ndim - 1; k >= 0; --k) {
+    t.strides[k] = stride;
+    stride *= t.sizes[k];
+  }
+  return t;
+}
+
+qf_tensor absent() {
+  qf_tensor t{};
+  t.ndim = -1;
+  return t;
+}
+
+// qf_lce_run (behind the torch ops) checks every tensor's shape, strides,
+// dtype and device before it reads anything, and agrees with qf_lce_forward.
+TEST(LossLce, TensorDescriptorsAreCheckedBeforeAnyRead) {
+  const Case c = make_case(6, 4, 10, 7, 0.2);
+  const qf_lce_options o = opts(QF_REDUCTION_MEAN);
+  int64_t bytes = 0;
+  ASSERT_EQ(qf_lce_workspace_bytes(QF_CPU, c.N, c.D, c.V, QF_FLOAT32, 0, &bytes), QF_OK);
+  std::vector<uint8_t> ws(bytes);
+  float loss = 0, loss_ref = 0;
+  std::vector<float> gh(c.N * c.D), gh_ref(c.N * c.D);
+  auto good = [&] {
+    qf_lce_tensors t{};
+    t.hidden = describe(c.h.data(), QF_FLOAT32, {c.N, c.D});
+    t.weight = describe(c.w.data(), QF_FLOAT32, {c.V, c.D});
+    t.bias = absent();
+    t.labels = describe(c.y.data(), QF_INT64, {c.N});
+    t.class_weight = absent();
+    t.loss = describe(&loss, QF_FLOAT32, {});
+    t.lse = absent();
+    t.grad_hidden = describe(gh.data(), QF_FLOAT32, {c.N, c.D});
+    t.grad_weight = absent();
+    t.grad_bias = absent();
+    t.grad_scale = absent();
+    t.workspace = describe(ws.data(), QF_UINT8, {bytes});
+    return t;
+  };
+  qf_lce_tensors t = good();
+  ASSERT_EQ(qf_lce_run(&t, &o, nullptr), QF_OK) << qf_last_error();
+  ASSERT_EQ(qf_lce_forward(QF_CPU, c.h.data(), c.w.data(), nullptr, QF_FLOAT32, c.N, c.D, c.V, c.y.data(),
+                           nullptr, &o, &loss_ref, nullptr, gh_ref.data(), nullptr, QF_FLOAT32, nullptr,
+                           nullptr, ws.data(), bytes, nullptr),
+            QF_OK);
+  EXPECT_EQ(loss, loss_ref);
+  EXPECT_EQ(gh, gh_ref);
+
+  auto expect_error = [&](const qf_lce_tensors& bad, const std::string& what) {
+    loss = -1.0f;
+    EXPECT_EQ(qf_lce_run(&bad, &o, nullptr), QF_ERR_INVALID_ARGUMENT) << what;
+    EXPECT_NE(std::string(qf_last_error()).find(what), std::string::npos) << qf_last_error();
+    EXPECT_EQ(loss, -1.0f) << "nothing may be written for " << what;
+  };
+  t = good();
+  t.labels.sizes[0] = 3;  // fewer labels than tokens: would read past the end
+  expect_error(t, "labels must be [N] = [6], got [3]");
+  t = good();
+  t.weight = describe(c.w.data(), QF_FLOAT32, {c.V, c.D + 1});
+  expect_error(t, "disagree on D");
+  t = good();
+  std::swap(t.hidden.strides[0], t.hidden.strides[1]);  // a transposed view
+  expect_error(t, "hidden must be contiguous");
+  t = good();
+  t.weight.dtype = QF_FLOAT16;
+  expect_error(t, "weight (hidden's dtype) must be float32, got float16");
+  t = good();
+  t.labels.dtype = QF_INT32;
+  expect_error(t, "labels must be int64, got int32");
+  t = good();
+  t.hidden = describe(c.h.data(), QF_FLOAT32, {2, 3, 4});
+  expect_error(t, "hidden must be 2-D [N, D]");
+  t = good();
+  t.hidden.ndim = QF_MAX_DIMS + 1;
+  expect_error(t, "at most 8");
+  t = good();
+  t.hidden.sizes[0] = -6;
+  expect_error(t, "negative size -6");
+  t = good();
+  t.workspace.device = QF_CUDA;
+  expect_error(t, "workspace is on cuda:0 but hidden is on cpu");
+  t = good();
+  t.loss = describe(&loss, QF_FLOAT32, {c.N});
+  expect_error(t, "loss (reduction mean/sum) must have one element, got [6]");
+  t = good();
+  t.labels = absent();
+  expect_error(t, "labels is required");
+  t = good();
+  t.grad_hidden = describe(gh.data(), QF_FLOAT32, {c.N, c.D - 1});
+  expect_error(t, "grad_hidden must be [N, D] = [6, 4], got [6, 3]");
+  t = good();
+  t.workspace.sizes[0] = bytes - 1;
+  expect_error(t, "workspace of");
+  qf_lce_options bad_reduction = opts(5);
+  t = good();
+  EXPECT_EQ(qf_lce_run(&t, &bad_reduction, nullptr), QF_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(qf_last_error()).find("reduction must be 0 (none), 1 (mean) or 2 (sum), got 5"),
+            std::string::npos);
+  EXPECT_EQ(qf_lce_run(nullptr, &o, nullptr), QF_ERR_INVALID_ARGUMENT);
+}
+
 #ifdef QFORGE_WITH_CUDA
 template <class T>
 T* to_dev(const std::vector<T>& v) {
