@@ -173,6 +173,9 @@ def _lce_op(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tenso
 def _(hidden, weight, labels, bias, class_weight, ignore_index, label_smoothing, softcap,
       logit_scale, z_loss, reduction, chunk_size, validate, want_lse, grad_hidden, grad_weight,
       grad_bias, fp32_grad_weight):
+    # a meta tensor among real ones dispatches here: the C++ checks never see it
+    T.require_same_device(dict(hidden=hidden, weight=weight, labels=labels, bias=bias,
+                               class_weight=class_weight))
     n, d, v = _token_sizes(hidden, weight)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     return (hidden.new_empty((n,) if reduction == 0 else (), dtype=torch.float32),
@@ -213,6 +216,8 @@ def _lce_bwd_op(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[T
 def _(hidden, weight, labels, bias, class_weight, grad_loss, ignore_index, label_smoothing, softcap,
       logit_scale, z_loss, reduction, chunk_size, grad_hidden, grad_weight, grad_bias,
       fp32_grad_weight):
+    T.require_same_device(dict(hidden=hidden, weight=weight, labels=labels, bias=bias,
+                               class_weight=class_weight, grad_loss=grad_loss))
     n, d, v = _token_sizes(hidden, weight)
     return (hidden.new_empty((n, d) if grad_hidden else (0,)),
             weight.new_empty((v, d) if grad_weight else (0,),

@@ -85,10 +85,41 @@ def _check_dequantize_args(packed, absmax, code, nested_absmax, nested_code, nes
     return device, nested
 
 
+_INT32_MAX = 2**31 - 1
+
+
+def _int32(value: int, what: str) -> int:
+    """`value` for a C int32 argument; ctypes would silently wrap a larger one."""
+    if not -_INT32_MAX - 1 <= value <= _INT32_MAX:
+        raise ValueError(f"{what} {value} does not fit in 32 bits")
+    return value
+
+
+def _check_blocksize(blocksize: int, what: str) -> int:
+    """A positive 32-bit blocksize (the C++ core checks the rest: a power of two in
+    range); also what the fake kernels need to size their outputs."""
+    if _int32(blocksize, what) <= 0:
+        raise ValueError(f"{what} must be a positive power of two, got {blocksize}")
+    return blocksize
+
+
+def _check_shape(shape: list[int], packed: Tensor) -> None:
+    """dequantize_nf4's output shape, before it is allocated: no negative size, and
+    as many elements as the packed bytes hold (two per byte)."""
+    if any(s < 0 for s in shape):
+        raise ValueError(f"dequantize_nf4: shape {list(shape)} has a negative size")
+    n = math.prod(shape)
+    if (n + 1) // 2 != packed.numel():
+        raise ValueError(f"dequantize_nf4: shape {list(shape)} has {n} elements, which need {(n + 1) // 2} "
+                         f"packed bytes, but packed holds {packed.numel()}")
+
+
 def dequantize_into(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_offset, nested_blocksize, out):
     """The implementation behind both dequantize ops; eager callers use it directly
     to skip the custom-op dispatch (tens of microseconds per call)."""
     device, nested = _check_dequantize_args(packed, absmax, code, nested_absmax, nested_code, nested_offset, out)
+    _int32(blocksize, "blocksize")
+    _int32(nested_blocksize, "nested_blocksize")
     w = NF4Weights(
         packed.data_ptr(), packed.numel(), out.numel(), blocksize, code.data_ptr(), absmax.data_ptr(),
         QF_UINT8 if nested else QF_FLOAT32, absmax.numel(),
@@ -111,8 +142,16 @@ def dequantize_nf4_into(
     dequantize_into(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_offset, nested_blocksize, out)
 
 
+def _fake_same_device(**tensors) -> None:
+    """A meta tensor among real ones dispatches to the fake kernel: the checks of the
+    real one never run, so the fake kernels check the devices themselves."""
+    T.require_same_device(tensors)
+
+
 @dequantize_nf4_into.register_fake
 def _(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_offset, nested_blocksize, out):
+    _fake_same_device(packed=packed, absmax=absmax, quant_map=code, nested_absmax=nested_absmax,
+                      nested_quant_map=nested_code, nested_offset=nested_offset, out=out)
     return None
 
 
@@ -123,6 +162,7 @@ def dequantize_nf4(
     nested_offset: Optional[Tensor] = None, nested_blocksize: int = 256,
 ) -> Tensor:
     """A new tensor of `shape` and `dtype` holding the dequantized weight."""
+    _check_shape(shape, packed)
     out = torch.empty(shape, dtype=dtype, device=packed.device)
     dequantize_into(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_offset, nested_blocksize, out)
     return out
@@ -130,6 +170,10 @@ def dequantize_nf4(
 
 @dequantize_nf4.register_fake
 def _(packed, absmax, code, blocksize, shape, dtype, nested_absmax=None, nested_code=None, nested_offset=None, nested_blocksize=256):
+    _fake_same_device(packed=packed, absmax=absmax, quant_map=code, nested_absmax=nested_absmax,
+                      nested_quant_map=nested_code, nested_offset=nested_offset)
+    if any(s < 0 for s in shape):
+        raise ValueError(f"dequantize_nf4: shape {list(shape)} has a negative size")
     return packed.new_empty(shape, dtype=dtype)
 
 
@@ -138,9 +182,10 @@ def quantize_nf4(x: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
     """(packed uint8 of shape (ceil(n/2), 1), fp32 absmax per block), as bitsandbytes' quantize_4bit."""
     T.require_contiguous(x, "weight to quantize")
     x_dtype = T.qf_dtype(x.dtype, "weight to quantize")
+    _check_blocksize(blocksize, "quantize_nf4: blocksize")
     n = x.numel()
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=x.device)
-    absmax = torch.empty(math.ceil(n / blocksize) if blocksize > 0 else 0, dtype=torch.float32, device=x.device)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=x.device)
     with T.on_device(x.device):
         check(_quantize(T.qf_device(x), T.ptr(x), x_dtype, n, blocksize, T.ptr(packed), packed.numel(),
                         T.ptr(absmax), absmax.numel(), T.stream_of(x.device)))
@@ -149,6 +194,7 @@ def quantize_nf4(x: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
 
 @quantize_nf4.register_fake
 def _(x, blocksize):
+    _check_blocksize(blocksize, "quantize_nf4: blocksize")
     n = x.numel()
     return x.new_empty(((n + 1) // 2, 1), dtype=torch.uint8), x.new_empty(-(-n // blocksize), dtype=torch.float32)
 
@@ -164,9 +210,13 @@ def quantize_blockwise_8bit(x: Tensor, code: Tensor, blocksize: int, offset: Opt
                 raise ValueError(f"quantize_blockwise_8bit: {name} must be float32, got {t.dtype}")
     if code.numel() != 256:
         raise ValueError(f"quantize_blockwise_8bit: code must have 256 entries, got {code.numel()}")
+    if offset is not None and offset.numel() != 1:
+        raise ValueError(f"quantize_blockwise_8bit: offset must be one value, got {offset.numel()}")
+    _check_blocksize(blocksize, "quantize_blockwise_8bit: blocksize")
+    T.qf_device(x)
     n = x.numel()
     q = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
-    absmax = torch.empty(math.ceil(n / blocksize) if blocksize > 0 else 0, dtype=torch.float32, device=x.device)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=x.device)
     with T.on_device(x.device):
         check(_quantize_8bit(T.qf_device(x), T.ptr(x), n, T.ptr(offset), T.ptr(code), blocksize, T.ptr(q),
                              T.ptr(absmax), absmax.numel(), T.stream_of(x.device)))
@@ -175,4 +225,6 @@ def quantize_blockwise_8bit(x: Tensor, code: Tensor, blocksize: int, offset: Opt
 
 @quantize_blockwise_8bit.register_fake
 def _(x, code, blocksize, offset=None):
+    _fake_same_device(x=x, code=code, offset=offset)
+    _check_blocksize(blocksize, "quantize_blockwise_8bit: blocksize")
     return x.new_empty(x.shape, dtype=torch.uint8), x.new_empty(-(-x.numel() // blocksize), dtype=torch.float32)
