@@ -110,8 +110,8 @@ def _check_shape(shape: list[int], packed: Tensor) -> None:
         raise ValueError(f"dequantize_nf4: shape {list(shape)} has a negative size")
     n = math.prod(shape)
     if (n + 1) // 2 != packed.numel():
-        raise ValueError(f"dequantize_nf4: shape {list(shape)} has {n} elements, which need {(n + 1) // 2} "
-                         f"packed bytes, but packed holds {packed.numel()}")
+        raise ValueError(f"dequantize_nf4: packed weight has {packed.numel()} bytes but {n} elements need "
+                         f"{(n + 1) // 2} (shape {list(shape)})")
 
 
 def dequantize_into(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_offset, nested_blocksize, out):
