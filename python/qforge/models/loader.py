@@ -29,9 +29,12 @@ def _read_config(path: Path) -> dict:
         raise ValueError(f"{path}: not a directory (qforge.load expects a local Hugging Face model directory)")
     cfg_path = path / "config.json"
     raw = read_json(cfg_path, "not a Hugging Face model directory")
+    if not isinstance(raw, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object, got {type(raw).__name__}")
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        arch = ", ".join(raw.get("architectures") or []) or "no architectures listed"
+        archs = raw.get("architectures")
+        arch = ", ".join(map(str, archs)) if isinstance(archs, list) and archs else "no architectures listed"
         raise ValueError(f"{cfg_path}: unsupported architecture model_type={model_type!r} ({arch}); "
                          f"qforge supports {', '.join(SUPPORTED_MODEL_TYPES)}")
     return raw
@@ -40,10 +43,15 @@ def _read_config(path: Path) -> dict:
 def _weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-            raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
+        doc = read_json(index, "the safetensors index")
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index}: not a valid safetensors index ('weight_map' must be a non-empty JSON object "
+                             f"of tensor name -> file name, got {type(weight_map).__name__})")
+        bad = next((v for v in weight_map.values() if not isinstance(v, str) or not v.endswith(".safetensors")
+                    or Path(v).name != v), None) if weight_map else None
+        if bad is not None:
+            raise ValueError(f"{index}: weight_map value {bad!r} is not a .safetensors file name in the directory")
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (path / f).exists()]
         if missing:
@@ -63,6 +71,8 @@ def _bnb_config(raw: dict, where: Path) -> Optional[dict]:
     q = raw.get("quantization_config")
     if not q:
         return None
+    if not isinstance(q, dict):
+        raise ValueError(f"{where}: quantization_config must be a JSON object, got {type(q).__name__}")
     method = q.get("quant_method")
     if method != "bitsandbytes" or not q.get("load_in_4bit", False):
         raise ValueError(f"{where}: quantization_config {method!r} "
@@ -86,6 +96,34 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> bool:
         module._buffers[leaf] = value
         return True
     return False
+
+
+# Checkpoint tensors transformers itself drops without a word: rotary caches that
+# older versions saved (each model class may list more in _keys_to_ignore_on_load_unexpected).
+_IGNORED_UNUSED = (r"(^|\.)rotary_emb\.inv_freq$",)
+
+
+def _report_unused(unused: list[str], key_file: dict, model: nn.Module, raw: dict) -> None:
+    """Tensors of the checkpoint that no module of the model takes: an error naming
+    them and their files (a config.json that disagrees with the weights, e.g. fewer
+    layers, would otherwise drop them silently); a warning for those transformers
+    also ignores."""
+    import re
+    import warnings
+
+    patterns = list(_IGNORED_UNUSED) + list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
+    ignorable = [k for k in unused if any(re.search(p, k) for p in patterns)]
+    if ignorable:
+        warnings.warn(f"{key_file[ignorable[0]].parent}: ignoring {len(ignorable)} checkpoint tensors the model does "
+                      f"not use ({', '.join(ignorable[:4])}{', ...' if len(ignorable) > 4 else ''})", stacklevel=3)
+    errors = [k for k in unused if k not in ignorable]
+    if errors:
+        files = sorted({key_file[k].name for k in errors})
+        raise ValueError(
+            f"{key_file[errors[0]].parent}: {len(errors)} tensors in {', '.join(files)} are not used by the model "
+            f"that config.json describes ({raw.get('model_type')}, num_hidden_layers="
+            f"{raw.get('num_hidden_layers')}): {', '.join(errors[:4])}{', ...' if len(errors) > 4 else ''}; "
+            "config.json and the weights disagree")
 
 
 def _is_quant_target(name: str, module: nn.Module, targets) -> bool:
@@ -139,6 +177,7 @@ def load(path, load_in_4bit: bool = True, dtype: torch.dtype = torch.bfloat16, m
                 raise ValueError(f"{key_file[key]}: cannot read tensor '{key}' ({e})") from None
 
         loaded = set()
+        unused: list[str] = []
         for name in sorted(quant_names):
             wkey = f"{name}.weight"
             bkey = f"{name}.bias"
@@ -178,17 +217,21 @@ def load(path, load_in_4bit: bool = True, dtype: torch.dtype = torch.bfloat16, m
                     raise ValueError(f"{key_file[key]}: '{owner}' is 4-bit in the checkpoint but not a quantizable "
                                      f"projection of this model (targets {list(targets)})")
                 continue
-            t = get(key)
-            t = t.to(device, dtype) if t.is_floating_point() else t.to(device)
             mod_name, _, leaf = key.rpartition(".")
             target = modules.get(mod_name)
-            if target is not None and leaf in target._parameters and target._parameters[leaf] is not None \
+            if target is None or (leaf not in target._parameters and leaf not in target._buffers):
+                unused.append(key)
+                continue
+            t = get(key)
+            t = t.to(device, dtype) if t.is_floating_point() else t.to(device)
+            if leaf in target._parameters and target._parameters[leaf] is not None \
                     and tuple(target._parameters[leaf].shape) != tuple(t.shape):
                 raise ValueError(f"{key_file[key]}: '{key}' has shape {tuple(t.shape)}, the model expects "
                                  f"{tuple(target._parameters[leaf].shape)}")
-            _set_tensor(model, key, t)  # unknown keys (e.g. rotary caches) are skipped
+            _set_tensor(model, key, t)
     finally:
         handles.clear()
+    _report_unused(unused, key_file, model, raw)
 
     if getattr(config, "tie_word_embeddings", False):
         out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
