@@ -96,10 +96,16 @@ class QuantState:
         qs = {k.split(".")[-1] if not k.endswith(QUANT_STATE_KEY) else QUANT_STATE_KEY: v for k, v in qs.items()}
         if QUANT_STATE_KEY in qs:
             raw = qs.pop(QUANT_STATE_KEY)
+            if not isinstance(raw, Tensor):
+                raise ValueError(f"{where}: {QUANT_STATE_KEY} must be a uint8 tensor of JSON bytes, "
+                                 f"got {type(raw).__name__}")
             try:
-                qs.update(json.loads(bytes(raw.to("cpu", torch.uint8).tolist()).decode("utf-8")))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                packed = json.loads(bytes(raw.to("cpu", torch.uint8).reshape(-1).tolist()).decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
                 raise ValueError(f"{where}: {QUANT_STATE_KEY} is not valid JSON ({e})") from None
+            if not isinstance(packed, dict):
+                raise ValueError(f"{where}: {QUANT_STATE_KEY} must hold a JSON object, got {type(packed).__name__}")
+            qs.update(packed)
         for key in ("absmax", "quant_map", "blocksize", "dtype", "shape"):
             if key not in qs:
                 raise ValueError(f"{where}: missing '{key}'")
@@ -110,20 +116,57 @@ class QuantState:
             for key in ("nested_quant_map", "nested_offset", "nested_blocksize"):
                 if key not in qs:
                     raise ValueError(f"{where}: double-quantized state is missing '{key}'")
-            offset = torch.tensor(float(qs["nested_offset"]), dtype=torch.float32, device=device)
+            nested_offset = qs["nested_offset"]
+            if isinstance(nested_offset, Tensor) and nested_offset.numel() == 1:
+                nested_offset = nested_offset.item()
+            if isinstance(nested_offset, bool) or not isinstance(nested_offset, (int, float)) \
+                    or not math.isfinite(nested_offset):
+                raise ValueError(f"{where}: nested_offset must be a finite number, got {nested_offset!r}")
+            offset = torch.tensor(float(nested_offset), dtype=torch.float32, device=device)
             state2 = NestedState(
-                absmax=qs["nested_absmax"].to(device), code=qs["nested_quant_map"].to(device),
-                blocksize=int(qs["nested_blocksize"]), dtype=_dtype(qs.get("nested_dtype", "float32"), where),
+                absmax=_tensor(qs, "nested_absmax", where).to(device),
+                code=_tensor(qs, "nested_quant_map", where).to(device),
+                blocksize=_positive_int(qs, "nested_blocksize", where),
+                dtype=_dtype(qs.get("nested_dtype", "float32"), where),
             )
         return cls(
-            absmax=qs["absmax"].to(device), shape=torch.Size(qs["shape"]), dtype=_dtype(qs["dtype"], where),
-            blocksize=int(qs["blocksize"]), code=qs["quant_map"].to(device), quant_type="nf4",
-            offset=offset, state2=state2,
+            absmax=_tensor(qs, "absmax", where).to(device), shape=_shape(qs["shape"], where),
+            dtype=_dtype(qs["dtype"], where), blocksize=_positive_int(qs, "blocksize", where),
+            code=_tensor(qs, "quant_map", where).to(device), quant_type="nf4", offset=offset, state2=state2,
         )
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def _tensor(qs: dict, key: str, where: str) -> Tensor:
+    value = qs[key]
+    if not isinstance(value, Tensor):
+        raise ValueError(f"{where}: '{key}' must be a tensor, got {type(value).__name__}")
+    return value
+
+
+def _positive_int(qs: dict, key: str, where: str) -> int:
+    """A blocksize: a positive integer (an integral float from JSON too; a string,
+    a bool, 0 or a negative number is an error naming `where`)."""
+    value = qs[key]
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{where}: '{key}' must be a positive integer, got {value!r}")
+    return value
+
+
+def _shape(value, where: str) -> torch.Size:
+    if isinstance(value, Tensor):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                       for d in value):
+        raise ValueError(f"{where}: 'shape' must be a list of non-negative integers, got {value!r}")
+    return torch.Size(value)
 
 
 def _dtype(name: str, where: str) -> torch.dtype:
@@ -201,6 +244,11 @@ def from_state_dict(tensors: dict[str, Tensor], prefix: str, device="cpu", where
 
 
 def check_consistent(packed: Tensor, state: QuantState, where: str = "NF4 weight") -> None:
+    for name, bs in (("blocksize", state.blocksize), ("nested_blocksize", state.state2.blocksize if state.nested else 1)):
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs <= 0:
+            raise ValueError(f"{where}: {name} must be a positive integer, got {bs!r}")
+    if any(d < 0 for d in state.shape):
+        raise ValueError(f"{where}: shape {tuple(state.shape)} has a negative size")
     n = state.numel
     blocks = math.ceil(n / state.blocksize)
     if packed.numel() != (n + 1) // 2:
