@@ -87,16 +87,26 @@ def read_jsonl(path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise ValueError(f"{path}: no such data file")
+    if not path.is_file():
+        raise ValueError(f"{path}: not a file (expected chat JSONL)")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte offset {e.start} "
+                                 "of the line); save the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise ValueError(f"{where}: JSON nested too deeply for Python's parser (a conversation "
+                                 "needs a few levels)") from None
             rec = validate_record(obj, where)
             rec["where"] = where
             records.append(rec)
