@@ -31,9 +31,10 @@ from typing import Optional
 import torch
 
 from ._files import atomic_write_text
+from .checkpoints import checkpoint_step, checkpoints, latest_checkpoint, load_checkpoint
 from .nn import DEFAULT_TARGETS
 
-__all__ = ["TrainArgs", "train", "latest_checkpoint", "DEFAULT_JOB"]
+__all__ = ["TrainArgs", "train", "latest_checkpoint", "DEFAULT_JOB", "NonFiniteTraining"]
 
 
 @dataclass
@@ -61,6 +62,7 @@ class TrainArgs:
     save_every: int = 0  # steps between checkpoints; 0: only at the end
     keep_checkpoints: int = 2
     resume: bool = False
+    resume_from: Optional[str] = None  # a checkpoint directory to resume from (implies resume)
     log_every: int = 1
     gradient_checkpointing: Optional[bool] = None  # None: on for --model runs, off for the tiny default
     offload_activations: bool = False
@@ -70,6 +72,16 @@ class TrainArgs:
     loss: str = "fused"  # fused: qforge's C++/CUDA linear-cross-entropy; generic: chunked torch CE
     compile: bool = False  # torch.compile each decoder layer (fullgraph, dynamic shapes): regional compile
     compile_backend: str = "inductor"
+    # a step whose loss or gradient is NaN/Inf: "stop" the run before anything of it is
+    # applied or saved, or "skip" it (no update; at most MAX_SKIPPED_IN_A_ROW in a row)
+    on_nonfinite: str = "stop"
+
+
+MAX_SKIPPED_IN_A_ROW = 10  # more non-finite steps in a row than this is no transient: stop
+
+
+class NonFiniteTraining(ValueError):
+    """A step's loss or gradient was NaN or Inf; nothing of that step was applied or saved."""
 
 
 # the embedded default job: sized to show a clearly falling loss in well under
@@ -98,16 +110,6 @@ def _memory_gib(device: torch.device) -> float:
         return float("nan")
 
 
-def latest_checkpoint(output: Path) -> Optional[Path]:
-    """The newest complete checkpoint (directories are renamed into place whole)."""
-    root = Path(output) / "checkpoints"
-    if not root.is_dir():
-        return None
-    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
-                  and (p / "state.json").exists())
-    return done[-1] if done else None
-
-
 def plot_losses(metrics_path: Path, png: Path) -> None:
     """The loss curve (raw and smoothed) as a PNG, written atomically."""
     import matplotlib
@@ -116,7 +118,7 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows = [r for r in rows if "loss" in r]
+    rows = [r for r in rows if r.get("loss") is not None]  # skipped (non-finite) steps have none
     if not rows:
         return
     steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
@@ -207,11 +209,14 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
     output = _resolve_output(args)
     if output.exists() and not output.is_dir():
         raise ValueError(f"{output}: exists and is not a directory")
-    resume_from = latest_checkpoint(output) if args.resume else None
-    if not args.resume and latest_checkpoint(output) is not None:
+    if args.on_nonfinite not in ("stop", "skip"):
+        raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {args.on_nonfinite!r}")
+    resuming = args.resume or args.resume_from is not None
+    resume_from = _resume_point(args, output)
+    if not resuming and latest_checkpoint(output) is not None:
         raise ValueError(f"{output}: holds checkpoints of an earlier run; pass --resume to continue it "
                          "or choose another --output (nothing was overwritten)")
-    if args.resume and resume_from is None and (output / "metrics.jsonl").exists():
+    if resuming and resume_from is None and (output / "metrics.jsonl").exists():
         raise ValueError(f"{output}: --resume found no complete checkpoint to continue from")
 
     device = torch.device(args.device) if args.device else default_device()
@@ -260,21 +265,17 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
     metrics_path = output / "metrics.jsonl"
     fingerprint = _fingerprint(examples, tokens_per_batch, args)
     if resume_from is not None:
-        state = json.loads((resume_from / "state.json").read_text(encoding="utf-8"))
+        state = load_checkpoint(resume_from, model, opt, scaler, device, load_adapter)
         if state.get("fingerprint", fingerprint) != fingerprint:
             raise ValueError(f"{resume_from}: the data or batching settings (tokens, batch size, grad_accum, seed, "
                              "LoRA shape) differ from the run that wrote this checkpoint; resuming would not "
                              "continue it. Use the original settings or a new --output")
-        load_adapter(model, resume_from)
-        opt.load_state_dict(torch.load(resume_from / "optimizer.pt", map_location=device, weights_only=True))
-        if scaler.is_enabled() and (resume_from / "scaler.pt").exists():
-            scaler.load_state_dict(torch.load(resume_from / "scaler.pt", weights_only=True))
-        torch.set_rng_state(torch.load(resume_from / "rng.pt", weights_only=True))
         start = state["step"]
-        if metrics_path.exists():  # drop lines past the checkpoint (a crash after it)
-            kept = [line for line in metrics_path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start]
-            atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
+        kept_metrics = _metrics_up_to(metrics_path, start)  # drop lines past the checkpoint (a crash after it)
+        if args.resume_from is not None:
+            _set_aside_newer(output, resume_from)
+        if kept_metrics is not None:
+            atomic_write_text(metrics_path, "".join(line + "\n" for line in kept_metrics))
     elif metrics_path.exists():
         metrics_path.unlink()  # a run that never checkpointed: nothing to keep consistent with
     atomic_write_text(output / "train_args.json", json.dumps({**asdict(args), "output": str(output),
@@ -297,6 +298,7 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
     tokens_run = 0
     step = start
     stopped_early = False
+    skipped_in_a_row = 0
     with open(metrics_path, "a", encoding="utf-8") as mf:
         for step in range(start, total_steps):
             t0 = time.perf_counter()
@@ -315,18 +317,32 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
                 n_tokens += b["input_ids"].numel()
             scaler.unscale_(opt)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
-            scaler.step(opt)
-            scaler.update()
+            nonfinite = _nonfinite(loss_sum, grad_norm, scaler)
+            if nonfinite is None:
+                skipped_in_a_row = 0
+                scaler.step(opt)
+                scaler.update()
+            else:
+                skipped_in_a_row += 1
+                if args.on_nonfinite == "stop" or skipped_in_a_row > MAX_SKIPPED_IN_A_ROW:
+                    bar.close()
+                    raise NonFiniteTraining(_nonfinite_message(step + 1, nonfinite, output, args, skipped_in_a_row))
+                scaler.update()  # a no-op without fp16 loss scaling
+                bar.write(f"step {step + 1}: {nonfinite}; step skipped (--on-nonfinite skip)")
             opt.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
             tokens_run += n_tokens
-            losses.append(loss_sum)
-            row = {"step": step + 1, "loss": round(loss_sum, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
+            if nonfinite is None:
+                losses.append(loss_sum)
+            row = {"step": step + 1, "loss": round(loss_sum, 6) if nonfinite is None else None, "lr": lr,
+                   "grad_norm": round(grad_norm, 6) if nonfinite is None else None,
                    "tokens": n_tokens, "trained_tokens": n_items, "tokens_per_s": round(n_tokens / dt, 1),
                    "step_s": round(dt, 4), "mem_gib": round(_memory_gib(device), 3),
                    "epoch": micro[-1]["epoch"], "elapsed_s": round(time.perf_counter() - t_run, 2)}
+            if nonfinite is not None:
+                row["skipped"] = nonfinite
             if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
                 mf.write(json.dumps(row) + "\n")
                 mf.flush()
@@ -419,6 +435,71 @@ def _fingerprint(examples, tokens_per_batch: int, args: TrainArgs) -> str:
     return h.hexdigest()
 
 
+def _resume_point(args: TrainArgs, output: Path) -> Optional[Path]:
+    """The checkpoint to resume from: --resume-from, else the latest one with --resume."""
+    if args.resume_from is not None:
+        path = Path(args.resume_from)
+        if not path.is_dir() or checkpoint_step(path) is None:
+            raise ValueError(f"{path}: --resume-from needs a checkpoint directory (<output>/checkpoints/step-N)")
+        return path
+    return latest_checkpoint(output) if args.resume else None
+
+
+def _set_aside_newer(output: Path, resumed: Path) -> None:
+    """Checkpoints of `output` newer than the one resumed from explicitly belong to the
+    abandoned continuation (one of them damaged, typically): renamed to
+    superseded-step-N, kept, and no longer seen by --resume or pruning."""
+    step = checkpoint_step(resumed)
+    for p in checkpoints(output):
+        if checkpoint_step(p) > step:
+            target = p.with_name(f"superseded-{p.name}")
+            n = 1
+            while target.exists() and n < 1000:
+                target, n = p.with_name(f"superseded-{p.name}.{n}"), n + 1
+            p.replace(target)
+            print(f"qforge train: resuming from {resumed.name}; set the newer {p.name} aside as {target.name}",
+                  file=sys.stderr)
+
+
+def _metrics_up_to(metrics_path: Path, step: int) -> Optional[list[str]]:
+    """metrics.jsonl's lines up to `step`; None when there is no file. A last line cut
+    short by a crash is dropped; any other line that is not JSON is an error naming it."""
+    if not metrics_path.exists():
+        return None
+    lines = [line for line in metrics_path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    kept = []
+    for lineno, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            if lineno == len(lines):
+                break
+            raise ValueError(f"{metrics_path}:{lineno}: not valid JSON ({e})") from None
+        if isinstance(row, dict) and isinstance(row.get("step", 0), int) and row.get("step", 0) <= step:
+            kept.append(line)
+    return kept
+
+
+def _nonfinite(loss_sum: float, grad_norm: float, scaler) -> Optional[str]:
+    """What is NaN/Inf in a step, or None. With fp16 loss scaling, inf gradients are
+    the GradScaler's business (it skips such steps and lowers the scale)."""
+    if not math.isfinite(loss_sum):
+        return f"the loss is {loss_sum}"
+    if not math.isfinite(grad_norm) and not scaler.is_enabled():
+        return f"the gradient norm is {grad_norm}"
+    return None
+
+
+def _nonfinite_message(step: int, what: str, output: Path, args: TrainArgs, in_a_row: int) -> str:
+    last = latest_checkpoint(output)
+    where = f"the last checkpoint is {last}" if last is not None else "no checkpoint was written yet"
+    if args.on_nonfinite == "skip":
+        return (f"step {step}: {what}, the {in_a_row}th non-finite step in a row (more than "
+                f"{MAX_SKIPPED_IN_A_ROW}); stopped before updating or saving anything; {where}")
+    return (f"step {step}: {what}; stopped before updating the adapter or saving anything; {where}. "
+            "Resume from it (perhaps with a lower --lr), or pass --on-nonfinite skip to skip such steps")
+
+
 def _save_checkpoint(output: Path, step: int, model, opt, args: TrainArgs, save_adapter,
                      fingerprint: str = "", scaler=None) -> Path:
     """checkpoints/step-NNNNNN: adapter (PEFT files), optimizer, RNG and loop state;
@@ -440,8 +521,7 @@ def _save_checkpoint(output: Path, step: int, model, opt, args: TrainArgs, save_
     if final.exists():  # re-saving the same step (resumed run): swap
         shutil.rmtree(final)
     tmp.replace(final)
-    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
-    for old in done[:-max(1, args.keep_checkpoints)]:
+    for old in checkpoints(output)[:-max(1, args.keep_checkpoints)]:  # oldest steps first
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -458,6 +538,10 @@ def add_cli(subparsers) -> None:
     a("--data", help="chat JSONL: one {\"messages\": [...], \"tools\": [...]} per line")
     a("--output", help="run directory (default qforge-runs/run-<time>)")
     a("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    a("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint directory (<output>/checkpoints/step-N); "
+      "newer checkpoints in --output are set aside as superseded-step-N")
+    a("--on-nonfinite", choices=("stop", "skip"),
+      help="a step with a NaN/Inf loss or gradient: stop the run before saving (default) or skip the step")
     a("--max-seq-length", type=int)
     a("--tokens-per-batch", type=int, help="tokens per packed micro-batch (default max-seq-length)")
     a("--grad-accum", type=int)
@@ -489,7 +573,8 @@ def add_cli(subparsers) -> None:
 
 def run_cli(ns) -> int:
     keys = {f for f in TrainArgs.__dataclass_fields__}
-    given = {k: v for k, v in vars(ns).items() if k in keys and v is not None and (v is not False or k == "gradient_checkpointing")}
+    given = {k: v for k, v in vars(ns).items()
+             if k in keys and v is not None and (v is not False or k in ("gradient_checkpointing", "progress"))}
     if "target_modules" in given:
         given["target_modules"] = tuple(given["target_modules"])
     base = dict(DEFAULT_JOB) if ns.model is None and ns.data is None else {}

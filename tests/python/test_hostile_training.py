@@ -6,6 +6,7 @@ naming what is wrong (and the file), never a crash, a wrong result or lost
 checkpoints."""
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -254,3 +255,386 @@ def test_fake_kernels_reject_bad_blocksizes_and_shapes():
             torch.ops.qforge.quantize_blockwise_8bit(x, torch.empty(256), 0)
         with pytest.raises(ValueError, match="negative size"):
             torch.ops.qforge.dequantize_nf4(packed, absmax, torch.empty(16), 64, [-4, 64], torch.float32)
+
+
+# ------------------------------------------------------------------ qforge.load: checkpoints that disagree
+transformers = pytest.importorskip("transformers")
+
+import json  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import qforge  # noqa: E402
+from qforge import cli, train as T  # noqa: E402
+from qforge.checkpoints import CheckpointDamaged, checkpoint_step, checkpoints, latest_checkpoint  # noqa: E402
+from qforge.data import builtin_dataset, read_jsonl  # noqa: E402
+from qforge.nn import lora_parameters  # noqa: E402
+
+TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=64)
+
+
+def save_llama(path: Path, layers: int) -> Path:
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, num_hidden_layers=layers)).save_pretrained(str(path))
+    return path
+
+
+def test_load_rejects_tensors_the_config_does_not_use(tmp_path):
+    """config.json says 1 layer, the files hold 2: loading dropped layer 1 without a word."""
+    path = save_llama(tmp_path / "m", layers=2)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["num_hidden_layers"] = 1
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"m: 9 tensors in model\.safetensors are not used by the model that "
+                                         r"config\.json describes \(llama, num_hidden_layers=1\): model\.layers\.1\."):
+        qforge.load(path, device="cpu", dtype=torch.float32)
+
+
+def test_load_warns_about_rotary_caches_transformers_also_ignores(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = save_llama(tmp_path / "m", layers=1)
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)  # what old checkpoints carry
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match=r"ignoring 1 checkpoint tensors the model does not use "
+                                         r"\(model\.layers\.0\.self_attn\.rotary_emb\.inv_freq\)"):
+        model = qforge.load(path, device="cpu", dtype=torch.float32)
+    assert len(model.model.layers) == 1
+
+
+@pytest.mark.parametrize("doc, message", [
+    ("[1, 2]", r"config\.json: expected a JSON object, got list"),
+    ('"llama"', r"config\.json: expected a JSON object, got str"),
+    ('{"model_type": "llama", "quantization_config": [4]}', r"config\.json: quantization_config must be a JSON object"),
+    ('{"model_type": "qwen9", "architectures": "Qwen9"}', r"config\.json: unsupported architecture model_type='qwen9'"),
+])
+def test_config_json_of_the_wrong_type_is_named(tmp_path, doc, message):
+    path = save_llama(tmp_path / "m", layers=1)
+    (path / "config.json").write_text(doc)
+    with pytest.raises(ValueError, match=message):
+        qforge.load(path, device="cpu")
+
+
+@pytest.mark.parametrize("index, message", [
+    ({"weight_map": ["model.safetensors"]}, r"weight_map' must be a non-empty JSON object .* got list"),
+    ({"weight_map": "model.safetensors"}, r"got str"),
+    ([1], r"got NoneType"),
+    ({"weight_map": {"a": 7}}, r"weight_map value 7 is not a \.safetensors file name"),
+    ({"weight_map": {"a": "../../etc/passwd.safetensors"}}, r"weight_map value '\.\./\.\./etc/passwd\.safetensors'"),
+])
+def test_weight_map_of_the_wrong_type_is_named(tmp_path, index, message):
+    path = save_llama(tmp_path / "m", layers=1)
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"model\.safetensors\.index\.json: .*" + message):
+        qforge.load(path, device="cpu")
+
+
+# ------------------------------------------------------------------ quant states of bnb-4bit files
+def quant_state_with(field, value):
+    w = torch.randn(64, 64, generator=torch.Generator().manual_seed(1))
+    packed, state = nf4.quantize(w, blocksize=64, compress_statistics=True)
+    tensors = nf4.state_dict_entries("layer.", packed, state)
+    key = "layer.weight." + nf4.QUANT_STATE_KEY
+    doc = json.loads(bytes(tensors[key].tolist()).decode())
+    if field == "whole":
+        doc = value
+    else:
+        doc[field] = value
+    tensors[key] = torch.tensor(list(json.dumps(doc).encode()), dtype=torch.uint8)
+    return tensors
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("blocksize", 0, r"'blocksize' must be a positive integer, got 0"),
+    ("blocksize", "sixty-four", r"'blocksize' must be a positive integer, got 'sixty-four'"),
+    ("blocksize", None, r"'blocksize' must be a positive integer, got None"),
+    ("nested_blocksize", 0, r"'nested_blocksize' must be a positive integer, got 0"),
+    ("shape", [-64, -64], r"'shape' must be a list of non-negative integers, got \[-64, -64\]"),
+    ("shape", "64x64", r"'shape' must be a list of non-negative integers"),
+    ("nested_offset", "x", r"nested_offset must be a finite number, got 'x'"),
+    ("whole", [1, 2, 3], r"quant_state\.bitsandbytes__nf4 must hold a JSON object, got list"),
+    ("whole", "nf4", r"quant_state\.bitsandbytes__nf4 must hold a JSON object, got str"),
+])
+def test_malformed_quant_state_is_named(field, value, message):
+    tensors = quant_state_with(field, value)
+    with pytest.raises(ValueError, match=r"^model-x\.safetensors: 'layer\.weight': " + message):
+        nf4.from_state_dict(tensors, "layer.", where="model-x.safetensors")
+
+
+def test_malformed_quant_state_in_a_checkpoint_names_the_file(tmp_path):
+    model = qforge.load(save_llama(tmp_path / "m", layers=1), device="cpu", dtype=torch.float32)
+    qforge.save_4bit(model, tmp_path / "q")
+    from safetensors.torch import load_file, save_file
+
+    f = tmp_path / "q" / "model.safetensors"
+    tensors = load_file(str(f))
+    key = "model.layers.0.mlp.down_proj.weight." + nf4.QUANT_STATE_KEY
+    doc = json.loads(bytes(tensors[key].tolist()).decode())
+    doc["blocksize"] = 0
+    tensors[key] = torch.tensor(list(json.dumps(doc).encode()), dtype=torch.uint8)
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"q/model\.safetensors: 'model\.layers\.0\.mlp\.down_proj\.weight': "
+                                         r"'blocksize' must be a positive integer, got 0"):
+        qforge.load(tmp_path / "q", device="cpu", dtype=torch.float32)
+
+
+# ------------------------------------------------------------------ data files
+GOOD = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+
+
+def test_non_utf8_data_line_is_named(tmp_path):
+    f = tmp_path / "data.jsonl"
+    f.write_bytes((GOOD + "\n" + GOOD + "\n").encode() + b'{"messages": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"data\.jsonl:3: not valid UTF-8 \(byte 0xe9 at byte offset 17"):
+        read_jsonl(f)
+
+
+def test_deeply_nested_data_line_is_named(tmp_path):
+    f = tmp_path / "data.jsonl"
+    f.write_text(GOOD + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ValueError, match=r"data\.jsonl:2: JSON nested too deeply"):
+        read_jsonl(f)
+
+
+def test_data_path_that_is_a_directory_is_named(tmp_path):
+    with pytest.raises(ValueError, match="not a file"):
+        read_jsonl(tmp_path)
+
+
+# ------------------------------------------------------------------ checkpoints: order, damage, NaN
+SMALL_RUN = dict(max_seq_length=1024, tokens_per_batch=512, lr=4e-3, warmup_steps=2, lora_r=4, lora_alpha=8.0,
+                 progress=False, gradient_checkpointing=False)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("default")
+    return T._prepare_default_model(out, builtin_dataset(seed=0), seed=0)
+
+
+def test_checkpoints_are_ordered_by_step_number_past_a_million(tmp_path, base_dir, monkeypatch):
+    """As text, step-1000000 sorts before step-999998: pruning deleted the newest
+    checkpoint each time it was written, and --resume picked an old one."""
+    root = tmp_path / "run" / "checkpoints"
+    for step in (999_998, 999_999, 1_000_000, 1_000_001):
+        (root / f"step-{step:06d}").mkdir(parents=True)
+        (root / f"step-{step:06d}" / "state.json").write_text(json.dumps({"step": step}))
+    (root / ".step-1000002.tmp").mkdir()  # an interrupted save
+    (root / "superseded-step-2000000").mkdir()
+    assert [checkpoint_step(p) for p in checkpoints(tmp_path / "run")] == [999_998, 999_999, 1_000_000, 1_000_001]
+    assert latest_checkpoint(tmp_path / "run").name == "step-1000001"
+    as_text = sorted(p.name for p in root.iterdir() if p.name.startswith("step-"))
+    assert as_text[-1] == "step-999999"  # what sorting the names as text took for the newest
+
+    # pruning keeps the newest by step: a real save at step 1,000,002 with keep_checkpoints=2
+    model = qforge.load(base_dir, dtype=torch.float32, device="cpu")
+    qforge.add_lora(model, r=2, alpha=4.0)
+    params = lora_parameters(model)
+    opt = torch.optim.AdamW(params)
+    args = T.TrainArgs(keep_checkpoints=2)
+    from qforge.peft_io import save_adapter
+
+    final = T._save_checkpoint(tmp_path / "run", 1_000_002, model, opt, args, save_adapter)
+    assert final.name == "step-1000002"
+    assert [p.name for p in checkpoints(tmp_path / "run")] == ["step-1000001", "step-1000002"]
+    assert latest_checkpoint(tmp_path / "run") == final
+
+
+def train_kw(base_dir, **kw):
+    return {**dict(model=str(base_dir), max_steps=6, save_every=2, keep_checkpoints=3, **SMALL_RUN), **kw}
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory, base_dir):
+    """A run checkpointed at steps 2 and 4 and stopped there (copied by each test)."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    s = T.train(output=str(out), stop_after=4, **train_kw(base_dir))
+    assert s["stopped_early"] and [p.name for p in checkpoints(out)] == ["step-000002", "step-000004"]
+    return out
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def snapshot(out: Path) -> dict:
+    return {p.relative_to(out): p.read_bytes() for p in sorted((out / "checkpoints").rglob("*")) if p.is_file()}
+
+
+def damage(path: Path, how: str) -> None:
+    if how == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "garbage":
+        path.write_bytes(b"\x00garbage" * 10)
+    elif how == "flip":  # one byte inside the archive's data: caught by the CRC check
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name, how, problem", [
+    ("optimizer.pt", "truncate", r"optimizer\.pt: not a readable torch file"),
+    ("optimizer.pt", "flip", r"optimizer\.pt: (corrupt|not a readable torch file)"),
+    ("rng.pt", "garbage", r"rng\.pt: not a readable torch file"),
+    ("state.json", "truncate", r"state\.json: not valid JSON"),
+    ("state.json", "list", r"state\.json: expected a JSON object, got list"),
+    ("adapter_model.safetensors", "truncate", r"adapter_model\.safetensors: not a readable safetensors file"),
+    ("adapter_config.json", "garbage", r"adapter: .*adapter_config\.json: not valid JSON"),
+    ("rng.pt", "tensor", r"rng\.pt: holds Tensor torch\.float32, not a torch RNG state"),
+    ("optimizer.pt", "other_shape", r"optimizer\.pt: does not fit this run's LoRA parameters"),
+])
+def test_resume_from_a_damaged_file_names_it_and_the_previous_checkpoint(tmp_path, base_dir, stopped_run,
+                                                                        name, how, problem):
+    out = copy_run(stopped_run, tmp_path / "run")
+    target = out / "checkpoints" / "step-000004" / name
+    if how == "list":
+        target.write_text("[4]")
+    elif how == "tensor":
+        torch.save(torch.zeros(5), target)
+    elif how == "other_shape":
+        torch.save({"state": {}, "param_groups": [{"params": [0, 1]}]}, target)
+    else:
+        damage(target, how)
+    before = snapshot(out)
+    with pytest.raises(CheckpointDamaged) as e:
+        T.train(output=str(out), resume=True, **train_kw(base_dir))
+    msg = str(e.value)
+    assert msg.startswith("checkpoint step-000004 is damaged ("), msg
+    assert __import__("re").search(problem, msg), msg
+    previous = out / "checkpoints" / "step-000002"
+    assert f"the previous complete one is step-000002: resume from it with the same arguments and " \
+           f"--resume-from {previous}" in msg
+    assert snapshot(out) == before  # nothing written, nothing pruned
+
+    # ... and the command it names continues the run from step 2 to the end
+    s = T.train(output=str(out), resume_from=str(previous), **train_kw(base_dir))
+    assert s["steps"] == 6 and len(s["losses"]) == 4 and all(map(math.isfinite, s["losses"]))
+    assert [p.name for p in checkpoints(out)] == ["step-000002", "step-000004", "step-000006"]
+    assert (out / "checkpoints" / "superseded-step-000004" / name).exists()  # set aside, not deleted
+
+
+def test_damaged_only_checkpoint_says_there_is_no_earlier_one(tmp_path, base_dir, stopped_run):
+    out = copy_run(stopped_run, tmp_path / "run")
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "step-000002")
+    damage(out / "checkpoints" / "step-000004" / "optimizer.pt", "truncate")
+    with pytest.raises(CheckpointDamaged, match="there is no earlier complete checkpoint"):
+        T.train(output=str(out), resume=True, **train_kw(base_dir))
+
+
+def test_cli_reports_a_damaged_checkpoint(tmp_path, base_dir, stopped_run, capsys):
+    out = copy_run(stopped_run, tmp_path / "run")
+    (out / "checkpoints" / "step-000004" / "state.json").write_text("{")
+    rc = cli.main(["train", "--model", str(base_dir), "--output", str(out), "--resume", "--max-steps", "6",
+                   "--save-every", "2", "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "checkpoint step-000004 is damaged (state.json: not valid JSON" in err and "step-000002" in err
+
+
+def poison_optimizer_state(path: Path) -> None:
+    state = torch.load(path / "optimizer.pt", weights_only=True)
+    first = next(iter(state["state"].values()))
+    first["exp_avg_sq"].view(-1)[0] = float("nan")
+    torch.save(state, path / "optimizer.pt")
+
+
+def test_resume_with_nan_optimizer_state_stops_before_saving(tmp_path, base_dir, stopped_run):
+    """It trained to NaN and rotated the good checkpoints out."""
+    out = copy_run(stopped_run, tmp_path / "run")
+    poison_optimizer_state(out / "checkpoints" / "step-000004")
+    before = snapshot(out)
+    with pytest.raises(CheckpointDamaged, match=r"checkpoint step-000004 is damaged \(optimizer\.pt: holds "
+                                                r"non-finite values \(exp_avg_sq of parameter 0\).*previous "
+                                                r"complete one is step-000002"):
+        T.train(output=str(out), resume=True, **train_kw(base_dir, keep_checkpoints=1))
+    assert snapshot(out) == before
+
+
+class Poison:
+    """Makes the loss (a forward hook on the first decoder layer) or one LoRA
+    gradient (a tensor hook) NaN on the given training steps."""
+
+    def __init__(self, monkeypatch, what: str, steps: set[int]):
+        import qforge.hf as hf
+
+        self.what, self.steps, self.calls = what, steps, 0
+        real = hf.patch_causal_lm
+
+        def patch(model, *a, **k):
+            real(model, *a, **k)
+            if what == "loss":
+                model.model.layers[0].register_forward_hook(self.forward_hook)
+            else:
+                lora_parameters(model)[0].register_hook(self.grad_hook)
+
+        monkeypatch.setattr(hf, "patch_causal_lm", patch)
+
+    def _hit(self) -> bool:
+        self.calls += 1  # one forward (and one backward) per step: grad_accum 1, no recompute
+        return self.calls in self.steps
+
+    def forward_hook(self, module, inputs, output):
+        if self._hit():
+            if isinstance(output, tuple):
+                return (output[0] * float("nan"),) + tuple(output[1:])
+            return output * float("nan")
+        return None
+
+    def grad_hook(self, grad):
+        return grad * float("nan") if self._hit() else grad
+
+
+@pytest.mark.parametrize("what, reason", [("loss", "the loss is nan"), ("grad", "the gradient norm is nan")])
+def test_nonfinite_step_stops_the_run_before_saving(tmp_path, base_dir, monkeypatch, what, reason):
+    Poison(monkeypatch, what, {3})
+    out = tmp_path / "run"
+    with pytest.raises(T.NonFiniteTraining, match=f"step 3: {reason}; stopped before updating the adapter or "
+                                                  f"saving anything; the last checkpoint is .*step-000002"):
+        T.train(output=str(out), **train_kw(base_dir))
+    assert [p.name for p in checkpoints(out)] == ["step-000002"]
+    assert not (out / "adapter").exists()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+
+
+def test_nonfinite_steps_are_skipped_with_on_nonfinite_skip(tmp_path, base_dir, monkeypatch):
+    clean = T.train(output=str(tmp_path / "clean"), **train_kw(base_dir, max_steps=2, save_every=0))
+    Poison(monkeypatch, "grad", {3, 5})
+    out = tmp_path / "run"
+    s = T.train(output=str(out), on_nonfinite="skip", **train_kw(base_dir))
+    assert s["steps"] == 6 and len(s["losses"]) == 4 and all(map(math.isfinite, s["losses"]))
+    assert s["losses"][:2] == clean["losses"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("skipped") for r in rows] == [None, None, "the gradient norm is nan", None,
+                                                 "the gradient norm is nan", None]
+    from safetensors.torch import load_file
+
+    for ckpt in checkpoints(out):
+        for k, v in load_file(str(ckpt / "adapter_model.safetensors")).items():
+            assert torch.isfinite(v).all(), (ckpt.name, k)
+
+
+def test_skipping_stops_after_too_many_nonfinite_steps_in_a_row(tmp_path, base_dir, monkeypatch):
+    Poison(monkeypatch, "loss", set(range(1, 100)))
+    with pytest.raises(T.NonFiniteTraining, match=r"step 11: the loss is nan, the 11th non-finite step in a row "
+                                                  r"\(more than 10\); stopped before updating or saving anything; "
+                                                  r"no checkpoint was written yet"):
+        T.train(output=str(tmp_path / "run"), on_nonfinite="skip", **train_kw(base_dir, max_steps=20, save_every=0))
+
+
+def test_no_progress_is_honoured(tmp_path, base_dir, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text((GOOD + "\n") * 4)
+    argv = ["train", "--model", str(base_dir), "--data", str(data), "--max-steps", "2", "--lora-r", "2",
+            "--no-gradient-checkpointing"]
+    assert cli.main(argv + ["--output", str(tmp_path / "a"), "--no-progress"]) == 0
+    assert "qforge train: 100%" not in capsys.readouterr().err  # it was shown anyway
+    assert cli.main(argv + ["--output", str(tmp_path / "b")]) == 0
+    assert "qforge train: 100%" in capsys.readouterr().err  # the bar, when not turned off
