@@ -93,6 +93,8 @@ def load_adapter(model: nn.Module, path, strict: bool = True) -> nn.Module:
     cfg = read_json(cfg_path, "not a PEFT adapter directory")
     if not w_path.exists():
         raise ValueError(f"{w_path}: missing (not a PEFT adapter directory)")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
     if cfg.get("use_dora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
@@ -102,11 +104,19 @@ def load_adapter(model: nn.Module, path, strict: bool = True) -> nn.Module:
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{w_path}: not a readable safetensors file ({e})") from None
     if getattr(model, "qforge_lora", None) is None:
-        targets = cfg["target_modules"]
+        targets = cfg.get("target_modules")
         if isinstance(targets, str):
             raise ValueError(f"{cfg_path}: regex target_modules are not supported")
-        add_lora(model, r=int(cfg["r"]), alpha=cfg["lora_alpha"], dropout=float(cfg.get("lora_dropout", 0.0)),
-                 target_modules=targets, use_rslora=bool(cfg.get("use_rslora", False)))
+        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+            raise ValueError(f"{cfg_path}: target_modules must be a non-empty list of module names, got {targets!r}")
+        r, alpha, dropout = cfg.get("r"), cfg.get("lora_alpha"), cfg.get("lora_dropout", 0.0)
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"{cfg_path}: r must be a positive integer, got {r!r}")
+        for name, value in (("lora_alpha", alpha), ("lora_dropout", dropout)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{cfg_path}: {name} must be a number, got {value!r}")
+        add_lora(model, r=r, alpha=alpha, dropout=float(dropout), target_modules=targets,
+                 use_rslora=bool(cfg.get("use_rslora", False)))
     own = lora_state_dict(model)
     seen = set()
     for key, value in tensors.items():

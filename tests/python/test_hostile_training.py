@@ -638,3 +638,32 @@ def test_no_progress_is_honoured(tmp_path, base_dir, capsys):
     assert "qforge train: 100%" not in capsys.readouterr().err  # it was shown anyway
     assert cli.main(argv + ["--output", str(tmp_path / "b")]) == 0
     assert "qforge train: 100%" in capsys.readouterr().err  # the bar, when not turned off
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ([1, 2], r"adapter_config\.json: expected a JSON object, got list"),
+    ({"peft_type": "LORA", "r": "8", "lora_alpha": 16, "target_modules": ["q_proj"]}, r"r must be a positive integer, got '8'"),
+    ({"peft_type": "LORA", "r": 8, "lora_alpha": None, "target_modules": ["q_proj"]}, r"lora_alpha must be a number, got None"),
+    ({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": {"q_proj": 1}}, r"target_modules must be a non-empty list"),
+])
+def test_adapter_config_of_the_wrong_type_is_named(tmp_path, base_dir, cfg, message):
+    from safetensors.torch import save_file
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "adapter_model.safetensors"))
+    model = qforge.load(base_dir, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match=message):
+        qforge.load_adapter(model, tmp_path)
+
+
+@pytest.mark.cuda
+def test_lce_op_on_cuda_checks_devices_and_layout():
+    h, w, y = (t.cuda() for t in small())
+    loss = LCE(*lce_args(h, w, y))[0]
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(h @ w.t(), y), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="labels is on cpu but hidden is on cuda:0"):
+        LCE(*lce_args(h, w, y.cpu()))
+    with pytest.raises(ValueError, match="hidden must be contiguous"):
+        LCE(*lce_args(h.t().contiguous().t(), w, y))
+    with pytest.raises(ValueError, match=r"labels must be \[N\] = \[6\], got \[2\]"):
+        LCE(*lce_args(h, w, y[:2]))
