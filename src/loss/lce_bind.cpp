@@ -5,6 +5,7 @@
 // if it were contiguous and give a wrong loss.
 #include <string>
 
+#include "core/dtype_name.hpp"
 #include "qforge/cuda_runtime.hpp"
 #include "qforge/error.hpp"
 #include "qforge/loss.hpp"
@@ -16,19 +17,6 @@ namespace {
 constexpr const char* kOp = "linear_cross_entropy";
 // Elements of one tensor at most: keeps every byte count far from int64 overflow.
 constexpr int64_t kMaxNumel = int64_t(1) << 48;
-
-const char* elem_name(int e) {
-  switch (e) {
-    case QF_FLOAT32: return "float32";
-    case QF_FLOAT16: return "float16";
-    case QF_BFLOAT16: return "bfloat16";
-    case QF_UINT8: return "uint8";
-    case QF_INT64: return "int64";
-    case QF_INT32: return "int32";
-    case QF_FLOAT64: return "float64";
-    default: return "an unknown dtype";
-  }
-}
 
 std::string shape_of(const TensorRef& t) {
   std::string s = "[";
@@ -91,8 +79,9 @@ void check_shape(const TensorRef& t, const char* name, std::initializer_list<int
 }
 
 void check_elem(const TensorRef& t, const char* name, int elem, int other = -1) {
-  QF_CHECK(t.elem == elem || t.elem == other, kOp, ": ", name, " must be ", elem_name(elem),
-           other >= 0 ? " or " : "", other >= 0 ? elem_name(other) : "", ", got ", elem_name(t.elem));
+  QF_CHECK(t.elem == elem || t.elem == other, kOp, ": ", name, " must be ", qforge::dtype_name(elem),
+           other >= 0 ? " or " : "", other >= 0 ? qforge::dtype_name(other) : "", ", got ",
+           qforge::dtype_name(t.elem));
 }
 
 DType float_type(int elem) {
@@ -102,7 +91,7 @@ DType float_type(int elem) {
     case QF_BFLOAT16: return DType::BF16;
     default: break;
   }
-  QF_CHECK(false, kOp, ": hidden must be float32, float16 or bfloat16, got ", elem_name(elem));
+  QF_CHECK(false, kOp, ": hidden must be float32, float16 or bfloat16, got ", qforge::dtype_name(elem));
   return DType::F32;
 }
 

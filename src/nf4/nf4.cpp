@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/dtype_name.hpp"
 #include "core/half.hpp"
 #include "nf4/rules.hpp"
 #include "qforge/cuda_runtime.hpp"
@@ -90,19 +91,6 @@ bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
 // Below this many elements a thread team costs more than it saves (its
 // start-up and barrier take milliseconds when the cores are oversubscribed).
 constexpr int64_t kParallelMinElements = int64_t{1} << 18;
-
-const char* dtype_name(qf_dtype d) {
-  switch (d) {
-    case QF_FLOAT32: return "float32";
-    case QF_FLOAT16: return "float16";
-    case QF_BFLOAT16: return "bfloat16";
-    case QF_UINT8: return "uint8";
-    case QF_INT64: return "int64";
-    case QF_INT32: return "int32";
-    case QF_FLOAT64: return "float64";
-  }
-  return "unknown dtype";
-}
 
 void check_float_dtype(qf_dtype d, const char* what) {
   QF_CHECK(d == QF_FLOAT32 || d == QF_FLOAT16 || d == QF_BFLOAT16, what,
