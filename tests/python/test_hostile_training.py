@@ -667,3 +667,23 @@ def test_lce_op_on_cuda_checks_devices_and_layout():
         LCE(*lce_args(h.t().contiguous().t(), w, y))
     with pytest.raises(ValueError, match=r"labels must be \[N\] = \[6\], got \[2\]"):
         LCE(*lce_args(h, w, y[:2]))
+
+
+def test_resume_and_pruning_past_step_a_million(tmp_path, base_dir, stopped_run):
+    """A real run whose checkpoints are steps 999,999 and 1,000,000: --resume takes
+    1,000,000 (text order said 999,999) and pruning keeps the two newest by number."""
+    import shutil
+
+    out = copy_run(stopped_run, tmp_path / "run")
+    root = out / "checkpoints"
+    for old, new in (("step-000002", 999_999), ("step-000004", 1_000_000)):
+        shutil.move(root / old, root / f"step-{new:06d}")
+        state = json.loads((root / f"step-{new:06d}" / "state.json").read_text())
+        state["step"] = new
+        (root / f"step-{new:06d}" / "state.json").write_text(json.dumps(state))
+    s = T.train(output=str(out), resume=True, **train_kw(base_dir, max_steps=1_000_002, save_every=1,
+                                                          keep_checkpoints=2))
+    assert s["steps"] == 1_000_002 and len(s["losses"]) == 2
+    assert [p.name for p in checkpoints(out)] == ["step-1000001", "step-1000002"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows][-2:] == [1_000_001, 1_000_002]
