@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 __all__ = ["CheckpointDamaged", "checkpoint_step", "checkpoints", "latest_checkpoint", "checkpoint_problem",
-           "load_checkpoint"]
+           "verify_checkpoint", "load_checkpoint"]
 
 _NAME = re.compile(r"step-(\d{1,18})")  # 18 digits: any step count an int64 holds
 TORCH_FILES = ("optimizer.pt", "rng.pt")
@@ -139,15 +139,23 @@ def _first_nonfinite(optimizer_state: dict) -> Optional[str]:
     return None
 
 
-def load_checkpoint(path: Path, model, optimizer, scaler, device, load_adapter) -> dict:
+def verify_checkpoint(path: Path) -> None:
+    """CheckpointDamaged when checkpoint_problem finds something wrong: the cheap
+    checks, before a run spends time loading its model."""
+    problem = checkpoint_problem(Path(path))
+    if problem is not None:
+        raise damaged(path, problem)
+
+
+def load_checkpoint(path: Path, model, optimizer, scaler, device, load_adapter, verified: bool = False) -> dict:
     """Restore model adapter, optimizer, scaler and torch RNG from checkpoint
-    ``path``; returns its state.json. Raises CheckpointDamaged naming the file
-    when one cannot be read or does not fit this run."""
+    ``path`` (checked first by verify_checkpoint unless ``verified``); returns
+    its state.json. Raises CheckpointDamaged naming the file when one cannot be
+    read or does not fit this run."""
     path = Path(path)
+    if not verified:
+        verify_checkpoint(path)
     try:
-        problem = checkpoint_problem(path)
-        if problem is not None:
-            raise ValueError(problem)
         state = _read_state(path)
         try:
             load_adapter(model, path)

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from ._files import atomic_write_text
-from .checkpoints import checkpoint_step, checkpoints, latest_checkpoint, load_checkpoint
+from .checkpoints import checkpoint_step, checkpoints, latest_checkpoint, load_checkpoint, verify_checkpoint
 from .nn import DEFAULT_TARGETS
 
 __all__ = ["TrainArgs", "train", "latest_checkpoint", "DEFAULT_JOB", "NonFiniteTraining"]
@@ -218,6 +218,8 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
                          "or choose another --output (nothing was overwritten)")
     if resuming and resume_from is None and (output / "metrics.jsonl").exists():
         raise ValueError(f"{output}: --resume found no complete checkpoint to continue from")
+    if resume_from is not None:
+        verify_checkpoint(resume_from)
 
     device = torch.device(args.device) if args.device else default_device()
     if args.dtype == "auto":
@@ -265,7 +267,7 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
     metrics_path = output / "metrics.jsonl"
     fingerprint = _fingerprint(examples, tokens_per_batch, args)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, opt, scaler, device, load_adapter)
+        state = load_checkpoint(resume_from, model, opt, scaler, device, load_adapter, verified=True)
         if state.get("fingerprint", fingerprint) != fingerprint:
             raise ValueError(f"{resume_from}: the data or batching settings (tokens, batch size, grad_accum, seed, "
                              "LoRA shape) differ from the run that wrote this checkpoint; resuming would not "
