@@ -3,9 +3,11 @@
 // and turns it into a status code plus qf_last_error(), so no exception ever
 // crosses the ABI.
 #pragma once
+#include <cstdio>
 #include <stdexcept>
 #include <string>
-#include <sstream>
+#include <string_view>
+#include <type_traits>
 
 namespace qforge {
 
@@ -22,11 +24,40 @@ struct RuntimeFailure : Error {
 };
 
 namespace detail {
+// Messages are built without iostreams: a std::ostringstream formats numbers
+// through the global locale's facets, and in a process where another C++
+// runtime set that locale up (PyTorch's, on the GPU machines) inserting an
+// integer crashed inside libstdc++ (SIGSEGV in num_put), turning every
+// "got 20" error into a crash.
+template <class T>
+void append(std::string& s, const T& v) {
+  if constexpr (std::is_convertible_v<const T&, const char*>) {
+    const char* p = v;
+    s += p ? p : "(null)";
+  } else if constexpr (std::is_convertible_v<const T&, std::string_view>) {
+    s += std::string_view(v);
+  } else if constexpr (std::is_same_v<T, char>) {
+    s += v;
+  } else if constexpr (std::is_same_v<T, bool>) {
+    s += v ? "1" : "0";
+  } else if constexpr (std::is_integral_v<T>) {
+    s += std::to_string(v);
+  } else if constexpr (std::is_enum_v<T>) {
+    s += std::to_string(static_cast<std::underlying_type_t<T>>(v));
+  } else if constexpr (std::is_floating_point_v<T>) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%g", static_cast<double>(v));  // what operator<< prints
+    s += buf;
+  } else {
+    static_assert(std::is_arithmetic_v<T>, "QF_CHECK / concat: no text form for this type");
+  }
+}
+
 template <class... Args>
 std::string concat(const Args&... args) {
-  std::ostringstream s;
-  (s << ... << args);
-  return s.str();
+  std::string s;
+  (append(s, args), ...);
+  return s;
 }
 }  // namespace detail
 
