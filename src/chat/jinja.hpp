@@ -38,7 +38,17 @@ struct Node {
   std::vector<Op> ops;                                // Compare chain
   std::vector<NodePtr> body, orelse;
   Node(NK k, int l, int c) : kind(k), line(l), col(c) {}
+  ~Node();  // frees the subtree without recursion (a rejected template may be deeper than the stack allows)
+  Node(const Node&) = delete;
+  Node& operator=(const Node&) = delete;
 };
+
+// How deep a compiled template's syntax tree may be: brackets, blocks and
+// every link of a chain (`a + b + ...`, `x.a.b...`, `x|f|g...`, `not not ...`,
+// `- - x`, `elif`) count one level. Every walk of the tree (the evaluator,
+// sealing, freeing) recurses at most this deep, so a template can never run
+// the stack out; a deeper one is a TemplateSyntaxError naming this limit.
+constexpr int kMaxTemplateNesting = 256;
 
 struct Program {
   NodePtr root;

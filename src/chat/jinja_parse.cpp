@@ -404,6 +404,12 @@ class Lexer {
   }
 };
 
+std::string nesting_message() {
+  return detail::concat("template nested deeper than ", kMaxTemplateNesting,
+                        " levels (kMaxTemplateNesting: brackets, blocks and each link of a chain of operators, "
+                        "filters, attributes, calls or elifs count one)");
+}
+
 // ------------------------------------------------------------------ parser
 class Parser {
  public:
@@ -421,11 +427,13 @@ class Parser {
   size_t i_ = 0;
   Program& prog_;
   int soft_ = 0;  // inside an {% if %} (unknown filters become runtime errors)
-  int depth_ = 0; // nesting of expressions and blocks (bounded: no stack overflow)
+  // The parser's own recursion (a bracket level is about three Nests); the
+  // tree it builds is checked against kMaxTemplateNesting afterwards.
+  int depth_ = 0;
   struct Nest {
     Parser& p;
     explicit Nest(Parser& parser) : p(parser) {
-      if (++p.depth_ > 300) p.fail("expressions or blocks nested too deeply");
+      if (++p.depth_ > 3 * kMaxTemplateNesting) p.fail(nesting_message());
     }
     ~Nest() { --p.depth_; }
   };
@@ -565,7 +573,8 @@ class Parser {
     std::string end;
     n->body = subparse({"elif", "else", "endif"}, end);
     if (end == "elif") {
-      --i_;  // re-parse "elif" as a nested if
+      --i_;  // re-parse "elif" as a nested if (one level deeper, like jinja2's compiler)
+      Nest nest(*this);
       n->orelse.push_back(parse_if());
       open_blocks_.pop_back();
       --soft_;
@@ -1120,7 +1129,43 @@ class Parser {
 
 }  // namespace
 
-// Calls visit(node) for `n` and every node below it.
+// The children of n (nullptr entries included), in order.
+template <class Visit>
+static void for_each_child(Node& n, Visit&& visit) {
+  for (auto* v : {&n.args, &n.body, &n.orelse})
+    for (auto& c : *v) visit(c);
+  for (auto& kv : n.kwargs) visit(kv.second);
+}
+
+Node::~Node() {
+  std::vector<NodePtr> doomed;  // the subtree, detached level by level
+  for_each_child(*this, [&](NodePtr& c) {
+    if (c) doomed.push_back(std::move(c));
+  });
+  while (!doomed.empty()) {
+    NodePtr n = std::move(doomed.back());
+    doomed.pop_back();
+    for_each_child(*n, [&](NodePtr& c) {
+      if (c) doomed.push_back(std::move(c));
+    });
+  }  // each node dies childless: no recursion
+}
+
+// Rejects a tree deeper than kMaxTemplateNesting (without recursing into it).
+static void check_nesting(Node& root) {
+  std::vector<std::pair<Node*, int>> todo{{&root, 1}};
+  while (!todo.empty()) {
+    Node* n = todo.back().first;
+    int depth = todo.back().second;
+    todo.pop_back();
+    if (depth > kMaxTemplateNesting) raise("TemplateSyntaxError", nesting_message(), n->line, n->col);
+    for_each_child(*n, [&](NodePtr& c) {
+      if (c) todo.emplace_back(c.get(), depth + 1);
+    });
+  }
+}
+
+// Calls visit(node) for `n` and every node below it (at most kMaxTemplateNesting deep).
 template <class Visit>
 static void for_each_node(const Node& n, Visit&& visit) {
   visit(n);
@@ -1153,6 +1198,7 @@ std::shared_ptr<Program> compile_template(std::string_view source) {
   Lexer lex(source);
   Parser parser(lex.run(), *prog);
   prog->root = parser.parse_template();
+  check_nesting(*prog->root);
   seal(*prog);
   prog->finish();
   return prog;
