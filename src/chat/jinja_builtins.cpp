@@ -2,9 +2,11 @@
 // str/list/dict methods templates call, with Python's semantics.
 #include <algorithm>
 #include <array>
+#include <cerrno>
 #include <cmath>
 #include <cstring>
 #include <ctime>
+#include <unordered_map>
 #include <unordered_set>
 
 #include "jinja_rt.hpp"
@@ -216,6 +218,33 @@ bool hashable(const Value& v) {
   return true;
 }
 
+// A hash of a hashable value that agrees with py_equal (1 == 1.0 == True,
+// a Markup string equals the plain one). Tuples nest at most as deep as the
+// value does, and values are bounded in depth where they are made.
+uint64_t py_hash(const Value& v) {
+  auto mix = [](uint64_t h) {
+    h ^= h >> 33;
+    h *= 0xff51afd7ed558ccdull;
+    return h ^ (h >> 33);
+  };
+  if (v.is_string()) return std::hash<std::string_view>()(v.str());
+  if (v.is_bool() || v.is_int()) return mix(static_cast<uint64_t>(v.as_int()));
+  if (v.is_float()) {
+    double d = v.as_float();
+    if (d == std::trunc(d) && d >= -9223372036854775808.0 && d < 9223372036854775808.0)
+      return mix(static_cast<uint64_t>(static_cast<int64_t>(d)));
+    uint64_t bits;
+    std::memcpy(&bits, &d, 8);
+    return mix(bits);
+  }
+  if (v.is_tuple()) {
+    uint64_t h = 0x345678;
+    for (auto& x : v.list()) h = mix(h ^ py_hash(x)) + 0x9E3779B97F4A7C15ull;
+    return h;
+  }
+  return static_cast<uint64_t>(v.kind()) * 0x9E3779B97F4A7C15ull;  // None, Undefined
+}
+
 // refuses a replace() whose result would exceed the output limit
 void check_replace(Interp& in, const std::string& s, const std::string& old, const std::string& rep, int64_t count,
                    const Node& at) {
@@ -302,7 +331,44 @@ void sort_values(Interp& in, List& l, const Node& at, bool reverse, bool case_se
   for (size_t i = 0; i < l.size(); ++i) l[i] = keyed[i].second;
 }
 
-// printf-style "%" formatting of Python strings
+// int(x) of a float: Python's errors, and OverflowError where Python would
+// make an int beyond 64 bits (docs/chat.md: integers are 64-bit).
+int64_t float_to_int(Interp& in, double d, const Node& at) {
+  if (std::isnan(d)) in.fail("ValueError", "cannot convert float NaN to integer", at);
+  if (std::isinf(d)) in.fail("OverflowError", "cannot convert float infinity to integer", at);
+  d = std::trunc(d);
+  if (!(d >= -9223372036854775808.0 && d < 9223372036854775808.0))
+    in.fail("OverflowError", detail::concat("int(", py_repr(Value(d)), ") does not fit in 64 bits"), at);
+  return static_cast<int64_t>(d);
+}
+
+// `digits` of a %-format's width or precision, bounded by the output limit
+// (a larger one could only produce a larger string).
+size_t format_number(Interp& in, const std::string& fmt, size_t& i, const Node& at) {
+  unsigned __int128 n = 0;
+  while (i < fmt.size() && fmt[i] >= '0' && fmt[i] <= '9') {
+    n = n * 10 + static_cast<unsigned>(fmt[i++] - '0');
+    in.check_output(n, at);
+  }
+  return static_cast<size_t>(n);
+}
+
+// s padded to `width` code points (left-aligned with '-'), cut to `prec` first.
+void pad_text(std::string& out, std::string s, bool left, size_t width, long long prec) {
+  size_t len = utf8_length(s);
+  if (prec >= 0 && len > static_cast<size_t>(prec)) {
+    auto cps = utf8_decode(s);
+    s = encode(cps, 0, static_cast<size_t>(prec));
+    len = static_cast<size_t>(prec);
+  }
+  if (!left && width > len) out.append(width - len, ' ');
+  out += s;
+  if (left && width > len) out.append(width - len, ' ');
+}
+
+// printf-style "%" formatting of Python strings: flags, width, precision and
+// the conversions s r a d i u f F e E g G, at any width or precision the
+// output limit allows.
 std::string percent_format(Interp& in, const std::string& fmt, const Value& rhs, const Node& at) {
   std::string out;
   List args;
@@ -333,30 +399,60 @@ std::string percent_format(Interp& in, const std::string& fmt, const Value& rhs,
       if (ai >= args.size()) in.fail("TypeError", "not enough arguments for format string", at);
       val = args[ai++];
     }
-    std::string spec;
-    while (i < fmt.size() && std::strchr("-+ #0123456789.", fmt[i])) spec += fmt[i++];
+    std::string flags;
+    while (i < fmt.size() && std::strchr("-+ #0", fmt[i]) && fmt[i]) flags += fmt[i++];
+    size_t width = format_number(in, fmt, i, at);
+    long long prec = -1;
+    if (i < fmt.size() && fmt[i] == '.') {
+      ++i;
+      prec = static_cast<long long>(format_number(in, fmt, i, at));
+    }
+    while (i < fmt.size() && (fmt[i] == 'h' || fmt[i] == 'l' || fmt[i] == 'L')) ++i;  // length modifiers: ignored, as Python
     if (i >= fmt.size()) in.fail("ValueError", "incomplete format", at);
     char conv = fmt[i];
-    char buf[512];
+    bool left = flags.find('-') != std::string::npos;
+    auto printf_into = [&](const std::string& spec, auto x) {
+      // bounded above: the digits of a double (at most 310 before the point) + width + precision
+      in.check_output(static_cast<unsigned __int128>(out.size()) + width + static_cast<size_t>(std::max(0LL, prec)) + 400, at);
+      int len = std::snprintf(nullptr, 0, spec.c_str(), x);
+      if (len < 0) in.fail("ValueError", "format failed", at);
+      size_t at0 = out.size();
+      out.resize(at0 + static_cast<size_t>(len) + 1);
+      std::snprintf(out.data() + at0, static_cast<size_t>(len) + 1, spec.c_str(), x);
+      out.resize(at0 + static_cast<size_t>(len));
+    };
+    std::string spec = "%";  // built by appends (GCC 12 misreports chained + with -Wrestrict)
+    spec += flags;
+    if (width) spec += std::to_string(width);
+    if (prec >= 0) {
+      spec += '.';
+      spec += std::to_string(prec);
+    }
     switch (conv) {
-      case 's': out += py_str(val); break;
-      case 'r': out += py_repr(val); break;
+      case 's':
+      case 'r':
+      case 'a':
+        in.check_output(static_cast<unsigned __int128>(out.size()) + width, at);
+        pad_text(out, conv == 's' ? py_str(val) : py_repr(val), left, width, prec);
+        break;
       case 'd':
       case 'i':
-        if (!val.is_number()) in.fail("TypeError", detail::concat("%d format: a real number is required, not ", val.type_name()), at);
-        std::snprintf(buf, sizeof buf, ("%" + spec + "lld").c_str(), static_cast<long long>(val.is_float() ? std::trunc(val.as_float()) : val.as_int()));
-        out += buf;
+      case 'u':
+        if (!val.is_number()) in.fail("TypeError", detail::concat("%", conv, " format: a real number is required, not ", val.type_name()), at);
+        printf_into(spec + "lld", static_cast<long long>(val.is_float() ? float_to_int(in, val.as_float(), at) : val.as_int()));
         break;
       case 'f':
       case 'F':
       case 'e':
+      case 'E':
       case 'g':
+      case 'G':
         if (!val.is_number()) in.fail("TypeError", detail::concat("must be real number, not ", val.type_name()), at);
-        std::snprintf(buf, sizeof buf, ("%" + spec + conv).c_str(), val.as_float());
-        out += buf;
+        printf_into(spec + conv, val.as_float());
         break;
       default: in.fail("ValueError", detail::concat("unsupported format character '", conv, "'"), at);
     }
+    in.check_output(out.size(), at);
   }
   if (!mapping_like && ai < args.size()) in.fail("TypeError", "not all arguments converted during string formatting", at);
   return out;
@@ -496,10 +592,13 @@ Value select_or_reject(Interp& in, const Value& seq, Args& args, const Node& at,
   return generator(std::move(out));
 }
 
-std::string indent(const std::string& s0, const Value* width, bool first, bool blank) {
-  std::string ind = width ? (width->is_string() ? width->str() : std::string(static_cast<size_t>(std::max<int64_t>(0, width->as_int())), ' ')) : "    ";
+std::string indent(Interp& in, const std::string& s0, const Value* width, bool first, bool blank, const Node& at) {
+  size_t width_bytes = width ? (width->is_string() ? width->str().size() : static_cast<size_t>(std::max<int64_t>(0, width->as_int()))) : 4;
+  in.check_output(width_bytes, at);
+  std::string ind = width && width->is_string() ? width->str() : std::string(width_bytes, ' ');
   std::string s = s0 + "\n";
   List lines = splitlines(s, false);
+  in.check_output(s.size() + static_cast<unsigned __int128>(lines.size() + 1) * ind.size(), at);  // the result's bound
   std::string rv;
   if (blank) {
     for (size_t i = 0; i < lines.size(); ++i) {
@@ -571,7 +670,10 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
       k.ensure_ascii = arg_bool(args, 0, "ensure_ascii", false);
       if (const Value* ind = arg(args, 1, "indent"); ind && !ind->is_none()) {
         if (ind->is_string()) k.indent = ind->str();
-        else if (ind->is_int()) k.indent = std::string(static_cast<size_t>(std::max<int64_t>(0, ind->as_int())), ' ');
+        else if (ind->is_int()) {
+          in.check_output(static_cast<size_t>(std::max<int64_t>(0, ind->as_int())), at);
+          k.indent = std::string(static_cast<size_t>(std::max<int64_t>(0, ind->as_int())), ' ');
+        }
         else in.fail("TypeError", "indent must be an int or str", at);
         k.has_indent = true;
       }
@@ -727,8 +829,7 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
       if (v.is_list()) in.fail("AttributeError", "'list' object has no attribute 'splitlines'", at);  // list += str extends
       if (v.is_tuple()) in.fail("TypeError", "can only concatenate tuple (not \"str\") to tuple", at);
       if (!v.is_string()) in.fail("TypeError", detail::concat("unsupported operand type(s) for +=: '", v.type_name(), "' and 'str'"), at);
-      if (const Value* w = arg(args, 0, "width"); w && w->is_int()) in.check_output(static_cast<size_t>(std::max<int64_t>(0, w->as_int())), at);
-      return Value(indent(as_text(v), arg(args, 0, "width"), arg_bool(args, 1, "first", false), arg_bool(args, 2, "blank", false)));
+      return Value(indent(in, as_text(v), arg(args, 0, "width"), arg_bool(args, 1, "first", false), arg_bool(args, 2, "blank", false), at));
     case F_REPLACE: {
       const Value* old = arg(args, 0, "old");
       const Value* rep = arg(args, 1, "new");
@@ -743,14 +844,18 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
       const Value* d = arg(args, 0, "default");
       Value dflt = d ? *d : Value(int64_t(0));
       if (v.is_int() || v.is_bool()) return Value(v.as_int());
-      if (v.is_float()) return std::isfinite(v.as_float()) ? Value(static_cast<int64_t>(std::trunc(v.as_float()))) : dflt;
+      if (v.is_float()) return std::isfinite(v.as_float()) ? Value(float_to_int(in, v.as_float(), at)) : dflt;
       if (v.is_string()) {
         std::string s(strip(v.str(), nullptr, true, true));
         char* end = nullptr;
+        errno = 0;
         long long iv = std::strtoll(s.c_str(), &end, 10);
-        if (!s.empty() && end && *end == 0) return Value(static_cast<int64_t>(iv));
+        if (!s.empty() && end && *end == 0) {
+          if (errno == ERANGE) in.fail("OverflowError", detail::concat("int too large for 64 bits: ", s), at);
+          return Value(static_cast<int64_t>(iv));
+        }
         double dv = std::strtod(s.c_str(), &end);
-        if (!s.empty() && end && *end == 0 && std::isfinite(dv)) return Value(static_cast<int64_t>(std::trunc(dv)));
+        if (!s.empty() && end && *end == 0 && std::isfinite(dv)) return Value(float_to_int(in, dv, at));
       }
       return dflt;
     }
@@ -772,15 +877,17 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
       in.iterate(v, items, at);
       bool cs = arg_bool(args, 0, "case_sensitive", false);
       const Value* attribute = arg(args, 1, "attribute");
-      std::vector<Value> seen;
+      std::unordered_multimap<uint64_t, Value> seen;  // hash -> key: O(n) expected, not O(n^2)
+      seen.reserve(items.size());
       for (auto& x : items) {
-        if (!hashable(x)) in.fail("TypeError", detail::concat("unhashable type: '", x.type_name(), "'"), at);
         Value k = sort_key(attribute && !attribute->is_none() ? attr_path(in, x, as_text(*attribute), at) : x, cs);
+        if (!hashable(k)) in.fail("TypeError", detail::concat("unhashable type: '", k.type_name(), "'"), at);
+        uint64_t h = py_hash(k);
+        auto [lo, hi] = seen.equal_range(h);
         bool dup = false;
-        for (auto& s : seen)
-          if (py_equal(s, k)) dup = true;
+        for (auto it = lo; it != hi && !dup; ++it) dup = py_equal(it->second, k);
         if (!dup) {
-          seen.push_back(k);
+          seen.emplace(h, std::move(k));
           out.push_back(x);
         }
       }
@@ -809,6 +916,7 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
     }
     case F_ABS:
       if (!v.is_number()) in.fail("TypeError", detail::concat("bad operand type for abs(): '", v.type_name(), "'"), at);
+      if (!v.is_float() && v.as_int() == INT64_MIN) in.fail("OverflowError", "integer result does not fit in 64 bits", at);
       return v.is_float() ? Value(std::fabs(v.as_float())) : Value(v.as_int() < 0 ? -v.as_int() : v.as_int());
     case F_CENTER: {
       std::string s = as_text(v);
@@ -828,7 +936,9 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
         in.fail("FilterArgumentError", "method must be common, ceil or floor", at);
       if (method == "common") {
         if (!v.is_float()) return Value(v.as_int());  // round(int, n) is the int
-        if (prec < 0 || prec > 300 || !std::isfinite(v.as_float())) {
+        if (!std::isfinite(v.as_float()) || prec > 330) return v;  // beyond a double's digits: itself
+        if (prec < -330) return Value(std::copysign(0.0, v.as_float()));
+        if (prec < 0 || prec > 300) {
           double p = std::pow(10.0, static_cast<double>(prec));
           return Value(std::nearbyint(v.as_float() * p) / p);
         }
@@ -838,6 +948,7 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
         double r = std::strtod(buf, nullptr);
         return Value(r == 0 && std::signbit(v.as_float()) ? -0.0 : r);
       }
+      if (prec > 308 || prec < -308) in.fail("OverflowError", "int too large to convert to float", at);  // 10**precision
       double p = std::pow(10.0, static_cast<double>(prec)), x = v.as_float() * p;
       return Value((method == "ceil" ? std::ceil(x) : std::floor(x)) / p);
     }
@@ -909,8 +1020,10 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
         }
       }
       if (!cur.empty()) {
-        if (fill && !fill->is_none())
+        if (fill && !fill->is_none()) {
+          in.check_output(static_cast<unsigned __int128>(n) * sizeof(Value), at);  // n > cur.size() here
           while (static_cast<int64_t>(cur.size()) < n) cur.push_back(*fill);
+        }
         out.push_back(Value(std::move(cur)));
       }
       return Value(std::move(out));
@@ -923,9 +1036,13 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
       int64_t leeway = arg_int(in, args, 3, "leeway", 5, at);
       auto cps = utf8_decode(s);
       int64_t n = static_cast<int64_t>(cps.size()), elen = static_cast<int64_t>(utf8_length(end));
-      if (n <= length + leeway) return Value(s);
-      if (killwords) return Value(encode(cps, 0, static_cast<size_t>(std::max<int64_t>(0, length - elen))) + end);
-      std::string cut = encode(cps, 0, static_cast<size_t>(std::max<int64_t>(0, length - elen)));
+      // jinja2's asserts; then length - elen is in [0, length] and the sum is taken in 128 bits
+      if (length < elen) in.fail("AssertionError", detail::concat("expected length >= ", elen, ", got ", length), at);
+      if (leeway < 0) in.fail("AssertionError", detail::concat("expected leeway >= 0, got ", leeway), at);
+      if (static_cast<__int128>(n) <= static_cast<__int128>(length) + leeway) return Value(s);
+      size_t keep = static_cast<size_t>(std::min(length - elen, n));  // s[:length - len(end)]
+      if (killwords) return Value(encode(cps, 0, keep) + end);
+      std::string cut = encode(cps, 0, keep);
       size_t sp = cut.rfind(' ');
       if (sp != std::string::npos) cut.resize(sp);
       return Value(cut + end);
@@ -1281,6 +1398,7 @@ struct Builtin : Callable {
         __int128 mag = step > 0 ? (__int128)step : -(__int128)step;
         int64_t n = span > 0 ? static_cast<int64_t>(std::min<__int128>((span + mag - 1) / mag, 1 << 30)) : 0;
         if (n > 100000) in.fail("OverflowError", "Range too big. The sandbox blocks ranges larger than MAX_RANGE (100000).", at);
+        in.charge(static_cast<size_t>(n), at);
         List l;
         l.reserve(static_cast<size_t>(n));
         for (int64_t i = 0; i < n; ++i) l.push_back(Value(start + i * step));
@@ -1309,7 +1427,9 @@ struct Builtin : Callable {
             if (kv.first.is_string() && !kv.first.str().empty() && kv.first.str()[0] == '_')
               in.fail("SecurityError", "Chat templates cannot store underscore-prefixed attributes on a namespace, but got '" +
                                            kv.first.str() + "'. Please rename the attribute.", at);
-          return Value(std::move(d), Kind::Namespace);
+          Value ns(std::move(d), Kind::Namespace);
+          in.track_namespace(ns);
+          return ns;
         }
         return Value(std::move(d));
       }

@@ -18,7 +18,8 @@ struct MacroObj : Callable {
   bool catch_varargs, catch_kwargs;
   const char* type_name() const override { return "Macro"; }
   Value call(Interp& in, Args& args, const Node& at) override {
-    if (++in.depth > in.opt.limits.max_call_depth) in.fail("RecursionError", "maximum macro recursion depth exceeded", at);
+    if (++in.depth > in.opt.limits.max_call_depth) in.fail_blocks(at);
+    in.check_stack(at);
     Scope scope(true, closure.get());  // shared: macros defined inside may capture it
     Frame* frame = &scope.frame;
     auto& params = def->kwargs;
@@ -274,6 +275,11 @@ static Value do_slice(Interp& in, const Value& obj, const Node& slice, Frame& f)
 }
 
 void Interp::iterate(const Value& v, List& out, const Node& at) {
+  iterate_items(v, out, at);
+  charge(out.size(), at);  // what the caller walks next
+}
+
+void Interp::iterate_items(const Value& v, List& out, const Node& at) {
   switch (v.kind()) {
     case Kind::Undefined: return;
     case Kind::List:
@@ -299,6 +305,7 @@ void Interp::iterate(const Value& v, List& out, const Node& at) {
 }
 
 Value Interp::call(const Value& callee, Args& args, const Node& at) {
+  tick(at);
   if (callee.is_undefined()) fail_undefined(callee, at);
   if (callee.is_native())
     if (auto* c = dynamic_cast<Callable*>(callee.native())) return c->call(*this, args, at);
@@ -465,8 +472,10 @@ Value Interp::binop(Op op, const Value& a, const Value& b, const Node& at) {
     if (seq && is_intlike(*cnt)) {
       int64_t k = std::max<int64_t>(0, cnt->as_int()), total;
       int64_t unit = static_cast<int64_t>(seq->is_string() ? seq->str().size() : 16 * seq->list().size());
-      if (__builtin_mul_overflow(k, unit, &total) || total > static_cast<int64_t>(opt.limits.max_output_bytes))
-        fail("OutputLimit", "sequence repetition exceeds the size limit", at);
+      if (__builtin_mul_overflow(k, unit, &total)) fail_output(at);
+      check_output(static_cast<uint64_t>(total), at);
+      if (unit == 0) return seq->is_string() ? Value("") : Value(List(), seq->kind());  // '' * huge: at once, as Python
+      charge(static_cast<size_t>(k), at);
       if (seq->is_string()) {
         std::string s;
         for (int64_t i = 0; i < k; ++i) s += seq->str();
@@ -557,6 +566,7 @@ Value Interp::eval(const Node& n, Frame& f) {
         if (!obj.is_undefined() && !obj.is_native() && !obj.is_namespace() && has_method(obj, callee.name)) {
           if (unsafe_method(obj, callee.name)) fail_undefined(unsafe_undefined(obj, callee.name), callee);
           collect();
+          tick(n);
           bool found;
           return call_method(*this, obj, callee.name, args, n, found);
         }
@@ -648,6 +658,7 @@ Value Interp::apply_filter_node(const Node& n, Value input, Frame& f) {
   for (size_t i = 1; i < n.args.size(); ++i) args.pos.push_back(eval(*n.args[i], f));
   for (auto& kv : n.kwargs) args.kw.emplace_back(kv.first, eval(*kv.second, f));
   if (n.sym < 0) fail("TemplateRuntimeError", detail::concat("No filter named '", n.name, "' found."), n);
+  tick(n);
   return apply_filter(*this, n.sym, n.name, std::move(input), args, n);
 }
 
@@ -695,6 +706,7 @@ Value Interp::filter_chain(const Node& last, Value v, Frame& f) {
     for (size_t i = 1; i < fn.args.size(); ++i) args.pos.push_back(eval(*fn.args[i], f));
     for (auto& kv : fn.kwargs) args.kw.emplace_back(kv.first, eval(*kv.second, f));
     if (fn.sym < 0) fail("TemplateRuntimeError", "No filter named '" + fn.name + "' found.", fn);
+    tick(fn);
     v = apply_filter(*this, fn.sym, fn.name, std::move(v), args, fn);
   }
   return v;
@@ -854,7 +866,7 @@ Interp::Flow Interp::exec(const std::vector<NodePtr>& body, Frame& f, std::strin
           if (exec(n.orelse, frame, out) == Flow::Break) return Flow::Break;
           break;
         }
-        if (++depth > opt.limits.max_call_depth) fail("RecursionError", "blocks nested too deeply", n);
+        if (++depth > opt.limits.max_call_depth) fail_blocks(n);
         loop->length = static_cast<int64_t>(items.size());
         const int loop_sym = prog.loop_sym;
         for (size_t i = 0; i < items.size(); ++i) {
@@ -867,13 +879,14 @@ Interp::Flow Interp::exec(const std::vector<NodePtr>& body, Frame& f, std::strin
           else assign(*this, target, items[i], frame);
           if (exec(n.body, frame, out) == Flow::Break) break;
         }
+        loop->last_changed = Value();  // loop.changed(loop) would keep the loop alive forever
         --depth;
         break;
       }
       case NK::Set: assign(*this, *n.args[0], eval(*n.args[1], f), f); break;
       case NK::SetBlock: {
         std::string captured;
-        if (++depth > opt.limits.max_call_depth) fail("RecursionError", "blocks nested too deeply", n);
+        if (++depth > opt.limits.max_call_depth) fail_blocks(n);
         exec(n.body, f, captured);
         --depth;
         Value v(std::move(captured));
@@ -926,12 +939,50 @@ Interp::Flow Interp::exec(const std::vector<NodePtr>& body, Frame& f, std::strin
   return Flow::Normal;
 }
 
+// ------------------------------------------------------------------ limits
+void Interp::fail_output(const Node& at) {
+  fail("OutputLimit", detail::concat("a string, list or the output would exceed RenderLimits.max_output_bytes (",
+                                     opt.limits.max_output_bytes, " bytes)"), at);
+}
+void Interp::fail_steps(const Node& at) {
+  fail("StepLimit", detail::concat("the render exceeded RenderLimits.max_steps (", opt.limits.max_steps,
+                                   " loop iterations, calls and items walked)"), at);
+}
+void Interp::fail_stack(const Node& at) {
+  fail("RecursionError", detail::concat("nested calls exceed RenderLimits.max_stack_bytes (", opt.limits.max_stack_bytes,
+                                        " bytes of stack)"), at);
+}
+void Interp::fail_blocks(const Node& at) {
+  fail("RecursionError", detail::concat("blocks and macro calls nested deeper than RenderLimits.max_call_depth (",
+                                        opt.limits.max_call_depth, ")"), at);
+}
+
+void Interp::track_namespace(const Value& ns) {
+  if (namespaces_.size() >= prune_at_) {  // drop the ones nothing else holds: amortised O(1) a namespace
+    std::erase_if(namespaces_, [](const Value& v) { return v.is_unique(); });
+    prune_at_ = std::max<size_t>(64, 2 * namespaces_.size());
+  }
+  namespaces_.push_back(ns);
+}
+
+// A namespace can hold itself (`{% set ns.me = ns %}`, or through a list or
+// a loop object); reference counts never free such a cycle, so every
+// namespace the render made is emptied when it ends.
+Interp::~Interp() {
+  for (auto& ns : namespaces_) {
+    Dict items = std::move(ns.dict_mut());
+    ns.dict_mut() = Dict();
+  }  // `items` freed here, each after its namespace was emptied
+}
+
 // ---------------------------------------------------------------- Template
 Template::Template(std::string_view source) : program_(compile_template(source)), source_(source) {}
 
 RenderResult Template::render_tracked(const Value& context, const RenderOptions& opt) const {
   QF_CHECK(context.is_dict() || context.is_none(), "template context must be a dict, got ", context.type_name());
   Interp in(*program_, opt);
+  in.steps_left = opt.limits.max_steps;
+  in.stack_base = static_cast<const char*>(__builtin_frame_address(0));
   Scope global_scope(program_->has_macros, nullptr);
   Frame& globals = global_scope.frame;
   globals.vars.reserve(program_->builtins.size() + context.dict_ref().items.size());

@@ -1,6 +1,7 @@
 // Private: the evaluator's runtime objects shared by jinja_eval.cpp and
 // jinja_builtins.cpp.
 #pragma once
+#include <algorithm>
 #include <functional>
 #include <memory>
 #include <string>
@@ -159,12 +160,16 @@ struct BoundMethod : Callable {
 class Interp {
  public:
   Interp(const Program& p, const RenderOptions& o) : prog(p), opt(o) {}
+  ~Interp();
+  Interp(const Interp&) = delete;
+  Interp& operator=(const Interp&) = delete;
   const Program& prog;
   const RenderOptions& opt;
   std::vector<std::pair<size_t, size_t>>* generation = nullptr;
   std::string* root_out = nullptr;
   int depth = 0;
-  int64_t iterations = 0;
+  int64_t steps_left = 0;        // RenderLimits::max_steps, counted down
+  const char* stack_base = nullptr;  // the render's entry frame (see check_stack)
 
   Value eval(const Node& n, Frame& f);
   // Constants and variables in place (the commonest operands: inline).
@@ -189,7 +194,10 @@ class Interp {
   // Python/jinja2 semantics shared with the builtins
   Value getattr(const Value& obj, const std::string& name, const Node& at);
   Value getitem(const Value& obj, const Value& key, const Node& at);
-  void iterate(const Value& v, List& out, const Node& at);  // list(v)
+  void iterate(const Value& v, List& out, const Node& at);  // list(v), charging a step per item
+  void iterate_items(const Value& v, List& out, const Node& at);
+  // namespace() objects this render made, emptied when it ends (~Interp)
+  void track_namespace(const Value& ns);
   Value call(const Value& callee, Args& args, const Node& at);
   Value binop(Op op, const Value& a, const Value& b, const Node& at);
   bool compare(Op op, const Value& a, const Value& b, const Node& at);
@@ -198,12 +206,33 @@ class Interp {
   int cmp_rec(const Value& a, const Value& b, const Node& at, int depth, const char* op);
   [[noreturn]] void fail_undefined(const Value& u, const Node& at);
   [[noreturn]] void fail(const char* kind, const std::string& msg, const Node& at) { raise(kind, msg, at.line, at.col); }
-  void check_output(size_t size, const Node& at) {
-    if (size > opt.limits.max_output_bytes) fail("OutputLimit", "rendered output exceeds the size limit", at);
+  // A string/list of `size` bytes (or the output) is about to be made.
+  void check_output(unsigned __int128 size, const Node& at) {
+    if (size > opt.limits.max_output_bytes) fail_output(at);
   }
+  [[noreturn]] void fail_output(const Node& at);
+  // One step of work (a loop iteration, a call); charge(n): n items walked.
   void tick(const Node& at) {
-    if (++iterations > opt.limits.max_loop_iterations) fail("LoopLimit", "loop iteration limit exceeded", at);
+    if (--steps_left < 0) fail_steps(at);
   }
+  void charge(size_t n, const Node& at) {
+    steps_left -= static_cast<int64_t>(std::min<size_t>(n, size_t(1) << 62));
+    if (steps_left < 0) fail_steps(at);
+  }
+  [[noreturn]] void fail_steps(const Node& at);
+  // Nested calls: stop before the native stack runs out.
+  void check_stack(const Node& at) {
+    char here;
+    if (stack_base && static_cast<size_t>(stack_base - &here) > opt.limits.max_stack_bytes) fail_stack(at);
+  }
+  [[noreturn]] void fail_stack(const Node& at);
+  [[noreturn]] void fail_blocks(const Node& at);
+
+ private:
+  std::vector<Value> namespaces_;
+  size_t prune_at_ = 64;
+
+ public:
   std::string to_str(const Value& v) { return py_str(v); }
 };
 

@@ -35,7 +35,7 @@ void run_one(std::string_view data) {
   RenderOptions opt;
   opt.now = 0;
   opt.limits.max_output_bytes = 1 << 20;
-  opt.limits.max_loop_iterations = 100000;
+  opt.limits.max_steps = 1000000;
   opt.limits.max_call_depth = 64;
   try {
     Value context = json_loads(ctx);

@@ -215,7 +215,7 @@ TEST(ChatEngine, ErrorsCarryKindAndLineColumn) {
 
 TEST(ChatEngine, LimitsStopRunawayTemplates) {
   RenderOptions opt;
-  opt.limits.max_loop_iterations = 1000;
+  opt.limits.max_steps = 1000;
   EXPECT_THROW(Template("{% for i in range(100) %}{% for j in range(100) %}{% endfor %}{% endfor %}").render(Value::dict(), opt),
                TemplateError);
   EXPECT_THROW(render("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}"), TemplateError);

@@ -26,10 +26,24 @@ struct TemplateError : InvalidArgument {
   int line, column;
 };
 
+// What one render may use; reaching a limit raises TemplateError whose kind
+// and message name it (docs/chat.md, "Limits"). The defaults render every
+// real chat template with room to spare.
 struct RenderLimits {
+  // Time: loop iterations, calls (macros, filters, methods, functions) and
+  // the items a filter or method walks (sort, unique, join, ...), summed over
+  // the render. Kind "StepLimit".
+  int64_t max_steps = 10'000'000;
+  // Memory: the rendered text, and any one string or list (16 bytes an item)
+  // the template builds, including widths and precisions asked of
+  // center/indent/%-formatting/... Kind "OutputLimit".
   size_t max_output_bytes = size_t(64) << 20;
-  int max_call_depth = 200;          // macro calls + nested blocks
-  int64_t max_loop_iterations = 10'000'000;  // summed over the whole render
+  // Nested macro calls and blocks (for, set blocks). Kind "RecursionError".
+  int max_call_depth = 200;
+  // Native stack the nested macro calls of one render may use (each call
+  // checks it), so deep recursion stops cleanly on any thread whose stack is
+  // larger. Kind "RecursionError".
+  size_t max_stack_bytes = size_t(2) << 20;
 };
 
 struct RenderCache;  // memoised tojson of shared values across renders (private)

@@ -150,6 +150,8 @@ class Value {
   List& list_mut();                     // only while building
   Native* native() const { return kind_ == Kind::Native ? static_cast<Native*>(p_) : nullptr; }
   const void* identity() const { return owns() ? p_ : nullptr; }
+  // Whether this is the only reference to its object (false for immortals).
+  bool is_unique() const { return owns() && p_->refs == 1; }
 
   // Python truthiness (Undefined is falsy).
   bool truthy() const { return kind_ == Kind::Bool ? i_ != 0 : truthy_slow(); }
