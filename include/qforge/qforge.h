@@ -203,6 +203,15 @@ typedef struct qf_chat_buffer qf_chat_buffer;
 QF_API int qf_chat_template_compile(const char* source, size_t source_len, qf_chat_template** out);
 QF_API void qf_chat_template_free(qf_chat_template* tmpl);
 
+/* The limits every later render/apply of tmpl runs under (docs/chat.md,
+ * "Limits"; 0 keeps a limit as it is, negative is an error): max_steps (loop iterations, calls and
+ * items walked), max_output_bytes (the output and any one string or list),
+ * max_call_depth (nested macro calls and blocks), max_stack_bytes (native
+ * stack of nested calls). Reaching one fails the render with a TemplateError
+ * naming it. Not to be called while tmpl renders on another thread. */
+QF_API int qf_chat_template_set_limits(qf_chat_template* tmpl, int64_t max_steps, int64_t max_output_bytes,
+                                       int max_call_depth, int64_t max_stack_bytes);
+
 /* apply_chat_template. request_json is one JSON object:
  *   {"messages": [...], "tools": [...]|null, "documents": [...]|null,
  *    "add_generation_prompt": bool, "continue_final_message": bool|"field",

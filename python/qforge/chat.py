@@ -24,6 +24,9 @@ from qforge._lib import check, declare
 _p = ctypes.c_void_p
 _compile = declare("qf_chat_template_compile", ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(_p))
 _free_tmpl = declare("qf_chat_template_free", _p, restype=None)
+_set_limits = declare(
+    "qf_chat_template_set_limits", _p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64
+)
 _apply = declare(
     "qf_chat_apply_template", _p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int64, ctypes.POINTER(_p),
     ctypes.POINTER(ctypes.c_int64), ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t),
@@ -67,7 +70,9 @@ def _take(handle: ctypes.c_void_p) -> str:
     n = ctypes.c_size_t()
     ptr = _buf_data(handle, ctypes.byref(n))
     try:
-        return ctypes.string_at(ptr, n.value).decode("utf-8")
+        # lone surrogates (from strings passed in, or '\ud800' in a template)
+        # travel as their 3-byte forms: the str jinja2 would render
+        return ctypes.string_at(ptr, n.value).decode("utf-8", "surrogatepass")
     finally:
         _buf_free(handle)
 
@@ -112,14 +117,38 @@ def tool_schema(tool: dict | Callable) -> dict:
 
 
 class ChatTemplate:
-    """A compiled chat template (Jinja source as in tokenizer_config.json)."""
+    """A compiled chat template (Jinja source as in tokenizer_config.json).
 
-    def __init__(self, source: str):
+    The keyword limits bound every render (docs/chat.md, "Limits"; None keeps
+    the engine's default): max_steps (loop iterations, calls and items walked
+    by filters, 10M), max_output_bytes (the output and any one string or list,
+    64 MiB), max_call_depth (nested macro calls and blocks, 200),
+    max_stack_bytes (native stack of nested macro calls, 2 MiB). Reaching one
+    raises TemplateError naming it (kind StepLimit, OutputLimit or
+    RecursionError)."""
+
+    def __init__(
+        self,
+        source: str,
+        *,
+        max_steps: int | None = None,
+        max_output_bytes: int | None = None,
+        max_call_depth: int | None = None,
+        max_stack_bytes: int | None = None,
+    ):
         self.source = source
+        limits = {"max_steps": max_steps, "max_output_bytes": max_output_bytes,
+                  "max_call_depth": max_call_depth, "max_stack_bytes": max_stack_bytes}
+        for name, value in limits.items():
+            bound = (1 << 31) if name == "max_call_depth" else (1 << 63)
+            if value is not None and (type(value) is not int or not 0 < value < bound):
+                raise ValueError(f"ChatTemplate: {name} must be a positive int below {bound}, got {value!r}")
         handle = ctypes.c_void_p()
-        raw = source.encode("utf-8")
+        raw = source.encode("utf-8", "surrogatepass")
         _call(_compile(raw, len(raw), ctypes.byref(handle)))
         self._handle = handle
+        if any(v is not None for v in limits.values()):
+            _call(_set_limits(handle, *(v or 0 for v in limits.values())))
 
     def __del__(self):
         if getattr(self, "_handle", None):
@@ -200,7 +229,7 @@ class ChatTemplate:
         try:  # each output decoded from its byte range (no n-times larger str of everything)
             data = memoryview((ctypes.c_char * size.value).from_address(ptr)) if size.value else memoryview(b"")
             bounds = offsets[:]
-            return [str(data[bounds[i]:bounds[i + 1]], "utf-8") for i in range(n)]
+            return [str(data[bounds[i]:bounds[i + 1]], "utf-8", "surrogatepass") for i in range(n)]
         finally:
             _buf_free(out)
 

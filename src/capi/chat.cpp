@@ -9,6 +9,7 @@
 
 struct qf_chat_template {
   qforge::chat::Template tmpl;
+  qforge::chat::RenderLimits limits;
 };
 struct qf_chat_buffer {
   std::string data;
@@ -18,9 +19,10 @@ namespace {
 constexpr int kMaxJsonIndent = 64;  // qf_chat_json_dumps: spaces per level (the output grows with it)
 std::string_view view(const char* p, size_t n) { return p ? std::string_view(p, n) : std::string_view(); }
 qf_chat_buffer* make_buffer(std::string s) { return new qf_chat_buffer{std::move(s)}; }
-qforge::chat::RenderOptions options(int64_t now) {
+qforge::chat::RenderOptions options(const qf_chat_template* tmpl, int64_t now) {
   qforge::chat::RenderOptions o;
   o.now = now;
+  o.limits = tmpl->limits;
   return o;
 }
 }  // namespace
@@ -32,11 +34,26 @@ int qf_chat_template_compile(const char* source, size_t source_len, qf_chat_temp
     QF_CHECK(out, "qf_chat_template_compile: out is NULL");
     QF_CHECK(source || source_len == 0, "qf_chat_template_compile: source is NULL");
     *out = nullptr;
-    *out = new qf_chat_template{qforge::chat::Template(view(source, source_len))};
+    *out = new qf_chat_template{qforge::chat::Template(view(source, source_len)), {}};
   });
 }
 
 void qf_chat_template_free(qf_chat_template* tmpl) { delete tmpl; }
+
+int qf_chat_template_set_limits(qf_chat_template* tmpl, int64_t max_steps, int64_t max_output_bytes, int max_call_depth,
+                                int64_t max_stack_bytes) {
+  return qforge::capi::guard([&] {
+    QF_CHECK(tmpl, "qf_chat_template_set_limits: tmpl is NULL");
+    QF_CHECK(max_steps >= 0 && max_output_bytes >= 0 && max_call_depth >= 0 && max_stack_bytes >= 0,
+             "qf_chat_template_set_limits: limits must be positive (0: unchanged), got max_steps=", max_steps,
+             " max_output_bytes=", max_output_bytes, " max_call_depth=", max_call_depth, " max_stack_bytes=", max_stack_bytes);
+    auto& l = tmpl->limits;
+    if (max_steps) l.max_steps = max_steps;
+    if (max_output_bytes) l.max_output_bytes = static_cast<size_t>(max_output_bytes);
+    if (max_call_depth) l.max_call_depth = max_call_depth;
+    if (max_stack_bytes) l.max_stack_bytes = static_cast<size_t>(max_stack_bytes);
+  });
+}
 
 int qf_chat_apply_template(const qf_chat_template* tmpl, const char* request_json, size_t request_len, int64_t now,
                            qf_chat_buffer** text, int64_t* spans, size_t spans_cap, size_t* n_spans) {
@@ -44,7 +61,7 @@ int qf_chat_apply_template(const qf_chat_template* tmpl, const char* request_jso
     QF_CHECK(tmpl && text, "qf_chat_apply_template: tmpl and text must not be NULL");
     *text = nullptr;
     auto req = qforge::chat::chat_request_from_json(qforge::chat::json_loads(view(request_json, request_len)));
-    auto r = qforge::chat::apply_chat_template(tmpl->tmpl, req, options(now));
+    auto r = qforge::chat::apply_chat_template(tmpl->tmpl, req, options(tmpl, now));
     if (spans || n_spans) {
       QF_CHECK(n_spans, "qf_chat_apply_template: n_spans must be given with spans");
       *n_spans = r.generation.size();
@@ -93,10 +110,10 @@ int qf_chat_apply_batch(const qf_chat_template* tmpl, const char* shared_json, s
     std::vector<qforge::chat::ChatRendered> results;
     if (conversations_format == QF_CHAT_JSON) {
       results = qforge::chat::apply_chat_template_batch_json(tmpl->tmpl, req, view(conversations, conversations_len),
-                                                             options(now), threads);
+                                                             options(tmpl, now), threads);
     } else {
       results = qforge::chat::apply_chat_template_batch_marshal(
-          tmpl->tmpl, req, marshal_documents(view(conversations, conversations_len), offsets_len), options(now), threads);
+          tmpl->tmpl, req, marshal_documents(view(conversations, conversations_len), offsets_len), options(tmpl, now), threads);
     }
     QF_CHECK(offsets_len == results.size() + 1, "qf_chat_apply_batch: offsets needs ", results.size() + 1,
              " entries, got ", offsets_len);
@@ -122,7 +139,7 @@ int qf_chat_template_render(const qf_chat_template* tmpl, const char* context_js
     QF_CHECK(tmpl && text, "qf_chat_template_render: tmpl and text must not be NULL");
     *text = nullptr;
     auto ctx = qforge::chat::json_loads(view(context_json, context_len));
-    *text = make_buffer(tmpl->tmpl.render(ctx, options(now)));
+    *text = make_buffer(tmpl->tmpl.render(ctx, options(tmpl, now)));
   });
 }
 
