@@ -555,10 +555,14 @@ def _cmd_render(args) -> int:
     data = _read_json(args.messages)
     messages = data["messages"] if isinstance(data, dict) else data
     tools = _read_json(args.tools) if args.tools else (data.get("tools") if isinstance(data, dict) else None)
-    if args.template:
-        tmpl, special = ChatTemplate(Path(args.template).read_text(encoding="utf-8")), {}
-    else:
-        tmpl, special = load_tokenizer_config(args.tokenizer_config, args.template_name, tools, args.llama_fallback)
+    try:  # a template that does not compile is reported like one that fails to render
+        if args.template:
+            tmpl, special = ChatTemplate(Path(args.template).read_text(encoding="utf-8")), {}
+        else:
+            tmpl, special = load_tokenizer_config(args.tokenizer_config, args.template_name, tools, args.llama_fallback)
+    except TemplateError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     variables = dict(special)
     for item in args.var or []:
         key, _, value = item.partition("=")

@@ -103,6 +103,17 @@ def test_long_chains_and_deep_nesting_are_a_syntax_error(name):
     assert jinja_render(source, x=[])[0] == "error"
 
 
+def test_cli_reports_a_too_deep_template(tmp_path):
+    (tmp_path / "t.jinja").write_text(CHAINS["plus"])
+    (tmp_path / "m.json").write_text("[]")
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(root / "python"), os.environ.get("PYTHONPATH", "")) if p))
+    proc = subprocess.run([sys.executable, "-m", "qforge.cli", "chat", "render", "--template", str(tmp_path / "t.jinja"),
+                           "--messages", str(tmp_path / "m.json")], capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "TemplateSyntaxError: template nested deeper than 256 levels" in proc.stderr
+
+
 def test_chains_within_the_nesting_limit_render_as_jinja2():
     for source in ["{{ " + "+".join(["1"] * 200) + " }}", "{{ x" + "|trim" * 150 + " }}",
                    "{{ " + "not " * 100 + "1 }}", "{{ " + "[" * 60 + "]" * 60 + " }}",
