@@ -458,6 +458,109 @@ std::string percent_format(Interp& in, const std::string& fmt, const Value& rhs,
   return out;
 }
 
+// format(v, spec) for str.format: [[fill]align][sign][0][width][.precision][type]
+// of str, int, bool and float as Python; '#', grouping and the b/o/x/c/n
+// types are a clear ValueError.
+void format_field(Interp& in, std::string& out, const Value& v, const std::string& spec, const Node& at) {
+  if (spec.empty()) {
+    out += py_str(v);
+    return;
+  }
+  size_t i = 0;
+  std::string fill = " ";
+  char align = 0, sign = '-';
+  size_t fill_len = 1;  // the fill character's bytes
+  if ((spec[0] & 0xC0) == 0xC0) {
+    while (fill_len < spec.size() && (spec[fill_len] & 0xC0) == 0x80) ++fill_len;
+  }
+  if (spec.size() > fill_len && std::strchr("<>=^", spec[fill_len]) && spec[fill_len]) {
+    fill = spec.substr(0, fill_len);
+    align = spec[fill_len];
+    i = fill_len + 1;
+  } else if (std::strchr("<>=^", spec[0])) {
+    align = spec[i++];
+  }
+  if (i < spec.size() && (spec[i] == '+' || spec[i] == '-' || spec[i] == ' ')) sign = spec[i++];
+  if (i < spec.size() && spec[i] == '#') in.fail("ValueError", "format spec '#' is not supported", at);
+  if (i < spec.size() && spec[i] == '0') {
+    if (!align) {
+      fill = "0";
+      align = '=';
+    }
+    ++i;
+  }
+  size_t width = format_number(in, spec, i, at);
+  if (i < spec.size() && (spec[i] == ',' || spec[i] == '_')) in.fail("ValueError", "format spec grouping is not supported", at);
+  long long prec = -1;
+  if (i < spec.size() && spec[i] == '.') {
+    ++i;
+    if (i >= spec.size() || spec[i] < '0' || spec[i] > '9') in.fail("ValueError", "Format specifier missing precision", at);
+    prec = static_cast<long long>(format_number(in, spec, i, at));
+  }
+  char type = i < spec.size() ? spec[i++] : 0;
+  if (i < spec.size()) in.fail("ValueError", "Invalid format specifier", at);
+  in.check_output(static_cast<unsigned __int128>(out.size()) + width + static_cast<size_t>(std::max(0LL, prec)) + 400, at);
+  auto unknown = [&]() { in.fail("ValueError", detail::concat("Unknown format code '", type, "' for object of type '", v.type_name(), "'"), at); };
+  std::string body;  // the digits or text, sign excluded
+  std::string sgn;
+  if (v.is_string()) {
+    if (type && type != 's') unknown();
+    if (sign != '-') in.fail("ValueError", "Sign not allowed in string format specifier", at);
+    if (align == '=') in.fail("ValueError", "'=' alignment not allowed in string format specifier", at);
+    body = v.str();
+    if (prec >= 0 && utf8_length(body) > static_cast<size_t>(prec)) body = encode(utf8_decode(body), 0, static_cast<size_t>(prec));
+    if (!align) align = '<';
+  } else if (v.is_number()) {
+    bool as_float = v.is_float() || (type && std::strchr("eEfFgG%", type));
+    if (!as_float) {
+      if (type && type != 'd') unknown();
+      if (prec >= 0) in.fail("ValueError", "Precision not allowed in integer format specifier", at);
+      int64_t x = v.as_int();
+      if (x < 0) sgn = "-";
+      body = std::to_string(x);
+      if (x < 0) body.erase(0, 1);
+    } else {
+      if (type && !std::strchr("eEfFgG%", type)) unknown();
+      double x = v.as_float();
+      if (std::signbit(x) && !std::isnan(x)) sgn = "-";
+      x = std::fabs(x);
+      char conv = type ? type : 'g';
+      std::string fmt = "%.";
+      fmt += std::to_string(prec >= 0 ? prec : 6);
+      if (type == '%') {
+        x *= 100;
+        conv = 'f';
+      }
+      fmt += conv;
+      if (!type && prec < 0) {
+        body = py_str(Value(x));  // repr
+      } else {
+        int len = std::snprintf(nullptr, 0, fmt.c_str(), x);
+        body.resize(static_cast<size_t>(len) + 1);
+        std::snprintf(body.data(), body.size(), fmt.c_str(), x);
+        body.resize(static_cast<size_t>(len));
+        if (!type && body.find_first_of(".ein") == std::string::npos) body += ".0";  // '' type keeps a decimal point
+        if (type == '%') body += '%';
+      }
+    }
+    if (sgn.empty() && sign != '-') sgn = std::string(1, sign);
+    if (!align) align = '>';
+  } else {
+    in.fail("TypeError", detail::concat("unsupported format string passed to ", v.type_name(), ".__format__"), at);
+  }
+  size_t len = utf8_length(sgn) + utf8_length(body);
+  size_t pad = width > len ? width - len : 0;
+  auto fills = [&](size_t k) {
+    for (size_t j = 0; j < k; ++j) out += fill;
+  };
+  switch (align) {
+    case '<': out += sgn + body; fills(pad); break;
+    case '^': fills(pad / 2); out += sgn + body; fills(pad - pad / 2); break;
+    case '=': out += sgn; fills(pad); out += body; break;
+    default: fills(pad); out += sgn + body; break;
+  }
+}
+
 std::string str_format(Interp& in, const std::string& fmt, Args& args, const Node& at) {
   std::string out;
   size_t auto_idx = 0;
@@ -473,13 +576,21 @@ std::string str_format(Interp& in, const std::string& fmt, Args& args, const Nod
       if (e == std::string::npos) in.fail("ValueError", "Single '{' encountered in format string", at);
       std::string field = fmt.substr(i + 1, e - i - 1);
       size_t colon = field.find(':');
+      std::string spec = colon == std::string::npos ? "" : field.substr(colon + 1);
       std::string name = field.substr(0, colon);
+      char conversion = 0;  // {x!r}, {x!s}, {x!a}
+      if (size_t bang = name.find('!'); bang != std::string::npos) {
+        if (bang + 2 != name.size() || !std::strchr("rsa", name[bang + 1]) || !name[bang + 1])
+          in.fail("ValueError", "Unknown conversion specifier " + name.substr(bang + 1), at);
+        conversion = name[bang + 1];
+        name.resize(bang);
+      }
       Value v;
       if (name.empty()) {
         if (auto_idx >= args.pos.size()) in.fail("IndexError", "Replacement index out of range for positional args tuple", at);
         v = args.pos[auto_idx++];
       } else if (std::all_of(name.begin(), name.end(), [](char d) { return d >= '0' && d <= '9'; })) {
-        size_t k = std::stoul(name);
+        size_t k = name.size() > 9 ? args.pos.size() : std::stoul(name);  // (more digits: out of range)
         if (k >= args.pos.size()) in.fail("IndexError", "Replacement index out of range for positional args tuple", at);
         v = args.pos[k];
       } else {
@@ -489,7 +600,9 @@ std::string str_format(Interp& in, const std::string& fmt, Args& args, const Nod
         if (!kv) in.fail("KeyError", "'" + name + "'", at);
         v = *kv;
       }
-      out += py_str(v);
+      if (conversion) v = Value(conversion == 's' ? py_str(v) : py_repr(v));
+      format_field(in, out, v, spec, at);
+      in.check_output(out.size(), at);
       i = e;
     } else if (c == '}') {
       if (i + 1 < fmt.size() && fmt[i + 1] == '}') ++i;

@@ -153,6 +153,13 @@ TEST(ChatLimits, PercentFormatIsExactAtAnyWidth) {
             "         a|'b'       |xy|    p|éé |");
   EXPECT_EQ(render("{{ '%.3d|%5i|%u|%d|%d' % (7, -3, 4, 3.99, -3.99) }}"), "007|   -3|4|3|-3");
   EXPECT_EQ(render("{{ '%.3e|%G|%+.0f|%5.1f%%' % (12345.678, 1e-10, 2.5, 99.95) }}"), "1.235e+04|1E-10|+2|100.0%");
+  // str.format's spec as Python's format()
+  EXPECT_EQ(render("{{ '{:>10}|{:*^9.2f}|{:=+8d}|{:08.3f}|{:.3}|{:.3}|{!r:>6}|{:é<3}'.format(1, 3.14159, -5, -3.14159, "
+                   "1.23456, 1.0, 'a', 'x') }}"),
+            "         1|**3.14***|-      5|-003.142|1.23|1.0|   'a'|xéé");
+  EXPECT_EQ(render("{{ ('{:>600}'.format(1))|length }}"), "600");
+  EXPECT_EQ(error_of("{{ '{:>9223372036854775807}'.format(1) }}").first, "OutputLimit");
+  EXPECT_EQ(error_of("{{ '{:d}'.format(1.5) }}").first, "ValueError");
 }
 
 TEST(ChatLimits, WhatPythonMakesABigIntIsAnOverflowError) {
