@@ -1514,7 +1514,7 @@ struct Builtin : Callable {
         in.charge(static_cast<size_t>(n), at);
         List l;
         l.reserve(static_cast<size_t>(n));
-        for (int64_t i = 0; i < n; ++i) l.push_back(Value(start + i * step));
+        for (int64_t i = 0; i < n; ++i) l.push_back(Value(static_cast<int64_t>(start + static_cast<__int128>(i) * step)));  // i * step may not fit
         return Value(std::move(l));
       }
       case DictFn:
