@@ -221,9 +221,9 @@ class Interp {
   }
   [[noreturn]] void fail_steps(const Node& at);
   // Nested calls: stop before the native stack runs out.
-  void check_stack(const Node& at) {
-    char here;
-    if (stack_base && static_cast<size_t>(stack_base - &here) > opt.limits.max_stack_bytes) fail_stack(at);
+  void check_stack(const Node& at) {  // frame addresses: the real stack even where ASan moves locals to the heap
+    const char* here = static_cast<const char*>(__builtin_frame_address(0));
+    if (stack_base && here < stack_base && static_cast<size_t>(stack_base - here) > opt.limits.max_stack_bytes) fail_stack(at);
   }
   [[noreturn]] void fail_stack(const Node& at);
   [[noreturn]] void fail_blocks(const Node& at);
