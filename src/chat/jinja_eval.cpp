@@ -215,6 +215,7 @@ Value Interp::getitem(const Value& obj, const Value& key, const Node& at) {
     case Kind::Tuple:
     case Kind::String: {
       bool is_str = obj.is_string();
+      charge_text(obj, at);  // decoded to code points
       std::vector<uint32_t> cps;
       int64_t n;
       if (is_str) {
@@ -253,6 +254,7 @@ static Value do_slice(Interp& in, const Value& obj, const Node& slice, Frame& f)
     return Value::undefined(detail::concat(object_type_repr(obj), " has no element slice"));
   std::vector<uint32_t> cps;
   int64_t n;
+  in.charge_text(obj, slice);
   if (obj.is_string()) {
     cps = utf8_decode(obj.str());
     n = static_cast<int64_t>(cps.size());
@@ -346,9 +348,11 @@ static bool contains(Interp& in, const Value& container, const Value& item, cons
     case Kind::String:
       if (!item.is_string())
         in.fail("TypeError", detail::concat("'in <string>' requires string as left operand, not ", item.type_name()), at);
+      in.charge_text(container, at);
       return container.str().find(item.str()) != std::string::npos;
     case Kind::List:
     case Kind::Tuple:
+      in.charge(container.list().size(), at);
       for (auto& x : container.list())
         if (py_equal(x, item)) return true;
       return false;
@@ -449,6 +453,7 @@ Value Interp::binop(Op op, const Value& a, const Value& b, const Node& at) {
   if (op == Op::Add) {
     if (a.is_string() && b.is_string()) {
       check_output(a.str().size() + b.str().size(), at);
+      charge((a.str().size() + b.str().size()) >> kBytesPerStepLog2, at);
       if (a.is_markup() && !b.is_markup()) return Value::markup(a.str() + html_escape(b.str()));
       if (b.is_markup() && !a.is_markup()) return Value::markup(html_escape(a.str()) + b.str());
       if (a.is_markup()) return Value::markup(a.str() + b.str());
@@ -456,6 +461,7 @@ Value Interp::binop(Op op, const Value& a, const Value& b, const Node& at) {
     }
     if ((a.is_list() && b.is_list()) || (a.is_tuple() && b.is_tuple())) {
       check_output(16 * (a.list().size() + b.list().size()), at);
+      charge(a.list().size() + b.list().size(), at);
       List l = a.list();
       l.insert(l.end(), b.list().begin(), b.list().end());
       return Value(std::move(l), a.kind());
@@ -475,7 +481,7 @@ Value Interp::binop(Op op, const Value& a, const Value& b, const Node& at) {
       if (__builtin_mul_overflow(k, unit, &total)) fail_output(at);
       check_output(static_cast<uint64_t>(total), at);
       if (unit == 0) return seq->is_string() ? Value("") : Value(List(), seq->kind());  // '' * huge: at once, as Python
-      charge(static_cast<size_t>(k), at);
+      charge(seq->is_string() ? static_cast<size_t>(total) >> kBytesPerStepLog2 : static_cast<size_t>(total) / 16, at);
       if (seq->is_string()) {
         std::string s;
         for (int64_t i = 0; i < k; ++i) s += seq->str();
@@ -508,6 +514,8 @@ const Value& Interp::ref_item(const Node& n, Frame& f, Value& tmp) {
   const Node* key = n.kind == NK::Getitem ? n.args[1].get() : nullptr;
   const Value& obj = ref(*n.args[0], f, tmp);
   const Value* hit = nullptr;
+  if (obj.is_dict() && obj.dict_ref().items.size() > kScanItemsFree)
+    charge(obj.dict_ref().items.size() >> kBytesPerStepLog2, n);  // lookups scan the keys
   if (!key) {
     if (obj.is_dict() && !n.flag) hit = obj.dict_ref().find(std::string_view(n.name));
   } else if (key->kind == NK::Const) {
@@ -567,8 +575,11 @@ Value Interp::eval(const Node& n, Frame& f) {
           if (unsafe_method(obj, callee.name)) fail_undefined(unsafe_undefined(obj, callee.name), callee);
           collect();
           tick(n);
+          charge_text(obj, n);
           bool found;
-          return call_method(*this, obj, callee.name, args, n, found);
+          Value out = call_method(*this, obj, callee.name, args, n, found);
+          charge_text(out, n);
+          return out;
         }
         Value fn = getattr(obj, callee.name, callee);
         collect();
@@ -646,6 +657,7 @@ Value Interp::eval(const Node& n, Frame& f) {
         py_str_to(s, eval(*a, f));
         check_output(s.size(), n);
       }
+      charge(s.size() >> kBytesPerStepLog2, n);
       return Value(std::move(s));
     }
     case NK::Slice: fail("TypeError", "slice outside of subscript", n);
@@ -659,7 +671,10 @@ Value Interp::apply_filter_node(const Node& n, Value input, Frame& f) {
   for (auto& kv : n.kwargs) args.kw.emplace_back(kv.first, eval(*kv.second, f));
   if (n.sym < 0) fail("TemplateRuntimeError", detail::concat("No filter named '", n.name, "' found."), n);
   tick(n);
-  return apply_filter(*this, n.sym, n.name, std::move(input), args, n);
+  charge_text(input, n);
+  Value out = apply_filter(*this, n.sym, n.name, std::move(input), args, n);
+  charge_text(out, n);
+  return out;
 }
 
 bool Interp::test(const Node& n, Frame& f) {
@@ -707,7 +722,9 @@ Value Interp::filter_chain(const Node& last, Value v, Frame& f) {
     for (auto& kv : fn.kwargs) args.kw.emplace_back(kv.first, eval(*kv.second, f));
     if (fn.sym < 0) fail("TemplateRuntimeError", "No filter named '" + fn.name + "' found.", fn);
     tick(fn);
+    charge_text(v, fn);
     v = apply_filter(*this, fn.sym, fn.name, std::move(v), args, fn);
+    charge_text(v, fn);
   }
   return v;
 }

@@ -219,6 +219,12 @@ class Interp {
     steps_left -= static_cast<int64_t>(std::min<size_t>(n, size_t(1) << 62));
     if (steps_left < 0) fail_steps(at);
   }
+  // A string read or built: a step per 64 bytes (kBytesPerStep).
+  static constexpr int kBytesPerStepLog2 = 6;
+  static constexpr size_t kScanItemsFree = 64;  // dict lookups charge a step per 64 keys beyond this
+  void charge_text(const Value& v, const Node& at) {
+    if (v.is_string()) charge(v.str().size() >> kBytesPerStepLog2, at);
+  }
   [[noreturn]] void fail_steps(const Node& at);
   // Nested calls: stop before the native stack runs out.
   void check_stack(const Node& at) {  // frame addresses: the real stack even where ASan moves locals to the heap

@@ -843,6 +843,7 @@ struct JsonReader {
   // exact range at the end (one allocation, no regrowth).
   std::vector<Value> items_stack;
   std::vector<std::pair<Value, Value>> pairs_stack;
+  static constexpr size_t kScanKeys = 16;  // objects with more keys find repeats through a hash index
 
   Value value() {
     if (++depth > 1000) fail("nesting too deep");
@@ -853,6 +854,7 @@ struct JsonReader {
     if (c == '{') {
       ++p;
       size_t base = pairs_stack.size();
+      std::unordered_map<std::string_view, size_t> index;  // key -> place, once the object has many keys
       ws();
       if (p < t.size() && t[p] == '}') ++p;
       else {
@@ -864,12 +866,25 @@ struct JsonReader {
           if (p >= t.size() || t[p] != ':') fail("expecting ':' delimiter");
           ++p;
           Value v = value();
-          size_t i = base;  // a repeated key keeps its first place and takes the last value, as in Python
-          while (i < pairs_stack.size() && pairs_stack[i].first.identity() != k.identity() &&
-                 pairs_stack[i].first.str() != k.str())
-            ++i;
-          if (i < pairs_stack.size()) pairs_stack[i].second = std::move(v);
-          else pairs_stack.emplace_back(std::move(k), std::move(v));
+          // a repeated key keeps its first place and takes the last value, as in Python;
+          // found by a scan while the object is small, through `index` after (no quadratic parse)
+          size_t i = base;
+          if (pairs_stack.size() - base < kScanKeys) {
+            while (i < pairs_stack.size() && pairs_stack[i].first.identity() != k.identity() &&
+                   pairs_stack[i].first.str() != k.str())
+              ++i;
+          } else {
+            if (index.empty())
+              for (size_t j = base; j < pairs_stack.size(); ++j) index.emplace(pairs_stack[j].first.str(), j);
+            auto it = index.find(k.str());
+            i = it == index.end() ? pairs_stack.size() : it->second;
+          }
+          if (i < pairs_stack.size()) {
+            pairs_stack[i].second = std::move(v);
+          } else {
+            pairs_stack.emplace_back(std::move(k), std::move(v));
+            if (!index.empty()) index.emplace(pairs_stack.back().first.str(), pairs_stack.size() - 1);
+          }
           ws();
           if (p < t.size() && t[p] == ',') { ++p; continue; }
           if (p < t.size() && t[p] == '}') { ++p; break; }

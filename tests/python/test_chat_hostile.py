@@ -252,6 +252,27 @@ def test_steps_are_bounded_and_configurable():
     assert run_isolated("{{ ([1] * 2000)|length }}", limits={"max_steps": 1000}).get("kind") == "StepLimit"
 
 
+def test_work_on_big_values_is_charged_by_size():
+    # a step per 64 bytes a filter/method/`in`/`~`/`+` reads or builds, per 64 keys a lookup scans:
+    # work over a big value in a long loop ends at the step limit, in seconds
+    scans = [
+        "{% set s = 'x' * 1000000 %}{% for i in range(100000) %}{% if 'y' in s %}{% endif %}{% endfor %}",
+        "{% set s = 'x' * 1000000 %}{% for i in range(100000) %}{% set t = s|upper %}{% endfor %}",
+        "{% set s = 'x' * 1000000 %}{% for i in range(100000) %}{% set t = s.replace('y', 'z') %}{% endfor %}",
+        "{% set s = 'x' * 1000000 %}{% for i in range(100000) %}{% set t = s[5] %}{% endfor %}",
+        "{% set ns = namespace(s='') %}{% for i in range(100000) %}{% set ns.s = ns.s ~ 'x' * 1000 %}{% endfor %}",
+        "{% for i in range(100000) %}{% set v = d['99999'] %}{% endfor %}",
+    ]
+    for source in scans:
+        r = run_isolated(source, vars="{'d': {str(i): i for i in range(100000)}}")
+        assert r.get("kind") == "StepLimit", (source, r)
+        assert r["seconds"] < 15, (source, r)
+    # within the budget: what jinja2 renders
+    source = "{{ ('x' * 30000000)|length }}|{{ d['99999'] }}|{{ d|length }}"
+    r = run_isolated(source, vars="{'d': {str(i): i for i in range(100000)}}")
+    assert r.get("text") == "30000000|99999|100000" and r["seconds"] < 10, r
+
+
 def test_output_limit_is_configurable():
     source = "{% for i in range(1000) %}xxxxxxxxxx{% endfor %}"
     assert run_isolated(source, limits={"max_output_bytes": 1000}).get("kind") == "OutputLimit"
