@@ -210,3 +210,32 @@ TEST(ChatLimits, NamespaceCyclesAreFreedWhenTheRenderEnds) {
   EXPECT_THROW(render("{% set ns = namespace(v=x) %}{% set ns.me = ns %}{{ raise_exception('no') }}", ctx), TemplateError);
   EXPECT_TRUE(ctx.get("x")->is_unique());
 }
+
+TEST(ChatLimits, BigJsonObjectsParseInLinearTimeAndKeepPythonsKeyOrder) {
+  // past 16 keys repeats are found through an index: same result as the scan
+  std::string json = "{";
+  for (int i = 0; i < 40; ++i) json += "\"k" + std::to_string(i) + "\": " + std::to_string(i) + ", ";
+  json += "\"k3\": 100, \"k30\": 300, \"new\": 1}";
+  Value d = json_loads(json);
+  ASSERT_EQ(d.dict_ref().items.size(), 41u);
+  EXPECT_EQ(d.dict_ref().items[3].first.str(), "k3");
+  EXPECT_EQ(d.get("k3")->as_int(), 100);
+  EXPECT_EQ(d.get("k30")->as_int(), 300);
+  EXPECT_EQ(d.dict_ref().items.back().first.str(), "new");
+  std::string big = "{";
+  for (int i = 0; i < 200000; ++i) big += "\"" + std::to_string(i) + "\": " + std::to_string(i) + ",";
+  big.back() = '}';
+  auto t0 = std::chrono::steady_clock::now();
+  EXPECT_EQ(json_loads(big).dict_ref().items.size(), 200000u);  // the scan took minutes
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 10.0);
+}
+
+TEST(ChatLimits, WorkOnBigStringsIsChargedBySize) {
+  RenderOptions opt;
+  opt.limits.max_steps = 100000;
+  // 1 MB read 16384 steps a time: the 7th scan is past 100k steps
+  std::string src = "{% set s = 'x' * 1000000 %}{% for i in range(10) %}{% if 'y' in s %}{% endif %}{% endfor %}";
+  EXPECT_EQ(error_of(src, opt).first, "StepLimit");
+  src = "{% set s = 'x' * 1000000 %}{% for i in range(5) %}{% if 'y' in s %}{% endif %}{% endfor %}ok";
+  EXPECT_EQ(render(src, Value::dict(), opt), "ok");
+}

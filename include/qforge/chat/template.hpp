@@ -30,9 +30,11 @@ struct TemplateError : InvalidArgument {
 // and message name it (docs/chat.md, "Limits"). The defaults render every
 // real chat template with room to spare.
 struct RenderLimits {
-  // Time: loop iterations, calls (macros, filters, methods, functions) and
-  // the items a filter or method walks (sort, unique, join, ...), summed over
-  // the render. Kind "StepLimit".
+  // Time: loop iterations, calls (macros, filters, methods, functions), the
+  // items a filter or method walks (sort, unique, join, ...), a step per 64
+  // bytes of string read or built by filters, methods, `in`, `~`, `+` and
+  // indexing, a step per 64 keys a big dict lookup scans; summed over the
+  // render. Kind "StepLimit".
   int64_t max_steps = 10'000'000;
   // Memory: the rendered text, and any one string or list (16 bytes an item)
   // the template builds, including widths and precisions asked of
