@@ -367,8 +367,8 @@ void pad_text(std::string& out, std::string s, bool left, size_t width, long lon
 }
 
 // printf-style "%" formatting of Python strings: flags, width, precision and
-// the conversions s r a d i u f F e E g G, at any width or precision the
-// output limit allows.
+// the conversions s r a c d i u x X o f F e E g G, at any width or precision
+// the output limit allows.
 std::string percent_format(Interp& in, const std::string& fmt, const Value& rhs, const Node& at) {
   std::string out;
   List args;
@@ -441,6 +441,40 @@ std::string percent_format(Interp& in, const std::string& fmt, const Value& rhs,
         if (!val.is_number()) in.fail("TypeError", detail::concat("%", conv, " format: a real number is required, not ", val.type_name()), at);
         printf_into(spec + "lld", static_cast<long long>(val.is_float() ? float_to_int(in, val.as_float(), at) : val.as_int()));
         break;
+      case 'x':
+      case 'X':
+      case 'o': {  // Python: a sign, then '0x'/'0X'/'0o' with '#', then the magnitude's digits
+        if (!val.is_int() && !val.is_bool())
+          in.fail("TypeError", detail::concat("%", conv, " format: an integer is required, not ", val.type_name()), at);
+        in.check_output(static_cast<unsigned __int128>(out.size()) + width + static_cast<size_t>(std::max(0LL, prec)) + 32, at);
+        int64_t x = val.as_int();
+        uint64_t mag = x < 0 ? 0 - static_cast<uint64_t>(x) : static_cast<uint64_t>(x);
+        char digits[32];
+        std::snprintf(digits, sizeof digits, conv == 'o' ? "%llo" : conv == 'x' ? "%llx" : "%llX", static_cast<unsigned long long>(mag));
+        std::string body(digits);
+        if (prec > static_cast<long long>(body.size())) body.insert(0, static_cast<size_t>(prec) - body.size(), '0');
+        std::string prefix = x < 0 ? "-" : flags.find('+') != std::string::npos ? "+" : flags.find(' ') != std::string::npos ? " " : "";
+        if (flags.find('#') != std::string::npos) prefix += conv == 'o' ? "0o" : conv == 'x' ? "0x" : "0X";
+        size_t len = prefix.size() + body.size(), pad = width > len ? width - len : 0;
+        if (left) out += prefix + body + std::string(pad, ' ');
+        else if (flags.find('0') != std::string::npos) out += prefix + std::string(pad, '0') + body;
+        else out += std::string(pad, ' ') + prefix + body;
+        break;
+      }
+      case 'c': {
+        std::string ch;
+        if (val.is_int() || val.is_bool()) {
+          if (val.as_int() < 0 || val.as_int() > 0x10FFFF) in.fail("OverflowError", "%c arg not in range(0x110000)", at);
+          utf8_append(ch, static_cast<uint32_t>(val.as_int()));
+        } else if (val.is_string() && utf8_length(val.str()) == 1) {
+          ch = val.str();
+        } else {
+          in.fail("TypeError", "%c requires an int or a unicode character, not " + std::string(val.is_string() ? "a string of length " + std::to_string(utf8_length(val.str())) : val.type_name()), at);
+        }
+        in.check_output(static_cast<unsigned __int128>(out.size()) + width, at);
+        pad_text(out, ch, left, width, -1);
+        break;
+      }
       case 'f':
       case 'F':
       case 'e':

@@ -153,6 +153,9 @@ TEST(ChatLimits, PercentFormatIsExactAtAnyWidth) {
             "         a|'b'       |xy|    p|éé |");
   EXPECT_EQ(render("{{ '%.3d|%5i|%u|%d|%d' % (7, -3, 4, 3.99, -3.99) }}"), "007|   -3|4|3|-3");
   EXPECT_EQ(render("{{ '%.3e|%G|%+.0f|%5.1f%%' % (12345.678, 1e-10, 2.5, 99.95) }}"), "1.235e+04|1E-10|+2|100.0%");
+  EXPECT_EQ(render("{{ '%x|%#X|%#o|%#06x|%-5x|%+x|%.3x' % (-255, -255, 8, 255, 10, 5, 7) }}"), "-ff|-0XFF|0o10|0x00ff|a    |+5|007");
+  EXPECT_EQ(render("{{ '%x' % (-9223372036854775807 - 1) }}|{{ '%c%c|%3c' % (65, 'é', 'x') }}"), "-8000000000000000|Aé|  x");
+  EXPECT_EQ(error_of("{{ '%9999999999999999x' % 1 }}").first, "OutputLimit");
   // str.format's spec as Python's format()
   EXPECT_EQ(render("{{ '{:>10}|{:*^9.2f}|{:=+8d}|{:08.3f}|{:.3}|{:.3}|{!r:>6}|{:é<3}'.format(1, 3.14159, -5, -3.14159, "
                    "1.23456, 1.0, 'a', 'x') }}"),
