@@ -492,9 +492,9 @@ std::string percent_format(Interp& in, const std::string& fmt, const Value& rhs,
   return out;
 }
 
-// format(v, spec) for str.format: [[fill]align][sign][0][width][.precision][type]
-// of str, int, bool and float as Python; '#', grouping and the b/o/x/c/n
-// types are a clear ValueError.
+// format(v, spec) for str.format: [[fill]align][sign][#][0][width][,|_][.precision][type]
+// of str, int, bool and float as Python; '#' with floats and zero padding
+// with grouping are a clear ValueError.
 void format_field(Interp& in, std::string& out, const Value& v, const std::string& spec, const Node& at) {
   if (spec.empty()) {
     out += py_str(v);
@@ -515,7 +515,8 @@ void format_field(Interp& in, std::string& out, const Value& v, const std::strin
     align = spec[i++];
   }
   if (i < spec.size() && (spec[i] == '+' || spec[i] == '-' || spec[i] == ' ')) sign = spec[i++];
-  if (i < spec.size() && spec[i] == '#') in.fail("ValueError", "format spec '#' is not supported", at);
+  bool alt = i < spec.size() && spec[i] == '#';
+  if (alt) ++i;
   if (i < spec.size() && spec[i] == '0') {
     if (!align) {
       fill = "0";
@@ -524,7 +525,8 @@ void format_field(Interp& in, std::string& out, const Value& v, const std::strin
     ++i;
   }
   size_t width = format_number(in, spec, i, at);
-  if (i < spec.size() && (spec[i] == ',' || spec[i] == '_')) in.fail("ValueError", "format spec grouping is not supported", at);
+  char group = 0;
+  if (i < spec.size() && (spec[i] == ',' || spec[i] == '_')) group = spec[i++];
   long long prec = -1;
   if (i < spec.size() && spec[i] == '.') {
     ++i;
@@ -540,21 +542,46 @@ void format_field(Interp& in, std::string& out, const Value& v, const std::strin
   if (v.is_string()) {
     if (type && type != 's') unknown();
     if (sign != '-') in.fail("ValueError", "Sign not allowed in string format specifier", at);
+    if (alt) in.fail("ValueError", "Alternate form (#) not allowed in string format specifier", at);
+    if (group) in.fail("ValueError", detail::concat("Cannot specify '", group, "' with 's'."), at);
     if (align == '=') in.fail("ValueError", "'=' alignment not allowed in string format specifier", at);
     body = v.str();
     if (prec >= 0 && utf8_length(body) > static_cast<size_t>(prec)) body = encode(utf8_decode(body), 0, static_cast<size_t>(prec));
     if (!align) align = '<';
   } else if (v.is_number()) {
     bool as_float = v.is_float() || (type && std::strchr("eEfFgG%", type));
+    if (group && fill == "0" && align == '=') in.fail("ValueError", "zero padding with grouping is not supported", at);
     if (!as_float) {
-      if (type && type != 'd') unknown();
+      if (type && !std::strchr("dnbxXoc", type)) unknown();
       if (prec >= 0) in.fail("ValueError", "Precision not allowed in integer format specifier", at);
+      if (group && (type == 'n' || type == 'c' || (group == ',' && type && type != 'd')))
+        in.fail("ValueError", detail::concat("Cannot specify '", group, "' with '", type, "'."), at);
       int64_t x = v.as_int();
-      if (x < 0) sgn = "-";
-      body = std::to_string(x);
-      if (x < 0) body.erase(0, 1);
+      if (type == 'c') {
+        if (sign != '-') in.fail("ValueError", "Sign not allowed with integer format specifier 'c'", at);
+        if (alt) in.fail("ValueError", "Alternate form (#) not allowed with integer format specifier 'c'", at);
+        if (x < 0 || x > 0x10FFFF) in.fail("OverflowError", "%c arg not in range(0x110000)", at);
+        utf8_append(body, static_cast<uint32_t>(x));
+      } else {
+        if (x < 0) sgn = "-";
+        uint64_t mag = x < 0 ? 0 - static_cast<uint64_t>(x) : static_cast<uint64_t>(x);
+        if (type == 'b') {
+          do body.insert(body.begin(), static_cast<char>('0' + (mag & 1))); while (mag >>= 1);
+        } else {
+          char digits[32];
+          std::snprintf(digits, sizeof digits, type == 'o' ? "%llo" : type == 'x' ? "%llx" : type == 'X' ? "%llX" : "%llu",
+                        static_cast<unsigned long long>(mag));
+          body = digits;
+        }
+        for (size_t k = group ? body.size() : 0, every = type && std::strchr("bxXo", type) ? 4 : 3; k > every; k -= every)
+          body.insert(k - every, 1, group);
+        if (sgn.empty() && sign != '-') sgn = std::string(1, sign);
+        if (alt && type && std::strchr("bxXo", type)) sgn += type == 'b' ? "0b" : type == 'o' ? "0o" : type == 'x' ? "0x" : "0X";
+      }
     } else {
-      if (type && !std::strchr("eEfFgG%", type)) unknown();
+      if (type && !std::strchr("eEfFgG%n", type)) unknown();
+      if (alt) in.fail("ValueError", "format spec '#' of a float is not supported", at);
+      if (type == 'n') type = 'g';
       double x = v.as_float();
       if (std::signbit(x) && !std::isnan(x)) sgn = "-";
       x = std::fabs(x);
@@ -575,6 +602,10 @@ void format_field(Interp& in, std::string& out, const Value& v, const std::strin
         body.resize(static_cast<size_t>(len));
         if (!type && body.find_first_of(".ein") == std::string::npos) body += ".0";  // '' type keeps a decimal point
         if (type == '%') body += '%';
+      }
+      if (group) {  // separators in the integer part
+        size_t end = body.find_first_not_of("0123456789");
+        for (size_t k = end == std::string::npos ? body.size() : end; k > 3; k -= 3) body.insert(k - 3, 1, group);
       }
     }
     if (sgn.empty() && sign != '-') sgn = std::string(1, sign);

@@ -161,6 +161,8 @@ TEST(ChatLimits, PercentFormatIsExactAtAnyWidth) {
                    "1.23456, 1.0, 'a', 'x') }}"),
             "         1|**3.14***|-      5|-003.142|1.23|1.0|   'a'|xéé");
   EXPECT_EQ(render("{{ ('{:>600}'.format(1))|length }}"), "600");
+  EXPECT_EQ(render("{{ '{:#X}|{:#b}|{:#010x}|{:c}|{:,}|{:_x}|{:,.2f}'.format(-255, 5, 255, 233, -1234567, 4294967295, 1234567.891) }}"),
+            "-0XFF|0b101|0x000000ff|é|-1,234,567|ffff_ffff|1,234,567.89");
   EXPECT_EQ(error_of("{{ '{:>9223372036854775807}'.format(1) }}").first, "OutputLimit");
   EXPECT_EQ(error_of("{{ '{:d}'.format(1.5) }}").first, "ValueError");
 }
