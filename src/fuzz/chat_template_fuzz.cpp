@@ -8,7 +8,11 @@
 // Build and run (clang):
 //   clang++ -std=c++20 -O1 -g -fsanitize=fuzzer,address,undefined -Iinclude -Isrc \
 //     src/fuzz/chat_template_fuzz.cpp src/chat/*.cpp -o build-chat/chat_fuzz
-//   build-chat/chat_fuzz -max_total_time=300 -timeout=5 -rss_limit_mb=2048 build-chat/corpus tests/chat/templates
+//   build-chat/chat_fuzz -max_total_time=300 -timeout=10 -rss_limit_mb=2048 build-chat/corpus \
+//     tests/fuzz/chat_template tests/chat/templates
+// (add -fno-sanitize-recover=all to the build so that undefined behaviour
+// stops the run). tests/fuzz/chat_template/ holds the hostile inputs of
+// tests/python/test_chat_hostile.py as seeds; runs are recorded in docs/chat.md.
 // Without libFuzzer, -DQF_FUZZ_STANDALONE builds a driver that runs files given
 // on the command line (and every template with random mutations).
 #include <cstdint>
