@@ -1,9 +1,9 @@
 """Long-context memory for training: each decoder layer's checkpoint kept in host memory, and
-the MLP computed in sequence tiles.
+the token-wise modules (MLP, RMSNorms) computed in sequence tiles.
 
     from qforge import offload
-    offload.enable(model)                          # checkpoints in pinned host memory, MLP tiled
-    offload.enable(model, offload=False)           # plain per-layer checkpointing, MLP tiled
+    offload.enable(model)                          # checkpoints in pinned host memory, tiles
+    offload.enable(model, offload=False)           # plain per-layer checkpointing, tiles
     offload.disable(model)
 
 Gradient checkpointing keeps one tensor per decoder layer alive between forward and backward:
@@ -22,12 +22,13 @@ a checkpoint function on every transformers ``GradientCheckpointingLayer`` that
 On the CPU the same code runs with real copies into separate host buffers (no streams), so the
 mechanism is exercised by the CPU tests. Gradients and losses equal plain checkpointing's.
 
-The MLP tiling (``mlp_tile_tokens``): a Llama MLP at T tokens makes several T x intermediate
-tensors (gate, up, their product, the LoRA branches), 3.5 GiB each at 131,072 tokens. The MLP is
-pointwise over tokens, so ``enable`` makes each decoder layer's MLP run over tiles of at most
-``mlp_tile_tokens`` tokens when the input has more than that: forward keeps only the MLP input,
-backward recomputes and backpropagates one tile at a time. Nothing of size T x intermediate
-exists at once.
+The tiling (``tile_tokens``): a Llama MLP at T tokens makes several T x intermediate tensors
+(gate, up, their product, the LoRA branches), 3.5 GiB each at 131,072 tokens, and an RMSNorm
+keeps fp32 copies of its T x hidden input for backward (2 GiB each at that length). Both work
+token by token, so ``enable`` makes each decoder layer's MLP and every RMSNorm (the layers' and
+the final one) run over tiles of at most ``tile_tokens`` tokens when the input has more than
+that: forward keeps only the module's input, backward recomputes and backpropagates one tile at
+a time. Nothing of size T x intermediate, and no fp32 T x hidden copy, outlives a tile.
 
 Both mechanisms accumulate the LoRA gradients into ``.grad`` from inside backward (as reentrant
 checkpointing does); they suit optimizers that read ``.grad`` after ``backward()``.
@@ -41,12 +42,12 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["enable", "disable", "HostOffloader", "tiled_mlp_forward", "DEFAULT_MLP_TILE_TOKENS",
+__all__ = ["enable", "disable", "HostOffloader", "tiled_forward", "DEFAULT_TILE_TOKENS",
            "MAX_INFLIGHT_COPIES"]
 
-# Tokens per MLP tile: at Llama-3.1-8B's 14336 intermediate, one bf16 tile tensor is 224 MiB, and
-# the tile's GEMMs (8192 x 4096 x 14336) still run at full speed.
-DEFAULT_MLP_TILE_TOKENS = 8192
+# Tokens per tile: at Llama-3.1-8B's 14336 intermediate, one bf16 MLP tile tensor is 224 MiB,
+# and the tile's GEMMs (8192 x 4096 x 14336) still run at full speed.
+DEFAULT_TILE_TOKENS = 8192
 # Layer inputs whose device-to-host copy may still be pending (each holds its GPU memory until
 # its copy is done): two, so one copy runs while the next layer computes ("double-buffered").
 MAX_INFLIGHT_COPIES = 2
@@ -249,8 +250,11 @@ class _NoOffload(HostOffloader):
         return entry
 
 
-# ------------------------------------------------------------------ MLP tiles
-class _TiledMLP(torch.autograd.Function):
+# ------------------------------------------------------------------ token tiles
+class _TokenTiles(torch.autograd.Function):
+    """A token-wise module over tiles of tokens: forward keeps only the input; backward
+    recomputes and backpropagates tile by tile."""
+
     @staticmethod
     def forward(ctx, run, tile, x, anchor):
         ctx.run, ctx.tile = run, tile
@@ -290,14 +294,28 @@ def _run_tiles(run, x: Tensor, tile: int) -> Tensor:
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def tiled_mlp_forward(self, x: Tensor) -> Tensor:
-    """An MLP's forward over token tiles of ``self._qforge_mlp_tile`` (installed by ``enable``)."""
-    run, tile = self._qforge_mlp_forward, self._qforge_mlp_tile
+def tiled_forward(self, x: Tensor) -> Tensor:
+    """A token-wise module's forward over tiles of ``self._qforge_tile`` tokens (installed by
+    ``enable``); inputs of at most one tile run untiled."""
+    run, tile = self._qforge_untiled_forward, self._qforge_tile
     if x.shape[:-1].numel() <= tile:
         return run(x)
     if not torch.is_grad_enabled():
         return _run_tiles(run, x, tile)
-    return _TiledMLP.apply(run, tile, x, _GRAD_ANCHOR)
+    return _TokenTiles.apply(run, tile, x, _GRAD_ANCHOR)
+
+
+def _token_wise_modules(model: nn.Module, layers: list[nn.Module]) -> list[nn.Module]:
+    """The decoder layers' MLPs and every RMSNorm (class name ending in RMSNorm)."""
+    found = [layer.mlp for layer in layers if isinstance(getattr(layer, "mlp", None), nn.Module)]
+    found += [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+    return found
+
+
+def _untile(module: nn.Module) -> None:
+    if getattr(module, "_qforge_untiled_forward", None) is not None:
+        module.forward = module._qforge_untiled_forward
+        module._qforge_untiled_forward = None
 
 
 # ------------------------------------------------------------------ model-level switches
@@ -307,14 +325,14 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def enable(model: nn.Module, offload: bool = True, mlp_tile_tokens: Optional[int] = DEFAULT_MLP_TILE_TOKENS,
+def enable(model: nn.Module, offload: bool = True, tile_tokens: Optional[int] = DEFAULT_TILE_TOKENS,
            max_inflight: int = MAX_INFLIGHT_COPIES) -> HostOffloader:
     """Turn on per-layer gradient checkpointing with the checkpoints in host memory (``offload``)
-    and the MLP in tiles of ``mlp_tile_tokens`` tokens (None: untiled). Works on a transformers
+    and the MLPs and RMSNorms in tiles of ``tile_tokens`` tokens (None: untiled). Works on a transformers
     model (or a PEFT wrapper) whose decoder layers are ``GradientCheckpointingLayer``s. Returns
     the offloader (its byte counters say what moved)."""
-    if mlp_tile_tokens is not None and (not isinstance(mlp_tile_tokens, int) or mlp_tile_tokens < 1):
-        raise ValueError(f"offload.enable: mlp_tile_tokens must be a positive int or None, got {mlp_tile_tokens!r}")
+    if tile_tokens is not None and (not isinstance(tile_tokens, int) or tile_tokens < 1):
+        raise ValueError(f"offload.enable: tile_tokens must be a positive int or None, got {tile_tokens!r}")
     layers = _decoder_layers(model)
     if not layers:
         raise ValueError(f"offload.enable: {type(model).__name__} has no transformers GradientCheckpointingLayer "
@@ -326,27 +344,20 @@ def enable(model: nn.Module, offload: bool = True, mlp_tile_tokens: Optional[int
     for layer in layers:
         layer.gradient_checkpointing = True
         layer._gradient_checkpointing_func = func
-        mlp = getattr(layer, "mlp", None)
-        if mlp is None:
-            continue
-        if getattr(mlp, "_qforge_mlp_forward", None) is not None:  # enable() again: restore first
-            mlp.forward = mlp._qforge_mlp_forward
-            mlp._qforge_mlp_forward = None
-        if mlp_tile_tokens is not None:
-            mlp._qforge_mlp_forward = mlp.forward
-            mlp._qforge_mlp_tile = int(mlp_tile_tokens)
-            mlp.forward = types.MethodType(tiled_mlp_forward, mlp)
+    for module in _token_wise_modules(model, layers):
+        _untile(module)  # enable() again: start from the plain forward
+        if tile_tokens is not None:
+            module._qforge_untiled_forward = module.forward
+            module._qforge_tile = int(tile_tokens)
+            module.forward = types.MethodType(tiled_forward, module)
     model._qforge_offloader = offloader
     return offloader
 
 
 def disable(model: nn.Module) -> nn.Module:
-    """Undo :func:`enable`: the MLPs run untiled and gradient checkpointing is turned off."""
-    for layer in _decoder_layers(model):
-        mlp = getattr(layer, "mlp", None)
-        if mlp is not None and getattr(mlp, "_qforge_mlp_forward", None) is not None:
-            mlp.forward = mlp._qforge_mlp_forward
-            mlp._qforge_mlp_forward = None
+    """Undo :func:`enable`: the modules run untiled and gradient checkpointing is turned off."""
+    for module in _token_wise_modules(model, _decoder_layers(model)):
+        _untile(module)
     if hasattr(model, "gradient_checkpointing_disable"):
         model.gradient_checkpointing_disable()
     model._qforge_offloader = None

@@ -55,7 +55,7 @@ def assert_same(ref, got, rtol=1e-5, atol=1e-6):
 def test_same_loss_and_lora_gradients_as_plain_training(do_offload, tile):
     ref = tiny_qlora()
     ours = copy.deepcopy(ref)
-    off = offload.enable(ours, offload=do_offload, mlp_tile_tokens=tile)
+    off = offload.enable(ours, offload=do_offload, tile_tokens=tile)
     ids, labels = batch(1)
     expected = grads_after_step(ref, ids, labels)
     got = grads_after_step(ours, ids, labels)
@@ -72,7 +72,7 @@ def test_same_loss_and_lora_gradients_as_plain_training(do_offload, tile):
 def test_several_steps_with_optimizer_follow_the_plain_run():
     ref = tiny_qlora(seed=3)
     ours = copy.deepcopy(ref)
-    offload.enable(ours, mlp_tile_tokens=8)
+    offload.enable(ours, tile_tokens=8)
     opt_r = torch.optim.AdamW(lora_parameters(ref), lr=1e-2)
     opt_o = torch.optim.AdamW(lora_parameters(ours), lr=1e-2)
     for step in range(3):
@@ -99,16 +99,16 @@ def test_dropout_recompute_replays_the_forward_rng(tile):
         for layer in ref.model.layers:
             run = layer.mlp.forward
             layer.mlp.forward = lambda x, run=run: offload._run_tiles(run, x, tile)
-    offload.enable(ours, mlp_tile_tokens=tile)
+    offload.enable(ours, tile_tokens=tile)
     ids, labels = batch(2)
     assert_same(grads_after_step(ref, ids, labels, dropout_seed=7),
                 grads_after_step(ours, ids, labels, dropout_seed=7))
 
 
-def test_tiled_mlp_matches_untiled_under_autocast():
+def test_tiles_match_untiled_under_autocast():
     ref = tiny_qlora(seed=2)
     ours = copy.deepcopy(ref)
-    offload.enable(ours, offload=False, mlp_tile_tokens=9)
+    offload.enable(ours, offload=False, tile_tokens=9)
     ids, labels = batch(4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = grads_after_step(ref, ids, labels)
@@ -116,13 +116,17 @@ def test_tiled_mlp_matches_untiled_under_autocast():
     assert_same(expected, got, rtol=2e-2, atol=2e-3)
 
 
-def test_disable_restores_plain_modules():
+def test_enable_tiles_mlps_and_norms_and_disable_restores_them():
     model = tiny_qlora()
-    forward = model.model.layers[0].mlp.forward
-    offload.enable(model, mlp_tile_tokens=4)
-    assert model.model.layers[0].mlp.forward != forward
+    layer = model.model.layers[0]
+    modules = [layer.mlp, layer.input_layernorm, layer.post_attention_layernorm, model.model.norm]
+    forwards = [m.forward for m in modules]
+    offload.enable(model, tile_tokens=4)
+    assert all(m.forward != f for m, f in zip(modules, forwards))
+    offload.enable(model, tile_tokens=8)  # again: re-tiled, not tiled twice
+    assert layer.mlp._qforge_untiled_forward == forwards[0]
     offload.disable(model)
-    assert model.model.layers[0].mlp.forward == forward
+    assert all(m.forward == f for m, f in zip(modules, forwards))
     assert not model.model.layers[0].gradient_checkpointing
 
 
@@ -144,8 +148,8 @@ def test_load_prefetches_the_tensor_saved_before():
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5])
 def test_bad_tile_size_is_rejected(bad):
-    with pytest.raises(ValueError, match="mlp_tile_tokens"):
-        offload.enable(tiny_qlora(), mlp_tile_tokens=bad)
+    with pytest.raises(ValueError, match="tile_tokens"):
+        offload.enable(tiny_qlora(), tile_tokens=bad)
 
 
 def test_model_without_decoder_layers_is_rejected():
@@ -157,7 +161,7 @@ def test_model_without_decoder_layers_is_rejected():
 def test_cuda_offload_matches_plain_training():
     ref = tiny_qlora().cuda()
     ours = copy.deepcopy(ref)
-    off = offload.enable(ours, mlp_tile_tokens=16)
+    off = offload.enable(ours, tile_tokens=16)
     ids, labels = (t.cuda() for t in batch(1))
     with torch.autocast("cuda", dtype=torch.bfloat16):
         expected = grads_after_step(ref, ids, labels)
