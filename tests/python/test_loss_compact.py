@@ -18,7 +18,8 @@ def case(seed=0, n=57, d=24, v=41, masked=0.6, ignore_index=-100):
 def run(h, w, y, compact, reduction, **kw):
     h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
     loss = linear_cross_entropy(h, w, y, reduction=reduction, compact=compact, chunk_size=16, **kw)
-    upstream = torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape) if reduction == "none" else 1.7
+    upstream = (torch.linspace(0.5, 1.5, loss.numel(), device=loss.device).reshape(loss.shape)
+                if reduction == "none" else 1.7)
     (loss * upstream).sum().backward()
     return loss.detach(), h.grad, w.grad
 
