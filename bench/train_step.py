@@ -269,8 +269,11 @@ def run_child(a, impl, seq, batch, warmup, steps, prompt_heavy, deadline) -> dic
         argv += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
     argv += ["--offload" if a.offload else "--no-offload"] + (["--prompt-heavy"] if prompt_heavy else [])
     env = dict(os.environ, PYTORCH_ALLOC_CONF=a.alloc_conf, PYTHONUNBUFFERED="1")
+    site = str(Path(a.unsloth_anchor, "site").resolve())
     if impl == "unsloth":
-        env["PYTHONPATH"] = os.pathsep.join([str(Path(a.unsloth_anchor, "site").resolve()), env.get("PYTHONPATH", "")])
+        env["PYTHONPATH"] = os.pathsep.join([site, env.get("PYTHONPATH", "")])
+    elif impl == "peft_bitsandbytes" and Path(site).is_dir():  # the bundle's bitsandbytes, where the host has none
+        env["PYTHONPATH"] = os.pathsep.join([env.get("PYTHONPATH", ""), site])
     timeout = max(10.0, min(a.child_timeout, deadline - time.time()))
     print(f"{impl} {seq} x {batch}{' prompt-heavy' if prompt_heavy else ''} (timeout {timeout:.0f} s):", flush=True)
     t = time.time()
@@ -419,7 +422,8 @@ def main():
 
         site = str(Path(a.unsloth_anchor, "site").resolve())
         versions.update({d.metadata["Name"]: d.version for d in distributions(path=[site])
-                         if d.metadata["Name"] in ("unsloth", "unsloth_zoo", "unsloth-zoo")})
+                         if d.metadata["Name"] in ("unsloth", "unsloth_zoo", "unsloth-zoo")
+                         or (d.metadata["Name"] == "bitsandbytes" and "bitsandbytes" not in versions)})
     except Exception:  # noqa: BLE001
         pass
     out = dict(
