@@ -15,7 +15,8 @@ Every (impl, case) runs in a fresh process under the same allocator setting
 (PYTORCH_ALLOC_CONF=expandable_segments:True, which `import unsloth` sets for itself).
 Cases: the main one (--seq x --batch, labels = inputs), `--long-context` lengths (batch 1,
 --long-warmup + --long-steps steps; a length that fails says whether memory or the time limit
-stopped it), and `--prompt-heavy` (--seq x --batch of packed conversations whose prompts,
+stopped it), `--max-seq-probe IMPLS` (the longest batch-1 length that trains one full step, by
+doubling then bisection, a fresh process per attempt), and `--prompt-heavy` (--seq x --batch of packed conversations whose prompts,
 about 60% of the tokens, are masked out of the loss).
 qforge's settings: `--offload` (per-layer checkpoints in pinned host memory), `--tile` (MLPs
 and RMSNorms in token tiles; see qforge.offload) and `--attention cudnn` (cuDNN's attention
@@ -307,6 +308,38 @@ def unsloth_model_dir(a) -> str:
     return str(model_dir)
 
 
+def probe_max_seq(attempt, start: int, limit: int, resolution: int, granularity: int = 256) -> dict:
+    """The longest batch-1 length that trains one step: doubles from `start` until an attempt
+    fails, then bisects to `resolution` tokens. `attempt(seq)` runs one step (a fresh process)
+    and returns None on success or why it failed: "memory" or "time" (the command's time limit).
+    A time failure ends the search, since every longer length takes longer still. At most
+    log2(limit / start) + log2(limit / resolution) + 2 attempts. Returns {tokens, limit,
+    attempts}: tokens is the longest success (None if even `start` failed), limit what stopped
+    the next longer length (None when `limit` itself trained)."""
+    if not 0 < start <= limit or resolution < 1:
+        raise ValueError(f"probe_max_seq: need 0 < start <= limit and resolution >= 1, got {start}, {limit}, {resolution}")
+    attempts, ok, fail, why = [], None, None, None
+    seq = start
+    while True:
+        failed = attempt(seq)
+        attempts.append(dict(seq=seq, ok=failed is None, limit=failed))
+        if failed is None:
+            ok = seq
+        else:
+            fail, why = seq, failed
+        if failed == "time" or (ok == limit):
+            break
+        if fail is None:  # doubling
+            seq = min(limit, ok * 2)
+            continue
+        if ok is None or fail - ok <= resolution:
+            break
+        seq = max(ok + 1, (ok + fail) // 2 // granularity * granularity)
+        if seq >= fail:
+            break
+    return dict(tokens=ok, limit=why, attempts=attempts)
+
+
 def summarise(results: dict, base: str) -> None:
     ref = results.get(base)
     for name, r in results.items():
@@ -336,6 +369,10 @@ def main():
     ap.add_argument("--long-impls", default="qforge,unsloth")
     ap.add_argument("--long-warmup", default="1", help="warm-up steps: one for all lengths, or one per length")
     ap.add_argument("--long-steps", type=int, default=1)
+    ap.add_argument("--max-seq-probe", default="", help="comma list of impls whose longest batch-1 length to find")
+    ap.add_argument("--probe-start", type=int, default=131072)
+    ap.add_argument("--probe-max", type=int, default=1 << 20)
+    ap.add_argument("--probe-resolution", type=int, default=8192)
     ap.add_argument("--prompt-heavy", action="store_true", help="also run the prompt-heavy SFT case")
     ap.add_argument("--prompt-impls", default="qforge,unsloth")
     ap.add_argument("--offload", action=argparse.BooleanOptionalAction, default=True,
@@ -379,7 +416,7 @@ def main():
         torch.cuda.empty_cache()
     impls = [i for i in a.impls.split(",") if i]
     every = set(impls) | set(a.long_impls.split(",") if a.long_context else []) | \
-        set(a.prompt_impls.split(",") if a.prompt_heavy else [])
+        set(a.prompt_impls.split(",") if a.prompt_heavy else []) | set(a.max_seq_probe.split(","))
     if "unsloth" in every and not a.unsloth_model_dir:
         a.unsloth_model_dir = unsloth_model_dir(a)
     results = {}
@@ -405,6 +442,13 @@ def main():
                                      first_step_s=(r["first_step_ms"] / 1e3 if "first_step_ms" in r else None),
                                      warmup_steps=warm, timed_steps=a.long_steps,
                                      error=r.get("error"), limit=r.get("limit"), memory=r.get("memory")))
+    max_seq = {}
+    for name in [i for i in a.max_seq_probe.split(",") if i]:
+        def attempt(seq, name=name):
+            r = run_child(a, name, seq, 1, 0, 1, False, deadline)
+            return r.get("limit") if "error" in r else None
+
+        max_seq[name] = probe_max_seq(attempt, a.probe_start, a.probe_max, a.probe_resolution)
     prompt_heavy = {}
     if a.prompt_heavy:
         for name in a.prompt_impls.split(","):
@@ -443,6 +487,8 @@ def main():
         out["long_context"] = long_context
         out["long_context_config"] = dict(batch=1, child_timeout_s=a.child_timeout,
                                           step="forward + backward + AdamW step (one full optimizer step)")
+    if max_seq:
+        out["max_seq"] = max_seq
     if a.prompt_heavy:
         out["prompt_heavy"] = dict(prompt_heavy, config=dict(seq=a.seq, batch=a.batch, prompt_fraction=PROMPT_FRACTION,
                                                              conversation_tokens="256..1023, packed"))
