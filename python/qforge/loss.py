@@ -306,7 +306,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: O
                          softcap: Optional[float] = None, logit_scale: float = 1.0,
                          z_loss: float = 0.0, return_lse: bool = False,
                          chunk_size: Optional[int] = None, fp32_grad_weight: bool = False,
-                         validate: bool = True):
+                         validate: bool = True, compact: bool = True):
     """cross_entropy(logit_scale * (hidden @ weight.T + bias) [soft-capped], labels)
     without materialising the logits.
 
@@ -319,6 +319,11 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: O
     ``chunk_size`` tokens per chunk (None: automatic from free memory);
     ``fp32_grad_weight`` accumulates grad_weight in fp32 across chunks;
     ``validate`` checks labels up front on CUDA (one stream sync).
+    ``compact``: rows labelled ``ignore_index`` are dropped before the GEMMs, so masked
+    (prompt) tokens cost nothing there; the loss and gradients are those of the full
+    computation (ignored rows get zero loss and zero gradient) for every reduction. It costs
+    one host sync (counting the valid rows) and is skipped under torch.compile, with
+    ``return_lse`` (ignored rows have an lse too) and when no row is ignored.
     NaN/Inf in hidden or weight propagate to the loss and gradients.
     """
     if reduction not in _REDUCTIONS:
@@ -367,6 +372,9 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: O
     w = weight.contiguous()
     b = bias.contiguous() if bias is not None else None
     red = _REDUCTIONS[reduction]
+    kept = _valid_rows(y, ignore_index) if compact and not return_lse else None
+    if kept is not None:
+        h2, y = h2.index_select(0, kept), y.index_select(0, kept)
     grad_on = torch.is_grad_enabled()
     loss, lse, *_ = _lce_op(
         h2, w, y, b, cw, int(ignore_index), float(label_smoothing), float(softcap or 0.0),
@@ -374,12 +382,25 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: O
         grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad, bool(fp32_grad_weight))
     if red == 0:
+        if kept is not None:  # ignored rows: zero loss (and, through index_copy, zero gradient)
+            loss = loss.new_zeros(labels.numel()).index_copy(0, kept, loss)
         loss = loss.reshape(lead)
-    if hidden.dtype != torch.float32 and red != 0:
-        pass  # the loss stays fp32, like cross_entropy on upcast logits
     if return_lse:
         return loss, lse.reshape(lead)
     return loss
+
+
+def _valid_rows(labels: Tensor, ignore_index: int) -> Optional[Tensor]:
+    """Indices of the rows whose label is not ignore_index, or None where compaction would not
+    pay or cannot run: under torch.compile (data-dependent shape), when no row is ignored,
+    and when every row is (the uncompacted op defines that case)."""
+    if torch.compiler.is_compiling() or labels.numel() == 0:
+        return None
+    valid = labels != ignore_index
+    n_valid = int(valid.sum())  # the one host sync
+    if n_valid == 0 or n_valid == labels.numel():
+        return None
+    return valid.nonzero().squeeze(1)
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):
@@ -389,7 +410,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                  weight_per_class: Optional[Tensor] = None, reduction: str = "mean",
                  softcap: Optional[float] = None, logit_scale: float = 1.0, z_loss: float = 0.0,
                  return_lse: bool = False, chunk_size: Optional[int] = None,
-                 fp32_grad_weight: bool = False):
+                 fp32_grad_weight: bool = False, compact: bool = True):
         super().__init__()
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
@@ -397,7 +418,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self.kw = dict(ignore_index=ignore_index, label_smoothing=label_smoothing,
                        reduction=reduction, softcap=softcap, logit_scale=logit_scale,
                        z_loss=z_loss, return_lse=return_lse, chunk_size=chunk_size,
-                       fp32_grad_weight=fp32_grad_weight)
+                       fp32_grad_weight=fp32_grad_weight, compact=compact)
 
     def forward(self, hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None):
         return linear_cross_entropy(hidden, weight, labels, bias,

@@ -66,6 +66,7 @@ class TrainArgs:
     log_every: int = 1
     gradient_checkpointing: Optional[bool] = None  # None: on for --model runs, off for the tiny default
     offload_activations: bool = False
+    tile_tokens: Optional[int] = None  # MLPs and RMSNorms over token tiles (qforge.offload); None: untiled
     skip_long: bool = False
     progress: bool = True
     stop_after: Optional[int] = None  # stop (after checkpointing) at this step: tests and time-boxed runs
@@ -189,6 +190,7 @@ def _resolve_output(args: TrainArgs) -> Path:
 def train(args: TrainArgs | None = None, **overrides) -> dict:
     """Run a training job; returns a summary dict (losses, steps, paths, speed)."""
     from . import hf
+    from .offload import enable as offload_checkpoints
     from .data import PackedBatches, builtin_dataset, read_jsonl, template_for, tokenize_records
     from .models import default_device, load, load_tokenizer
     from .nn import add_lora, lora_parameters
@@ -248,7 +250,11 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
     hf.patch_causal_lm(model, args.loss)  # full logits never exist in training
     offload_done = False  # whether transformers offloads the checkpointed layer inputs itself
     checkpointing = args.gradient_checkpointing if args.gradient_checkpointing is not None else args.model is not None
-    if checkpointing:
+    if checkpointing and (args.offload_activations or args.tile_tokens) and not args.compile:
+        # long context: each layer's checkpoint in pinned host memory, token-wise modules in tiles
+        offload_checkpoints(model, offload=args.offload_activations, tile_tokens=args.tile_tokens)
+        offload_done = args.offload_activations
+    elif checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable({"use_reentrant": False}, offload=args.offload_activations)
             offload_done = args.offload_activations
@@ -565,7 +571,9 @@ def add_cli(subparsers) -> None:
     a("--keep-checkpoints", type=int)
     a("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
       help="recompute each decoder layer in backward (default: on with --model, off for the tiny default)")
-    a("--offload-activations", action="store_true", default=None, help="keep saved activations in CPU memory")
+    a("--offload-activations", action="store_true", default=None,
+      help="keep saved activations in CPU memory (with checkpointing: each layer's input, in pinned memory)")
+    a("--tile-tokens", type=int, help="run MLPs and RMSNorms over tiles of this many tokens (long context)")
     a("--skip-long", action="store_true", default=None, help="skip conversations longer than max-seq-length")
     a("--stop-after", type=int, help="checkpoint and stop at this step (resume later)")
     a("--compile", action="store_true", default=None, help="torch.compile each decoder layer (fullgraph)")

@@ -204,6 +204,9 @@ def test_activation_checkpointing_gives_the_same_training(tmp_path, base_dir):
     offload = T.train(output=str(tmp_path / "offload"), gradient_checkpointing=True, offload_activations=True, **kw)
     torch.testing.assert_close(torch.tensor(ckpt["losses"]), torch.tensor(plain["losses"]), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.tensor(offload["losses"]), torch.tensor(plain["losses"]), rtol=1e-5, atol=1e-5)
+    tiled = T.train(output=str(tmp_path / "tiled"), gradient_checkpointing=True, offload_activations=True,
+                    tile_tokens=5, **kw)
+    torch.testing.assert_close(torch.tensor(tiled["losses"]), torch.tensor(plain["losses"]), rtol=1e-5, atol=1e-5)
 
 
 def test_trains_a_qwen2_model_with_its_own_template(tmp_path):

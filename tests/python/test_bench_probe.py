@@ -1,0 +1,56 @@
+"""bench/train_step.py's longest-context search (probe_max_seq) against fake attempts."""
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location(
+    "train_step_bench", Path(__file__).resolve().parents[2] / "bench" / "train_step.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def fake(memory_limit=None, time_limit=None):
+    tried = []
+
+    def attempt(seq):
+        tried.append(seq)
+        if time_limit is not None and seq > time_limit:
+            return "time"
+        if memory_limit is not None and seq > memory_limit:
+            return "memory"
+        return None
+
+    return attempt, tried
+
+
+@pytest.mark.parametrize("memory_limit", [140000, 300001, 777777])
+def test_memory_bound_is_found_within_the_resolution(memory_limit):
+    attempt, tried = fake(memory_limit=memory_limit)
+    r = bench.probe_max_seq(attempt, 131072, 1 << 20, 8192)
+    assert r["limit"] == "memory"
+    assert memory_limit - 8192 - 256 <= r["tokens"] <= memory_limit
+    assert len(tried) == len(set(tried)) <= math.log2((1 << 20) / 131072) + math.log2((1 << 20) / 8192) + 2
+    assert [a["seq"] for a in r["attempts"]] == tried
+
+
+def test_time_limit_stops_the_search_at_once():
+    attempt, tried = fake(memory_limit=900000, time_limit=200000)
+    r = bench.probe_max_seq(attempt, 131072, 1 << 20, 8192)
+    assert r == dict(tokens=131072, limit="time", attempts=[dict(seq=131072, ok=True, limit=None),
+                                                           dict(seq=262144, ok=False, limit="time")])
+
+
+def test_reaching_the_maximum_and_failing_at_the_start():
+    attempt, _ = fake()
+    assert bench.probe_max_seq(attempt, 4096, 65536, 1024)["tokens"] == 65536
+    attempt, tried = fake(memory_limit=1000)
+    r = bench.probe_max_seq(attempt, 4096, 65536, 1024)
+    assert r["tokens"] is None and r["limit"] == "memory" and tried == [4096]
+
+
+@pytest.mark.parametrize("args", [(0, 10, 1), (20, 10, 1), (4, 10, 0)])
+def test_bad_arguments_are_rejected(args):
+    with pytest.raises(ValueError, match="probe_max_seq"):
+        bench.probe_max_seq(lambda s: None, *args)
