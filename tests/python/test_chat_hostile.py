@@ -8,13 +8,12 @@ transformers configures it), within the documented bounds (docs/chat.md,
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
+from conftest import child_env
 
 jinja2 = pytest.importorskip("jinja2")
 ctu = pytest.importorskip("transformers.utils.chat_template_utils")
@@ -50,9 +49,7 @@ _CHILD = textwrap.dedent(
 def run_isolated(source: str, vars: str = "", limits: dict | None = None, repeat: int = 1) -> dict:
     """Compiles and renders `source` (with the variables the Python expression
     `vars` evaluates to) in a child process under RLIMIT_AS and a timeout."""
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root / "python"), env.get("PYTHONPATH", "")) if p)
+    env = child_env()
     case = {"source": source, "vars": vars, "limits": limits or {}, "repeat": repeat, "budget": BUDGET}
     proc = subprocess.run([sys.executable, "-c", _CHILD], input=json.dumps(case), capture_output=True, text=True,
                           timeout=TIMEOUT, env=env)
@@ -106,8 +103,7 @@ def test_long_chains_and_deep_nesting_are_a_syntax_error(name):
 def test_cli_reports_a_too_deep_template(tmp_path):
     (tmp_path / "t.jinja").write_text(CHAINS["plus"])
     (tmp_path / "m.json").write_text("[]")
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(root / "python"), os.environ.get("PYTHONPATH", "")) if p))
+    env = child_env()
     proc = subprocess.run([sys.executable, "-m", "qforge.cli", "chat", "render", "--template", str(tmp_path / "t.jinja"),
                            "--messages", str(tmp_path / "m.json")], capture_output=True, text=True, timeout=TIMEOUT, env=env)
     assert proc.returncode == 1, proc.stderr[-2000:]
