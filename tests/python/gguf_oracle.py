@@ -100,13 +100,23 @@ def reference_quantize(type_name: str, x) -> bytes:
     return out.tobytes()
 
 
-def convert_hf_to_gguf(model_dir: Path, outfile: Path, outtype: str) -> Path:
-    """Run llama.cpp's own converter (with its own gguf-py) on a Hugging Face directory."""
+def convert_hf_to_gguf(model_dir: Path, outfile: Path, outtype: str, tokenizer_pre: str | None = None) -> Path:
+    """Run llama.cpp's own converter (with its own gguf-py) on a Hugging Face
+    directory. The converter names the BPE pre-tokenizer by hashing a test
+    string's tokens against a table of published models, which a tokenizer
+    trained by the tests is not in: `tokenizer_pre` then pins the name."""
     src = llama_cpp_source()
-    env = dict(os.environ, PYTHONPATH=str(src / "gguf-py"), NO_LOCAL_GGUF="")
-    env.pop("NO_LOCAL_GGUF")
-    proc = subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), "--outtype", outtype, "--outfile",
-                           str(outfile), str(model_dir)], env=env, capture_output=True, text=True)
+    runner = (
+        "import sys, runpy\n"
+        f"sys.path.insert(0, {str(src)!r})\n"
+        f"sys.path.insert(1, {str(src / 'gguf-py')!r})\n"
+        "from conversion.base import TextModel\n"
+        + (f"TextModel.get_vocab_base_pre = lambda self, tokenizer: {tokenizer_pre!r}\n" if tokenizer_pre else "")
+        + f"sys.argv = ['convert_hf_to_gguf.py', '--outtype', {outtype!r}, '--outfile', {str(outfile)!r}, "
+        f"{str(model_dir)!r}]\n"
+        f"runpy.run_path({str(src / 'convert_hf_to_gguf.py')!r}, run_name='__main__')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", runner], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"convert_hf_to_gguf.py failed:\n{proc.stderr[-4000:]}")
     return outfile
