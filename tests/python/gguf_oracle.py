@@ -122,6 +122,35 @@ def convert_hf_to_gguf(model_dir: Path, outfile: Path, outtype: str, tokenizer_p
     return outfile
 
 
+def llama_cpp_python():
+    """The llama_cpp Python package built from the pinned sdist (llama.cpp's CPU
+    backend, portable flags, no tools) into the cache; about 10 minutes on 2
+    cores the first time."""
+    target = cache_dir() / "python"
+    if not (target / "llama_cpp" / "__init__.py").exists():
+        sdist = cache_dir() / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+        if not sdist.exists():
+            with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+                subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+                                f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", tmp],
+                               check=True, stdout=subprocess.DEVNULL)
+                shutil.move(str(next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))), str(sdist))
+        staging = cache_dir() / "python.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", "2"),
+                   CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF "
+                              "-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF")
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(staging), str(sdist)],
+                       check=True, env=env, stdout=subprocess.DEVNULL)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    if str(target) not in sys.path:
+        sys.path.insert(0, str(target))
+    import llama_cpp
+
+    return llama_cpp
+
+
 def gguf_reader_module():
     """The sdist's gguf-py (the reader matching the converter's version)."""
     src = str(llama_cpp_source() / "gguf-py")
@@ -135,3 +164,5 @@ def gguf_reader_module():
 if __name__ == "__main__":
     print(llama_cpp_source())
     print(reference_quantizers()._name)
+    if "--llama-cpp-python" in sys.argv:
+        print(llama_cpp_python().__file__)

@@ -16,8 +16,6 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("gguf")
-pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).parent))
 import gguf_oracle  # noqa: E402
 
