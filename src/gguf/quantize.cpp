@@ -32,18 +32,22 @@ inline int nearest_int(float fval) {
 
 void put16(uint8_t* p, uint16_t v) { std::memcpy(p, &v, 2); }
 
+// The first element of largest magnitude, sign kept (q4_0 and q5_0 scale by it).
+float signed_absmax(const float* x, int n) {
+  float amax = 0.0f, max = 0.0f;
+  for (int j = 0; j < n; j++) {
+    if (amax < std::fabs(x[j])) {
+      amax = std::fabs(x[j]);
+      max = x[j];
+    }
+  }
+  return max;
+}
+
 void q4_0(const float* x, uint8_t* y, int64_t k) {  // block: d f16, qs[16]
   const int64_t nb = k / QK4_0;
   for (int64_t i = 0; i < nb; i++, y += 18) {
-    float amax = 0.0f, max = 0.0f;
-    for (int j = 0; j < QK4_0; j++) {
-      const float v = x[i * QK4_0 + j];
-      if (amax < std::fabs(v)) {
-        amax = std::fabs(v);
-        max = v;
-      }
-    }
-    const float d = max / -8;
+    const float d = signed_absmax(x + i * QK4_0, QK4_0) / -8;
     const float id = d ? 1.0f / d : 0.0f;
     put16(y, fp16(d));
     for (int j = 0; j < QK4_0 / 2; ++j) {
@@ -59,15 +63,7 @@ void q4_0(const float* x, uint8_t* y, int64_t k) {  // block: d f16, qs[16]
 void q5_0(const float* x, uint8_t* y, int64_t k) {  // block: d f16, qh[4], qs[16]
   const int64_t nb = k / QK5_0;
   for (int64_t i = 0; i < nb; i++, y += 22) {
-    float amax = 0.0f, max = 0.0f;
-    for (int j = 0; j < QK5_0; j++) {
-      const float v = x[i * QK5_0 + j];
-      if (amax < std::fabs(v)) {
-        amax = std::fabs(v);
-        max = v;
-      }
-    }
-    const float d = max / -16;
+    const float d = signed_absmax(x + i * QK5_0, QK5_0) / -16;
     const float id = d ? 1.0f / d : 0.0f;
     put16(y, fp16(d));
     uint32_t qh = 0;
