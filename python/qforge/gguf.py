@@ -25,7 +25,7 @@ import torch
 from . import _lib
 from ._files import read_json
 
-__all__ = ["export_gguf", "EXPORT_TYPES", "add_cli"]
+__all__ = ["export_gguf", "check_export", "EXPORT_TYPES", "add_cli"]
 
 # --type -> (qf_gguf_mix_types mix id, llama.cpp's LlamaFileType for general.file_type)
 EXPORT_TYPES = {"f16": (1, 1), "bf16": (2, 32), "q8_0": (3, 7), "q4_0": (4, 2), "q4_k_m": (5, 15),
@@ -466,7 +466,7 @@ def _plan(ckpt: _Checkpoint, cfg: dict, arch_name: str) -> list[tuple[str, Optio
 
 def export_gguf(adapter, base, out, type: str = "q4_k_m", merge_into: str = "original", overwrite: bool = False,
                 threads: int = 0, progress: bool = True, blocksize: int = 64,
-                compress_statistics: bool = True) -> Path:
+                compress_statistics: bool = True, check: bool = False, max_kl: Optional[float] = None) -> Path:
     """Merge a LoRA adapter (a PEFT directory or a `qforge train` run directory)
     into the base model at ``base`` and write one GGUF file at ``out``.
 
@@ -476,7 +476,8 @@ def export_gguf(adapter, base, out, type: str = "q4_k_m", merge_into: str = "ori
     trained against is gone), "dequantized" into the NF4-dequantized weights
     the adapter was trained on (blocksize/compress_statistics as at training).
     ``out`` is written complete or not at all; an existing file is refused
-    unless overwrite. Raises ValueError naming the problem."""
+    unless overwrite. check: run the quality gate (check_export) on the file.
+    Raises ValueError naming the problem."""
     if type not in EXPORT_TYPES:
         raise ValueError(f"unknown GGUF type {type!r}; choose one of {', '.join(EXPORT_TYPES)}")
     if merge_into not in ("original", "dequantized"):
@@ -550,7 +551,28 @@ def export_gguf(adapter, base, out, type: str = "q4_k_m", merge_into: str = "ori
     finally:
         writer.close()
         bar(None)
+    if check:
+        check_export(out, adapter_dir, base, type, max_kl=max_kl, tok_dir=tok_dir, threads=threads)
     return out
+
+
+def check_export(out, adapter, base, type: str, max_kl: Optional[float] = None, tok_dir: Optional[Path] = None,
+                 threads: int = 0) -> float:
+    """The quality gate: mean per-token KL divergence (nats) between the adapter model and the
+    exported file in llama.cpp (qforge.gguf_check). Above max_kl (default: gguf_check.MAX_KL of
+    the type; no bound for the 4-6 bit types unless given) the file is deleted and ValueError
+    raised, so a broken export is never shipped. Returns the KL."""
+    from .gguf_check import MAX_KL, mean_kl
+
+    adapter_dir = _find_adapter(Path(adapter))
+    tok_dir = tok_dir or _tokenizer_dir(adapter_dir, Path(base))
+    kl = mean_kl(out, adapter_dir, base, tok_dir=tok_dir, threads=threads)
+    bound = max_kl if max_kl is not None else MAX_KL.get(type)
+    if bound is not None and not kl <= bound:
+        Path(out).unlink(missing_ok=True)
+        raise ValueError(f"{out}: quality check failed: mean per-token KL divergence {kl:.5f} from the adapter "
+                         f"model exceeds {bound} for {type}; the file was deleted")
+    return kl
 
 
 def _is_quantized_projection(hf_name: str) -> bool:
@@ -588,6 +610,9 @@ def _cli(args) -> int:
     out = export_gguf(args.adapter, args.base, args.out, type=args.type, merge_into=args.merge_into,
                       overwrite=args.overwrite, threads=args.threads, progress=not args.quiet)
     print(f"wrote {out}")
+    if args.check:
+        kl = check_export(out, args.adapter, args.base, args.type, max_kl=args.max_kl, threads=args.threads)
+        print(f"quality check: mean per-token KL divergence from the adapter model {kl:.6f} nats")
     return 0
 
 
@@ -605,4 +630,8 @@ def add_cli(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--threads", type=int, default=0, help="quantization threads (0: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--check", action="store_true",
+                   help="run the file in llama.cpp (llama-cpp-python) and compare with the adapter model (KL)")
+    p.add_argument("--max-kl", type=float, default=None,
+                   help="the check's bound in nats per token (default 0.01 for f16/bf16/q8_0, none otherwise)")
     p.set_defaults(func=_cli)
