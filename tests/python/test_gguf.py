@@ -34,7 +34,7 @@ def _write_adapter(path: Path, cfg: dict, modules=("q_proj", "k_proj", "v_proj",
 
     path.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
-    kv = cfg["num_key_value_heads"] * cfg["head_dim"]
+    kv = cfg["num_key_value_heads"] * (cfg.get("head_dim") or HIDDEN // cfg["num_attention_heads"])
     shapes = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (kv, HIDDEN), "v_proj": (kv, HIDDEN), "o_proj": (HIDDEN, HIDDEN),
               "down_proj": (HIDDEN, INTERMEDIATE), "up_proj": (INTERMEDIATE, HIDDEN)}
     tensors = {}
@@ -291,3 +291,64 @@ def test_cli_export(tiny, tmp_path, capsys):
     assert out.read_bytes()[:4] == b"GGUF"
     assert main(["export", "gguf", str(adapter), "--base", str(base), "--out", str(out), "--quiet"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ every family the loader supports
+def _family_model(root: Path, family: str) -> Path:
+    """A tiny random model of `family` saved as a 16-bit Hugging Face directory."""
+    import transformers
+
+    from qforge.models.tiny import build_tokenizer
+
+    tok = build_tokenizer(TEXTS, vocab_size=400)
+    # 8 more embeddings than tokens (as many published models pad): [PADn] tokens in the vocab
+    common = dict(vocab_size=len(tok) + 8, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6,
+                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if family == "llama3_rope":
+        cfg = transformers.LlamaConfig(**common, rope_scaling={
+            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 256, "rope_theta": 500000.0}, rope_theta=500000.0)
+    elif family == "mistral":
+        cfg = transformers.MistralConfig(**common, sliding_window=None)
+    elif family == "qwen2_tied":
+        cfg = transformers.Qwen2Config(**common, tie_word_embeddings=True)
+    elif family == "qwen3":
+        cfg = transformers.Qwen3Config(**common, head_dim=64)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    path = root / family
+    model.to(torch.bfloat16).save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return path
+
+
+@pytest.mark.parametrize("family", ["llama3_rope", "mistral", "qwen2_tied", "qwen3"])
+def test_families_equal_convert_hf_to_gguf(tmp_path, family):
+    from safetensors.torch import save_file
+
+    base = _family_model(tmp_path, family)
+    cfg = json.loads((base / "config.json").read_text())
+    modules = ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj", "up_proj")
+    adapter = _write_adapter(tmp_path / "adapter", cfg, modules=modules, seed=3)
+    merged = tmp_path / "merged" / base.name
+    shutil.copytree(base, merged)
+    save_file({k: v.contiguous() for k, v in _merged_state(base, adapter).items()}, str(merged / "model.safetensors"),
+              metadata={"format": "pt"})
+    ref = gguf_oracle.convert_hf_to_gguf(merged, tmp_path / "ref.gguf", "f16", tokenizer_pre="gpt-2")
+    ours = export_gguf(adapter, base, tmp_path / "ours.gguf", type="f16", progress=False)
+    g = gguf_oracle.gguf_reader_module()
+    r_ref, r_ours = g.GGUFReader(str(ref)), g.GGUFReader(str(ours))
+    f_ref, f_ours = _fields(r_ref), _fields(r_ours)
+    assert list(f_ours) == list(f_ref)
+    for key in f_ref:
+        assert f_ours[key] == f_ref[key], key
+    names = [t.name for t in r_ours.tensors]
+    assert names == [t.name for t in r_ref.tensors]
+    for a, b in zip(r_ours.tensors, r_ref.tensors):
+        assert a.data.tobytes() == b.data.tobytes(), a.name
+    assert ours.read_bytes() == ref.read_bytes()
+    expect = {"llama3_rope": "rope_freqs.weight", "qwen3": "blk.0.attn_q_norm.weight", "qwen2_tied": "blk.0.attn_q.bias"}
+    if family in expect:
+        assert expect[family] in names
+    assert ("output.weight" in names) == (family != "qwen2_tied")
