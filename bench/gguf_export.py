@@ -138,6 +138,7 @@ def main() -> int:
             "versions": {"qforge": __import__("qforge").__version__, "torch": torch.__version__,
                          "transformers": transformers.__version__, "llama_cpp_python": llama_cpp.__version__},
             "cases": [{"model": f"random Llama, {args.shape} shapes, rank-16 LoRA on all projections",
+                       "shape": SHAPES[args.shape],
                        "type": args.type, "seconds": {"qforge": round(ours_s, 2), "llama_cpp_pipeline": round(pipe_s, 2)},
                        "peak_rss_gib": round(ours_rss, 3)}],
             # from the tests: f16/bf16/q8_0 files byte-identical to convert_hf_to_gguf.py, quantized
