@@ -466,7 +466,8 @@ def _plan(ckpt: _Checkpoint, cfg: dict, arch_name: str) -> list[tuple[str, Optio
 
 def export_gguf(adapter, base, out, type: str = "q4_k_m", merge_into: str = "original", overwrite: bool = False,
                 threads: int = 0, progress: bool = True, blocksize: int = 64,
-                compress_statistics: bool = True, check: bool = False, max_kl: Optional[float] = None) -> Path:
+                compress_statistics: bool = True, check: bool = False, max_kl: Optional[float] = None,
+                ollama: bool = False) -> Path:
     """Merge a LoRA adapter (a PEFT directory or a `qforge train` run directory)
     into the base model at ``base`` and write one GGUF file at ``out``.
 
@@ -477,6 +478,7 @@ def export_gguf(adapter, base, out, type: str = "q4_k_m", merge_into: str = "ori
     the adapter was trained on (blocksize/compress_statistics as at training).
     ``out`` is written complete or not at all; an existing file is refused
     unless overwrite. check: run the quality gate (check_export) on the file.
+    ollama: also write an Ollama ``Modelfile`` beside it (write_modelfile).
     Raises ValueError naming the problem."""
     if type not in EXPORT_TYPES:
         raise ValueError(f"unknown GGUF type {type!r}; choose one of {', '.join(EXPORT_TYPES)}")
@@ -485,6 +487,8 @@ def export_gguf(adapter, base, out, type: str = "q4_k_m", merge_into: str = "ori
     out, base = Path(out), Path(base)
     if out.exists() and not overwrite:
         raise ValueError(f"{out}: the output file already exists (pass overwrite=True / --overwrite to replace it)")
+    if ollama and (out.parent / "Modelfile").exists() and not overwrite:
+        raise ValueError(f"{out.parent / 'Modelfile'}: already exists (pass overwrite=True / --overwrite)")
     adapter_dir = _find_adapter(Path(adapter))
     lora = _load_adapter(adapter_dir)
     ckpt = _Checkpoint(base)
@@ -553,7 +557,28 @@ def export_gguf(adapter, base, out, type: str = "q4_k_m", merge_into: str = "ori
         bar(None)
     if check:
         check_export(out, adapter_dir, base, type, max_kl=max_kl, tok_dir=tok_dir, threads=threads)
+    if ollama:
+        write_modelfile(out, metadata)
     return out
+
+
+def write_modelfile(gguf_path: Path, metadata: list) -> Path:
+    """An Ollama Modelfile beside the GGUF: FROM the file, and a stop parameter for each of its
+    end-of-generation tokens (eos, eot, eom), so `ollama run` stops at the end of a turn. The chat
+    template travels inside the GGUF (tokenizer.chat_template), where Ollama reads it."""
+    from ._files import atomic_write_text
+
+    kv = {k: v for k, v, _, _ in metadata}
+    tokens = kv.get("tokenizer.ggml.tokens", [])
+    stops = []
+    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        tid = kv.get(key)
+        if tid is not None and 0 <= tid < len(tokens) and tokens[tid] not in stops:
+            stops.append(tokens[tid])
+    lines = [f"FROM ./{gguf_path.name}"] + [f"PARAMETER stop {json.dumps(t)}" for t in stops]
+    path = gguf_path.parent / "Modelfile"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
 
 
 def check_export(out, adapter, base, type: str, max_kl: Optional[float] = None, tok_dir: Optional[Path] = None,
@@ -608,7 +633,7 @@ def _progress(total: int, desc: str, enabled: bool) -> Callable[[Optional[str]],
 # ------------------------------------------------------------------ CLI
 def _cli(args) -> int:
     out = export_gguf(args.adapter, args.base, args.out, type=args.type, merge_into=args.merge_into,
-                      overwrite=args.overwrite, threads=args.threads, progress=not args.quiet)
+                      overwrite=args.overwrite, threads=args.threads, progress=not args.quiet, ollama=args.ollama)
     print(f"wrote {out}")
     if args.check:
         kl = check_export(out, args.adapter, args.base, args.type, max_kl=args.max_kl, threads=args.threads)
@@ -630,6 +655,7 @@ def add_cli(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--threads", type=int, default=0, help="quantization threads (0: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile beside the GGUF")
     p.add_argument("--check", action="store_true",
                    help="run the file in llama.cpp (llama-cpp-python) and compare with the adapter model (KL)")
     p.add_argument("--max-kl", type=float, default=None,

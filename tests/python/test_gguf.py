@@ -287,8 +287,11 @@ def test_cli_export(tiny, tmp_path, capsys):
     base, adapter, _ = tiny
     out = tmp_path / "cli.gguf"
     assert main(["export", "gguf", str(adapter), "--base", str(base), "--out", str(out), "--type", "q4_k_m",
-                 "--quiet"]) == 0
+                 "--quiet", "--ollama"]) == 0
     assert out.read_bytes()[:4] == b"GGUF"
+    # the Modelfile stops at the tokenizer's eos (<|eot_id|> for the tiny Llama 3 template)
+    assert (tmp_path / "Modelfile").read_text() == 'FROM ./cli.gguf\nPARAMETER stop "<|eot_id|>"\n'
+
     assert main(["export", "gguf", str(adapter), "--base", str(base), "--out", str(out), "--quiet"]) == 2
     assert "already exists" in capsys.readouterr().err
 
