@@ -355,3 +355,22 @@ def test_families_equal_convert_hf_to_gguf(tmp_path, family):
     if family in expect:
         assert expect[family] in names
     assert ("output.weight" in names) == (family != "qwen2_tied")
+
+
+def test_tokenizer_pre_from_the_regex(tmp_path):
+    """tokenizer.ggml.pre from tokenizer.json's pre-tokenizer: Llama 3 and Qwen2 split regexes
+    (before a ByteLevel without its own regex), plain GPT-2 byte-level; anything else refused."""
+    from qforge.gguf import _LLAMA3_REGEX, _QWEN2_REGEX, _tokenizer_pre
+
+    def seq(regex):
+        return {"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}}
+
+    assert _tokenizer_pre(seq(_LLAMA3_REGEX), tmp_path) == "llama-bpe"
+    assert _tokenizer_pre(seq(_QWEN2_REGEX), tmp_path) == "qwen2"
+    assert _tokenizer_pre({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}, tmp_path) == "gpt-2"
+    with pytest.raises(ValueError, match="pre-tokenizer is not one qforge recognizes"):
+        _tokenizer_pre(seq(r"\p{N}{1,2}|\s+"), tmp_path)
+    with pytest.raises(ValueError, match="pre-tokenizer"):
+        _tokenizer_pre({"pre_tokenizer": {"type": "ByteLevel", "use_regex": False}}, tmp_path)
