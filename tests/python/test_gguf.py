@@ -100,17 +100,25 @@ def test_equals_convert_hf_to_gguf(tiny, tmp_path, qtype):
     base, adapter, merged = tiny
     ref = gguf_oracle.convert_hf_to_gguf(merged, tmp_path / f"ref-{qtype}.gguf", qtype, tokenizer_pre="gpt-2")
     ours = export_gguf(adapter, base, tmp_path / f"ours-{qtype}.gguf", type=qtype, progress=False)
+    _assert_same_file(ours, ref)
+
+
+def _assert_same_file(ours: Path, ref: Path) -> list[str]:
+    """Every key (value, type, order) and tensor (name, type, shape, bytes) equal, then the whole
+    file; returns the tensor names."""
     g = gguf_oracle.gguf_reader_module()
     r_ref, r_ours = g.GGUFReader(str(ref)), g.GGUFReader(str(ours))
     f_ref, f_ours = _fields(r_ref), _fields(r_ours)
     assert list(f_ours) == list(f_ref)  # same keys, same order
     for key in f_ref:
         assert f_ours[key] == f_ref[key], key
-    assert [t.name for t in r_ours.tensors] == [t.name for t in r_ref.tensors]
+    names = [t.name for t in r_ours.tensors]
+    assert names == [t.name for t in r_ref.tensors]
     for a, b in zip(r_ours.tensors, r_ref.tensors):
         assert (a.tensor_type, list(a.shape)) == (b.tensor_type, list(b.shape)), a.name
         assert a.data.tobytes() == b.data.tobytes(), a.name
     assert ours.read_bytes() == ref.read_bytes()  # and so the whole file
+    return names
 
 
 def _gguf_oriented(state: dict, cfg: dict) -> dict[str, torch.Tensor]:
@@ -340,17 +348,7 @@ def test_families_equal_convert_hf_to_gguf(tmp_path, family):
               metadata={"format": "pt"})
     ref = gguf_oracle.convert_hf_to_gguf(merged, tmp_path / "ref.gguf", "f16", tokenizer_pre="gpt-2")
     ours = export_gguf(adapter, base, tmp_path / "ours.gguf", type="f16", progress=False)
-    g = gguf_oracle.gguf_reader_module()
-    r_ref, r_ours = g.GGUFReader(str(ref)), g.GGUFReader(str(ours))
-    f_ref, f_ours = _fields(r_ref), _fields(r_ours)
-    assert list(f_ours) == list(f_ref)
-    for key in f_ref:
-        assert f_ours[key] == f_ref[key], key
-    names = [t.name for t in r_ours.tensors]
-    assert names == [t.name for t in r_ref.tensors]
-    for a, b in zip(r_ours.tensors, r_ref.tensors):
-        assert a.data.tobytes() == b.data.tobytes(), a.name
-    assert ours.read_bytes() == ref.read_bytes()
+    names = _assert_same_file(ours, ref)
     expect = {"llama3_rope": "rope_freqs.weight", "qwen3": "blk.0.attn_q_norm.weight", "qwen2_tied": "blk.0.attn_q.bias"}
     if family in expect:
         assert expect[family] in names
