@@ -268,6 +268,53 @@ QF_API const char* qf_chat_llama3_template(int minor);
 QF_API const char* qf_chat_buffer_data(const qf_chat_buffer* buf, size_t* len);
 QF_API void qf_chat_buffer_free(qf_chat_buffer* buf);
 
+/* ------------------------------------------------------ GGUF (src/gguf) */
+/* GGUF v3 files as llama.cpp reads them, and ggml's reference quantizers
+ * (see docs/gguf.md and include/qforge/gguf.hpp). ggml types: 0 f32, 1 f16,
+ * 30 bf16, 2 q4_0, 6 q5_0, 7 q5_1, 8 q8_0, 12 q4_K, 13 q5_K, 14 q6_K.
+ * Metadata value types: gguf's (0 u8 ... 12 f64; 8 string, 9 array).
+ * A writer is used in order: metadata and tensor declarations, then each
+ * declared tensor's data in declaration order, then qf_gguf_finish. Bytes go
+ * to a temporary file beside `path` that qf_gguf_finish fsyncs and moves into
+ * place; qf_gguf_writer_free without a successful finish deletes it, and so
+ * does any failed write (disk full, file size limit): the destination is
+ * complete or absent. An existing `path` is refused unless overwrite != 0. */
+typedef struct qf_gguf_writer qf_gguf_writer;
+
+QF_API int qf_gguf_writer_open(const char* path, int overwrite, qf_gguf_writer** out);
+QF_API void qf_gguf_writer_free(qf_gguf_writer* writer);
+/* key: NUL-terminated UTF-8. value: one element of value_type (a number or bool).
+ * "general.alignment" (u32, a power of two) sets the data alignment (default 32). */
+QF_API int qf_gguf_add_scalar(qf_gguf_writer* writer, const char* key, uint32_t value_type, const void* value);
+QF_API int qf_gguf_add_string(qf_gguf_writer* writer, const char* key, const char* value, size_t len);
+QF_API int qf_gguf_add_array(qf_gguf_writer* writer, const char* key, uint32_t elem_type, const void* data,
+                             int64_t n);
+/* n strings: string i is data[offsets[i] .. offsets[i+1]) (offsets has n + 1 entries). */
+QF_API int qf_gguf_add_string_array(qf_gguf_writer* writer, const char* key, const char* data,
+                                    const int64_t* offsets, int64_t n);
+/* ne: n_dims sizes in ggml order (ne[0] = row length). */
+QF_API int qf_gguf_add_tensor(qf_gguf_writer* writer, const char* name, const int64_t* ne, int32_t n_dims,
+                              uint32_t ggml_type);
+/* The next tensor's numel elements (fp32/fp16/bf16, row-major, host memory),
+ * encoded as its declared type on `threads` threads (<= 0: all cores). */
+QF_API int qf_gguf_write_tensor(qf_gguf_writer* writer, const void* src, qf_dtype src_dtype, int64_t numel,
+                                int threads);
+/* The next tensor's already encoded bytes. */
+QF_API int qf_gguf_write_tensor_bytes(qf_gguf_writer* writer, const void* data, int64_t bytes);
+QF_API int qf_gguf_finish(qf_gguf_writer* writer);
+
+/* Bytes of one row of ncols elements of ggml_type (ncols a multiple of its block). */
+QF_API int qf_gguf_row_bytes(uint32_t ggml_type, int64_t ncols, int64_t* bytes);
+/* ggml's quantize_row_<type>_ref over nrows rows of ncols floats, byte for byte. */
+QF_API int qf_gguf_quantize(uint32_t ggml_type, const float* x, int64_t nrows, int64_t ncols, void* out,
+                            int64_t out_bytes, int threads);
+/* llama-quantize's per-tensor types for a mix (1 f16, 2 bf16, 3 q8_0, 4 q4_0,
+ * 5 q4_K_M, 6 q5_K_M, 7 q6_K) over n tensors in file order: names as
+ * concatenated UTF-8 with n + 1 offsets, n_dims and row length ne0 each;
+ * n_layer blocks; is_70b: llama.cpp's 70B model type. out_types: n ggml types. */
+QF_API int qf_gguf_mix_types(uint32_t mix, const char* names, const int64_t* name_offsets, const int32_t* n_dims,
+                             const int64_t* ne0, int64_t n, int32_t n_layer, int32_t is_70b, uint32_t* out_types);
+
 #ifdef __cplusplus
 }
 #endif

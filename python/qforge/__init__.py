@@ -12,6 +12,7 @@ _LAZY = {
     "save_adapter": ("qforge.peft_io", "save_adapter"),
     "load_adapter": ("qforge.peft_io", "load_adapter"),
     "merge_and_save": ("qforge.peft_io", "merge_and_save"),
+    "export_gguf": ("qforge.gguf", "export_gguf"),
     "linear_cross_entropy": ("qforge.loss", "linear_cross_entropy"),
     "LinearCrossEntropyLoss": ("qforge.loss", "LinearCrossEntropyLoss"),
     "chunked_linear": ("qforge.loss", "chunked_linear"),

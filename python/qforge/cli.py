@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_cli(sub)
     add_chat_cli(sub)
+    from .gguf import add_cli as add_gguf_cli
+
+    add_gguf_cli(sub)
     return parser
 
 
