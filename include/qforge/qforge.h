@@ -248,14 +248,34 @@ QF_API int qf_chat_apply_batch(const qf_chat_template* tmpl, const char* shared_
 QF_API int qf_chat_template_render(const qf_chat_template* tmpl, const char* context_json, size_t context_len,
                                    int64_t now, qf_chat_buffer** text);
 
-/* Parse tool calls out of generated text. format: "llama3", "hermes" (also
- * Qwen's <tool_call>), or "auto". *result receives a JSON object
- *   {"content": str|null, "tool_calls": [{"type": "function", "function":
- *    {"name": str, "arguments": {...}}}], "stop": "eom"|"eot"|null,
- *    "error": str|null}
+/* Parse tool calls out of generated text. format: "auto" (told from the
+ * text) or a family's name ("llama3", "hermes", "mistral", "deepseek", ...:
+ * docs/chat.md lists them; qf_chat_tool_call_formats gives them all).
+ * *result receives a JSON object
+ *   {"content": str|null, "reasoning_content": str|null, "tool_calls":
+ *    [{"type": "function", "function": {"name": str, "arguments": {...}}}],
+ *    "stop": "eom"|"eot"|null, "error": str|null, "format": str}
  * Malformed calls never fail the call: the raw text becomes the content and
- * "error" says why. */
+ * "error" says why. An unknown format is an error. */
 QF_API int qf_chat_parse_tool_calls(const char* text, size_t text_len, const char* format, qf_chat_buffer** result);
+
+/* The names of the tool-call formats, as a JSON list. */
+QF_API int qf_chat_tool_call_formats(qf_chat_buffer** result);
+
+/* The tool-call format a chat template's model writes, told from the template
+ * source ("auto" when no known family's markers are in it). */
+QF_API int qf_chat_detect_tool_call_format(const char* source, size_t source_len, qf_chat_buffer** name);
+
+/* Incremental tool-call parsing of streamed text: each feed returns (as
+ * qf_chat_parse_tool_calls' JSON) the content, reasoning and calls complete
+ * so far; finish returns the parse of the whole text. The streamed text may
+ * be at most 8 MiB (kMaxToolCallTextBytes). */
+typedef struct qf_chat_tool_stream qf_chat_tool_stream;
+QF_API int qf_chat_tool_stream_new(const char* format, qf_chat_tool_stream** out);
+QF_API int qf_chat_tool_stream_feed(qf_chat_tool_stream* stream, const char* chunk, size_t chunk_len,
+                                    qf_chat_buffer** result);
+QF_API int qf_chat_tool_stream_finish(const qf_chat_tool_stream* stream, qf_chat_buffer** result);
+QF_API void qf_chat_tool_stream_free(qf_chat_tool_stream* stream);
 
 /* json.dumps(json.loads(text), ensure_ascii, indent (<0: None; at most 64), sort_keys) with Python's exact output. */
 QF_API int qf_chat_json_dumps(const char* json, size_t json_len, int ensure_ascii, int indent, int sort_keys,

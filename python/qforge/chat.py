@@ -37,6 +37,12 @@ _batch = declare(
 )
 _render = declare("qf_chat_template_render", _p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int64, ctypes.POINTER(_p))
 _parse = declare("qf_chat_parse_tool_calls", ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.POINTER(_p))
+_formats = declare("qf_chat_tool_call_formats", ctypes.POINTER(_p))
+_detect = declare("qf_chat_detect_tool_call_format", ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(_p))
+_stream_new = declare("qf_chat_tool_stream_new", ctypes.c_char_p, ctypes.POINTER(_p))
+_stream_feed = declare("qf_chat_tool_stream_feed", _p, ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(_p))
+_stream_finish = declare("qf_chat_tool_stream_finish", _p, ctypes.POINTER(_p))
+_stream_free = declare("qf_chat_tool_stream_free", _p, restype=None)
 _dumps = declare(
     "qf_chat_json_dumps", ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(_p)
 )
@@ -233,6 +239,20 @@ class ChatTemplate:
         finally:
             _buf_free(out)
 
+    @property
+    def tool_call_format(self) -> str:
+        """The tool-call format this template's model writes (detect_tool_call_format)."""
+        return detect_tool_call_format(self.source)
+
+    def parse(self, text: str | bytes) -> dict:
+        """Tool calls (and reasoning) in text this template's model generated,
+        read with the format detected from the template (parse_tool_calls)."""
+        return parse_tool_calls(text, self.tool_call_format)
+
+    def stream_parser(self) -> "ToolCallStream":
+        """An incremental parser for this template's model's streamed output."""
+        return ToolCallStream(self.tool_call_format)
+
     def render(self, now: int | None = None, **variables) -> str:
         """Render with exactly these template variables."""
         raw = _json(variables)
@@ -250,16 +270,66 @@ def json_dumps(obj: Any, ensure_ascii: bool = False, indent: int | None = None, 
     return _take(out)
 
 
+def _utf8(text: str | bytes) -> bytes:
+    return text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
+
+
+def tool_call_formats() -> list[str]:
+    """The names parse_tool_calls accepts as `format` (besides "auto")."""
+    out = ctypes.c_void_p()
+    _call(_formats(ctypes.byref(out)))
+    return json.loads(_take(out))
+
+
+def detect_tool_call_format(template_source: str) -> str:
+    """The tool-call format a chat template's model writes, told from markers
+    in the template source; "auto" when none is known."""
+    raw = template_source.encode("utf-8")
+    out = ctypes.c_void_p()
+    _call(_detect(raw, len(raw), ctypes.byref(out)))
+    return _take(out)
+
+
 def parse_tool_calls(text: str | bytes, format: str = "auto") -> dict:
-    """Tool calls in generated text -> {"content", "tool_calls", "stop", "error"}.
-    Never raises for any text (only for an unknown format): malformed calls come back as content with
-    "error" set. `text` may also be bytes (UTF-8 as the model produced it);
+    """Tool calls in generated text -> {"content", "reasoning_content",
+    "tool_calls", "stop", "error", "format"}. `format` is "auto" (told from
+    the text) or one of tool_call_formats(); ChatTemplate.parse picks it from
+    the template. Never raises for any text (only for an unknown format):
+    malformed calls come back as content with "error" set. `text` may also be bytes (UTF-8 as the model produced it);
     invalid UTF-8, lone surrogates in `text` and lone surrogate JSON escapes
     ("\\ud800") read as U+FFFD (docs/chat.md, "Tool-call parsing")."""
-    raw = text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass")
+    raw = _utf8(text)
     out = ctypes.c_void_p()
     _call(_parse(raw, len(raw), format.encode(), ctypes.byref(out)))
     return json.loads(_take(out))
+
+
+class ToolCallStream:
+    """Incremental tool-call parsing of streamed text: feed(chunk) returns the
+    content, reasoning and calls complete so far (a call still being written
+    is not reported); finish() returns what parse_tool_calls gives for the
+    whole text."""
+
+    def __init__(self, format: str = "auto"):
+        handle = ctypes.c_void_p()
+        _call(_stream_new(format.encode(), ctypes.byref(handle)))
+        self._handle = handle
+
+    def __del__(self):
+        if getattr(self, "_handle", None):
+            _stream_free(self._handle)
+            self._handle = None
+
+    def feed(self, chunk: str | bytes) -> dict:
+        raw = _utf8(chunk)
+        out = ctypes.c_void_p()
+        _call(_stream_feed(self._handle, raw, len(raw), ctypes.byref(out)))
+        return json.loads(_take(out))
+
+    def finish(self) -> dict:
+        out = ctypes.c_void_p()
+        _call(_stream_finish(self._handle, ctypes.byref(out)))
+        return json.loads(_take(out))
 
 
 # ------------------------------------------------------------ tokenizers
@@ -619,5 +689,6 @@ def add_cli(subparsers) -> None:
     render.set_defaults(func=_cmd_render)
     parse = sub.add_parser("parse", help="parse tool calls out of generated text (prints JSON)")
     parse.add_argument("file", nargs="?", default="-", help="text file; - for stdin")
-    parse.add_argument("--format", default="auto", choices=["auto", "llama3", "hermes", "qwen"])
+    parse.add_argument("--format", default="auto",
+                       help="auto, or a tool-call format (llama3, hermes, mistral, deepseek, ...; see docs/chat.md)")
     parse.set_defaults(func=_cmd_parse)

@@ -14,6 +14,9 @@ struct qf_chat_template {
 struct qf_chat_buffer {
   std::string data;
 };
+struct qf_chat_tool_stream {
+  qforge::chat::ToolCallStream stream;
+};
 
 namespace {
 constexpr int kMaxJsonIndent = 64;  // qf_chat_json_dumps: spaces per level (the output grows with it)
@@ -152,6 +155,53 @@ int qf_chat_parse_tool_calls(const char* text, size_t text_len, const char* form
     *result = make_buffer(qforge::chat::json_dumps(parsed.to_json()));
   });
 }
+
+int qf_chat_tool_call_formats(qf_chat_buffer** result) {
+  return qforge::capi::guard([&] {
+    QF_CHECK(result, "qf_chat_tool_call_formats: result is NULL");
+    *result = nullptr;
+    qforge::chat::Value names(qforge::chat::List{});
+    for (auto& n : qforge::chat::tool_call_format_names()) names.push_back(qforge::chat::Value(n));
+    *result = make_buffer(qforge::chat::json_dumps(names));
+  });
+}
+
+int qf_chat_detect_tool_call_format(const char* source, size_t source_len, qf_chat_buffer** name) {
+  return qforge::capi::guard([&] {
+    QF_CHECK(name, "qf_chat_detect_tool_call_format: name is NULL");
+    *name = nullptr;
+    QF_CHECK(source || source_len == 0, "qf_chat_detect_tool_call_format: source is NULL");
+    auto f = qforge::chat::detect_tool_call_format(view(source, source_len));
+    *name = make_buffer(qforge::chat::tool_call_format_name(f));
+  });
+}
+
+int qf_chat_tool_stream_new(const char* format, qf_chat_tool_stream** out) {
+  return qforge::capi::guard([&] {
+    QF_CHECK(out, "qf_chat_tool_stream_new: out is NULL");
+    *out = nullptr;
+    *out = new qf_chat_tool_stream{qforge::chat::ToolCallStream(qforge::chat::tool_call_format(format ? format : "auto"))};
+  });
+}
+
+int qf_chat_tool_stream_feed(qf_chat_tool_stream* stream, const char* chunk, size_t chunk_len, qf_chat_buffer** result) {
+  return qforge::capi::guard([&] {
+    QF_CHECK(stream && result, "qf_chat_tool_stream_feed: stream and result must not be NULL");
+    *result = nullptr;
+    QF_CHECK(chunk || chunk_len == 0, "qf_chat_tool_stream_feed: chunk is NULL");
+    *result = make_buffer(qforge::chat::json_dumps(stream->stream.feed(view(chunk, chunk_len)).to_json()));
+  });
+}
+
+int qf_chat_tool_stream_finish(const qf_chat_tool_stream* stream, qf_chat_buffer** result) {
+  return qforge::capi::guard([&] {
+    QF_CHECK(stream && result, "qf_chat_tool_stream_finish: stream and result must not be NULL");
+    *result = nullptr;
+    *result = make_buffer(qforge::chat::json_dumps(stream->stream.finish().to_json()));
+  });
+}
+
+void qf_chat_tool_stream_free(qf_chat_tool_stream* stream) { delete stream; }
 
 int qf_chat_json_dumps(const char* json, size_t json_len, int ensure_ascii, int indent, int sort_keys,
                        qf_chat_buffer** result) {

@@ -1,6 +1,7 @@
-// Tool-call parsers for generated text (Llama 3.x JSON / <|python_tag|>
-// builtin calls, Hermes / Qwen <tool_call> blocks). Malformed output never
-// throws: the raw text is returned as content with `error` set.
+// Tool-call parsing: the shared JSON scanner and helpers, the Llama 3.x and
+// Hermes / Qwen parsers, reasoning blocks, stop tokens and the dispatch to
+// each family's parser (tool_calls_*.cpp). Malformed output never throws:
+// the raw text is returned as content with `error` set.
 //
 // Generated text can hold any number of '{' and '[' (a model stuck printing
 // "[[[[..."), and the Llama 3 format allows a call anywhere in it. Trying a
@@ -18,22 +19,17 @@
 #include <vector>
 
 #include "qforge/error.hpp"
+#include "tool_calls_internal.hpp"
 
 namespace qforge::chat {
+
+using namespace tool_calls_detail;
 
 namespace {
 
 const std::string_view kPythonTag = "<|python_tag|>";
 const std::string_view kEom = "<|eom_id|>";
 const std::string_view kEot = "<|eot_id|>";
-
-bool is_ws(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
-
-std::string_view trim(std::string_view s) {
-  while (!s.empty() && is_ws(s.front())) s.remove_prefix(1);
-  while (!s.empty() && is_ws(s.back())) s.remove_suffix(1);
-  return s;
-}
 
 bool ends_with(std::string_view s, std::string_view suffix) {
   return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
@@ -308,6 +304,233 @@ const char* too_deep_message() {
   return m.c_str();
 }
 
+}  // namespace
+
+namespace tool_calls_detail {
+
+std::string_view trim(std::string_view s) {
+  while (!s.empty() && is_ws(s.front())) s.remove_prefix(1);
+  while (!s.empty() && is_ws(s.back())) s.remove_suffix(1);
+  return s;
+}
+
+bool starts_with(std::string_view s, std::string_view prefix) { return s.substr(0, prefix.size()) == prefix; }
+
+size_t skip_ws(std::string_view s, size_t p) {
+  while (p < s.size() && is_ws(s[p])) ++p;
+  return p;
+}
+
+void set_content(ParsedToolCalls& r, std::string_view content) {
+  std::string_view c = trim(content);
+  r.content = c.empty() ? Value() : Value(c);
+}
+
+void fail(ParsedToolCalls& r, std::string why) {
+  r.error = std::move(why);
+  r.tool_calls = Value(List{});
+}
+
+bool json_value_at(std::string_view text, size_t pos, Value& out, size_t& end, std::string& error) {
+  size_t p = skip_ws(text, pos);
+  if (p >= text.size()) {
+    error = "expected a JSON value, found the end of the text";
+    return false;
+  }
+  // Where the value ends: brackets matched outside strings, at most
+  // kMaxToolCallDepth open (linear in the value's length); load_json then
+  // checks the grammar of that slice.
+  size_t i = p;
+  if (text[i] == '{' || text[i] == '[') {
+    int depth = 0;
+    bool in_string = false;
+    for (; i < text.size(); ++i) {
+      char c = text[i];
+      if (in_string) {
+        if (c == '\\') ++i;
+        else if (c == '"') in_string = false;
+      } else if (c == '"') {
+        in_string = true;
+      } else if (c == '{' || c == '[') {
+        if (++depth > kMaxToolCallDepth) {
+          error = too_deep_message();
+          return false;
+        }
+      } else if ((c == '}' || c == ']') && --depth == 0) {
+        break;
+      }
+    }
+    if (i >= text.size()) {
+      error = "truncated JSON at offset " + std::to_string(p);
+      return false;
+    }
+    ++i;
+  } else if (text[i] == '"') {
+    for (++i; i < text.size() && text[i] != '"'; ++i)
+      if (text[i] == '\\') ++i;
+    if (i >= text.size()) {
+      error = "truncated JSON string at offset " + std::to_string(p);
+      return false;
+    }
+    ++i;
+  } else {
+    while (i < text.size() && (std::isalnum(static_cast<unsigned char>(text[i])) || text[i] == '-' || text[i] == '+' ||
+                               text[i] == '.'))
+      ++i;
+  }
+  if (!load_json(text.substr(p, i - p), out, error)) return false;
+  end = i;
+  return true;
+}
+
+Value typed_param(std::string_view raw, bool python) {
+  std::string_view t = trim(raw);
+  if (t.empty()) return Value(raw);
+  char c = t[0];
+  bool maybe = c == '{' || c == '[' || c == '-' || (c >= '0' && c <= '9') || t == "true" || t == "false" || t == "null";
+  Value v;
+  std::string not_typed;  // then the value is the raw string
+  if (maybe && load_json(t, v, not_typed) && !v.is_string()) return v;
+  if (python && (maybe || c == '(' || t == "True" || t == "False" || t == "None")) {
+    size_t p = 0;
+    if (python_literal(t, p, v, not_typed) && p == t.size() && !v.is_string()) return v;
+  }
+  return Value(raw);
+}
+
+bool python_literal(std::string_view s, size_t& p, Value& out, std::string& error, int depth) {
+  p = skip_ws(s, p);
+  if (p >= s.size()) {
+    error = "expected a value, found the end of the text";
+    return false;
+  }
+  char q = s[p];
+  if (q == '"' || q == '\'') {
+    std::string v;
+    size_t i = p + 1;
+    while (i < s.size() && s[i] != q) {
+      if (s[i] == '\\' && i + 1 < s.size()) {
+        char e = s[i + 1];
+        switch (e) {
+          case 'n': v += '\n'; break;
+          case 't': v += '\t'; break;
+          case 'r': v += '\r'; break;
+          case '\\': case '\'': case '"': v += e; break;
+          default: v += '\\'; v += e;  // Python keeps unknown escapes
+        }
+        i += 2;
+      } else {
+        v += s[i++];
+      }
+    }
+    if (i >= s.size()) {
+      error = "unterminated string at offset " + std::to_string(p);
+      return false;
+    }
+    p = i + 1;
+    out = Value(std::move(v));
+    return true;
+  }
+  if (q == '[' || q == '(' || q == '{') {
+    if (depth >= kMaxToolCallDepth) {
+      error = too_deep_message();
+      return false;
+    }
+    bool is_dict = q == '{';
+    char close = q == '[' ? ']' : q == '(' ? ')' : '}';
+    Value coll = is_dict ? Value::dict() : Value(List{});
+    ++p;
+    while (true) {
+      p = skip_ws(s, p);
+      if (p < s.size() && s[p] == close) break;
+      Value key, item;
+      if (!python_literal(s, p, is_dict ? key : item, error, depth + 1)) return false;
+      if (is_dict) {
+        p = skip_ws(s, p);
+        if (p >= s.size() || s[p] != ':') {
+          error = "expected ':' in a dict at offset " + std::to_string(p);
+          return false;
+        }
+        ++p;
+        if (!python_literal(s, p, item, error, depth + 1)) return false;
+        if (!key.is_string()) {
+          error = "dict keys must be strings";
+          return false;
+        }
+        coll.set(std::move(key), std::move(item));
+      } else {
+        coll.push_back(std::move(item));
+      }
+      p = skip_ws(s, p);
+      if (p < s.size() && s[p] == ',') ++p;
+      else if (p >= s.size() || s[p] != close) {
+        error = std::string("expected ',' or '") + close + "' at offset " + std::to_string(p);
+        return false;
+      }
+    }
+    ++p;
+    out = std::move(coll);
+    return true;
+  }
+  size_t start = p;
+  while (p < s.size() && (std::isalnum(static_cast<unsigned char>(s[p])) || s[p] == '-' || s[p] == '+' || s[p] == '.'))
+    ++p;
+  std::string_view tok = s.substr(start, p - start);
+  if (tok == "True" || tok == "true") out = Value(true);
+  else if (tok == "False" || tok == "false") out = Value(false);
+  else if (tok == "None" || tok == "null") out = Value();
+  else if (tok.empty() || !load_json(tok, out, error) || !out.is_number()) {
+    error = "not a Python literal at offset " + std::to_string(start);
+    return false;
+  }
+  return true;
+}
+
+}  // namespace tool_calls_detail
+
+namespace {
+
+// The length of the valid UTF-8 sequence at s[i], 0 when none starts there.
+size_t utf8_sequence(std::string_view s, size_t i) {
+  auto cont = [&](size_t k, unsigned lo, unsigned hi) {
+    if (i + k >= s.size()) return false;
+    unsigned c = static_cast<unsigned char>(s[i + k]);
+    return c >= lo && c <= hi;
+  };
+  unsigned c = static_cast<unsigned char>(s[i]);
+  if (c < 0x80) return 1;
+  if (c >= 0xC2 && c <= 0xDF) return cont(1, 0x80, 0xBF) ? 2 : 0;
+  if (c >= 0xE0 && c <= 0xEF) {
+    unsigned lo = c == 0xE0 ? 0xA0 : 0x80, hi = c == 0xED ? 0x9F : 0xBF;
+    return cont(1, lo, hi) && cont(2, 0x80, 0xBF) ? 3 : 0;
+  }
+  if (c >= 0xF0 && c <= 0xF4) {
+    unsigned lo = c == 0xF0 ? 0x90 : 0x80, hi = c == 0xF4 ? 0x8F : 0xBF;
+    return cont(1, lo, hi) && cont(2, 0x80, 0xBF) && cont(3, 0x80, 0xBF) ? 4 : 0;
+  }
+  return 0;
+}
+
+// The bytes an invalid sequence at s[i] spans: an encoded surrogate whole,
+// else its maximal subpart (the longest start of a valid sequence), at least one.
+size_t invalid_sequence(std::string_view s, size_t i) {
+  auto byte = [&](size_t k) { return i + k < s.size() ? static_cast<unsigned>(static_cast<unsigned char>(s[i + k])) : 0u; };
+  unsigned c = byte(0);
+  if (c == 0xED && byte(1) >= 0xA0 && byte(1) <= 0xBF && byte(2) >= 0x80 && byte(2) <= 0xBF) return 3;
+  size_t need = c >= 0xC2 && c <= 0xDF ? 2 : c >= 0xE0 && c <= 0xEF ? 3 : c >= 0xF0 && c <= 0xF4 ? 4 : 1;
+  unsigned lo = c == 0xE0 ? 0xA0 : c == 0xF0 ? 0x90 : 0x80, hi = c == 0xED ? 0x9F : c == 0xF4 ? 0x8F : 0xBF;
+  size_t k = 1;
+  for (; k < need; ++k) {
+    unsigned b = byte(k);
+    if (b < (k == 1 ? lo : 0x80) || b > (k == 1 ? hi : 0xBF)) break;
+  }
+  return k;
+}
+
+}  // namespace
+
+namespace tool_calls_detail {
+
 // One JSON document (a <tool_call> body, a JSON-string "arguments", a Qwen3-Coder
 // parameter) with the tool-call limits; false with `error` set when it is not one.
 bool load_json(std::string_view json, Value& out, std::string& error) {
@@ -355,12 +578,19 @@ Value make_call(const Value& name, Value args) {
   return call;
 }
 
-// A JSON object shaped like a call: {"name": str, "parameters"|"arguments": dict|json-string}
-bool call_from_json(const Value& obj, Value& out, std::string& error) {
+bool call_from_json(const Value& obj, Value& out, std::string& error, bool name_keyed) {
   if (!obj.is_dict()) return false;
+  if (const Value* fn = obj.get("function"); fn && fn->is_dict() && !obj.get("name")) return call_from_json(*fn, out, error);
   const Value* name = obj.get("name");
+  if (!name) name = obj.get("tool_name");
   const Value* args = obj.get("parameters");
   if (!args) args = obj.get("arguments");
+  Value keyed_name;
+  if (!name && name_keyed && obj.dict_ref().items.size() == 1) {  // Apertus: {"NAME": {args}}
+    keyed_name = obj.dict_ref().items[0].first;
+    name = &keyed_name;
+    args = &obj.dict_ref().items[0].second;
+  }
   if (!name || !name->is_string()) return false;
   Value a = args ? *args : Value::dict();
   if (a.is_string()) {
@@ -377,40 +607,6 @@ bool call_from_json(const Value& obj, Value& out, std::string& error) {
     return false;
   }
   out = make_call(*name, std::move(a));
-  return true;
-}
-
-// Python literal in a builtin call's keyword arguments: "str", 'str', numbers, True/False/None
-bool python_literal(std::string_view s, size_t& p, Value& out) {
-  if (p >= s.size()) return false;
-  char q = s[p];
-  if (q == '"' || q == '\'') {
-    std::string v;
-    ++p;
-    while (p < s.size() && s[p] != q) {
-      if (s[p] == '\\' && p + 1 < s.size()) {
-        char e = s[p + 1];
-        v += e == 'n' ? '\n' : e == 't' ? '\t' : e == 'r' ? '\r' : e;
-        p += 2;
-      } else {
-        v += s[p++];
-      }
-    }
-    if (p >= s.size()) return false;
-    ++p;
-    out = Value(std::move(v));
-    return true;
-  }
-  size_t start = p;
-  while (p < s.size() && s[p] != ',' && s[p] != ')' && !is_ws(s[p])) ++p;
-  std::string_view tok = s.substr(start, p - start);
-  if (tok == "True") out = Value(true);
-  else if (tok == "False") out = Value(false);
-  else if (tok == "None") out = Value();
-  else {
-    std::string why;
-    if (!load_json(tok, out, why) || !out.is_number()) return false;
-  }
   return true;
 }
 
@@ -435,7 +631,8 @@ bool builtin_call(std::string_view s, Value& out) {
     ++p;
     while (p < s.size() && is_ws(s[p])) ++p;
     Value v;
-    if (!python_literal(s, p, v)) return false;
+    std::string why;
+    if (!python_literal(s, p, v, why) || v.is_list() || v.is_dict()) return false;
     args.set(Value(key), std::move(v));
     while (p < s.size() && is_ws(s[p])) ++p;
     if (p < s.size() && s[p] == ',') ++p;
@@ -540,9 +737,9 @@ void parse_llama3(std::string_view text, ParsedToolCalls& r) {
 }
 
 // Qwen3-Coder: <function=name><parameter=key>\nvalue\n</parameter>...</function>.
-// The template prints strings raw and other values as JSON, so a value that
-// reads as a JSON number/bool/null/object/array is taken as one.
-bool xml_function_call(std::string_view body, Value& out, std::string& error) {
+// The template prints strings raw and other values as JSON (Seed-OSS: as
+// Python reprs), so a value that reads as a non-string value is taken as one.
+bool xml_function_call(std::string_view body, Value& out, std::string& error, bool python_values) {
   const std::string_view fn_open = "<function=", fn_close = "</function>", p_open = "<parameter=", p_close = "</parameter>";
   if (body.substr(0, fn_open.size()) != fn_open) return false;
   size_t gt = body.find('>');
@@ -571,15 +768,7 @@ bool xml_function_call(std::string_view body, Value& out, std::string& error) {
     std::string_view raw = body.substr(g + 1, b - g - 1);
     if (!raw.empty() && raw.front() == '\n') raw.remove_prefix(1);
     if (!raw.empty() && raw.back() == '\n') raw.remove_suffix(1);
-    Value v(raw);
-    std::string_view t = trim(raw);
-    if (!t.empty() && (t[0] == '{' || t[0] == '[' || t[0] == '-' || (t[0] >= '0' && t[0] <= '9') || t == "true" ||
-                       t == "false" || t == "null")) {
-      Value parsed;
-      std::string not_json;  // then the value is the raw string
-      if (load_json(t, parsed, not_json)) v = std::move(parsed);
-    }
-    args.set(Value(key), std::move(v));
+    args.set(Value(key), typed_param(raw, python_values));
     pos = b + p_close.size();
   }
   out = make_call(Value(name), std::move(args));
@@ -628,44 +817,7 @@ void parse_hermes(std::string_view text, ParsedToolCalls& r) {
   r.content = c.empty() ? Value() : Value(c);
 }
 
-// The length of the valid UTF-8 sequence at s[i], 0 when none starts there.
-size_t utf8_sequence(std::string_view s, size_t i) {
-  auto cont = [&](size_t k, unsigned lo, unsigned hi) {
-    if (i + k >= s.size()) return false;
-    unsigned c = static_cast<unsigned char>(s[i + k]);
-    return c >= lo && c <= hi;
-  };
-  unsigned c = static_cast<unsigned char>(s[i]);
-  if (c < 0x80) return 1;
-  if (c >= 0xC2 && c <= 0xDF) return cont(1, 0x80, 0xBF) ? 2 : 0;
-  if (c >= 0xE0 && c <= 0xEF) {
-    unsigned lo = c == 0xE0 ? 0xA0 : 0x80, hi = c == 0xED ? 0x9F : 0xBF;
-    return cont(1, lo, hi) && cont(2, 0x80, 0xBF) ? 3 : 0;
-  }
-  if (c >= 0xF0 && c <= 0xF4) {
-    unsigned lo = c == 0xF0 ? 0x90 : 0x80, hi = c == 0xF4 ? 0x8F : 0xBF;
-    return cont(1, lo, hi) && cont(2, 0x80, 0xBF) && cont(3, 0x80, 0xBF) ? 4 : 0;
-  }
-  return 0;
-}
-
-// The bytes an invalid sequence at s[i] spans: an encoded surrogate whole,
-// else its maximal subpart (the longest start of a valid sequence), at least one.
-size_t invalid_sequence(std::string_view s, size_t i) {
-  auto byte = [&](size_t k) { return i + k < s.size() ? static_cast<unsigned>(static_cast<unsigned char>(s[i + k])) : 0u; };
-  unsigned c = byte(0);
-  if (c == 0xED && byte(1) >= 0xA0 && byte(1) <= 0xBF && byte(2) >= 0x80 && byte(2) <= 0xBF) return 3;
-  size_t need = c >= 0xC2 && c <= 0xDF ? 2 : c >= 0xE0 && c <= 0xEF ? 3 : c >= 0xF0 && c <= 0xF4 ? 4 : 1;
-  unsigned lo = c == 0xE0 ? 0xA0 : c == 0xF0 ? 0x90 : 0x80, hi = c == 0xED ? 0x9F : c == 0xF4 ? 0x8F : 0xBF;
-  size_t k = 1;
-  for (; k < need; ++k) {
-    unsigned b = byte(k);
-    if (b < (k == 1 ? lo : 0x80) || b > (k == 1 ? hi : 0xBF)) break;
-  }
-  return k;
-}
-
-}  // namespace
+}  // namespace tool_calls_detail
 
 std::string_view scrub_utf8(std::string_view text, std::string& storage) {
   size_t i = 0;
@@ -692,52 +844,259 @@ std::string_view scrub_utf8(std::string_view text, std::string& storage) {
 Value ParsedToolCalls::to_json() const {
   Value out = Value::dict();
   out.set("content", content);
+  out.set("reasoning_content", reasoning_content);
   out.set("tool_calls", tool_calls);
   out.set("stop", stop.empty() ? Value() : Value(stop));
   out.set("error", error.empty() ? Value() : Value(error));
+  out.set("format", format.empty() ? Value() : Value(format));
   return out;
 }
 
+namespace {
+
+// One tool-call format family: how its text is told apart, its reasoning
+// block, and the tokens that end its turn.
+struct Family {
+  ToolCallFormat format;
+  std::string_view name;
+  std::string_view alias;  // a second accepted name ("" when none)
+  void (*parse)(std::string_view, ParsedToolCalls&);
+  std::string_view think_open, think_close;  // reasoning block ("" when the family has none)
+  // any of these in generated text selects the family under format "auto"
+  std::initializer_list<std::string_view> text_markers;
+  // the first of these in the text ends the turn (what follows is not the model's)
+  std::initializer_list<std::string_view> turn_ends;
+};
+
+void parse_apertus(std::string_view t, ParsedToolCalls& r) { parse_json_section(t, r, "<|tools_prefix|>", "<|tools_suffix|>", true); }
+void parse_nemotron_v2(std::string_view t, ParsedToolCalls& r) { parse_json_section(t, r, "<TOOLCALL>", "</TOOLCALL>"); }
+void parse_apriel(std::string_view t, ParsedToolCalls& r) { parse_json_section(t, r, "<tool_calls>", "</tool_calls>"); }
+void parse_command_r7b(std::string_view t, ParsedToolCalls& r) {
+  parse_json_section(t, r, "<|START_ACTION|>", "<|END_ACTION|>");
+  if (r.error.empty() && r.content.is_string()) {  // <|START_RESPONSE|>text<|END_RESPONSE|>
+    std::string_view c = r.content.str();
+    const std::string_view open = "<|START_RESPONSE|>", close = "<|END_RESPONSE|>";
+    size_t a = c.find(open);
+    if (a != std::string_view::npos) {
+      size_t b = c.find(close, a);
+      std::string inner(c.substr(a + open.size(), b == std::string_view::npos ? std::string_view::npos : b - a - open.size()));
+      set_content(r, inner);
+    }
+  }
+}
+void parse_command_r_plus(std::string_view t, ParsedToolCalls& r) { parse_json_section(t, r, "Action:", ""); }
+void parse_granite(std::string_view t, ParsedToolCalls& r) { parse_json_section(t, r, "<|tool_call|>", ""); }
+void parse_gigachat(std::string_view t, ParsedToolCalls& r) {
+  parse_json_section(t, r, t.find("<|function_call|>") != std::string_view::npos ? "<|function_call|>" : "function call<|role_sep|>", "");
+}
+void parse_firefunction(std::string_view t, ParsedToolCalls& r) { parse_json_section(t, r, "functools", ""); }
+
+const Family kFamilies[] = {
+    {ToolCallFormat::Llama3, "llama3", "llama", parse_llama3, "", "", {}, {}},
+    {ToolCallFormat::Hermes, "hermes", "qwen", parse_hermes, "<think>", "</think>", {"<tool_call>"}, {}},
+    {ToolCallFormat::Mistral, "mistral", "", parse_mistral, "[THINK]", "[/THINK]", {"[TOOL_CALLS]"}, {"</s>"}},
+    {ToolCallFormat::DeepSeek, "deepseek", "deepseek_r1", parse_deepseek, "<think>", "</think>", {"<｜tool▁call"},
+     {"<｜end▁of▁sentence｜>"}},
+    {ToolCallFormat::DeepSeekV32, "deepseek_v3_2", "", parse_deepseek_v3_2, "<think>", "</think>", {"<｜DSML｜"},
+     {"<｜end▁of▁sentence｜>"}},
+    {ToolCallFormat::CommandR7B, "command_r7b", "", parse_command_r7b, "<|START_THINKING|>", "<|END_THINKING|>",
+     {"<|START_ACTION|>"}, {"<|END_OF_TURN_TOKEN|>"}},
+    {ToolCallFormat::CommandRPlus, "command_r_plus", "", parse_command_r_plus, "", "", {},
+     {"<|END_OF_TURN_TOKEN|>", "<|START_OF_TURN_TOKEN|>"}},
+    {ToolCallFormat::Granite, "granite", "", parse_granite, "<think>", "</think>", {"<|tool_call|>"}, {}},
+    {ToolCallFormat::Glm4, "glm4", "glm", parse_glm4, "<think>", "</think>", {"<arg_key>"}, {"<|user|>", "<|observation|>"}},
+    {ToolCallFormat::KimiK2, "kimi_k2", "kimi", parse_kimi_k2, "<think>", "</think>",
+     {"<|tool_calls_section_begin|>", "<|tool_call_begin|>"}, {}},
+    {ToolCallFormat::MiniMaxM2, "minimax_m2", "minimax", parse_minimax_m2, "<think>", "</think>", {"<minimax:tool_call>"},
+     {"[e~["}},
+    {ToolCallFormat::GptOss, "gpt_oss", "harmony", parse_harmony, "", "", {"<|channel|>"}, {}},
+    {ToolCallFormat::Lfm2, "lfm2", "", parse_lfm2, "<think>", "</think>", {"<|tool_call_start|>"}, {}},
+    {ToolCallFormat::FunctionaryV31, "functionary_v3_1", "", parse_functionary_v3_1, "", "", {"<function="}, {}},
+    {ToolCallFormat::FunctionaryV32, "functionary_v3_2", "", parse_functionary_v3_2, "", "", {}, {}},
+    {ToolCallFormat::Apertus, "apertus", "", parse_apertus, "<|inner_prefix|>", "<|inner_suffix|>", {"<|tools_prefix|>"}, {}},
+    {ToolCallFormat::SeedOss, "seed_oss", "seed", parse_seed_oss, "<seed:think>", "</seed:think>", {"<seed:tool_call>"},
+     {"<seed:eos>"}},
+    {ToolCallFormat::NemotronV2, "nemotron_v2", "", parse_nemotron_v2, "<think>", "</think>", {"<TOOLCALL>"}, {"<SPECIAL_12>"}},
+    {ToolCallFormat::Apriel, "apriel", "", parse_apriel, "", "", {"<tool_calls>"}, {}},
+    {ToolCallFormat::SolarOpen, "solar_open", "", parse_solar_open, "<think>", "</think>", {"<|tool_call:begin|>"}, {}},
+    {ToolCallFormat::Gemma4, "gemma4", "", parse_gemma4, "<|channel>thought", "<channel|>", {"<|tool_call>"},
+     {"<turn|>", "<|tool_response>"}},
+    {ToolCallFormat::GigaChat, "gigachat", "", parse_gigachat, "", "", {"<|function_call|>", "function call<|role_sep|>"},
+     {}},
+    {ToolCallFormat::FireFunction, "firefunction", "", parse_firefunction, "", "", {"functools["}, {}},
+};
+
+const Family& family(ToolCallFormat f) {
+  for (const Family& fam : kFamilies)
+    if (fam.format == f) return fam;
+  return kFamilies[0];
+}
+
+// Tokens that end a turn in some family; trailing ones are dropped from any text.
+constexpr std::pair<std::string_view, const char*> kStopTokens[] = {
+    {"<|eom_id|>", "eom"}, {"<|call|>", "eom"}, {"<|eot_id|>", "eot"}, {"<|im_end|>", "eot"},
+    {"<|end_of_text|>", "eot"}, {"<|endoftext|>", "eot"}, {"</s>", "eot"}, {"<|end|>", "eot"},
+    {"<|return|>", "eot"}, {"<seed:eos>", "eot"}, {"[e~[", "eot"}, {"<SPECIAL_12>", "eot"},
+    {"<sep>", "eot"}, {"<|END_OF_TURN_TOKEN|>", "eot"}, {"<｜end▁of▁sentence｜>", "eot"}, {"<turn|>", "eot"},
+    {"<end_of_turn>", "eot"}, {"<|tool_response>", "eom"},
+};
+
+// Moves a reasoning block of `text` into r.reasoning_content: one opened at
+// the start (closed or not: a truncated one is all reasoning), or closed
+// without an opening (the prompt opened it). Returns the text after it.
+std::string_view split_reasoning(std::string_view text, const Family& fam, ParsedToolCalls& r) {
+  if (fam.think_open.empty()) return text;
+  size_t start = skip_ws(text, 0);
+  size_t from = starts_with(text.substr(start), fam.think_open) ? start + fam.think_open.size() : std::string_view::npos;
+  size_t close = text.find(fam.think_close, from == std::string_view::npos ? 0 : from);
+  if (from == std::string_view::npos && close == std::string_view::npos) return text;
+  if (from == std::string_view::npos) from = 0;
+  std::string_view reasoning = text.substr(from, close == std::string_view::npos ? std::string_view::npos : close - from);
+  std::string_view t = trim(reasoning);
+  if (!t.empty()) r.reasoning_content = Value(t);
+  return close == std::string_view::npos ? std::string_view() : text.substr(close + fam.think_close.size());
+}
+
+}  // namespace
+
 ToolCallFormat tool_call_format(std::string_view name) {
   if (name == "auto") return ToolCallFormat::Auto;
-  if (name == "llama3" || name == "llama") return ToolCallFormat::Llama3;
-  if (name == "hermes" || name == "qwen") return ToolCallFormat::Hermes;
-  throw InvalidArgument("unknown tool-call format '" + std::string(name) + "' (expected auto, llama3, hermes or qwen)");
+  std::string names = "auto";
+  for (const Family& f : kFamilies) {
+    if (name == f.name || (!f.alias.empty() && name == f.alias)) return f.format;
+    names += ", " + std::string(f.name);
+  }
+  throw InvalidArgument("unknown tool-call format '" + std::string(name) + "' (expected one of " + names + ")");
 }
+
+const char* tool_call_format_name(ToolCallFormat format) {
+  return format == ToolCallFormat::Auto ? "auto" : family(format).name.data();
+}
+
+std::vector<std::string> tool_call_format_names() {
+  std::vector<std::string> out;
+  for (const Family& f : kFamilies) out.emplace_back(f.name);
+  return out;
+}
+
+ToolCallFormat detect_tool_call_format(std::string_view source) {
+  auto has = [&](std::string_view m) { return source.find(m) != std::string_view::npos; };
+  // most specific first: several templates print the markers of others
+  // (Qwen3-Coder's <function=...> sits inside <tool_call>, GLM's too, ...)
+  if (has("<|channel|>") && has("<|start|>assistant")) return ToolCallFormat::GptOss;
+  if (has("｜DSML｜")) return ToolCallFormat::DeepSeekV32;
+  if (has("<｜tool▁call▁begin｜>")) return ToolCallFormat::DeepSeek;
+  if (has("<|tool_calls_section_begin|>")) return ToolCallFormat::KimiK2;
+  if (has("<minimax:tool_call>")) return ToolCallFormat::MiniMaxM2;
+  if (has("<seed:tool_call>")) return ToolCallFormat::SeedOss;
+  if (has("<arg_key>")) return ToolCallFormat::Glm4;
+  if (has("<|START_ACTION|>")) return ToolCallFormat::CommandR7B;
+  if (has("Action:") && has("tool_name")) return ToolCallFormat::CommandRPlus;
+  if (has("[TOOL_CALLS]")) return ToolCallFormat::Mistral;
+  if (has("<|tool_call_start|>") || has("<|tool_list_start|>") || has("List of tools: [")) return ToolCallFormat::Lfm2;
+  if (has("<|tools_prefix|>")) return ToolCallFormat::Apertus;
+  if (has("<TOOLCALL>")) return ToolCallFormat::NemotronV2;
+  if (has("<tool_calls>")) return ToolCallFormat::Apriel;
+  if (has("<|tool_call:begin|>")) return ToolCallFormat::SolarOpen;
+  if (has("<|tool_call>")) return ToolCallFormat::Gemma4;
+  if (has("<|function_call|>") || (has("function call") && has("<|role_sep|>"))) return ToolCallFormat::GigaChat;
+  if (has("<tool_call>")) return ToolCallFormat::Hermes;
+  if (has(">>>all")) return ToolCallFormat::FunctionaryV32;
+  if (has("<function=")) return ToolCallFormat::FunctionaryV31;
+  if (has("<|tool_call|>")) return ToolCallFormat::Granite;
+  if (has("functools[")) return ToolCallFormat::FireFunction;
+  if (has("<|python_tag|>") || has("ipython") || has("<|eom_id|>")) return ToolCallFormat::Llama3;
+  return ToolCallFormat::Auto;
+}
+
+namespace {
+
+ToolCallFormat format_of_text(std::string_view body) {
+  for (const Family& f : kFamilies)
+    for (std::string_view m : f.text_markers)
+      if (body.find(m) != std::string_view::npos) return f.format;
+  // a reasoning block alone: read as the most common family that has one
+  return body.find("</think>") != std::string_view::npos ? ToolCallFormat::Hermes : ToolCallFormat::Llama3;
+}
+
+}  // namespace
 
 ParsedToolCalls parse_tool_calls(std::string_view raw_text, ToolCallFormat format) {
   ParsedToolCalls r;
   r.tool_calls = Value(List{});
   std::string storage;
   std::string_view text = scrub_utf8(raw_text, storage);
-  std::string_view body = text;
-  // the stop token tells a tool call awaiting a result (eom) from a finished turn (eot)
-  std::string_view t = trim(body);
-  for (auto [tok, name] : {std::pair{kEom, "eom"}, std::pair{kEot, "eot"}, std::pair{std::string_view("<|im_end|>"), "eot"},
-                           std::pair{std::string_view("<|end_of_text|>"), "eot"}}) {
-    if (ends_with(t, tok)) {
-      r.stop = name;
-      body = t.substr(0, t.size() - tok.size());
-      break;
-    }
-  }
-  if (body.size() > kMaxToolCallTextBytes) {
-    r.error = "text of " + std::to_string(body.size()) + " bytes is longer than the " +
+  if (text.size() > kMaxToolCallTextBytes) {
+    r.error = "text of " + std::to_string(text.size()) + " bytes is longer than the " +
               std::to_string(kMaxToolCallTextBytes) + " searched for tool calls";
-    r.content = Value(body);
+    r.content = Value(text);
     return r;
   }
-  if (format == ToolCallFormat::Auto)
-    format = body.find("<tool_call>") != std::string_view::npos ? ToolCallFormat::Hermes : ToolCallFormat::Llama3;
-  try {
-    if (format == ToolCallFormat::Hermes) parse_hermes(body, r);
-    else parse_llama3(body, r);
-  } catch (const std::exception& e) {
-    r.error = e.what();
-    r.tool_calls = Value(List{});
+  if (format == ToolCallFormat::Auto) format = format_of_text(text);
+  const Family& fam = family(format);
+  r.format = std::string(fam.name);
+  std::string_view body = text;
+  for (std::string_view end : fam.turn_ends) {  // the model stops at its end-of-turn token
+    size_t at = body.find(end);
+    if (at != std::string_view::npos) {
+      body = body.substr(0, at);
+      r.stop = "eot";
+    }
   }
-  if (!r.error.empty()) r.content = Value(body);
+  // trailing stop tokens: eom (a tool call awaits its result) or eot (the turn is over)
+  for (bool stripped = true; stripped;) {  // each round removes a token: at most size/4 rounds
+    stripped = false;
+    std::string_view t = trim(body);
+    for (auto [tok, name] : kStopTokens) {
+      if (ends_with(t, tok)) {
+        if (r.stop.empty()) r.stop = name;
+        body = t.substr(0, t.size() - tok.size());
+        stripped = true;
+        break;
+      }
+    }
+  }
+  try {
+    fam.parse(split_reasoning(body, fam, r), r);
+  } catch (const std::exception& e) {
+    fail(r, e.what());
+  }
+  if (!r.error.empty()) {
+    r.content = Value(body);
+    r.reasoning_content = Value();
+  }
   return r;
 }
+
+const ParsedToolCalls& ToolCallStream::feed(std::string_view chunk) {
+  if (text_.size() + chunk.size() > kMaxToolCallTextBytes)
+    throw InvalidArgument("streamed text of " + std::to_string(text_.size() + chunk.size()) + " bytes is longer than the " +
+                          std::to_string(kMaxToolCallTextBytes) + " searched for tool calls");
+  text_.append(chunk);
+  // Hold back a tail that may be the start of a marker ("<tool_ca"): read
+  // as content now, it would vanish from the content once the marker completes.
+  size_t safe = text_.size();
+  auto hold = [&](std::string_view marker) {
+    for (size_t k = std::min(marker.size() - 1, text_.size()); k > 0; --k)
+      if (std::string_view(text_).substr(text_.size() - k) == marker.substr(0, k)) {
+        safe = std::min(safe, text_.size() - k);
+        return;
+      }
+  };
+  for (const Family& f : kFamilies) {
+    if (format_ != ToolCallFormat::Auto && f.format != format_) continue;
+    for (std::string_view m : f.text_markers) hold(m);
+    if (!f.think_open.empty()) {
+      hold(f.think_open);
+      hold(f.think_close);
+    }
+  }
+  for (auto [tok, name] : kStopTokens) hold(tok);
+  ParsedToolCalls r = parse_tool_calls(std::string_view(text_).substr(0, safe), format_);
+  if (r.error.empty()) last_ = std::move(r);  // an error here is (so far) a call still being written
+  return last_;
+}
+
+ParsedToolCalls ToolCallStream::finish() const { return parse_tool_calls(text_, format_); }
 
 }  // namespace qforge::chat

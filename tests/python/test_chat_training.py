@@ -118,8 +118,8 @@ def test_rendered_offset_spans_refuse_templates_that_rewrite_history():
 
 def test_parse_tool_calls_through_the_c_abi():
     r = parse_tool_calls('{"name": "get_weather", "parameters": {"city": "Paris"}}<|eom_id|>')
-    assert r == {"content": None, "tool_calls": [{"type": "function", "function": {
-        "name": "get_weather", "arguments": {"city": "Paris"}}}], "stop": "eom", "error": None}
+    assert r == {"content": None, "reasoning_content": None, "tool_calls": [{"type": "function", "function": {
+        "name": "get_weather", "arguments": {"city": "Paris"}}}], "stop": "eom", "error": None, "format": "llama3"}
     r = parse_tool_calls("<tool_call>\n{broken\n</tool_call>", format="hermes")
     assert r["tool_calls"] == [] and r["error"] and r["content"] == "<tool_call>\n{broken\n</tool_call>"
     with pytest.raises(ValueError, match="unknown tool-call format"):

@@ -1,14 +1,18 @@
 // Reading tool calls back out of generated text, into OpenAI-style
-// tool_calls: Llama 3.x JSON calls and <|python_tag|> builtin calls, and
-// Hermes / Qwen <tool_call> blocks (JSON inside, or Qwen3-Coder's
-// <function=...><parameter=...> form). Never throws on malformed model output:
-// the raw text comes back as content with `error` set.
+// tool_calls, for every chat-template family in tests/chat/templates (the
+// formats are listed in docs/chat.md, "Tool-call parsing"): Llama 3.x JSON and
+// <|python_tag|> builtin calls, Hermes / Qwen <tool_call> (JSON or Qwen3-Coder
+// XML), Mistral [TOOL_CALLS], DeepSeek, Command R7B, GLM 4.x, Kimi K2, MiniMax
+// M2, gpt-oss harmony, LFM2, Functionary, Apertus, Seed-OSS, Nemotron, ...
+// Reasoning blocks go to reasoning_content. Never throws on malformed model
+// output: the raw text comes back as content with `error` set.
 //
 // Any text is safe to hand over: a parse is linear in the text's length (at
 // most kMaxToolCallScanFactor scanner steps per byte, beyond which the text
 // comes back as content with `error` set), keeps at most about 20 bytes of
 // working memory per byte of text, and never recurses: JSON is scanned with an
-// explicit stack of at most kMaxToolCallDepth levels.
+// explicit stack of at most kMaxToolCallDepth levels (Python-literal and
+// Gemma 4 arguments recurse, at most kMaxToolCallDepth frames).
 // Text that is not valid UTF-8 reads as if decoded with U+FFFD for each
 // maximal invalid sequence (Python's errors="replace"), except that a UTF-8
 // encoded surrogate (ED A0..BF xx, what Python's "surrogatepass" writes for a
@@ -19,12 +23,17 @@
 #include <cstddef>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "qforge/chat/value.hpp"
 
 namespace qforge::chat {
 
-enum class ToolCallFormat { Auto, Llama3, Hermes };
+enum class ToolCallFormat {
+  Auto,  // told from markers in the text itself (Llama 3 JSON when none)
+  Llama3, Hermes, Mistral, DeepSeek, DeepSeekV32, CommandR7B, CommandRPlus, Granite, Glm4, KimiK2, MiniMaxM2, GptOss, Lfm2,
+  FunctionaryV31, FunctionaryV32, Apertus, SeedOss, NemotronV2, Apriel, SolarOpen, Gemma4, GigaChat, FireFunction,
+};
 
 // Arrays and objects nested deeper than this in a call's JSON make it
 // malformed (real calls nest a few levels; the result stays printable by
@@ -38,14 +47,43 @@ inline constexpr size_t kMaxToolCallScanFactor = 16;
 
 struct ParsedToolCalls {
   Value content;     // str (text around the calls) or None
+  Value reasoning_content;  // str (the family's thinking block) or None
   Value tool_calls;  // list of {"type": "function", "function": {"name", "arguments": dict}}
   std::string stop;  // "eom" (<|eom_id|>: the model waits for a tool result), "eot", or ""
   std::string error; // why the text could not be parsed as calls ("" when fine)
+  std::string format;  // the family the text was read as
   Value to_json() const;
 };
 
 ParsedToolCalls parse_tool_calls(std::string_view text, ToolCallFormat format = ToolCallFormat::Auto);
-ToolCallFormat tool_call_format(std::string_view name);  // "auto" | "llama3" | "hermes" | "qwen"; throws otherwise
+// "auto" or a family's name (tool_call_format_names(); a few aliases: "qwen",
+// "llama", ...); throws InvalidArgument otherwise.
+ToolCallFormat tool_call_format(std::string_view name);
+const char* tool_call_format_name(ToolCallFormat format);
+std::vector<std::string> tool_call_format_names();
+// The format a chat template's model writes calls in, from markers in the
+// template source (as llama.cpp's common/chat does); Auto when none is known.
+ToolCallFormat detect_tool_call_format(std::string_view template_source);
+
+// Incremental parsing of streamed text: feed() chunks, read the content and
+// reasoning so far and the calls completed so far; finish() is exactly
+// parse_tool_calls of the whole text. A call is reported only once its text
+// is complete (a truncated call is held back, not reported, not an error),
+// and text that may start a call marker is held back from content. Each
+// feed() re-reads the text so far (linear in it; the text is bounded by
+// kMaxToolCallTextBytes like any parse).
+class ToolCallStream {
+ public:
+  explicit ToolCallStream(ToolCallFormat format = ToolCallFormat::Auto) : format_(format) {}
+  const ParsedToolCalls& feed(std::string_view chunk);
+  ParsedToolCalls finish() const;
+  const ParsedToolCalls& current() const { return last_; }
+
+ private:
+  ToolCallFormat format_;
+  std::string text_;
+  ParsedToolCalls last_;
+};
 
 // `text` with each invalid UTF-8 sequence replaced by U+FFFD as described
 // above; `text` itself (no copy, `storage` untouched) when it is valid.
