@@ -869,7 +869,24 @@ struct Family {
 };
 
 void parse_apertus(std::string_view t, ParsedToolCalls& r) { parse_json_section(t, r, "<|tools_prefix|>", "<|tools_suffix|>", true); }
-void parse_nemotron_v2(std::string_view t, ParsedToolCalls& r) { parse_json_section(t, r, "<TOOLCALL>", "</TOOLCALL>"); }
+// Drops a family's turn separators from the content (templates render text
+// and calls as separate messages in some families).
+void drop_separators(ParsedToolCalls& r, std::initializer_list<std::string_view> separators) {
+  if (!r.error.empty() || !r.content.is_string()) return;
+  std::string c = r.content.str();
+  for (std::string_view sep : separators) {
+    std::string next;
+    size_t pos = 0;
+    for (size_t at; (at = c.find(sep, pos)) != std::string::npos; pos = at + sep.size()) next.append(c, pos, at - pos);
+    next.append(c, pos, std::string::npos);
+    c = std::move(next);
+  }
+  set_content(r, c);
+}
+void parse_nemotron_v2(std::string_view t, ParsedToolCalls& r) {
+  parse_json_section(t, r, "<TOOLCALL>", "</TOOLCALL>");
+  drop_separators(r, {"<SPECIAL_12>", "<SPECIAL_11>Assistant"});
+}
 void parse_apriel(std::string_view t, ParsedToolCalls& r) { parse_json_section(t, r, "<tool_calls>", "</tool_calls>"); }
 void parse_command_r7b(std::string_view t, ParsedToolCalls& r) {
   parse_json_section(t, r, "<|START_ACTION|>", "<|END_ACTION|>");
@@ -888,12 +905,11 @@ void parse_command_r_plus(std::string_view t, ParsedToolCalls& r) { parse_json_s
 void parse_granite(std::string_view t, ParsedToolCalls& r) { parse_json_section(t, r, "<|tool_call|>", ""); }
 void parse_gigachat(std::string_view t, ParsedToolCalls& r) {
   parse_json_section(t, r, t.find("<|function_call|>") != std::string_view::npos ? "<|function_call|>" : "function call<|role_sep|>", "");
+  drop_separators(r, {"<|message_sep|>"});
 }
 void parse_firefunction(std::string_view t, ParsedToolCalls& r) { parse_json_section(t, r, "functools", ""); }
 
 const Family kFamilies[] = {
-    {ToolCallFormat::Llama3, "llama3", "llama", parse_llama3, "", "", {}, {}},
-    {ToolCallFormat::Hermes, "hermes", "qwen", parse_hermes, "<think>", "</think>", {"<tool_call>"}, {}},
     {ToolCallFormat::Mistral, "mistral", "", parse_mistral, "[THINK]", "[/THINK]", {"[TOOL_CALLS]"}, {"</s>"}},
     {ToolCallFormat::DeepSeek, "deepseek", "deepseek_r1", parse_deepseek, "<think>", "</think>", {"<｜tool▁call"},
      {"<｜end▁of▁sentence｜>"}},
@@ -911,19 +927,24 @@ const Family kFamilies[] = {
      {"[e~["}},
     {ToolCallFormat::GptOss, "gpt_oss", "harmony", parse_harmony, "", "", {"<|channel|>"}, {}},
     {ToolCallFormat::Lfm2, "lfm2", "", parse_lfm2, "<think>", "</think>", {"<|tool_call_start|>"}, {}},
-    {ToolCallFormat::FunctionaryV31, "functionary_v3_1", "", parse_functionary_v3_1, "", "", {"<function="}, {}},
     {ToolCallFormat::FunctionaryV32, "functionary_v3_2", "", parse_functionary_v3_2, "", "", {}, {}},
     {ToolCallFormat::Apertus, "apertus", "", parse_apertus, "<|inner_prefix|>", "<|inner_suffix|>", {"<|tools_prefix|>"}, {}},
     {ToolCallFormat::SeedOss, "seed_oss", "seed", parse_seed_oss, "<seed:think>", "</seed:think>", {"<seed:tool_call>"},
      {"<seed:eos>"}},
-    {ToolCallFormat::NemotronV2, "nemotron_v2", "", parse_nemotron_v2, "<think>", "</think>", {"<TOOLCALL>"}, {"<SPECIAL_12>"}},
-    {ToolCallFormat::Apriel, "apriel", "", parse_apriel, "", "", {"<tool_calls>"}, {}},
+    {ToolCallFormat::NemotronV2, "nemotron_v2", "", parse_nemotron_v2, "<think>", "</think>", {"<TOOLCALL>"}, {}},
+    {ToolCallFormat::Apriel, "apriel", "", parse_apriel, "Here are my reasoning steps:", "[BEGIN FINAL RESPONSE]",
+     {"<tool_calls>"}, {}},
     {ToolCallFormat::SolarOpen, "solar_open", "", parse_solar_open, "<think>", "</think>", {"<|tool_call:begin|>"}, {}},
     {ToolCallFormat::Gemma4, "gemma4", "", parse_gemma4, "<|channel>thought", "<channel|>", {"<|tool_call>"},
      {"<turn|>", "<|tool_response>"}},
     {ToolCallFormat::GigaChat, "gigachat", "", parse_gigachat, "", "", {"<|function_call|>", "function call<|role_sep|>"},
      {}},
-    {ToolCallFormat::FireFunction, "firefunction", "", parse_firefunction, "", "", {"functools["}, {}},
+    {ToolCallFormat::FireFunction, "firefunction", "", parse_firefunction, "", "", {"functools["}, {"<|eot_id|>"}},
+    // markers that other families' text contains too (GLM's <tool_call>, Seed's and
+    // Qwen3-Coder's <function=): checked last, Hermes before Functionary v3.1
+    {ToolCallFormat::Llama3, "llama3", "llama", parse_llama3, "", "", {}, {}},
+    {ToolCallFormat::Hermes, "hermes", "qwen", parse_hermes, "<think>", "</think>", {"<tool_call>"}, {}},
+    {ToolCallFormat::FunctionaryV31, "functionary_v3_1", "", parse_functionary_v3_1, "", "", {"<function="}, {}},
 };
 
 const Family& family(ToolCallFormat f) {
@@ -938,7 +959,7 @@ constexpr std::pair<std::string_view, const char*> kStopTokens[] = {
     {"<|end_of_text|>", "eot"}, {"<|endoftext|>", "eot"}, {"</s>", "eot"}, {"<|end|>", "eot"},
     {"<|return|>", "eot"}, {"<seed:eos>", "eot"}, {"[e~[", "eot"}, {"<SPECIAL_12>", "eot"},
     {"<sep>", "eot"}, {"<|END_OF_TURN_TOKEN|>", "eot"}, {"<｜end▁of▁sentence｜>", "eot"}, {"<turn|>", "eot"},
-    {"<end_of_turn>", "eot"}, {"<|tool_response>", "eom"},
+    {"<end_of_turn>", "eot"}, {"<|tool_response>", "eom"}, {"<|message_sep|>", "eot"},
 };
 
 // Moves a reasoning block of `text` into r.reasoning_content: one opened at

@@ -66,14 +66,18 @@ def common_prefix(a: str, b: str) -> int:
     return i
 
 
-def generated_text(template, n: int) -> tuple[str, list[dict]] | None:
+def generated_text(template, n: int, content: str | None = None,
+                   reasoning: str | None = None) -> tuple[str, list[dict]] | None:
     """(the assistant turn's text as the model would generate it, the calls it
     carries), or None when the template does not render n calls (refuses
-    them, or renders a turn without them)."""
+    them, or renders a turn without them). With `content` / `reasoning`, the
+    turn also carries that text / reasoning_content."""
     user = {"role": "user", "content": "What is the weather in Zürich, and find the docs?"}
     for v in VARIANTS:
         calls = make_calls(n, v["as_string"])
-        assistant = {"role": "assistant", "content": v["content"], "tool_calls": calls}
+        assistant = {"role": "assistant", "content": v["content"] if content is None else content, "tool_calls": calls}
+        if reasoning is not None:
+            assistant["reasoning_content"] = reasoning
         try:
             full = template.apply([user, assistant], tools=v["tools"], **SPECIAL, **v["extra"])
             prompt = template.apply([user], tools=v["tools"], add_generation_prompt=True, **SPECIAL, **v["extra"])
@@ -85,6 +89,12 @@ def generated_text(template, n: int) -> tuple[str, list[dict]] | None:
             # opened <think>, ...): start at the token the two diverge in
             cut = max(full.rfind("<", 0, cut + 1), full.rfind("[", 0, cut + 1), full.rfind("\n", 0, cut) + 1)
         text = full[cut:]
+        # the generation prompt's own last token, where the prompts part ways
+        # earlier (Command R+ puts an instruction turn before it)
+        for k in range(min(len(prompt), len(text), 64), 0, -1):
+            if prompt.endswith(text[:k]) and text[:k].startswith("<"):
+                text = text[k:]
+                break
         expected = [{"name": ARGUMENTS[i][0], "arguments": ARGUMENTS[i][1]} for i in range(n)]
         if all(text.count(name) >= sum(1 for e in expected if e["name"] == name) for name, _ in ARGUMENTS[:n]):
             return text, expected

@@ -74,7 +74,7 @@ ToolCallFormat detect_tool_call_format(std::string_view template_source);
 // kMaxToolCallTextBytes like any parse).
 class ToolCallStream {
  public:
-  explicit ToolCallStream(ToolCallFormat format = ToolCallFormat::Auto) : format_(format) {}
+  explicit ToolCallStream(ToolCallFormat format = ToolCallFormat::Auto) : format_(format) { last_.tool_calls = Value(List{}); }
   const ParsedToolCalls& feed(std::string_view chunk);
   ParsedToolCalls finish() const;
   const ParsedToolCalls& current() const { return last_; }
