@@ -216,7 +216,7 @@ void parse_functionary_v3_2(std::string_view text, ParsedToolCalls& r) {
     size_t nl = t.find('\n', pos);
     std::string name(trim(t.substr(pos, nl == std::string_view::npos ? std::string_view::npos : nl - pos)));
     if (nl == std::string_view::npos || !plausible_name(name)) {
-      if (pos == 0) return finish(r, text, std::string());  // a plain reply, no recipient
+      if (pos == 0) return set_content(r, text);  // a plain reply, no recipient
       return fail(r, "a >>> segment has no recipient line");
     }
     if (name == "all") {
@@ -235,7 +235,7 @@ void parse_functionary_v3_2(std::string_view text, ParsedToolCalls& r) {
     if (e < t.size() && !starts_with(t.substr(e), ">>>")) return fail(r, "expected >>> after the arguments of '" + name + "'");
     pos = e + 3;
   }
-  finish(r, text, std::move(content));
+  set_content(r, content);
 }
 
 }  // namespace qforge::chat::tool_calls_detail
