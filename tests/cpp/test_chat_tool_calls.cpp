@@ -398,3 +398,104 @@ TEST(ChatSpans, ManyGenerationBlocksGetCodePointOffsets) {
     at += 2 + len + 1;
   }
 }
+
+namespace {
+
+struct GoldenParse {
+  std::string template_name, format, text;
+  Value parse;
+};
+
+// tests/chat/goldens' "tool_call_parses" (make_tool_call_goldens.py): the text
+// jinja2 renders for an assistant turn with 1-3 calls, and its parse.
+std::vector<GoldenParse> golden_parses() {
+  std::vector<GoldenParse> out;
+  for (auto& entry : fs::directory_iterator(chat_dir() / "goldens")) {
+    Value golden = json_loads(slurp(entry.path()));
+    const Value* parses = golden.get("tool_call_parses");
+    if (!parses) continue;
+    for (auto& [n, c] : parses->dict_ref().items)
+      out.push_back({golden.get("template")->str(), golden.get("tool_call_format")->str(), c.get("text")->str(),
+                     *c.get("parse")});
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST(ChatToolCalls, EveryTemplatesFormatIsDetectedAndItsGoldenTextsParse) {
+  auto cases = golden_parses();
+  ASSERT_GE(cases.size(), 120u);
+  for (auto& c : cases) {
+    SCOPED_TRACE(c.template_name + ": " + c.text.substr(0, 200));
+    ToolCallFormat f = detect_tool_call_format(slurp(chat_dir() / "templates" / c.template_name));
+    EXPECT_EQ(tool_call_format_name(f), c.format);
+    ParsedToolCalls got = parse_tool_calls(c.text, f);
+    EXPECT_TRUE(got.error.empty()) << got.error;
+    EXPECT_TRUE(py_equal(got.to_json(), c.parse)) << json_dumps(got.to_json()) << "\nvs\n" << json_dumps(c.parse);
+  }
+}
+
+TEST(ChatToolCalls, StreamedInChunksEveryGoldenTextEndsInTheOneShotParse) {
+  for (auto& c : golden_parses()) {
+    SCOPED_TRACE(c.template_name + ": " + c.text.substr(0, 200));
+    ToolCallFormat f = tool_call_format(c.format);
+    ParsedToolCalls whole = parse_tool_calls(c.text, f);
+    for (size_t step : {1, 3, 7, 64}) {
+      ToolCallStream stream(f);
+      size_t seen = 0;
+      for (size_t i = 0; i < c.text.size(); i += step) {
+        const ParsedToolCalls& now = stream.feed(std::string_view(c.text).substr(i, step));
+        const List& calls = now.tool_calls.list();
+        ASSERT_LE(calls.size(), whole.tool_calls.list().size());
+        ASSERT_GE(calls.size(), seen);  // calls are never taken back
+        for (size_t k = 0; k < calls.size(); ++k) ASSERT_TRUE(py_equal(calls[k], whole.tool_calls.list()[k]));
+        seen = calls.size();
+      }
+      EXPECT_EQ(json_dumps(stream.finish().to_json()), json_dumps(whole.to_json()));
+    }
+  }
+}
+
+TEST(ChatToolCalls, FormatNamesRoundTripAndUnknownOnesAreRefusedByName) {
+  auto names = tool_call_format_names();
+  EXPECT_GE(names.size(), 20u);
+  for (auto& n : names) EXPECT_EQ(tool_call_format_name(tool_call_format(n)), n);
+  EXPECT_EQ(tool_call_format("qwen"), ToolCallFormat::Hermes);
+  try {
+    tool_call_format("nope");
+    FAIL() << "no error";
+  } catch (const qforge::InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("mistral"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(detect_tool_call_format("{{ messages[0].content }}"), ToolCallFormat::Auto);
+}
+
+TEST(ChatToolCalls, MalformedCallsOfEveryFamilyKeepTheTextAndSayWhy) {
+  const std::pair<ToolCallFormat, std::string> cases[] = {
+      {ToolCallFormat::Mistral, R"([TOOL_CALLS]f[ARGS]{"a": 1)"},
+      {ToolCallFormat::DeepSeek, R"(<｜tool▁call▁begin｜>f<｜tool▁sep｜>{"a": })"},
+      {ToolCallFormat::Glm4, "<tool_call>f<arg_key>a</arg_key>"},
+      {ToolCallFormat::MiniMaxM2, R"(<minimax:tool_call><invoke name="f"><parameter name="a">1</invoke>)"},
+      {ToolCallFormat::Lfm2, "<|tool_call_start|>[f(a=" + std::string(200, '[') + ")]"},
+      {ToolCallFormat::Gemma4, "<|tool_call>call:f{" + std::string(300, '{')},
+      {ToolCallFormat::GptOss, "<|start|>assistant to=functions.f<|channel|>commentary<|message|>[1]"},
+      {ToolCallFormat::SeedOss, "<seed:tool_call><function=f>"},
+      {ToolCallFormat::FunctionaryV32, "f\n{\"a\": 1} then text"},
+  };
+  for (auto& [f, text] : cases) {
+    SCOPED_TRACE(text);
+    ParsedToolCalls p = parse_tool_calls(text, f);
+    EXPECT_FALSE(p.error.empty());
+    EXPECT_TRUE(p.tool_calls.list().empty());
+    EXPECT_EQ(p.content.str(), text);
+    EXPECT_TRUE(p.reasoning_content.is_none());
+  }
+}
+
+TEST(ChatToolCalls, StreamRefusesTextBeyondTheSizeLimit) {
+  ToolCallStream stream(ToolCallFormat::Hermes);
+  std::string chunk(1 << 20, 'x');
+  for (size_t i = 0; i < kMaxToolCallTextBytes / chunk.size(); ++i) stream.feed(chunk);
+  EXPECT_THROW(stream.feed("y"), qforge::InvalidArgument);
+}
