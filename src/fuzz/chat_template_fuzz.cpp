@@ -1,22 +1,24 @@
 // libFuzzer target for the chat engine: lexer, parser, evaluator, JSON and
-// the tool-call parser. Any input must end in a rendered string or a
+// the tool-call parsers (every format, one-shot and streamed). Any input must end in a rendered string or a
 // qforge::InvalidArgument (TemplateError) — never a crash, a hang, unbounded
 // recursion or memory. The input is "<template>\x00<context JSON>" (the
 // context part optional); its bytes also go through json_loads and
-// parse_tool_calls.
+// parse_tool_calls in every format and a ToolCallStream fed in chunks.
 //
 // Build and run (clang):
 //   clang++ -std=c++20 -O1 -g -fsanitize=fuzzer,address,undefined -Iinclude -Isrc \
 //     src/fuzz/chat_template_fuzz.cpp src/chat/*.cpp -o build-chat/chat_fuzz
 //   build-chat/chat_fuzz -max_total_time=300 -timeout=10 -rss_limit_mb=2048 build-chat/corpus \
-//     tests/fuzz/chat_template tests/chat/templates
+//     tests/fuzz/chat_template tests/chat/templates tests/chat/tool_call_corpus
 // (add -fno-sanitize-recover=all to the build so that undefined behaviour
 // stops the run). tests/fuzz/chat_template/ holds the hostile inputs of
-// tests/python/test_chat_hostile.py as seeds; runs are recorded in docs/chat.md.
+// tests/python/test_chat_hostile.py as seeds, tests/chat/tool_call_corpus/ the
+// tool-call texts of every template; runs are recorded in docs/chat.md.
 // Without libFuzzer, -DQF_FUZZ_STANDALONE builds a driver that runs files given
 // on the command line (and every template with random mutations).
 #include <cstdint>
 #include <cstring>
+#include <vector>
 #include <string>
 #include <string_view>
 
@@ -63,7 +65,14 @@ void run_one(std::string_view data) {
     json_dumps(json_loads(data));
   } catch (const qforge::InvalidArgument&) {
   }
-  parse_tool_calls(data);
+  // every tool-call format, and the text streamed in chunks of a size the data picks
+  std::vector<ToolCallFormat> formats{ToolCallFormat::Auto};
+  for (auto& name : tool_call_format_names()) formats.push_back(tool_call_format(name));
+  for (ToolCallFormat f : formats) parse_tool_calls(data, f);
+  ToolCallStream stream(formats[data.size() % formats.size()]);
+  size_t step = 1 + data.size() % 13;
+  for (size_t i = 0; i < data.size(); i += step) stream.feed(data.substr(i, step));
+  stream.finish();
 }
 
 }  // namespace
@@ -98,7 +107,9 @@ int main(int argc, char** argv) {
           case 1: m.erase(pos, 1 + rng() % 16); break;
           case 2: m.insert(pos, m.substr(rng() % m.size(), 1 + rng() % 32)); break;
           default: {
-            static const char* toks[] = {"{%", "%}", "{{", "}}", "{#", "-", "(", ")", "[", "]", "|", "'", "\"", "\\", "endfor", "endif", "loop", "namespace(", "macro"};
+            static const char* toks[] = {"{%", "%}", "{{", "}}", "{#", "-", "(", ")", "[", "]", "|", "'", "\"", "\\", "endfor", "endif", "loop", "namespace(", "macro",
+                                         "<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]", "<think>", "</think>", "<|message|>", "<|\"|>",
+                                         "<function=", "</parameter>", "<arg_value>", ">>>", "<｜tool▁sep｜>", "{", "}", ":", ","};
             m.insert(pos, toks[rng() % (sizeof toks / sizeof *toks)]);
           }
         }
