@@ -331,6 +331,34 @@ void fail(ParsedToolCalls& r, std::string why) {
   r.tool_calls = Value(List{});
 }
 
+void drop_tokens(ParsedToolCalls& r, std::initializer_list<std::string_view> tokens) {
+  if (!r.error.empty() || !r.content.is_string()) return;
+  std::string c = r.content.str();
+  for (std::string_view tok : tokens) {
+    std::string next;
+    size_t pos = 0;
+    for (size_t at; (at = c.find(tok, pos)) != std::string::npos; pos = at + tok.size()) next.append(c, pos, at - pos);
+    next.append(c, pos, std::string::npos);
+    c = std::move(next);
+  }
+  set_content(r, c);
+}
+
+bool plausible_name(std::string_view name) {
+  constexpr size_t kMaxToolNameBytes = 256;
+  if (name.empty() || name.size() > kMaxToolNameBytes) return false;
+  for (char c : name)
+    if (is_ws(c) || c == '<' || c == '>' || c == '[' || c == ']' || c == '{' || c == '"') return false;
+  return true;
+}
+
+size_t past_close(std::string_view text, size_t p, std::string_view close, ParsedToolCalls& r, std::string_view what) {
+  p = skip_ws(text, p);
+  if (starts_with(text.substr(p), close)) return p + close.size();
+  if (p >= text.size()) return p;
+  return failed(r, "expected " + std::string(close) + " after " + std::string(what));
+}
+
 bool json_value_at(std::string_view text, size_t pos, Value& out, size_t& end, std::string& error) {
   size_t p = skip_ws(text, pos);
   if (p >= text.size()) {
@@ -869,23 +897,9 @@ struct Family {
 };
 
 void parse_apertus(std::string_view t, ParsedToolCalls& r) { parse_json_section(t, r, "<|tools_prefix|>", "<|tools_suffix|>", true); }
-// Drops a family's turn separators from the content (templates render text
-// and calls as separate messages in some families).
-void drop_separators(ParsedToolCalls& r, std::initializer_list<std::string_view> separators) {
-  if (!r.error.empty() || !r.content.is_string()) return;
-  std::string c = r.content.str();
-  for (std::string_view sep : separators) {
-    std::string next;
-    size_t pos = 0;
-    for (size_t at; (at = c.find(sep, pos)) != std::string::npos; pos = at + sep.size()) next.append(c, pos, at - pos);
-    next.append(c, pos, std::string::npos);
-    c = std::move(next);
-  }
-  set_content(r, c);
-}
 void parse_nemotron_v2(std::string_view t, ParsedToolCalls& r) {
   parse_json_section(t, r, "<TOOLCALL>", "</TOOLCALL>");
-  drop_separators(r, {"<SPECIAL_12>", "<SPECIAL_11>Assistant"});
+  drop_tokens(r, {"<SPECIAL_12>", "<SPECIAL_11>Assistant"});  // text and calls render as two turns
 }
 void parse_apriel(std::string_view t, ParsedToolCalls& r) { parse_json_section(t, r, "<tool_calls>", "</tool_calls>"); }
 void parse_command_r7b(std::string_view t, ParsedToolCalls& r) {
@@ -905,7 +919,7 @@ void parse_command_r_plus(std::string_view t, ParsedToolCalls& r) { parse_json_s
 void parse_granite(std::string_view t, ParsedToolCalls& r) { parse_json_section(t, r, "<|tool_call|>", ""); }
 void parse_gigachat(std::string_view t, ParsedToolCalls& r) {
   parse_json_section(t, r, t.find("<|function_call|>") != std::string_view::npos ? "<|function_call|>" : "function call<|role_sep|>", "");
-  drop_separators(r, {"<|message_sep|>"});
+  drop_tokens(r, {"<|message_sep|>"});  // text and calls render as two messages
 }
 void parse_firefunction(std::string_view t, ParsedToolCalls& r) { parse_json_section(t, r, "functools", ""); }
 

@@ -36,6 +36,36 @@ bool python_literal(std::string_view s, size_t& p, Value& out, std::string& erro
 // Results: `content` is the text outside the calls, trimmed, None when empty.
 void set_content(ParsedToolCalls& r, std::string_view content);
 void fail(ParsedToolCalls& r, std::string why);
+// A reader's "stop here": r.error set, the parse fails.
+inline constexpr size_t kFailed = std::string_view::npos;
+inline size_t failed(ParsedToolCalls& r, std::string why) {
+  fail(r, std::move(why));
+  return kFailed;
+}
+// r.content without any of `tokens` (a family's wrappers and turn separators).
+void drop_tokens(ParsedToolCalls& r, std::initializer_list<std::string_view> tokens);
+// A tool name as models write them: 1..256 bytes, no whitespace or markup.
+bool plausible_name(std::string_view name);
+// After a call ending at p: one past `close` (whitespace skipped first), or
+// the text's end when the text ends there (an unwritten close), else kFailed.
+size_t past_close(std::string_view text, size_t p, std::string_view close, ParsedToolCalls& r, std::string_view what);
+
+// The frame every marker family shares: each `open` in the text, searched
+// from where the last call ended, is handed to read(offset past the marker),
+// which adds the call(s) there to r and returns where they end (kFailed: stop,
+// r.error set). The text outside is the content (all of it when no calls).
+template <class Read>
+void parse_marked(std::string_view text, ParsedToolCalls& r, std::string_view open, Read read) {
+  std::string content;
+  size_t pos = 0;
+  for (size_t a; (a = text.find(open, pos)) != std::string_view::npos;) {
+    content.append(text.substr(pos, a - pos));
+    pos = read(a + open.size());
+    if (pos == kFailed) return;
+  }
+  content.append(text.substr(pos));
+  set_content(r, r.tool_calls.list().empty() ? text : std::string_view(content));
+}
 
 // Family parsers: fill r.tool_calls and r.content, or set r.error.
 void parse_llama3(std::string_view text, ParsedToolCalls& r);

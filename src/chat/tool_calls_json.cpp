@@ -1,38 +1,14 @@
 // Tool-call families whose arguments are JSON: marker + JSON list sections
-// (Mistral's old form, Apriel, Nemotron, Apertus, Command R7B, Granite,
+// (Mistral's old form, Apriel, Nemotron, Apertus, Command R7B / R+, Granite,
 // GigaChat, FireFunction), and name + JSON calls between special tokens
 // (Mistral's name[ARGS]{...}, DeepSeek, Kimi K2, Solar Open, Functionary).
-// Each marker search starts where the last one ended or fails at once, so a
-// parse is linear in the text.
-#include <cctype>
-
+// Each marker search starts where the last call ended (parse_marked) or the
+// parse fails at once, so a parse is linear in the text.
 #include "tool_calls_internal.hpp"
 
 namespace qforge::chat::tool_calls_detail {
 
 namespace {
-
-constexpr size_t kMaxToolNameBytes = 256;  // longer "names" are not calls
-
-bool plausible_name(std::string_view name) {
-  if (name.empty() || name.size() > kMaxToolNameBytes) return false;
-  for (char c : name)
-    if (is_ws(c) || c == '<' || c == '>' || c == '[' || c == ']' || c == '{' || c == '"') return false;
-  return true;
-}
-
-// `content` without any of `tokens` (the wrappers around a family's calls).
-std::string without_tokens(std::string_view content, std::initializer_list<std::string_view> tokens) {
-  std::string out(content);
-  for (std::string_view tok : tokens) {
-    std::string next;
-    size_t pos = 0;
-    for (size_t at; (at = out.find(tok, pos)) != std::string::npos; pos = at + tok.size()) next.append(out, pos, at - pos);
-    next.append(out, pos, std::string::npos);
-    out = std::move(next);
-  }
-  return out;
-}
 
 // The calls a JSON value holds: one call object, or a list of them.
 bool collect_calls(const Value& v, ParsedToolCalls& r, std::string& error, bool name_keyed) {
@@ -51,130 +27,104 @@ bool collect_calls(const Value& v, ParsedToolCalls& r, std::string& error, bool 
   return true;
 }
 
-void finish(ParsedToolCalls& r, std::string_view text, std::string content) {
-  if (r.tool_calls.list().empty()) set_content(r, text);
-  else set_content(r, content);
+// ``` or ```json before a JSON value (Command R+, DeepSeek R1 fence theirs)
+size_t skip_fence(std::string_view text, size_t p) {
+  p = skip_ws(text, p);
+  if (starts_with(text.substr(p), "```json")) return p + 7;
+  if (starts_with(text.substr(p), "```")) return p + 3;
+  return p;
+}
+
+// The JSON object of `name`'s arguments at text[p] added as a call; one past it, or kFailed.
+size_t json_arguments(std::string_view text, size_t p, const std::string& name, ParsedToolCalls& r) {
+  Value args;
+  size_t end;
+  std::string error;
+  if (!json_value_at(text, p, args, end, error)) return failed(r, "malformed JSON arguments of '" + name + "': " + error);
+  if (!args.is_dict()) return failed(r, "the arguments of '" + name + "' are not a JSON object");
+  r.tool_calls.push_back(make_call(Value(name), std::move(args)));
+  return end;
 }
 
 // name + JSON arguments between begin / sep / end tokens; name_of turns the
 // text between begin and sep into the tool's name ("" when it is not one).
 // DeepSeek R1 writes "function<sep>NAME\n```json\n{...}\n```": a head of
-// "function" takes the name from the first line after sep; ``` fences around
-// the JSON are skipped.
+// "function" takes the name from the first line after sep.
 template <class NameOf>
 void parse_delimited(std::string_view text, ParsedToolCalls& r, std::string_view begin, std::string_view sep,
-                     std::string_view end, NameOf name_of, std::initializer_list<std::string_view> wrappers) {
-  std::string content;
-  size_t pos = 0;
-  while (true) {
-    size_t a = text.find(begin, pos);
-    if (a == std::string_view::npos) break;
-    content.append(text.substr(pos, a - pos));
-    size_t s = text.find(sep, a + begin.size());
-    size_t next = text.find(begin, a + begin.size());
+                     std::string_view end, NameOf name_of) {
+  parse_marked(text, r, begin, [&](size_t a) {
+    size_t s = text.find(sep, a);
+    size_t next = text.find(begin, a);
     if (s == std::string_view::npos || s > next)
-      return fail(r, "a tool call's " + std::string(begin) + " has no " + std::string(sep));
-    std::string_view head = trim(text.substr(a + begin.size(), s - a - begin.size()));
+      return failed(r, "a tool call's " + std::string(begin) + " has no " + std::string(sep));
+    std::string_view head = trim(text.substr(a, s - a));
     size_t p = s + sep.size();
     std::string name;
     if (head == "function") {
       size_t nl = text.find('\n', p);
-      if (nl == std::string_view::npos || nl > next) return fail(r, "a DeepSeek tool call has no name line");
+      if (nl == std::string_view::npos || nl > next) return failed(r, "a DeepSeek tool call has no name line");
       name = std::string(trim(text.substr(p, nl - p)));
       p = nl + 1;
     } else {
       name = name_of(head);
     }
-    if (!plausible_name(name)) return fail(r, "a tool call has no valid name before " + std::string(sep));
-    p = skip_ws(text, p);
-    if (starts_with(text.substr(p), "```json")) p += 7;
-    else if (starts_with(text.substr(p), "```")) p += 3;
-    Value args;
-    size_t e;
-    std::string error;
-    if (!json_value_at(text, p, args, e, error)) return fail(r, "malformed JSON arguments of '" + name + "': " + error);
-    if (!args.is_dict()) return fail(r, "the arguments of '" + name + "' are not a JSON object");
+    if (!plausible_name(name)) return failed(r, "a tool call has no valid name before " + std::string(sep));
+    size_t e = json_arguments(text, skip_fence(text, p), name, r);
+    if (e == kFailed) return kFailed;
     e = skip_ws(text, e);
-    if (starts_with(text.substr(e), "```")) e = skip_ws(text, e + 3);
-    if (starts_with(text.substr(e), end)) e += end.size();
-    else if (e < text.size()) return fail(r, "expected " + std::string(end) + " after the arguments of '" + name + "'");
-    r.tool_calls.push_back(make_call(Value(name), std::move(args)));
-    pos = e;
-  }
-  content.append(text.substr(pos));
-  finish(r, text, without_tokens(content, wrappers));
+    if (starts_with(text.substr(e), "```")) e += 3;
+    return past_close(text, e, end, r, "the arguments of '" + name + "'");
+  });
 }
 
 }  // namespace
 
 void parse_json_section(std::string_view text, ParsedToolCalls& r, std::string_view open, std::string_view close,
                         bool name_keyed) {
-  std::string content;
-  size_t pos = 0;
-  while (true) {
-    size_t a = text.find(open, pos);
-    if (a == std::string_view::npos) break;
-    content.append(text.substr(pos, a - pos));
+  parse_marked(text, r, open, [&](size_t p) {
     Value v;
-    size_t end, p = skip_ws(text, a + open.size());
+    size_t end;
     std::string error;
-    if (starts_with(text.substr(p), "```json")) p += 7;  // Command R+ fences its list
-    else if (starts_with(text.substr(p), "```")) p += 3;
-    if (!json_value_at(text, p, v, end, error)) return fail(r, "malformed JSON after " + std::string(open) + ": " + error);
+    if (!json_value_at(text, skip_fence(text, p), v, end, error))
+      return failed(r, "malformed JSON after " + std::string(open) + ": " + error);
     if (!collect_calls(v, r, error, name_keyed))
-      return fail(r, error.empty() ? "the JSON after " + std::string(open) + " is not a call or a list of calls" : error);
-    pos = skip_ws(text, end);
-    if (starts_with(text.substr(pos), "```")) pos = skip_ws(text, pos + 3);
-    if (!close.empty()) {
-      if (starts_with(text.substr(pos), close)) pos += close.size();
-      else if (pos < text.size()) return fail(r, "expected " + std::string(close) + " after the calls");
-    }
-  }
-  content.append(text.substr(pos));
-  finish(r, text, std::move(content));
+      return failed(r, error.empty() ? "the JSON after " + std::string(open) + " is not a call or a list of calls" : error);
+    end = skip_ws(text, end);
+    if (starts_with(text.substr(end), "```")) end += 3;
+    return close.empty() ? end : past_close(text, end, close, r, "the calls");
+  });
 }
 
 // Mistral: [TOOL_CALLS][{"name", "arguments"}, ...] (Nemo) or, per call,
 // [TOOL_CALLS]name[ARGS]{...} (Small 3.2 adds [CALL_ID]id before [ARGS]).
 void parse_mistral(std::string_view text, ParsedToolCalls& r) {
   const std::string_view open = "[TOOL_CALLS]", args_tag = "[ARGS]", id_tag = "[CALL_ID]";
-  std::string content;
-  size_t pos = 0;
-  while (true) {
-    size_t a = text.find(open, pos);
-    if (a == std::string_view::npos) break;
-    content.append(text.substr(pos, a - pos));
-    size_t p = skip_ws(text, a + open.size());
-    Value v;
-    size_t end;
-    std::string error;
+  parse_marked(text, r, open, [&](size_t p) {
+    p = skip_ws(text, p);
     if (p < text.size() && (text[p] == '[' || text[p] == '{')) {
-      if (!json_value_at(text, p, v, end, error)) return fail(r, "malformed JSON after [TOOL_CALLS]: " + error);
+      Value v;
+      size_t end;
+      std::string error;
+      if (!json_value_at(text, p, v, end, error)) return failed(r, "malformed JSON after [TOOL_CALLS]: " + error);
       if (!collect_calls(v, r, error, false))
-        return fail(r, error.empty() ? "the JSON after [TOOL_CALLS] is not a list of calls" : error);
-    } else {
-      size_t g = text.find(args_tag, p);
-      if (g == std::string_view::npos) return fail(r, "a [TOOL_CALLS] call has no [ARGS]");
-      std::string_view head = text.substr(p, g - p);
-      size_t id = head.find(id_tag);
-      std::string name(trim(head.substr(0, id)));
-      if (!plausible_name(name)) return fail(r, "a [TOOL_CALLS] call has no valid name before [ARGS]");
-      if (!json_value_at(text, g + args_tag.size(), v, end, error))
-        return fail(r, "malformed JSON arguments of '" + name + "': " + error);
-      if (!v.is_dict()) return fail(r, "the arguments of '" + name + "' are not a JSON object");
-      r.tool_calls.push_back(make_call(Value(name), std::move(v)));
+        return failed(r, error.empty() ? "the JSON after [TOOL_CALLS] is not a list of calls" : error);
+      return end;
     }
-    pos = end;
-  }
-  content.append(text.substr(pos));
-  finish(r, text, std::move(content));
+    size_t g = text.find(args_tag, p);
+    if (g == std::string_view::npos) return failed(r, "a [TOOL_CALLS] call has no [ARGS]");
+    std::string_view head = text.substr(p, g - p);
+    std::string name(trim(head.substr(0, head.find(id_tag))));
+    if (!plausible_name(name)) return failed(r, "a [TOOL_CALLS] call has no valid name before [ARGS]");
+    return json_arguments(text, g + args_tag.size(), name, r);
+  });
 }
 
 // DeepSeek V3 / R1 (function<sep>NAME + ```json fences) and V3.1 (NAME<sep>{...}).
 void parse_deepseek(std::string_view text, ParsedToolCalls& r) {
   parse_delimited(text, r, "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>",
-                  [](std::string_view head) { return std::string(head); },
-                  {"<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"});
+                  [](std::string_view head) { return std::string(head); });
+  drop_tokens(r, {"<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"});
 }
 
 // Kimi K2: <|tool_call_begin|>functions.NAME:INDEX<|tool_call_argument_begin|>{...}<|tool_call_end|>
@@ -182,27 +132,24 @@ void parse_kimi_k2(std::string_view text, ParsedToolCalls& r) {
   parse_delimited(text, r, "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>",
                   [](std::string_view head) {
                     if (starts_with(head, "functions.")) head.remove_prefix(10);
-                    size_t colon = head.rfind(':');
-                    if (colon != std::string_view::npos) head = head.substr(0, colon);
-                    return std::string(head);
-                  },
-                  {"<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"});
+                    return std::string(head.substr(0, head.rfind(':')));
+                  });
+  drop_tokens(r, {"<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"});
 }
 
 // Solar Open: <|tool_call:begin|>ID<|tool_call:name|>NAME<|tool_call:args|>{...}<|tool_call:end|>
 void parse_solar_open(std::string_view text, ParsedToolCalls& r) {
-  parse_delimited(text, r, "<|tool_call:begin|>", "<|tool_call:args|>", "<|tool_call:end|>",
-                  [](std::string_view head) {
-                    const std::string_view tag = "<|tool_call:name|>";
-                    size_t at = head.find(tag);
-                    return at == std::string_view::npos ? std::string() : std::string(trim(head.substr(at + tag.size())));
-                  },
-                  {"<|tool_calls|>", "<|calls|>"});
+  parse_delimited(text, r, "<|tool_call:begin|>", "<|tool_call:args|>", "<|tool_call:end|>", [](std::string_view head) {
+    const std::string_view tag = "<|tool_call:name|>";
+    size_t at = head.find(tag);
+    return at == std::string_view::npos ? std::string() : std::string(trim(head.substr(at + tag.size())));
+  });
+  drop_tokens(r, {"<|tool_calls|>", "<|calls|>"});
 }
 
 // Functionary v3.1: <function=NAME>{...}</function>
 void parse_functionary_v3_1(std::string_view text, ParsedToolCalls& r) {
-  parse_delimited(text, r, "<function=", ">", "</function>", [](std::string_view head) { return std::string(head); }, {});
+  parse_delimited(text, r, "<function=", ">", "</function>", [](std::string_view head) { return std::string(head); });
 }
 
 // Functionary v3.2: >>>RECIPIENT\nBODY segments; "all" is text for the user,
@@ -225,12 +172,8 @@ void parse_functionary_v3_2(std::string_view text, ParsedToolCalls& r) {
       pos = next == std::string_view::npos ? t.size() : next + 3;
       continue;
     }
-    Value args;
-    size_t e;
-    std::string error;
-    if (!json_value_at(t, nl + 1, args, e, error)) return fail(r, "malformed JSON arguments of '" + name + "': " + error);
-    if (!args.is_dict()) return fail(r, "the arguments of '" + name + "' are not a JSON object");
-    r.tool_calls.push_back(make_call(Value(name), std::move(args)));
+    size_t e = json_arguments(t, nl + 1, name, r);
+    if (e == kFailed) return;
     e = skip_ws(t, e);
     if (e < t.size() && !starts_with(t.substr(e), ">>>")) return fail(r, "expected >>> after the arguments of '" + name + "'");
     pos = e + 3;

@@ -30,7 +30,8 @@ bool lfm2_string(std::string_view s, size_t& p, Value& out) {
     if (c == '\\' && i + 1 < s.size()) {
       size_t at = 0;
       Value one;
-      std::string escaped = std::string(1, q) + std::string(s.substr(i, 2)) + q, why;
+      std::string escaped(1, q), why;  // the escape alone, read as a Python string
+      escaped.append(s.substr(i, 2)).push_back(q);
       if (python_literal(escaped, at, one, why)) v += one.str();
       ++i;
       continue;
@@ -170,14 +171,8 @@ bool gemma_value(std::string_view s, size_t& p, Value& out, std::string& error, 
 
 // LFM2: <|tool_call_start|>[name(k=v, ...), ...]<|tool_call_end|>
 void parse_lfm2(std::string_view text, ParsedToolCalls& r) {
-  const std::string_view open = "<|tool_call_start|>", close = "<|tool_call_end|>";
-  std::string content;
-  size_t pos = 0;
-  while (true) {
-    size_t a = text.find(open, pos);
-    if (a == std::string_view::npos) break;
-    content.append(text.substr(pos, a - pos));
-    size_t p = skip_ws(text, a + open.size());
+  parse_marked(text, r, "<|tool_call_start|>", [&](size_t p) {
+    p = skip_ws(text, p);
     bool list = p < text.size() && text[p] == '[';
     if (list) ++p;
     std::string error;
@@ -188,51 +183,35 @@ void parse_lfm2(std::string_view text, ParsedToolCalls& r) {
         break;
       }
       Value call;
-      if (!python_call(text, p, call, error)) return fail(r, "malformed LFM2 tool call: " + error);
+      if (!python_call(text, p, call, error)) return failed(r, "malformed LFM2 tool call: " + error);
       r.tool_calls.push_back(std::move(call));
       p = skip_ws(text, p);
       if (!list) break;
       if (p < text.size() && text[p] == ',') ++p;
-      else if (p >= text.size() || text[p] != ']') return fail(r, "malformed LFM2 tool call list: expected ',' or ']'");
+      else if (p >= text.size() || text[p] != ']') return failed(r, "malformed LFM2 tool call list: expected ',' or ']'");
     }
-    p = skip_ws(text, p);
-    if (starts_with(text.substr(p), close)) p += close.size();
-    else if (p < text.size()) return fail(r, "expected <|tool_call_end|> after the calls");
-    pos = p;
-  }
-  content.append(text.substr(pos));
-  set_content(r, r.tool_calls.list().empty() ? text : std::string_view(content));
+    return past_close(text, p, "<|tool_call_end|>", r, "the calls");
+  });
 }
 
 // Gemma 4: <|tool_call>call:NAME{key:value,...}<tool_call|>
 void parse_gemma4(std::string_view text, ParsedToolCalls& r) {
-  const std::string_view open = "<|tool_call>", close = "<tool_call|>";
-  std::string content;
-  size_t pos = 0;
-  while (true) {
-    size_t a = text.find(open, pos);
-    if (a == std::string_view::npos) break;
-    content.append(text.substr(pos, a - pos));
-    size_t p = skip_ws(text, a + open.size());
-    if (!starts_with(text.substr(p), "call:")) return fail(r, "a <|tool_call> block does not start with call:");
+  const std::string_view open = "<|tool_call>";
+  parse_marked(text, r, open, [&](size_t p) {
+    p = skip_ws(text, p);
+    if (!starts_with(text.substr(p), "call:")) return failed(r, "a <|tool_call> block does not start with call:");
     p += 5;
     size_t brace = text.find('{', p);
-    size_t next = text.find(open, p);
-    if (brace == std::string_view::npos || brace > next) return fail(r, "a Gemma tool call has no {arguments}");
+    if (brace == std::string_view::npos || brace > text.find(open, p)) return failed(r, "a Gemma tool call has no {arguments}");
     std::string name(trim(text.substr(p, brace - p)));
     Value args;
     std::string error;
     p = brace;
     if (name.empty() || !gemma_value(text, p, args, error, 0))
-      return fail(r, "malformed Gemma tool call '" + name + "': " + error);
+      return failed(r, "malformed Gemma tool call '" + name + "': " + error);
     r.tool_calls.push_back(make_call(Value(name), std::move(args)));
-    p = skip_ws(text, p);
-    if (starts_with(text.substr(p), close)) p += close.size();
-    else if (p < text.size()) return fail(r, "expected <tool_call|> after the call of '" + name + "'");
-    pos = p;
-  }
-  content.append(text.substr(pos));
-  set_content(r, r.tool_calls.list().empty() ? text : std::string_view(content));
+    return past_close(text, p, "<tool_call|>", r, "the call of '" + name + "'");
+  });
 }
 
 }  // namespace qforge::chat::tool_calls_detail

@@ -21,72 +21,83 @@ std::string_view strip_one_newline(std::string_view v) {
 template <class ReadBlock>
 void parse_blocks(std::string_view text, ParsedToolCalls& r, std::string_view open, std::string_view close,
                   ReadBlock read_block) {
-  std::string content;
-  size_t pos = 0;
-  while (true) {
-    size_t a = text.find(open, pos);
-    if (a == std::string_view::npos) break;
-    content.append(text.substr(pos, a - pos));
-    size_t b = text.find(close, a + open.size());
-    if (b == std::string_view::npos) return fail(r, "a " + std::string(open) + " block is not closed");
-    if (!read_block(text.substr(a + open.size(), b - a - open.size()))) return;
-    pos = b + close.size();
-  }
-  content.append(text.substr(pos));
-  set_content(r, r.tool_calls.list().empty() ? text : std::string_view(content));
+  parse_marked(text, r, open, [&](size_t a) {
+    size_t b = text.find(close, a);
+    if (b == std::string_view::npos) return failed(r, "a " + std::string(open) + " block is not closed");
+    return read_block(text.substr(a, b - a)) ? b + close.size() : kFailed;
+  });
+}
+
+// a + b + c (one allocation; GCC 12 misreads chained operator+ as overlapping memcpy)
+std::string concat(std::string_view a, std::string_view b, std::string_view c) {
+  std::string out;
+  out.reserve(a.size() + b.size() + c.size());
+  out.append(a).append(b).append(c);
+  return out;
+}
+
+// An element <OPEN"NAME"ATTRS>BODY</CLOSE> (OPEN ends with the opening quote).
+struct Element {
+  std::string name;
+  std::string_view attrs, body;
+  size_t end;  // one past CLOSE
+};
+enum class Found { None, Element, Unclosed };
+
+// The first such element in s from pos (an unclosed one ends the parse, so no
+// byte is searched again and again).
+Found next_element(std::string_view s, size_t pos, std::string_view open, std::string_view close, Element& out) {
+  size_t a = s.find(open, pos);
+  if (a == std::string_view::npos) return Found::None;
+  size_t q = s.find('"', a + open.size());
+  size_t gt = q == std::string_view::npos ? q : s.find('>', q);
+  size_t e = gt == std::string_view::npos ? gt : s.find(close, gt);
+  if (e == std::string_view::npos) return Found::Unclosed;
+  out.name = std::string(s.substr(a + open.size(), q - a - open.size()));
+  out.attrs = s.substr(q + 1, gt - q - 1);
+  out.body = s.substr(gt + 1, e - gt - 1);
+  out.end = e + close.size();
+  return Found::Element;
 }
 
 // <PREFIXinvoke name="NAME"><PREFIXparameter name="KEY" [string="true|false"]>VALUE</PREFIXparameter>...</PREFIXinvoke>
 bool read_invokes(std::string_view body, ParsedToolCalls& r, std::string_view prefix) {
-  const std::string invoke_open = "<" + std::string(prefix) + "invoke name=\"", invoke_close = "</" + std::string(prefix) + "invoke>";
-  const std::string param_open = "<" + std::string(prefix) + "parameter name=\"", param_close = "</" + std::string(prefix) + "parameter>";
-  size_t pos = 0;
-  while (true) {
-    size_t a = body.find(invoke_open, pos);
-    if (a == std::string_view::npos) break;
-    size_t q = body.find('"', a + invoke_open.size());
-    size_t gt = q == std::string_view::npos ? q : body.find('>', q);
-    size_t end = gt == std::string_view::npos ? gt : body.find(invoke_close, gt);
-    if (end == std::string_view::npos) {
+  const std::string invoke_open = concat("<", prefix, "invoke name=\""), invoke_close = concat("</", prefix, "invoke>");
+  const std::string param_open = concat("<", prefix, "parameter name=\""), param_close = concat("</", prefix, "parameter>");
+  Element invoke, param;
+  for (size_t pos = 0;; pos = invoke.end) {
+    Found f = next_element(body, pos, invoke_open, invoke_close, invoke);
+    if (f == Found::None) return true;
+    if (f == Found::Unclosed) {
       fail(r, "an " + invoke_open + "...\"> block is not closed");
       return false;
     }
-    std::string name(body.substr(a + invoke_open.size(), q - a - invoke_open.size()));
-    std::string_view inner = body.substr(gt + 1, end - gt - 1);
     Value args = Value::dict();
-    size_t p = 0;
-    while (true) {
-      size_t s = inner.find(param_open, p);
-      if (s == std::string_view::npos) break;
-      size_t kq = inner.find('"', s + param_open.size());
-      size_t kg = kq == std::string_view::npos ? kq : inner.find('>', kq);
-      size_t e = kg == std::string_view::npos ? kg : inner.find(param_close, kg);
-      if (e == std::string_view::npos) {
-        fail(r, "a " + param_open + "...\"> block of '" + name + "' is not closed");
+    for (size_t p = 0;; p = param.end) {
+      Found g = next_element(invoke.body, p, param_open, param_close, param);
+      if (g == Found::None) break;
+      if (g == Found::Unclosed) {
+        fail(r, "a " + param_open + "...\"> block of '" + invoke.name + "' is not closed");
         return false;
       }
-      std::string key(inner.substr(s + param_open.size(), kq - s - param_open.size()));
-      std::string_view attrs = inner.substr(kq + 1, kg - kq - 1);
-      std::string_view raw = strip_one_newline(inner.substr(kg + 1, e - kg - 1));
+      std::string_view raw = strip_one_newline(param.body);
       Value v;
-      if (attrs.find("string=\"true\"") != std::string_view::npos) {
+      if (param.attrs.find("string=\"true\"") != std::string_view::npos) {
         v = Value(raw);
-      } else if (attrs.find("string=\"false\"") != std::string_view::npos) {
+      } else if (param.attrs.find("string=\"false\"") != std::string_view::npos) {
         std::string error;
         if (!load_json(trim(raw), v, error)) {
-          fail(r, "parameter '" + key + "' of '" + name + "' is marked string=\"false\" but is not JSON: " + error);
+          fail(r, "parameter '" + param.name + "' of '" + invoke.name + "' is marked string=\"false\" but is not JSON: " +
+                      error);
           return false;
         }
       } else {
         v = typed_param(raw, false);
       }
-      args.set(Value(key), std::move(v));
-      p = e + param_close.size();
+      args.set(Value(param.name), std::move(v));
     }
-    r.tool_calls.push_back(make_call(Value(name), std::move(args)));
-    pos = end + invoke_close.size();
+    r.tool_calls.push_back(make_call(Value(invoke.name), std::move(args)));
   }
-  return true;
 }
 
 }  // namespace
