@@ -664,7 +664,8 @@ def _cmd_parse(args) -> int:
     import sys
 
     text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
-    result = parse_tool_calls(text, args.format)
+    fmt = detect_tool_call_format(Path(args.template).read_text(encoding="utf-8")) if args.template else args.format
+    result = parse_tool_calls(text, fmt)
     print(json.dumps(result, ensure_ascii=False, indent=2))
     return 0 if result["error"] is None else 1
 
@@ -689,6 +690,8 @@ def add_cli(subparsers) -> None:
     render.set_defaults(func=_cmd_render)
     parse = sub.add_parser("parse", help="parse tool calls out of generated text (prints JSON)")
     parse.add_argument("file", nargs="?", default="-", help="text file; - for stdin")
-    parse.add_argument("--format", default="auto",
-                       help="auto, or a tool-call format (llama3, hermes, mistral, deepseek, ...; see docs/chat.md)")
+    fmt = parse.add_mutually_exclusive_group()
+    fmt.add_argument("--format", default="auto",
+                     help="auto, or a tool-call format (llama3, hermes, mistral, deepseek, ...; see docs/chat.md)")
+    fmt.add_argument("--template", help="a Jinja chat template file: parse in the format its model writes")
     parse.set_defaults(func=_cmd_parse)

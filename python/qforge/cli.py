@@ -66,9 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
     from .chat import add_cli as add_chat_cli
+    from .evaluate import add_cli as add_eval_cli
     from .train import add_cli as add_train_cli
 
     add_train_cli(sub)
+    add_eval_cli(sub)
     add_chat_cli(sub)
     from .gguf import add_cli as add_gguf_cli
 

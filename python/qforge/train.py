@@ -390,43 +390,17 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
             tmp.replace(adapter_dir)
         summary["adapter"] = str(adapter_dir)
         atomic_write_text(output / "summary.json", json.dumps(summary, indent=2))
-    if default_job and not stopped_early:
-        summary["samples"] = _samples(model, tokenizer, template, builtin_dataset(8, seed=args.seed + 1), bar)
+    if default_job and not stopped_early:  # the run ends with qforge eval's report on held-out built-in data
+        from .evaluate import evaluate_model, report_table
+
+        report = evaluate_model(model, tokenizer, template, builtin_dataset(8, seed=args.seed + 1), max_new_tokens=48)
+        atomic_write_text(output / "eval.json", json.dumps(report, indent=2, ensure_ascii=False))
+        bar.write(report_table(report["metrics"], report["format"]))
+        summary["eval"] = report["metrics"]
         atomic_write_text(output / "summary.json", json.dumps(summary, indent=2))
     model.qforge_train_summary = summary
     summary["model"] = model
     return summary
-
-
-def _samples(model, tokenizer, template, records, bar, n: int = 4) -> list[dict]:
-    """Greedy answers to held-out prompts, read back by the C++ tool-call parser."""
-    from .chat import parse_tool_calls
-
-    stops = [t for t in ("<|eot_id|>", "<|eom_id|>", "<|im_end|>") if t in tokenizer.get_vocab()]
-    eos = tokenizer.convert_tokens_to_ids(stops) or tokenizer.eos_token_id
-    device = next(p for p in model.parameters() if p.is_floating_point()).device
-    was_training = model.training
-    model.eval()
-    out = []
-    bar.write("samples (held-out prompts, greedy decoding, parsed by qforge.chat.parse_tool_calls):")
-    with torch.no_grad():
-        for rec in records[:n]:
-            prompt = rec["messages"][:2]
-            text = template.apply(prompt, tools=rec.get("tools"), add_generation_prompt=True,
-                                  **getattr(tokenizer, "special_tokens_map", {}))
-            ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
-            gen = model.generate(ids, max_new_tokens=48, do_sample=False, eos_token_id=eos,
-                                 pad_token_id=tokenizer.pad_token_id)
-            reply = tokenizer.decode(gen[0, ids.shape[1]:])
-            parsed = parse_tool_calls(reply)
-            calls = [f"{c['function']['name']}({json.dumps(c['function']['arguments'])})" for c in parsed["tool_calls"]]
-            shown = ("tool call " + ", ".join(calls)) if calls else (
-                repr(parsed["content"]) + (f" [{parsed['error']}]" if parsed["error"] else ""))
-            bar.write(f"  user: {prompt[1]['content']!r}\n    -> {shown}")
-            out.append({"prompt": prompt[1]["content"], "reply": reply, "tool_calls": parsed["tool_calls"],
-                        "error": parsed["error"]})
-    model.train(was_training)
-    return out
 
 
 def _fingerprint(examples, tokens_per_batch: int, args: TrainArgs) -> str:

@@ -61,6 +61,17 @@ def test_parse(tmp_path, capsys):
     assert r["stop"] == "eom"
 
 
+def test_parse_in_the_format_of_a_template(tmp_path, capsys):
+    (tmp_path / "gen.txt").write_text('[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}</s>')
+    template = CHAT / "templates" / "unsloth-mistral-Devstral-Small-2507.jinja"
+    rc, out = run(["chat", "parse", "--template", str(template), str(tmp_path / "gen.txt")], capsys)
+    r = json.loads(out.out)
+    assert rc == 0 and r["format"] == "mistral"
+    assert r["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": {"city": "Paris"}}
+    rc, out = run(["chat", "parse", "--format", "glm4", str(tmp_path / "gen.txt")], capsys)
+    assert rc == 0 and json.loads(out.out)["tool_calls"] == []  # not GLM's markers: all content
+
+
 def test_tokenizer_config_with_template_files_beside_it(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{{ eos_token }}{% endfor %}")

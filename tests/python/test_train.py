@@ -56,7 +56,10 @@ def test_default_job_loss_falls(tmp_path):
     assert (out / "adapter" / "tokenizer.json").exists()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 24 and summary["losses"] == losses
-    assert len(summary["samples"]) == 4 and all("reply" in x and "tool_calls" in x for x in summary["samples"])
+    # it ends with qforge eval's report on held-out built-in data (8 conversations: 14 assistant turns)
+    report = json.loads((out / "eval.json").read_text())
+    assert summary["eval"] == report["metrics"] and report["format"] == "llama3"
+    assert report["metrics"]["turns"] == len(report["turns"]) == 14
     # the adapter it wrote reproduces the trained model
     model = qforge.load(out / "base-model", dtype=torch.float32, device="cpu")
     qforge.load_adapter(model, out / "adapter")
