@@ -78,6 +78,10 @@ def main() -> None:
                 cases[conv] = render(source, req)
         golden = {"template": name, "now": NOW_EPOCH, "jinja2": jinja2.__version__,
                   "transformers": transformers.__version__, "cases": cases}
+        path = gold_dir / (name[: -len(".jinja")] + ".json")
+        if path.exists():  # make_tool_call_goldens.py's keys stay (rerun it when a template changes)
+            golden.update({k: v for k, v in json.loads(path.read_text(encoding="utf-8")).items()
+                           if k.startswith("tool_call_")})
         (gold_dir / (name[: -len(".jinja")] + ".json")).write_text(
             json.dumps(golden, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         ok = sum("output" in c for c in cases.values())
