@@ -259,6 +259,12 @@ QF_API int qf_chat_template_render(const qf_chat_template* tmpl, const char* con
  * "error" says why. An unknown format is an error. */
 QF_API int qf_chat_parse_tool_calls(const char* text, size_t text_len, const char* format, qf_chat_buffer** result);
 
+/* The same, given the JSON list of tool schemas the model saw: a parameter
+ * declared {"type": "string"} stays a string in formats that print values raw
+ * (XML parameters, GLM, MiniMax). tools_json NULL: as qf_chat_parse_tool_calls. */
+QF_API int qf_chat_parse_tool_calls_for_tools(const char* text, size_t text_len, const char* format,
+                                              const char* tools_json, size_t tools_len, qf_chat_buffer** result);
+
 /* The names of the tool-call formats, as a JSON list. */
 QF_API int qf_chat_tool_call_formats(qf_chat_buffer** result);
 
@@ -269,9 +275,11 @@ QF_API int qf_chat_detect_tool_call_format(const char* source, size_t source_len
 /* Incremental tool-call parsing of streamed text: each feed returns (as
  * qf_chat_parse_tool_calls' JSON) the content, reasoning and calls complete
  * so far; finish returns the parse of the whole text. The streamed text may
- * be at most 8 MiB (kMaxToolCallTextBytes). */
+ * be at most 8 MiB (kMaxToolCallTextBytes). tools_json: as in
+ * qf_chat_parse_tool_calls_for_tools (NULL: none). */
 typedef struct qf_chat_tool_stream qf_chat_tool_stream;
-QF_API int qf_chat_tool_stream_new(const char* format, qf_chat_tool_stream** out);
+QF_API int qf_chat_tool_stream_new(const char* format, const char* tools_json, size_t tools_len,
+                                   qf_chat_tool_stream** out);
 QF_API int qf_chat_tool_stream_feed(qf_chat_tool_stream* stream, const char* chunk, size_t chunk_len,
                                     qf_chat_buffer** result);
 QF_API int qf_chat_tool_stream_finish(const qf_chat_tool_stream* stream, qf_chat_buffer** result);

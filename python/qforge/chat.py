@@ -36,10 +36,11 @@ _batch = declare(
     ctypes.c_int64, ctypes.c_int, ctypes.POINTER(_p), ctypes.POINTER(ctypes.c_int64), ctypes.c_size_t, ctypes.c_int,
 )
 _render = declare("qf_chat_template_render", _p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int64, ctypes.POINTER(_p))
-_parse = declare("qf_chat_parse_tool_calls", ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.POINTER(_p))
 _formats = declare("qf_chat_tool_call_formats", ctypes.POINTER(_p))
 _detect = declare("qf_chat_detect_tool_call_format", ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(_p))
-_stream_new = declare("qf_chat_tool_stream_new", ctypes.c_char_p, ctypes.POINTER(_p))
+_parse_for_tools = declare("qf_chat_parse_tool_calls_for_tools", ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p,
+                           ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(_p))
+_stream_new = declare("qf_chat_tool_stream_new", ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(_p))
 _stream_feed = declare("qf_chat_tool_stream_feed", _p, ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(_p))
 _stream_finish = declare("qf_chat_tool_stream_finish", _p, ctypes.POINTER(_p))
 _stream_free = declare("qf_chat_tool_stream_free", _p, restype=None)
@@ -244,14 +245,14 @@ class ChatTemplate:
         """The tool-call format this template's model writes (detect_tool_call_format)."""
         return detect_tool_call_format(self.source)
 
-    def parse(self, text: str | bytes) -> dict:
+    def parse(self, text: str | bytes, tools: Iterable[dict | Callable] | None = None) -> dict:
         """Tool calls (and reasoning) in text this template's model generated,
         read with the format detected from the template (parse_tool_calls)."""
-        return parse_tool_calls(text, self.tool_call_format)
+        return parse_tool_calls(text, self.tool_call_format, tools)
 
-    def stream_parser(self) -> "ToolCallStream":
+    def stream_parser(self, tools: Iterable[dict | Callable] | None = None) -> "ToolCallStream":
         """An incremental parser for this template's model's streamed output."""
-        return ToolCallStream(self.tool_call_format)
+        return ToolCallStream(self.tool_call_format, tools)
 
     def render(self, now: int | None = None, **variables) -> str:
         """Render with exactly these template variables."""
@@ -290,17 +291,24 @@ def detect_tool_call_format(template_source: str) -> str:
     return _take(out)
 
 
-def parse_tool_calls(text: str | bytes, format: str = "auto") -> dict:
+def _tools_json(tools) -> bytes | None:
+    return None if tools is None else _json([tool_schema(t) for t in tools])
+
+
+def parse_tool_calls(text: str | bytes, format: str = "auto", tools: Iterable[dict | Callable] | None = None) -> dict:
     """Tool calls in generated text -> {"content", "reasoning_content",
     "tool_calls", "stop", "error", "format"}. `format` is "auto" (told from
     the text) or one of tool_call_formats(); ChatTemplate.parse picks it from
     the template. Never raises for any text (only for an unknown format):
     malformed calls come back as content with "error" set. `text` may also be bytes (UTF-8 as the model produced it);
     invalid UTF-8, lone surrogates in `text` and lone surrogate JSON escapes
-    ("\\ud800") read as U+FFFD (docs/chat.md, "Tool-call parsing")."""
+    ("\\ud800") read as U+FFFD (docs/chat.md, "Tool-call parsing"). `tools`
+    (the schemas the model was given) keep parameters declared strings as
+    strings in formats that print values raw (XML parameters, GLM, MiniMax)."""
     raw = _utf8(text)
+    schemas = _tools_json(tools)
     out = ctypes.c_void_p()
-    _call(_parse(raw, len(raw), format.encode(), ctypes.byref(out)))
+    _call(_parse_for_tools(raw, len(raw), format.encode(), schemas, len(schemas or b""), ctypes.byref(out)))
     return json.loads(_take(out))
 
 
@@ -310,9 +318,10 @@ class ToolCallStream:
     is not reported); finish() returns what parse_tool_calls gives for the
     whole text."""
 
-    def __init__(self, format: str = "auto"):
+    def __init__(self, format: str = "auto", tools: Iterable[dict | Callable] | None = None):
         handle = ctypes.c_void_p()
-        _call(_stream_new(format.encode(), ctypes.byref(handle)))
+        schemas = _tools_json(tools)
+        _call(_stream_new(format.encode(), schemas, len(schemas or b""), ctypes.byref(handle)))
         self._handle = handle
 
     def __del__(self):

@@ -22,6 +22,13 @@ namespace {
 constexpr int kMaxJsonIndent = 64;  // qf_chat_json_dumps: spaces per level (the output grows with it)
 std::string_view view(const char* p, size_t n) { return p ? std::string_view(p, n) : std::string_view(); }
 qf_chat_buffer* make_buffer(std::string s) { return new qf_chat_buffer{std::move(s)}; }
+// The tool schemas of a parse: None when not given, else a JSON list.
+qforge::chat::Value tools_schemas(const char* json, size_t len, const char* where) {
+  if (!json) return qforge::chat::Value();
+  qforge::chat::Value tools = qforge::chat::json_loads(view(json, len));
+  QF_CHECK(tools.is_list() || tools.is_none(), where, ": tools must be a JSON list of tool schemas");
+  return tools;
+}
 qforge::chat::RenderOptions options(const qf_chat_template* tmpl, int64_t now) {
   qforge::chat::RenderOptions o;
   o.now = now;
@@ -147,11 +154,17 @@ int qf_chat_template_render(const qf_chat_template* tmpl, const char* context_js
 }
 
 int qf_chat_parse_tool_calls(const char* text, size_t text_len, const char* format, qf_chat_buffer** result) {
+  return qf_chat_parse_tool_calls_for_tools(text, text_len, format, nullptr, 0, result);
+}
+
+int qf_chat_parse_tool_calls_for_tools(const char* text, size_t text_len, const char* format, const char* tools_json,
+                                       size_t tools_len, qf_chat_buffer** result) {
   return qforge::capi::guard([&] {
     QF_CHECK(result, "qf_chat_parse_tool_calls: result is NULL");
     *result = nullptr;
     auto fmt = qforge::chat::tool_call_format(format ? format : "auto");
-    auto parsed = qforge::chat::parse_tool_calls(view(text, text_len), fmt);
+    qforge::chat::Value tools = tools_schemas(tools_json, tools_len, "qf_chat_parse_tool_calls_for_tools");
+    auto parsed = qforge::chat::parse_tool_calls(view(text, text_len), fmt, tools.is_none() ? nullptr : &tools);
     *result = make_buffer(qforge::chat::json_dumps(parsed.to_json()));
   });
 }
@@ -176,11 +189,13 @@ int qf_chat_detect_tool_call_format(const char* source, size_t source_len, qf_ch
   });
 }
 
-int qf_chat_tool_stream_new(const char* format, qf_chat_tool_stream** out) {
+int qf_chat_tool_stream_new(const char* format, const char* tools_json, size_t tools_len, qf_chat_tool_stream** out) {
   return qforge::capi::guard([&] {
     QF_CHECK(out, "qf_chat_tool_stream_new: out is NULL");
     *out = nullptr;
-    *out = new qf_chat_tool_stream{qforge::chat::ToolCallStream(qforge::chat::tool_call_format(format ? format : "auto"))};
+    auto fmt = qforge::chat::tool_call_format(format ? format : "auto");
+    *out = new qf_chat_tool_stream{
+        qforge::chat::ToolCallStream(fmt, tools_schemas(tools_json, tools_len, "qf_chat_tool_stream_new"))};
   });
 }
 

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <deque>
 #include <set>
+#include <unordered_map>
 #include <vector>
 
 #include "qforge/error.hpp"
@@ -411,7 +412,40 @@ bool json_value_at(std::string_view text, size_t pos, Value& out, size_t& end, s
   return true;
 }
 
-Value typed_param(std::string_view raw, bool python) {
+namespace {
+
+// The parameter types the tools of the parse under way declare: "tool\0key" ->
+// JSON-schema type. Set for the duration of parse_tool_calls (one per thread).
+thread_local const std::unordered_map<std::string, std::string>* t_declared_types = nullptr;
+
+std::unordered_map<std::string, std::string> declared_types(const Value& tools) {
+  std::unordered_map<std::string, std::string> out;
+  if (!tools.is_list()) return out;
+  for (const Value& tool : tools.list()) {
+    const Value* fn = tool.is_dict() ? tool.get("function") : nullptr;
+    if (!fn) fn = &tool;
+    const Value* name = fn->is_dict() ? fn->get("name") : nullptr;
+    const Value* params = fn->is_dict() ? fn->get("parameters") : nullptr;
+    const Value* props = params && params->is_dict() ? params->get("properties") : nullptr;
+    if (!name || !name->is_string() || !props || !props->is_dict()) continue;
+    for (auto& [key, spec] : props->dict_ref().items) {
+      const Value* type = spec.is_dict() ? spec.get("type") : nullptr;
+      if (key.is_string() && type && type->is_string()) out[name->str() + '\0' + key.str()] = type->str();
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+Value typed_param(std::string_view raw, bool python, std::string_view tool, std::string_view key) {
+  if (t_declared_types) {
+    std::string id(tool);
+    id += '\0';
+    id += key;
+    auto it = t_declared_types->find(id);
+    if (it != t_declared_types->end() && it->second == "string") return Value(raw);
+  }
   std::string_view t = trim(raw);
   if (t.empty()) return Value(raw);
   char c = t[0];
@@ -796,7 +830,7 @@ bool xml_function_call(std::string_view body, Value& out, std::string& error, bo
     std::string_view raw = body.substr(g + 1, b - g - 1);
     if (!raw.empty() && raw.front() == '\n') raw.remove_prefix(1);
     if (!raw.empty() && raw.back() == '\n') raw.remove_suffix(1);
-    args.set(Value(key), typed_param(raw, python_values));
+    args.set(Value(key), typed_param(raw, python_values, name, key));
     pos = b + p_close.size();
   }
   out = make_call(Value(name), std::move(args));
@@ -1056,7 +1090,14 @@ ToolCallFormat format_of_text(std::string_view body) {
 
 }  // namespace
 
-ParsedToolCalls parse_tool_calls(std::string_view raw_text, ToolCallFormat format) {
+ParsedToolCalls parse_tool_calls(std::string_view raw_text, ToolCallFormat format, const Value* tools) {
+  std::unordered_map<std::string, std::string> types;
+  if (tools) types = declared_types(*tools);
+  struct Scope {  // the declared types, for this parse only
+    const std::unordered_map<std::string, std::string>* saved = t_declared_types;
+    ~Scope() { t_declared_types = saved; }
+  } scope;
+  t_declared_types = tools ? &types : nullptr;
   ParsedToolCalls r;
   r.tool_calls = Value(List{});
   std::string storage;
@@ -1127,11 +1168,11 @@ const ParsedToolCalls& ToolCallStream::feed(std::string_view chunk) {
     }
   }
   for (auto [tok, name] : kStopTokens) hold(tok);
-  ParsedToolCalls r = parse_tool_calls(std::string_view(text_).substr(0, safe), format_);
+  ParsedToolCalls r = parse_tool_calls(std::string_view(text_).substr(0, safe), format_, tools_ptr());
   if (r.error.empty()) last_ = std::move(r);  // an error here is (so far) a call still being written
   return last_;
 }
 
-ParsedToolCalls ToolCallStream::finish() const { return parse_tool_calls(text_, format_); }
+ParsedToolCalls ToolCallStream::finish() const { return parse_tool_calls(text_, format_, tools_ptr()); }
 
 }  // namespace qforge::chat

@@ -26,9 +26,11 @@ bool json_value_at(std::string_view text, size_t pos, Value& out, size_t& end, s
 // or {"function": {...}}; with name_keyed, also Apertus' {"NAME": {args}}.
 // False (with `error` set when it is a call with bad arguments) when it is not a call.
 bool call_from_json(const Value& obj, Value& out, std::string& error, bool name_keyed = false);
-// A parameter value printed raw by a template: the JSON (or, with python,
-// Python literal) value it reads as when that is not a string, else the raw string.
-Value typed_param(std::string_view raw, bool python);
+// A value printed raw by a template for parameter `key` of tool `tool`: the
+// raw string when the tools given to parse_tool_calls declare the parameter a
+// string; else the JSON (or, with python, Python literal) value it reads as
+// when that is not a string; else the raw string.
+Value typed_param(std::string_view raw, bool python, std::string_view tool, std::string_view key);
 // A Python literal (str, int, float, True/False/None, list, tuple, dict; JSON's
 // true/false/null too) at s[p]; advances p. Depth is bounded by kMaxToolCallDepth.
 bool python_literal(std::string_view s, size_t& p, Value& out, std::string& error, int depth = 0);

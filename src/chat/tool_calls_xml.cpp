@@ -92,7 +92,7 @@ bool read_invokes(std::string_view body, ParsedToolCalls& r, std::string_view pr
           return false;
         }
       } else {
-        v = typed_param(raw, false);
+        v = typed_param(raw, false, invoke.name, param.name);
       }
       args.set(Value(param.name), std::move(v));
     }
@@ -122,7 +122,7 @@ void parse_glm4(std::string_view text, ParsedToolCalls& r) {
         return false;
       }
       std::string key(trim(body.substr(p + k_open.size(), ke - p - k_open.size())));
-      args.set(Value(key), typed_param(body.substr(vs + v_open.size(), ve - vs - v_open.size()), false));
+      args.set(Value(key), typed_param(body.substr(vs + v_open.size(), ve - vs - v_open.size()), false, name, key));
       p = ve + v_close.size();
     }
     r.tool_calls.push_back(make_call(Value(name), std::move(args)));

@@ -499,3 +499,19 @@ TEST(ChatToolCalls, StreamRefusesTextBeyondTheSizeLimit) {
   for (size_t i = 0; i < kMaxToolCallTextBytes / chunk.size(); ++i) stream.feed(chunk);
   EXPECT_THROW(stream.feed("y"), qforge::InvalidArgument);
 }
+
+TEST(ChatToolCalls, DeclaredStringParametersStayStringsGivenTheTools) {
+  const std::string text = "<tool_call>\n<function=f>\n<parameter=zip>\n75001\n</parameter>\n<parameter=n>\n3\n"
+                           "</parameter>\n</function>\n</tool_call>";
+  Value tools = json_loads(R"([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+      "properties": {"zip": {"type": "string"}, "n": {"type": "integer"}}}}}])");
+  ParsedToolCalls bare = parse_tool_calls(text, ToolCallFormat::Hermes);
+  EXPECT_EQ(json_dumps(*bare.tool_calls.list()[0].get("function")->get("arguments")), R"({"zip": 75001, "n": 3})");
+  ParsedToolCalls typed = parse_tool_calls(text, ToolCallFormat::Hermes, &tools);
+  EXPECT_EQ(json_dumps(*typed.tool_calls.list()[0].get("function")->get("arguments")), R"({"zip": "75001", "n": 3})");
+  ToolCallStream stream(ToolCallFormat::Hermes, tools);
+  for (char c : text) stream.feed(std::string_view(&c, 1));
+  EXPECT_EQ(json_dumps(stream.finish().to_json()), json_dumps(typed.to_json()));
+  // the schemas apply to that parse only
+  EXPECT_EQ(json_dumps(parse_tool_calls(text, ToolCallFormat::Hermes).to_json()), json_dumps(bare.to_json()));
+}

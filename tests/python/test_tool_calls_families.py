@@ -161,7 +161,7 @@ def test_hostile_text_parses_in_linear_time(fmt, expr):
     assert seconds[1] < 2.0, (fmt, expr, seconds)
     # tens of thousands of calls scale a little worse than linearly (allocation,
     # cache misses: the Llama 3 parser does too), far from the 64 of quadratic
-    assert seconds[1] < 32 * seconds[0] + 0.1, (fmt, expr, seconds)
+    assert seconds[1] < 32 * seconds[0] + 0.5, (fmt, expr, seconds)  # slack: a shared machine
 
 
 def test_unknown_format_names_the_known_ones():

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from qforge.chat import ChatTemplate, detect_tool_call_format, parse_tool_calls, tool_call_formats
-from tool_call_roundtrip import TEMPLATES, calls_of, generated_text
+from tool_call_roundtrip import TEMPLATES, TOOLS, calls_of, generated_text
 
 EXPECTED_FORMAT = {
     "Apertus-8B-Instruct.jinja": "apertus",
@@ -187,3 +187,18 @@ def test_auto_reads_every_family_from_the_text_alone():
         text, expected = generated_text(template(name), 1)
         result = parse_tool_calls(text)
         assert calls_of(result) == expected, (name, text, result)
+
+
+NUMERIC_LOOKING = {"city": "75001", "unit": "true"}  # strings that spell a number and a bool
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if n not in RENDERS_NO_CALLS])
+def test_given_the_tools_string_parameters_stay_strings(name):
+    text, _ = generated_text(template(name), 1, arguments=[("get_weather", NUMERIC_LOOKING)])
+    with_tools = template(name).parse(text, tools=TOOLS)
+    assert with_tools["error"] is None
+    assert calls_of(with_tools) == [{"name": "get_weather", "arguments": NUMERIC_LOOKING}], (text, with_tools)
+    if any(tag in text for tag in ("<parameter=", "<arg_value>", "<parameter name=")):
+        # raw-printed values: without the schema "75001" reads as a number (docs/chat.md)
+        without = template(name).parse(text)
+        assert calls_of(without)[0]["arguments"]["city"] == 75001, (text, without)

@@ -48,10 +48,10 @@ VARIANTS = [
 ]
 
 
-def make_calls(n: int, arguments_as_string: bool) -> list[dict]:
+def make_calls(n: int, arguments_as_string: bool, arguments=ARGUMENTS) -> list[dict]:
     calls = []
     for i in range(n):
-        name, args = ARGUMENTS[i]
+        name, args = arguments[i]
         calls.append({"id": CALL_IDS[i], "type": "function",
                       "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)
                                    if arguments_as_string else args}})
@@ -66,15 +66,16 @@ def common_prefix(a: str, b: str) -> int:
     return i
 
 
-def generated_text(template, n: int, content: str | None = None,
-                   reasoning: str | None = None) -> tuple[str, list[dict]] | None:
+def generated_text(template, n: int, content: str | None = None, reasoning: str | None = None,
+                   arguments=ARGUMENTS) -> tuple[str, list[dict]] | None:
     """(the assistant turn's text as the model would generate it, the calls it
     carries), or None when the template does not render n calls (refuses
     them, or renders a turn without them). With `content` / `reasoning`, the
-    turn also carries that text / reasoning_content."""
+    turn also carries that text / reasoning_content. `arguments`: the
+    (name, arguments) of the calls, ARGUMENTS by default."""
     user = {"role": "user", "content": "What is the weather in Zürich, and find the docs?"}
     for v in VARIANTS:
-        calls = make_calls(n, v["as_string"])
+        calls = make_calls(n, v["as_string"], arguments)
         assistant = {"role": "assistant", "content": v["content"] if content is None else content, "tool_calls": calls}
         if reasoning is not None:
             assistant["reasoning_content"] = reasoning
@@ -95,8 +96,8 @@ def generated_text(template, n: int, content: str | None = None,
             if prompt.endswith(text[:k]) and text[:k].startswith("<"):
                 text = text[k:]
                 break
-        expected = [{"name": ARGUMENTS[i][0], "arguments": ARGUMENTS[i][1]} for i in range(n)]
-        if all(text.count(name) >= sum(1 for e in expected if e["name"] == name) for name, _ in ARGUMENTS[:n]):
+        expected = [{"name": arguments[i][0], "arguments": arguments[i][1]} for i in range(n)]
+        if all(text.count(name) >= sum(1 for e in expected if e["name"] == name) for name, _ in arguments[:n]):
             return text, expected
     return None
 

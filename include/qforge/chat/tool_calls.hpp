@@ -55,7 +55,12 @@ struct ParsedToolCalls {
   Value to_json() const;
 };
 
-ParsedToolCalls parse_tool_calls(std::string_view text, ToolCallFormat format = ToolCallFormat::Auto);
+// `tools` (optional): the OpenAI tool schemas the model was given. Formats
+// that print values raw (Qwen3-Coder / Seed-OSS / Nemotron 3 XML, GLM,
+// MiniMax) then keep a parameter declared {"type": "string"} as the string it
+// spells ("75001", "true") instead of reading it as a number or bool.
+ParsedToolCalls parse_tool_calls(std::string_view text, ToolCallFormat format = ToolCallFormat::Auto,
+                                 const Value* tools = nullptr);
 // "auto" or a family's name (tool_call_format_names(); a few aliases: "qwen",
 // "llama", ...); throws InvalidArgument otherwise.
 ToolCallFormat tool_call_format(std::string_view name);
@@ -74,13 +79,18 @@ ToolCallFormat detect_tool_call_format(std::string_view template_source);
 // kMaxToolCallTextBytes like any parse).
 class ToolCallStream {
  public:
-  explicit ToolCallStream(ToolCallFormat format = ToolCallFormat::Auto) : format_(format) { last_.tool_calls = Value(List{}); }
+  explicit ToolCallStream(ToolCallFormat format = ToolCallFormat::Auto, Value tools = Value())
+      : format_(format), tools_(std::move(tools)) {
+    last_.tool_calls = Value(List{});
+  }
   const ParsedToolCalls& feed(std::string_view chunk);
   ParsedToolCalls finish() const;
   const ParsedToolCalls& current() const { return last_; }
 
  private:
+  const Value* tools_ptr() const { return tools_.is_none() ? nullptr : &tools_; }
   ToolCallFormat format_;
+  Value tools_;  // as parse_tool_calls' tools (None: not given)
   std::string text_;
   ParsedToolCalls last_;
 };
