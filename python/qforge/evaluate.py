@@ -151,7 +151,7 @@ def evaluate_model(model, tokenizer, template, records: Sequence[dict], batch_si
     replies = generate_replies(model, tokenizer, template, turns, batch_size, max_new_tokens)
     rows = []
     for t, reply in zip(turns, replies):
-        parsed = parse_tool_calls(reply, fmt)
+        parsed = parse_tool_calls(reply, fmt, t["tools"])  # the schemas type raw-printed values
         rows.append({"record": t["record"], "turn": t["turn"], "expected_calls": t["calls"],
                      "expected_content": t["content"], "reply": reply, "parsed": parsed,
                      "scores": score_turn(t["calls"], t["content"], parsed)})

@@ -84,7 +84,8 @@ def test_qforge_eval_end_to_end(trained_run, tmp_path, capsys):
     report = json.loads((tmp_path / "a" / "eval.json").read_text(encoding="utf-8"))
     assert report["format"] == "llama3" and len(report["turns"]) == 7
     for row in report["turns"]:  # each reply read by the C++ parser with the template's format, and scored
-        assert row["parsed"] == parse_tool_calls(row["reply"], "llama3")
+        tools = builtin_dataset(4, seed=7)[row["record"]]["tools"]
+        assert row["parsed"] == parse_tool_calls(row["reply"], "llama3", tools)
         assert row["scores"] == score_turn(row["expected_calls"], row["expected_content"], row["parsed"])
     assert report["metrics"] == summarize([r["scores"] for r in report["turns"]])
     # batched generation (left padding) gives the same greedy replies as one at a time
