@@ -316,6 +316,54 @@ Value attr_path(Interp& in, const Value& item, const std::string& path, const No
   return cur;
 }
 
+// Python's int(s, base) (base 0 or 2..36) on stripped text: a sign, a
+// 0x / 0o / 0b prefix matching the base (any with base 0), single underscores
+// between digits. False when s is not such an int (or the base is invalid:
+// jinja2's int filter then tries float); OverflowError beyond 64 bits.
+bool py_int_from_string(Interp& in, std::string_view s, int64_t base, int64_t& out, const Node& at) {
+  if (base != 0 && (base < 2 || base > 36)) return false;
+  size_t p = 0;
+  bool negative = false;
+  if (p < s.size() && (s[p] == '+' || s[p] == '-')) negative = s[p++] == '-';
+  auto prefix = [&](char lower) {
+    return p + 1 < s.size() && s[p] == '0' && (s[p + 1] | 0x20) == lower;
+  };
+  int64_t b = base;
+  bool prefixed = true;
+  if ((b == 16 || b == 0) && prefix('x')) b = 16;
+  else if ((b == 8 || b == 0) && prefix('o')) b = 8;
+  else if ((b == 2 || b == 0) && prefix('b')) b = 2;
+  else prefixed = false;
+  if (prefixed) p += 2;
+  if (b == 0) b = 10;
+  unsigned __int128 acc = 0;
+  size_t digits = 0;
+  for (; p < s.size(); ++p) {
+    char c = s[p];
+    if (c == '_') {  // between digits (after a prefix too), never doubled or trailing
+      if ((digits == 0 && !prefixed) || p + 1 >= s.size() || s[p + 1] == '_') return false;
+      continue;
+    }
+    int d = c >= '0' && c <= '9' ? c - '0' : (c | 0x20) >= 'a' && (c | 0x20) <= 'z' ? (c | 0x20) - 'a' + 10 : 99;
+    if (d >= b) return false;
+    acc = acc * static_cast<unsigned>(b) + static_cast<unsigned>(d);
+    if (acc > (static_cast<unsigned __int128>(1) << 63)) in.fail("OverflowError", detail::concat("int too large for 64 bits: ", s), at);
+    ++digits;
+  }
+  if (digits == 0) return false;
+  if (!negative && acc == (static_cast<unsigned __int128>(1) << 63))
+    in.fail("OverflowError", detail::concat("int too large for 64 bits: ", s), at);
+  out = negative ? static_cast<int64_t>(-static_cast<__int128>(acc)) : static_cast<int64_t>(acc);
+  return true;
+}
+
+// environment.getitem for a filter's attribute= argument: an int indexes
+// (jinja2's make_attrgetter), a string is a dotted path.
+Value attr_value(Interp& in, const Value& item, const Value& attribute, const Node& at) {
+  if (attribute.is_int() && !attribute.is_bool()) return in.getitem(item, attribute, at);
+  return attr_path(in, item, as_text(attribute), at);
+}
+
 Value sort_key(const Value& v, bool case_sensitive) {
   if (!case_sensitive && v.is_string()) return Value(lower(v.str()));
   return v;
@@ -930,7 +978,7 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
       std::string out;
       for (size_t i = 0; i < items.size(); ++i) {
         if (i) out += sep;
-        if (attribute && !attribute->is_none()) py_str_to(out, attr_path(in, items[i], as_text(*attribute), at));
+        if (attribute && !attribute->is_none()) py_str_to(out, attr_value(in, items[i], *attribute, at));
         else py_str_to(out, items[i]);
         in.check_output(out.size(), at);
       }
@@ -979,7 +1027,7 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
         for (auto& kv : args.kw)
           if (kv.first == "default") dflt = &kv.second;
         for (auto& x : items) {
-          Value r = attr_path(in, x, as_text(*attribute), at);
+          Value r = attr_value(in, x, *attribute, at);
           out.push_back(r.is_undefined() && dflt ? *dflt : r);
         }
         return generator(std::move(out));
@@ -1025,13 +1073,9 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
       if (v.is_float()) return std::isfinite(v.as_float()) ? Value(float_to_int(in, v.as_float(), at)) : dflt;
       if (v.is_string()) {
         std::string s(strip(v.str(), nullptr, true, true));
+        int64_t iv;
+        if (py_int_from_string(in, s, arg_int(in, args, 1, "base", 10, at), iv, at)) return Value(iv);
         char* end = nullptr;
-        errno = 0;
-        long long iv = std::strtoll(s.c_str(), &end, 10);
-        if (!s.empty() && end && *end == 0) {
-          if (errno == ERANGE) in.fail("OverflowError", detail::concat("int too large for 64 bits: ", s), at);
-          return Value(static_cast<int64_t>(iv));
-        }
         double dv = std::strtod(s.c_str(), &end);
         if (!s.empty() && end && *end == 0 && std::isfinite(dv)) return Value(float_to_int(in, dv, at));
       }
@@ -1058,7 +1102,7 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
       std::unordered_multimap<uint64_t, Value> seen;  // hash -> key: O(n) expected, not O(n^2)
       seen.reserve(items.size());
       for (auto& x : items) {
-        Value k = sort_key(attribute && !attribute->is_none() ? attr_path(in, x, as_text(*attribute), at) : x, cs);
+        Value k = sort_key(attribute && !attribute->is_none() ? attr_value(in, x, *attribute, at) : x, cs);
         if (!hashable(k)) in.fail("TypeError", detail::concat("unhashable type: '", k.type_name(), "'"), at);
         uint64_t h = py_hash(k);
         auto [lo, hi] = seen.equal_range(h);
@@ -1136,7 +1180,7 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
       const Value* attribute = arg(args, 0, "attribute");
       Value total = arg(args, 1, "start") ? *arg(args, 1, "start") : Value(int64_t(0));
       for (auto& x : items)
-        total = in.binop(Op::Add, total, attribute && !attribute->is_none() ? attr_path(in, x, as_text(*attribute), at) : x, at);
+        total = in.binop(Op::Add, total, attribute && !attribute->is_none() ? attr_value(in, x, *attribute, at) : x, at);
       return total;
     }
     case F_MIN:
@@ -1145,10 +1189,18 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
       in.iterate(v, items, at);
       if (items.empty()) return Value::undefined(id == F_MIN ? "No aggregated item, sequence was empty." : "No aggregated item, sequence was empty.");
       bool cs = arg_bool(args, 0, "case_sensitive", false);
-      Value best = items[0];
+      const Value* attribute = arg(args, 1, "attribute");
+      auto key = [&](const Value& x) {
+        return sort_key(attribute && !attribute->is_none() ? attr_value(in, x, *attribute, at) : x, cs);
+      };
+      Value best = items[0], best_key = key(best);
       for (auto& x : items) {
-        int c = in.cmp(sort_key(x, cs), sort_key(best, cs), at, id == F_MIN ? "<" : ">");
-        if (id == F_MIN ? c < 0 : c > 0) best = x;
+        Value k = key(x);
+        int c = in.cmp(k, best_key, at, id == F_MIN ? "<" : ">");
+        if (id == F_MIN ? c < 0 : c > 0) {
+          best = x;
+          best_key = std::move(k);
+        }
       }
       return best;
     }
@@ -1281,7 +1333,7 @@ bool apply_test(Interp& in, int id, const std::string& name, const Value& v, Arg
     }
     case T_FILTER: return v.is_string() && filter_id(v.str()) >= 0;
     case T_TEST: return v.is_string() && test_id(v.str()) >= 0;
-    case T_ESCAPED: return false;
+    case T_ESCAPED: return v.is_markup();  // Markup (|safe, |escape) has __html__
     default: in.fail("TemplateRuntimeError", "No test named '" + name + "'.", at);
   }
 }
@@ -1551,7 +1603,7 @@ Value call_method(Interp& in, const Value& obj, const std::string& name, Args& a
 namespace {
 
 struct Builtin : Callable {
-  enum Id { Range, DictFn, NamespaceFn, RaiseException, StrftimeNow, Joiner, Cycler } id;
+  enum Id { Range, DictFn, NamespaceFn, RaiseException, StrftimeNow, Joiner, Cycler, DictFromKeys } id;
   explicit Builtin(Id i) : id(i) {}
   const char* type_name() const override { return "function"; }
   Value call(Interp& in, Args& args, const Node& at) override {
@@ -1581,6 +1633,19 @@ struct Builtin : Callable {
         l.reserve(static_cast<size_t>(n));
         for (int64_t i = 0; i < n; ++i) l.push_back(Value(static_cast<int64_t>(start + static_cast<__int128>(i) * step)));  // i * step may not fit
         return Value(std::move(l));
+      }
+      case DictFromKeys: {  // dict.fromkeys(iterable, value=None)
+        if (args.pos.empty() || args.pos.size() > 2)
+          in.fail("TypeError", detail::concat("fromkeys expected 1 or 2 arguments, got ", args.pos.size()), at);
+        List keys;
+        in.iterate(args.pos[0], keys, at);
+        Value out = Value::dict();
+        Value value = args.pos.size() > 1 ? args.pos[1] : Value();
+        for (auto& k : keys) {
+          if (!hashable(k)) in.fail("TypeError", detail::concat("unhashable type: '", k.type_name(), "'"), at);
+          out.set(k, value);
+        }
+        return out;
       }
       case DictFn:
       case NamespaceFn: {
@@ -1635,8 +1700,19 @@ struct Builtin : Callable {
         std::tm tm{};
         if (in.opt.now >= 0) gmtime_r(&t, &tm);
         else localtime_r(&t, &tm);
+        // transformers formats a naive datetime.now(): %Z and %z are empty
+        std::string fmt;
+        const std::string& f = args.pos[0].str();
+        for (size_t i = 0; i < f.size(); ++i) {
+          if (f[i] == '%' && i + 1 < f.size() && (f[i + 1] == 'Z' || f[i + 1] == 'z')) {
+            ++i;
+            continue;
+          }
+          fmt += f[i];
+          if (f[i] == '%' && i + 1 < f.size()) fmt += f[++i];
+        }
         char buf[512];
-        size_t n = std::strftime(buf, sizeof buf, args.pos[0].str().c_str(), &tm);
+        size_t n = std::strftime(buf, sizeof buf, fmt.c_str(), &tm);
         return Value(std::string(buf, n));
       }
     }
@@ -1645,6 +1721,13 @@ struct Builtin : Callable {
 };
 
 }  // namespace
+
+const Value* builtin_attribute(const Value& obj, const std::string& name) {
+  auto* b = obj.is_native() ? dynamic_cast<Builtin*>(obj.native()) : nullptr;
+  if (!b || b->id != Builtin::DictFn || name != "fromkeys") return nullptr;
+  static const Value* const fromkeys = process_values({Value(new Builtin(Builtin::DictFromKeys))});
+  return fromkeys;
+}
 
 void link_builtins(Program& prog) {
   static const std::pair<const char*, Builtin::Id> table[] = {

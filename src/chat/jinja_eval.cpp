@@ -153,6 +153,7 @@ Value Interp::getattr(const Value& obj, const std::string& name, const Node& at)
         if (name == "current") return c->items[c->pos];
         if (name == "next" || name == "reset") return Value(new BoundMethod(obj, name));
       }
+      if (const Value* v = builtin_attribute(obj, name)) return *v;
       return undefined_attr(obj, name);
     default:
       if (has_method(obj, name)) {
@@ -207,7 +208,8 @@ Value Interp::getitem(const Value& obj, const Value& key, const Node& at) {
   switch (obj.kind()) {
     case Kind::Dict:
     case Kind::Namespace: {
-      if (obj.is_namespace()) return missing();
+      // a namespace has no __getitem__: jinja2's getitem falls back to getattr for str keys
+      if (obj.is_namespace()) return key.is_string() ? getattr(obj, key.str(), at) : missing();
       if (const Value* v = obj.dict_ref().find(key)) return *v;
       return missing();
     }

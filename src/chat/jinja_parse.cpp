@@ -300,8 +300,37 @@ class Lexer {
     }
   }
 
+  // 0x1F, 0o17, 0b101 (underscores between digits, as jinja2's lexer)
+  size_t lex_prefixed_int(std::vector<Token>& out, size_t pos, int line, int col) {
+    const size_t n = src_.size();
+    char kind = static_cast<char>(src_[pos + 1] | 0x20);
+    int base = kind == 'x' ? 16 : kind == 'o' ? 8 : 2;
+    auto digit = [&](char c) {
+      int d = c >= '0' && c <= '9' ? c - '0' : (c | 0x20) >= 'a' && (c | 0x20) <= 'f' ? (c | 0x20) - 'a' + 10 : 99;
+      return d < base ? d : -1;
+    };
+    size_t p = pos + 2;
+    uint64_t v = 0;
+    size_t digits = 0;
+    while (p < n && (digit(src_[p]) >= 0 || (src_[p] == '_' && p + 1 < n && digit(src_[p + 1]) >= 0))) {
+      if (src_[p] != '_') {
+        if (v > (uint64_t{1} << 63) / static_cast<uint64_t>(base)) fail("integer literal too large", pos);
+        v = v * static_cast<uint64_t>(base) + static_cast<uint64_t>(digit(src_[p]));
+        ++digits;
+      }
+      ++p;
+    }
+    if (digits == 0 || v > static_cast<uint64_t>(INT64_MAX)) fail(digits ? "integer literal too large" : "invalid integer literal", pos);
+    Token t{TT::Int, std::string(src_.substr(pos, p - pos)), {}, line, col};
+    t.value = Value(static_cast<int64_t>(v));
+    out.push_back(std::move(t));
+    return p;
+  }
+
   size_t lex_number(std::vector<Token>& out, size_t pos, int line, int col) {
     const size_t n = src_.size();
+    if (src_[pos] == '0' && pos + 2 < n && std::strchr("xXoObB", src_[pos + 1]) && src_[pos + 1] != 0)
+      return lex_prefixed_int(out, pos, line, col);
     auto digits = [&](size_t p) {
       size_t s = p;
       while (p < n && (is_digit(src_[p]) || (src_[p] == '_' && p + 1 < n && is_digit(src_[p + 1]) && p > s))) ++p;

@@ -254,6 +254,8 @@ bool emit_filter(Interp& in, const Node& n, const Value& input, Frame& f, std::s
 bool apply_test(Interp& in, int id, const std::string& name, const Value& v, Args& args, const Node& at);
 // obj.name(args) for str/list/dict methods; found=false when obj has no such method.
 Value call_method(Interp& in, const Value& obj, const std::string& name, Args& args, const Node& at, bool& found);
+// An attribute of a global function (dict.fromkeys); nullptr when it has none.
+const Value* builtin_attribute(const Value& obj, const std::string& name);
 bool has_method(const Value& obj, const std::string& name);
 std::string object_type_repr(const Value& v);
 std::string html_escape(const std::string& s);  // markupsafe.escape

@@ -1,0 +1,58 @@
+"""Jinja features a new user tried with other projects' test cases (issue 13)
+that rendered differently from jinja2: each compared with live jinja2 as
+transformers configures it (test_chat_engine.jinja_render)."""
+from __future__ import annotations
+
+import pytest
+
+from qforge.chat import ChatTemplate, TemplateError
+from test_chat_engine import NOW, jinja_render
+
+SNIPPETS = [
+    # int's base= argument (it was ignored), Python's prefixes and underscores
+    "{{ 'ff'|int(base=16) }} {{ '0x1F'|int(base=16) }} {{ '0b101'|int(base=0) }} {{ '0o17'|int(base=0) }} "
+    "{{ '1_000'|int }} {{ 'z'|int(base=36) }} {{ '12'|int(base=8) }} {{ '9'|int(base=8) }} {{ ' -7 '|int }} "
+    "{{ '0x'|int(base=16, default=5) }} {{ 'ff'|int(base=99) }} {{ '1__0'|int }} {{ '_1'|int }}",
+    # min / max by attribute (they compared whole dicts)
+    "{{ [{'a': 2, 'b': 1}, {'a': 1, 'b': 5}]|min(attribute='a') }} {{ [{'a': 2}, {'a': 1}]|max(attribute='a') }} "
+    "{{ ['B', 'a']|min }} {{ [{'n': 'B'}, {'n': 'a'}]|max(attribute='n') }} "
+    "{{ [{'n': 'B'}, {'n': 'a'}]|max(attribute='n', case_sensitive=true) }}",
+    # an int attribute indexes (it gave Undefined)
+    "{{ [[1,2],[3,4]]|map(attribute=-1)|list }} {{ [[1,2],[3,4]]|join(',', attribute=0) }} "
+    "{{ [[1,2],[3,4]]|sum(attribute=1) }} {{ [[1,2],[3,4]]|map(attribute='1')|list }}",
+    # Markup is escaped
+    "{{ 'foo'|safe is escaped }} {{ 'foo' is escaped }} {{ 'a'|escape is escaped }} {{ 1 is escaped }}",
+    # a namespace subscripted by name
+    "{% set ns = namespace(a=1) %}{{ ns['a'] }} {{ ns['b'] is defined }} {% set ns.b = 2 %}{{ ns['b'] }}",
+    # transformers' strftime_now formats a naive datetime: no zone
+    "{{ strftime_now('%Z|%z|%Y-%m-%d') }} {{ strftime_now('%%Z') }}",
+    # dict.fromkeys
+    "{{ dict.fromkeys(['a', 'b'], 0) }} {{ dict.fromkeys('xy') }} {{ dict.fromkeys([1, 1, 2]) }}",
+    # hex, octal and binary literals
+    "{{ 0x1F }} {{ 0o17 }} {{ 0b101 }} {{ 0xff_ff }} {{ 0X1f + 1 }} {{ 0B1 }} {{ 0O7 }}",
+]
+
+ERRORS = [
+    "{{ dict.fromkeys([[1]]) }}",
+    "{{ dict.fromkeys() }}",
+]
+
+
+@pytest.mark.parametrize("source", SNIPPETS, ids=range(len(SNIPPETS)))
+def test_matches_jinja2(source):
+    assert ChatTemplate(source).render(now=NOW) == jinja_render(source)
+
+
+@pytest.mark.parametrize("source", ERRORS, ids=range(len(ERRORS)))
+def test_error_matches_jinja2(source):
+    with pytest.raises(Exception) as py_info:
+        jinja_render(source)
+    with pytest.raises(TemplateError) as info:
+        ChatTemplate(source).render(now=NOW)
+    assert info.value.kind == type(py_info.value).__name__
+
+
+def test_integer_literals_beyond_64_bits_are_refused_by_name():
+    for source in ("{{ 0x8000000000000000 }}", "{{ 0b" + "1" * 64 + " }}"):
+        with pytest.raises(TemplateError, match="integer literal too large"):
+            ChatTemplate(source)
