@@ -674,7 +674,9 @@ void format_field(Interp& in, std::string& out, const Value& v, const std::strin
   }
 }
 
-std::string str_format(Interp& in, const std::string& fmt, Args& args, const Node& at) {
+// str.format; escape: Markup.format, which HTML-escapes each formatted field
+// whose value is not Markup itself.
+std::string str_format(Interp& in, const std::string& fmt, Args& args, const Node& at, bool escape = false) {
   std::string out;
   size_t auto_idx = 0;
   for (size_t i = 0; i < fmt.size(); ++i) {
@@ -698,7 +700,15 @@ std::string str_format(Interp& in, const std::string& fmt, Args& args, const Nod
         conversion = name[bang + 1];
         name.resize(bang);
       }
+      // field access after the argument name: .attr and [key], as jinja2's
+      // sandboxed formatter resolves them (environment getattr / getitem)
+      std::string access;
+      if (size_t cut = name.find_first_of(".["); cut != std::string::npos) {
+        access = name.substr(cut);
+        name.resize(cut);
+      }
       Value v;
+      if (name.empty() && !access.empty()) in.fail("ValueError", "Empty attribute in format string", at);
       if (name.empty()) {
         if (auto_idx >= args.pos.size()) in.fail("IndexError", "Replacement index out of range for positional args tuple", at);
         v = args.pos[auto_idx++];
@@ -713,8 +723,24 @@ std::string str_format(Interp& in, const std::string& fmt, Args& args, const Nod
         if (!kv) in.fail("KeyError", "'" + name + "'", at);
         v = *kv;
       }
+      for (size_t a = 0; a < access.size();) {
+        bool item = access[a] == '[';
+        size_t end = item ? access.find(']', a) : access.find_first_of(".[", a + 1);
+        if (item && end == std::string::npos) in.fail("ValueError", "Missing ']' in format string", at);
+        std::string key = access.substr(a + 1, (end == std::string::npos ? access.size() : end) - a - 1);
+        if (key.empty()) in.fail("ValueError", "Empty attribute in format string", at);
+        bool digits = std::all_of(key.begin(), key.end(), [](char d) { return d >= '0' && d <= '9'; }) && key.size() < 19;
+        v = item ? in.getitem(v, digits ? Value(static_cast<int64_t>(std::stoll(key))) : Value(key), at)
+                 : in.getattr(v, key, at);
+        a = end == std::string::npos ? access.size() : end + (item ? 1 : 0);
+      }
       if (conversion) v = Value(conversion == 's' ? py_str(v) : py_repr(v));
+      size_t field_start = out.size();
       format_field(in, out, v, spec, at);
+      if (escape && !v.is_markup()) {
+        std::string escaped = html_escape(out.substr(field_start));
+        out.replace(field_start, std::string::npos, escaped);
+      }
       in.check_output(out.size(), at);
       i = e;
     } else if (c == '}') {
@@ -1113,7 +1139,7 @@ Value apply_filter(Interp& in, int id, const std::string& name, Value v, Args& a
           out.push_back(x);
         }
       }
-      return Value(std::move(out));
+      return generator(std::move(out));  // jinja2's unique yields
     }
     case F_SORT: {
       List items;
@@ -1417,7 +1443,24 @@ Value call_method(Interp& in, const Value& obj, const std::string& name, Args& a
   found = true;
   if (obj.is_string()) {
     const std::string& s = obj.str();
-    if (name == "__mod__") return Value(percent_format(in, s, args.pos[0], at));
+    if (name == "__mod__") {
+      if (!obj.is_markup()) return Value(percent_format(in, s, args.pos[0], at));
+      // Markup % args: each argument that is not a number or Markup is formatted escaped
+      auto escaped = [](const Value& x) {
+        return x.is_number() || x.is_markup() || x.is_none() ? x : Value::markup(html_escape(py_str(x)));
+      };
+      const Value& a = args.pos[0];
+      Value safe_args = escaped(a);
+      if (a.kind() == Kind::Tuple) {
+        List items;
+        for (auto& x : a.list()) items.push_back(escaped(x));
+        safe_args = Value::tuple(std::move(items));
+      } else if (a.is_dict()) {
+        safe_args = Value::dict();
+        for (auto& [k, x] : a.dict_ref().items) safe_args.set(k, escaped(x));
+      }
+      return Value::markup(percent_format(in, s, safe_args, at));
+    }
     if (name == "strip") return strip_value(obj, s, arg(args, 0, "chars"), true, true);
     if (name == "lstrip") return strip_value(obj, s, arg(args, 0, "chars"), true, false);
     if (name == "rstrip") return strip_value(obj, s, arg(args, 0, "chars"), false, true);
@@ -1502,7 +1545,10 @@ Value call_method(Interp& in, const Value& obj, const std::string& name, Args& a
       }
       return Value(std::move(out));
     }
-    if (name == "format") return Value(str_format(in, s, args, at));
+    if (name == "format") {
+      std::string r = str_format(in, s, args, at, obj.is_markup());
+      return obj.is_markup() ? Value::markup(std::move(r)) : Value(std::move(r));
+    }
     if (name.rfind("is", 0) == 0) {
       auto cps = utf8_decode(s);
       if (name == "isascii") return Value(std::all_of(cps.begin(), cps.end(), [](uint32_t c) { return c < 0x80; }));

@@ -30,11 +30,23 @@ SNIPPETS = [
     "{{ dict.fromkeys(['a', 'b'], 0) }} {{ dict.fromkeys('xy') }} {{ dict.fromkeys([1, 1, 2]) }}",
     # hex, octal and binary literals
     "{{ 0x1F }} {{ 0o17 }} {{ 0b101 }} {{ 0xff_ff }} {{ 0X1f + 1 }} {{ 0B1 }} {{ 0O7 }}",
+    # Markup's % and format escape their arguments (they did not)
+    "{{ ('<b>%s|%5s|%d</b>'|safe) % ('<i>', '<', 3) }} {{ ('%(a)s'|safe) % {'a': '<'} }} "
+    "{{ ('%s'|safe) % ('<x>'|safe) }} {{ ('%s'|safe) % none }} {{ ('%s'|safe) % [1, '<'] }}",
+    "{{ ('<b>{}</b>'|safe).format('<i>') }} {{ ('{:>5}|{}'|safe).format('<', '<i>'|safe) }} "
+    "{{ ('{}'|safe).format('<') is escaped }} {{ '{}'.format('<') is escaped }}",
+    # str.format field access: [key] and .attr (jinja2's sandboxed formatter: getitem / getattr)
+    "{{ '{0[k]}'.format({'k': 1}) }} {{ '{0.k}'.format({'k': 1}) }} {{ '{0[1]}'.format([5, 6]) }} "
+    "{{ '{a[x][0]}|{a.x[1]:>3}'.format(a={'x': [7, 8]}) }} {{ ('{0[k]}'|safe).format({'k': '<'}) }}",
+    # unique is a generator, as jinja2's
+    "{{ [1, 2, 2]|unique|list }} {{ [1, 2, 2]|unique|join(',') }} {{ ['a', 'A']|unique|list }}",
 ]
 
 ERRORS = [
     "{{ dict.fromkeys([[1]]) }}",
     "{{ dict.fromkeys() }}",
+    "{{ [1, 2, 2]|unique|length }}",  # a generator has no len()
+    "{{ '{0[}'.format([1]) }}",
 ]
 
 
