@@ -16,7 +16,7 @@ enum class NK : uint8_t {
   Const, Name, Getattr, Getitem, Slice, Call, Filter, Test, Neg, Pos, Not, And, Or,
   BinOp, Compare, CondExpr, ListLit, TupleLit, DictLit, Concat,
   // statements
-  Text, Emit, If, For, Set, SetBlock, Macro, CallBlock, FilterBlock, Break, Continue,
+  Text, Emit, If, For, Set, SetBlock, Macro, CallBlock, FilterBlock, With, Break, Continue,
   Generation, Body,
 };
 

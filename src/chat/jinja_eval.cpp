@@ -913,6 +913,17 @@ Interp::Flow Interp::exec(const std::vector<NodePtr>& body, Frame& f, std::strin
         assign(*this, *n.args[0], v, f);
         break;
       }
+      case NK::With: {  // the values see the enclosing scope; the names live in the block only
+        List values;
+        for (size_t i = 1; i < n.args.size(); i += 2) values.push_back(eval(*n.args[i], f));
+        Scope scope(prog.has_macros, &f);
+        for (size_t i = 0; i < n.args.size(); i += 2) assign(*this, *n.args[i], values[i / 2], scope.frame);
+        if (++depth > opt.limits.max_call_depth) fail_blocks(n);
+        Flow fl = exec(n.body, scope.frame, out);
+        --depth;
+        if (fl != Flow::Normal) return fl;
+        break;
+      }
       case NK::FilterBlock: {
         std::string captured;
         exec(n.body, f, captured);

@@ -562,6 +562,7 @@ class Parser {
     if (kw == "macro") return parse_macro();
     if (kw == "call") return parse_call_block();
     if (kw == "filter") return parse_filter_block();
+    if (kw == "with") return parse_with();
     if (kw == "generation") {
       ++i_;
       auto n = node(NK::Generation, t);
@@ -651,7 +652,10 @@ class Parser {
     const Token& t = cur();
     ++i_;
     NodePtr target;
-    if (cur().type == TT::Name && peek().type == TT::Operator && peek().text == "." && peek(2).type == TT::Name) {
+    auto at_ns_ref = [&] {
+      return cur().type == TT::Name && peek().type == TT::Operator && peek().text == "." && peek(2).type == TT::Name;
+    };
+    auto ns_ref = [&] {  // ns.attr
       auto ns = node(NK::Getattr, cur());
       auto nm = node(NK::Name, cur());
       nm->name = cur().text;
@@ -659,9 +663,28 @@ class Parser {
       i_ += 2;
       ns->name = expect_name();
       ns->args.push_back(std::move(nm));
-      target = std::move(ns);
-    } else {
+      return ns;
+    };
+    if (is_op("(")) {
       target = parse_assign_target(true, {});
+    } else {  // names and namespace attributes (ns.a), a tuple when comma-separated (jinja2 >= 3.1.5)
+      auto tuple = node(NK::TupleLit, t);
+      do {
+        if (cur().type == TT::BlockEnd) break;  // {% set a, %}: a tuple target
+        if (is_op("=")) fail("unexpected '='");
+        tuple->args.push_back(at_ns_ref() ? ns_ref() : parse_primary());
+      } while (skip_op(","));
+      bool single = tuple->args.size() == 1 && !(t_[i_ - 1].type == TT::Operator && t_[i_ - 1].text == ",");
+      for (auto& item : tuple->args) {
+        bool assignable = item->kind == NK::Getattr ||
+                          (item->kind == NK::Name && item->name != "true" && item->name != "false" && item->name != "none" &&
+                           item->name != "True" && item->name != "False" && item->name != "None");
+        if (assignable) continue;
+        if (!single) fail("can't assign to 'tuple'");
+        if (item->kind == NK::Name) fail("Can't assign to special constant");
+        fail("can't assign to '" + std::string(item->kind == NK::Const ? "const" : "expression") + "'");
+      }
+      target = single ? std::move(tuple->args[0]) : std::move(tuple);
     }
     if (skip_op("=")) {
       auto n = node(NK::Set, t);
@@ -746,6 +769,25 @@ class Parser {
     open_blocks_.push_back("filter");
     std::string end;
     n->body = subparse({"endfilter"}, end);
+    open_blocks_.pop_back();
+    expect_block_end();
+    return n;
+  }
+
+  // {% with a = x, b = y %}body{% endwith %}: args = target, value, target, value, ...
+  NodePtr parse_with() {
+    auto n = node(NK::With, cur());
+    ++i_;
+    while (cur().type != TT::BlockEnd) {
+      if (!n->args.empty()) expect_op(",");
+      n->args.push_back(parse_assign_target(true, {}));
+      expect_op("=");
+      n->args.push_back(parse_expression(true));
+    }
+    expect_block_end();
+    open_blocks_.push_back("with");
+    std::string end;
+    n->body = subparse({"endwith"}, end);
     open_blocks_.pop_back();
     expect_block_end();
     return n;

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from qforge.chat import ChatTemplate, TemplateError
-from test_chat_engine import NOW, jinja_render
+from test_chat_engine import NOW, jinja2, jinja_render
 
 SNIPPETS = [
     # int's base= argument (it was ignored), Python's prefixes and underscores
@@ -40,6 +40,14 @@ SNIPPETS = [
     "{{ '{a[x][0]}|{a.x[1]:>3}'.format(a={'x': [7, 8]}) }} {{ ('{0[k]}'|safe).format({'k': '<'}) }}",
     # unique is a generator, as jinja2's
     "{{ [1, 2, 2]|unique|list }} {{ [1, 2, 2]|unique|join(',') }} {{ ['a', 'A']|unique|list }}",
+    # {% with %}: values see the enclosing scope, names and sets stay inside
+    "{% with x = 1 %}{{ x }}{% endwith %}[{{ x }}] {% with %}{% set y = 2 %}{{ y }}{% endwith %}[{{ y }}]",
+    "{% set a = 5 %}{% with a = a + 1, b = a %}{{ a }}{{ b }}{% endwith %}{{ a }}",
+    "{% for i in [1, 2, 3] %}{% with j = i * 2 %}{% if j > 4 %}{% break %}{% endif %}{{ j }}{% endwith %}{% endfor %}",
+    "{% macro m() %}{% with q = 3 %}{{ q }}{% endwith %}{% endmacro %}{{ m() }}",
+    # tuple targets holding namespace attributes
+    "{% set ns = namespace(a=1, b=2) %}{% set ns.a, ns.b = 3, 4 %}{{ ns.a }}{{ ns.b }}",
+    "{% set ns = namespace() %}{% set x, ns.y = 1, 2 %}{{ x }}{{ ns.y }} {% set (p, q) = 'xy' %}{{ q }}",
 ]
 
 ERRORS = [
@@ -47,6 +55,13 @@ ERRORS = [
     "{{ dict.fromkeys() }}",
     "{{ [1, 2, 2]|unique|length }}",  # a generator has no len()
     "{{ '{0[}'.format([1]) }}",
+    "{% with a, b = 1, 2 %}{% endwith %}",
+    "{% with x = 1 %}{{ x }}",
+    "{% with x %}{% endwith %}",
+    "{% set a, = [7] %}",
+    "{% set = 1 %}",
+    "{% set a, 1 = 2, 3 %}",
+    "{% set ns = namespace() %}{% set ns.a, ns._b = 1, 2 %}",
 ]
 
 
@@ -62,6 +77,8 @@ def test_error_matches_jinja2(source):
     with pytest.raises(TemplateError) as info:
         ChatTemplate(source).render(now=NOW)
     assert info.value.kind == type(py_info.value).__name__
+    if isinstance(py_info.value, jinja2.TemplateSyntaxError):
+        assert info.value.message == py_info.value.message
 
 
 def test_integer_literals_beyond_64_bits_are_refused_by_name():
