@@ -3,6 +3,7 @@
 // and turns it into a status code plus qf_last_error(), so no exception ever
 // crosses the ABI.
 #pragma once
+#include "qforge/export.hpp"
 #include <cstdio>
 #include <stdexcept>
 #include <string>
@@ -11,15 +12,15 @@
 
 namespace qforge {
 
-struct Error : std::runtime_error {
+struct QFORGE_API Error : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 // The caller passed something wrong: a size, dtype, blocksize, a malformed file.
-struct InvalidArgument : Error {
+struct QFORGE_API InvalidArgument : Error {
   using Error::Error;
 };
 // Something outside the caller's control failed: CUDA, cuBLAS, the OS.
-struct RuntimeFailure : Error {
+struct QFORGE_API RuntimeFailure : Error {
   using Error::Error;
 };
 

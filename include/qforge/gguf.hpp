@@ -12,6 +12,7 @@
 //    destination; finish() fsyncs it and moves it into place, so the
 //    destination is complete or absent.
 #pragma once
+#include "qforge/export.hpp"
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -43,21 +44,21 @@ inline constexpr size_t kMaxStringBytes = size_t{1} << 30;
 inline constexpr int64_t kMaxArrayLength = int64_t{1} << 31;
 inline constexpr int kMaxThreads = 256;
 
-bool is_supported(uint32_t type);
-Type to_type(uint32_t type);          // throws InvalidArgument naming unsupported types
-const char* type_name(Type type);     // "q4_K", ... as ggml names them
-int64_t block_elements(Type type);    // elements per block (1 for f32/f16/bf16)
-int64_t block_bytes(Type type);       // bytes per block
+QFORGE_API bool is_supported(uint32_t type);
+QFORGE_API Type to_type(uint32_t type);          // throws InvalidArgument naming unsupported types
+QFORGE_API const char* type_name(Type type);     // "q4_K", ... as ggml names them
+QFORGE_API int64_t block_elements(Type type);    // elements per block (1 for f32/f16/bf16)
+QFORGE_API int64_t block_bytes(Type type);       // bytes per block
 // Bytes of one row of ncols elements; throws unless ncols is a multiple of the block.
-int64_t row_bytes(Type type, int64_t ncols);
+QFORGE_API int64_t row_bytes(Type type, int64_t ncols);
 
 // Encode nrows x ncols floats (row-major) as `type` into out (nrows *
 // row_bytes bytes, checked against out_bytes). threads <= 0: all cores.
-void quantize_rows(Type type, const float* x, int64_t nrows, int64_t ncols, void* out,
+QFORGE_API void quantize_rows(Type type, const float* x, int64_t nrows, int64_t ncols, void* out,
                    int64_t out_bytes, int threads);
 
 // One block row of the reference quantizers, single-threaded (the definition).
-void quantize_row_reference(Type type, const float* x, int64_t n, void* out);
+QFORGE_API void quantize_row_reference(Type type, const float* x, int64_t n, void* out);
 
 // llama-quantize's per-tensor type choice (llama_tensor_get_type in
 // src/llama-quant.cpp, no imatrix, no overrides) for the dense architectures
@@ -68,10 +69,10 @@ void quantize_row_reference(Type type, const float* x, int64_t n, void* out);
 // count; is_70b marks llama.cpp's LLM_TYPE_70B (80 layers, grouped KV).
 // Returns the ggml type per tensor.
 enum class Mix : uint32_t { F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4, Q4_K_M = 5, Q5_K_M = 6, Q6_K = 7 };
-std::vector<Type> mix_types(Mix mix, const std::vector<std::string>& names, const std::vector<int32_t>& n_dims,
+QFORGE_API std::vector<Type> mix_types(Mix mix, const std::vector<std::string>& names, const std::vector<int32_t>& n_dims,
                             const std::vector<int64_t>& ne0, int n_layer, bool is_70b);
 
-class Writer {
+class QFORGE_API Writer {
  public:
   // path: the destination; refused when it exists unless overwrite.
   Writer(std::string path, bool overwrite);

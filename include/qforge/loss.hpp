@@ -21,6 +21,7 @@
 // GEMMs (as PyTorch's own bf16 matmul output is); everything else runs in fp32.
 // NaN or Inf in hidden/weight propagates to the loss and the gradients.
 #pragma once
+#include "qforge/export.hpp"
 #include <cstdint>
 
 namespace qforge::loss {
@@ -28,7 +29,7 @@ namespace qforge::loss {
 enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
 enum class Reduction : int { None = 0, Mean = 1, Sum = 2 };
 
-struct LceOptions {
+struct QFORGE_API LceOptions {
   int64_t ignore_index = -100;
   float label_smoothing = 0.0f;
   float softcap = 0.0f;  // <= 0: no soft-capping
@@ -39,7 +40,7 @@ struct LceOptions {
   bool validate = true;  // CUDA: check labels on the host side (one stream sync)
 };
 
-struct LceInputs {
+struct QFORGE_API LceInputs {
   const void* hidden = nullptr;  // [N, D], row-major, dtype
   const void* weight = nullptr;  // [V, D], row-major, dtype
   const void* bias = nullptr;    // [V] dtype, or null
@@ -49,7 +50,7 @@ struct LceInputs {
   const float* class_weight = nullptr;   // [V] fp32, or null
 };
 
-struct LceOutputs {
+struct QFORGE_API LceOutputs {
   float* loss = nullptr;           // [1] (mean/sum) or [N] (none); required
   float* lse = nullptr;            // [N] or null
   void* grad_hidden = nullptr;     // [N, D] dtype, or null: not computed
@@ -66,7 +67,7 @@ struct LceOutputs {
 // the C ABI's qf_tensor, translated. Element types and devices use the C
 // ABI's numbering (qf_dtype, qf_device).
 constexpr int kMaxDims = 8;
-struct TensorRef {
+struct QFORGE_API TensorRef {
   const void* data = nullptr;
   int elem = 0;          // qf_dtype
   int device = 0;        // qf_device
@@ -77,13 +78,13 @@ struct TensorRef {
   bool present() const { return ndim >= 0; }
 };
 
-struct LceTensors {
+struct QFORGE_API LceTensors {
   TensorRef hidden, weight, bias, labels, class_weight;
   TensorRef loss, lse, grad_hidden, grad_weight, grad_bias, grad_scale, workspace;
 };
 
 // What lce_forward_* take, bound from checked tensors.
-struct LceCall {
+struct QFORGE_API LceCall {
   LceInputs in;
   LceOutputs out;
   void* workspace = nullptr;
@@ -96,29 +97,29 @@ struct LceCall {
 // device) against the others and `opt`, throwing InvalidArgument that names
 // the tensor and what is wrong. lce_forward_* then run lce_check (options,
 // workspace size, labels' range).
-LceCall lce_bind(const LceTensors& t, const LceOptions& opt);
+QFORGE_API LceCall lce_bind(const LceTensors& t, const LceOptions& opt);
 
-const char* dtype_name(DType d);
-int64_t dtype_size(DType d);
+QFORGE_API const char* dtype_name(DType d);
+QFORGE_API int64_t dtype_size(DType d);
 
 // Bytes of workspace lce_forward needs for these sizes (chunk 0 = N).
-int64_t lce_workspace_bytes(bool cuda, int64_t N, int64_t D, int64_t V, DType dtype,
+QFORGE_API int64_t lce_workspace_bytes(bool cuda, int64_t N, int64_t D, int64_t V, DType dtype,
                             int64_t chunk);
 
 // Validates everything (shapes, options, buffer sizes; labels on CPU) and
 // throws InvalidArgument naming the problem.
-void lce_check(const LceInputs& in, const LceOptions& opt, const LceOutputs& out,
+QFORGE_API void lce_check(const LceInputs& in, const LceOptions& opt, const LceOutputs& out,
                int64_t workspace_bytes, bool cuda);
 
-void lce_forward_cpu(const LceInputs& in, const LceOptions& opt, const LceOutputs& out,
+QFORGE_API void lce_forward_cpu(const LceInputs& in, const LceOptions& opt, const LceOutputs& out,
                      void* workspace, int64_t workspace_bytes);
 // Pointers are device pointers; runs on `stream` (a cudaStream_t).
-void lce_forward_cuda(const LceInputs& in, const LceOptions& opt, const LceOutputs& out,
+QFORGE_API void lce_forward_cuda(const LceInputs& in, const LceOptions& opt, const LceOutputs& out,
                       void* workspace, int64_t workspace_bytes, void* stream);
 
 // x[i] *= scale[0] for n elements of dtype (fp32 arithmetic, rounded once);
 // scale lives where x does. The backward pass's rescale by the upstream gradient.
-void scale_inplace_cpu(void* x, DType dtype, int64_t n, const float* scale);
-void scale_inplace_cuda(void* x, DType dtype, int64_t n, const float* scale, void* stream);
+QFORGE_API void scale_inplace_cpu(void* x, DType dtype, int64_t n, const float* scale);
+QFORGE_API void scale_inplace_cuda(void* x, DType dtype, int64_t n, const float* scale, void* stream);
 
 }  // namespace qforge::loss

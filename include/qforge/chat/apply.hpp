@@ -2,6 +2,7 @@
 // transformers/utils/chat_template_utils.py): reasoning-field aliasing,
 // continue_final_message, generation spans.
 #pragma once
+#include "qforge/export.hpp"
 #include <string>
 #include <string_view>
 #include <utility>
@@ -12,7 +13,7 @@
 
 namespace qforge::chat {
 
-struct ChatRequest {
+struct QFORGE_API ChatRequest {
   Value messages;                       // list of dicts
   Value tools;                          // list of JSON schemas, or None
   Value documents;                      // list of dicts, or None
@@ -21,7 +22,7 @@ struct ChatRequest {
   Value kwargs = Value::dict();         // extra template variables (bos_token, date_string, ...)
 };
 
-struct ChatRendered {
+struct QFORGE_API ChatRendered {
   std::string text;
   // {% generation %} blocks as [start, end) code point offsets (Python indices)
   // into the text as the template rendered it, before a continue_final_message cut.
@@ -31,7 +32,7 @@ struct ChatRendered {
 // Throws TemplateError for template failures and InvalidArgument for bad
 // requests (messages that are not dicts, continue_final_message problems),
 // with transformers' messages.
-ChatRendered apply_chat_template(const Template& tmpl, const ChatRequest& req, const RenderOptions& opt = {});
+QFORGE_API ChatRendered apply_chat_template(const Template& tmpl, const ChatRequest& req, const RenderOptions& opt = {});
 
 // The most threads a batch renders on; more are asked for in vain.
 inline constexpr int kMaxBatchThreads = 256;
@@ -44,27 +45,27 @@ inline constexpr int kMaxBatchThreads = 256;
 // error, the calling thread does their share. Shared values' tojson is
 // computed once per thread. Results in input order; the first failure is
 // rethrown (naming the conversation's index).
-std::vector<ChatRendered> apply_chat_template_batch(const Template& tmpl, const ChatRequest& shared,
+QFORGE_API std::vector<ChatRendered> apply_chat_template_batch(const Template& tmpl, const ChatRequest& shared,
                                                     const List& conversations, const RenderOptions& opt = {},
                                                     int threads = 1);
 
 // The same with the conversations as one JSON list (each element parsed by
 // the thread that renders it).
-std::vector<ChatRendered> apply_chat_template_batch_json(const Template& tmpl, const ChatRequest& shared,
+QFORGE_API std::vector<ChatRendered> apply_chat_template_batch_json(const Template& tmpl, const ChatRequest& shared,
                                                          std::string_view conversations_json,
                                                          const RenderOptions& opt = {}, int threads = 1);
 
 // The same with conversation i as Python's marshal.dumps(messages, 4) in
 // conversations[i] (each parsed by the thread that renders it).
-std::vector<ChatRendered> apply_chat_template_batch_marshal(const Template& tmpl, const ChatRequest& shared,
+QFORGE_API std::vector<ChatRendered> apply_chat_template_batch_marshal(const Template& tmpl, const ChatRequest& shared,
                                                             const std::vector<std::string_view>& conversations,
                                                             const RenderOptions& opt = {}, int threads = 1);
 
 // A request from one JSON object: {"messages": [...], "tools": ..., "documents": ...,
 // "add_generation_prompt": bool, "continue_final_message": bool|str, <any other key>: kwarg}.
-ChatRequest chat_request_from_json(const Value& obj);
+QFORGE_API ChatRequest chat_request_from_json(const Value& obj);
 
 // The official Llama 3.1 / 3.2 / 3.3 chat templates (for tokenizers that lack one).
-const char* llama3_template(int minor);  // 1, 2 or 3; nullptr otherwise
+QFORGE_API const char* llama3_template(int minor);  // 1, 2 or 3; nullptr otherwise
 
 }  // namespace qforge::chat

@@ -3,6 +3,7 @@
 // lstrip_blocks and loop controls, transformers' tojson / raise_exception /
 // strftime_now / dict / namespace globals and the {% generation %} block.
 #pragma once
+#include "qforge/export.hpp"
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -20,7 +21,7 @@ namespace qforge::chat {
 // raise_exception, UndefinedError, SecurityError, TypeError, ...), `message`
 // its text as Python would print it, and line/column where it happened
 // (1-based; 0 when unknown). what() = "Kind: message (line L:C)".
-struct TemplateError : InvalidArgument {
+struct QFORGE_API TemplateError : InvalidArgument {
   TemplateError(std::string kind, std::string message, int line, int column);
   std::string kind, message;
   int line, column;
@@ -29,7 +30,7 @@ struct TemplateError : InvalidArgument {
 // What one render may use; reaching a limit raises TemplateError whose kind
 // and message name it (docs/chat.md, "Limits"). The defaults render every
 // real chat template with room to spare.
-struct RenderLimits {
+struct QFORGE_API RenderLimits {
   // Time: loop iterations, calls (macros, filters, methods, functions), the
   // items a filter or method walks (sort, unique, join, ...), a step per 64
   // bytes of string read or built by filters, methods, `in`, `~`, `+` and
@@ -50,7 +51,7 @@ struct RenderLimits {
 
 struct RenderCache;  // memoised tojson of shared values across renders (private)
 
-struct RenderOptions {
+struct QFORGE_API RenderOptions {
   // Seconds since the epoch (UTC) that strftime_now() formats; < 0: now,
   // local time, as Python's datetime.now().
   int64_t now = -1;
@@ -61,7 +62,7 @@ struct RenderOptions {
   size_t reserve = 0;  // expected output size (bytes), to size the buffer once
 };
 
-struct RenderResult {
+struct QFORGE_API RenderResult {
   std::string text;
   // [start, end) byte offsets of each {% generation %} block's output.
   std::vector<std::pair<size_t, size_t>> generation;
@@ -69,7 +70,7 @@ struct RenderResult {
 
 struct Program;  // the compiled template (private)
 
-class Template {
+class QFORGE_API Template {
  public:
   // Compiles; throws TemplateError (kind TemplateSyntaxError) with line:column.
   explicit Template(std::string_view source);

@@ -20,6 +20,7 @@
 // without its pair) also reads as U+FFFD. Every string of a result is valid
 // UTF-8.
 #pragma once
+#include "qforge/export.hpp"
 #include <cstddef>
 #include <string>
 #include <string_view>
@@ -45,7 +46,7 @@ inline constexpr size_t kMaxToolCallTextBytes = size_t{8} << 20;
 // (error set). Linear inputs take at most a few per byte.
 inline constexpr size_t kMaxToolCallScanFactor = 16;
 
-struct ParsedToolCalls {
+struct QFORGE_API ParsedToolCalls {
   Value content;     // str (text around the calls) or None
   Value reasoning_content;  // str (the family's thinking block) or None
   Value tool_calls;  // list of {"type": "function", "function": {"name", "arguments": dict}}
@@ -59,16 +60,16 @@ struct ParsedToolCalls {
 // that print values raw (Qwen3-Coder / Seed-OSS / Nemotron 3 XML, GLM,
 // MiniMax) then keep a parameter declared {"type": "string"} as the string it
 // spells ("75001", "true") instead of reading it as a number or bool.
-ParsedToolCalls parse_tool_calls(std::string_view text, ToolCallFormat format = ToolCallFormat::Auto,
+QFORGE_API ParsedToolCalls parse_tool_calls(std::string_view text, ToolCallFormat format = ToolCallFormat::Auto,
                                  const Value* tools = nullptr);
 // "auto" or a family's name (tool_call_format_names(); a few aliases: "qwen",
 // "llama", ...); throws InvalidArgument otherwise.
-ToolCallFormat tool_call_format(std::string_view name);
-const char* tool_call_format_name(ToolCallFormat format);
-std::vector<std::string> tool_call_format_names();
+QFORGE_API ToolCallFormat tool_call_format(std::string_view name);
+QFORGE_API const char* tool_call_format_name(ToolCallFormat format);
+QFORGE_API std::vector<std::string> tool_call_format_names();
 // The format a chat template's model writes calls in, from markers in the
 // template source (as llama.cpp's common/chat does); Auto when none is known.
-ToolCallFormat detect_tool_call_format(std::string_view template_source);
+QFORGE_API ToolCallFormat detect_tool_call_format(std::string_view template_source);
 
 // Incremental parsing of streamed text: feed() chunks, read the content and
 // reasoning so far and the calls completed so far; finish() is exactly
@@ -77,7 +78,7 @@ ToolCallFormat detect_tool_call_format(std::string_view template_source);
 // and text that may start a call marker is held back from content. Each
 // feed() re-reads the text so far (linear in it; the text is bounded by
 // kMaxToolCallTextBytes like any parse).
-class ToolCallStream {
+class QFORGE_API ToolCallStream {
  public:
   explicit ToolCallStream(ToolCallFormat format = ToolCallFormat::Auto, Value tools = Value())
       : format_(format), tools_(std::move(tools)) {
@@ -97,6 +98,6 @@ class ToolCallStream {
 
 // `text` with each invalid UTF-8 sequence replaced by U+FFFD as described
 // above; `text` itself (no copy, `storage` untouched) when it is valid.
-std::string_view scrub_utf8(std::string_view text, std::string& storage);
+QFORGE_API std::string_view scrub_utf8(std::string_view text, std::string& storage);
 
 }  // namespace qforge::chat

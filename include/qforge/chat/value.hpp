@@ -11,6 +11,7 @@
 // thread). Values reachable from a compiled Template are immortal (never
 // counted), so one Template renders on many threads at once.
 #pragma once
+#include "qforge/export.hpp"
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -28,12 +29,12 @@ namespace impl {
 // Blocks for objects, recycled per thread: reading one conversation or
 // rendering it makes and drops dozens of strings, lists and dicts of a few
 // sizes, more than the C library's per-thread cache holds (value.cpp).
-void* obj_alloc(size_t size);
-void obj_free(void* p, size_t size) noexcept;
+QFORGE_API void* obj_alloc(size_t size);
+QFORGE_API void obj_free(void* p, size_t size) noexcept;
 }  // namespace impl
 
 // What a Value points at: strings, lists, dicts and template objects.
-struct Obj {
+struct QFORGE_API Obj {
   static constexpr uint32_t kImmortal = 0x80000000u;
   uint32_t refs = 0;
   Obj() = default;
@@ -44,7 +45,7 @@ struct Obj {
   static void* operator new(size_t size) { return impl::obj_alloc(size); }
   static void operator delete(void* p, size_t size) noexcept { impl::obj_free(p, size); }
 };
-void destroy_obj(Obj* o);  // delete, iteratively for deep nesting (value.cpp)
+QFORGE_API void destroy_obj(Obj* o);  // delete, iteratively for deep nesting (value.cpp)
 inline void retain(Obj* o) {
   if (!(o->refs & Obj::kImmortal)) ++o->refs;
 }
@@ -53,7 +54,7 @@ inline void release(Obj* o) {
 }
 
 // Template-only objects (callables, the loop object, ...) derive from this.
-struct Native : Obj {
+struct QFORGE_API Native : Obj {
   virtual const char* type_name() const = 0;
 };
 
@@ -71,7 +72,7 @@ enum class Kind : uint8_t {
   Native,     // macros, builtin functions, loop objects
 };
 
-class Value {
+class QFORGE_API Value {
  public:
   Value() : kind_(Kind::None), i_(0) {}
   Value(std::nullptr_t) : Value() {}
@@ -181,7 +182,7 @@ class Value {
   };
 };
 
-struct Dict {
+struct QFORGE_API Dict {
   std::vector<std::pair<Value, Value>> items;
   const Value* find(const Value& key) const;
   Value* find(const Value& key);
@@ -190,20 +191,20 @@ struct Dict {
 };
 
 namespace impl {
-struct StrObj : Obj {
+struct QFORGE_API StrObj : Obj {
   std::string s;
   explicit StrObj(std::string x) : s(std::move(x)) {}
 };
-struct ListObj : Obj {
+struct QFORGE_API ListObj : Obj {
   List l;
   explicit ListObj(List&& x) : l(std::move(x)) {}
 };
-struct DictObj : Obj {
+struct QFORGE_API DictObj : Obj {
   Dict d;
   explicit DictObj(Dict&& x) : d(std::move(x)) {}
 };
-extern const List kEmptyList;
-extern const Dict kEmptyDict;
+extern QFORGE_API const List kEmptyList;
+extern QFORGE_API const Dict kEmptyDict;
 }  // namespace impl
 
 inline const std::string& Value::str() const {
@@ -222,15 +223,15 @@ inline const Dict& Value::dict_ref() const {
 // Values made once for the whole process and shared by every render on
 // every thread: immortal and never freed (kept reachable, so leak checkers
 // stay quiet). Returns the first of them.
-const Value* process_values(std::vector<Value> values);
+QFORGE_API const Value* process_values(std::vector<Value> values);
 
 // Undoes make_immortal() for everything `roots` reach, counting the
 // references among them: once every root is gone, all of it is freed (a
 // compiled Template's constants, when the Template goes).
-void make_mortal(const std::vector<const Value*>& roots);
+QFORGE_API void make_mortal(const std::vector<const Value*>& roots);
 
 // A copy sharing nothing with `v` (for handing values to another thread).
-Value deep_copy(const Value& v);
+QFORGE_API Value deep_copy(const Value& v);
 
 // Byte equality of two short runs, without a call: dict keys and the strings
 // templates compare are a few bytes long.
@@ -252,7 +253,7 @@ inline bool same_string(std::string_view a, std::string_view b) {
 }
 
 // Python == between values (1 == 1.0 == True, deep for lists/dicts).
-bool py_equal_slow(const Value& a, const Value& b);
+QFORGE_API bool py_equal_slow(const Value& a, const Value& b);
 inline bool py_equal(const Value& a, const Value& b) {
   if (a.is_string() && b.is_string()) return same_string(a.str(), b.str());
   return py_equal_slow(a, b);
@@ -263,40 +264,40 @@ inline bool py_equal(const Value& a, const Value& b) {
 // spaces). separators: {item, key}; defaults follow Python (", " ": " without
 // indent, "," ": " with). Throws InvalidArgument for values JSON cannot hold
 // (Undefined, callables), with Python's message.
-struct DumpOptions {
+struct QFORGE_API DumpOptions {
   bool ensure_ascii = false;
   const std::string* indent = nullptr;
   const std::string* item_separator = nullptr;
   const std::string* key_separator = nullptr;
   bool sort_keys = false;
 };
-std::string json_dumps(const Value& v, const DumpOptions& opt = {});
-void json_dumps_to(std::string& out, const Value& v, const DumpOptions& opt = {});
+QFORGE_API std::string json_dumps(const Value& v, const DumpOptions& opt = {});
+QFORGE_API void json_dumps_to(std::string& out, const Value& v, const DumpOptions& opt = {});
 
 // Python's repr() and str() of a value (str of a string is the string).
-std::string py_repr(const Value& v);
-std::string py_str(const Value& v);
-void py_str_to(std::string& out, const Value& v);
-std::string float_repr(double d);
+QFORGE_API std::string py_repr(const Value& v);
+QFORGE_API std::string py_str(const Value& v);
+QFORGE_API void py_str_to(std::string& out, const Value& v);
+QFORGE_API std::string float_repr(double d);
 
 // json.loads: objects keep key order, ints that fit int64 stay ints.
 // Throws InvalidArgument naming the offset of the first error.
-Value json_loads(std::string_view text);
+QFORGE_API Value json_loads(std::string_view text);
 // Parses one JSON value at text[pos...]; advances pos past it (no trailing check).
-Value json_parse_prefix(std::string_view text, size_t& pos);
+QFORGE_API Value json_parse_prefix(std::string_view text, size_t& pos);
 
 // Python's marshal.loads (format version 4) of None, bools, ints, floats,
 // str, lists, tuples and dicts: the fast way in from Python. Throws
 // InvalidArgument naming the offset of anything else.
-Value marshal_loads(std::string_view data);
+QFORGE_API Value marshal_loads(std::string_view data);
 
 // Python's str.strip()/lstrip()/rstrip() with no argument (Unicode whitespace).
-std::string_view py_strip(std::string_view s, bool left = true, bool right = true);
-bool py_isspace(uint32_t cp);
+QFORGE_API std::string_view py_strip(std::string_view s, bool left = true, bool right = true);
+QFORGE_API bool py_isspace(uint32_t cp);
 
 // UTF-8 helpers (code points as Python counts them).
-size_t utf8_length(std::string_view s);
-std::vector<uint32_t> utf8_decode(std::string_view s);
-void utf8_append(std::string& out, uint32_t cp);
+QFORGE_API size_t utf8_length(std::string_view s);
+QFORGE_API std::vector<uint32_t> utf8_decode(std::string_view s);
+QFORGE_API void utf8_append(std::string& out, uint32_t cp);
 
 }  // namespace qforge::chat
