@@ -61,6 +61,25 @@ def causal_lm_loss(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: Optio
     return loss
 
 
+# The KV cache's keyword: transformers 5.24 calls it ``cache`` in forwards and
+# outputs (and warns that ``past_key_values`` is deprecated), 5.17
+# ``past_key_values``. The patched forward takes either from its caller and
+# hands the model the one its forward declares.
+_OLD_CACHE_KEYWORD = "past_key_values"
+
+
+def _cache_keyword(fn_or_output_class) -> str:
+    """``"cache"`` when a forward (or a ModelOutput class) takes the new name, else ``"past_key_values"``."""
+    import dataclasses
+    import inspect
+
+    if dataclasses.is_dataclass(fn_or_output_class):
+        names = {f.name for f in dataclasses.fields(fn_or_output_class)}
+    else:
+        names = set(inspect.signature(fn_or_output_class).parameters)
+    return "cache" if "cache" in names else "past_key_values"
+
+
 def patch_causal_lm(model: torch.nn.Module, mode: str = "fused", chunk_size: Optional[int] = None):
     """Replace ``model.forward`` (in place; returns the model). See the module doc."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -78,24 +97,34 @@ def patch_causal_lm(model: torch.nn.Module, mode: str = "fused", chunk_size: Opt
     original = model._qforge_original_forward
     softcap = getattr(model.config, "final_logit_softcapping", None)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    cache_kw = _cache_keyword(original)
+    out_cache = _cache_keyword(CausalLMOutputWithPast)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        # Callers written for either transformers name the KV cache theirs;
+        # the model is handed it under the name its forward takes.
+        if _OLD_CACHE_KEYWORD in kwargs:
+            if cache is not None:
+                raise ValueError("patch_causal_lm: both cache and past_key_values given; pass one")
+            cache = kwargs.pop(_OLD_CACHE_KEYWORD)
+        kwargs[cache_kw] = cache
         shift_labels = kwargs.get("shift_labels")
         if (labels is None and shift_labels is None) or not self.training:
             return original(input_ids=input_ids, attention_mask=attention_mask,
-                            position_ids=position_ids, past_key_values=past_key_values,
-                            inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-                            logits_to_keep=logits_to_keep, **kwargs)
+                            position_ids=position_ids, inputs_embeds=inputs_embeds, labels=labels,
+                            use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
         num_items = kwargs.pop("num_items_in_batch", None)
         kwargs.pop("shift_labels", None)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                             position_ids=position_ids, past_key_values=past_key_values,
-                             inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
-        loss = causal_lm_loss(outputs.last_hidden_state, self.lm_head, labels, shift_labels,
-                              num_items, softcap=softcap, mode=mode, chunk_size=chunk_size)
-        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
-                                      hidden_states=outputs.hidden_states,
-                                      attentions=outputs.attentions)
+                             position_ids=position_ids, inputs_embeds=inputs_embeds,
+                             use_cache=use_cache, **kwargs)
+        return CausalLMOutputWithPast(loss=causal_lm_loss(outputs.last_hidden_state, self.lm_head, labels,
+                                                          shift_labels, num_items, softcap=softcap,
+                                                          mode=mode, chunk_size=chunk_size),
+                                      logits=None, hidden_states=outputs.hidden_states,
+                                      attentions=outputs.attentions,
+                                      **{out_cache: outputs.get(out_cache)})
 
     model.forward = types.MethodType(forward, model)
     model._qforge_loss_mode = mode

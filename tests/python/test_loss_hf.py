@@ -77,3 +77,43 @@ def test_peft_lora_model():
     for (n, p), q in zip(ref.named_parameters(), ours.parameters()):
         if p.requires_grad:
             assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), n
+
+
+def test_kv_cache_keyword_follows_the_model_without_deprecation_warnings(monkeypatch):
+    from transformers.utils import generic
+
+    warned = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda msg, *a, **k: warned.append(msg))
+    ours = patch_causal_lm(tiny_llama())
+    ours.train()
+    ids, labels = batch()
+    out = ours(input_ids=ids, labels=labels, use_cache=True)
+    cache_field = "cache" if "cache" in out.keys() else "past_key_values"
+    first = out[cache_field]
+    assert isinstance(first, transformers.Cache) and first.get_seq_length() == ids.shape[1]
+    # a caller written for the old name still hands the model its cache
+    out = ours(input_ids=ids[:, :1], labels=labels[:, :1], use_cache=True, past_key_values=first)
+    assert out[cache_field].get_seq_length() == ids.shape[1] + 1
+    assert warned == [], warned
+    with pytest.raises(ValueError, match="both cache and past_key_values"):
+        ours(input_ids=ids, labels=labels, cache=first, past_key_values=first)
+
+
+def test_kv_cache_passed_as_past_key_values_to_models_that_take_it():
+    class OldStyle(torch.nn.Module):  # transformers 5.17's forward signature
+        def __init__(self):
+            super().__init__()
+            self.model, self.lm_head, self.config = torch.nn.Identity(), torch.nn.Linear(2, 2), object()
+            self.seen = None
+
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                    inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+            self.seen = dict(kwargs, past_key_values=past_key_values)
+            return "original"
+
+    model = patch_causal_lm(OldStyle())
+    marker = object()
+    assert model(input_ids=torch.zeros(1, 3), cache=marker) == "original"
+    assert model.seen == {"past_key_values": marker}
+    assert model(input_ids=torch.zeros(1, 3), past_key_values=marker) == "original"
+    assert model.seen == {"past_key_values": marker}
