@@ -17,10 +17,8 @@ handed over, outputs decoded) are reported beside it.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -33,10 +31,9 @@ CHAT = ROOT / "tests" / "chat"
 sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(CHAT))
 
-import jinja2  # noqa: E402
-import transformers  # noqa: E402
 from transformers.utils import chat_template_utils as ctu  # noqa: E402
 
+from _record import environment  # noqa: E402
 from conversations import SPECIAL, TOOLS, call  # noqa: E402
 from qforge.chat import ChatTemplate  # noqa: E402
 
@@ -65,16 +62,6 @@ def conversations(n: int, seed: int = 0) -> list[dict]:
         msgs.append({"role": "user", "content": text(20)})
         out.append(msgs)
     return out
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def golden_summary() -> dict:
@@ -270,10 +257,7 @@ def main() -> None:
                  "C call alone (reading the serialised conversations, marshal or JSON, and rendering them). "
                  "Outputs of every path are compared with jinja2's."),
         **golden_summary(),
-        "device": {"cpu": cpu_model(), "cores": os.cpu_count(), "load_average_1min": os.getloadavg()[0],
-                   "python": platform.python_version()},
-        "versions": {"jinja2": jinja2.__version__, "transformers": transformers.__version__},
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        **environment(["jinja2", "transformers"]),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

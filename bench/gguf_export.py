@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -25,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "python"))
 import gguf_oracle  # noqa: E402
+from _record import environment  # noqa: E402
 
 SHAPES = {
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -105,7 +105,7 @@ def main() -> int:
     ap.add_argument("--type", choices=tuple(FTYPES), default="q4_k_m")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    llama_cpp = gguf_oracle.llama_cpp_python()
+    gguf_oracle.llama_cpp_python()  # built (once) and imported: environment() records its version
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
         root = Path(tmp)
         base, adapter = _make_model(root, SHAPES[args.shape])
@@ -130,13 +130,8 @@ def main() -> int:
             f"assert llama_cpp.llama_model_quantize({str(root / 'pipe-bf16.gguf')!r}.encode(), "
             f"{str(root / 'pipe.gguf')!r}.encode(), ctypes.byref(p)) == 0\n")
         pipe_s, _ = _timed(pipe_code)
-        import torch
-        import transformers
-
         result = {
-            "device": f"CPU only: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "versions": {"qforge": __import__("qforge").__version__, "torch": torch.__version__,
-                         "transformers": transformers.__version__, "llama_cpp_python": llama_cpp.__version__},
+            **environment(["transformers", "llama_cpp"]),
             "cases": [{"model": f"random Llama, {args.shape} shapes, rank-16 LoRA on all projections",
                        "shape": SHAPES[args.shape],
                        "type": args.type, "seconds": {"qforge": round(ours_s, 2), "llama_cpp_pipeline": round(pipe_s, 2)},

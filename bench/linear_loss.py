@@ -22,15 +22,14 @@ import gc
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
 
 import torch
 import torch.nn.functional as F
+from _record import environment
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 
@@ -218,28 +217,6 @@ def save(result, path):
         json.dump(result, f, indent=1)
 
 
-def versions():
-    v = {"python": platform.python_version(), "torch": torch.__version__,
-         "cuda": torch.version.cuda}
-    for mod in ("triton", "transformers", "liger_kernel", "cut_cross_entropy"):
-        try:
-            m = __import__(mod)
-            v[mod] = getattr(m, "__version__", None)
-            if v[mod] is None:
-                from importlib.metadata import version
-                v[mod] = version(mod.replace("_", "-"))
-        except Exception as e:  # noqa: BLE001
-            v[mod] = f"unavailable: {type(e).__name__}"
-    try:
-        import qforge
-        v["qforge"] = qforge.__version__
-        v["qforge_git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                         text=True, cwd=os.path.dirname(__file__)).stdout.strip()
-    except Exception as e:  # noqa: BLE001
-        v["qforge"] = f"unavailable: {e}"
-    return v
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/linear_loss.json")
@@ -252,9 +229,7 @@ def main():
     torch.backends.cudnn.allow_tf32 = False
     shapes = SHAPES if not args.shapes else [tuple(int(x) for x in s.split(",")) for s in args.shapes.split(";")]
     names = args.impls.split(",")
-    dev = torch.cuda.get_device_properties(0)
-    result = dict(device=f"{dev.name}, {dev.multi_processor_count} SMs, {dev.total_memory / GIB:.1f} GiB",
-                  versions=versions(), dtype="bfloat16", labels="uniform random, none ignored",
+    result = dict(**environment(["triton", "transformers", "liger_kernel", "cut_cross_entropy"]), dtype="bfloat16", labels="uniform random, none ignored",
                   timing=f"median of {args.reps} fwd+bwd runs after 2 warm-ups, CUDA events",
                   memory="peak allocated during one fwd+bwd minus (inputs + grad_hidden + grad_weight in input dtype)",
                   errors="relative L2 error vs fp32 reference (fp32 upcast of the same bf16 inputs, TF32 off)",

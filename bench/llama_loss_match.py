@@ -13,6 +13,7 @@ import sys
 import time
 
 import torch
+from _record import environment
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 
@@ -64,10 +65,8 @@ def main():
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-4)
     args = ap.parse_args()
-    import transformers
     res = dict(model="Llama-3.2-1B shapes (hidden 2048, 16 layers, vocab 128256, tied embeddings), random init, bf16 weights, AdamW",
-               batch=args.batch, seq=args.seq, steps=args.steps, device=torch.cuda.get_device_name(0),
-               torch=torch.__version__, transformers=transformers.__version__, runs={})
+               batch=args.batch, seq=args.seq, steps=args.steps, **environment(["transformers"]), runs={})
     for mode in ("unfused", "fused", "generic"):
         res["runs"][mode] = run(mode, args)
         r = res["runs"][mode]

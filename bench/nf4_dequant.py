@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
-import bitsandbytes
 import bitsandbytes.functional as bnb_F
-import qforge
 import qforge.nf4 as nf4
+from _record import environment
 
 HARNESS = [(2048, 8192, torch.float16), (1024, 4096, torch.bfloat16), (4096, 14336, torch.bfloat16)]
 SHAPES = {  # (out_features, in_features)
@@ -190,12 +187,8 @@ def main():
     qf = sum(r["qforge_s"] for r in harness_rows)
     bnb = sum(r["bitsandbytes_s"] for r in harness_rows)
     large = [r["qforge_copy_fraction"] for r in shape_rows if r["output_mib"] >= 64]
-    driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                            capture_output=True, text=True).stdout.strip()
     result = dict(
-        device=torch.cuda.get_device_name(),
-        versions=dict(qforge=qforge.__version__, torch=torch.__version__, cuda=torch.version.cuda,
-                      bitsandbytes=bitsandbytes.__version__, driver=driver, python=platform.python_version()),
+        **environment(["bitsandbytes"]),
         harness_speedup_vs_bitsandbytes=bnb / qf,
         harness_seconds=dict(qforge=qf, bitsandbytes=bnb),
         min_copy_fraction_large=min(large),

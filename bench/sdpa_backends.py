@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from _record import environment
+
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
 
@@ -58,7 +60,7 @@ def main():
                 rows.append(dict(backend=name, tokens=t, error=str(e).splitlines()[0][:200]))
             print(rows[-1], flush=True)
             torch.cuda.empty_cache()
-    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+    result = dict(**environment(),
                   shape=dict(heads=a.heads, kv_heads=a.kv_heads, dim=a.dim, causal=True, dtype="bfloat16"),
                   fwd_bwd=rows)
     if a.out:

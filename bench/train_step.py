@@ -32,7 +32,6 @@ import gc
 import json
 import math
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -40,6 +39,7 @@ import time
 from pathlib import Path
 
 import torch
+from _record import NOT_INSTALLED, environment
 
 ALLOC_CONF = "expandable_segments:True"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -412,7 +412,6 @@ def main():
     device = torch.device(a.device)
     a.matmul_tflops = matmul_tflops(device) if device.type == "cuda" else None
     if device.type == "cuda":
-        gpu_name = torch.cuda.get_device_name()
         torch.cuda.empty_cache()
     impls = [i for i in a.impls.split(",") if i]
     every = set(impls) | set(a.long_impls.split(",") if a.long_context else []) | \
@@ -455,24 +454,19 @@ def main():
             prompt_heavy[name] = run_child(a, name, a.seq, a.batch, a.warmup, a.steps, True, deadline)
         summarise(prompt_heavy, "unsloth")
 
-    versions = dict(torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version())
-    for pkg in ("qforge", "transformers", "peft", "bitsandbytes"):
-        try:
-            versions[pkg] = __import__(pkg).__version__
-        except ImportError:
-            pass
+    record = environment(["transformers", "peft", "bitsandbytes"])
+    versions = record["versions"]
     try:  # the bundle's version, without importing unsloth into this process
         from importlib.metadata import distributions
 
         site = str(Path(a.unsloth_anchor, "site").resolve())
         versions.update({d.metadata["Name"]: d.version for d in distributions(path=[site])
                          if d.metadata["Name"] in ("unsloth", "unsloth_zoo", "unsloth-zoo")
-                         or (d.metadata["Name"] == "bitsandbytes" and "bitsandbytes" not in versions)})
+                         or (d.metadata["Name"] == "bitsandbytes" and versions["bitsandbytes"] == NOT_INSTALLED)})
     except Exception:  # noqa: BLE001
         pass
     out = dict(
-        device=gpu_name if device.type == "cuda" else platform.processor() or "cpu",
-        versions=versions, matmul_tflops=a.matmul_tflops, allocator=a.alloc_conf,
+        **record, matmul_tflops=a.matmul_tflops, allocator=a.alloc_conf,
         config=dict(model="Llama-3.1-8B shapes" if a.layers == 32 and a.hidden == 4096 else "custom",
                     layers=a.layers, hidden=a.hidden, intermediate=a.intermediate, heads=a.heads,
                     kv_heads=a.kv_heads, vocab=a.vocab, seq=a.seq, batch=a.batch,

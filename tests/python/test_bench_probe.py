@@ -1,12 +1,14 @@
 """bench/train_step.py's longest-context search (probe_max_seq) against fake attempts."""
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "train_step_bench", Path(__file__).resolve().parents[2] / "bench" / "train_step.py")
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.insert(0, str(BENCH))  # as when the bench runs: its helpers (_record) sit beside it
+_spec = importlib.util.spec_from_file_location("train_step_bench", BENCH / "train_step.py")
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 

@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 ctu = pytest.importorskip("transformers.utils.chat_template_utils")
 
+sys.path.insert(0, str(ROOT / "bench"))  # as when the bench runs: its helpers (_record) sit beside it
 spec = importlib.util.spec_from_file_location("chat_render_bench", ROOT / "bench" / "chat_render.py")
 bench = importlib.util.module_from_spec(spec)
 sys.modules["chat_render_bench"] = bench
