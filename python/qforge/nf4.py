@@ -267,18 +267,14 @@ def check_consistent(packed: Tensor, state: QuantState, where: str = "NF4 weight
 def save_safetensors(path, weights: dict[str, tuple[Tensor, QuantState]], others: Optional[dict[str, Tensor]] = None,
                      metadata: Optional[dict[str, str]] = None) -> None:
     """Write NF4 weights (name prefix -> (packed, state)) and plain tensors to a safetensors
-    file in bitsandbytes' key layout. Written to a temporary file and renamed, so an
-    interrupted save never leaves a half-written file behind."""
-    from safetensors.torch import save_file
+    file in bitsandbytes' key layout, complete or absent (_files.write_complete_or_absent):
+    an interrupted save never leaves a half-written file behind."""
+    from ._files import atomic_save_safetensors
 
     tensors = dict(others or {})
     for prefix, (packed, state) in weights.items():
         tensors.update(state_dict_entries(prefix, packed, state))
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    atomic_save_safetensors(Path(path), {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata)
 
 
 def load_safetensors(path, device="cpu") -> tuple[dict[str, tuple[Tensor, QuantState]], dict[str, Tensor]]:

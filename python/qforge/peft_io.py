@@ -11,14 +11,13 @@ transformers checkpoint.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ._files import atomic_write_text, read_json
+from ._files import atomic_save_safetensors, atomic_write_text, read_json
 from .nn import NF4Linear, add_lora, lora_state_dict
 
 __all__ = ["save_adapter", "load_adapter", "merge_and_save", "adapter_config"]
@@ -42,43 +41,16 @@ def adapter_config(model: nn.Module, base_model_name_or_path: Optional[str] = No
     }
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_adapter(model: nn.Module, path, base_model_name_or_path: Optional[str] = None) -> Path:
     """Write the adapter in PEFT's format into directory ``path`` (each file
-    written to a temporary name, fsynced and renamed)."""
-    from safetensors.torch import save_file
-
+    complete or absent: _files.write_complete_or_absent)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = adapter_config(model, base_model_name_or_path)
     tensors = {_PREFIX + k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}
-    tmp = path / "adapter_model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    _fsync_file(tmp)
-    tmp.replace(path / "adapter_model.safetensors")
-    tmp = path / "adapter_config.json.tmp"
-    tmp.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
-    _fsync_file(tmp)
-    tmp.replace(path / "adapter_config.json")
-    _fsync_dir(path)
+    atomic_save_safetensors(path / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
+    atomic_write_text(path / "adapter_config.json", json.dumps(cfg, indent=2))
     return path
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def load_adapter(model: nn.Module, path, strict: bool = True) -> nn.Module:

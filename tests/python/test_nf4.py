@@ -159,7 +159,7 @@ def test_safetensors_round_trip(tmp_path, rng):
     assert torch.equal(p2, packed)
     assert_same_state(s2, state)
     assert torch.equal(others["a.bias"], torch.ones(3))
-    assert not (tmp_path / "w.safetensors.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]  # no temporary left
 
 
 def test_truncated_and_inconsistent_checkpoints_are_named(tmp_path, rng):
