@@ -579,11 +579,30 @@ def _token_text(value) -> str | None:
     return value
 
 
+def select_chat_template(templates, name: str | None = None, tools=None) -> str | None:
+    """The template source to render with, as transformers' get_chat_template
+    picks it: `templates` is one source (str), named sources (a dict, or
+    tokenizer_config.json's list of {"name", "template"}), or None (then None).
+    Among named ones: `name`, else "tool_use" when tools are given (any
+    non-None `tools`) and it exists, else "default"; ValueError naming the
+    templates there are otherwise."""
+    if isinstance(templates, list):
+        templates = {t["name"]: t["template"] for t in templates}
+    if not isinstance(templates, dict):
+        if name not in (None, "default"):
+            raise ValueError(f"tokenizer config has a single chat template, not one named {name!r}")
+        return templates
+    if name is None:
+        name = "tool_use" if tools is not None and "tool_use" in templates else "default"
+    if name not in templates:
+        raise ValueError(f"tokenizer config has no chat template named {name!r} (has {sorted(templates)})")
+    return templates[name]
+
+
 def load_tokenizer_config(config: str | Path | dict, name: str | None = None, tools=None,
                           fallback: str | None = None) -> tuple[ChatTemplate, dict]:
     """(template, special tokens) from a tokenizer_config.json (path or dict).
-    A list of named templates picks `name`, else "tool_use" when tools are
-    given and it exists, else "default" (as transformers). `fallback` is a
+    Named templates are chosen by select_chat_template(`name`, `tools`). `fallback` is a
     Llama version ("3.1", ...) whose shipped template is used when the config
     has none."""
     folder = None
@@ -599,15 +618,7 @@ def load_tokenizer_config(config: str | Path | dict, name: str | None = None, to
             named["default"] = (folder / "chat_template.jinja").read_text(encoding="utf-8")
         if named:
             source = named["default"] if list(named) == ["default"] else [{"name": k, "template": v} for k, v in named.items()]
-    if isinstance(source, list):
-        named = {t["name"]: t["template"] for t in source}
-        if name is None:
-            name = "tool_use" if tools is not None and "tool_use" in named else "default"
-        if name not in named:
-            raise ValueError(f"tokenizer config has no chat template named {name!r} (has {sorted(named)})")
-        source = named[name]
-    elif name not in (None, "default"):
-        raise ValueError(f"tokenizer config has a single chat template, not one named {name!r}")
+    source = select_chat_template(source, name, tools)
     if source is None:
         if fallback is None:
             raise ValueError("tokenizer config has no chat_template (pass a Llama version to use a shipped one)")

@@ -122,14 +122,15 @@ class Example:
     labels: list[int]  # IGNORE outside the assistant's turns (unshifted, like transformers' labels)
 
 
-def template_for(tokenizer, model_type: Optional[str] = None):
+def template_for(tokenizer, model_type: Optional[str] = None, with_tools: bool = True):
     """The tokenizer's chat template compiled by the C++ engine (Llama 3.1's
-    shipped template when a Llama tokenizer has none)."""
-    from .chat import ChatTemplate, llama3_template
+    shipped template when a Llama tokenizer has none). A tokenizer with named
+    templates gives the one chat.select_chat_template picks, as transformers'
+    apply_chat_template does: "tool_use" (when it has one) for conversations
+    that carry tools (`with_tools`, the trainer's data), else "default"."""
+    from .chat import ChatTemplate, llama3_template, select_chat_template
 
-    source = getattr(tokenizer, "chat_template", None)
-    if isinstance(source, dict):
-        source = source.get("tool_use") or source.get("default")
+    source = select_chat_template(getattr(tokenizer, "chat_template", None), tools=[] if with_tools else None)
     if not source:
         if model_type == "llama":
             source = llama3_template("3.1")

@@ -184,7 +184,7 @@ def evaluate(model: str, adapter: str, data: str, output: Optional[str] = None, 
     torch_dtype = (torch.bfloat16 if dev.type == "cuda" else torch.float32) if dtype == "auto" else getattr(torch, dtype)
     tokenizer = load_tokenizer(adapter_dir if (adapter_dir / "tokenizer_config.json").exists() else model_dir)
     model_type = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))["model_type"]
-    template = template_for(tokenizer, model_type)
+    template = template_for(tokenizer, model_type, with_tools=any(r.get("tools") is not None for r in records))
     net = load(model_dir, dtype=torch_dtype, device=dev)
     load_adapter(net, adapter_dir)
     start = time.perf_counter()
