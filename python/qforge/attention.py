@@ -1,4 +1,29 @@
-"""Which scaled-dot-product-attention kernel training runs.
+"""Attention for training: one entry point for packed (variable-length) and dense batches, and
+which scaled-dot-product-attention kernel dense SDPA runs.
+
+``attention(q, k, v, cu_seqlens=..., causal=..., sliding_window=..., softcap=..., scale=...)``
+takes SDPA's layout (q [B, Hq, T, D], k/v [B, Hkv, T, D], Hq a multiple of Hkv for grouped-query
+attention) and, for packed rows, the document boundaries as ``cu_seqlens``: offsets into the B*T
+tokens read row after row (0, end of document 1, ..., B*T; every row end is a boundary). No
+backend builds a T x T mask for a packed batch:
+
+- ``varlen``: torch's variable-length flash attention (torch.nn.attention.varlen; CUDA, fp16/bf16,
+  no softcap);
+- ``flash_attn``: the flash-attn package's flash_attn_varlen_func, where it is installed (CUDA);
+- ``flex``: FlexAttention with a block mask (document + causal + sliding window) and a softcap
+  score_mod; the block mask is built once per cu_seqlens tensor and reused by every layer. torch
+  runs its backward on CUDA only; on CPU it is forward-only (and eager flex on CPU is torch's
+  reference implementation);
+- ``sdpa``: scaled_dot_product_attention for dense batches (no cu_seqlens, or one document a row);
+- ``documents``: any device, any dtype: one SDPA (or, with softcap, one explicit softmax) per
+  document, so memory grows with the longest document, never with T^2.
+
+``auto`` picks flash_attn, then varlen, then flex on CUDA, sdpa for dense batches, and documents
+on CPU. ``register_with_transformers()`` makes all this transformers' attention implementation
+"qforge": packed position_ids (restarting per document) become cu_seqlens, and the mask
+transformers builds for it is at most the 2D padding mask.
+
+Which scaled-dot-product-attention kernel training runs (dense SDPA):
 
 At long context attention is nearly all of a step's time (one Llama-3.1-8B layer, forward +
 backward at 131,072 tokens on an H200, torch 2.11: flash 1506 ms, cuDNN 906 ms; at 2048 tokens
@@ -22,7 +47,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-__all__ = ["prefer_cudnn_attention", "cudnn_takes_gqa"]
+__all__ = ["prefer_cudnn_attention", "cudnn_takes_gqa", "attention", "cu_seqlens_from_position_ids",
+           "available_backends", "register_with_transformers", "BACKENDS"]
 
 
 def cudnn_takes_gqa(device=None) -> bool:
@@ -60,3 +86,348 @@ def prefer_cudnn_attention():
     finally:
         if patched is not None:
             sdpa_attention.use_gqa_in_sdpa = patched
+
+
+BACKENDS = ("auto", "varlen", "flash_attn", "flex", "sdpa", "documents")
+
+# Set by register_with_transformers(); read by the "qforge" attention function transformers calls.
+_hf_settings = {"backend": "auto"}
+# One entry each: the cu_seqlens derived from the position_ids every layer of a forward shares, and
+# the FlexAttention block mask built for those cu_seqlens (built once per batch, reused by layers).
+_cu_seqlens_cache: list = []
+_block_mask_cache: list = []
+stats = {"block_masks_built": 0}
+
+
+def _cache_hit(cache, key) -> bool:
+    """Whether the one-entry cache holds key: tensors compared by identity, the rest by value."""
+    return bool(cache) and all(a is b if isinstance(b, torch.Tensor) or b is None else a == b
+                               for a, b in zip(cache[0], key))
+
+
+def _varlen_attn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def _flash_attn_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func
+
+
+def available_backends(device) -> list[str]:
+    """The backends attention() can run on this device, in auto's order of preference."""
+    names = []
+    if torch.device(device).type == "cuda":
+        if _flash_attn_varlen() is not None:
+            names.append("flash_attn")
+        if _varlen_attn() is not None:
+            names.append("varlen")
+    return names + ["flex", "sdpa", "documents"]
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor, padding_mask: torch.Tensor | None = None
+                                 ) -> torch.Tensor:
+    """Document boundaries of packed rows: a document starts at each row start and wherever
+    position_ids does not continue (p[i] != p[i-1] + 1). With a [B, T] padding mask (True = token),
+    every padding token is a document of its own, so no real token attends to one.
+    Returns int32 offsets into the B*T tokens, row after row: 0, ..., B*T."""
+    if position_ids.dim() != 2 or position_ids.shape[1] == 0:
+        raise ValueError(f"position_ids: expected shape [batch, tokens>0], got {tuple(position_ids.shape)}")
+    if position_ids.dtype.is_floating_point or position_ids.dtype == torch.bool:
+        raise ValueError(f"position_ids: expected an integer tensor, got {position_ids.dtype}")
+    B, T = position_ids.shape
+    pos = position_ids.long()
+    start = torch.ones_like(pos, dtype=torch.bool)
+    start[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    if padding_mask is not None:
+        if tuple(padding_mask.shape) != (B, T):
+            raise ValueError(f"padding mask: expected shape {(B, T)} like position_ids, got "
+                             f"{tuple(padding_mask.shape)}")
+        pad = ~padding_mask.to(device=pos.device, dtype=torch.bool)
+        start[:, 1:] |= pad[:, 1:] | pad[:, :-1]
+    starts = start.reshape(-1).nonzero().flatten()
+    return torch.cat([starts, starts.new_tensor([B * T])]).to(torch.int32)
+
+
+def _check(q, k, v, cu_seqlens, sliding_window, softcap, scale):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 4:
+            raise ValueError(f"attention: {name} must be [batch, heads, tokens, head_dim], got shape {tuple(x.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} differ in shape")
+    B, Hq, T, D = q.shape
+    if (k.shape[0], k.shape[2], k.shape[3]) != (B, T, D):
+        raise ValueError(f"attention: k/v {tuple(k.shape)} do not match q {tuple(q.shape)} in batch, tokens "
+                         "or head_dim")
+    if k.shape[1] == 0 or Hq % k.shape[1]:
+        raise ValueError(f"attention: q's {Hq} heads are not a multiple of k/v's {k.shape[1]} heads")
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v differ in dtype or device ({q.dtype}/{k.dtype}/{v.dtype}, "
+                         f"{q.device}/{k.device}/{v.device})")
+    if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
+                                       or sliding_window < 1):
+        raise ValueError(f"attention: sliding_window must be a positive int or None, got {sliding_window!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"attention: softcap must be > 0 or None, got {softcap!r}")
+    if scale is not None and not (scale > 0 and scale < float("inf")):
+        raise ValueError(f"attention: scale must be a positive finite number or None, got {scale!r}")
+    if cu_seqlens is None or torch.compiler.is_compiling():
+        return
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 2:
+        raise ValueError(f"attention: cu_seqlens must be a 1-D int32/int64 tensor of >= 2 offsets, got "
+                         f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"attention: cu_seqlens is on {cu_seqlens.device}, q on {q.device}")
+    cu = cu_seqlens.long()
+    if cu[0].item() != 0 or cu[-1].item() != B * T or not bool((cu[1:] > cu[:-1]).all()):
+        raise ValueError(f"attention: cu_seqlens must rise strictly from 0 to batch*tokens = {B * T}")
+    row_ends = torch.arange(1, B, device=cu.device) * T
+    if B > 1 and not bool(torch.isin(row_ends, cu).all()):
+        raise ValueError(f"attention: cu_seqlens has a document crossing a row end (rows of {T} tokens)")
+
+
+def _token_major(x):  # [B, H, T, D] -> [1, H, B*T, D]
+    B, H, T, D = x.shape
+    return x.permute(1, 0, 2, 3).reshape(1, H, B * T, D)
+
+
+def _batch_major(x, B, T):  # [1, H, B*T, D] -> [B, H, T, D]
+    H, D = x.shape[1], x.shape[3]
+    return x.reshape(H, B, T, D).permute(1, 0, 2, 3)
+
+
+def _allowed(length, causal, sliding_window, device):
+    """[L, L] bool: which keys each query of one document sees, or None when it sees all."""
+    if not causal and (sliding_window is None or sliding_window >= length):
+        return None
+    i = torch.arange(length, device=device)
+    distance = i[:, None] - i[None, :]
+    allowed = distance >= 0 if causal else torch.ones(length, length, dtype=torch.bool, device=device)
+    if sliding_window is not None:
+        allowed = allowed & (distance.abs() < sliding_window)
+    return allowed
+
+
+def _softcapped(q, k, v, allowed, softcap, scale):
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32))
+    scores = softcap * torch.tanh(scores * scale / softcap)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores.softmax(-1).to(v.dtype) @ v
+
+
+def _documents(q, k, v, cu_seqlens, causal, sliding_window, softcap, scale):
+    """One attention per document: memory follows the longest document, never T x T."""
+    B, Hq, T, D = q.shape
+    scale = D ** -0.5 if scale is None else scale
+    gqa = Hq != k.shape[1]
+    qt, kt, vt = _token_major(q), _token_major(k), _token_major(v)
+    bounds = cu_seqlens.tolist() if cu_seqlens is not None else list(range(0, B * T + 1, T))
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):  # at most B*T documents
+        qd, kd, vd = qt[:, :, start:end], kt[:, :, start:end], vt[:, :, start:end]
+        length = end - start
+        plain_causal = causal and (sliding_window is None or sliding_window >= length)
+        allowed = None if plain_causal else _allowed(length, causal, sliding_window, q.device)
+        if softcap is not None:
+            allowed = _allowed(length, causal, sliding_window, q.device)
+            outs.append(_softcapped(qd, kd, vd, allowed, softcap, scale))
+        else:
+            outs.append(F.scaled_dot_product_attention(qd, kd, vd, attn_mask=allowed, is_causal=plain_causal,
+                                                       scale=scale, enable_gqa=gqa))
+    return _batch_major(torch.cat(outs, dim=2), B, T)
+
+
+def _block_mask(cu_seqlens, tokens, causal, sliding_window, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = (cu_seqlens, cu_seqlens._version, tokens, causal, sliding_window)
+    if _cache_hit(_block_mask_cache, key):
+        return _block_mask_cache[0][-1]
+    position = torch.arange(tokens, device=device)
+    document = torch.searchsorted(cu_seqlens[1:].long(), position, right=True)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        allowed = document[q_idx] == document[kv_idx]
+        if causal:
+            allowed = allowed & (q_idx >= kv_idx)
+        if sliding_window is not None:
+            allowed = allowed & ((q_idx - kv_idx).abs() < sliding_window)
+        return allowed
+
+    block_mask = create_block_mask(mask_mod, 1, None, tokens, tokens, device=device)
+    stats["block_masks_built"] += 1
+    _block_mask_cache[:] = [(*key, block_mask)]
+    return block_mask
+
+
+_compiled_flex = []
+
+
+def _flex(q, k, v, cu_seqlens, causal, sliding_window, softcap, scale):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    B, Hq, T, D = q.shape
+    if not q.is_cuda and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        raise ValueError("attention: torch runs FlexAttention's backward on CUDA only; on CPU train with the "
+                         "documents backend (flex runs forward-only here)")
+    if cu_seqlens is None:
+        cu_seqlens = torch.arange(0, B * T + 1, T, device=q.device, dtype=torch.int32)
+    block_mask = _block_mask(cu_seqlens, B * T, causal, sliding_window, q.device)
+    score_mod = None
+    if softcap is not None:
+        cap = torch.tensor(softcap, dtype=q.dtype, device=q.device)  # a tensor: a float would retrace per value
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return cap * torch.tanh(score / cap)
+    run = flex_attention
+    if q.is_cuda and not torch.compiler.is_compiling():
+        if not _compiled_flex:  # eager flex is a dense reference; the kernel comes from compiling it
+            _compiled_flex.append(torch.compile(flex_attention, dynamic=True))
+        run = _compiled_flex[0]
+    out = run(_token_major(q), _token_major(k), _token_major(v), score_mod=score_mod, block_mask=block_mask,
+              scale=scale, enable_gqa=Hq != k.shape[1])
+    return _batch_major(out, B, T)
+
+
+def _varlen_windows(causal, sliding_window):
+    left = -1 if sliding_window is None else sliding_window - 1
+    right = 0 if causal else left
+    return left, right
+
+
+def _max_len(cu_seqlens):
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+
+
+def _varlen(q, k, v, cu_seqlens, causal, sliding_window, softcap, scale):
+    if softcap is not None:
+        raise ValueError("attention: the varlen backend has no softcap; use flash_attn, flex or documents")
+    B, Hq, T, D = q.shape
+    cu = cu_seqlens.to(torch.int32)
+    longest = _max_len(cu)
+    flat = [x.permute(0, 2, 1, 3).reshape(B * T, x.shape[1], D) for x in (q, k, v)]
+    out = _varlen_attn()(*flat, cu, cu, longest, longest, scale=scale,
+                         window_size=_varlen_windows(causal, sliding_window), enable_gqa=Hq != k.shape[1])
+    return out.reshape(B, T, Hq, D).permute(0, 2, 1, 3)
+
+
+def _flash_attn(q, k, v, cu_seqlens, causal, sliding_window, softcap, scale):
+    B, Hq, T, D = q.shape
+    cu = cu_seqlens.to(torch.int32)
+    longest = _max_len(cu)
+    flat = [x.permute(0, 2, 1, 3).reshape(B * T, x.shape[1], D) for x in (q, k, v)]
+    left = -1 if sliding_window is None else sliding_window - 1
+    out = _flash_attn_varlen()(*flat, cu, cu, longest, longest, softmax_scale=scale, causal=causal,
+                               window_size=(left, left), softcap=0.0 if softcap is None else softcap)
+    return out.reshape(B, T, Hq, D).permute(0, 2, 1, 3)
+
+
+def _sdpa(q, k, v, cu_seqlens, causal, sliding_window, softcap, scale):
+    B, T = q.shape[0], q.shape[2]
+    if cu_seqlens is not None and cu_seqlens.numel() != B + 1:
+        raise ValueError("attention: the sdpa backend takes dense batches (one document a row); packed rows "
+                         "need varlen, flash_attn, flex or documents")
+    if softcap is not None:
+        raise ValueError("attention: the sdpa backend has no softcap; use flash_attn, flex or documents")
+    allowed = None if sliding_window is None else _allowed(T, causal, sliding_window, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=causal and allowed is None,
+                                          scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+_RUN = {"varlen": _varlen, "flash_attn": _flash_attn, "flex": _flex, "sdpa": _sdpa, "documents": _documents}
+
+
+def _pick(q, cu_seqlens, sliding_window, softcap):
+    dense = cu_seqlens is None or cu_seqlens.numel() == q.shape[0] + 1
+    if dense and softcap is None and sliding_window is None:
+        return "sdpa"
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        if _flash_attn_varlen() is not None:
+            return "flash_attn"
+        if _varlen_attn() is not None and softcap is None:
+            return "varlen"
+    if q.is_cuda or torch.compiler.is_compiling():
+        return "flex"
+    return "documents"
+
+
+def attention(q, k, v, *, cu_seqlens=None, causal=True, sliding_window=None, softcap=None, scale=None,
+              backend="auto"):
+    """Attention over dense or packed rows; see the module docstring for layouts and backends.
+
+    q [B, Hq, T, D], k/v [B, Hkv, T, D] -> [B, Hq, T, D]. sliding_window W: a query sees keys less
+    than W tokens away (itself and W-1 before it when causal). softcap c: scores become
+    c * tanh(scores / c) after scaling (Gemma 2). scale defaults to 1/sqrt(D)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    _check(q, k, v, cu_seqlens, sliding_window, softcap, scale)
+    name = _pick(q, cu_seqlens, sliding_window, softcap) if backend == "auto" else backend
+    if name not in available_backends(q.device):
+        raise ValueError(f"attention: backend {name!r} is not available on {q.device} here "
+                         f"(available: {', '.join(available_backends(q.device))})")
+    if name in ("varlen", "flash_attn") and cu_seqlens is None:
+        B, T = q.shape[0], q.shape[2]
+        cu_seqlens = torch.arange(0, B * T + 1, T, device=q.device, dtype=torch.int32)
+    return _RUN[name](q, k, v, cu_seqlens, causal, sliding_window, softcap, scale)
+
+
+def _hf_cu_seqlens(position_ids, padding_mask, batch, tokens, device):
+    """cu_seqlens for a transformers forward, derived once and shared by all its layers."""
+    if position_ids is None:
+        position_ids = torch.arange(tokens, device=device).expand(batch, tokens)
+    elif position_ids.shape[0] == 1 and batch > 1:
+        position_ids = position_ids.expand(batch, -1)
+    key = (position_ids, position_ids._version, padding_mask, None if padding_mask is None else padding_mask._version)
+    if _cache_hit(_cu_seqlens_cache, key):
+        return _cu_seqlens_cache[0][-1]
+    cu = cu_seqlens_from_position_ids(position_ids.to(device), padding_mask).to(device)
+    _cu_seqlens_cache[:] = [(*key, cu)]
+    return cu
+
+
+def hf_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                         sliding_window=None, softcap=None, position_ids=None, **kwargs):
+    """transformers' attention-function signature over attention(); returns ([B, T, H, D], None)."""
+    if dropout and module.training:
+        raise ValueError(f"qforge attention: attention dropout is not supported (got {dropout}); set the "
+                         "model config's attention_dropout to 0")
+    batch, _, tokens, _ = query.shape
+    if key.shape[2] != tokens:
+        raise ValueError(f"qforge attention: {tokens} queries against {key.shape[2]} keys (a KV cache): it "
+                         "trains on whole sequences; generate with attn_implementation='sdpa'")
+    if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.dtype != torch.bool):
+        raise ValueError(f"qforge attention: expected no mask or a 2D padding mask, got "
+                         f"{attention_mask.dtype} {tuple(attention_mask.shape)} (register_with_transformers() "
+                         "registers the mask function too)")
+    if position_ids is None and attention_mask is None:
+        cu = None
+    else:
+        cu = _hf_cu_seqlens(position_ids, attention_mask, batch, tokens, query.device)
+    out = attention(query, key, value, cu_seqlens=cu, causal=getattr(module, "is_causal", True),
+                    sliding_window=sliding_window, softcap=softcap, scale=scaling,
+                    backend=_hf_settings["backend"])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_with_transformers(backend: str = "auto") -> str:
+    """Registers attention() as transformers' attn_implementation "qforge" (and its mask function,
+    which hands over at most the 2D padding mask); returns the name to load models with."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register("qforge", hf_attention_forward)
+    AttentionMaskInterface.register("qforge", flash_attention_mask)
+    _hf_settings["backend"] = backend
+    return "qforge"

@@ -1,0 +1,287 @@
+"""qforge.attention.attention: every backend against an fp64 reference on packed rows, and the
+"qforge" transformers attention implementation training packed rows of each model family."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from qforge import attention as A
+
+
+def random_cu_seqlens(batch, tokens, gen):
+    """Document boundaries for `batch` rows of `tokens`: random lengths, each row with a length-1 doc."""
+    bounds = [0]
+    for row in range(batch):
+        lengths = [1]
+        while sum(lengths) < tokens:
+            lengths.append(min(int(torch.randint(1, 12, (1,), generator=gen)), tokens - sum(lengths)))
+        perm = torch.randperm(len(lengths), generator=gen).tolist()
+        for i in perm:
+            bounds.append(bounds[-1] + lengths[i])
+    return torch.tensor(bounds, dtype=torch.int32)
+
+
+def reference(q, k, v, cu, causal, window, softcap, scale):
+    """fp64 attention with the whole mask spelled out: same document, causal, |i - j| < window."""
+    B, H, T, D = q.shape
+    n = B * T
+    q, k, v = (x.double().permute(1, 0, 2, 3).reshape(x.shape[1], n, D) for x in (q, k, v))
+    k, v = k.repeat_interleave(H // k.shape[0], 0), v.repeat_interleave(H // v.shape[0], 0)
+    doc = torch.searchsorted(cu[1:].long(), torch.arange(n), right=True)
+    i = torch.arange(n)
+    allowed = doc[:, None] == doc[None, :]
+    if causal:
+        allowed &= i[:, None] >= i[None, :]
+    if window is not None:
+        allowed &= (i[:, None] - i[None, :]).abs() < window
+    scores = q @ k.transpose(-1, -2) * (D ** -0.5 if scale is None else scale)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    out = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+    return out.reshape(H, B, T, D).permute(1, 0, 2, 3)
+
+
+CASES = [  # causal, sliding_window, softcap, scale
+    (True, None, None, None),
+    (False, None, None, None),
+    (True, 4, None, None),
+    (True, None, 2.0, None),
+    (True, 3, 1.5, 0.3),
+    (False, 5, 2.0, None),
+]
+
+
+def inputs(seed, batch=2, tokens=40, hq=4, hkv=2, d=16, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, hq, tokens, d, generator=gen, dtype=dtype).requires_grad_()
+    k = torch.randn(batch, hkv, tokens, d, generator=gen, dtype=dtype).requires_grad_()
+    v = torch.randn(batch, hkv, tokens, d, generator=gen, dtype=dtype).requires_grad_()
+    return q, k, v, random_cu_seqlens(batch, tokens, gen), gen
+
+
+def check_against_reference(backend, case, seed, grads):
+    causal, window, softcap, scale = case
+    q, k, v, cu, gen = inputs(seed)
+    if not grads:
+        q, k, v = q.detach(), k.detach(), v.detach()
+    expected = reference(q, k, v, cu, causal, window, softcap, scale)
+    out = A.attention(q, k, v, cu_seqlens=cu, causal=causal, sliding_window=window, softcap=softcap,
+                      scale=scale, backend=backend)
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+    if grads:
+        go = torch.randn(expected.shape, generator=gen, dtype=expected.dtype)
+        want = torch.autograd.grad(expected, (q, k, v), go)
+        got = torch.autograd.grad(out, (q, k, v), go)
+        for w, g in zip(want, got):
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_documents_backend_matches_fp64_reference_forward_and_gradients(case, seed):
+    check_against_reference("documents", case, seed, grads=True)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_auto_on_cpu_matches_fp64_reference_forward_and_gradients(case):
+    check_against_reference("auto", case, 2, grads=True)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_flex_backend_matches_fp64_reference(case):
+    # torch runs FlexAttention's backward on CUDA only; on CPU the forward is what can be checked.
+    check_against_reference("flex", case, 3, grads=False)
+
+
+def test_flex_backward_on_cpu_is_a_clear_error():
+    q, k, v, cu, gen = inputs(3)
+    with pytest.raises(ValueError, match="backward on CUDA only"):
+        A.attention(q, k, v, cu_seqlens=cu, backend="flex")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["flex", "varlen", "flash_attn", "auto"])
+@pytest.mark.parametrize("case", CASES)
+def test_cuda_backends_match_reference_in_bf16(backend, case):
+    if backend not in A.available_backends("cuda") and backend != "auto":
+        pytest.skip(f"{backend} is not installed here")
+    causal, window, softcap, scale = case
+    if backend == "varlen" and softcap is not None:
+        pytest.skip("torch's varlen attention has no softcap")
+    q, k, v, cu, gen = inputs(4, tokens=256, d=64)
+    q, k, v = (x.detach().cuda().bfloat16().requires_grad_() for x in (q, k, v))
+    expected = reference(q.cpu(), k.cpu(), v.cpu(), cu, causal, window, softcap, scale)
+    out = A.attention(q, k, v, cu_seqlens=cu.cuda(), causal=causal, sliding_window=window, softcap=softcap,
+                      scale=scale, backend=backend)
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=2e-2, atol=2e-2)
+    out.float().square().sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+
+
+def test_dense_sdpa_backend_matches_reference_and_refuses_packed_rows():
+    q, k, v, cu, gen = inputs(5)
+    rows = torch.tensor([0, 40, 80], dtype=torch.int32)
+    torch.testing.assert_close(A.attention(q, k, v, backend="sdpa"), reference(q, k, v, rows, True, None, None, None))
+    torch.testing.assert_close(A.attention(q, k, v, sliding_window=6, backend="sdpa"),
+                               reference(q, k, v, rows, True, 6, None, None))
+    with pytest.raises(ValueError, match="dense batches"):
+        A.attention(q, k, v, cu_seqlens=cu, backend="sdpa")
+    with pytest.raises(ValueError, match="no softcap"):
+        A.attention(q, k, v, softcap=3.0, backend="sdpa")
+
+
+def test_cu_seqlens_from_position_ids_and_padding():
+    pos = torch.tensor([[0, 1, 2, 0, 0, 1], [5, 6, 7, 8, 0, 1]])
+    assert A.cu_seqlens_from_position_ids(pos).tolist() == [0, 3, 4, 6, 10, 12]
+    pad = torch.tensor([[True] * 6, [True, True, True, True, False, False]])
+    assert A.cu_seqlens_from_position_ids(pos, pad).tolist() == [0, 3, 4, 6, 10, 11, 12]
+    with pytest.raises(ValueError, match="position_ids"):
+        A.cu_seqlens_from_position_ids(pos.float())
+    with pytest.raises(ValueError, match="padding mask"):
+        A.cu_seqlens_from_position_ids(pos, pad[:, :3])
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(cu_seqlens=torch.tensor([0, 50, 80], dtype=torch.int32)), "crossing a row end"),
+    (dict(cu_seqlens=torch.tensor([0, 40, 40, 80], dtype=torch.int32)), "rise strictly"),
+    (dict(cu_seqlens=torch.tensor([0, 40, 79], dtype=torch.int32)), "rise strictly"),
+    (dict(cu_seqlens=torch.tensor([0.0, 80.0])), "int32/int64"),
+    (dict(sliding_window=0), "sliding_window"),
+    (dict(softcap=-1.0), "softcap"),
+    (dict(backend="fast"), "unknown backend"),
+    (dict(backend="varlen"), "not available on cpu"),
+])
+def test_bad_arguments_are_clear_errors(bad, match):
+    q, k, v, cu, gen = inputs(6)
+    with pytest.raises(ValueError, match=match):
+        A.attention(q, k, v, **bad)
+
+
+def test_heads_not_a_multiple_is_a_clear_error():
+    q = torch.zeros(1, 3, 8, 4)
+    kv = torch.zeros(1, 2, 8, 4)
+    with pytest.raises(ValueError, match="not a multiple"):
+        A.attention(q, kv, kv)
+
+
+# --- the "qforge" attention implementation in transformers -----------------------------------------
+
+transformers = pytest.importorskip("transformers")
+
+FAMILIES = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": 6}),
+    "qwen2": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1}),
+    "qwen3": ("Qwen3Config", {}),
+    "gemma2": ("Gemma2Config", {"sliding_window": 6, "attn_logit_softcapping": 2.0, "query_pre_attn_scalar": 8}),
+    "gemma3": ("Gemma3TextConfig", {"sliding_window": 6, "query_pre_attn_scalar": 8}),
+}
+
+
+def tiny_model(family, attn_implementation):
+    cls, extra = FAMILIES[family]
+    config = getattr(transformers, cls)(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                        max_position_embeddings=256, attention_dropout=0.0, use_cache=False,
+                                        **extra)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    return model.double().train()
+
+
+def doc_loss(logits, ids):
+    return torch.nn.functional.cross_entropy(logits[:-1], ids[1:], reduction="sum")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_tiny_model_trains_packed_with_per_document_losses_of_the_unpacked_run(family):
+    name = A.register_with_transformers("auto")
+    # The reference runs each document alone, through transformers' SDPA path (fp64 throughout), or for
+    # Gemma 2's softcap its eager path. Gemma's RMSNorm and the eager softmax compute in fp32 whatever
+    # the model's dtype, hence Gemma's looser tolerance.
+    softcapped = "attn_logit_softcapping" in FAMILIES[family][1]
+    reference_model = tiny_model(family, "eager" if softcapped else "sdpa")
+    tol = dict(rtol=1e-5, atol=1e-6) if family.startswith("gemma") else dict(rtol=1e-9, atol=1e-11)
+    packed_model = tiny_model(family, name)
+    packed_model.load_state_dict(reference_model.state_dict())
+    gen = torch.Generator().manual_seed(7)
+    lengths = [9, 1, 14, 3, 20, 2]  # longer than the sliding window of 6, and a length-1 document
+    docs = [torch.randint(0, 64, (n,), generator=gen) for n in lengths]
+
+    unpacked = [doc_loss(reference_model(input_ids=d[None]).logits[0], d) for d in docs]
+    torch.stack(unpacked).sum().backward()
+
+    ids = torch.cat(docs)[None]
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    logits = packed_model(input_ids=ids, position_ids=position_ids).logits[0]
+    bounds = torch.tensor([0, *lengths]).cumsum(0).tolist()
+    packed = [doc_loss(logits[s:e], ids[0, s:e]) for s, e in zip(bounds[:-1], bounds[1:])]
+    torch.stack(packed).sum().backward()
+
+    torch.testing.assert_close(torch.stack(packed), torch.stack(unpacked), **tol)
+    for (pname, p), q in zip(packed_model.named_parameters(), reference_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, **tol, msg=lambda m: f"{pname}: {m}")
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the element count of the largest tensor any op creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def largest_allocation_of_packed_step(attn_implementation, tokens):
+    model = tiny_model("llama", attn_implementation).float()
+    gen = torch.Generator().manual_seed(8)
+    lengths, pos = [], []
+    while sum(lengths) < tokens:
+        lengths.append(min(int(torch.randint(1, 48, (1,), generator=gen)), tokens - sum(lengths)))
+        pos.append(torch.arange(lengths[-1]))
+    ids = torch.randint(0, 64, (1, tokens), generator=gen)
+    with LargestAllocation() as watch:
+        model(input_ids=ids, position_ids=torch.cat(pos)[None], labels=ids).loss.backward()
+    return watch.largest
+
+
+def test_packed_batch_allocates_no_tokens_by_tokens_tensor():
+    tokens = 512
+    name = A.register_with_transformers("auto")
+    assert largest_allocation_of_packed_step(name, tokens) < tokens * tokens
+    # The watch sees such a tensor where there is one: transformers' SDPA path builds the mask.
+    assert largest_allocation_of_packed_step("sdpa", tokens) >= tokens * tokens
+
+
+def test_flex_block_mask_is_built_once_per_batch():
+    name = A.register_with_transformers("flex")
+    try:
+        model = tiny_model("llama", name)
+        ids = torch.randint(0, 64, (1, 30))
+        position_ids = torch.cat([torch.arange(10), torch.arange(20)])[None]
+        before = A.stats["block_masks_built"]
+        with torch.no_grad():  # torch runs flex's backward on CUDA only
+            packed = model(input_ids=ids, position_ids=position_ids).logits
+        assert A.stats["block_masks_built"] == before + 1  # two layers, one block mask
+        A.register_with_transformers("documents")
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids, position_ids=position_ids).logits, packed)
+    finally:
+        A.register_with_transformers("auto")
+
+
+def test_kv_cache_and_dropout_are_clear_errors():
+    name = A.register_with_transformers("auto")
+    model = tiny_model("llama", name)
+    with pytest.raises(ValueError, match="KV cache"):
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False, use_cache=True)
+    model.config.attention_dropout = 0.1
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    with pytest.raises(ValueError, match="attention dropout"):
+        model(input_ids=torch.tensor([[1, 2, 3]]))
