@@ -237,11 +237,10 @@ def _documents(q, k, v, cu_seqlens, causal, sliding_window, softcap, scale):
         qd, kd, vd = qt[:, :, start:end], kt[:, :, start:end], vt[:, :, start:end]
         length = end - start
         plain_causal = causal and (sliding_window is None or sliding_window >= length)
-        allowed = None if plain_causal else _allowed(length, causal, sliding_window, q.device)
         if softcap is not None:
-            allowed = _allowed(length, causal, sliding_window, q.device)
-            outs.append(_softcapped(qd, kd, vd, allowed, softcap, scale))
+            outs.append(_softcapped(qd, kd, vd, _allowed(length, causal, sliding_window, q.device), softcap, scale))
         else:
+            allowed = None if plain_causal else _allowed(length, causal, sliding_window, q.device)
             outs.append(F.scaled_dot_product_attention(qd, kd, vd, attn_mask=allowed, is_causal=plain_causal,
                                                        scale=scale, enable_gqa=gqa))
     return _batch_major(torch.cat(outs, dim=2), B, T)
@@ -305,31 +304,27 @@ def _varlen_windows(causal, sliding_window):
     return left, right
 
 
-def _max_len(cu_seqlens):
-    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+def _run_varlen(kernel, q, k, v, cu_seqlens, **options):
+    """Runs a flash-style varlen kernel: tokens [B*T, H, D], int32 cu_seqlens, longest document."""
+    B, Hq, T, D = q.shape
+    cu = cu_seqlens.to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max().item())
+    flat = [x.permute(0, 2, 1, 3).reshape(B * T, x.shape[1], D) for x in (q, k, v)]
+    out = kernel(*flat, cu, cu, longest, longest, **options)
+    return out.reshape(B, T, Hq, D).permute(0, 2, 1, 3)
 
 
 def _varlen(q, k, v, cu_seqlens, causal, sliding_window, softcap, scale):
     if softcap is not None:
         raise ValueError("attention: the varlen backend has no softcap; use flash_attn, flex or documents")
-    B, Hq, T, D = q.shape
-    cu = cu_seqlens.to(torch.int32)
-    longest = _max_len(cu)
-    flat = [x.permute(0, 2, 1, 3).reshape(B * T, x.shape[1], D) for x in (q, k, v)]
-    out = _varlen_attn()(*flat, cu, cu, longest, longest, scale=scale,
-                         window_size=_varlen_windows(causal, sliding_window), enable_gqa=Hq != k.shape[1])
-    return out.reshape(B, T, Hq, D).permute(0, 2, 1, 3)
+    return _run_varlen(_varlen_attn(), q, k, v, cu_seqlens, scale=scale,
+                       window_size=_varlen_windows(causal, sliding_window), enable_gqa=q.shape[1] != k.shape[1])
 
 
 def _flash_attn(q, k, v, cu_seqlens, causal, sliding_window, softcap, scale):
-    B, Hq, T, D = q.shape
-    cu = cu_seqlens.to(torch.int32)
-    longest = _max_len(cu)
-    flat = [x.permute(0, 2, 1, 3).reshape(B * T, x.shape[1], D) for x in (q, k, v)]
     left = -1 if sliding_window is None else sliding_window - 1
-    out = _flash_attn_varlen()(*flat, cu, cu, longest, longest, softmax_scale=scale, causal=causal,
-                               window_size=(left, left), softcap=0.0 if softcap is None else softcap)
-    return out.reshape(B, T, Hq, D).permute(0, 2, 1, 3)
+    return _run_varlen(_flash_attn_varlen(), q, k, v, cu_seqlens, softmax_scale=scale, causal=causal,
+                       window_size=(left, left), softcap=0.0 if softcap is None else softcap)
 
 
 def _sdpa(q, k, v, cu_seqlens, causal, sliding_window, softcap, scale):
