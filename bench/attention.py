@@ -1,0 +1,197 @@
+"""Packed attention on one GPU: qforge.attention's backends against transformers' SDPA with its
+[1, 1, T, T] document mask and against dense causal flash SDPA on the same number of tokens
+(which does more work than packing needs), at Llama-3.1-8B attention shapes (32 query heads,
+8 KV heads, head dim 128, bf16). Rows are packed from documents whose lengths follow an SFT-like
+log-normal (mean ~600 tokens, at most 8192). Times forward + backward and the peak memory above
+the inputs. Then a train step at 8B layer shapes (random weights, --train-layers layers) on
+packed rows of varied lengths through attn_implementation "qforge": tokens/s eager, per-layer
+compile and whole-model compile, and how many graphs torch.compile built over the run.
+
+  python bench/attention.py [--tokens 16384,65536] [--reps 5] [--train-steps 20]
+      [--out bench/results/attention.json]
+
+On a machine without CUDA, `--device cpu --tokens 512 --heads 4 --kv-heads 2 --dim 16
+--train-layers 1 --hidden 64 --intermediate 128 --vocab 256 --train-tokens 256` exercises the
+same code (the CPU has no flash kernels; it times what it has).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from qforge import attention as qattention
+
+MEAN_DOC, MAX_DOC, DOC_SIGMA = 600, 8192, 1.0
+
+
+def packed_lengths(tokens: int, gen: torch.Generator) -> list[int]:
+    """Document lengths filling `tokens`: log-normal with mean MEAN_DOC, clipped to [1, MAX_DOC]."""
+    mu = math.log(MEAN_DOC) - DOC_SIGMA ** 2 / 2
+    lengths = []
+    while sum(lengths) < tokens:  # each pass adds >= 1 token
+        n = int(torch.empty(1).log_normal_(mu, DOC_SIGMA, generator=gen).clamp(1, MAX_DOC))
+        lengths.append(min(n, tokens - sum(lengths)))
+    return lengths
+
+
+def cu_seqlens_of(lengths, device):
+    return torch.tensor([0, *lengths], device=device).cumsum(0).to(torch.int32)
+
+
+def document_mask(lengths, device):
+    """The mask transformers' SDPA path builds for packed position_ids: same document and causal."""
+    doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+    i = torch.arange(doc.numel(), device=device)
+    return ((doc[:, None] == doc[None, :]) & (i[:, None] >= i[None, :]))[None, None]
+
+
+def implementations(device):
+    """name -> function(q, k, v, lengths) running one attention forward."""
+    impls = {}
+    for backend in qattention.available_backends(device):
+        if backend == "sdpa":
+            continue  # dense only: it is the dense_causal_sdpa row
+        impls[f"qforge_{backend}"] = (
+            lambda q, k, v, lengths, b=backend: qattention.attention(q, k, v, cu_seqlens=cu_seqlens_of(lengths, q.device),
+                                                                     backend=b))
+    impls["transformers_sdpa_mask"] = lambda q, k, v, lengths: F.scaled_dot_product_attention(
+        q, k, v, attn_mask=document_mask(lengths, q.device), enable_gqa=True)
+    impls["dense_causal_sdpa"] = lambda q, k, v, lengths: F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=True)
+    return impls
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_case(run, tokens, lengths, a, device):
+    gen = torch.Generator(device=device).manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q = torch.randn(1, a.heads, tokens, a.dim, device=device, dtype=dtype, generator=gen).requires_grad_()
+    k = torch.randn(1, a.kv_heads, tokens, a.dim, device=device, dtype=dtype, generator=gen).requires_grad_()
+    v = torch.randn(1, a.kv_heads, tokens, a.dim, device=device, dtype=dtype, generator=gen).requires_grad_()
+    go = torch.randn_like(q)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times = []
+    for i in range(a.reps + 1):  # the first run warms up (and compiles flex)
+        synchronize(device)
+        t0 = time.perf_counter()
+        run(q, k, v, lengths).backward(go)
+        synchronize(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+        q.grad = k.grad = v.grad = None
+    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30 if device.type == "cuda" else None
+    return dict(ms=sorted(times)[len(times) // 2] * 1e3, peak_gib=peak)
+
+
+def attention_cases(a, device):
+    rows = []
+    gen = torch.Generator().manual_seed(1)
+    for tokens in a.tokens:
+        lengths = packed_lengths(tokens, gen)
+        for name, run in implementations(device).items():
+            row = dict(impl=name, tokens=tokens, docs=len(lengths))
+            try:
+                row.update(time_case(run, tokens, lengths, a, device))
+            except (RuntimeError, ValueError) as e:  # out of memory, or a backend refusing the inputs
+                row["error"] = str(e).splitlines()[0][:200]
+            print(row, flush=True)
+            rows.append(row)
+    return rows
+
+
+def train_model(a, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=a.hidden, intermediate_size=a.intermediate, num_hidden_layers=a.train_layers,
+                         num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, head_dim=a.dim,
+                         vocab_size=a.vocab, max_position_embeddings=max(MAX_DOC, a.train_tokens),
+                         use_cache=False, attention_dropout=0.0)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    model.set_attn_implementation(qattention.register_with_transformers(a.attention))
+    model.gradient_checkpointing_enable()
+    return model.train()
+
+
+def train(a, device, mode):
+    """Tokens/s of forward + backward over --train-steps packed rows of varied lengths."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = train_model(a, device)
+    if mode == "layer_compile":
+        for layer in model.model.layers:
+            layer.compile(dynamic=True)
+    elif mode == "model_compile":
+        model.compile(dynamic=True)
+    gen = torch.Generator().manual_seed(2)
+    seen = 0
+    t0 = None
+    for step in range(a.train_steps + 1):  # step 0 warms up
+        tokens = int(torch.randint(a.train_tokens // 2, a.train_tokens + 1, (1,), generator=gen))
+        lengths = packed_lengths(tokens, gen)
+        ids = torch.randint(0, a.vocab, (1, tokens), generator=gen).to(device)
+        position_ids = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
+        model(input_ids=ids, position_ids=position_ids, labels=ids).loss.backward()
+        model.zero_grad(set_to_none=True)
+        synchronize(device)
+        if step == 0:
+            t0 = time.perf_counter()
+        else:
+            seen += tokens
+    elapsed = time.perf_counter() - t0
+    counters = torch._dynamo.utils.counters
+    row = dict(mode=mode, tokens_per_s=seen / elapsed, compilations=counters["frames"]["ok"],
+               graph_breaks=sum(counters["graph_break"].values()), steps=a.train_steps)
+    print(row, flush=True)
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tokens", default="16384,65536", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--attention", default="auto", choices=qattention.BACKENDS, help="backend of the train runs")
+    ap.add_argument("--train-modes", default="eager,layer_compile,model_compile")
+    ap.add_argument("--train-layers", type=int, default=2)
+    ap.add_argument("--train-tokens", type=int, default=8192, help="rows of between half this and this many tokens")
+    ap.add_argument("--train-steps", type=int, default=20)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--intermediate", type=int, default=14336)
+    ap.add_argument("--vocab", type=int, default=128256)
+    ap.add_argument("--out", default="")
+    a = ap.parse_args()
+    device = torch.device(a.device)
+    torch._logging.set_logs(recompiles=True)  # each recompilation's reason goes to the log
+    import transformers
+
+    result = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                  versions=dict(torch=torch.__version__, transformers=transformers.__version__),
+                  shape=dict(heads=a.heads, kv_heads=a.kv_heads, dim=a.dim, causal=True,
+                             doc_lengths=f"log-normal mean {MEAN_DOC}, sigma {DOC_SIGMA}, max {MAX_DOC}"),
+                  cases=attention_cases(a, device))
+    result["train"] = [train(a, device, mode) for mode in a.train_modes.split(",") if mode]
+    result["compile_count_varied_lengths"] = {row["mode"]: row["compilations"] for row in result["train"]}
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
