@@ -250,7 +250,8 @@ def _block_mask(cu_seqlens, tokens, causal, sliding_window, device):
     from torch.nn.attention.flex_attention import create_block_mask
 
     key = (cu_seqlens, cu_seqlens._version, tokens, causal, sliding_window)
-    if _cache_hit(_block_mask_cache, key):
+    compiling = torch.compiler.is_compiling()  # in a graph the mask is one more node, not a cache entry
+    if not compiling and _cache_hit(_block_mask_cache, key):
         return _block_mask_cache[0][-1]
     position = torch.arange(tokens, device=device)
     document = torch.searchsorted(cu_seqlens[1:].long(), position, right=True)
@@ -264,8 +265,9 @@ def _block_mask(cu_seqlens, tokens, causal, sliding_window, device):
         return allowed
 
     block_mask = create_block_mask(mask_mod, 1, None, tokens, tokens, device=device)
-    stats["block_masks_built"] += 1
-    _block_mask_cache[:] = [(*key, block_mask)]
+    if not compiling:
+        stats["block_masks_built"] += 1
+        _block_mask_cache[:] = [(*key, block_mask)]
     return block_mask
 
 
@@ -404,7 +406,9 @@ def hf_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
         raise ValueError(f"qforge attention: expected no mask or a 2D padding mask, got "
                          f"{attention_mask.dtype} {tuple(attention_mask.shape)} (register_with_transformers() "
                          "registers the mask function too)")
-    if position_ids is None and attention_mask is None:
+    if kwargs.get("cu_seq_lens_q") is not None:  # given by the caller (transformers' name): nothing to derive
+        cu = kwargs["cu_seq_lens_q"]
+    elif position_ids is None and attention_mask is None:
         cu = None
     else:
         cu = _hf_cu_seqlens(position_ids, attention_mask, batch, tokens, query.device)

@@ -285,3 +285,37 @@ def test_kv_cache_and_dropout_are_clear_errors():
         layer.self_attn.attention_dropout = 0.1
     with pytest.raises(ValueError, match="attention dropout"):
         model(input_ids=torch.tensor([[1, 2, 3]]))
+
+
+def test_whole_model_compiles_once_or_twice_over_varied_packed_lengths():
+    """fullgraph=True (no graph break) and dynamic lengths: 8 packed rows of varied lengths and
+    document counts compile at most 3 times (flex's 128-token blocks cost one recompilation), and
+    match each document run alone. cu_seq_lens_q comes with the batch, as a packer gives it, so the
+    graph derives nothing from data. Forward only: torch runs flex's backward on CUDA only."""
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):  # Dynamo's graphs, run as traced
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    name = A.register_with_transformers("flex")
+    try:
+        model = tiny_model("llama", name).float().eval()
+        reference_model = tiny_model("llama", "sdpa").float().eval()
+        reference_model.load_state_dict(model.state_dict())
+        compiled = torch.compile(model, fullgraph=True, dynamic=True, backend=counting_backend)
+        torch._dynamo.reset()
+        gen = torch.Generator().manual_seed(9)
+        for tokens in (37, 64, 91, 128, 150, 200, 230, 97):
+            cu = random_cu_seqlens(1, tokens, gen)
+            lengths = (cu[1:] - cu[:-1]).tolist()
+            ids = torch.randint(0, 64, (1, tokens), generator=gen)
+            position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+            with torch.no_grad():
+                got = compiled(input_ids=ids, position_ids=position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu).logits
+                want = torch.cat([reference_model(input_ids=d).logits for d in ids.split(lengths, dim=1)], dim=1)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert 1 <= len(graphs) <= 3, f"{len(graphs)} compilations"
+    finally:
+        A.register_with_transformers("auto")
+        torch._dynamo.reset()
