@@ -117,6 +117,40 @@ def test_cuda_backends_match_reference_in_bf16(backend, case):
     assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
 
 
+def flash_convention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size, scale=None, softmax_scale=None,
+                            causal=False, enable_gqa=True, softcap=0.0):
+    """A CPU stand-in for flash-style varlen kernels, by their documented contract: tokens [N, H, D],
+    window_size (left, right) lets query i see keys i-left..i+right (-1: unbounded), causal caps right at 0."""
+    assert cu_q.dtype == torch.int32 and cu_q is cu_k and max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
+    left, right = window_size
+    right = 0 if causal else right
+    n, h, d = q.shape
+    doc = torch.searchsorted(cu_q[1:].long(), torch.arange(n), right=True)
+    i = torch.arange(n)
+    allowed = doc[:, None] == doc[None, :]
+    if left >= 0:
+        allowed &= i[None, :] >= i[:, None] - left
+    if right >= 0:
+        allowed &= i[None, :] <= i[:, None] + right
+    k, v = (x.repeat_interleave(h // x.shape[1], 1).transpose(0, 1) for x in (k, v))
+    scores = q.transpose(0, 1) @ k.transpose(-1, -2) * (scale or softmax_scale or d ** -0.5)
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    return (scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v).transpose(0, 1)
+
+
+@pytest.mark.parametrize("backend", ["varlen", "flash_attn"])
+@pytest.mark.parametrize("case", CASES)
+def test_varlen_backends_hand_kernels_their_layout_offsets_and_windows(backend, case, monkeypatch):
+    """The CUDA kernels' plumbing, on CPU: the kernel is a stand-in that follows their contract."""
+    if backend == "varlen" and case[2] is not None:
+        pytest.skip("torch's varlen attention has no softcap")
+    monkeypatch.setattr(A, "_varlen_attn", lambda: flash_convention_varlen)
+    monkeypatch.setattr(A, "_flash_attn_varlen", lambda: flash_convention_varlen)
+    monkeypatch.setattr(A, "available_backends", lambda device: [backend])
+    check_against_reference(backend, case, 10, grads=True)
+
+
 def test_dense_sdpa_backend_matches_reference_and_refuses_packed_rows():
     q, k, v, cu, gen = inputs(5)
     rows = torch.tensor([0, 40, 80], dtype=torch.int32)
