@@ -274,6 +274,13 @@ def _block_mask(cu_seqlens, tokens, causal, sliding_window, device):
 _compiled_flex = []
 
 
+def _softcap_score_mod(cap: torch.Tensor):
+    """FlexAttention score_mod for softcap; cap is a tensor because a float would retrace per value."""
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return cap * torch.tanh(score / cap)
+    return score_mod
+
+
 def _flex(q, k, v, cu_seqlens, causal, sliding_window, softcap, scale):
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -284,12 +291,8 @@ def _flex(q, k, v, cu_seqlens, causal, sliding_window, softcap, scale):
     if cu_seqlens is None:
         cu_seqlens = torch.arange(0, B * T + 1, T, device=q.device, dtype=torch.int32)
     block_mask = _block_mask(cu_seqlens, B * T, causal, sliding_window, q.device)
-    score_mod = None
-    if softcap is not None:
-        cap = torch.tensor(softcap, dtype=q.dtype, device=q.device)  # a tensor: a float would retrace per value
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return cap * torch.tanh(score / cap)
+    score_mod = None if softcap is None else _softcap_score_mod(
+        torch.tensor(softcap, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device))
     run = flex_attention
     if q.is_cuda and not torch.compiler.is_compiling():
         if not _compiled_flex:  # eager flex is a dense reference; the kernel comes from compiling it
