@@ -9,6 +9,7 @@ Assistant tool calls follow OpenAI: ``{"type": "function", "function": {"name",
 """
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from dataclasses import dataclass
@@ -174,7 +175,9 @@ class PackedBatches:
     """Padding-free batches: conversations shuffled per epoch (seeded) and packed
     greedily into rows of at most ``tokens_per_batch`` tokens; a batch is one row
     [1, T] with position_ids restarting at 0 for each conversation (transformers
-    turns that into a block-diagonal causal mask). Batch ``i`` is a pure function
+    turns that into a block-diagonal causal mask) and the same boundaries as
+    int32 ``cu_seqlens`` [0, end of conversation 1, ..., T] (qforge.attention
+    takes them as they are, as transformers' ``cu_seq_lens_q``). Batch ``i`` is a pure function
     of (seed, i), so a resumed run sees exactly the batches it would have seen."""
 
     def __init__(self, examples: Sequence[Example], tokens_per_batch: int, seed: int = 0):
@@ -221,10 +224,12 @@ class PackedBatches:
         ids = [t for e in members for t in e.input_ids]
         labels = [t for e in members for t in e.labels]
         pos = [p for e in members for p in range(len(e.input_ids))]
+        ends = list(itertools.accumulate(len(e.input_ids) for e in members))
         return {
             "input_ids": torch.tensor([ids], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),
             "position_ids": torch.tensor([pos], dtype=torch.long),
+            "cu_seqlens": torch.tensor([0, *ends], dtype=torch.int32),
             "epoch": epoch,
         }
 

@@ -174,6 +174,18 @@ def test_cu_seqlens_from_position_ids_and_padding():
         A.cu_seqlens_from_position_ids(pos, pad[:, :3])
 
 
+def test_packer_cu_seqlens_are_the_position_ids_boundaries():
+    from qforge.data import Example, PackedBatches
+
+    gen = torch.Generator().manual_seed(11)
+    examples = [Example([1] * n, [1] * n) for n in torch.randint(1, 30, (40,), generator=gen).tolist()]
+    batches = PackedBatches(examples, 64, seed=3)
+    for i in range(batches.batches_per_epoch):
+        b = batches.batch(i)
+        assert b["cu_seqlens"].dtype == torch.int32
+        assert torch.equal(b["cu_seqlens"], A.cu_seqlens_from_position_ids(b["position_ids"]))
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(cu_seqlens=torch.tensor([0, 50, 80], dtype=torch.int32)), "crossing a row end"),
     (dict(cu_seqlens=torch.tensor([0, 40, 40, 80], dtype=torch.int32)), "rise strictly"),
