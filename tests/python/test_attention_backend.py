@@ -365,3 +365,27 @@ def test_whole_model_compiles_once_or_twice_over_varied_packed_lengths():
     finally:
         A.register_with_transformers("auto")
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batch_matches_each_row_alone(side):
+    """Padding arrives as transformers' 2D mask; each padding token is a document of its own."""
+    name = A.register_with_transformers("auto")
+    model = tiny_model("mistral", name)
+    reference_model = tiny_model("mistral", "sdpa")
+    reference_model.load_state_dict(model.state_dict())
+    gen = torch.Generator().manual_seed(12)
+    rows = [torch.randint(1, 64, (n,), generator=gen) for n in (17, 9)]
+    ids = torch.zeros(2, 17, dtype=torch.long)
+    mask = torch.zeros(2, 17, dtype=torch.long)
+    for r, row in enumerate(rows):
+        span = slice(0, len(row)) if side == "right" else slice(17 - len(row), 17)
+        ids[r, span], mask[r, span] = row, 1
+    # Positions run on through the padding (left padding counts up to 0 at the first token), so
+    # only the padding mask keeps the padding out of the rows' documents.
+    pads_before = 17 - mask.sum(1, keepdim=True) if side == "left" else torch.zeros(2, 1, dtype=torch.long)
+    position_ids = torch.arange(17) - pads_before
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+    for r, row in enumerate(rows):
+        want = reference_model(input_ids=row[None]).logits[0]
+        torch.testing.assert_close(logits[r][mask[r].bool()], want, rtol=1e-9, atol=1e-11)
