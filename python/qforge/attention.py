@@ -96,6 +96,8 @@ _hf_settings = {"backend": "auto"}
 # the FlexAttention block mask built for those cu_seqlens (built once per batch, reused by layers).
 _cu_seqlens_cache: list = []
 _block_mask_cache: list = []
+# The cu_seqlens last checked (each check reads it on the host), with its longest document.
+_checked_cache: list = []
 stats = {"block_masks_built": 0}
 
 
@@ -185,12 +187,16 @@ def _check(q, k, v, cu_seqlens, sliding_window, softcap, scale):
                          f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != q.device:
         raise ValueError(f"attention: cu_seqlens is on {cu_seqlens.device}, q on {q.device}")
+    key = (cu_seqlens, cu_seqlens._version, B, T)
+    if _cache_hit(_checked_cache, key):  # every layer of a forward passes the same tensor: check it once
+        return
     cu = cu_seqlens.long()
     if cu[0].item() != 0 or cu[-1].item() != B * T or not bool((cu[1:] > cu[:-1]).all()):
         raise ValueError(f"attention: cu_seqlens must rise strictly from 0 to batch*tokens = {B * T}")
     row_ends = torch.arange(1, B, device=cu.device) * T
     if B > 1 and not bool(torch.isin(row_ends, cu).all()):
         raise ValueError(f"attention: cu_seqlens has a document crossing a row end (rows of {T} tokens)")
+    _checked_cache[:] = [(*key, int((cu[1:] - cu[:-1]).max().item()))]
 
 
 def _token_major(x):  # [B, H, T, D] -> [1, H, B*T, D]
@@ -313,7 +319,8 @@ def _run_varlen(kernel, q, k, v, cu_seqlens, **options):
     """Runs a flash-style varlen kernel: tokens [B*T, H, D], int32 cu_seqlens, longest document."""
     B, Hq, T, D = q.shape
     cu = cu_seqlens.to(torch.int32)
-    longest = int((cu[1:] - cu[:-1]).max().item())
+    checked = _checked_cache[0] if _checked_cache and _checked_cache[0][0] is cu_seqlens else None
+    longest = checked[-1] if checked and checked[1] == cu_seqlens._version else int((cu[1:] - cu[:-1]).max().item())
     flat = [x.permute(0, 2, 1, 3).reshape(B * T, x.shape[1], D) for x in (q, k, v)]
     out = kernel(*flat, cu, cu, longest, longest, **options)
     return out.reshape(B, T, Hq, D).permute(0, 2, 1, 3)

@@ -202,6 +202,14 @@ def test_bad_arguments_are_clear_errors(bad, match):
         A.attention(q, k, v, **bad)
 
 
+def test_cu_seqlens_changed_in_place_is_checked_again():
+    q, k, v, cu, gen = inputs(7)
+    A.attention(q, k, v, cu_seqlens=cu)  # checked, and remembered as checked
+    cu[1] = cu[2]
+    with pytest.raises(ValueError, match="rise strictly"):
+        A.attention(q, k, v, cu_seqlens=cu)
+
+
 def test_heads_not_a_multiple_is_a_clear_error():
     q = torch.zeros(1, 3, 8, 4)
     kv = torch.zeros(1, 2, 8, 4)
