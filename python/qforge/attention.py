@@ -315,27 +315,33 @@ def _varlen_windows(causal, sliding_window):
     return left, right
 
 
-def _run_varlen(kernel, q, k, v, cu_seqlens, **options):
+def _longest_document(cu_seqlens) -> int:
+    """From the check's cache when it holds this tensor, else read on the host."""
+    if _checked_cache and _checked_cache[0][0] is cu_seqlens and _checked_cache[0][1] == cu_seqlens._version:
+        return _checked_cache[0][-1]
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+
+
+def _run_varlen(kernel, q, k, v, cu_seqlens, max_seqlen, **options):
     """Runs a flash-style varlen kernel: tokens [B*T, H, D], int32 cu_seqlens, longest document."""
     B, Hq, T, D = q.shape
     cu = cu_seqlens.to(torch.int32)
-    checked = _checked_cache[0] if _checked_cache and _checked_cache[0][0] is cu_seqlens else None
-    longest = checked[-1] if checked and checked[1] == cu_seqlens._version else int((cu[1:] - cu[:-1]).max().item())
+    longest = _longest_document(cu_seqlens) if max_seqlen is None else max_seqlen
     flat = [x.permute(0, 2, 1, 3).reshape(B * T, x.shape[1], D) for x in (q, k, v)]
     out = kernel(*flat, cu, cu, longest, longest, **options)
     return out.reshape(B, T, Hq, D).permute(0, 2, 1, 3)
 
 
-def _varlen(q, k, v, cu_seqlens, causal, sliding_window, softcap, scale):
+def _varlen(q, k, v, cu_seqlens, causal, sliding_window, softcap, scale, max_seqlen=None):
     if softcap is not None:
         raise ValueError("attention: the varlen backend has no softcap; use flash_attn, flex or documents")
-    return _run_varlen(_varlen_attn(), q, k, v, cu_seqlens, scale=scale,
+    return _run_varlen(_varlen_attn(), q, k, v, cu_seqlens, max_seqlen, scale=scale,
                        window_size=_varlen_windows(causal, sliding_window), enable_gqa=q.shape[1] != k.shape[1])
 
 
-def _flash_attn(q, k, v, cu_seqlens, causal, sliding_window, softcap, scale):
+def _flash_attn(q, k, v, cu_seqlens, causal, sliding_window, softcap, scale, max_seqlen=None):
     left = -1 if sliding_window is None else sliding_window - 1
-    return _run_varlen(_flash_attn_varlen(), q, k, v, cu_seqlens, softmax_scale=scale, causal=causal,
+    return _run_varlen(_flash_attn_varlen(), q, k, v, cu_seqlens, max_seqlen, softmax_scale=scale, causal=causal,
                        window_size=(left, left), softcap=0.0 if softcap is None else softcap)
 
 
@@ -369,12 +375,14 @@ def _pick(q, cu_seqlens, sliding_window, softcap):
 
 
 def attention(q, k, v, *, cu_seqlens=None, causal=True, sliding_window=None, softcap=None, scale=None,
-              backend="auto"):
+              backend="auto", max_seqlen=None):
     """Attention over dense or packed rows; see the module docstring for layouts and backends.
 
     q [B, Hq, T, D], k/v [B, Hkv, T, D] -> [B, Hq, T, D]. sliding_window W: a query sees keys less
     than W tokens away (itself and W-1 before it when causal). softcap c: scores become
-    c * tanh(scores / c) after scaling (Gemma 2). scale defaults to 1/sqrt(D)."""
+    c * tanh(scores / c) after scaling (Gemma 2). scale defaults to 1/sqrt(D). max_seqlen: the
+    longest document, where the caller knows it; the varlen kernels need it, and inside a compiled
+    graph reading it from cu_seqlens would be a graph break."""
     if backend not in BACKENDS:
         raise ValueError(f"attention: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     _check(q, k, v, cu_seqlens, sliding_window, softcap, scale)
@@ -385,6 +393,11 @@ def attention(q, k, v, *, cu_seqlens=None, causal=True, sliding_window=None, sof
     if name in ("varlen", "flash_attn") and cu_seqlens is None:
         B, T = q.shape[0], q.shape[2]
         cu_seqlens = torch.arange(0, B * T + 1, T, device=q.device, dtype=torch.int32)
+    if name in ("varlen", "flash_attn"):
+        if max_seqlen is not None and not torch.compiler.is_compiling() and max_seqlen < _longest_document(cu_seqlens):
+            raise ValueError(f"attention: max_seqlen {max_seqlen} is shorter than the longest document "
+                             f"({_longest_document(cu_seqlens)})")
+        return _RUN[name](q, k, v, cu_seqlens, causal, sliding_window, softcap, scale, max_seqlen=max_seqlen)
     return _RUN[name](q, k, v, cu_seqlens, causal, sliding_window, softcap, scale)
 
 
@@ -424,7 +437,7 @@ def hf_attention_forward(module, query, key, value, attention_mask, dropout=0.0,
         cu = _hf_cu_seqlens(position_ids, attention_mask, batch, tokens, query.device)
     out = attention(query, key, value, cu_seqlens=cu, causal=getattr(module, "is_causal", True),
                     sliding_window=sliding_window, softcap=softcap, scale=scaling,
-                    backend=_hf_settings["backend"])
+                    max_seqlen=kwargs.get("max_length_q"), backend=_hf_settings["backend"])
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -121,7 +121,7 @@ def flash_convention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size, s
                             causal=False, enable_gqa=True, softcap=0.0):
     """A CPU stand-in for flash-style varlen kernels, by their documented contract: tokens [N, H, D],
     window_size (left, right) lets query i see keys i-left..i+right (-1: unbounded), causal caps right at 0."""
-    assert cu_q.dtype == torch.int32 and cu_q is cu_k and max_q == max_k == int((cu_q[1:] - cu_q[:-1]).max())
+    assert cu_q.dtype == torch.int32 and cu_q is cu_k and max_q == max_k >= int((cu_q[1:] - cu_q[:-1]).max())
     left, right = window_size
     right = 0 if causal else right
     n, h, d = q.shape
@@ -149,6 +149,25 @@ def test_varlen_backends_hand_kernels_their_layout_offsets_and_windows(backend, 
     monkeypatch.setattr(A, "_flash_attn_varlen", lambda: flash_convention_varlen)
     monkeypatch.setattr(A, "available_backends", lambda device: [backend])
     check_against_reference(backend, case, 10, grads=True)
+
+
+def test_varlen_takes_the_callers_longest_document_and_refuses_a_short_one(monkeypatch):
+    seen = []
+
+    def kernel(*args, **options):
+        seen.append(args[5])
+        return flash_convention_varlen(*args, **options)
+
+    monkeypatch.setattr(A, "_varlen_attn", lambda: kernel)
+    monkeypatch.setattr(A, "available_backends", lambda device: ["varlen"])
+    q, k, v, cu, gen = inputs(13)
+    longest = int((cu[1:] - cu[:-1]).max())
+    expected = reference(q, k, v, cu, True, None, None, None)
+    torch.testing.assert_close(A.attention(q, k, v, cu_seqlens=cu, backend="varlen"), expected)
+    torch.testing.assert_close(A.attention(q, k, v, cu_seqlens=cu, backend="varlen", max_seqlen=longest + 5), expected)
+    assert seen == [longest, longest + 5]
+    with pytest.raises(ValueError, match="max_seqlen"):
+        A.attention(q, k, v, cu_seqlens=cu, backend="varlen", max_seqlen=longest - 1)
 
 
 def test_dense_sdpa_backend_matches_reference_and_refuses_packed_rows():
