@@ -23,6 +23,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _record import environment  # bench/ is sys.path[0] when a bench runs
 
 from qforge import attention as qattention
 
@@ -179,10 +180,7 @@ def main():
     a = ap.parse_args()
     device = torch.device(a.device)
     torch._logging.set_logs(recompiles=True)  # each recompilation's reason goes to the log
-    import transformers
-
-    result = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                  versions=dict(torch=torch.__version__, transformers=transformers.__version__),
+    result = dict(**environment(["transformers", "flash_attn"]),
                   shape=dict(heads=a.heads, kv_heads=a.kv_heads, dim=a.dim, causal=True,
                              doc_lengths=f"log-normal mean {MEAN_DOC}, sigma {DOC_SIGMA}, max {MAX_DOC}"),
                   cases=attention_cases(a, device))
