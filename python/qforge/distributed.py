@@ -25,7 +25,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-__all__ = ["DistContext", "init_from_env", "shard_model", "decoder_layers", "check_same_on_all_ranks",
+__all__ = ["DistContext", "init_from_env", "shard_model", "shard_module", "decoder_layers", "check_same_on_all_ranks",
            "launch", "choose_offload", "DEFAULT_TIMEOUT_S"]
 
 # Seconds any collective may wait for the other ranks before the run fails with
@@ -107,7 +107,8 @@ def init_from_env(device: Optional[str] = None, timeout_s: float = DEFAULT_TIMEO
         dev = torch.device("cpu")
     if not dist.is_initialized():
         kw = dict(device_id=dev) if cuda else {}
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s), **kw)
+        # gloo beside NCCL: with CPU offload, gradient clipping reduces CPU-resident shards
+        dist.init_process_group("cuda:nccl,cpu:gloo" if cuda else "gloo", timeout=timedelta(seconds=timeout_s), **kw)
     mesh = init_device_mesh(dev.type, (world,))
     return DistContext(rank, world, local_rank, dev, mesh)
 
@@ -122,22 +123,29 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-def shard_model(model: nn.Module, ctx: DistContext, offload: bool = False,
-                param_dtype: Optional[torch.dtype] = None, reduce_dtype: torch.dtype = torch.float32) -> nn.Module:
-    """``fully_shard`` each decoder layer, then the root (embeddings, final norm,
-    ``lm_head``). ``param_dtype`` None keeps the LoRA weights in their own
-    (fp32 master) dtype for compute; gradients are reduced in ``reduce_dtype``.
+def shard_module(module: nn.Module, ctx: DistContext, offload: bool = False,
+                 param_dtype: Optional[torch.dtype] = None, reduce_dtype: torch.dtype = torch.float32,
+                 reshard_after_forward: bool = True) -> nn.Module:
+    """``fully_shard`` one module (a decoder layer, or the root last) over all
+    ranks. ``param_dtype`` None keeps the LoRA weights in their own (fp32
+    master) dtype for compute; gradients are reduced in ``reduce_dtype``.
     ``offload`` keeps the sharded parameters, gradients and optimizer state in
-    CPU memory (FSDP2's CPUOffloadPolicy)."""
+    CPU memory (FSDP2's CPUOffloadPolicy). ``reshard_after_forward`` False keeps
+    the gathered weights from forward to backward (less traffic, more memory)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     policy = CPUOffloadPolicy(pin_memory=ctx.device.type == "cuda") if offload else OffloadPolicy()
-    kw = dict(mesh=ctx.mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
-              offload_policy=policy)
+    fully_shard(module, mesh=ctx.mesh, offload_policy=policy, reshard_after_forward=reshard_after_forward,
+                mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype))
+    return module
+
+
+def shard_model(model: nn.Module, ctx: DistContext, offload: bool = False, **policy) -> nn.Module:
+    """``shard_module`` on each decoder layer, then on the root (embeddings,
+    final norm, ``lm_head``)."""
     for layer in decoder_layers(model):
-        fully_shard(layer, **kw)
-    fully_shard(model, **kw)
-    return model
+        shard_module(layer, ctx, offload, **policy)
+    return shard_module(model, ctx, offload, **policy)
 
 
 def check_same_on_all_ranks(ctx: DistContext, what: dict) -> None:
@@ -209,11 +217,16 @@ def load_sharded(path, model: nn.Module, opt) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-    options = StateDictOptions(ignore_frozen_params=True)
+    options = StateDictOptions(ignore_frozen_params=True, strict=False)  # strict would ask for frozen weights
     model_sd, optim_sd = get_state_dict(model, opt, options=options)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
+    dcp.load(state, checkpoint_id=str(path))  # raises when a key is absent from the checkpoint
+    result = set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                            options=options)
+    missing = [k for k in result.missing_keys if k in model_sd]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{path}: the checkpoint does not fit this model (missing {missing[:3]}, "
+                         f"unexpected {list(result.unexpected_keys)[:3]})")
 
 
 class main_first:
