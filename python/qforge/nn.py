@@ -317,6 +317,10 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 16.0, dropout: float 
         p.requires_grad_(False)
     for p in lora_parameters(model):
         p.requires_grad_(True)
+    # DistributedDataParallel broadcasts every parameter at start by concatenating them;
+    # the NF4 weights are frozen and loaded alike on every rank, so it skips them
+    model._ddp_params_and_buffers_to_ignore = sorted(
+        n for n, p in model.named_parameters() if isinstance(p, NF4Weight))
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "use_cache", None):
         # Training forwards must not build a KV cache: with one, transformers ignores
