@@ -4,10 +4,12 @@ configuration: full_shard auto_wrap on LlamaDecoderLayer, fsdp_version 2,
 activation checkpointing, parameter offload.
 
 accelerate applies FSDP only on accelerators: on two CPU processes the same
-arguments give DistributedDataParallel (which must skip the frozen NF4 weights
-when it broadcasts parameters); with two GPUs (the ``cuda`` tests, run on the
-GPU machine) accelerate shards the model with FSDP2 and the checks include
-the uint8 NF4 shards and their CPU offload."""
+arguments give DistributedDataParallel (``cpu-ddp``: it must skip the frozen
+NF4 weights when it broadcasts parameters). ``cpu-fsdp2`` lifts that one gate
+(accelerate's device-type check; the process group is gloo) so that
+accelerate's own FSDP2 preparation (fully_shard per LlamaDecoderLayer, embeddings,
+tail and root, activation checkpointing, CPUOffloadPolicy) runs in CI; ``cuda``
+is the real thing on two GPUs (run on the GPU machine)."""
 from __future__ import annotations
 
 import json
@@ -55,7 +57,7 @@ def _check(result: dict, fsdp: bool) -> None:
     if fsdp:
         assert result["nf4_shard"] == ["DTensor", "NF4Weight"]  # the 4-bit codes are sharded, as uint8
         assert result["nf4_packed_dtype"] == "torch.uint8"
-        assert result["layer_is_fsdp"] and result["root_is_fsdp"]
+        assert result["layer_is_fsdp"] and result["root_is_fsdp"] and result["checkpointed"]
         assert result["offloaded"]  # offload_params: the shards live in CPU memory
     else:
         assert result["wrapper"] == "DistributedDataParallel"
@@ -68,15 +70,18 @@ def _check(result: dict, fsdp: bool) -> None:
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, two_gpus])])
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, two_gpus])
+
+
+@pytest.mark.parametrize("device", ["cpu-ddp", "cpu-fsdp2", CUDA])
 def test_trainer_with_the_fsdp2_config(tiny_model_dir, tmp_path, device):
-    _check(_torchrun("trainer", device, tiny_model_dir, tmp_path), fsdp=device == "cuda")
+    _check(_torchrun("trainer", device, tiny_model_dir, tmp_path), fsdp=device != "cpu-ddp")
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, two_gpus])])
+@pytest.mark.parametrize("device", ["cpu-fsdp2", CUDA])
 def test_trl_sft_trainer_with_the_fsdp2_config(tiny_model_dir, tmp_path, device):
     pytest.importorskip("trl")
-    _check(_torchrun("sft", device, tiny_model_dir, tmp_path), fsdp=device == "cuda")
+    _check(_torchrun("sft", device, tiny_model_dir, tmp_path), fsdp=True)
 
 
 # ------------------------------------------------------------------ the worker (one per rank)
@@ -88,7 +93,10 @@ def _worker(kind: str, device: str, model_dir: str, out: str) -> None:
 
     torch.manual_seed(0)
     cuda = device == "cuda"
+    if device == "cpu-fsdp2":
+        _lift_accelerate_cpu_gate()
     where = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    use_cpu = device == "cpu-ddp"
     if cuda:
         torch.cuda.set_device(where)
     model = load(model_dir, dtype=torch.float32, device=where)
@@ -98,7 +106,7 @@ def _worker(kind: str, device: str, model_dir: str, out: str) -> None:
     before = {k: v.detach().clone() for k, v in lora_state_dict(model).items()}
     codes_before = model.model.layers[0].self_attn.q_proj.weight.packed.cpu().clone()
     common = dict(output_dir=out, per_device_train_batch_size=2, max_steps=STEPS, learning_rate=5e-3,
-                  logging_steps=1, save_strategy="no", report_to=[], use_cpu=not cuda, dataloader_num_workers=0,
+                  logging_steps=1, save_strategy="no", report_to=[], use_cpu=use_cpu, bf16=cuda, dataloader_num_workers=0,
                   fsdp="full_shard auto_wrap", fsdp_config=FSDP_CONFIG, seed=0, disable_tqdm=True)
     g = torch.Generator().manual_seed(0)
     if kind == "trainer":
@@ -114,8 +122,10 @@ def _worker(kind: str, device: str, model_dir: str, out: str) -> None:
         from qforge.data import builtin_dataset
 
         data = Dataset.from_list([{"messages": r["messages"]} for r in builtin_dataset(16, seed=0)])
-        trainer = SFTTrainer(model=model, args=SFTConfig(**common, max_length=256), train_dataset=data,
-                             processing_class=tok)
+        # SFTConfig turns on gradient checkpointing by default; the FSDP config's own
+        # activation_checkpointing does it here (transformers refuses both at once)
+        config = SFTConfig(**common, max_length=256, gradient_checkpointing=False)
+        trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tok)
     trainer.train()
     m = trainer.model_wrapped if hasattr(trainer, "model_wrapped") else trainer.model
     from torch.distributed.fsdp import FSDPModule
@@ -125,18 +135,42 @@ def _worker(kind: str, device: str, model_dir: str, out: str) -> None:
     shard = q.weight
     local = shard.to_local() if hasattr(shard, "to_local") else shard
     # the whole LoRA weights (a collective) compared with their initial values
-    after = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach() for k, v in lora_state_dict(base).items()}
-    changed = sum(int(not torch.equal(after[k], before[k])) for k in before)
+    # (accelerate's activation checkpointing wraps each layer: its names gain "_checkpoint_wrapped_module.")
+    after = {k.replace("_checkpoint_wrapped_module.", ""): (v.full_tensor() if hasattr(v, "full_tensor") else v).detach()
+             for k, v in lora_state_dict(base).items()}
+    assert set(after) == set(before), sorted(set(after) ^ set(before))[:4]
+    changed = sum(int(not torch.equal(after[k].cpu(), before[k].cpu())) for k in before)
     q0 = base.model.layers[0].self_attn.q_proj.weight
     result = {"wrapper": type(m).__name__, "nf4_shard": [type(shard).__name__, type(local).__name__],
               "nf4_packed_dtype": str(local.packed.dtype), "offloaded": local.device.type == "cpu",
-              "layer_is_fsdp": isinstance(base.model.layers[0], FSDPModule) or any(
-                  isinstance(x, FSDPModule) for x in base.model.layers[0].modules()),
+              "layer_is_fsdp": any(isinstance(x, FSDPModule) for x in base.model.layers[0].modules()),
+              "checkpointed": any("CheckpointWrapper" in type(x).__name__ for x in base.modules()),
               "root_is_fsdp": isinstance(m, FSDPModule) or isinstance(base, FSDPModule),
               "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
               "lora_changed": changed, "frozen_unchanged": torch.equal(_whole_codes(q0), codes_before)}
     if int(os.environ.get("RANK", "0")) == 0:
         Path(out, "result.json").write_text(json.dumps(result))
+
+
+def _lift_accelerate_cpu_gate() -> None:
+    """Let accelerate take its FSDP path on CPU processes: it enables FSDP only for
+    accelerator device types, so report one (the group is gloo, the device the CPU)."""
+    import accelerate.state as state
+    import torch.distributed as dist
+    from accelerate.utils import DistributedType
+
+    dist.init_process_group("gloo")
+    prepare = state.PartialState._prepare_backend
+
+    def prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
+        prepare(self, cpu, sagemaker_dp, backend)
+        return "gloo", DistributedType.MULTI_GPU
+
+    def set_device(self):
+        self.device = torch.device("cpu")
+
+    state.PartialState._prepare_backend = prepare_backend
+    state.PartialState.set_device = set_device
 
 
 def _whole_codes(weight) -> torch.Tensor:
