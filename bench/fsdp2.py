@@ -263,6 +263,11 @@ def combine(src: Path, dst: Path) -> None:
     err = src / "peft_bitsandbytes_fsdp2.txt"
     out["peft_bitsandbytes_fsdp2"] = parts.get("peft_bnb_2gpu") or {
         "error": err.read_text().strip()[-4000:] if err.exists() else "not run"}
+    out["notes"] = ("random weights (std 0.02) and a synthetic corpus: the loss stays near ln(vocab) = 11.76, so "
+                    "the 1-vs-2-GPU comparison tests equality of the computation, not learning; tokens_per_s "
+                    "excludes the first --warmup steps; mfu counts 4 x frozen matmul params + 6 x LoRA params + "
+                    "causal attention per token, without recomputation, against 989 TFLOP/s per GPU; "
+                    "peak_gib_per_rank is torch.cuda.max_memory_allocated")
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps({k: v for k, v in out.items() if k != "configs"}, indent=1)[:3000])
