@@ -46,33 +46,49 @@ PEAK_FLOPS = 989e12
 PHRASE = 64
 
 
-def build_model(shape: str, layers: int | None, device, ctx, offload: bool, lora_r: int, seed: int = 0,
-                reshard: bool = True):
+def meta_llama(shape: str, layers: int | None):
+    """A bf16 LlamaForCausalLM of the named shape on the meta device, and its config."""
     import transformers
-
-    from qforge import distributed, hf
-    from qforge.nn import DEFAULT_TARGETS, LoraConfig, NF4Linear, replace_linears
 
     cfg = transformers.LlamaConfig(**{**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})},
                                    max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False,
                                    use_cache=False)
     with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
-    gen = torch.Generator(device=device)
+        return transformers.LlamaForCausalLM(cfg).to(torch.bfloat16), cfg
 
-    def materialise(module, index):
-        module.to_empty(device=device)
-        gen.manual_seed(seed * 100003 + index)
-        with torch.no_grad():
-            for name, p in module.named_parameters():
-                if "norm" in name:
-                    p.fill_(1.0)
-                else:
-                    p.normal_(0.0, 0.02, generator=gen)
 
+def materialise(module, device, seed: int, index: int) -> None:
+    """Allocate a meta module's weights on `device`: norms 1, the rest N(0, 0.02)
+    drawn from a generator seeded by (seed, index), the same on every rank."""
+    module.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed * 100003 + index)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+
+
+ROOT_INDEX = 10**6  # seeds of the embeddings, final norm and lm_head follow the layers'
+
+
+def materialise_root(model, cfg, device, seed: int) -> None:
+    for index, module in ((0, model.model.embed_tokens), (ROOT_INDEX, model.model.norm),
+                          (ROOT_INDEX + 1, model.lm_head)):
+        materialise(module, device, seed, index)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg).to(device)  # built on meta: rebuild
+
+
+def build_model(shape: str, layers: int | None, device, ctx, offload: bool, lora_r: int, seed: int = 0,
+                reshard: bool = True):
+    from qforge import distributed, hf
+    from qforge.nn import DEFAULT_TARGETS, LoraConfig, NF4Linear, replace_linears
+
+    model, cfg = meta_llama(shape, layers)
     lora_gen = torch.Generator().manual_seed(seed + 1)
     for i, layer in enumerate(model.model.layers):
-        materialise(layer, i + 1)
+        materialise(layer, device, seed, i + 1)
         replace_linears(layer)
         for name, m in layer.named_modules():
             if isinstance(m, NF4Linear):
@@ -81,9 +97,7 @@ def build_model(shape: str, layers: int | None, device, ctx, offload: bool, lora
                     m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=lora_gen) * 1e-3)
         if ctx is not None:  # this rank keeps its shard of the layer, the rest is freed
             distributed.shard_module(layer, ctx, offload, reshard_after_forward=reshard)
-    for index, module in ((0, model.model.embed_tokens), (10**6, model.model.norm), (10**6 + 1, model.lm_head)):
-        materialise(module, index)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg).to(device)  # built on meta: rebuild
+    materialise_root(model, cfg, device, seed)
     for n, p in model.named_parameters():
         p.requires_grad_(".lora_A." in n or ".lora_B." in n)
     model.qforge_lora = LoraConfig(r=lora_r, lora_alpha=float(lora_r), lora_dropout=0.0,
@@ -104,21 +118,11 @@ def build_peft_bnb_model(shape: str, layers: int | None, device, ctx, lora_r: in
     LlamaDecoderLayer, bf16 mixed precision)."""
     import bitsandbytes as bnb
     import peft
-    import transformers
 
-    cfg = transformers.LlamaConfig(**{**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})},
-                                   max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False,
-                                   use_cache=False)
-    with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
-    gen = torch.Generator(device=device)
+    model, cfg = meta_llama(shape, layers)
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     for i, layer in enumerate(model.model.layers):
-        layer.to_empty(device=device)
-        gen.manual_seed(seed * 100003 + i + 1)
-        with torch.no_grad():
-            for name, p in layer.named_parameters():
-                p.fill_(1.0) if "norm" in name else p.normal_(0.0, 0.02, generator=gen)
+        materialise(layer, device, seed, i + 1)
         for name, m in list(layer.named_modules()):
             if name.rsplit(".", 1)[-1] in targets:
                 q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=False, compute_dtype=torch.bfloat16,
@@ -128,13 +132,7 @@ def build_peft_bnb_model(shape: str, layers: int | None, device, ctx, lora_r: in
                                              quant_type="nf4", quant_storage=torch.bfloat16).to(device)
                 parent, _, leaf = name.rpartition(".")
                 setattr(layer.get_submodule(parent), leaf, q)
-    for index, module in ((0, model.model.embed_tokens), (10**6, model.model.norm), (10**6 + 1, model.lm_head)):
-        module.to_empty(device=device)
-        gen.manual_seed(seed * 100003 + index)
-        with torch.no_grad():
-            for name, p in module.named_parameters():
-                p.fill_(1.0) if "norm" in name else p.normal_(0.0, 0.02, generator=gen)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg).to(device)
+    materialise_root(model, cfg, device, seed)
     model.is_loaded_in_4bit = True
     model = peft.get_peft_model(model, peft.LoraConfig(r=lora_r, lora_alpha=lora_r, target_modules=list(targets),
                                                        task_type="CAUSAL_LM"))
