@@ -654,13 +654,15 @@ def run_cli(ns) -> int:
     if "target_modules" in given:
         given["target_modules"] = tuple(given["target_modules"])
     base = dict(DEFAULT_JOB) if ns.model is None and ns.data is None else {}
-    summary = train(TrainArgs(**{**base, **given}))
-    if summary.get("world_size", 1) > 1:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
-        dist.destroy_process_group()
-        if int(os.environ.get("RANK", "0")) != 0:
-            return 0  # rank 0 reports
+    try:
+        summary = train(TrainArgs(**{**base, **given}))
+    finally:  # a process that leaves with its group alive aborts in the group's teardown
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 reports
     losses = summary["losses"]
     if losses:
         k = max(1, min(10, len(losses) // 5))

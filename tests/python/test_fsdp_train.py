@@ -181,6 +181,7 @@ def _worker(mode: str) -> None:
             distributed.check_same_on_all_ranks(ctx, {"data": "ab"[ctx.rank], "lr": 1})
         except ValueError as e:
             print(e, flush=True)
+            ctx.close()
             sys.exit(3)
     elif mode == "absent":
         if ctx.rank == 1:
