@@ -3,7 +3,9 @@ ordered by their step number (never as text: ``step-1000000`` is newer than
 ``step-999999``), checked for damage before a run resumes from one.
 
 A checkpoint holds the adapter (PEFT files), ``optimizer.pt``, ``rng.pt``,
-``scaler.pt`` (fp16 runs) and ``state.json``. Resuming from one whose file is
+``scaler.pt`` (fp16 runs) and ``state.json``; one written under torchrun holds
+``dcp/`` (torch.distributed.checkpoint: each rank's shards of the LoRA weights
+and optimizer state) and ``rng-<rank>.pt`` instead of the two torch files. Resuming from one whose file is
 unreadable, inconsistent or holds non-finite optimizer state raises
 :class:`CheckpointDamaged`, naming the file and the newest earlier checkpoint
 that is complete, with the command that resumes from it.
@@ -80,10 +82,12 @@ def checkpoint_problem(path: Path) -> Optional[str]:
         _read_state(path)
     except ValueError as e:
         return str(e)
-    for name in ADAPTER_FILES + TORCH_FILES:
+    sharded = (path / "dcp").is_dir()
+    torch_files = tuple(sorted(p.name for p in path.glob("rng-*.pt"))) if sharded else TORCH_FILES
+    for name in ADAPTER_FILES + (("dcp/.metadata", "rng-0.pt") if sharded else TORCH_FILES):
         if not (path / name).is_file():
             return f"{name}: missing"
-    for name in TORCH_FILES + (("scaler.pt",) if (path / "scaler.pt").exists() else ()):
+    for name in torch_files + (("scaler.pt",) if (path / "scaler.pt").exists() else ()):
         try:
             with zipfile.ZipFile(path / name) as z:
                 bad = z.testzip()
@@ -157,6 +161,9 @@ def load_checkpoint(path: Path, model, optimizer, scaler, device, load_adapter, 
         verify_checkpoint(path)
     try:
         state = _read_state(path)
+        if (path / "dcp").is_dir():
+            _load_sharded(path, model, optimizer, scaler)
+            return state
         try:
             load_adapter(model, path)
         except ValueError as e:
@@ -188,3 +195,25 @@ def load_checkpoint(path: Path, model, optimizer, scaler, device, load_adapter, 
     except ValueError as e:
         raise damaged(path, str(e)) from None
     return state
+
+
+def _load_sharded(path: Path, model, optimizer, scaler) -> None:
+    """A checkpoint of a torchrun run: LoRA weights and optimizer state through
+    torch.distributed.checkpoint (any number of ranks, or one process), this
+    rank's RNG state (rank 0's on a rank the writing run did not have)."""
+    import torch.distributed as dist
+
+    from .distributed import load_sharded
+
+    try:
+        load_sharded(path / "dcp", model, optimizer)
+    except (RuntimeError, KeyError) as e:  # DCP reports a missing or mismatched entry as these
+        raise ValueError(f"dcp: does not fit this run's LoRA parameters ({type(e).__name__}: {e})") from None
+    if scaler is not None and scaler.is_enabled() and (path / "scaler.pt").exists():
+        scaler.load_state_dict(_load_torch(path, "scaler.pt"))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    name = f"rng-{rank}.pt" if (path / f"rng-{rank}.pt").exists() else "rng-0.pt"
+    rng = _load_torch(path, name)
+    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8:
+        raise ValueError(f"{name}: not a torch RNG state")
+    torch.set_rng_state(rng)

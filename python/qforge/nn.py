@@ -2,18 +2,13 @@
 optional LoRA adapter, as a drop-in for ``torch.nn.Linear`` inside transformers'
 model classes.
 
-Storage (what FSDP2 and torch.compile see):
-  * ``weight``: the packed 4-bit codes, a ``uint8`` Parameter of shape
-    ``(ceil(out*in/2), 1)`` (bitsandbytes' ``Linear4bit.weight``), ``requires_grad=False``.
-  * ``absmax``: the per-block statistics, a ``uint8`` Parameter (8-bit codes when
-    double-quantized; the raw bytes of the fp32 absmax otherwise).
-  * buffers ``quant_map`` (16 fp32), and when double-quantized ``nested_absmax``,
-    ``nested_quant_map`` (256 fp32) and ``nested_offset`` (1 fp32).
-Packed bits are never held in a float tensor, and the two sharded tensors are
-not floating point, so FSDP2's ``MixedPrecisionPolicy`` leaves them alone (it
-only casts floating-point parameters; buffers are never cast). Per decoder
-layer, ``fully_shard`` shards ``weight`` and ``absmax`` along dim 0 and the
-float buffers stay replicated (they are 1/4096 of the weight or less).
+Storage (what FSDP2 and torch.compile see): ``weight`` is one frozen
+``qforge.nf4_weight.NF4Weight`` Parameter, an ``(out, in)`` tensor of the
+original dtype whose storage is the packed 4-bit codes and their statistics as
+uint8 (bitsandbytes' layout) plus a few fp32 constants. Packed bits are never
+held in a float tensor; FSDP2 shards the uint8 codes per decoder layer through
+the tensor's ``fsdp_pre_all_gather`` / ``fsdp_post_all_gather`` hooks, and
+``MixedPrecisionPolicy`` never casts them.
 
 Compute: the dequantized weight never outlives one use. Forward dequantizes into
 a reused per-(device, dtype) workspace, multiplies, and drops it; backward
@@ -32,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import nf4, ops
+from .nf4_weight import NF4Weight
 
 __all__ = ["NF4Linear", "LoraConfig", "DEFAULT_TARGETS", "add_lora", "lora_parameters",
            "replace_linears", "dequantized_weight", "workspace_bytes"]
@@ -130,18 +126,13 @@ class NF4Linear(nn.Module):
         self.dtype = dtype  # the dtype the weight was quantized from (QuantState.dtype)
         n = in_features * out_features
         blocks = -(-n // blocksize)
-        self.float_absmax = not nested
-        u8 = dict(dtype=torch.uint8, device=device)
-        self.weight = nn.Parameter(torch.zeros(((n + 1) // 2, 1), **u8), requires_grad=False)
-        self.absmax = nn.Parameter(torch.zeros(blocks * (1 if nested else 4), **u8), requires_grad=False)
-        f32 = dict(dtype=torch.float32, device=device)
-        self.register_buffer("quant_map", torch.zeros(16, **f32))
-        if nested:
-            self.register_buffer("nested_absmax", torch.zeros(-(-blocks // nested_blocksize), **f32))
-            self.register_buffer("nested_quant_map", torch.zeros(256, **f32))
-            self.register_buffer("nested_offset", torch.zeros(1, **f32))
-        else:
-            self.nested_absmax = self.nested_quant_map = self.nested_offset = None
+        u8, f32 = dict(dtype=torch.uint8, device=device), dict(dtype=torch.float32, device=device)
+        nested_stats = (torch.zeros(-(-blocks // nested_blocksize), **f32), torch.zeros(256, **f32),
+                        torch.zeros(1, **f32)) if nested else (None, None, None)
+        self.weight = nn.Parameter(NF4Weight(torch.zeros((n + 1) // 2, **u8),
+                                             torch.zeros(blocks * (1 if nested else 4), **u8),
+                                             torch.zeros(16, **f32), *nested_stats, (out_features, in_features),
+                                             dtype, blocksize, nested_blocksize), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         self.r = 0
         self.lora_A = self.lora_B = None
@@ -160,14 +151,14 @@ class NF4Linear(nn.Module):
         m = cls(in_f, out_f, bias=bias is not None, blocksize=state.blocksize, nested=nested,
                 nested_blocksize=state.state2.blocksize if nested else 256, dtype=state.dtype, device="meta")
         dev = packed.device
-        m.weight = nn.Parameter(nf4._as_bytes(packed).reshape(-1, 1).contiguous(), requires_grad=False)
         absmax = state.absmax.contiguous()
-        m.absmax = nn.Parameter(absmax if nested else absmax.float().view(torch.uint8), requires_grad=False)
-        m.quant_map = state.code.to(dev, torch.float32).contiguous()
-        if nested:
-            m.nested_absmax = state.state2.absmax.to(dev, torch.float32).contiguous()
-            m.nested_quant_map = state.state2.code.to(dev, torch.float32).contiguous()
-            m.nested_offset = state.offset.to(dev, torch.float32).reshape(1).contiguous()
+        f32 = lambda t: t.to(dev, torch.float32).contiguous()  # noqa: E731
+        stats = (f32(state.state2.absmax), f32(state.state2.code), f32(state.offset).reshape(1)) if nested \
+            else (None, None, None)
+        m.weight = nn.Parameter(NF4Weight(nf4._as_bytes(packed).reshape(-1).contiguous(),
+                                          absmax.reshape(-1) if nested else absmax.float().reshape(-1).view(torch.uint8),
+                                          f32(state.code), *stats, shape, state.dtype, state.blocksize,
+                                          m.nested_blocksize), requires_grad=False)
         if bias is not None:
             m.bias = nn.Parameter(bias.detach().to(dev), requires_grad=False)
         return m
@@ -191,27 +182,31 @@ class NF4Linear(nn.Module):
         return cls.from_quantized(packed, state, b)
 
     # ---------------------------------------------------------- views
+    @property
+    def float_absmax(self) -> bool:
+        """Whether the absmax is stored as fp32 (not double-quantized)."""
+        return not self.weight.double_quant
+
     def quant_state(self) -> nf4.QuantState:
         """The weight's QuantState (bitsandbytes' fields), sharing this module's tensors."""
-        nested = not self.float_absmax
+        w = self.weight
         state = nf4.QuantState(
-            absmax=self.absmax.data if nested else self.absmax.data.view(torch.float32),
+            absmax=w.absmax if w.double_quant else w.absmax.view(torch.float32),
             shape=(self.out_features, self.in_features), dtype=self.dtype, blocksize=self.blocksize,
-            code=self.quant_map)
-        if nested:
-            state.offset = self.nested_offset.reshape(())
-            state.state2 = nf4.NestedState(absmax=self.nested_absmax, code=self.nested_quant_map,
+            code=w.quant_map)
+        if w.double_quant:
+            state.offset = w.nested_offset.reshape(())
+            state.state2 = nf4.NestedState(absmax=w.nested_absmax, code=w.nested_quant_map,
                                            blocksize=self.nested_blocksize)
         return state
 
+    def packed_codes(self) -> Tensor:
+        """The packed 4-bit codes as bitsandbytes stores them: uint8 ``(ceil(out*in/2), 1)``."""
+        return self.weight.packed.reshape(-1, 1)
+
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
         """A new tensor holding the dequantized weight (for merging and tests)."""
-        return _dequantize(*self._storage(), dtype or self.dtype, False)
-
-    def _storage(self):
-        meta = (self.blocksize, self.nested_blocksize, (self.out_features, self.in_features), self.float_absmax)
-        return (self.weight, self.absmax, self.quant_map, self.nested_absmax, self.nested_quant_map,
-                self.nested_offset, meta)
+        return self.weight.dequantize(dtype or self.dtype)
 
     # ---------------------------------------------------------- LoRA
     def add_lora(self, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
@@ -246,7 +241,7 @@ class NF4Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         cd = _compute_dtype(x, self.dtype)
         h = x.to(cd)
-        out = _NF4Matmul.apply(h, *self._storage()) if not self.weight.is_meta else None
+        out = _NF4Matmul.apply(h, *self.weight.storage_args()) if not self.weight.is_meta else None
         if out is None:
             raise RuntimeError("NF4Linear: weights are on the meta device (not loaded)")
         if self.bias is not None:
@@ -322,6 +317,10 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 16.0, dropout: float 
         p.requires_grad_(False)
     for p in lora_parameters(model):
         p.requires_grad_(True)
+    # DistributedDataParallel broadcasts every parameter at start by concatenating them;
+    # the NF4 weights are frozen and loaded alike on every rank, so it skips them
+    model._ddp_params_and_buffers_to_ignore = sorted(
+        n for n, p in model.named_parameters() if isinstance(p, NF4Weight))
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "use_cache", None):
         # Training forwards must not build a KV cache: with one, transformers ignores

@@ -41,13 +41,16 @@ def adapter_config(model: nn.Module, base_model_name_or_path: Optional[str] = No
     }
 
 
-def save_adapter(model: nn.Module, path, base_model_name_or_path: Optional[str] = None) -> Path:
+def save_adapter(model: nn.Module, path, base_model_name_or_path: Optional[str] = None,
+                 tensors: Optional[dict] = None) -> Path:
     """Write the adapter in PEFT's format into directory ``path`` (each file
-    complete or absent: _files.write_complete_or_absent)."""
+    complete or absent: _files.write_complete_or_absent). ``tensors``: the LoRA
+    weights by module name when not the model's own (a sharded model's, gathered)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = adapter_config(model, base_model_name_or_path)
-    tensors = {_PREFIX + k: v.detach().contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    tensors = {_PREFIX + k: v.detach().contiguous().cpu()
+               for k, v in (lora_state_dict(model) if tensors is None else tensors).items()}
     atomic_save_safetensors(path / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
     atomic_write_text(path / "adapter_config.json", json.dumps(cfg, indent=2))
     return path

@@ -76,6 +76,8 @@ class TrainArgs:
     # a step whose loss or gradient is NaN/Inf: "stop" the run before anything of it is
     # applied or saved, or "skip" it (no update; at most MAX_SKIPPED_IN_A_ROW in a row)
     on_nonfinite: str = "stop"
+    offload: str = "auto"  # under torchrun: FSDP2 CPU offload of parameters, gradients, optimizer (auto|on|off)
+    dist_timeout: float = 600.0  # seconds a collective waits for the other ranks before the run fails
 
 
 MAX_SKIPPED_IN_A_ROW = 10  # more non-finite steps in a row than this is no transient: stop
@@ -143,8 +145,9 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
 
 
 class _Progress:
-    def __init__(self, total: int, initial: int, enabled: bool):
+    def __init__(self, total: int, initial: int, enabled: bool, silent: bool = False):
         self.bar = None
+        self.silent = silent  # ranks other than 0 of a distributed run print nothing
         if enabled:
             from tqdm import tqdm
 
@@ -159,7 +162,7 @@ class _Progress:
     def write(self, text: str):
         if self.bar is not None:
             self.bar.write(text, file=sys.stderr)
-        else:
+        elif not self.silent:
             print(text, file=sys.stderr)
 
     def close(self):
@@ -189,7 +192,7 @@ def _resolve_output(args: TrainArgs) -> Path:
 
 def train(args: TrainArgs | None = None, **overrides) -> dict:
     """Run a training job; returns a summary dict (losses, steps, paths, speed)."""
-    from . import hf
+    from . import distributed, hf
     from .offload import enable as offload_checkpoints
     from .data import PackedBatches, builtin_dataset, read_jsonl, template_for, tokenize_records
     from .models import default_device, load, load_tokenizer
@@ -200,6 +203,9 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
     default_job = args.model is None and args.data is None
     if args.grad_accum < 1 or args.max_seq_length < 8:
         raise ValueError("grad_accum must be >= 1 and max_seq_length >= 8")
+    dctx = distributed.init_from_env(args.device, args.dist_timeout)  # None unless under torchrun
+    world, rank = (dctx.world, dctx.rank) if dctx else (1, 0)
+    accum = args.grad_accum * world  # micro-batches per optimizer step, all ranks together
 
     # 1. everything that can fail on bad input, before anything is written
     records = read_jsonl(args.data) if args.data else builtin_dataset(seed=args.seed)
@@ -223,7 +229,7 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
     if resume_from is not None:
         verify_checkpoint(resume_from)
 
-    device = torch.device(args.device) if args.device else default_device()
+    device = dctx.device if dctx else torch.device(args.device) if args.device else default_device()
     if args.dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
@@ -232,7 +238,8 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
     random.seed(args.seed)
 
     output.mkdir(parents=True, exist_ok=True)
-    model_dir = _prepare_default_model(output, records, args.seed) if args.model is None else Path(args.model)
+    with distributed.main_first(dctx):
+        model_dir = _prepare_default_model(output, records, args.seed) if args.model is None else Path(args.model)
     tokenizer = load_tokenizer(model_dir)
     model_type = json.loads((model_dir / "config.json").read_text())["model_type"]
     template = template_for(tokenizer, model_type)
@@ -240,8 +247,8 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
                                 on_too_long="skip" if args.skip_long else "error")
     tokens_per_batch = args.tokens_per_batch or args.max_seq_length
     batches = PackedBatches(examples, tokens_per_batch, seed=args.seed)
-    per_epoch = max(1, batches.batches_per_epoch // args.grad_accum)
-    total_steps = args.max_steps or max(1, math.ceil(args.epochs * batches.batches_per_epoch / args.grad_accum))
+    per_epoch = max(1, batches.batches_per_epoch // accum)
+    total_steps = args.max_steps or max(1, math.ceil(args.epochs * batches.batches_per_epoch / accum))
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, total_steps // 20)
 
     model = load(model_dir, dtype=dtype, max_seq_length=args.max_seq_length, device=device)
@@ -260,6 +267,12 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
             offload_done = args.offload_activations
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if dctx:  # FSDP2: each decoder layer, then the root
+        offload_params, why = distributed.choose_offload(args.offload, _frozen_bytes(model), device, world)
+        distributed.shard_model(model, dctx, offload=offload_params)
+        if dctx.main:
+            print(f"qforge train: FSDP2 over {world} ranks, CPU offload {'on' if offload_params else 'off'} "
+                  f"({why})", file=sys.stderr)
     if args.compile:  # one graph shared by all layers (two: with and without a packed mask); no graph breaks
         model.enable_input_require_grads()  # layer 0's input then requires grad like every other layer's
         for layer in model.model.layers:
@@ -271,7 +284,10 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
 
     start = 0
     metrics_path = output / "metrics.jsonl"
-    fingerprint = _fingerprint(examples, tokens_per_batch, args)
+    fingerprint = _fingerprint(examples, tokens_per_batch, args, accum)
+    if dctx:
+        distributed.check_same_on_all_ranks(dctx, {"data and batching": fingerprint, "torch": torch.__version__,
+                                                   "arguments": json.dumps(asdict(args), default=str)})
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, opt, scaler, device, load_adapter, verified=True)
         if state.get("fingerprint", fingerprint) != fingerprint:
@@ -280,21 +296,23 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
                              "continue it. Use the original settings or a new --output")
         start = state["step"]
         kept_metrics = _metrics_up_to(metrics_path, start)  # drop lines past the checkpoint (a crash after it)
-        if args.resume_from is not None:
+        if args.resume_from is not None and rank == 0:
             _set_aside_newer(output, resume_from)
-        if kept_metrics is not None:
+        if kept_metrics is not None and rank == 0:
             atomic_write_text(metrics_path, "".join(line + "\n" for line in kept_metrics))
-    elif metrics_path.exists():
+    elif metrics_path.exists() and rank == 0:
         metrics_path.unlink()  # a run that never checkpointed: nothing to keep consistent with
-    atomic_write_text(output / "train_args.json", json.dumps({**asdict(args), "output": str(output),
-                                                         "model": str(model_dir)}, indent=2, default=str))
+    if rank == 0:
+        atomic_write_text(output / "train_args.json", json.dumps({**asdict(args), "output": str(output),
+                                                             "model": str(model_dir), "world_size": world},
+                                                            indent=2, default=str))
 
     amp = (lambda: torch.autocast(device.type, dtype=dtype)) if use_amp else contextlib.nullcontext
     offload = (lambda: torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")) \
         if args.offload_activations and not offload_done \
         else contextlib.nullcontext
     n_params = sum(p.numel() for p in params)
-    bar = _Progress(total_steps, start, args.progress)
+    bar = _Progress(total_steps, start, args.progress and rank == 0, silent=rank != 0)
     bar.write(f"qforge train: {model_dir} ({model_type}, NF4 + LoRA r={args.lora_r}, {n_params:,} trainable) "
               f"on {device}, {dtype}; {len(examples)} conversations, {total_steps} steps "
               f"({per_epoch} per epoch) -> {output}")
@@ -307,22 +325,29 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
     step = start
     stopped_early = False
     skipped_in_a_row = 0
-    with open(metrics_path, "a", encoding="utf-8") as mf:
+    with open(metrics_path if rank == 0 else os.devnull, "a", encoding="utf-8") as mf:
         for step in range(start, total_steps):
             t0 = time.perf_counter()
             lr = lr_at(step, total_steps, args.lr, warmup, args.min_lr_ratio)
             for g in opt.param_groups:
                 g["lr"] = lr
-            micro = [batches.batch(step * args.grad_accum + k) for k in range(args.grad_accum)]
+            # this rank's share of the step's `accum` micro-batches: every world-th one
+            micro = [batches.batch(step * accum + k * world + rank) for k in range(args.grad_accum)]
             n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+            if dctx:
+                n_items = int(dctx.sum(n_items))
             loss_sum, n_tokens = 0.0, 0
             for b in micro:
                 with amp(), offload():
                     out = model(input_ids=b["input_ids"].to(device), position_ids=b["position_ids"].to(device),
                                 labels=b["labels"].to(device), num_items_in_batch=n_items, use_cache=False)
-                scaler.scale(out.loss).backward()
+                # FSDP2 averages gradients over the ranks; each rank's loss is already a share of the
+                # global batch's (divided by all its tokens), so scale by the world size to sum them
+                scaler.scale(out.loss * world if dctx else out.loss).backward()
                 loss_sum += float(out.loss.detach())
                 n_tokens += b["input_ids"].numel()
+            if dctx:
+                loss_sum, n_tokens = dctx.sum(loss_sum), int(dctx.sum(n_tokens))
             scaler.unscale_(opt)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
             nonfinite = _nonfinite(loss_sum, grad_norm, scaler)
@@ -351,6 +376,9 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
                    "epoch": micro[-1]["epoch"], "elapsed_s": round(time.perf_counter() - t_run, 2)}
             if nonfinite is not None:
                 row["skipped"] = nonfinite
+            if dctx:  # every rank's peak memory; the row's mem_gib is the largest
+                row["mem_gib_per_rank"] = [round(m, 3) for m in dctx.gather(_memory_gib(device))]
+                row["mem_gib"] = max(row["mem_gib_per_rank"])
             if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
                 mf.write(json.dumps(row) + "\n")
                 mf.flush()
@@ -359,10 +387,12 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
             last = step + 1 == total_steps
             stop = args.stop_after is not None and step + 1 >= args.stop_after
             if (args.save_every and (step + 1) % args.save_every == 0) or last or stop:
-                mf.flush()
-                os.fsync(mf.fileno())
-                _save_checkpoint(output, step + 1, model, opt, args, save_adapter, fingerprint, scaler)
-                plot_losses(metrics_path, output / "loss.png")
+                if rank == 0:
+                    mf.flush()
+                    os.fsync(mf.fileno())
+                _save_checkpoint(output, step + 1, model, opt, args, save_adapter, fingerprint, scaler, dctx)
+                if rank == 0:
+                    plot_losses(metrics_path, output / "loss.png")
             if stop and not last:
                 stopped_early = True
                 break
@@ -371,13 +401,17 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
     summary = {"output": str(output), "steps": final, "total_steps": total_steps, "losses": losses,
                "tokens_per_s": round(tokens_run / max(1e-9, time.perf_counter() - t_run), 1),
                "peak_mem_gib": round(_memory_gib(device), 3), "device": str(device), "stopped_early": stopped_early,
+               "world_size": world,
                "metrics": str(metrics_path), "loss_png": str(output / "loss.png")}
-    if not stopped_early:
+    if dctx:
+        summary["peak_mem_gib_per_rank"] = [round(m, 3) for m in dctx.gather(_memory_gib(device))]
+    lora_full = distributed.full_lora_state(model) if dctx and not stopped_early else None  # a collective
+    if not stopped_early and rank == 0:
         adapter_dir = output / "adapter"
         tmp = output / ".adapter.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
-        save_adapter(model, tmp, base_model_name_or_path=str(model_dir.resolve()))
+        save_adapter(model, tmp, base_model_name_or_path=str(model_dir.resolve()), tensors=lora_full)
         tokenizer.save_pretrained(str(tmp))
         if adapter_dir.exists():
             old = output / ".adapter.old"
@@ -390,20 +424,24 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
             tmp.replace(adapter_dir)
         summary["adapter"] = str(adapter_dir)
         atomic_write_text(output / "summary.json", json.dumps(summary, indent=2))
+    if not stopped_early:
+        summary["adapter"] = str(output / "adapter")
     if default_job and not stopped_early:  # the run ends with qforge eval's report on held-out built-in data
         from .evaluate import evaluate_model, report_table
 
+        # every rank generates (FSDP2 gathers the layers); rank 0 writes
         report = evaluate_model(model, tokenizer, template, builtin_dataset(8, seed=args.seed + 1), max_new_tokens=48)
-        atomic_write_text(output / "eval.json", json.dumps(report, indent=2, ensure_ascii=False))
         bar.write(report_table(report["metrics"], report["format"]))
         summary["eval"] = report["metrics"]
-        atomic_write_text(output / "summary.json", json.dumps(summary, indent=2))
+        if rank == 0:
+            atomic_write_text(output / "eval.json", json.dumps(report, indent=2, ensure_ascii=False))
+            atomic_write_text(output / "summary.json", json.dumps(summary, indent=2))
     model.qforge_train_summary = summary
     summary["model"] = model
     return summary
 
 
-def _fingerprint(examples, tokens_per_batch: int, args: TrainArgs) -> str:
+def _fingerprint(examples, tokens_per_batch: int, args: TrainArgs, accum: int) -> str:
     """What a resumed run must share with the original to continue it bit for bit."""
     import hashlib
 
@@ -412,7 +450,7 @@ def _fingerprint(examples, tokens_per_batch: int, args: TrainArgs) -> str:
         h.update(len(e.input_ids).to_bytes(4, "little"))
         h.update(b"".join(t.to_bytes(4, "little", signed=True) for t in e.input_ids))
         h.update(b"".join(t.to_bytes(4, "little", signed=True) for t in e.labels))
-    h.update(json.dumps([tokens_per_batch, args.grad_accum, args.seed, args.lora_r, args.lora_alpha,
+    h.update(json.dumps([tokens_per_batch, accum, args.seed, args.lora_r, args.lora_alpha,
                          sorted(args.target_modules)]).encode())
     return h.hexdigest()
 
@@ -482,22 +520,51 @@ def _nonfinite_message(step: int, what: str, output: Path, args: TrainArgs, in_a
             "Resume from it (perhaps with a lower --lr), or pass --on-nonfinite skip to skip such steps")
 
 
+def _frozen_bytes(model) -> int:
+    """Bytes of the frozen weights (NF4 codes and statistics, 16-bit tensors)."""
+    total = 0
+    for p in model.parameters():
+        if p.requires_grad:
+            continue
+        parts = (p.packed, p.absmax) + p.constants() if hasattr(p, "packed") else (p,)
+        total += sum(t.numel() * t.element_size() for t in parts if t is not None)
+    return total
+
+
 def _save_checkpoint(output: Path, step: int, model, opt, args: TrainArgs, save_adapter,
-                     fingerprint: str = "", scaler=None) -> Path:
+                     fingerprint: str = "", scaler=None, dctx=None) -> Path:
     """checkpoints/step-NNNNNN: adapter (PEFT files), optimizer, RNG and loop state;
     built in a hidden temporary directory and renamed into place, then older
-    checkpoints beyond keep_checkpoints are removed."""
+    checkpoints beyond keep_checkpoints are removed. Under torchrun (``dctx``)
+    the LoRA weights and optimizer state go to ``dcp/`` through
+    torch.distributed.checkpoint (every rank its shards), RNG states to
+    ``rng-<rank>.pt``, and rank 0 writes the whole adapter and renames."""
+    from . import distributed
+
     root = output / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
+    main = dctx is None or dctx.main
     final = root / f"step-{step:06d}"
     tmp = root / f".step-{step:06d}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_adapter(model, tmp)
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    with distributed.main_first(dctx):  # rank 0 clears a leftover before anyone writes
+        if main:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+    if dctx is not None:
+        distributed.save_sharded(tmp / "dcp", model, opt)
+        lora = distributed.full_lora_state(model)
+        torch.save(torch.get_rng_state(), tmp / f"rng-{dctx.rank}.pt")
+        dctx.barrier()  # every shard is on disk
+        if not main:
+            dctx.barrier()  # until rank 0 has renamed the checkpoint into place
+            return final
+        save_adapter(model, tmp, tensors=lora)
+    else:
+        save_adapter(model, tmp)
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        torch.save(torch.get_rng_state(), tmp / "rng.pt")
     if scaler is not None and scaler.is_enabled():
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
-    torch.save(torch.get_rng_state(), tmp / "rng.pt")
     atomic_write_text(tmp / "state.json", json.dumps({"step": step, "time": time.time(), "fingerprint": fingerprint,
                                                  "args": asdict(args)}, indent=2, default=str))
     if final.exists():  # re-saving the same step (resumed run): swap
@@ -505,6 +572,8 @@ def _save_checkpoint(output: Path, step: int, model, opt, args: TrainArgs, save_
     tmp.replace(final)
     for old in checkpoints(output)[:-max(1, args.keep_checkpoints)]:  # oldest steps first
         shutil.rmtree(old, ignore_errors=True)
+    if dctx is not None:
+        dctx.barrier()
     return final
 
 
@@ -552,17 +621,48 @@ def add_cli(subparsers) -> None:
     a("--stop-after", type=int, help="checkpoint and stop at this step (resume later)")
     a("--compile", action="store_true", default=None, help="torch.compile each decoder layer (fullgraph)")
     a("--no-progress", dest="progress", action="store_false", default=None)
+    a("--nproc", type=int, help="processes (GPUs) on this node: re-runs this command under torchrun "
+      "(same as `torchrun --nproc-per-node N -m qforge train ...`); --grad-accum is per process")
+    a("--offload", choices=("auto", "on", "off"),
+      help="under torchrun: FSDP2 CPU offload of parameters, gradients and optimizer state "
+           "(auto: on when this rank's share of the model does not fit in free GPU memory)")
+    a("--dist-timeout", type=float, help="seconds a collective waits for the other ranks before failing (600)")
     p.set_defaults(func=run_cli)
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def run_cli(ns) -> int:
+    if ns.nproc is not None and "WORLD_SIZE" not in os.environ:
+        from .distributed import launch
+
+        argv = _without_nproc(sys.argv[1:])
+        return launch(ns.nproc, argv if argv[:1] == ["train"] else ["train", *argv])
     keys = {f for f in TrainArgs.__dataclass_fields__}
     given = {k: v for k, v in vars(ns).items()
              if k in keys and v is not None and (v is not False or k in ("gradient_checkpointing", "progress"))}
     if "target_modules" in given:
         given["target_modules"] = tuple(given["target_modules"])
     base = dict(DEFAULT_JOB) if ns.model is None and ns.data is None else {}
-    summary = train(TrainArgs(**{**base, **given}))
+    import torch.distributed as dist
+
+    try:
+        summary = train(TrainArgs(**{**base, **given}))
+    finally:  # a process that leaves with its group alive aborts in the group's teardown
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # rank 0 reports
     losses = summary["losses"]
     if losses:
         k = max(1, min(10, len(losses) // 5))

@@ -70,7 +70,7 @@ def worker(rank: int, port: int, out: str, mode: str) -> None:
     ref_loss = ref(input_ids=ids, labels=labels).loss
     ref_loss.backward()
     ref_grads = lora_grads(ref)
-    originals = {n: (m.weight.detach().clone(), m.absmax.detach().clone())
+    originals = {n: (m.weight.packed.clone(), m.weight.absmax.clone())
                  for n, m in ref.named_modules() if isinstance(m, NF4Linear)}
 
     model = build_model()
@@ -87,20 +87,24 @@ def worker(rank: int, port: int, out: str, mode: str) -> None:
 
     def record(name):
         def hook(mod, args):
-            seen[name] = {"weight_dtype": mod.weight.dtype, "absmax_dtype": mod.absmax.dtype,
-                          "weight_equal": torch.equal(mod.weight, originals[name][0]),
-                          "absmax_equal": torch.equal(mod.absmax, originals[name][1]),
+            w = mod.weight
+            seen[name] = {"weight_dtype": w.packed.dtype, "absmax_dtype": w.absmax.dtype,
+                          "weight_equal": torch.equal(w.packed, originals[name][0]),
+                          "absmax_equal": torch.equal(w.absmax, originals[name][1]),
                           "lora_dtype": mod.lora_A.weight.dtype, "x_dtype": args[0].dtype,
-                          "nested_dtype": mod.nested_absmax.dtype}
+                          "nested_dtype": w.nested_absmax.dtype}
         return hook
 
     for n, m in model.named_modules():
         if isinstance(m, NF4Linear):
             m.register_forward_pre_hook(record(n))
     q = model.model.layers[0].self_attn.q_proj
-    shard_info = {"type": type(q.weight).__name__, "dtype": q.weight.dtype,
-                  "local_rows": q.weight.to_local().shape[0], "global_rows": q.weight.shape[0],
-                  "absmax_type": type(q.absmax).__name__, "absmax_dtype": q.absmax.dtype}
+    local = q.weight.to_local()
+    shard_info = {"type": type(q.weight).__name__, "local_type": type(local).__name__,
+                  "packed_dtype": local.packed.dtype, "absmax_dtype": local.absmax.dtype,
+                  "local_rows": local.shape[0], "global_rows": q.weight.shape[0],
+                  "local_bytes": local.packed.numel(), "global_bytes": originals["model.layers.0.self_attn.q_proj"][0].numel(),
+                  "lm_head": type(model.lm_head.weight).__name__, "embed": type(model.model.embed_tokens.weight).__name__}
 
     loss = model(input_ids=ids[rank:rank + 1], labels=labels[rank:rank + 1]).loss
     loss.backward()
@@ -144,10 +148,12 @@ def run_fsdp(tmp_path, mode):
 @pytest.mark.parametrize("mode", ["fp32", "ckpt"])
 def test_fsdp2_sharded_equals_single_process(tmp_path, mode):
     r = run_fsdp(tmp_path, mode)
-    # the NF4 storage is sharded per decoder layer, as uint8
-    assert r["shard"]["type"] == "DTensor" and r["shard"]["dtype"] == torch.uint8
-    assert r["shard"]["local_rows"] == -(-r["shard"]["global_rows"] // WORLD)
-    assert r["shard"]["absmax_type"] == "DTensor" and r["shard"]["absmax_dtype"] == torch.uint8
+    # the NF4 storage is sharded per decoder layer, as uint8 codes inside an NF4Weight shard
+    s = r["shard"]
+    assert s["type"] == "DTensor" and s["local_type"] == "NF4Weight"
+    assert s["packed_dtype"] == torch.uint8 and s["absmax_dtype"] == torch.uint8
+    assert s["local_rows"] * WORLD == s["global_rows"] and s["local_bytes"] * WORLD == s["global_bytes"]
+    assert s["lm_head"] == "DTensor" and s["embed"] == "DTensor"  # the root shards embeddings and lm_head
     # unsharded for compute: bit-identical to the unsharded model's storage
     assert len(r["seen"]) == 14 and all(s["weight_equal"] and s["absmax_equal"] for s in r["seen"].values())
     torch.testing.assert_close(r["loss"], r["ref_loss"], rtol=1e-6, atol=1e-6)

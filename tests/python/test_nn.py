@@ -17,7 +17,7 @@ def test_forward_backward_equal_dequantized_linear(double_quant, bias, rng):
     lin = torch.nn.Linear(192, 80, bias=bias)
     q = NF4Linear.from_linear(lin, compress_statistics=double_quant)
     packed, state = nf4.quantize(lin.weight.detach(), 64, double_quant)
-    assert torch.equal(q.weight.view(-1), packed.view(-1))
+    assert torch.equal(q.weight.packed, packed.view(-1))
     w = nf4.dequantize(packed, state)
     assert torch.equal(q.dequantize(), w)
     x = torch.randn(3, 5, 192, generator=rng, requires_grad=True)
@@ -31,15 +31,46 @@ def test_forward_backward_equal_dequantized_linear(double_quant, bias, rng):
 
 
 def test_storage_dtypes_and_state_dict():
+    from qforge.nf4_weight import NF4Weight
+
     q = NF4Linear.from_linear(torch.nn.Linear(128, 64))
-    assert q.weight.dtype == torch.uint8 and q.weight.shape == (128 * 64 // 2, 1)
-    assert q.absmax.dtype == torch.uint8 and isinstance(q.absmax, torch.nn.Parameter)
-    assert {n for n, _ in q.named_buffers()} == {"quant_map", "nested_absmax", "nested_quant_map", "nested_offset"}
-    floats = [t for t in list(q.parameters()) + list(q.buffers()) if t.is_floating_point()]
-    assert all(t.numel() <= 256 + 64 for t in floats)  # nothing weight-sized is float
+    w = q.weight
+    assert isinstance(w, NF4Weight) and isinstance(w, torch.nn.Parameter) and not w.requires_grad
+    assert w.shape == (64, 128) and w.dtype == torch.float32  # the logical weight: what nn.Linear holds
+    assert w.packed.dtype == torch.uint8 and w.packed.shape == (128 * 64 // 2,)
+    assert w.absmax.dtype == torch.uint8 and w.absmax.shape == (128 * 64 // 64,)
+    assert q.packed_codes().shape == (128 * 64 // 2, 1)  # bitsandbytes' layout
+    assert list(q.state_dict()) == ["weight", "bias"] and not list(q.buffers())
+    floats = [t for t in w.constants() if t is not None]
+    assert all(t.dtype == torch.float32 and t.numel() <= 256 for t in floats)  # nothing weight-sized is float
+    with pytest.raises(NotImplementedError, match="NF4Weight does not support"):
+        w + 1  # no arithmetic on codes
     single = NF4Linear.from_linear(torch.nn.Linear(128, 64), compress_statistics=False)
-    assert single.absmax.dtype == torch.uint8  # fp32 absmax kept as its raw bytes
+    assert single.weight.absmax.dtype == torch.uint8  # fp32 absmax kept as its raw bytes
+    assert single.weight.absmax.numel() == 4 * 128
     assert single.quant_state().absmax.dtype == torch.float32
+
+
+def test_nf4_weight_moves_slices_and_copies_only_codes():
+    q = NF4Linear.from_linear(torch.nn.Linear(128, 64))
+    w = q.weight
+    halves = torch.chunk(w, 2, dim=0)  # what FSDP2 does to shard it
+    assert [h.shape for h in halves] == [(32, 128), (32, 128)]
+    assert torch.equal(torch.cat([h.packed for h in halves]), w.packed)
+    assert torch.equal(torch.cat([h.absmax for h in halves]), w.absmax)
+    assert halves[1].quant_map is w.quant_map  # constants stay whole
+    padded = w.new_zeros((64, 128))
+    padded.narrow(0, 32, 32).copy_(halves[1])
+    assert torch.equal(padded.packed[2048:], w.packed[2048:]) and not padded.packed[:2048].any()
+    flat = w.view(-1)
+    assert flat.shape == (64 * 128,) and flat.packed is w.packed
+    moved = w.to(torch.bfloat16)  # relabels the logical dtype, never converts codes
+    assert moved.dtype == torch.bfloat16 and torch.equal(moved.packed, w.packed)
+    assert torch.equal(w.clone(), w) and not torch.equal(padded, w)
+    with pytest.raises(ValueError, match="do not split evenly"):
+        torch.chunk(NF4Linear.from_linear(torch.nn.Linear(128, 63)).weight, 2, dim=0)
+    with pytest.raises(ValueError, match="blocks of 64"):
+        torch.chunk(NF4Linear.from_linear(torch.nn.Linear(96, 4)).weight, 4, dim=0)
 
 
 def test_lora_matches_peft_formula(rng):
@@ -101,7 +132,9 @@ def test_dequantized_weight_only_in_shared_workspace(rng):
     bufs = list(WORKSPACE.buffers.values())
     assert len(bufs) == 1 and bufs[0].numel() == 256 * 256  # one workspace for all three layers, both passes
     for m in layers:
-        assert not any(t.is_floating_point() and t.numel() >= 256 * 256 for t in m.state_dict().values())
+        stored = [t for w in m.state_dict().values()
+                  for t in ((w.packed, w.absmax) + w.constants() if hasattr(w, "packed") else (w,)) if t is not None]
+        assert not any(t.is_floating_point() and t.numel() >= 256 * 256 for t in stored)
 
 
 def test_add_lora_targets_and_freezing():

@@ -277,7 +277,7 @@ def save_4bit(model: nn.Module, path, max_shard_bytes: int = 2 << 30) -> None:
     skip = set()
     for name, m in model.named_modules():
         if isinstance(m, NF4Linear):
-            tensors.update(nf4.state_dict_entries(f"{name}.", m.weight.data, m.quant_state()))
+            tensors.update(nf4.state_dict_entries(f"{name}.", m.packed_codes(), m.quant_state()))
             if m.bias is not None:
                 tensors[f"{name}.bias"] = m.bias.data
             skip.update(f"{name}.{k}" for k, _ in m.named_parameters())
