@@ -242,7 +242,7 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
         model_dir = _prepare_default_model(output, records, args.seed) if args.model is None else Path(args.model)
     tokenizer = load_tokenizer(model_dir)
     model_type = json.loads((model_dir / "config.json").read_text())["model_type"]
-    template = template_for(tokenizer, model_type)
+    template = template_for(tokenizer, model_type, with_tools=any(r.get("tools") is not None for r in records))
     examples = tokenize_records(records, tokenizer, template, args.max_seq_length,
                                 on_too_long="skip" if args.skip_long else "error")
     tokens_per_batch = args.tokens_per_batch or args.max_seq_length

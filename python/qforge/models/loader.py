@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .. import nf4
-from .._files import atomic_write_text, read_json
+from .._files import atomic_save_safetensors, atomic_write_text, read_json
 from ..nn import DEFAULT_TARGETS, NF4Linear, _is_target
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -269,8 +269,6 @@ def load_tokenizer(path):
 def save_4bit(model: nn.Module, path, max_shard_bytes: int = 2 << 30) -> None:
     """Write the model as a bitsandbytes "bnb-4bit" checkpoint (config.json with a
     quantization_config, safetensors in bnb's key layout); LoRA weights excluded."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -287,8 +285,7 @@ def save_4bit(model: nn.Module, path, max_shard_bytes: int = 2 << 30) -> None:
             tensors[name] = t
     if getattr(model.config, "tie_word_embeddings", False):
         tensors.pop("lm_head.weight", None)
-    _write_sharded(path, {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, max_shard_bytes,
-                   save_file)
+    _write_sharded(path, {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, max_shard_bytes)
     cfg = model.config.to_dict()
     first = next((m for m in model.modules() if isinstance(m, NF4Linear)), None)
     compute = str(model.config.dtype).removeprefix("torch.") if model.config.dtype else "bfloat16"
@@ -301,9 +298,9 @@ def save_4bit(model: nn.Module, path, max_shard_bytes: int = 2 << 30) -> None:
     atomic_write_text(path / "config.json", json.dumps(cfg, indent=2, default=str))
 
 
-def _write_sharded(path: Path, tensors: dict, max_shard_bytes: int, save_file) -> None:
+def _write_sharded(path: Path, tensors: dict, max_shard_bytes: int) -> None:
     """model.safetensors, or model-0000i-of-0000n.safetensors + index when larger
-    than max_shard_bytes; each file written to a temporary name and renamed."""
+    than max_shard_bytes; each file complete or absent (_files)."""
     shards, cur, size = [], {}, 0
     for k, v in tensors.items():
         nbytes = v.numel() * v.element_size()
@@ -314,16 +311,12 @@ def _write_sharded(path: Path, tensors: dict, max_shard_bytes: int, save_file) -
         size += nbytes
     shards.append(cur)
     if len(shards) == 1:
-        tmp = path / "model.safetensors.tmp"
-        save_file(shards[0], str(tmp), metadata={"format": "pt"})
-        tmp.replace(path / "model.safetensors")
+        atomic_save_safetensors(path / "model.safetensors", shards[0], metadata={"format": "pt"})
         return
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tmp = path / (name + ".tmp")
-        save_file(shard, str(tmp), metadata={"format": "pt"})
-        tmp.replace(path / name)
+        atomic_save_safetensors(path / name, shard, metadata={"format": "pt"})
         weight_map.update({k: name for k in shard})
     total = sum(v.numel() * v.element_size() for v in tensors.values())
     atomic_write_text(path / "model.safetensors.index.json",
