@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _record import environment  # bench/ is sys.path[0] when a bench runs
 
 SHAPES = {
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -238,14 +238,13 @@ def run(a) -> dict:
 
 
 def combine(src: Path, dst: Path) -> None:
-    import transformers
-
     parts = {p.stem: json.loads(p.read_text()) for p in sorted(src.glob("*.json")) if p.stem != "versions"}
     configs = {k: v for k, v in parts.items() if not k.startswith(("70b", "peft_bnb"))}
-    versions = json.loads((src / "versions.json").read_text()) if (src / "versions.json").exists() else {}
-    out = {"device": versions.pop("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"),
-           "versions": versions or {"torch": torch.__version__, "transformers": transformers.__version__},
-           "configs": configs}
+    out = {**environment(["transformers", "peft", "accelerate", "bitsandbytes"]), "configs": configs}
+    if (src / "versions.json").exists():  # what run_fsdp2_gpu.sh recorded on the GPU machine itself
+        recorded = json.loads((src / "versions.json").read_text())
+        out["device"] = recorded.pop("device", out["device"])
+        out["versions"] = recorded or out["versions"]
     one, two = parts.get("8b_1gpu"), parts.get("8b_2gpu")
     if one and two:
         fastest = max((v for k, v in configs.items() if k.startswith("8b_2gpu")), key=lambda v: v["tokens_per_s"])

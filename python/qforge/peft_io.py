@@ -117,8 +117,6 @@ def merge_and_save(model: nn.Module, path, dtype: torch.dtype = torch.bfloat16, 
     """Write a plain transformers checkpoint: every NF4 layer dequantized, plus
     ``scaling * B @ A`` where it has an adapter, in ``dtype``; other tensors
     converted to ``dtype``. Loads with ``AutoModelForCausalLM.from_pretrained``."""
-    from safetensors.torch import save_file
-
     from .models.loader import _write_sharded
 
     path = Path(path)
@@ -140,7 +138,7 @@ def merge_and_save(model: nn.Module, path, dtype: torch.dtype = torch.bfloat16, 
         tensors[name] = (t.to(dtype) if t.is_floating_point() else t).detach().cpu().contiguous()
     if getattr(model.config, "tie_word_embeddings", False):
         tensors.pop("lm_head.weight", None)
-    _write_sharded(path, tensors, max_shard_bytes, save_file)
+    _write_sharded(path, tensors, max_shard_bytes)
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
     cfg["dtype"] = str(dtype).removeprefix("torch.")
