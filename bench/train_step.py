@@ -3,7 +3,7 @@ GPU: qforge against transformers + peft + bitsandbytes and against Unsloth, with
 LoRA (r=16, alpha=32, all 7 projections), bf16 autocast, AdamW and batches. qforge and peft
 get the same NF4 weights (qforge's quantizer writes bitsandbytes' bytes) and the same LoRA
 initialisation; Unsloth loads a random checkpoint of the same shapes written by the Unsloth
-anchor's bench (`../shared/anchors/unsloth/bench_unsloth.py`), so its losses are of other
+anchor's bench (`bench/unsloth/bench_unsloth.py`), so its losses are of other
 weights. Reports tokens/s, peak GPU memory (torch.cuda.max_memory_allocated), peak host
 memory, per-step losses and model FLOPs utilisation, and writes bench/results/train_step.json.
 
@@ -21,8 +21,8 @@ about 60% of the tokens, are masked out of the loss).
 qforge's settings: `--offload` (per-layer checkpoints in pinned host memory), `--tile` (MLPs
 and RMSNorms in token tiles; see qforge.offload) and `--attention cudnn` (cuDNN's attention
 kernel first; see qforge.attention and bench/sdpa_backends.py). Unsloth needs the offline bundle:
-`bash ../shared/anchors/unsloth/make_bundle.sh build-anchor && cp
-../shared/anchors/unsloth/bench_unsloth.py build-anchor/` (then `--unsloth-anchor build-anchor`).
+`bash bench/unsloth/make_bundle.sh build-anchor` (then `--unsloth-anchor build-anchor`;
+bench/unsloth/README.md says what is in it).
 On a machine without CUDA, `--device cpu --layers 2 --hidden 64 ...` exercises the same code.
 """
 from __future__ import annotations
@@ -298,9 +298,9 @@ def run_child(a, impl, seq, batch, warmup, steps, prompt_heavy, deadline) -> dic
 
 def unsloth_model_dir(a) -> str:
     """The anchor's random Llama-3.1-8B-shaped checkpoint (written once per host, in a subprocess)."""
-    script = Path(a.unsloth_anchor, "bench_unsloth.py")
-    if not script.exists():
-        raise FileNotFoundError(f"{script} is missing: build the Unsloth bundle (see this file's doc)")
+    script = Path(__file__).resolve().parent / "unsloth" / "bench_unsloth.py"
+    if not Path(a.unsloth_anchor, "site").is_dir():
+        raise FileNotFoundError(f"{a.unsloth_anchor}/site is missing: build the Unsloth bundle (see this file's doc)")
     model_dir = Path(a.workdir, f"llama31_8b_random_L{a.layers}")
     env = dict(os.environ, PYTHONPATH=str(Path(a.unsloth_anchor, "site").resolve()))
     subprocess.run([sys.executable, str(script), "--_build", "--model-dir", str(model_dir), "--layers", str(a.layers),
@@ -380,7 +380,7 @@ def main():
     ap.add_argument("--tile", type=int, default=8192, help="qforge: token tile of the MLPs and RMSNorms (0: untiled)")
     ap.add_argument("--attention", choices=("default", "cudnn"), default="cudnn",
                     help="qforge: SDPA kernel preference (cudnn: qforge.attention.prefer_cudnn_attention)")
-    ap.add_argument("--unsloth-anchor", default="build-anchor", help="folder with site/ and bench_unsloth.py")
+    ap.add_argument("--unsloth-anchor", default="build-anchor", help="folder holding the bundle's site/ (bench/unsloth/make_bundle.sh)")
     ap.add_argument("--workdir", default=os.path.join("/tmp", "qforge_train_step"))
     ap.add_argument("--unsloth-model-dir", default="")
     ap.add_argument("--alloc-conf", default=ALLOC_CONF, help="PYTORCH_ALLOC_CONF for every run")
