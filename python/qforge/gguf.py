@@ -499,12 +499,12 @@ def export_gguf(adapter, base, out, type: str = "q4_k_m", merge_into: str = "ori
                          "use merge_into='dequantized' (or point base at the 16-bit model)")
     tok_dir = _tokenizer_dir(adapter_dir, base)
     plan = _plan(ckpt, cfg, arch_name)
-    hf_names = {hf for _, hf, _ in plan if hf is not None}
+    hf_shapes = {hf: shape for _, hf, shape in plan if hf is not None}
     for module, (a, b) in lora.tensors.items():
         weight = module + ".weight"
-        if weight not in hf_names:
+        if weight not in hf_shapes:
             raise ValueError(f"adapter/base mismatch: {lora.path} adapts '{module}', which {base} does not have")
-        out_f, in_f = ckpt.shape(weight)
+        out_f, in_f = hf_shapes[weight]  # _plan read it (a 4-bit weight's shape costs reading the weight)
         if tuple(a.shape) != (a.shape[0], in_f) or tuple(b.shape) != (out_f, b.shape[1]):
             raise ValueError(f"adapter/base mismatch: '{module}' has LoRA A {tuple(a.shape)}, B {tuple(b.shape)}; "
                              f"the base weight is {(out_f, in_f)}")
