@@ -46,6 +46,8 @@ _LLAMA3_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p
 _QWEN2_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
                 "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
+# the token ids llama.cpp stops generation at (and the Modelfile's stop parameters)
+_STOP_TOKEN_KEYS = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
 _GENERATION_TAG = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")
 
 _writer_open = _lib.declare("qf_gguf_writer_open", ctypes.c_char_p, ctypes.c_int, ctypes.POINTER(ctypes.c_void_p))
@@ -439,8 +441,7 @@ def _check_end_of_turn(rec, tokens: list[str], tok_dir: Path) -> None:
     template = kv.get("tokenizer.chat_template")
     if template is None or "tokenizer.ggml.eos_token_id" not in kv:
         return
-    stops = {kv[k].value for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
-                                   "tokenizer.ggml.eom_token_id") if k in kv}
+    stops = {kv[k].value for k in _STOP_TOKEN_KEYS if k in kv}
     for marker in ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>"):
         if marker in str(template.value) and marker in tokens and tokens.index(marker) not in stops:
             rec.add_eot_token_id(tokens.index(marker))
@@ -499,12 +500,12 @@ def export_gguf(adapter, base, out, type: str = "q4_k_m", merge_into: str = "ori
                          "use merge_into='dequantized' (or point base at the 16-bit model)")
     tok_dir = _tokenizer_dir(adapter_dir, base)
     plan = _plan(ckpt, cfg, arch_name)
-    hf_names = {hf for _, hf, _ in plan if hf is not None}
+    hf_shapes = {hf: shape for _, hf, shape in plan if hf is not None}
     for module, (a, b) in lora.tensors.items():
         weight = module + ".weight"
-        if weight not in hf_names:
+        if weight not in hf_shapes:
             raise ValueError(f"adapter/base mismatch: {lora.path} adapts '{module}', which {base} does not have")
-        out_f, in_f = ckpt.shape(weight)
+        out_f, in_f = hf_shapes[weight]  # _plan read it (a 4-bit weight's shape costs reading the weight)
         if tuple(a.shape) != (a.shape[0], in_f) or tuple(b.shape) != (out_f, b.shape[1]):
             raise ValueError(f"adapter/base mismatch: '{module}' has LoRA A {tuple(a.shape)}, B {tuple(b.shape)}; "
                              f"the base weight is {(out_f, in_f)}")
@@ -571,7 +572,7 @@ def write_modelfile(gguf_path: Path, metadata: list) -> Path:
     kv = {k: v for k, v, _, _ in metadata}
     tokens = kv.get("tokenizer.ggml.tokens", [])
     stops = []
-    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+    for key in _STOP_TOKEN_KEYS:
         tid = kv.get(key)
         if tid is not None and 0 <= tid < len(tokens) and tokens[tid] not in stops:
             stops.append(tokens[tid])

@@ -18,11 +18,14 @@ constexpr const char* kOp = "linear_cross_entropy";
 // Elements of one tensor at most: keeps every byte count far from int64 overflow.
 constexpr int64_t kMaxNumel = int64_t(1) << 48;
 
-std::string shape_of(const TensorRef& t) {
-  std::string s = "[";
-  for (int i = 0; i < t.ndim; ++i) s += (i ? ", " : "") + std::to_string(t.sizes[i]);
-  return s + "]";
+// "<open>a, b, c<close>": a shape or strides, for error messages.
+std::string join(const int64_t* v, int n, const char* open, const char* close) {
+  std::string s = open;
+  for (int i = 0; i < n; ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  return s + close;
 }
+
+std::string shape_of(const TensorRef& t) { return join(t.sizes, t.ndim, "[", "]"); }
 
 std::string device_of(const TensorRef& t) {
   if (t.device == QF_CPU) return "cpu";
@@ -44,12 +47,8 @@ void check_layout(const TensorRef& t, const char* name) {
   if (numel == 0) return;
   int64_t expected = 1;
   for (int i = t.ndim - 1; i >= 0; --i) {
-    if (t.sizes[i] != 1) {
-      std::string strides = "(";
-      for (int k = 0; k < t.ndim; ++k) strides += (k ? ", " : "") + std::to_string(t.strides[k]);
-      QF_CHECK(t.strides[i] == expected, kOp, ": ", name, " must be contiguous (shape ", shape_of(t),
-               ", strides ", strides, "))");
-    }
+    QF_CHECK(t.sizes[i] == 1 || t.strides[i] == expected, kOp, ": ", name, " must be contiguous (shape ",
+             shape_of(t), ", strides ", join(t.strides, t.ndim, "(", ")"), ")");
     expected *= t.sizes[i];
   }
   QF_CHECK(t.data != nullptr, kOp, ": ", name, " ", shape_of(t), " has no data (null pointer)");
@@ -71,11 +70,8 @@ void check_shape(const TensorRef& t, const char* name, std::initializer_list<int
   bool same = t.ndim == int(dims.size());
   int i = 0;
   for (int64_t d : dims) same = same && t.sizes[i++] == d;
-  std::string want = "[";
-  i = 0;
-  for (int64_t d : dims) want += (i++ ? ", " : "") + std::to_string(d);
-  want += "]";
-  QF_CHECK(same, kOp, ": ", name, " must be ", meaning, " = ", want, ", got ", shape_of(t));
+  QF_CHECK(same, kOp, ": ", name, " must be ", meaning, " = ", join(dims.begin(), int(dims.size()), "[", "]"),
+           ", got ", shape_of(t));
 }
 
 void check_elem(const TensorRef& t, const char* name, int elem, int other = -1) {
