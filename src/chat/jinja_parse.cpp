@@ -676,9 +676,7 @@ class Parser {
       } while (skip_op(","));
       bool single = tuple->args.size() == 1 && !(t_[i_ - 1].type == TT::Operator && t_[i_ - 1].text == ",");
       for (auto& item : tuple->args) {
-        bool assignable = item->kind == NK::Getattr ||
-                          (item->kind == NK::Name && item->name != "true" && item->name != "false" && item->name != "none" &&
-                           item->name != "True" && item->name != "False" && item->name != "None");
+        bool assignable = item->kind == NK::Getattr || (item->kind == NK::Name && !is_special_constant(item->name));
         if (assignable) continue;
         if (!single) fail("can't assign to 'tuple'");
         if (item->kind == NK::Name) fail("Can't assign to special constant");
@@ -793,12 +791,16 @@ class Parser {
     return n;
   }
 
+  // Names jinja2 reads as constants: not assignable.
+  static bool is_special_constant(std::string_view name) {
+    return name == "true" || name == "false" || name == "none" || name == "True" || name == "False" || name == "None";
+  }
+
   NodePtr parse_assign_target(bool with_tuple, std::vector<const char*> extra_end) {
     NodePtr target = with_tuple ? parse_tuple(true, true, extra_end, false) : parse_primary();
     auto check = [&](const Node& x) {
       if (x.kind != NK::Name) fail("can't assign to '" + std::string(x.kind == NK::Const ? "const" : "expression") + "'", t_[i_ - 1]);
-      if (x.name == "true" || x.name == "false" || x.name == "none" || x.name == "True" || x.name == "False" || x.name == "None")
-        fail("Can't assign to special constant");
+      if (is_special_constant(x.name)) fail("Can't assign to special constant");
     };
     if (target->kind == NK::TupleLit)
       for (auto& a : target->args) check(*a);

@@ -794,8 +794,7 @@ void parse_llama3(std::string_view text, ParsedToolCalls& r) {
     return;
   }
   content.append(text.substr(copied));
-  std::string_view c = trim(content);
-  r.content = c.empty() ? Value() : Value(c);
+  set_content(r, content);
 }
 
 // Qwen3-Coder: <function=name><parameter=key>\nvalue\n</parameter>...</function>.
@@ -875,8 +874,7 @@ void parse_hermes(std::string_view text, ParsedToolCalls& r) {
     r.content = Value(text);
     return;
   }
-  std::string_view c = trim(content);
-  r.content = c.empty() ? Value() : Value(c);
+  set_content(r, content);
 }
 
 }  // namespace tool_calls_detail
