@@ -179,19 +179,7 @@ def load_checkpoint(path: Path, model, optimizer, scaler, device, load_adapter, 
             optimizer.load_state_dict(opt_state)
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
             raise ValueError(f"optimizer.pt: does not fit this run's LoRA parameters ({e})") from None
-        if scaler is not None and scaler.is_enabled() and (path / "scaler.pt").exists():
-            try:
-                scaler.load_state_dict(_load_torch(path, "scaler.pt"))
-            except (ValueError, KeyError, TypeError, RuntimeError) as e:
-                raise ValueError(f"scaler.pt: {e}") from None
-        rng = _load_torch(path, "rng.pt")
-        if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8:
-            raise ValueError(f"rng.pt: holds {type(rng).__name__} "
-                             f"{getattr(rng, 'dtype', '')}, not a torch RNG state (uint8 tensor)")
-        try:
-            torch.set_rng_state(rng)
-        except RuntimeError as e:
-            raise ValueError(f"rng.pt: not a torch RNG state ({e})") from None
+        _restore_scaler_and_rng(path, scaler, "rng.pt")
     except ValueError as e:
         raise damaged(path, str(e)) from None
     return state
@@ -209,11 +197,24 @@ def _load_sharded(path: Path, model, optimizer, scaler) -> None:
         load_sharded(path / "dcp", model, optimizer)
     except (RuntimeError, KeyError) as e:  # DCP reports a missing or mismatched entry as these
         raise ValueError(f"dcp: does not fit this run's LoRA parameters ({type(e).__name__}: {e})") from None
-    if scaler is not None and scaler.is_enabled() and (path / "scaler.pt").exists():
-        scaler.load_state_dict(_load_torch(path, "scaler.pt"))
     rank = dist.get_rank() if dist.is_initialized() else 0
-    name = f"rng-{rank}.pt" if (path / f"rng-{rank}.pt").exists() else "rng-0.pt"
-    rng = _load_torch(path, name)
+    _restore_scaler_and_rng(path, scaler, f"rng-{rank}.pt" if (path / f"rng-{rank}.pt").exists() else "rng-0.pt")
+
+
+def _restore_scaler_and_rng(path: Path, scaler, rng_name: str) -> None:
+    """The fp16 loss scaler's state (when the run has one and the checkpoint
+    saved one) and the torch RNG state from file ``rng_name``; ValueError
+    naming the file when one does not hold what it should."""
+    if scaler is not None and scaler.is_enabled() and (path / "scaler.pt").exists():
+        try:
+            scaler.load_state_dict(_load_torch(path, "scaler.pt"))
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise ValueError(f"scaler.pt: {e}") from None
+    rng = _load_torch(path, rng_name)
     if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8:
-        raise ValueError(f"{name}: not a torch RNG state")
-    torch.set_rng_state(rng)
+        raise ValueError(f"{rng_name}: holds {type(rng).__name__} "
+                         f"{getattr(rng, 'dtype', '')}, not a torch RNG state (uint8 tensor)")
+    try:
+        torch.set_rng_state(rng)
+    except RuntimeError as e:
+        raise ValueError(f"{rng_name}: not a torch RNG state ({e})") from None

@@ -406,6 +406,8 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
     if dctx:
         summary["peak_mem_gib_per_rank"] = [round(m, 3) for m in dctx.gather(_memory_gib(device))]
     lora_full = distributed.full_lora_state(model) if dctx and not stopped_early else None  # a collective
+    if not stopped_early:
+        summary["adapter"] = str(output / "adapter")
     if not stopped_early and rank == 0:
         adapter_dir = output / "adapter"
         tmp = output / ".adapter.tmp"
@@ -422,10 +424,7 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
             shutil.rmtree(old)
         else:
             tmp.replace(adapter_dir)
-        summary["adapter"] = str(adapter_dir)
         atomic_write_text(output / "summary.json", json.dumps(summary, indent=2))
-    if not stopped_early:
-        summary["adapter"] = str(output / "adapter")
     if default_job and not stopped_early:  # the run ends with qforge eval's report on held-out built-in data
         from .evaluate import evaluate_model, report_table
 
