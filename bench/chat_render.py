@@ -167,23 +167,19 @@ def main() -> None:
 
     # the C call alone, one thread: read the serialised conversations (marshal, as apply_batch sends them, or
     # JSON) and render every one; the inputs are serialised beforehand, the outputs not decoded
-    import ctypes
-
     from qforge import chat as qchat
+    from qforge.ops import chat as chat_ops
 
     raw_shared = qchat._json(dict(tools=TOOLS, add_generation_prompt=True, **kwargs))
     engine = {}
-    for name, (raw, fmt) in {"marshal": qchat._conversations(convs), "json": (qchat._json(convs), qchat._CHAT_JSON)}.items():
-        offsets = (ctypes.c_int64 * (args.n + 1))()
+    for name, (raw, fmt) in {"marshal": qchat._conversations(convs), "json": (qchat._json(convs), chat_ops.CHAT_JSON)}.items():
 
-        def run_engine(raw=raw, fmt=fmt, offsets=offsets):
-            out = ctypes.c_void_p()
-            qchat._call(qchat._batch(qf_tmpl._handle, raw_shared, len(raw_shared), raw, len(raw), fmt, -1, 1,
-                                     ctypes.byref(out), offsets, args.n + 1, 0))
+        def run_engine(raw=raw, fmt=fmt):
+            out, _ = chat_ops.apply_batch_raw(qf_tmpl._handle, raw_shared, raw, fmt, args.n, now=None, threads=1)
             return out
 
         engine[name], out = best_of(run_engine)
-        qchat._buf_free(out)
+        chat_ops.free_buffer(out)
     t_c_call = engine["marshal"]
 
     # The headline: jinja2 and the C++ engine (as a C++ program uses it: conversations already in memory), one

@@ -17,8 +17,10 @@ _QF_DTYPES = {
     torch.float64: QF_FLOAT64,
 }
 
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the kernels compute in
 
-def qf_dtype(dtype: torch.dtype, what: str, allowed=(torch.float32, torch.float16, torch.bfloat16)) -> int:
+
+def qf_dtype(dtype: torch.dtype, what: str, allowed=FLOAT_DTYPES) -> int:
     if dtype not in allowed:
         names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
         raise ValueError(f"{what} must be one of {names}, got {str(dtype).removeprefix('torch.')}")

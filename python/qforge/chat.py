@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import array
 import bisect
-import ctypes
 import inspect
 import json
 import marshal
@@ -19,72 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from qforge._lib import check, declare
-
-_p = ctypes.c_void_p
-_compile = declare("qf_chat_template_compile", ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(_p))
-_free_tmpl = declare("qf_chat_template_free", _p, restype=None)
-_set_limits = declare(
-    "qf_chat_template_set_limits", _p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64
-)
-_apply = declare(
-    "qf_chat_apply_template", _p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int64, ctypes.POINTER(_p),
-    ctypes.POINTER(ctypes.c_int64), ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t),
-)
-_batch = declare(
-    "qf_chat_apply_batch", _p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int,
-    ctypes.c_int64, ctypes.c_int, ctypes.POINTER(_p), ctypes.POINTER(ctypes.c_int64), ctypes.c_size_t, ctypes.c_int,
-)
-_render = declare("qf_chat_template_render", _p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int64, ctypes.POINTER(_p))
-_formats = declare("qf_chat_tool_call_formats", ctypes.POINTER(_p))
-_detect = declare("qf_chat_detect_tool_call_format", ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(_p))
-_parse_for_tools = declare("qf_chat_parse_tool_calls_for_tools", ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p,
-                           ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(_p))
-_stream_new = declare("qf_chat_tool_stream_new", ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(_p))
-_stream_feed = declare("qf_chat_tool_stream_feed", _p, ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(_p))
-_stream_finish = declare("qf_chat_tool_stream_finish", _p, ctypes.POINTER(_p))
-_stream_free = declare("qf_chat_tool_stream_free", _p, restype=None)
-_dumps = declare(
-    "qf_chat_json_dumps", ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(_p)
-)
-_buf_data = declare("qf_chat_buffer_data", _p, ctypes.POINTER(ctypes.c_size_t), restype=ctypes.c_void_p)
-_buf_free = declare("qf_chat_buffer_free", _p, restype=None)
-
-_ERROR_RE = re.compile(r"^(\w+): (.*?)(?: \(line (\d+):(\d+)\))?$", re.S)
-
-
-class TemplateError(ValueError):
-    """A template failed to compile or render. `kind` names the jinja2/Python
-    exception it corresponds to (TemplateSyntaxError, TemplateError from
-    raise_exception, UndefinedError, SecurityError, TypeError, ...)."""
-
-    def __init__(self, kind: str, message: str, line: int = 0, column: int = 0):
-        super().__init__(f"{kind}: {message}" + (f" (line {line}:{column})" if line else ""))
-        self.kind, self.message, self.line, self.column = kind, message, line, column
-
-
-def _call(status: int) -> None:
-    try:
-        check(status)
-    except ValueError as e:
-        m = _ERROR_RE.match(str(e))
-        if m and m.group(1)[:1].isupper() and m.group(1) not in ("invalid",):
-            raise TemplateError(m.group(1), m.group(2), int(m.group(3) or 0), int(m.group(4) or 0)) from None
-        raise
-
-
-def _take(handle: ctypes.c_void_p) -> str:
-    n = ctypes.c_size_t()
-    ptr = _buf_data(handle, ctypes.byref(n))
-    try:
-        # lone surrogates (from strings passed in, or '\ud800' in a template)
-        # travel as their 3-byte forms: the str jinja2 would render
-        return ctypes.string_at(ptr, n.value).decode("utf-8", "surrogatepass")
-    finally:
-        _buf_free(handle)
-
-
-_CHAT_JSON, _CHAT_MARSHAL = 0, 1
+from .ops import chat as chat_ops
+from .ops.chat import TemplateError  # re-exported: the error of every template call
 
 
 def _conversations(conversations: Sequence[Sequence[dict]]) -> tuple[bytes, int]:
@@ -96,11 +31,11 @@ def _conversations(conversations: Sequence[Sequence[dict]]) -> tuple[bytes, int]
     try:
         docs = [marshal.dumps(c, 4) for c in items]
     except ValueError:
-        return _json(items), _CHAT_JSON
+        return _json(items), chat_ops.CHAT_JSON
     sizes = array.array("q", map(len, docs))
     if sys.byteorder != "little":
         sizes.byteswap()
-    return sizes.tobytes() + b"".join(docs), _CHAT_MARSHAL
+    return sizes.tobytes() + b"".join(docs), chat_ops.CHAT_MARSHAL
 
 
 def _json(obj: Any) -> bytes:
@@ -150,16 +85,13 @@ class ChatTemplate:
             bound = (1 << 31) if name == "max_call_depth" else (1 << 63)
             if value is not None and (type(value) is not int or not 0 < value < bound):
                 raise ValueError(f"ChatTemplate: {name} must be a positive int below {bound}, got {value!r}")
-        handle = ctypes.c_void_p()
-        raw = source.encode("utf-8", "surrogatepass")
-        _call(_compile(raw, len(raw), ctypes.byref(handle)))
-        self._handle = handle
+        self._handle = chat_ops.compile_template(source.encode("utf-8", "surrogatepass"))
         if any(v is not None for v in limits.values()):
-            _call(_set_limits(handle, *(v or 0 for v in limits.values())))
+            chat_ops.set_limits(self._handle, *(v or 0 for v in limits.values()))
 
     def __del__(self):
         if getattr(self, "_handle", None):
-            _free_tmpl(self._handle)
+            chat_ops.free_template(self._handle)
             self._handle = None
 
     def apply(
@@ -188,21 +120,8 @@ class ChatTemplate:
             if key in request:
                 raise TypeError(f"render() got multiple values for keyword argument '{key}'")
             request[key] = value
-        raw = _json(request)
-        cap = 256 if return_assistant_spans else 0
-        for _ in range(2):  # the first call says how many spans there are
-            out = ctypes.c_void_p()
-            spans = (ctypes.c_int64 * (2 * cap))() if cap else None
-            n = ctypes.c_size_t()
-            _call(_apply(self._handle, raw, len(raw), -1 if now is None else int(now), ctypes.byref(out),
-                         spans, cap, ctypes.byref(n) if cap else None))
-            text = _take(out)
-            if not return_assistant_spans:
-                return text
-            if n.value <= cap:
-                return text, [(spans[2 * i], spans[2 * i + 1]) for i in range(n.value)]
-            cap = n.value
-        raise ValueError(f"the template rendered more generation blocks ({n.value}) on a second render than the first")
+        text, spans = chat_ops.apply_template(self._handle, _json(request), now, return_assistant_spans)
+        return (text, spans) if return_assistant_spans else text
 
     def apply_batch(
         self,
@@ -224,21 +143,9 @@ class ChatTemplate:
             "continue_final_message": continue_final_message,
             **kwargs,
         }
-        raw_shared = _json(shared)
         raw_convs, fmt = _conversations(conversations)
-        n = len(conversations)
-        offsets = (ctypes.c_int64 * (n + 1))()
-        out = ctypes.c_void_p()
-        _call(_batch(self._handle, raw_shared, len(raw_shared), raw_convs, len(raw_convs), fmt,
-                     -1 if now is None else int(now), int(threads), ctypes.byref(out), offsets, n + 1, 0))
-        size = ctypes.c_size_t()
-        ptr = _buf_data(out, ctypes.byref(size))
-        try:  # each output decoded from its byte range (no n-times larger str of everything)
-            data = memoryview((ctypes.c_char * size.value).from_address(ptr)) if size.value else memoryview(b"")
-            bounds = offsets[:]
-            return [str(data[bounds[i]:bounds[i + 1]], "utf-8", "surrogatepass") for i in range(n)]
-        finally:
-            _buf_free(out)
+        return chat_ops.split_batch(*chat_ops.apply_batch_raw(self._handle, _json(shared), raw_convs, fmt,
+                                                              len(conversations), now, threads))
 
     @property
     def tool_call_format(self) -> str:
@@ -256,19 +163,12 @@ class ChatTemplate:
 
     def render(self, now: int | None = None, **variables) -> str:
         """Render with exactly these template variables."""
-        raw = _json(variables)
-        out = ctypes.c_void_p()
-        _call(_render(self._handle, raw, len(raw), -1 if now is None else int(now), ctypes.byref(out)))
-        return _take(out)
+        return chat_ops.render(self._handle, _json(variables), now)
 
 
 def json_dumps(obj: Any, ensure_ascii: bool = False, indent: int | None = None, sort_keys: bool = False) -> str:
     """Python's json.dumps, computed by the C++ value type (for tests)."""
-    raw = _json(obj)
-    out = ctypes.c_void_p()
-    _call(_dumps(raw, len(raw), int(ensure_ascii), -1 if indent is None else int(indent), int(sort_keys),
-                 ctypes.byref(out)))
-    return _take(out)
+    return chat_ops.json_dumps(_json(obj), ensure_ascii, indent, sort_keys)
 
 
 def _utf8(text: str | bytes) -> bytes:
@@ -277,18 +177,13 @@ def _utf8(text: str | bytes) -> bytes:
 
 def tool_call_formats() -> list[str]:
     """The names parse_tool_calls accepts as `format` (besides "auto")."""
-    out = ctypes.c_void_p()
-    _call(_formats(ctypes.byref(out)))
-    return json.loads(_take(out))
+    return json.loads(chat_ops.tool_call_formats())
 
 
 def detect_tool_call_format(template_source: str) -> str:
     """The tool-call format a chat template's model writes, told from markers
     in the template source; "auto" when none is known."""
-    raw = template_source.encode("utf-8")
-    out = ctypes.c_void_p()
-    _call(_detect(raw, len(raw), ctypes.byref(out)))
-    return _take(out)
+    return chat_ops.detect_tool_call_format(template_source.encode("utf-8"))
 
 
 def _tools_json(tools) -> bytes | None:
@@ -305,11 +200,7 @@ def parse_tool_calls(text: str | bytes, format: str = "auto", tools: Iterable[di
     ("\\ud800") read as U+FFFD (docs/chat.md, "Tool-call parsing"). `tools`
     (the schemas the model was given) keep parameters declared strings as
     strings in formats that print values raw (XML parameters, GLM, MiniMax)."""
-    raw = _utf8(text)
-    schemas = _tools_json(tools)
-    out = ctypes.c_void_p()
-    _call(_parse_for_tools(raw, len(raw), format.encode(), schemas, len(schemas or b""), ctypes.byref(out)))
-    return json.loads(_take(out))
+    return json.loads(chat_ops.parse_tool_calls(_utf8(text), format, _tools_json(tools)))
 
 
 class ToolCallStream:
@@ -319,26 +210,18 @@ class ToolCallStream:
     whole text."""
 
     def __init__(self, format: str = "auto", tools: Iterable[dict | Callable] | None = None):
-        handle = ctypes.c_void_p()
-        schemas = _tools_json(tools)
-        _call(_stream_new(format.encode(), schemas, len(schemas or b""), ctypes.byref(handle)))
-        self._handle = handle
+        self._handle = chat_ops.stream_new(format, _tools_json(tools))
 
     def __del__(self):
         if getattr(self, "_handle", None):
-            _stream_free(self._handle)
+            chat_ops.stream_free(self._handle)
             self._handle = None
 
     def feed(self, chunk: str | bytes) -> dict:
-        raw = _utf8(chunk)
-        out = ctypes.c_void_p()
-        _call(_stream_feed(self._handle, raw, len(raw), ctypes.byref(out)))
-        return json.loads(_take(out))
+        return json.loads(chat_ops.stream_feed(self._handle, _utf8(chunk)))
 
     def finish(self) -> dict:
-        out = ctypes.c_void_p()
-        _call(_stream_finish(self._handle, ctypes.byref(out)))
-        return json.loads(_take(out))
+        return json.loads(chat_ops.stream_finish(self._handle))
 
 
 # ------------------------------------------------------------ tokenizers
@@ -561,13 +444,10 @@ def _span_membership(spans: Sequence[tuple[int, int]]) -> Callable[[int, int], b
 
 
 # ------------------------------------------------------------ tokenizer_config.json
-_llama3 = declare("qf_chat_llama3_template", ctypes.c_int, restype=ctypes.c_char_p)
-
-
 def llama3_template(version: str = "3.1") -> str:
     """The official Llama 3.1 / 3.2 / 3.3 chat template (for tokenizers without one)."""
     minor = {"3.1": 1, "3.2": 2, "3.3": 3}.get(str(version))
-    raw = _llama3(minor) if minor else None
+    raw = chat_ops.llama3_template(minor) if minor else None
     if not raw:
         raise ValueError(f"no shipped Llama template for version {version!r} (have 3.1, 3.2, 3.3)")
     return raw.decode("utf-8")

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import ops
+from .ops import nf4 as nf4_ops
 
 QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
 _TENSOR_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
@@ -45,7 +45,7 @@ class QuantState:
 
     def __post_init__(self):
         if self.code is None:
-            self.code = ops.nf4_code(self.absmax.device)
+            self.code = nf4_ops.nf4_code(self.absmax.device)
         self.shape = torch.Size(self.shape)
 
     @property
@@ -182,11 +182,11 @@ def quantize(weight: Tensor, blocksize: int = 64, compress_statistics: bool = Tr
     weight = weight.contiguous()
     packed, absmax = torch.ops.qforge.quantize_nf4(weight, blocksize)
     state = QuantState(absmax=absmax, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize,
-                       code=ops.nf4_code(weight.device))
+                       code=nf4_ops.nf4_code(weight.device))
     if compress_statistics:
         # torch's mean, as bitsandbytes takes it, so files match bit for bit
         offset = absmax.mean()
-        code8 = ops.dynamic_map(weight.device)
+        code8 = nf4_ops.dynamic_map(weight.device)
         qabsmax, absmax2 = torch.ops.qforge.quantize_blockwise_8bit(absmax, code8, 256, offset.reshape(1))
         state.absmax, state.offset = qabsmax, offset
         state.state2 = NestedState(absmax=absmax2, code=code8, blocksize=256)
@@ -219,7 +219,7 @@ def dequantize(packed: Tensor, state, out: Optional[Tensor] = None, dtype: Optio
         out = torch.empty(state.shape, dtype=dtype or state.dtype, device=packed.device)
     elif out.numel() != math.prod(state.shape):
         raise ValueError(f"out has {out.numel()} elements, the weight {math.prod(state.shape)}")
-    ops.dequantize_into(*args, out)
+    nf4_ops.dequantize_into(*args, out)
     return out
 
 

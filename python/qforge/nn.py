@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import nf4, ops
+from . import nf4
+from .ops import nf4 as nf4_ops
 from .nf4_weight import NF4Weight
 
 __all__ = ["NF4Linear", "LoraConfig", "DEFAULT_TARGETS", "add_lora", "lora_parameters",
@@ -74,7 +75,7 @@ def _dequantize(packed, absmax, code, nested_absmax, nested_code, nested_offset,
         return torch.ops.qforge.dequantize_nf4(*args[:4], list(shape), dtype, *args[4:])
     out = (WORKSPACE.get(shape, dtype, packed.device) if use_workspace
            else torch.empty(shape, dtype=dtype, device=packed.device))
-    ops.dequantize_into(*args, out)
+    nf4_ops.dequantize_into(*args, out)
     return out
 
 

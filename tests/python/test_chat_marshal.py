@@ -5,7 +5,6 @@ str() (tuples stay tuples, floats keep their repr, big ints) and with tojson.
 Bad data fails with a clear error."""
 from __future__ import annotations
 
-import ctypes
 import marshal
 import random
 import struct
@@ -15,6 +14,7 @@ import pytest
 
 from qforge import chat as qchat
 from qforge.chat import ChatTemplate
+from qforge.ops import chat as chat_ops
 
 jinja2 = pytest.importorskip("jinja2")
 ctu = pytest.importorskip("transformers.utils.chat_template_utils")
@@ -54,7 +54,7 @@ def test_marshal_batch_equals_jinja2(seed):
         convs[0].append(convs[0][0])
     py = ctu._compile_jinja_template(SOURCE)
     expected = [py.render(messages=m) for m in convs]
-    assert qchat._conversations(convs)[1] == qchat._CHAT_MARSHAL
+    assert qchat._conversations(convs)[1] == chat_ops.CHAT_MARSHAL
     for threads in (1, 3):
         assert ChatTemplate(SOURCE).apply_batch(convs, threads=threads) == expected
 
@@ -66,7 +66,7 @@ def test_tuples_stay_tuples():
 
 def test_unmarshallable_types_fall_back_to_json():
     convs = [[OrderedDict(role="user", content="hi")]]
-    assert qchat._conversations(convs)[1] == qchat._CHAT_JSON
+    assert qchat._conversations(convs)[1] == chat_ops.CHAT_JSON
     assert ChatTemplate("{{ messages[0].content }}").apply_batch(convs) == ["hi"]
 
 
@@ -77,12 +77,7 @@ def test_non_chat_types_are_refused():
 
 def call_marshal(data: bytes, n: int):
     tmpl = ChatTemplate("x")
-    offsets = (ctypes.c_int64 * (n + 1))()
-    out = ctypes.c_void_p()
-    status = qchat._batch(tmpl._handle, b"{}", 2, data, len(data), qchat._CHAT_MARSHAL, 0, 1, ctypes.byref(out),
-                          offsets, n + 1, 0)
-    assert status != 0
-    qchat._call(status)
+    chat_ops.apply_batch_raw(tmpl._handle, b"{}", data, chat_ops.CHAT_MARSHAL, n, now=0, threads=1)
 
 
 @pytest.mark.parametrize("doc", [b"", b"[", b"[\x02\x00\x00\x00N", b"[\x01\x00\x00\x00r\x00\x00\x00\x00",
@@ -106,7 +101,7 @@ def test_bad_marshal_framing_is_an_error(data, n, message):
 def test_conversations_travel_as_one_marshal_document_each():
     convs = [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b" * 300}], []]
     data, fmt = qchat._conversations(convs)
-    assert fmt == qchat._CHAT_MARSHAL
+    assert fmt == chat_ops.CHAT_MARSHAL
     sizes = struct.unpack_from("<3q", data)
     docs, at = [], 24
     for size in sizes:

@@ -17,7 +17,7 @@ import torch
 
 import qforge.loss  # noqa: F401  (registers qforge::linear_cross_entropy*)
 import qforge.nf4 as nf4
-from qforge import ops  # noqa: F401  (registers the NF4 ops)
+from qforge.ops import nf4 as nf4_ops  # registers the NF4 ops
 
 LCE = torch.ops.qforge.linear_cross_entropy
 LCE_BWD = torch.ops.qforge.linear_cross_entropy_backward
@@ -217,7 +217,7 @@ def test_quantize_ops_reject_bad_blocksizes(blocksize, message):
         torch.ops.qforge.quantize_nf4(x, blocksize)
     if blocksize != 48:  # the 8-bit quantizer allows any power of two
         with pytest.raises(ValueError, match=message):
-            torch.ops.qforge.quantize_blockwise_8bit(x, ops.dynamic_map(), blocksize)
+            torch.ops.qforge.quantize_blockwise_8bit(x, nf4_ops.dynamic_map(), blocksize)
 
 
 def test_quantize_ops_reject_bad_tensors():
@@ -228,7 +228,7 @@ def test_quantize_ops_reject_bad_tensors():
         torch.ops.qforge.quantize_nf4(x.long(), 64)
     packed, absmax = torch.ops.qforge.quantize_nf4(x.to("meta"), 64)  # all meta: shapes only, as torch does
     assert packed.is_meta and packed.shape == (2048, 1) and absmax.shape == (64,)
-    code = ops.dynamic_map()
+    code = nf4_ops.dynamic_map()
     with pytest.raises(ValueError, match="code must have 256 entries, got 16"):
         torch.ops.qforge.quantize_blockwise_8bit(x, code[:16], 64)
     with pytest.raises(ValueError, match="offset must be one value, got 2"):

@@ -402,7 +402,7 @@ def test_cuda_cluster_and_plain_row_paths(dtype, v, monkeypatch):
 @pytest.mark.parametrize("device", dev_params())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_scale_inplace(device, dtype):
-    from qforge.loss import scale_inplace_
+    from qforge.ops.loss import scale_inplace_
     x = torch.randn(1003, dtype=torch.float32).to(dtype).to(device)
     g = torch.tensor(0.3, device=device)
     want = (x.float() * 0.3).to(dtype)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import qforge.nf4 as nf4
-from qforge import ops  # noqa: F401  (registers torch.ops.qforge.*)
+from qforge.ops import nf4 as nf4_ops  # registers torch.ops.qforge.*
 
 bnb_F = pytest.importorskip("bitsandbytes.functional")
 
@@ -298,7 +298,7 @@ def test_cuda_matches_bitsandbytes_and_cpu_twin(dtype, compress, rng):
             cpu_packed, cpu_q = nf4.quantize(w, blocksize=blocksize, compress_statistics=compress)
             n = w.numel()
             scaled = w.reshape(-1).float() * (1 / absmax).repeat_interleave(blocksize)[:n]
-            assert_differ_only_at_midpoints(unpack_levels(packed.cpu(), n), unpack_levels(cpu_packed, n), scaled, nf4.ops.nf4_code())
+            assert_differ_only_at_midpoints(unpack_levels(packed.cpu(), n), unpack_levels(cpu_packed, n), scaled, nf4_ops.nf4_code())
             if compress:
                 # the same offset as the GPU's (torch's mean on another device may differ by an ulp)
                 offset = state.offset.cpu().reshape(1)

@@ -1,6 +1,8 @@
-"""NF4 torch ops: `torch.ops.qforge.{quantize_nf4, dequantize_nf4, dequantize_nf4_into,
+"""NF4 bindings: the ctypes declarations of qforge.h's NF4 entries and the torch ops
+`torch.ops.qforge.{quantize_nf4, dequantize_nf4, dequantize_nf4_into,
 quantize_blockwise_8bit}`, registered with torch.library and fake kernels so that
-torch.compile and FSDP2 see ordinary ops. Each op only checks tensors and calls the C ABI.
+torch.compile and FSDP2 see ordinary ops. Each op only checks tensors and calls the C ABI;
+the public API is qforge.nf4.
 """
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _torch as T
-from ._lib import QF_FLOAT32, QF_UINT8, check, declare
+from .. import _torch as T
+from .._lib import QF_FLOAT32, QF_UINT8, check, declare
 
 
 class NF4Weights(ctypes.Structure):
