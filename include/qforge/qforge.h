@@ -187,6 +187,42 @@ QF_API int qf_lce_run(const qf_lce_tensors* tensors, const qf_lce_options* optio
 QF_API int qf_lce_scale_inplace(qf_device device, void* x, qf_dtype dtype, int64_t n,
                                 const float* scale, void* stream);
 
+/* --------------------------------------------- layer kernels (src/layer) */
+/* Fused RMSNorm, SwiGLU and rotary embeddings of a decoder layer, forward and
+ * backward (formulas and rounding points: docs/layer_kernels.md). Tensors
+ * are contiguous, fp32/fp16/bf16, all on `device`; arithmetic is fp32. An
+ * output may be the very buffer of an input of its size (in place), never a
+ * partial overlap. */
+
+/* x, y [rows, dim] of x_dtype; weight [dim] of x_dtype or fp32; rstd [rows] fp32:
+ *   rstd = 1 / sqrt(mean(x^2) + eps),  y = round(weight * round(x * rstd))
+ * (round = to x_dtype, as Hugging Face's LlamaRMSNorm). */
+QF_API int qf_rms_norm_forward(qf_device device, const void* x, qf_dtype x_dtype, const void* weight,
+                               qf_dtype weight_dtype, int64_t rows, int64_t dim, float eps, void* y,
+                               float* rstd, void* stream);
+
+/* dx (like x) from dy (like x), x, weight and the forward's rstd; weight frozen. */
+QF_API int qf_rms_norm_backward(qf_device device, const void* dy, const void* x, qf_dtype x_dtype,
+                                const void* weight, qf_dtype weight_dtype, const float* rstd,
+                                int64_t rows, int64_t dim, void* dx, void* stream);
+
+/* out = round(round(silu(gate)) * up), n elements of dtype each. */
+QF_API int qf_swiglu_forward(qf_device device, const void* gate, const void* up, qf_dtype dtype,
+                             int64_t n, void* out, void* stream);
+
+/* dgate = dout * up * silu'(gate), dup = dout * silu(gate); dgate may be
+ * gate's buffer and dup up's (the in-place backward). */
+QF_API int qf_swiglu_backward(qf_device device, const void* dout, const void* gate, const void* up,
+                              qf_dtype dtype, int64_t n, void* dgate, void* dup, void* stream);
+
+/* x, out [batch, seq, heads, head_dim] of dtype (out may be x); cos, sin
+ * [cos_batch, seq, head_dim] of dtype or fp32, cos_batch 1 or batch.
+ * backward = 0: out = x * cos + rotate_half(x) * sin (Hugging Face's
+ * apply_rotary_pos_emb); backward = 1: its transpose, the gradient. */
+QF_API int qf_rope(qf_device device, const void* x, void* out, qf_dtype dtype, int64_t batch,
+                   int64_t seq, int64_t heads, int64_t head_dim, const void* cos, const void* sin,
+                   qf_dtype cos_dtype, int64_t cos_batch, int backward, void* stream);
+
 /* ------------------------------------------- chat templates (src/chat) */
 /* A Jinja engine that renders Hugging Face chat templates byte-identically to
  * transformers' apply_chat_template, and tool-call parsers. Strings are UTF-8

@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "core/dtype_name.hpp"
+#include "core/float_io.hpp"
 #include "core/half.hpp"
 #include "nf4/rules.hpp"
 #include "qforge/cuda_runtime.hpp"
@@ -100,14 +101,6 @@ void check_float_dtype(qf_dtype d, const char* what) {
 void check_blocksize(int64_t blocksize) {
   QF_CHECK(blocksize >= 32 && blocksize <= 4096 && is_pow2(blocksize),
            "blocksize must be a power of two from 32 to 4096, got ", blocksize);
-}
-
-float load_float(const void* x, qf_dtype dtype, int64_t i) {
-  switch (dtype) {
-    case QF_FLOAT16: return half_to_float(static_cast<const uint16_t*>(x)[i]);
-    case QF_BFLOAT16: return bf16_to_float(static_cast<const uint16_t*>(x)[i]);
-    default: return static_cast<const float*>(x)[i];
-  }
 }
 
 // max |x| over the block, NaN ignored (fmaxf), as bitsandbytes' block reduce.

@@ -4,11 +4,7 @@
 #pragma once
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define QF_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define QF_HOST_DEVICE inline
-#endif
+#include "core/host_device.hpp"
 
 namespace qforge::nf4 {
 

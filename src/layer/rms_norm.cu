@@ -1,0 +1,240 @@
+// RMSNorm forward and backward on CUDA; rms_norm.cpp's CPU twin defines the
+// results (rules.hpp holds the shared arithmetic).
+//
+// Bytes: the forward reads x once and writes y once (+ the weight, from
+// cache, and 4 bytes of rstd per row); the backward reads x and dy once and
+// writes dx once. A row is handled by one warp (rows up to 32 * kCache
+// accesses) or one block: each thread keeps its kCache accesses of 16 bytes
+// in registers between the reduction and the write, so the row is read from
+// memory once; longer rows read the rest a second time (from cache).
+#include "layer/layer.hpp"
+#include "layer/rules.hpp"
+#include "layer/vec.cuh"
+
+namespace qforge::layer {
+namespace {
+
+constexpr int kCache = 4;            // accesses per thread kept in registers
+constexpr int kWarpBlockThreads = 256;  // 8 rows per block in warp-per-row mode
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum over the row's group: its warp, or the whole block (scratch: 32 floats).
+template <bool kWarpPerRow>
+__device__ __forceinline__ float group_sum(float v, float* scratch) {
+  v = warp_sum(v);
+  if constexpr (kWarpPerRow) {
+    return v;
+  } else {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();  // scratch is free (the previous row's readers are done)
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < int(blockDim.x / 32) ? scratch[lane] : 0.0f;
+    return warp_sum(v);
+  }
+}
+
+struct RowGroup {
+  int64_t first, step;  // rows first, first + step, ...
+  int lane, size;       // this thread's index in the row's group, and the group size
+};
+
+template <bool kWarpPerRow>
+__device__ __forceinline__ RowGroup row_group() {
+  if constexpr (kWarpPerRow) {
+    const int warps = blockDim.x / 32;
+    return {int64_t(blockIdx.x) * warps + threadIdx.x / 32, int64_t(gridDim.x) * warps,
+            int(threadIdx.x % 32), 32};
+  } else {
+    return {int64_t(blockIdx.x), int64_t(gridDim.x), int(threadIdx.x), int(blockDim.x)};
+  }
+}
+
+template <typename T, typename W, int kVec, bool kWarpPerRow>
+__global__ void rms_norm_forward_kernel(const T* x, const W* __restrict__ weight, T* y,
+                                        float* __restrict__ rstd, int64_t rows, int64_t dim,
+                                        float eps) {
+  __shared__ float scratch[32];
+  const RowGroup g = row_group<kWarpPerRow>();
+  const int64_t nvec = dim / kVec;
+  for (int64_t row = g.first; row < rows; row += g.step) {
+    const T* xr = x + row * dim;
+    T* yr = y + row * dim;
+    float cached[kCache][kVec];
+    float sum_squares = 0.0f;
+#pragma unroll
+    for (int c = 0; c < kCache; ++c) {
+      const int64_t v = g.lane + int64_t(c) * g.size;
+      if (v < nvec) {
+        load_floats<T, kVec>(xr + v * kVec, cached[c]);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) sum_squares += cached[c][k] * cached[c][k];
+      }
+    }
+    for (int64_t v = g.lane + int64_t(kCache) * g.size; v < nvec; v += g.size) {
+      float f[kVec];
+      load_floats<T, kVec>(xr + v * kVec, f);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) sum_squares += f[k] * f[k];
+    }
+    const float inv = rms_inverse(group_sum<kWarpPerRow>(sum_squares, scratch), dim, eps);
+    if (g.lane == 0) rstd[row] = inv;
+    auto write = [&](int64_t v, const float (&f)[kVec]) {
+      float w[kVec], out[kVec];
+      load_floats<W, kVec>(weight + v * kVec, w);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) out[k] = w[k] * round_to<T>(f[k] * inv);
+      store_floats<T, kVec>(yr + v * kVec, out);
+    };
+#pragma unroll
+    for (int c = 0; c < kCache; ++c) {
+      const int64_t v = g.lane + int64_t(c) * g.size;
+      if (v < nvec) write(v, cached[c]);
+    }
+    for (int64_t v = g.lane + int64_t(kCache) * g.size; v < nvec; v += g.size) {
+      float f[kVec];
+      load_floats<T, kVec>(xr + v * kVec, f);
+      write(v, f);
+    }
+  }
+}
+
+template <typename T, typename W, int kVec, bool kWarpPerRow>
+__global__ void rms_norm_backward_kernel(const T* dy, const T* x, const W* __restrict__ weight,
+                                         const float* __restrict__ rstd, T* dx, int64_t rows,
+                                         int64_t dim) {
+  __shared__ float scratch[32];
+  const RowGroup g = row_group<kWarpPerRow>();
+  const int64_t nvec = dim / kVec;
+  for (int64_t row = g.first; row < rows; row += g.step) {
+    const T* xr = x + row * dim;
+    const T* dyr = dy + row * dim;
+    T* dxr = dx + row * dim;
+    const float inv = rstd[row];
+    // g = dy * weight and xhat = x * rstd of access v
+    auto load = [&](int64_t v, float (&gw)[kVec], float (&xhat)[kVec]) {
+      float w[kVec];
+      load_floats<T, kVec>(dyr + v * kVec, gw);
+      load_floats<T, kVec>(xr + v * kVec, xhat);
+      load_floats<W, kVec>(weight + v * kVec, w);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        gw[k] *= w[k];
+        xhat[k] *= inv;
+      }
+    };
+    float cached_g[kCache][kVec], cached_xhat[kCache][kVec];
+    float sum_g_xhat = 0.0f;
+#pragma unroll
+    for (int c = 0; c < kCache; ++c) {
+      const int64_t v = g.lane + int64_t(c) * g.size;
+      if (v < nvec) {
+        load(v, cached_g[c], cached_xhat[c]);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) sum_g_xhat += cached_g[c][k] * cached_xhat[c][k];
+      }
+    }
+    for (int64_t v = g.lane + int64_t(kCache) * g.size; v < nvec; v += g.size) {
+      float gw[kVec], xhat[kVec];
+      load(v, gw, xhat);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) sum_g_xhat += gw[k] * xhat[k];
+    }
+    const float mean = group_sum<kWarpPerRow>(sum_g_xhat, scratch) / static_cast<float>(dim);
+    auto write = [&](int64_t v, const float (&gw)[kVec], const float (&xhat)[kVec]) {
+      float out[kVec];
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) out[k] = rms_norm_dx(gw[k], xhat[k], inv, mean);
+      store_floats<T, kVec>(dxr + v * kVec, out);
+    };
+#pragma unroll
+    for (int c = 0; c < kCache; ++c) {
+      const int64_t v = g.lane + int64_t(c) * g.size;
+      if (v < nvec) write(v, cached_g[c], cached_xhat[c]);
+    }
+    for (int64_t v = g.lane + int64_t(kCache) * g.size; v < nvec; v += g.size) {
+      float gw[kVec], xhat[kVec];
+      load(v, gw, xhat);
+      write(v, gw, xhat);
+    }
+  }
+}
+
+// The launch shape of a row kernel: warp per row for short rows, else a
+// block per row with enough threads that kCache accesses each cover it.
+struct RowLaunch {
+  bool warp_per_row;
+  int threads;
+  int grid;
+};
+
+RowLaunch row_launch(int64_t rows, int64_t nvec) {
+  if (nvec <= 32 * kCache) {
+    const int64_t per_block = kWarpBlockThreads / 32;
+    return {true, kWarpBlockThreads, grid_for((rows + per_block - 1) / per_block)};
+  }
+  const int64_t wanted = (nvec + kCache - 1) / kCache;
+  const int threads = static_cast<int>(std::min<int64_t>(1024, (wanted + 31) / 32 * 32));
+  return {false, threads, grid_for(rows)};
+}
+
+// Calls f(kVec constant, W{}) for the vector width the pointers allow and the weight's type.
+template <typename T, class F>
+void dispatch_row(const RmsNormArgs& a, std::initializer_list<const void*> buffers, F&& f) {
+  constexpr int kVec16 = 16 / int(sizeof(T));
+  bool vec = a.dim % kVec16 == 0 && aligned16(a.weight);
+  for (const void* p : buffers) vec = vec && aligned16(p);
+  auto with_weight = [&](auto vec_width) {
+    if (a.weight_dtype == QF_FLOAT32) f(vec_width, float{});
+    else f(vec_width, T{});
+  };
+  if (vec) with_weight(std::integral_constant<int, kVec16>{});
+  else with_weight(std::integral_constant<int, 1>{});
+}
+
+}  // namespace
+
+void rms_norm_forward_cuda(const RmsNormArgs& a, float eps, void* y, float* rstd, void* stream) {
+  cuda::require_cuda("rms_norm_forward on CUDA");
+  auto s = static_cast<cudaStream_t>(stream);
+  with_float_type(a.x_dtype, [&](auto t) {
+    using T = decltype(t);
+    dispatch_row<T>(a, {a.x, y}, [&](auto vec_width, auto w) {
+      using W = decltype(w);
+      constexpr int kVec = decltype(vec_width)::value;
+      const RowLaunch l = row_launch(a.rows, a.dim / kVec);
+      auto kernel = l.warp_per_row ? rms_norm_forward_kernel<T, W, kVec, true>
+                                   : rms_norm_forward_kernel<T, W, kVec, false>;
+      kernel<<<l.grid, l.threads, 0, s>>>(static_cast<const T*>(a.x), static_cast<const W*>(a.weight),
+                                          static_cast<T*>(y), rstd, a.rows, a.dim, eps);
+    });
+  });
+  QF_CUDA_CHECK(cudaGetLastError());
+}
+
+void rms_norm_backward_cuda(const RmsNormArgs& a, const void* dy, const float* rstd, void* dx,
+                            void* stream) {
+  cuda::require_cuda("rms_norm_backward on CUDA");
+  auto s = static_cast<cudaStream_t>(stream);
+  with_float_type(a.x_dtype, [&](auto t) {
+    using T = decltype(t);
+    dispatch_row<T>(a, {a.x, dy, dx}, [&](auto vec_width, auto w) {
+      using W = decltype(w);
+      constexpr int kVec = decltype(vec_width)::value;
+      const RowLaunch l = row_launch(a.rows, a.dim / kVec);
+      auto kernel = l.warp_per_row ? rms_norm_backward_kernel<T, W, kVec, true>
+                                   : rms_norm_backward_kernel<T, W, kVec, false>;
+      kernel<<<l.grid, l.threads, 0, s>>>(static_cast<const T*>(dy), static_cast<const T*>(a.x),
+                                          static_cast<const W*>(a.weight), rstd, static_cast<T*>(dx),
+                                          a.rows, a.dim);
+    });
+  });
+  QF_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace qforge::layer
