@@ -99,7 +99,8 @@ template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, fl
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
-// 8 consecutive elements (one 32-bit word of codes) -> out[0..7], 16B-aligned.
+// 8 consecutive elements (one 32-bit word of codes) -> out[0..7] as one
+// 16-byte store (fp16/bf16), 16B-aligned.
 template <typename T>
 __device__ __forceinline__ void decode_word(uint32_t word, float scale, const float* s_code,
                                             T* out) {
@@ -110,13 +111,32 @@ __device__ __forceinline__ void decode_word(uint32_t word, float scale, const fl
     v[2 * b] = s_code[byte >> 4] * scale;
     v[2 * b + 1] = s_code[byte & 0x0fu] * scale;
   }
-  if constexpr (sizeof(T) == 4) {
-    reinterpret_cast<float4*>(out)[0] = make_float4(v[0], v[1], v[2], v[3]);
-    reinterpret_cast<float4*>(out)[1] = make_float4(v[4], v[5], v[6], v[7]);
-  } else {
-    *reinterpret_cast<uint4*>(out) =
-        make_uint4(pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]), pack2<T>(v[4], v[5]),
-                   pack2<T>(v[6], v[7]));
+  *reinterpret_cast<uint4*>(out) = make_uint4(pack2<T>(v[0], v[1]), pack2<T>(v[2], v[3]),
+                                              pack2<T>(v[4], v[5]), pack2<T>(v[6], v[7]));
+}
+
+// fp32 output: a word's 8 floats are 32 bytes, two 16-byte stores. Were each
+// lane to store its own word, a warp's store would cover 1024 bytes at half
+// density (every other 16 bytes), twice; instead the warp's 32 consecutive
+// words (first = the first one's index) go out as two dense 512-byte
+// stores: in store h, lane l writes half (l & 1) of word 16 h + l / 2,
+// fetched with a shuffle. All 32 lanes must call it; words >= vec_words are
+// skipped.
+__device__ __forceinline__ void decode_warp_words_f32(uint32_t word, float scale, const float* s_code,
+                                                      float* out, int64_t first, int64_t vec_words) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int src = 16 * h + (lane >> 1);
+    const uint32_t w = __shfl_sync(0xffffffffu, word, src);
+    const float sc = __shfl_sync(0xffffffffu, scale, src);
+    if (first + src < vec_words) {
+      const uint32_t two_bytes = w >> (16 * (lane & 1));  // elements 0-3 or 4-7 of the word
+      const uint32_t b0 = two_bytes & 0xffu, b1 = (two_bytes >> 8) & 0xffu;
+      *reinterpret_cast<float4*>(out + (first + src) * kElemsPerWord + 4 * (lane & 1)) =
+          make_float4(s_code[b0 >> 4] * sc, s_code[b0 & 0x0fu] * sc, s_code[b1 >> 4] * sc,
+                      s_code[b1 & 0x0fu] * sc);
+    }
   }
 }
 
@@ -139,29 +159,36 @@ dequantize_nf4_kernel(DequantParams p, T* __restrict__ out, int64_t vec_words) {
   __syncthreads();
 
   // Thread t of a step handles words base + u * kThreads: a warp's loads are
-  // 128 contiguous bytes and its 16-byte stores 512 contiguous bytes.
+  // 128 contiguous bytes and its 16-byte stores 512 contiguous bytes. The
+  // loop runs while the warp's first word is in range (base - lane is the
+  // same for the whole warp), so the fp32 path's shuffles see every lane.
   const uint32_t* codes = reinterpret_cast<const uint32_t*>(p.packed);
+  const int lane = threadIdx.x & 31;
   const int64_t stride = int64_t(gridDim.x) * kThreads * kUnroll;
-  for (int64_t base = int64_t(blockIdx.x) * kThreads * kUnroll + threadIdx.x; base < vec_words;
+  for (int64_t base = int64_t(blockIdx.x) * kThreads * kUnroll + threadIdx.x; base - lane < vec_words;
        base += stride) {
     uint32_t raw[kUnroll];
     float scale[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t w = base + u * kThreads;
-      if (w < vec_words) raw[u] = load_codes(codes + w);
+      raw[u] = w < vec_words ? load_codes(codes + w) : 0u;
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t w = base + u * kThreads;
-      if (w < vec_words)
-        scale[u] = block_scale<kNested>(p, (w * kElemsPerWord) >> p.log2_blocksize,
-                                        s_nested_code, offset);
+      scale[u] = w < vec_words ? block_scale<kNested>(p, (w * kElemsPerWord) >> p.log2_blocksize,
+                                                      s_nested_code, offset)
+                               : 0.0f;
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t w = base + u * kThreads;
-      if (w < vec_words) decode_word(raw[u], scale[u], s_code, out + w * kElemsPerWord);
+      if constexpr (sizeof(T) == 4) {
+        if (w - lane < vec_words) decode_warp_words_f32(raw[u], scale[u], s_code, out, w - lane, vec_words);
+      } else {
+        if (w < vec_words) decode_word(raw[u], scale[u], s_code, out + w * kElemsPerWord);
+      }
     }
   }
 
