@@ -49,12 +49,12 @@ void rms_norm_forward_cpu(const RmsNormArgs& a, float eps, void* y, float* rstd)
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < a.rows; ++r) {
     const int64_t base = r * a.dim;
-    float sum_squares = 0.0f;
+    double sum_squares = 0.0;  // row sums in double: the twin is the accurate reference
     for (int64_t j = 0; j < a.dim; ++j) {
       const float v = load_float(a.x, a.x_dtype, base + j);
       sum_squares += v * v;
     }
-    const float inv = rms_inverse(sum_squares, a.dim, eps);
+    const float inv = rms_inverse(static_cast<float>(sum_squares), a.dim, eps);
     rstd[r] = inv;
     for (int64_t j = 0; j < a.dim; ++j) {
       const float normed = round_to(a.x_dtype, load_float(a.x, a.x_dtype, base + j) * inv);
@@ -68,12 +68,12 @@ void rms_norm_backward_cpu(const RmsNormArgs& a, const void* dy, const float* rs
   for (int64_t r = 0; r < a.rows; ++r) {
     const int64_t base = r * a.dim;
     const float inv = rstd[r];
-    float sum_g_xhat = 0.0f;
+    double sum_g_xhat = 0.0;
     for (int64_t j = 0; j < a.dim; ++j) {
       const float g = load_float(dy, a.x_dtype, base + j) * load_float(a.weight, a.weight_dtype, j);
       sum_g_xhat += g * (load_float(a.x, a.x_dtype, base + j) * inv);
     }
-    const float mean_g_xhat = sum_g_xhat / static_cast<float>(a.dim);
+    const float mean_g_xhat = static_cast<float>(sum_g_xhat) / static_cast<float>(a.dim);
     for (int64_t j = 0; j < a.dim; ++j) {
       const float g = load_float(dy, a.x_dtype, base + j) * load_float(a.weight, a.weight_dtype, j);
       const float xhat = load_float(a.x, a.x_dtype, base + j) * inv;
