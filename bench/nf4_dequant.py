@@ -6,7 +6,8 @@ as the roofline.
   python bench/nf4_dequant.py [--iters 1000] [--out bench/results/nf4_dequant.json]
 
 Reports the challenge harness (three MLP configs, 1000 iterations, synchronize
-after each dequant, wall clock) and, for Llama 3 8B / 70B weight shapes, the
+after each dequant, wall clock) and, for Llama 3 8B / 70B and Qwen2.5-14B
+weight shapes and bf16, fp16 and fp32 outputs, the
 GPU time per dequant (20 calls replayed from one CUDA graph) and the time per
 eager call (back-to-back calls, CUDA events: launch path included), checks every output bit-for-bit against
 bitsandbytes, writes JSON and a PNG plot.
@@ -34,7 +35,9 @@ SHAPES = {  # (out_features, in_features)
     "llama3-70b k/v_proj": (1024, 8192),
     "llama3-70b gate/up_proj": (28672, 8192),
     "llama3-70b down_proj": (8192, 28672),
+    "qwen2.5-14b gate/up_proj": (13824, 5120),
 }
+SHAPE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def quantized(rows, cols, dtype, gen):
@@ -126,7 +129,7 @@ def harness(iters, gen):
 def per_shape(gen, reps):
     rows = []
     for name, (rows_, cols) in SHAPES.items():
-        for dtype in (torch.bfloat16, torch.float16):
+        for dtype in SHAPE_DTYPES:
             packed, state = quantized(rows_, cols, dtype, gen)
             out = torch.empty(state.shape, dtype=dtype, device="cuda")
             ref = torch.empty_like(out)
