@@ -166,21 +166,40 @@ __global__ void rms_norm_backward_kernel(const T* dy, const T* x, const W* __res
 }
 
 // The launch shape of a row kernel: warp per row for short rows, else a
-// block per row with enough threads that kCache accesses each cover it.
+// block per row with enough threads that kCache accesses each cover it, at
+// most as many as the kernel's registers allow in one block
+// (max_block_threads: cudaFuncAttributes::maxThreadsPerBlock).
 struct RowLaunch {
   bool warp_per_row;
   int threads;
   int grid;
 };
 
-RowLaunch row_launch(int64_t rows, int64_t nvec) {
+RowLaunch row_launch(int64_t rows, int64_t nvec, int max_block_threads) {
   if (nvec <= 32 * kCache) {
     const int64_t per_block = kWarpBlockThreads / 32;
     return {true, kWarpBlockThreads, grid_for((rows + per_block - 1) / per_block)};
   }
   const int64_t wanted = (nvec + kCache - 1) / kCache;
-  const int threads = static_cast<int>(std::min<int64_t>(1024, (wanted + 31) / 32 * 32));
+  const int64_t cap = std::max(32, max_block_threads / 32 * 32);
+  const int threads = static_cast<int>(std::min<int64_t>(cap, (wanted + 31) / 32 * 32));
   return {false, threads, grid_for(rows)};
+}
+
+template <class Kernel>
+int max_block_threads(Kernel kernel) {
+  cudaFuncAttributes attr{};
+  QF_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  return attr.maxThreadsPerBlock;
+}
+
+// Launches kernel_for(warp_per_row) with the shape of row_launch.
+template <class KernelFor, class Launch>
+void launch_rows(int64_t rows, int64_t nvec, KernelFor kernel_for, Launch launch) {
+  const bool warp_per_row = nvec <= 32 * kCache;
+  auto kernel = kernel_for(warp_per_row);
+  const RowLaunch l = row_launch(rows, nvec, warp_per_row ? kWarpBlockThreads : max_block_threads(kernel));
+  launch(kernel, l);
 }
 
 // Calls f(kVec constant, W{}) for the vector width the pointers allow and the weight's type.
@@ -207,11 +226,16 @@ void rms_norm_forward_cuda(const RmsNormArgs& a, float eps, void* y, float* rstd
     dispatch_row<T>(a, {a.x, y}, [&](auto vec_width, auto w) {
       using W = decltype(w);
       constexpr int kVec = decltype(vec_width)::value;
-      const RowLaunch l = row_launch(a.rows, a.dim / kVec);
-      auto kernel = l.warp_per_row ? rms_norm_forward_kernel<T, W, kVec, true>
-                                   : rms_norm_forward_kernel<T, W, kVec, false>;
-      kernel<<<l.grid, l.threads, 0, s>>>(static_cast<const T*>(a.x), static_cast<const W*>(a.weight),
-                                          static_cast<T*>(y), rstd, a.rows, a.dim, eps);
+      launch_rows(
+          a.rows, a.dim / kVec,
+          [](bool warp_per_row) {
+            return warp_per_row ? rms_norm_forward_kernel<T, W, kVec, true>
+                                : rms_norm_forward_kernel<T, W, kVec, false>;
+          },
+          [&](auto kernel, const RowLaunch& l) {
+            kernel<<<l.grid, l.threads, 0, s>>>(static_cast<const T*>(a.x), static_cast<const W*>(a.weight),
+                                                static_cast<T*>(y), rstd, a.rows, a.dim, eps);
+          });
     });
   });
   QF_CUDA_CHECK(cudaGetLastError());
@@ -226,12 +250,17 @@ void rms_norm_backward_cuda(const RmsNormArgs& a, const void* dy, const float* r
     dispatch_row<T>(a, {a.x, dy, dx}, [&](auto vec_width, auto w) {
       using W = decltype(w);
       constexpr int kVec = decltype(vec_width)::value;
-      const RowLaunch l = row_launch(a.rows, a.dim / kVec);
-      auto kernel = l.warp_per_row ? rms_norm_backward_kernel<T, W, kVec, true>
-                                   : rms_norm_backward_kernel<T, W, kVec, false>;
-      kernel<<<l.grid, l.threads, 0, s>>>(static_cast<const T*>(dy), static_cast<const T*>(a.x),
-                                          static_cast<const W*>(a.weight), rstd, static_cast<T*>(dx),
-                                          a.rows, a.dim);
+      launch_rows(
+          a.rows, a.dim / kVec,
+          [](bool warp_per_row) {
+            return warp_per_row ? rms_norm_backward_kernel<T, W, kVec, true>
+                                : rms_norm_backward_kernel<T, W, kVec, false>;
+          },
+          [&](auto kernel, const RowLaunch& l) {
+            kernel<<<l.grid, l.threads, 0, s>>>(static_cast<const T*>(dy), static_cast<const T*>(a.x),
+                                                static_cast<const W*>(a.weight), rstd, static_cast<T*>(dx),
+                                                a.rows, a.dim);
+          });
     });
   });
   QF_CUDA_CHECK(cudaGetLastError());

@@ -339,7 +339,8 @@ TEST(LayerCuda, SwigluMatchesCpuTwinInAndOutOfPlace) {
         qforge::layer::swiglu_forward(QF_CUDA, gd.p, ud.p, d, n, od.p, nullptr);
         qforge::layer::swiglu_backward(QF_CUDA, dd.p, gd.p, ud.p, d, n, dgd.p, dud.p, nullptr);
         ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-        const TwinTolerance tol{0.01, 1e-6, 1e-7};
+        // fp32 dgate: 1 + g (1 - s) cancels near g = -1.28, so an ulp of expf grows there
+        const TwinTolerance tol{0.01, 1e-6, 1e-6};
         expect_twin(od.get(d), out, "out", tol);
         expect_twin(dgd.get(d), dg, "dgate", tol);
         expect_twin(dud.get(d), du, "dup", tol);
