@@ -9,6 +9,8 @@
 // decodes its absmax from the 8-bit code, nested absmax and offset, then
 // the 8 levels, scales in fp32, rounds to T and writes one 16-byte store;
 // consecutive lanes take consecutive words, so loads and stores coalesce.
+// fp32 words are 32 bytes of output: the warp trades halves of words by
+// shuffles so that each store instruction still covers 512 dense bytes.
 //
 // quantize: bitsandbytes builds its kernels with --use_fast_math, so its
 // 1/absmax is the approximate reciprocal (rcp.approx.ftz). The CUDA quantizer
@@ -44,8 +46,16 @@ constexpr int kMinBlocksPerSM = 6;
 #else
 constexpr int kMinBlocksPerSM = 8;
 #endif
-constexpr int kUnroll = 4;         // 32-bit words of codes in flight per thread
 constexpr int kElemsPerWord = 8;   // 4 bytes of codes
+
+// 32-bit words of codes in flight per thread: 4 at full occupancy for
+// fp16/bf16 outputs (above). fp32 outputs write twice the bytes per word;
+// measured on an H200 (13824x5120, the commit that set it): 8 words at half
+// occupancy (up to 64 registers) with streaming stores took 92.7 us against 100.1
+// us for 4 at full occupancy, 96.0 for 8 without streaming stores and 96.3 for
+// 4 with them (bitsandbytes: 96.4 us).
+template <typename T>
+constexpr int kWordsPerThread = sizeof(T) == 4 ? 8 : 4;
 
 struct DequantParams {
   const uint8_t* packed;
@@ -133,9 +143,10 @@ __device__ __forceinline__ void decode_warp_words_f32(uint32_t word, float scale
     if (first + src < vec_words) {
       const uint32_t two_bytes = w >> (16 * (lane & 1));  // elements 0-3 or 4-7 of the word
       const uint32_t b0 = two_bytes & 0xffu, b1 = (two_bytes >> 8) & 0xffu;
-      *reinterpret_cast<float4*>(out + (first + src) * kElemsPerWord + 4 * (lane & 1)) =
-          make_float4(s_code[b0 >> 4] * sc, s_code[b0 & 0x0fu] * sc, s_code[b1 >> 4] * sc,
-                      s_code[b1 & 0x0fu] * sc);
+      // written once, read by a later kernel: stream it past the caches (st.global.cs)
+      __stcs(reinterpret_cast<float4*>(out + (first + src) * kElemsPerWord + 4 * (lane & 1)),
+             make_float4(s_code[b0 >> 4] * sc, s_code[b0 & 0x0fu] * sc, s_code[b1 >> 4] * sc,
+                         s_code[b1 & 0x0fu] * sc));
     }
   }
 }
@@ -148,8 +159,9 @@ __device__ __forceinline__ T from_float(float v) {
 }
 
 template <typename T, bool kNested>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM * 4 / kWordsPerThread<T>)
 dequantize_nf4_kernel(DequantParams p, T* __restrict__ out, int64_t vec_words) {
+  constexpr int kUnroll = kWordsPerThread<T>;
   __shared__ float s_code[16];
   __shared__ float s_nested_code[kNested ? 256 : 1];
   if (threadIdx.x < 16) s_code[threadIdx.x] = p.code[threadIdx.x];
@@ -224,6 +236,7 @@ void launch_dequantize(const DequantParams& p, void* out, cudaStream_t stream) {
   const bool aligned = reinterpret_cast<uintptr_t>(p.packed) % 4 == 0 &&
                        reinterpret_cast<uintptr_t>(out) % 16 == 0;
   const int64_t vec_words = aligned ? p.numel / kElemsPerWord : 0;
+  constexpr int kUnroll = kWordsPerThread<T>;
   const int64_t work = vec_words > 0 ? (vec_words + kThreads * kUnroll - 1) / (kThreads * kUnroll)
                                      : (p.numel + kThreads - 1) / kThreads;
   auto kernel = dequantize_nf4_kernel<T, kNested>;
