@@ -6,17 +6,18 @@ one GPU: RMSNorm (Llama-3-8B hidden, 4096 tokens), SwiGLU (its MLP, 4096 x
 
 Eager is transformers' LlamaRMSNorm, F.silu(gate) * up and
 apply_rotary_pos_emb's q * cos + rotate_half(q) * sin (on the [B, H, T, Dh]
-view, as the attention module calls it; q only); its backward is autograd's (torch.autograd.grad). Each time is the
-median over CUDA-event-timed calls, the inputs rotating over enough copies
-to exceed the L2. GB/s counts the fewest bytes the op must move (every input
-read once, every output written once), also for eager, and is compared with a
-device-to-device copy measured in the same process.
+view, as the attention module calls it; q only); its backward is autograd's
+(torch.autograd.grad). Times are GPU time per call as the profiler records
+the kernels (host launch overhead left out; `fused_call_us` is the time per
+back-to-back eager call, overhead included), the inputs rotating over enough
+copies to exceed the L2. GB/s counts the fewest bytes the op must move (every
+input read once, every output written once), also for eager, and is compared
+with a device-to-device copy measured in the same process.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
@@ -30,20 +31,33 @@ DTYPE = torch.bfloat16
 L2_ROTATION_BYTES = 4 * 2**30  # inputs rotate over at least this many bytes
 
 
-def median_ms(fn, sets, reps=60):
-    """Median milliseconds of fn(*s) over reps calls, cycling through `sets`."""
+def gpu_ms(fn, sets, reps=40):
+    """Milliseconds of GPU time per fn(*s) call (the kernels' durations as the
+    profiler records them, so the host's launch overhead is left out), the
+    calls cycling through `sets`."""
     for s in sets[:3]:
         fn(*s)
-    times = []
-    for i in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s = sets[i % len(sets)]
-        start.record()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for i in range(reps):
+            fn(*sets[i % len(sets)])
+        torch.cuda.synchronize()
+    us = sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages())
+    return us / 1e3 / reps
+
+
+def call_ms(fn, sets, reps=40):
+    """Milliseconds per call of back-to-back calls, host overhead included."""
+    for s in sets[:3]:
         fn(*s)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for i in range(reps):
+        fn(*sets[i % len(sets)])
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
 
 
 def copies(make, bytes_per_set):
@@ -54,18 +68,18 @@ def copies(make, bytes_per_set):
 def copy_gbps():
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), [()], reps=30)
+    ms = gpu_ms(lambda: dst.copy_(src), [()], reps=20)
     return 2 * src.numel() / (ms * 1e-3) / 1e9
 
 
-def row(name, shape, moved_bytes, eager_ms, fused_ms, copy):
+def row(name, shape, moved_bytes, eager_ms, fused_ms, fused_call, copy):
     r = dict(op=name, shape=list(shape), dtype="bfloat16", bytes=moved_bytes, eager_us=eager_ms * 1e3,
-             fused_us=fused_ms * 1e3, speedup=eager_ms / fused_ms,
+             fused_us=fused_ms * 1e3, fused_call_us=fused_call * 1e3, speedup=eager_ms / fused_ms,
              eager_gbps=moved_bytes / (eager_ms * 1e-3) / 1e9, fused_gbps=moved_bytes / (fused_ms * 1e-3) / 1e9)
     r["fused_copy_fraction"] = r["fused_gbps"] / copy
-    print(f"{name:22s} {str(tuple(shape)):22s} eager {r['eager_us']:8.1f} us {r['eager_gbps']:6.0f} GB/s | "
-          f"fused {r['fused_us']:8.1f} us {r['fused_gbps']:6.0f} GB/s ({r['fused_copy_fraction']:.2f} of copy) "
-          f"x{r['speedup']:.2f}", flush=True)
+    print(f"{name:24s} {str(tuple(shape)):20s} eager {r['eager_us']:7.1f} us {r['eager_gbps']:5.0f} GB/s | "
+          f"fused {r['fused_us']:7.1f} us {r['fused_gbps']:5.0f} GB/s ({r['fused_copy_fraction']:.2f} of copy) "
+          f"x{r['speedup']:.2f}; per call {r['fused_call_us']:.1f} us", flush=True)
     return r
 
 
@@ -80,18 +94,20 @@ def bench_rms_norm(gen, copy, tokens=4096, dim=4096, eps=1e-5):
         return x, torch.randn_like(x)
 
     sets = copies(make, 3 * tokens * dim * es)
-    fwd_eager = median_ms(lambda x, dy: hf(x), sets)
-    fwd_fused = median_ms(lambda x, dy: L.rms_norm_forward(x, w, eps), sets)
+    fwd_eager = gpu_ms(lambda x, dy: hf(x), sets)
+    fused = lambda x, dy: L.rms_norm_forward(x, w, eps)  # noqa: E731
+    fwd_fused, fwd_call = gpu_ms(fused, sets), call_ms(fused, sets)
     graphs = []
     for x, dy in sets:
         xg = x.detach().requires_grad_()
         graphs.append((xg, hf(xg), dy))
-    bwd_eager = median_ms(lambda x, y, dy: torch.autograd.grad(y, x, dy, retain_graph=True), graphs)
+    bwd_eager = gpu_ms(lambda x, y, dy: torch.autograd.grad(y, x, dy, retain_graph=True), graphs)
     saved = [(dy, x, L.rms_norm_forward(x, w, eps)[1]) for x, dy in sets]
-    bwd_fused = median_ms(lambda dy, x, rstd: L.rms_norm_backward(dy, x, w, rstd), saved)
+    fused = lambda dy, x, rstd: L.rms_norm_backward(dy, x, w, rstd)  # noqa: E731
+    bwd_fused, bwd_call = gpu_ms(fused, saved), call_ms(fused, saved)
     n = tokens * dim * es
-    return [row("rms_norm forward", (tokens, dim), 2 * n, fwd_eager, fwd_fused, copy),
-            row("rms_norm backward", (tokens, dim), 3 * n, bwd_eager, bwd_fused, copy)]
+    return [row("rms_norm forward", (tokens, dim), 2 * n, fwd_eager, fwd_fused, fwd_call, copy),
+            row("rms_norm backward", (tokens, dim), 3 * n, bwd_eager, bwd_fused, bwd_call, copy)]
 
 
 def bench_swiglu(gen, copy, tokens=4096, inter=14336):
@@ -102,19 +118,22 @@ def bench_swiglu(gen, copy, tokens=4096, inter=14336):
         return g, torch.randn_like(g), torch.randn_like(g)
 
     sets = copies(make, 5 * tokens * inter * es)
-    fwd_eager = median_ms(lambda g, u, d: F.silu(g) * u, sets)
-    fwd_fused = median_ms(lambda g, u, d: L.swiglu_forward(g, u), sets)
+    fwd_eager = gpu_ms(lambda g, u, d: F.silu(g) * u, sets)
+    fused = lambda g, u, d: L.swiglu_forward(g, u)  # noqa: E731
+    fwd_fused, fwd_call = gpu_ms(fused, sets), call_ms(fused, sets)
     graphs = []
     for g, u, d in sets:
         gg, ug = g.detach().requires_grad_(), u.detach().requires_grad_()
         graphs.append((gg, ug, F.silu(gg) * ug, d))
-    bwd_eager = median_ms(lambda g, u, out, d: torch.autograd.grad(out, (g, u), d, retain_graph=True), graphs)
-    bwd_fused = median_ms(lambda g, u, d: L.swiglu_backward(d, g, u), sets)
-    bwd_inplace = median_ms(lambda g, u, d: L.swiglu_backward_(d, g, u), sets)  # overwrites g, u: last
+    bwd_eager = gpu_ms(lambda g, u, out, d: torch.autograd.grad(out, (g, u), d, retain_graph=True), graphs)
+    fused = lambda g, u, d: L.swiglu_backward(d, g, u)  # noqa: E731
+    bwd_fused, bwd_call = gpu_ms(fused, sets), call_ms(fused, sets)
+    fused = lambda g, u, d: L.swiglu_backward_(d, g, u)  # noqa: E731  (overwrites g, u: last)
+    inplace_fused, inplace_call = gpu_ms(fused, sets), call_ms(fused, sets)
     n = tokens * inter * es
-    return [row("swiglu forward", (tokens, inter), 3 * n, fwd_eager, fwd_fused, copy),
-            row("swiglu backward", (tokens, inter), 5 * n, bwd_eager, bwd_fused, copy),
-            row("swiglu backward_", (tokens, inter), 5 * n, bwd_eager, bwd_inplace, copy)]
+    return [row("swiglu forward", (tokens, inter), 3 * n, fwd_eager, fwd_fused, fwd_call, copy),
+            row("swiglu backward", (tokens, inter), 5 * n, bwd_eager, bwd_fused, bwd_call, copy),
+            row("swiglu backward_", (tokens, inter), 5 * n, bwd_eager, inplace_fused, inplace_call, copy)]
 
 
 def bench_rope(gen, copy, shape=(2, 2048, 32, 128)):
@@ -136,18 +155,20 @@ def bench_rope(gen, copy, shape=(2, 2048, 32, 128)):
         q = x.transpose(1, 2)
         return q * c + rotate_half(q) * s
 
-    fwd_eager = median_ms(eager, sets)
-    fwd_fused = median_ms(lambda x: L.rope_forward_(x, cos, sin), sets)
+    fwd_eager = gpu_ms(eager, sets)
+    fused = lambda x: L.rope_forward_(x, cos, sin)  # noqa: E731
+    fwd_fused, fwd_call = gpu_ms(fused, sets), call_ms(fused, sets)
     graphs = []
     for (x,) in sets:
         xg = x.detach().requires_grad_()
         q = eager(xg)
         graphs.append((xg, q, torch.randn_like(q)))
-    bwd_eager = median_ms(lambda x, q, dq: torch.autograd.grad(q, x, dq, retain_graph=True), graphs)
-    bwd_fused = median_ms(lambda x: L.rope_backward_(x, cos, sin), sets)
+    bwd_eager = gpu_ms(lambda x, q, dq: torch.autograd.grad(q, x, dq, retain_graph=True), graphs)
+    fused = lambda x: L.rope_backward_(x, cos, sin)  # noqa: E731
+    bwd_fused, bwd_call = gpu_ms(fused, sets), call_ms(fused, sets)
     n = torch.Size(shape).numel() * es
-    return [row("rope forward (in place)", shape, 2 * n, fwd_eager, fwd_fused, copy),
-            row("rope backward (in place)", shape, 2 * n, bwd_eager, bwd_fused, copy)]
+    return [row("rope forward (in place)", shape, 2 * n, fwd_eager, fwd_fused, fwd_call, copy),
+            row("rope backward (in place)", shape, 2 * n, bwd_eager, bwd_fused, bwd_call, copy)]
 
 
 def main():
