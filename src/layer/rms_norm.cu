@@ -55,6 +55,19 @@ __device__ __forceinline__ RowGroup row_group() {
   }
 }
 
+// Visits this thread's accesses of a row of nvec: the first kCache as
+// cached(c, v), c the register slot, the rest as uncached(v).
+template <class Cached, class Uncached>
+__device__ __forceinline__ void for_each_access(const RowGroup& g, int64_t nvec, Cached cached,
+                                                Uncached uncached) {
+#pragma unroll
+  for (int c = 0; c < kCache; ++c) {
+    const int64_t v = g.lane + int64_t(c) * g.size;
+    if (v < nvec) cached(c, v);
+  }
+  for (int64_t v = g.lane + int64_t(kCache) * g.size; v < nvec; v += g.size) uncached(v);
+}
+
 template <typename T, typename W, int kVec, bool kWarpPerRow>
 __global__ void rms_norm_forward_kernel(const T* x, const W* __restrict__ weight, T* y,
                                         float* __restrict__ rstd, int64_t rows, int64_t dim,
@@ -67,21 +80,21 @@ __global__ void rms_norm_forward_kernel(const T* x, const W* __restrict__ weight
     T* yr = y + row * dim;
     float cached[kCache][kVec];
     float sum_squares = 0.0f;
-#pragma unroll
-    for (int c = 0; c < kCache; ++c) {
-      const int64_t v = g.lane + int64_t(c) * g.size;
-      if (v < nvec) {
-        load_floats<T, kVec>(xr + v * kVec, cached[c]);
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) sum_squares += cached[c][k] * cached[c][k];
-      }
-    }
-    for (int64_t v = g.lane + int64_t(kCache) * g.size; v < nvec; v += g.size) {
-      float f[kVec];
-      load_floats<T, kVec>(xr + v * kVec, f);
+    auto add = [&](const float (&f)[kVec]) {
 #pragma unroll
       for (int k = 0; k < kVec; ++k) sum_squares += f[k] * f[k];
-    }
+    };
+    for_each_access(
+        g, nvec,
+        [&](int c, int64_t v) {
+          load_floats<T, kVec>(xr + v * kVec, cached[c]);
+          add(cached[c]);
+        },
+        [&](int64_t v) {
+          float f[kVec];
+          load_floats<T, kVec>(xr + v * kVec, f);
+          add(f);
+        });
     const float inv = rms_inverse(group_sum<kWarpPerRow>(sum_squares, scratch), dim, eps);
     if (g.lane == 0) rstd[row] = inv;
     auto write = [&](int64_t v, const float (&f)[kVec]) {
@@ -91,16 +104,13 @@ __global__ void rms_norm_forward_kernel(const T* x, const W* __restrict__ weight
       for (int k = 0; k < kVec; ++k) out[k] = w[k] * round_to<T>(f[k] * inv);
       store_floats<T, kVec>(yr + v * kVec, out);
     };
-#pragma unroll
-    for (int c = 0; c < kCache; ++c) {
-      const int64_t v = g.lane + int64_t(c) * g.size;
-      if (v < nvec) write(v, cached[c]);
-    }
-    for (int64_t v = g.lane + int64_t(kCache) * g.size; v < nvec; v += g.size) {
-      float f[kVec];
-      load_floats<T, kVec>(xr + v * kVec, f);
-      write(v, f);
-    }
+    for_each_access(
+        g, nvec, [&](int c, int64_t v) { write(v, cached[c]); },
+        [&](int64_t v) {
+          float f[kVec];
+          load_floats<T, kVec>(xr + v * kVec, f);
+          write(v, f);
+        });
   }
 }
 
@@ -130,21 +140,21 @@ __global__ void rms_norm_backward_kernel(const T* dy, const T* x, const W* __res
     };
     float cached_g[kCache][kVec], cached_xhat[kCache][kVec];
     float sum_g_xhat = 0.0f;
-#pragma unroll
-    for (int c = 0; c < kCache; ++c) {
-      const int64_t v = g.lane + int64_t(c) * g.size;
-      if (v < nvec) {
-        load(v, cached_g[c], cached_xhat[c]);
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) sum_g_xhat += cached_g[c][k] * cached_xhat[c][k];
-      }
-    }
-    for (int64_t v = g.lane + int64_t(kCache) * g.size; v < nvec; v += g.size) {
-      float gw[kVec], xhat[kVec];
-      load(v, gw, xhat);
+    auto add = [&](const float (&gw)[kVec], const float (&xhat)[kVec]) {
 #pragma unroll
       for (int k = 0; k < kVec; ++k) sum_g_xhat += gw[k] * xhat[k];
-    }
+    };
+    for_each_access(
+        g, nvec,
+        [&](int c, int64_t v) {
+          load(v, cached_g[c], cached_xhat[c]);
+          add(cached_g[c], cached_xhat[c]);
+        },
+        [&](int64_t v) {
+          float gw[kVec], xhat[kVec];
+          load(v, gw, xhat);
+          add(gw, xhat);
+        });
     const float mean = group_sum<kWarpPerRow>(sum_g_xhat, scratch) / static_cast<float>(dim);
     auto write = [&](int64_t v, const float (&gw)[kVec], const float (&xhat)[kVec]) {
       float out[kVec];
@@ -152,16 +162,13 @@ __global__ void rms_norm_backward_kernel(const T* dy, const T* x, const W* __res
       for (int k = 0; k < kVec; ++k) out[k] = rms_norm_dx(gw[k], xhat[k], inv, mean);
       store_floats<T, kVec>(dxr + v * kVec, out);
     };
-#pragma unroll
-    for (int c = 0; c < kCache; ++c) {
-      const int64_t v = g.lane + int64_t(c) * g.size;
-      if (v < nvec) write(v, cached_g[c], cached_xhat[c]);
-    }
-    for (int64_t v = g.lane + int64_t(kCache) * g.size; v < nvec; v += g.size) {
-      float gw[kVec], xhat[kVec];
-      load(v, gw, xhat);
-      write(v, gw, xhat);
-    }
+    for_each_access(
+        g, nvec, [&](int c, int64_t v) { write(v, cached_g[c], cached_xhat[c]); },
+        [&](int64_t v) {
+          float gw[kVec], xhat[kVec];
+          load(v, gw, xhat);
+          write(v, gw, xhat);
+        });
   }
 }
 
@@ -193,50 +200,46 @@ int max_block_threads(Kernel kernel) {
   return attr.maxThreadsPerBlock;
 }
 
-// Launches kernel_for(warp_per_row) with the shape of row_launch.
-template <class KernelFor, class Launch>
-void launch_rows(int64_t rows, int64_t nvec, KernelFor kernel_for, Launch launch) {
+// Launches warp_kernel or block_kernel, as row_launch chooses, through launch(kernel, shape).
+template <class Kernel, class Launch>
+void launch_rows(int64_t rows, int64_t nvec, Kernel warp_kernel, Kernel block_kernel, Launch launch) {
   const bool warp_per_row = nvec <= 32 * kCache;
-  auto kernel = kernel_for(warp_per_row);
-  const RowLaunch l = row_launch(rows, nvec, warp_per_row ? kWarpBlockThreads : max_block_threads(kernel));
-  launch(kernel, l);
+  const int max_threads = warp_per_row ? kWarpBlockThreads : max_block_threads(block_kernel);
+  launch(warp_per_row ? warp_kernel : block_kernel, row_launch(rows, nvec, max_threads));
 }
 
-// Calls f(kVec constant, W{}) for the vector width the pointers allow and the weight's type.
-template <typename T, class F>
+// Calls f(T{}, W{}, kVec constant): x's CUDA type, the weight's, and the
+// vector width (16 bytes of T when the dim and every buffer allow, else 1).
+template <class F>
 void dispatch_row(const RmsNormArgs& a, std::initializer_list<const void*> buffers, F&& f) {
-  constexpr int kVec16 = 16 / int(sizeof(T));
-  bool vec = a.dim % kVec16 == 0 && aligned16(a.weight);
-  for (const void* p : buffers) vec = vec && aligned16(p);
-  auto with_weight = [&](auto vec_width) {
-    if (a.weight_dtype == QF_FLOAT32) f(vec_width, float{});
-    else f(vec_width, T{});
-  };
-  if (vec) with_weight(std::integral_constant<int, kVec16>{});
-  else with_weight(std::integral_constant<int, 1>{});
+  with_float_type(a.x_dtype, [&](auto t) {
+    using T = decltype(t);
+    constexpr int kVec16 = 16 / int(sizeof(T));
+    bool vec = a.dim % kVec16 == 0 && aligned16(a.weight);
+    for (const void* p : buffers) vec = vec && aligned16(p);
+    auto with_weight = [&](auto vec_width) {
+      if (a.weight_dtype == QF_FLOAT32) f(t, float{}, vec_width);
+      else f(t, T{}, vec_width);
+    };
+    if (vec) with_weight(std::integral_constant<int, kVec16>{});
+    else with_weight(std::integral_constant<int, 1>{});
+  });
 }
 
 }  // namespace
 
 void rms_norm_forward_cuda(const RmsNormArgs& a, float eps, void* y, float* rstd, void* stream) {
   cuda::require_cuda("rms_norm_forward on CUDA");
-  auto s = static_cast<cudaStream_t>(stream);
-  with_float_type(a.x_dtype, [&](auto t) {
+  dispatch_row(a, {a.x, y}, [&](auto t, auto w, auto vec_width) {
     using T = decltype(t);
-    dispatch_row<T>(a, {a.x, y}, [&](auto vec_width, auto w) {
-      using W = decltype(w);
-      constexpr int kVec = decltype(vec_width)::value;
-      launch_rows(
-          a.rows, a.dim / kVec,
-          [](bool warp_per_row) {
-            return warp_per_row ? rms_norm_forward_kernel<T, W, kVec, true>
-                                : rms_norm_forward_kernel<T, W, kVec, false>;
-          },
-          [&](auto kernel, const RowLaunch& l) {
-            kernel<<<l.grid, l.threads, 0, s>>>(static_cast<const T*>(a.x), static_cast<const W*>(a.weight),
-                                                static_cast<T*>(y), rstd, a.rows, a.dim, eps);
-          });
-    });
+    using W = decltype(w);
+    constexpr int kVec = decltype(vec_width)::value;
+    launch_rows(a.rows, a.dim / kVec, rms_norm_forward_kernel<T, W, kVec, true>,
+                rms_norm_forward_kernel<T, W, kVec, false>, [&](auto kernel, const RowLaunch& l) {
+                  kernel<<<l.grid, l.threads, 0, static_cast<cudaStream_t>(stream)>>>(
+                      static_cast<const T*>(a.x), static_cast<const W*>(a.weight), static_cast<T*>(y), rstd,
+                      a.rows, a.dim, eps);
+                });
   });
   QF_CUDA_CHECK(cudaGetLastError());
 }
@@ -244,24 +247,16 @@ void rms_norm_forward_cuda(const RmsNormArgs& a, float eps, void* y, float* rstd
 void rms_norm_backward_cuda(const RmsNormArgs& a, const void* dy, const float* rstd, void* dx,
                             void* stream) {
   cuda::require_cuda("rms_norm_backward on CUDA");
-  auto s = static_cast<cudaStream_t>(stream);
-  with_float_type(a.x_dtype, [&](auto t) {
+  dispatch_row(a, {a.x, dy, dx}, [&](auto t, auto w, auto vec_width) {
     using T = decltype(t);
-    dispatch_row<T>(a, {a.x, dy, dx}, [&](auto vec_width, auto w) {
-      using W = decltype(w);
-      constexpr int kVec = decltype(vec_width)::value;
-      launch_rows(
-          a.rows, a.dim / kVec,
-          [](bool warp_per_row) {
-            return warp_per_row ? rms_norm_backward_kernel<T, W, kVec, true>
-                                : rms_norm_backward_kernel<T, W, kVec, false>;
-          },
-          [&](auto kernel, const RowLaunch& l) {
-            kernel<<<l.grid, l.threads, 0, s>>>(static_cast<const T*>(dy), static_cast<const T*>(a.x),
-                                                static_cast<const W*>(a.weight), rstd, static_cast<T*>(dx),
-                                                a.rows, a.dim);
-          });
-    });
+    using W = decltype(w);
+    constexpr int kVec = decltype(vec_width)::value;
+    launch_rows(a.rows, a.dim / kVec, rms_norm_backward_kernel<T, W, kVec, true>,
+                rms_norm_backward_kernel<T, W, kVec, false>, [&](auto kernel, const RowLaunch& l) {
+                  kernel<<<l.grid, l.threads, 0, static_cast<cudaStream_t>(stream)>>>(
+                      static_cast<const T*>(dy), static_cast<const T*>(a.x), static_cast<const W*>(a.weight),
+                      rstd, static_cast<T*>(dx), a.rows, a.dim);
+                });
   });
   QF_CUDA_CHECK(cudaGetLastError());
 }
