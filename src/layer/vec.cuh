@@ -11,24 +11,11 @@
 #include <type_traits>
 
 #include "core/cuda_check.cuh"
+#include "core/float_cuda.cuh"
 #include "qforge/cuda_runtime.hpp"
 #include "qforge/qforge.h"
 
 namespace qforge::layer {
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v) {
-  if constexpr (std::is_same_v<T, float>) return v;
-  else if constexpr (std::is_same_v<T, __half>) return __half2float(v);
-  else return __bfloat162float(v);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same_v<T, float>) return v;
-  else if constexpr (std::is_same_v<T, __half>) return __float2half_rn(v);
-  else return __float2bfloat16_rn(v);
-}
 
 // v rounded to T and back.
 template <typename T>

@@ -25,6 +25,7 @@
 #include <algorithm>
 
 #include "core/cuda_check.cuh"
+#include "core/float_cuda.cuh"
 #include "nf4/rules.hpp"
 #include "qforge/cuda_runtime.hpp"
 #include "qforge/nf4.hpp"
@@ -151,13 +152,6 @@ __device__ __forceinline__ void decode_warp_words_f32(uint32_t word, float scale
   }
 }
 
-template <typename T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (sizeof(T) == 4) return v;
-  else if constexpr (std::is_same_v<T, __half>) return __float2half_rn(v);
-  else return __float2bfloat16_rn(v);
-}
-
 template <typename T, bool kNested>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM * 4 / kWordsPerThread<T>)
 dequantize_nf4_kernel(DequantParams p, T* __restrict__ out, int64_t vec_words) {
@@ -252,13 +246,6 @@ void dispatch_nested(const DequantParams& p, void* out, cudaStream_t stream) {
 }
 
 // ------------------------------------------------------------- quantize
-template <typename T>
-__device__ __forceinline__ float to_float(T v) {
-  if constexpr (sizeof(T) == 4) return v;
-  else if constexpr (std::is_same_v<T, __half>) return __half2float(v);
-  else return __bfloat162float(v);
-}
-
 // bitsandbytes' 1.0f / absmax under --use_fast_math (flushes denormals too).
 __device__ __forceinline__ float fast_reciprocal(float x) {
   float r;
