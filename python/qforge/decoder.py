@@ -1,0 +1,658 @@
+"""QLoRA decoder layers with a hand-written backward: the layer is recomputed only as far as its
+backward needs.
+
+    from qforge import decoder
+    status = decoder.enable(model, offload=True, tile_tokens=8192)   # on supported layers
+    print(status)                                                     # what runs fused, and why not
+    decoder.disable(model)
+
+Gradient checkpointing (``qforge.offload``) keeps each layer's input and re-runs the whole layer
+in backward: all seven GEMMs and the attention forward. A layer here is one autograd Function
+whose forward saves four tensors (in pinned host memory with ``offload``, through
+``offload.HostOffloader``):
+
+* ``x``, the layer input, and ``h = x + attention_block(x)``, the mid-layer residual;
+* ``o``, the attention output (before o_proj), and its log-sum-exp ``lse``.
+
+Backward recomputes only RMSNorm1 -> q/k/v (+LoRA) -> RoPE (-> q_norm/k_norm on Qwen3) and
+RMSNorm2 -> gate/up (+LoRA) -> SwiGLU; o_proj's and down_proj's forward and the attention
+forward are never re-run: attention's backward takes the saved ``o`` and ``lse``. At
+Llama-3.1-8B shapes (2048 x 2) that removes about 35% of the recompute GEMM FLOPs and the
+flash forward; at 131,072 tokens, where attention is most of the step, about a fifth of the
+attention time.
+
+The MLP block works over token tiles of ``tile_tokens`` (forward and backward), so nothing of
+size tokens x intermediate outlives a tile. LoRA adds into the base GEMM's output
+(``out.addmm_(x @ A^T, B^T, alpha=scaling)``) and its gradients are written by hand; each NF4
+weight is dequantized into qforge.nn's shared workspace once per use.
+
+Attention: packed rows become cu_seqlens (document starts where position_ids do not continue,
+qforge.attention.cu_seqlens_from_position_ids; never a T x T mask), grouped-query attention by
+head counts. On CUDA (fp16/bf16) torch's flash kernels that return and take the log-sum-exp
+(``aten._flash_attention_forward`` / ``_flash_attention_backward``, variable-length layout), or
+cuDNN's (``aten._scaled_dot_product_cudnn_attention`` and its backward) for dense batches when
+``qforge.attention.prefer_cudnn_attention()`` puts cuDNN first; elsewhere an fp32 math path per
+document that uses the same log-sum-exp formulation (it defines the meaning; tests compare it
+with transformers' layer).
+
+Supported: transformers' Llama, Mistral, Qwen2 (q/k/v bias) and Qwen3 (q_norm/k_norm) decoder
+layers whose seven projections are qforge NF4Linear, SiLU MLP, no LoRA or attention dropout.
+Other layers keep plain offloaded checkpointing (``qforge.offload``); ``enable`` returns which
+and why. At run time a call this layer cannot take (a KV cache, a custom 4D attention mask, a
+missing ``position_embeddings``) runs the checkpointed path instead, with a one-time log line.
+Like qforge.offload, the layers run only in training (grad enabled); evaluation and generation
+run transformers' own forward.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import offload as _offload
+from .nn import NF4Linear, _dequantize
+
+__all__ = ["enable", "disable", "FusedStatus", "SUPPORTED_LAYERS", "rms_norm_forward", "rms_norm_backward",
+           "swiglu_forward", "swiglu_backward", "rope_forward_", "rope_backward_", "attention_forward",
+           "attention_backward"]
+
+log = logging.getLogger("qforge.decoder")
+
+# transformers decoder layer class -> family
+SUPPORTED_LAYERS = {"LlamaDecoderLayer": "llama", "MistralDecoderLayer": "mistral",
+                    "Qwen2DecoderLayer": "qwen2", "Qwen3DecoderLayer": "qwen3"}
+_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+# ------------------------------------------------------------------ elementwise ops
+# Eager twins of the fused kernels' interface (same signatures): rstd is fp32 [..., 1].
+def rms_norm_forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """transformers' RMSNorm: weight * (x * rsqrt(mean(x^2) + eps)) computed in fp32, cast to
+    x's dtype before the weight multiplies. Returns (y, rstd)."""
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (xf * rstd).to(x.dtype), rstd
+
+
+def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> Tensor:
+    """dx of rms_norm_forward for a frozen weight, in x's dtype."""
+    n = x.float() * rstd
+    dn = dy.float() * weight.float()
+    return (rstd * (dn - n * (dn * n).mean(-1, keepdim=True))).to(x.dtype)
+
+
+def swiglu_forward(gate: Tensor, up: Tensor) -> Tensor:
+    return F.silu(gate) * up
+
+
+def swiglu_backward(dout: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    g, d = gate.float(), dout.float()
+    s = torch.sigmoid(g)
+    dgate = d * up.float() * s * (1 + g * (1 - s))
+    return dgate.to(gate.dtype), (d * g * s).to(up.dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_forward_(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """In place on x [B, T, H, D]: x * cos + rotate_half(x) * sin, cos/sin [B, T, D]
+    (transformers' apply_rotary_pos_emb)."""
+    c, s = cos.unsqueeze(2), sin.unsqueeze(2)
+    return x.copy_(x * c + _rotate_half(x) * s)
+
+
+def rope_backward_(dx: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """In place: the gradient through rope_forward_ (rotate_half's transpose is -rotate_half)."""
+    c, s = cos.unsqueeze(2), sin.unsqueeze(2)
+    return dx.copy_(dx * c - _rotate_half(dx * s))
+
+
+# ------------------------------------------------------------------ attention with log-sum-exp
+@dataclasses.dataclass
+class _Documents:
+    """Document structure of one forward's B x T tokens (shared by all its layers)."""
+    batch: int
+    tokens: int
+    cu_seqlens: Tensor  # int32, on the device: 0, ..., B*T
+    bounds: list  # the same offsets on the host
+    longest: int
+    dense: bool  # one document a row
+
+
+def _documents(position_ids: Optional[Tensor], padding_mask: Optional[Tensor], batch: int, tokens: int,
+               device) -> _Documents:
+    from .attention import cu_seqlens_from_position_ids
+
+    if position_ids is None:
+        position_ids = torch.arange(tokens, device=device).expand(batch, tokens)
+    elif position_ids.shape[0] == 1 and batch > 1:
+        position_ids = position_ids.expand(batch, -1)
+    if padding_mask is not None:
+        padding_mask = padding_mask.to(device=position_ids.device, dtype=torch.bool)
+    cu = cu_seqlens_from_position_ids(position_ids, padding_mask).to(device)
+    bounds = cu.tolist()  # one host read per forward; at most B*T + 1 offsets
+    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    return _Documents(batch, tokens, cu, bounds, longest, len(bounds) == batch + 1)
+
+
+def _allowed(length: int, window: Optional[int], device) -> Tensor:
+    i = torch.arange(length, device=device)
+    distance = i[:, None] - i[None, :]
+    allowed = distance >= 0
+    if window is not None:
+        allowed &= distance < window
+    return allowed
+
+
+def _math_forward(q, k, v, docs, scale, window):
+    """Per document, fp32: o [N, Hq, D] and lse [Hq, N]."""
+    groups = q.shape[1] // k.shape[1]
+    o = torch.empty_like(q)
+    lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
+    for a, b in zip(docs.bounds[:-1], docs.bounds[1:]):  # at most B*T documents
+        qd = q[a:b].transpose(0, 1).float()
+        kd = k[a:b].transpose(0, 1).float().repeat_interleave(groups, 0)
+        vd = v[a:b].transpose(0, 1).float().repeat_interleave(groups, 0)
+        s = (qd @ kd.transpose(1, 2)) * scale
+        s = s.masked_fill(~_allowed(b - a, window, q.device), float("-inf"))
+        lse[:, a:b] = torch.logsumexp(s, -1)
+        o[a:b] = (torch.exp(s - lse[:, a:b, None]) @ vd).transpose(0, 1).to(o.dtype)
+    return o, lse
+
+
+def _math_backward(do, q, k, v, o, lse, docs, scale, window):
+    groups = q.shape[1] // k.shape[1]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    for a, b in zip(docs.bounds[:-1], docs.bounds[1:]):
+        qd = q[a:b].transpose(0, 1).float()
+        kd = k[a:b].transpose(0, 1).float().repeat_interleave(groups, 0)
+        vd = v[a:b].transpose(0, 1).float().repeat_interleave(groups, 0)
+        dod, od = do[a:b].transpose(0, 1).float(), o[a:b].transpose(0, 1).float()
+        s = (qd @ kd.transpose(1, 2)) * scale
+        s = s.masked_fill(~_allowed(b - a, window, q.device), float("-inf"))
+        p = torch.exp(s - lse[:, a:b, None])
+        dp = dod @ vd.transpose(1, 2)
+        ds = p * (dp - (dod * od).sum(-1, keepdim=True))
+        dq[a:b] = ((ds @ kd) * scale).transpose(0, 1).to(dq.dtype)
+        hk = k.shape[1]
+        dk[a:b] = ((ds.transpose(1, 2) @ qd) * scale).view(hk, groups, b - a, -1).sum(1).transpose(0, 1).to(dk.dtype)
+        dv[a:b] = (p.transpose(1, 2) @ dod).view(hk, groups, b - a, -1).sum(1).transpose(0, 1).to(dv.dtype)
+    return dq, dk, dv
+
+
+def _flash_windows(window):
+    return (None, None) if window is None else (window - 1, 0)
+
+
+def _cudnn_takes_gqa(device) -> bool:
+    """Whether aten._scaled_dot_product_cudnn_attention runs Hq != Hkv here (probed once)."""
+    key = str(device)
+    if key not in _CUDNN_GQA:
+        q = torch.zeros(1, 4, 16, 64, device=device, dtype=torch.bfloat16)
+        kv = torch.zeros(1, 2, 16, 64, device=device, dtype=torch.bfloat16)
+        try:
+            torch.ops.aten._scaled_dot_product_cudnn_attention(q, kv, kv, None, True, 0.0, True, False)
+            _CUDNN_GQA[key] = True
+        except RuntimeError:
+            _CUDNN_GQA[key] = False
+    return _CUDNN_GQA[key]
+
+
+_CUDNN_GQA: dict = {}
+
+
+def _pick_kernel(device: torch.device, dtype: torch.dtype, docs: _Documents, window: Optional[int]) -> str:
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return "math"
+    if docs.dense and (window is None or window >= docs.longest) and _prefers_cudnn():
+        return "cudnn"
+    return "flash"
+
+
+def _prefers_cudnn() -> bool:
+    """Whether torch's SDPA priority (qforge.attention.prefer_cudnn_attention) puts cuDNN first."""
+    from torch.nn.attention import SDPBackend
+
+    order = torch._C._get_sdp_priority_order()
+    return bool(order) and order[0] == int(SDPBackend.CUDNN_ATTENTION) and torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, docs: _Documents, scale: float, window: Optional[int],
+                      kernel: str) -> tuple[Tensor, tuple]:
+    """Causal attention of token-major q [N, Hq, D], k/v [N, Hkv, D] over docs' documents.
+    Returns (o [N, Hq, D], state): state holds the log-sum-exp (state[0]) and what the kernel's
+    backward needs besides q, k, v, o."""
+    if kernel == "math":
+        o, lse = _math_forward(q, k, v, docs, scale, window)
+        return o, (lse,)
+    if kernel == "flash":
+        left, right = _flash_windows(window)
+        o, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, docs.cu_seqlens, docs.cu_seqlens, docs.longest, docs.longest, 0.0, True, False,
+            scale=scale, window_size_left=left, window_size_right=right)
+        return o, (lse, rng, unused)
+    if kernel == "cudnn":
+        B, T = docs.batch, docs.tokens
+        qb, kb, vb = (t.view(B, T, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
+        if kb.shape[1] != qb.shape[1] and not _cudnn_takes_gqa(q.device):
+            groups = qb.shape[1] // kb.shape[1]
+            kb, vb = kb.repeat_interleave(groups, 1), vb.repeat_interleave(groups, 1)
+        out = torch.ops.aten._scaled_dot_product_cudnn_attention(qb, kb, vb, None, True, 0.0, True, False,
+                                                                 scale=scale)
+        o = out[0].transpose(1, 2).reshape(q.shape)  # [B, Hq, T, D] -> token-major
+        return o, (out[1], *out[2:8])
+    raise ValueError(f"attention kernel {kernel!r}: expected math, flash or cudnn")
+
+
+def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, state: tuple, docs: _Documents,
+                       scale: float, window: Optional[int], kernel: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of attention_forward, from its output and state (no forward recompute)."""
+    if kernel == "math":
+        return _math_backward(do, q, k, v, o, state[0], docs, scale, window)
+    if kernel == "flash":
+        left, right = _flash_windows(window)
+        lse, rng, unused = state
+        return torch.ops.aten._flash_attention_backward(
+            do.contiguous(), q, k, v, o, lse, docs.cu_seqlens, docs.cu_seqlens, docs.longest, docs.longest, 0.0,
+            True, rng, unused, scale=scale, window_size_left=left, window_size_right=right)
+    if kernel == "cudnn":
+        B, T = docs.batch, docs.tokens
+        lse, cum_q, cum_k, max_q, max_k, seed, offset = state
+        qb, kb, vb, ob, dob = (t.view(B, T, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v, o, do))
+        groups = qb.shape[1] // kb.shape[1]
+        repeat = groups > 1 and not _cudnn_takes_gqa(q.device)
+        if repeat:
+            kb, vb = kb.repeat_interleave(groups, 1), vb.repeat_interleave(groups, 1)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            dob, qb, kb, vb, ob, lse, seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, True, scale=scale)
+        if repeat:
+            dk = dk.unflatten(1, (-1, groups)).sum(2)
+            dv = dv.unflatten(1, (-1, groups)).sum(2)
+        return tuple(t.transpose(1, 2).reshape(x.shape) for t, x in ((dq, q), (dk, k), (dv, v)))
+    raise ValueError(f"attention kernel {kernel!r}: expected math, flash or cudnn")
+
+
+# ------------------------------------------------------------------ linear + LoRA
+def _weight(lin: NF4Linear, dtype: torch.dtype) -> Tensor:
+    """The dequantized weight, in the shared workspace (valid until the next dequantization)."""
+    return _dequantize(*lin.weight.storage_args(), dtype, True)
+
+
+def _linear(lin: NF4Linear, x: Tensor) -> Tensor:
+    """x [n, in] (compute dtype) -> x @ W^T + b + scaling * (x @ A^T) @ B^T."""
+    out = F.linear(x, _weight(lin, x.dtype), None if lin.bias is None else lin.bias.to(x.dtype))
+    if lin.lora_A is not None:
+        out.addmm_(x @ lin.lora_A.weight.to(x.dtype).t(), lin.lora_B.weight.to(x.dtype).t(), alpha=lin.scaling)
+    return out
+
+
+def _linear_backward(lin: NF4Linear, dout: Tensor, x: Tensor, grads: dict, dx: Optional[Tensor] = None,
+                     need_dx: bool = True) -> Optional[Tensor]:
+    """Backward of _linear: adds the LoRA gradients into grads (fp32, by parameter) and returns
+    dx (accumulated into ``dx`` when given; None when not need_dx)."""
+    if need_dx:
+        w = _weight(lin, dout.dtype)
+        dx = dout @ w if dx is None else dx.addmm_(dout, w)
+    if lin.lora_A is not None:
+        a, b = lin.lora_A.weight, lin.lora_B.weight
+        a_c, b_c = a.to(dout.dtype), b.to(dout.dtype)
+        g = dout @ b_c  # d(x A^T) / scaling
+        _accumulate(grads, b, dout.t() @ (x @ a_c.t()), lin.scaling)
+        _accumulate(grads, a, g.t() @ x, lin.scaling)
+        if need_dx:
+            dx.addmm_(g, a_c, alpha=lin.scaling)
+    return dx
+
+
+def _accumulate(grads: dict, param: Tensor, g: Tensor, scale: float) -> None:
+    g = g.to(param.dtype) * scale
+    if param in grads:
+        grads[param] += g
+    else:
+        grads[param] = g
+
+
+# ------------------------------------------------------------------ the layer
+class _Layer:
+    """What one decoder layer needs (its modules, read at each call: nothing copied)."""
+
+    def __init__(self, layer: nn.Module, family: str):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
+        self.q, self.k, self.v, self.o = attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj
+        self.gate, self.up, self.down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.q_norm = getattr(attn, "q_norm", None) if family == "qwen3" else None
+        self.k_norm = getattr(attn, "k_norm", None) if family == "qwen3" else None
+        self.head_dim, self.scale = attn.head_dim, attn.scaling
+        if family == "mistral":
+            self.window = getattr(attn.config, "sliding_window", None)
+        else:
+            self.window = getattr(attn, "sliding_window", None)
+        self.lora = [p for lin in (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
+                     if lin.lora_A is not None for p in (lin.lora_A.weight, lin.lora_B.weight)]
+
+
+def _eps(norm: nn.Module) -> float:
+    return getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+
+
+def _norm(norm: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    return rms_norm_forward(x, norm.weight, _eps(norm))
+
+
+class _Call:
+    """One forward's settings shared by its layers."""
+
+    def __init__(self, docs: _Documents, cos: Tensor, sin: Tensor, dtype: torch.dtype, tile: Optional[int],
+                 offloader: _offload.HostOffloader):
+        self.docs, self.dtype, self.tile, self.offloader = docs, dtype, tile, offloader
+        B, T = docs.batch, docs.tokens
+        self.cos, self.sin = cos.expand(B, T, cos.shape[-1]), sin.expand(B, T, sin.shape[-1])
+
+
+def _tiles(n: int, tile: Optional[int]):
+    step = n if not tile else tile
+    return [(s, min(n, s + step)) for s in range(0, n, max(1, step))]
+
+
+def _qkv(lay: _Layer, call: _Call, n1: Tensor):
+    """q, k, v token-major [N, H, D] after q_norm/k_norm and RoPE, and what q_norm/k_norm's backward
+    needs ((q, k) before them and their rstd) or None."""
+    B, T, D = call.docs.batch, call.docs.tokens, lay.head_dim
+    q, k, v = (_linear(lin, n1).view(B, T, -1, D) for lin in (lay.q, lay.k, lay.v))
+    normed = None
+    if lay.q_norm is not None:
+        (qn, q_rstd), (kn, k_rstd) = _norm(lay.q_norm, q), _norm(lay.k_norm, k)
+        normed = (q, q_rstd, k, k_rstd)
+        q, k = qn.to(call.dtype), kn.to(call.dtype)
+    rope_forward_(q, call.cos, call.sin)
+    rope_forward_(k, call.cos, call.sin)
+    N = B * T
+    return q.view(N, -1, D), k.view(N, -1, D), v.view(N, -1, D), normed
+
+
+def _forward(lay: _Layer, call: _Call, x: Tensor, kernel: str):
+    """The layer's output y, the handles of x, o, lse and h (each handed to the offloader as soon
+    as it exists, so its copy to the host overlaps the rest of the layer), and the attention
+    state besides lse."""
+    B, T, H = x.shape
+    N, cd, save = B * T, call.dtype, call.offloader.save
+    saved = [save(x)]
+    n1 = _norm(lay.norm1, x)[0].to(cd).view(N, H)
+    q, k, v, _ = _qkv(lay, call, n1)
+    del n1
+    o, state = attention_forward(q, k, v, call.docs, lay.scale, lay.window, kernel)
+    del q, k, v
+    saved += [save(o), save(state[0])]
+    h = x + _linear(lay.o, o.view(N, -1)).view(B, T, H)
+    saved.append(save(h))
+    del o
+    y = torch.empty_like(h)
+    hf, yf = h.view(N, H), y.view(N, H)
+    for s, e in _tiles(N, call.tile):
+        n2 = _norm(lay.norm2, hf[s:e])[0].to(cd)
+        m = swiglu_forward(_linear(lay.gate, n2), _linear(lay.up, n2))
+        yf[s:e] = hf[s:e] + _linear(lay.down, m)
+    return y, saved, state[1:]
+
+
+class _DecoderLayer(torch.autograd.Function):
+    """One decoder layer: forward saves x, h, o and the attention state; backward recomputes
+    the norms, q/k/v + RoPE and gate/up + SwiGLU and nothing else."""
+
+    @staticmethod
+    def forward(ctx, lay: _Layer, call: _Call, x: Tensor, *lora: Tensor):
+        kernel = _pick_kernel(x.device, call.dtype, call.docs, lay.window)
+        with torch.autocast(x.device.type, enabled=False):
+            y, saved, ctx.state = _forward(lay, call, x, kernel)
+        # saved in the reverse of the order backward loads them: each load prefetches the one before
+        ctx.x, ctx.o, ctx.lse, ctx.h = saved
+        ctx.lay, ctx.call, ctx.kernel = lay, call, kernel
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        lay, call, off = ctx.lay, ctx.call, ctx.call.offloader
+        need_dx = ctx.needs_input_grad[2]
+        grads: dict = {}
+        h = off.load(ctx.h)  # brings lse back meanwhile; o and x too, while the MLP runs
+        off.prefetch(ctx.o)
+        off.prefetch(ctx.x)
+        with torch.autocast(dy.device.type, enabled=False):
+            dh = _mlp_backward(lay, call, h, dy, grads)
+            del h
+            lse, o, x = off.load(ctx.lse), off.load(ctx.o), off.load(ctx.x)  # x's load prefetches the layer below
+            dx = _attention_backward(lay, call, x, o, (lse, *ctx.state), dh, ctx.kernel, grads, need_dx)
+        ctx.x = ctx.o = ctx.lse = ctx.h = ctx.state = ctx.call = None
+        return (None, None, dx, *[grads.get(p) for p in lay.lora])
+
+
+def _mlp_backward(lay: _Layer, call: _Call, h: Tensor, dy: Tensor, grads: dict) -> Tensor:
+    """dh = dy + d(mlp_block(h))/dh, over token tiles; LoRA gradients into grads."""
+    B, T, H = h.shape
+    N, cd = B * T, call.dtype
+    hf, dyf = h.view(N, H), dy.reshape(N, H)
+    dh = torch.empty(N, H, dtype=torch.promote_types(h.dtype, dy.dtype), device=h.device)
+    for s, e in _tiles(N, call.tile):
+        ht = hf[s:e]
+        n2, rstd = _norm(lay.norm2, ht)
+        n2 = n2.to(cd)
+        gate, up = _linear(lay.gate, n2), _linear(lay.up, n2)
+        m = swiglu_forward(gate, up)
+        dm = _linear_backward(lay.down, dyf[s:e].to(cd), m, grads)
+        del m
+        dgate, dup = swiglu_backward(dm, gate, up)
+        del dm, gate, up
+        dn2 = _linear_backward(lay.gate, dgate, n2, grads)
+        dn2 = _linear_backward(lay.up, dup, n2, grads, dx=dn2)
+        del dgate, dup
+        dh[s:e] = dyf[s:e] + rms_norm_backward(dn2, ht, lay.norm2.weight, rstd)
+    return dh.view(B, T, H)
+
+
+def _attention_backward(lay: _Layer, call: _Call, x: Tensor, o: Tensor, state: tuple, dh: Tensor, kernel: str,
+                        grads: dict, need_dx: bool) -> Optional[Tensor]:
+    """dx = dh + d(attention_block(x))/dx (None when not need_dx); LoRA gradients into grads."""
+    B, T, H = x.shape
+    N, cd, D = B * T, call.dtype, lay.head_dim
+    n1, rstd1 = _norm(lay.norm1, x)
+    n1 = n1.to(cd).view(N, H)
+    q, k, v, normed = _qkv(lay, call, n1)
+    dhf = dh.view(N, H)
+    do = _linear_backward(lay.o, dhf.to(cd), o.view(N, -1), grads).view(o.shape)
+    dq, dk, dv = attention_backward(do, q, k, v, o, state, call.docs, lay.scale, lay.window, kernel)
+    del do, q, k, v, o
+    dq, dk = dq.view(B, T, -1, D), dk.view(B, T, -1, D)
+    rope_backward_(dq, call.cos, call.sin)
+    rope_backward_(dk, call.cos, call.sin)
+    if normed is not None:  # Qwen3: through q_norm / k_norm (frozen weights)
+        q_in, q_rstd, k_in, k_rstd = normed
+        dq = rms_norm_backward(dq, q_in, lay.q_norm.weight, q_rstd)
+        dk = rms_norm_backward(dk, k_in, lay.k_norm.weight, k_rstd)
+    dn1 = _linear_backward(lay.q, dq.reshape(N, -1), n1, grads, need_dx=need_dx)
+    dn1 = _linear_backward(lay.k, dk.reshape(N, -1), n1, grads, dx=dn1, need_dx=need_dx)
+    dn1 = _linear_backward(lay.v, dv.reshape(N, -1), n1, grads, dx=dn1, need_dx=need_dx)
+    del dq, dk, dv
+    if not need_dx:
+        return None
+    return dh.add_(rms_norm_backward(dn1.view(B, T, H), x, lay.norm1.weight, rstd1))
+
+
+# ------------------------------------------------------------------ installing it
+def unsupported_reason(layer: nn.Module) -> Optional[str]:
+    """Why this layer cannot run fused (None: it can)."""
+    name = type(layer).__name__
+    family = SUPPORTED_LAYERS.get(name)
+    if family is None:
+        return f"{name} is not one of {', '.join(sorted(SUPPORTED_LAYERS))}"
+    for path in _PROJECTIONS:
+        lin = layer.get_submodule(path)
+        if not isinstance(lin, NF4Linear):
+            return f"{path} is a {type(lin).__name__}, not a qforge NF4Linear"
+        if lin.lora_A is not None and not isinstance(lin.lora_dropout, nn.Identity):
+            return f"{path} has LoRA dropout {lin.lora_dropout.p} (the fused layer has none)"
+        if lin.weight.is_meta:
+            return f"{path}'s weight is not loaded (meta)"
+    config = layer.self_attn.config
+    act = getattr(config, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        return f"MLP activation {act!r} (the fused layer has SwiGLU)"
+    if getattr(config, "attention_dropout", 0.0):
+        return f"attention dropout {config.attention_dropout}"
+    has_qk_norm = hasattr(layer.self_attn, "q_norm")
+    if has_qk_norm != (family == "qwen3"):
+        return f"{name} {'has' if has_qk_norm else 'lacks'} q_norm/k_norm"
+    return None
+
+
+@dataclasses.dataclass
+class FusedStatus:
+    fused: int  # decoder layers that run fused
+    layers: int  # decoder layers in all
+    reason: Optional[str] = None  # why some did not (the first layer's reason)
+
+    def __str__(self):
+        if self.fused == self.layers:
+            return f"fused decoder layers: on ({self.fused} layers, hand-written backward)"
+        return (f"fused decoder layers: {self.fused} of {self.layers} "
+                f"(the rest keep checkpointed recompute: {self.reason})")
+
+
+_OUTSIDE = object()  # no model forward running: a layer called directly takes its own attention_mask
+
+
+class _State:
+    """Per model: the offloader, the padding mask of the current forward, one cached _Documents."""
+
+    def __init__(self, offloader, tile):
+        self.offloader, self.tile = offloader, tile
+        self.mask = _OUTSIDE  # the model's padding mask while its forward runs
+        self.cache = None  # (key, _Documents)
+        self.warned: set = set()
+
+    def documents(self, position_ids, mask, batch, tokens, device) -> _Documents:
+        key = (position_ids, None if position_ids is None else position_ids._version, mask,
+               None if mask is None else mask._version, batch, tokens)
+        if self.cache is not None and len(self.cache[0]) == len(key) and all(
+                a is b if isinstance(b, Tensor) or b is None else a == b for a, b in zip(self.cache[0], key)):
+            return self.cache[1]
+        docs = _documents(position_ids, mask, batch, tokens, device)
+        self.cache = (key, docs)
+        return docs
+
+    def warn_once(self, why: str) -> None:
+        if why not in self.warned:
+            self.warned.add(why)
+            log.warning("qforge.decoder: running a layer with checkpointed recompute instead: %s", why)
+
+
+_KNOWN_KWARGS = {"attention_mask", "position_ids", "position_embeddings", "cache", "past_key_values",
+                 "past_key_value", "use_cache", "cache_position", "output_attentions"}
+
+
+def _call_refusal(kw: Optional[dict], hidden: Tensor, mask) -> Optional[str]:
+    """Why this call cannot run fused (None: it can)."""
+    if kw is None:
+        return "the checkpoint call does not carry the layer's keyword arguments"
+    if any(kw.get(n) is not None for n in ("cache", "past_key_values", "past_key_value")):
+        return "a KV cache was passed"
+    if kw.get("output_attentions"):
+        return "output_attentions"
+    unknown = sorted(n for n, val in kw.items() if n not in _KNOWN_KWARGS and val is not None)
+    if unknown:
+        return f"unsupported arguments {unknown}"
+    if kw.get("position_embeddings") is None:
+        return "no position_embeddings"
+    if hidden.dim() != 3:
+        return f"hidden states of shape {tuple(hidden.shape)}"
+    if mask is not None and (not isinstance(mask, Tensor) or mask.dim() != 2):
+        return f"an attention mask of shape {tuple(getattr(mask, 'shape', ()))} (only 2-D padding masks)"
+    return None
+
+
+def _fused_checkpoint(lay: _Layer, state: _State, fallback, run, hidden, *args, **kwargs):
+    """The layer's ``_gradient_checkpointing_func``: transformers calls it as func(run, hidden),
+    with the layer's keyword arguments bound into run (a functools.partial)."""
+    kw = run.keywords if isinstance(run, functools.partial) and not args and not kwargs else None
+    mask = None if kw is None else (kw.get("attention_mask") if state.mask is _OUTSIDE else state.mask)
+    why = _call_refusal(kw, hidden, mask)
+    if why is not None:
+        state.warn_once(why)
+        return fallback(run, hidden, *args, **kwargs)
+    B, T, _ = hidden.shape
+    docs = state.documents(kw.get("position_ids"), mask, B, T, hidden.device)
+    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
+        else hidden.dtype
+    cos, sin = kw["position_embeddings"]
+    call = _Call(docs, cos.to(dtype), sin.to(dtype), dtype, state.tile, state.offloader)
+    return _DecoderLayer.apply(lay, call, hidden, *lay.lora)
+
+
+def _stack_owner(model: nn.Module, layers: list) -> Optional[nn.Module]:
+    """The module whose forward runs the decoder layers (holds them in a ModuleList)."""
+    first = layers[0]
+    for m in model.modules():
+        for child in m.children():
+            if isinstance(child, nn.ModuleList) and any(c is first for c in child):
+                return m
+    return None
+
+
+def enable(model: nn.Module, offload: bool = True, tile_tokens: Optional[int] = _offload.DEFAULT_TILE_TOKENS,
+           max_inflight: int = _offload.MAX_INFLIGHT_COPIES) -> FusedStatus:
+    """Per-layer checkpointing (qforge.offload.enable, same arguments) with every supported decoder
+    layer fused (module doc). Returns which layers run fused, and why the others do not."""
+    offloader = _offload.enable(model, offload=offload, tile_tokens=tile_tokens, max_inflight=max_inflight)
+    layers = _offload._decoder_layers(model)
+    _remove_hooks(model)
+    state = _State(offloader, tile_tokens)
+    owner = _stack_owner(model, layers)
+    fused, reason = 0, None
+    if owner is None:
+        reason = "the decoder layers' parent module was not found"
+    for layer in layers:
+        why = reason or unsupported_reason(layer)
+        if why is not None:
+            reason = reason or why
+            continue
+        lay = _Layer(layer, SUPPORTED_LAYERS[type(layer).__name__])
+        layer._gradient_checkpointing_func = functools.partial(_fused_checkpoint, lay, state,
+                                                               layer._gradient_checkpointing_func)
+        fused += 1
+    if fused:
+        def remember_mask(module, args, kwargs):
+            mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+            state.mask = mask if isinstance(mask, Tensor) else None
+
+        def forget_mask(module, args, output):
+            state.mask = _OUTSIDE
+
+        model._qforge_decoder_hooks = [owner.register_forward_pre_hook(remember_mask, with_kwargs=True),
+                                       owner.register_forward_hook(forget_mask)]
+    status = FusedStatus(fused, len(layers), reason)
+    model._qforge_decoder = status
+    if fused < len(layers):
+        log.warning("qforge.decoder: %s", status)
+    return status
+
+
+def _remove_hooks(model: nn.Module) -> None:
+    for hook in getattr(model, "_qforge_decoder_hooks", None) or ():
+        hook.remove()
+    model._qforge_decoder_hooks = None
+
+
+def disable(model: nn.Module) -> nn.Module:
+    """Undo :func:`enable` (and the checkpointing it turned on)."""
+    _remove_hooks(model)
+    model._qforge_decoder = None
+    return _offload.disable(model)
