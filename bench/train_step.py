@@ -18,7 +18,8 @@ Cases: the main one (--seq x --batch, labels = inputs), `--long-context` lengths
 stopped it), `--max-seq-probe IMPLS` (the longest batch-1 length that trains one full step, by
 doubling then bisection, a fresh process per attempt), and `--prompt-heavy` (--seq x --batch of packed conversations whose prompts,
 about 60% of the tokens, are masked out of the loss).
-qforge's settings: `--offload` (per-layer checkpoints in pinned host memory), `--tile` (MLPs
+qforge's settings: `--fused-layers` (decoder layers with a hand-written backward, qforge.decoder),
+`--offload` (per-layer checkpoints in pinned host memory), `--tile` (MLPs
 and RMSNorms in token tiles; see qforge.offload) and `--attention cudnn` (cuDNN's attention
 kernel first; see qforge.attention and bench/sdpa_backends.py). Unsloth needs the offline bundle:
 `bash bench/unsloth/make_bundle.sh build-anchor` (then `--unsloth-anchor build-anchor`;
@@ -94,10 +95,17 @@ def build_qforge(config, a, device, compiled):
         if getattr(m, "lora_A", None) is not None:
             m.lora_A.weight.data.copy_(lora_a_init(name, a.rank, m.in_features, a.seed))
     hf.patch_causal_lm(model, mode="fused")  # the loss never builds the tokens x vocab logits
+    model._qforge_fused_status = None
     if compiled:  # transformers' checkpointing: the compiled layer traces with fullgraph=True
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for layer in model.model.layers:
             layer.compile(fullgraph=True)
+    elif a.fused_layers != "off":  # decoder layers with a hand-written backward (qforge.decoder)
+        from qforge import decoder
+
+        model._qforge_fused_status = decoder.enable(model, offload=a.offload, tile_tokens=a.tile or None)
+        if a.fused_layers == "on" and model._qforge_fused_status.fused < model._qforge_fused_status.layers:
+            raise RuntimeError(f"--fused-layers on: {model._qforge_fused_status}")
     else:
         offload.enable(model, offload=a.offload, tile_tokens=a.tile or None)
     return model
@@ -226,7 +234,8 @@ def child(a) -> dict:
     if a.impl in ("qforge", "qforge_compiled"):
         result["memory"] = ("transformers checkpointing" if a.impl == "qforge_compiled" else
                             dict(offload=a.offload, tile_tokens=a.tile or None,
-                                 attention=a.attention if device.type == "cuda" else "default"))
+                                 attention=a.attention if device.type == "cuda" else "default",
+                                 fused_layers=str(getattr(model, "_qforge_fused_status", None) or "off")))
     off = getattr(model, "_qforge_offloader", None)
     if off is not None:
         result["host_bytes_moved"] = off.bytes_to_host + off.bytes_to_device
@@ -266,7 +275,7 @@ def run_child(a, impl, seq, batch, warmup, steps, prompt_heavy, deadline) -> dic
             "--seq", str(seq), "--batch", str(batch), "--warmup", str(warmup), "--steps", str(steps),
             "--matmul-tflops", str(a.matmul_tflops or 0)]
     for k in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "rank", "lr", "seed", "device",
-              "tile", "attention", "unsloth_model_dir", "workdir"):
+              "tile", "attention", "fused_layers", "unsloth_model_dir", "workdir"):
         argv += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
     argv += ["--offload" if a.offload else "--no-offload"] + (["--prompt-heavy"] if prompt_heavy else [])
     env = dict(os.environ, PYTORCH_ALLOC_CONF=a.alloc_conf, PYTHONUNBUFFERED="1")
@@ -380,6 +389,8 @@ def main():
     ap.add_argument("--tile", type=int, default=8192, help="qforge: token tile of the MLPs and RMSNorms (0: untiled)")
     ap.add_argument("--attention", choices=("default", "cudnn"), default="cudnn",
                     help="qforge: SDPA kernel preference (cudnn: qforge.attention.prefer_cudnn_attention)")
+    ap.add_argument("--fused-layers", choices=("auto", "on", "off"), default="auto",
+                    help="qforge: decoder layers with a hand-written backward (qforge.decoder; auto: where supported)")
     ap.add_argument("--unsloth-anchor", default="build-anchor", help="folder holding the bundle's site/ (bench/unsloth/make_bundle.sh)")
     ap.add_argument("--workdir", default=os.path.join("/tmp", "qforge_train_step"))
     ap.add_argument("--unsloth-model-dir", default="")
@@ -473,7 +484,8 @@ def main():
                     lora=dict(r=a.rank, alpha=2 * a.rank, dropout=0.0, targets=list(TARGETS)),
                     gradient_checkpointing=True, autocast="bf16", optimizer="AdamW", lr=a.lr,
                     warmup_steps=a.warmup, timed_steps=a.steps,
-                    qforge_memory=dict(offload=a.offload, tile_tokens=a.tile or None, attention=a.attention),
+                    qforge_memory=dict(offload=a.offload, tile_tokens=a.tile or None, attention=a.attention,
+                                       fused_layers=a.fused_layers),
                     unsloth_gradient_checkpointing="unsloth", process="one fresh process per impl and case"),
         **results,
     )
