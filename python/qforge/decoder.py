@@ -71,19 +71,24 @@ _PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
 
 
 # ------------------------------------------------------------------ elementwise ops
-# Eager twins of the fused kernels' interface (same signatures): rstd is fp32 [..., 1].
+# Eager twins of the fused kernels' interface (same signatures): math in fp32 (fp64 for fp64
+# inputs); rstd [..., 1].
+def _wide(x: Tensor) -> Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def rms_norm_forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """transformers' RMSNorm: weight * (x * rsqrt(mean(x^2) + eps)) computed in fp32, cast to
     x's dtype before the weight multiplies. Returns (y, rstd)."""
-    xf = x.float()
+    xf = _wide(x)
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * (xf * rstd).to(x.dtype), rstd
 
 
 def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> Tensor:
     """dx of rms_norm_forward for a frozen weight, in x's dtype."""
-    n = x.float() * rstd
-    dn = dy.float() * weight.float()
+    n = _wide(x) * rstd
+    dn = _wide(dy) * _wide(weight)
     return (rstd * (dn - n * (dn * n).mean(-1, keepdim=True))).to(x.dtype)
 
 
@@ -92,9 +97,9 @@ def swiglu_forward(gate: Tensor, up: Tensor) -> Tensor:
 
 
 def swiglu_backward(dout: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
-    g, d = gate.float(), dout.float()
+    g, d = _wide(gate), _wide(dout)
     s = torch.sigmoid(g)
-    dgate = d * up.float() * s * (1 + g * (1 - s))
+    dgate = d * _wide(up) * s * (1 + g * (1 - s))
     return dgate.to(gate.dtype), (d * g * s).to(up.dtype)
 
 
@@ -154,14 +159,14 @@ def _allowed(length: int, window: Optional[int], device) -> Tensor:
 
 
 def _math_forward(q, k, v, docs, scale, window):
-    """Per document, fp32: o [N, Hq, D] and lse [Hq, N]."""
+    """Per document, in fp32 (fp64 for fp64 inputs): o [N, Hq, D] and lse [Hq, N]."""
     groups = q.shape[1] // k.shape[1]
     o = torch.empty_like(q)
-    lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
+    lse = torch.empty(q.shape[1], q.shape[0], dtype=_wide(q[:0]).dtype, device=q.device)
     for a, b in zip(docs.bounds[:-1], docs.bounds[1:]):  # at most B*T documents
-        qd = q[a:b].transpose(0, 1).float()
-        kd = k[a:b].transpose(0, 1).float().repeat_interleave(groups, 0)
-        vd = v[a:b].transpose(0, 1).float().repeat_interleave(groups, 0)
+        qd = _wide(q[a:b].transpose(0, 1))
+        kd = _wide(k[a:b].transpose(0, 1)).repeat_interleave(groups, 0)
+        vd = _wide(v[a:b].transpose(0, 1)).repeat_interleave(groups, 0)
         s = (qd @ kd.transpose(1, 2)) * scale
         s = s.masked_fill(~_allowed(b - a, window, q.device), float("-inf"))
         lse[:, a:b] = torch.logsumexp(s, -1)
@@ -173,10 +178,10 @@ def _math_backward(do, q, k, v, o, lse, docs, scale, window):
     groups = q.shape[1] // k.shape[1]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     for a, b in zip(docs.bounds[:-1], docs.bounds[1:]):
-        qd = q[a:b].transpose(0, 1).float()
-        kd = k[a:b].transpose(0, 1).float().repeat_interleave(groups, 0)
-        vd = v[a:b].transpose(0, 1).float().repeat_interleave(groups, 0)
-        dod, od = do[a:b].transpose(0, 1).float(), o[a:b].transpose(0, 1).float()
+        qd = _wide(q[a:b].transpose(0, 1))
+        kd = _wide(k[a:b].transpose(0, 1)).repeat_interleave(groups, 0)
+        vd = _wide(v[a:b].transpose(0, 1)).repeat_interleave(groups, 0)
+        dod, od = _wide(do[a:b].transpose(0, 1)), _wide(o[a:b].transpose(0, 1))
         s = (qd @ kd.transpose(1, 2)) * scale
         s = s.masked_fill(~_allowed(b - a, window, q.device), float("-inf"))
         p = torch.exp(s - lse[:, a:b, None])

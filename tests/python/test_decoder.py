@@ -1,0 +1,351 @@
+"""qforge.decoder: the decoder layer with a hand-written backward equals transformers' layer with
+qforge's NF4 + LoRA under autograd (outputs, input gradient, every LoRA gradient), on the CPU.
+Llama, Mistral (sliding window), Qwen2 (q/k/v bias) and Qwen3 (q_norm/k_norm); grouped-query
+heads; odd sizes; packed rows against per-document runs; offload and token tiles on and off."""
+import copy
+import logging
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from qforge import decoder, hf, offload  # noqa: E402
+from qforge.nn import add_lora, lora_parameters, replace_linears  # noqa: E402
+
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": 9}),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 12}),
+}
+
+
+def tiny(family="llama", seed=0, layers=2, hidden=48, heads=4, kv_heads=2, intermediate=83, dropout=0.0,
+         targets=None, **extra):
+    config_cls, model_cls, defaults = FAMILIES[family]
+    cfg = config_cls(vocab_size=101, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                     num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                     attn_implementation="sdpa", **{**defaults, **extra})
+    torch.manual_seed(seed)
+    model = model_cls(cfg).float()
+    with torch.no_grad():  # norms and biases away from their init values, so their use is checked
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.2)
+    if targets is None:
+        replace_linears(model, blocksize=64)
+        add_lora(model, r=4, alpha=8, dropout=dropout, seed=seed)
+    else:
+        replace_linears(model, targets, blocksize=64)
+        add_lora(model, r=4, alpha=8, dropout=dropout, seed=seed, target_modules=targets)
+    with torch.no_grad():  # B = 0 at init would hide every gradient but B's
+        for p in lora_parameters(model):
+            p.normal_(0, 0.05)
+    hf.patch_causal_lm(model)
+    model.train()
+    return model
+
+
+def packed_positions(lengths_per_row):
+    return torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths_per_row])
+
+
+def random_lengths(gen, rows, tokens):
+    out = []
+    for r in range(rows):
+        row, left = [1] if r == 0 else [], tokens - (1 if r == 0 else 0)  # a document of one token
+        while left:
+            n = min(left, int(torch.randint(1, tokens // 2 + 1, (1,), generator=gen)))
+            row.append(n)
+            left -= n
+        out.append(row)
+    return out
+
+
+def window_mask(length, window):
+    i = torch.arange(length)
+    d = i[:, None] - i[None, :]
+    allowed = d >= 0
+    if window is not None:
+        allowed &= d < window
+    return allowed[None, None]
+
+
+def layer_io(model, layer_idx, hidden, position_ids):
+    rotary = model.model.rotary_emb
+    cos, sin = rotary(hidden, position_ids)
+    return dict(position_ids=position_ids, position_embeddings=(cos, sin))
+
+
+def reference_per_document(ref, layer_idx, x, lengths):
+    """transformers' layer (plain autograd) on each document alone; outputs concatenated."""
+    layer = ref.model.layers[layer_idx]
+    window = getattr(ref.config, "sliding_window", None) if isinstance(ref, transformers.MistralForCausalLM) else None
+    outs = []
+    for b, row in enumerate(lengths):
+        start = 0
+        for n in row:
+            xd = x[b:b + 1, start:start + n]
+            pos = torch.arange(n)[None]
+            kw = layer_io(ref, layer_idx, xd, pos)
+            outs.append((b, start, layer(xd, attention_mask=window_mask(n, window), **kw)))
+            start += n
+    y = torch.empty_like(x)
+    for b, start, o in outs:
+        y[b, start:start + o.shape[1]] = o[0]
+    return y
+
+
+def lora_grads(model, layer_idx=None):
+    prefix = "" if layer_idx is None else f"model.layers.{layer_idx}."
+    return {n: p.grad.clone() for n, p in model.named_parameters()
+            if p.requires_grad and n.startswith(prefix) and p.grad is not None}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("do_offload,tile", [(True, None), (False, 7), (True, 5)])
+def test_layer_equals_transformers_layer_on_packed_rows(family, do_offload, tile):
+    ref = tiny(family)
+    ours = copy.deepcopy(ref)
+    status = decoder.enable(ours, offload=do_offload, tile_tokens=tile)
+    assert (status.fused, status.layers) == (2, 2), str(status)
+    gen = torch.Generator().manual_seed(5)
+    B, T, H = 2, 29, ref.config.hidden_size
+    lengths = random_lengths(gen, B, T)
+    pos = packed_positions(lengths)
+    x = torch.randn(B, T, H, generator=gen)
+    dy = torch.randn(B, T, H, generator=gen)
+
+    x_ref = x.clone().requires_grad_(True)
+    y_ref = reference_per_document(ref, 1, x_ref, lengths)
+    (y_ref * dy).sum().backward()
+
+    x_ours = x.clone().requires_grad_(True)
+    layer = ours.model.layers[1]
+    y = layer(x_ours, attention_mask=None, **layer_io(ours, 1, x_ours, pos))
+    (y * dy).sum().backward()
+
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    g_ref, g_ours = lora_grads(ref, 1), lora_grads(ours, 1)
+    assert len(g_ref) == 14 and g_ref.keys() == g_ours.keys()
+    for n in g_ref:
+        torch.testing.assert_close(g_ours[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("family,heads,kv_heads,hidden,intermediate", [
+    ("llama", 6, 1, 36, 50),    # multi-query, head_dim 6
+    ("qwen2", 3, 3, 30, 61),    # no grouping, head_dim 10
+    ("qwen3", 5, 1, 35, 37),    # head_dim 12 (Qwen3's own), hidden 35
+])
+def test_whole_model_odd_sizes_equals_plain_training(family, heads, kv_heads, hidden, intermediate):
+    ref = tiny(family, heads=heads, kv_heads=kv_heads, hidden=hidden, intermediate=intermediate, layers=3)
+    ours = copy.deepcopy(ref)
+    decoder.enable(ours, tile_tokens=11)
+    gen = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, 101, (3, 23), generator=gen)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    pos = packed_positions(random_lengths(gen, 3, 23))
+    losses = []
+    for m in (ref, ours):
+        loss = m(input_ids=ids, labels=labels, position_ids=pos).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    g_ref, g_ours = lora_grads(ref), lora_grads(ours)
+    assert len(g_ref) == 3 * 14 and g_ref.keys() == g_ours.keys()
+    for n in g_ref:
+        torch.testing.assert_close(g_ours[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_padding_mask_equals_plain_training():
+    ref = tiny("llama")
+    ours = copy.deepcopy(ref)
+    decoder.enable(ours)
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 101, (2, 17), generator=gen)
+    mask = torch.ones(2, 17, dtype=torch.long)
+    mask[1, 11:] = 0  # right padding
+    labels = ids.masked_fill(mask == 0, -100)
+    losses = []
+    for m in (ref, ours):
+        loss = m(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    g_ref, g_ours = lora_grads(ref), lora_grads(ours)
+    for n in g_ref:
+        torch.testing.assert_close(g_ours[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_training_steps_follow_todays_checkpointed_path():
+    ref = tiny("llama", seed=3, layers=3)
+    ours = copy.deepcopy(ref)
+    offload.enable(ref, tile_tokens=8)
+    decoder.enable(ours, tile_tokens=8)
+    opt_r = torch.optim.AdamW(lora_parameters(ref), lr=1e-2)
+    opt_o = torch.optim.AdamW(lora_parameters(ours), lr=1e-2)
+    gen = torch.Generator().manual_seed(4)
+    for step in range(4):
+        ids = torch.randint(0, 101, (2, 31), generator=gen)
+        pos = packed_positions(random_lengths(gen, 2, 31))
+        losses = []
+        for m, opt in ((ref, opt_r), (ours, opt_o)):
+            loss = m(input_ids=ids, labels=ids, position_ids=pos).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        assert losses[1] == pytest.approx(losses[0], rel=1e-5), step
+    for a, b in zip(lora_parameters(ref), lora_parameters(ours)):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_backward_recomputes_only_norms_qkv_and_gate_up(monkeypatch):
+    """o_proj, down_proj and the attention forward run once per layer (in forward), never in backward."""
+    model = tiny("llama", layers=3)
+    off = decoder.enable(model, tile_tokens=None)
+    forward_calls = []
+    linear, attn = decoder._linear, decoder.attention_forward
+    monkeypatch.setattr(decoder, "_linear", lambda lin, x: forward_calls.append(lin) or linear(lin, x))
+    monkeypatch.setattr(decoder, "attention_forward",
+                        lambda *a, **k: forward_calls.append("attention") or attn(*a, **k))
+    ids = torch.randint(0, 101, (2, 13))
+    loss = model(input_ids=ids, labels=ids).loss
+    in_forward = list(forward_calls)
+    forward_calls.clear()
+    loss.backward()
+    layers = model.model.layers
+    assert in_forward.count("attention") == 3 and forward_calls.count("attention") == 0
+    for layer in layers:
+        a, m = layer.self_attn, layer.mlp
+        assert [c for c in forward_calls if c in (a.o_proj, m.down_proj)] == []
+        for lin in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
+            assert forward_calls.count(lin) == 1
+    assert off.fused == 3
+
+
+def test_offloaded_bytes_are_x_o_lse_and_h():
+    model = tiny("llama", layers=2, heads=4, kv_heads=2)
+    decoder.enable(model)
+    ids = torch.randint(0, 101, (2, 10))
+    model(input_ids=ids, labels=ids).loss.backward()
+    off = model._qforge_offloader
+    tokens, hidden, heads = 20, 48, 4
+    per_layer = 3 * tokens * hidden * 4 + heads * tokens * 4  # x, o, h (fp32) and lse [heads, tokens]
+    assert off.bytes_to_host == off.bytes_to_device == 2 * per_layer
+
+
+def test_unsupported_layers_keep_checkpointing_with_a_reason(caplog):
+    ref = tiny("llama", dropout=0.1, seed=1)
+    ours = copy.deepcopy(ref)
+    with caplog.at_level(logging.WARNING, logger="qforge.decoder"):
+        status = decoder.enable(ours)
+    assert status.fused == 0 and "LoRA dropout 0.1" in status.reason
+    assert "LoRA dropout" in caplog.text
+    offload.enable(ref)
+    ids = torch.randint(0, 101, (2, 12))
+    for m in (ref, ours):
+        torch.manual_seed(7)  # same dropout masks
+        m(input_ids=ids, labels=ids).loss.backward()
+    for n, g in lora_grads(ref).items():
+        torch.testing.assert_close(lora_grads(ours)[n], g, msg=n)
+
+    plain_o = tiny("llama", targets=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
+    status = decoder.enable(plain_o)
+    assert status.fused == 0 and "self_attn.o_proj is a Linear" in status.reason
+
+
+def test_a_call_it_cannot_take_runs_checkpointed(caplog):
+    ref = tiny("llama")
+    ours = copy.deepcopy(ref)
+    decoder.enable(ours)
+    x = torch.randn(1, 9, 48)
+    pos = torch.arange(9)[None]
+    mask4d = torch.zeros(1, 1, 9, 9).masked_fill(~window_mask(9, None), float("-inf"))
+    outs = []
+    for m in (ref, ours):
+        xi = x.clone().requires_grad_(True)
+        with caplog.at_level(logging.WARNING, logger="qforge.decoder"):
+            y = m.model.layers[0](xi, attention_mask=mask4d, **layer_io(m, 0, xi, pos))
+        y.sum().backward()
+        outs.append((y, xi.grad))
+    assert "attention mask of shape (1, 1, 9, 9)" in caplog.text
+    torch.testing.assert_close(outs[1][0], outs[0][0])
+    torch.testing.assert_close(outs[1][1], outs[0][1])
+
+
+def test_disable_restores_transformers_layers():
+    model = tiny("llama")
+    decoder.enable(model)
+    decoder.disable(model)
+    assert model._qforge_decoder is None and not model.model.layers[0].gradient_checkpointing
+    ids = torch.randint(0, 101, (1, 8))
+    model(input_ids=ids, labels=ids).loss.backward()  # plain autograd, no hooks left
+    assert all(p.grad is not None for p in lora_parameters(model))
+
+
+# ------------------------------------------------------------------ the pieces, in fp64
+def test_elementwise_backwards_equal_autograd():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 13, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(13, dtype=torch.float64, generator=g)
+    dy = torch.randn(3, 5, 13, dtype=torch.float64, generator=g)
+    y, rstd = decoder.rms_norm_forward(x, w, 1e-5)
+    ref = w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+    torch.testing.assert_close(y, ref)
+    (gx,) = torch.autograd.grad(ref, x, dy)
+    torch.testing.assert_close(decoder.rms_norm_backward(dy, x.detach(), w, rstd), gx)
+
+    gate, up = (torch.randn(7, 9, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+    out = torch.nn.functional.silu(gate) * up
+    torch.testing.assert_close(decoder.swiglu_forward(gate, up), out)
+    dout = torch.randn(7, 9, dtype=torch.float64, generator=g)
+    for got, want in zip(decoder.swiglu_backward(dout, gate.detach(), up.detach()),
+                         torch.autograd.grad(out, (gate, up), dout)):
+        torch.testing.assert_close(got, want)
+
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    q = torch.randn(2, 6, 3, 10, dtype=torch.float64, generator=g, requires_grad=True)
+    cos, sin = (torch.randn(2, 6, 10, dtype=torch.float64, generator=g) for _ in range(2))
+    ref_q, _ = apply_rotary_pos_emb(q, q, cos, sin, unsqueeze_dim=2)
+    torch.testing.assert_close(decoder.rope_forward_(q.detach().clone(), cos, sin), ref_q)
+    dq = torch.randn_like(ref_q)
+    (want,) = torch.autograd.grad(ref_q, q, dq)
+    torch.testing.assert_close(decoder.rope_backward_(dq.clone(), cos, sin), want)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_math_attention_and_its_lse_backward_equal_fp64_sdpa(window):
+    g = torch.Generator().manual_seed(1)
+    B, T, Hq, Hkv, D = 2, 19, 6, 2, 8
+    lengths = random_lengths(g, B, T)
+    docs = decoder._documents(packed_positions(lengths), None, B, T, "cpu")
+    assert not docs.dense and docs.longest == max(max(r) for r in lengths)
+    q = torch.randn(B * T, Hq, D, dtype=torch.float64, generator=g, requires_grad=True)
+    k, v = (torch.randn(B * T, Hkv, D, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+    do = torch.randn(B * T, Hq, D, dtype=torch.float64, generator=g)
+    outs = []
+    for a, b in zip(docs.bounds[:-1], docs.bounds[1:]):
+        qd, kd, vd = (t[a:b].transpose(0, 1)[None] for t in (q, k, v))
+        allowed = window_mask(b - a, window)[0]
+        outs.append(torch.nn.functional.scaled_dot_product_attention(
+            qd, kd, vd, attn_mask=allowed, scale=0.3, enable_gqa=True)[0].transpose(0, 1))
+    ref = torch.cat(outs)
+    want = torch.autograd.grad(ref, (q, k, v), do)
+    o, state = decoder.attention_forward(q.detach(), k.detach(), v.detach(), docs, 0.3, window, "math")
+    torch.testing.assert_close(o, ref)
+    got = decoder.attention_backward(do, q.detach(), k.detach(), v.detach(), o, state, docs, 0.3, window, "math")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_documents_of_position_ids_and_padding():
+    docs = decoder._documents(packed_positions([[3, 1, 2], [6]]), None, 2, 6, "cpu")
+    assert docs.bounds == [0, 3, 4, 6, 12] and docs.longest == 6 and not docs.dense
+    dense = decoder._documents(None, None, 2, 6, "cpu")
+    assert dense.bounds == [0, 6, 12] and dense.dense
+    pad = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    padded = decoder._documents(torch.arange(6)[None], pad, 1, 6, "cpu")
+    assert padded.bounds == [0, 4, 5, 6]
