@@ -71,54 +71,62 @@ _PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
 
 
 # ------------------------------------------------------------------ elementwise ops
-# Eager twins of the fused kernels' interface (same signatures): math in fp32 (fp64 for fp64
-# inputs); rstd [..., 1].
+# Eager twins of the fused kernels' interface (same signatures and shapes): RMSNorm's math in
+# fp32 (fp64 for fp64 inputs), rstd of shape x.shape[:-1]; cos/sin [1 or B, T, D].
 def _wide(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def rms_norm_forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """transformers' RMSNorm: weight * (x * rsqrt(mean(x^2) + eps)) computed in fp32, cast to
-    x's dtype before the weight multiplies. Returns (y, rstd)."""
+    """transformers' RMSNorm: x * rsqrt(mean(x^2) + eps) in fp32, rounded to x's dtype, times
+    the weight, in x's dtype. Returns (y, rstd)."""
     xf = _wide(x)
-    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * (xf * rstd).to(x.dtype), rstd
+    rstd = torch.rsqrt(xf.square().mean(-1) + eps)
+    y = (xf * rstd.unsqueeze(-1)).to(x.dtype)
+    return (y.mul_(weight) if weight.dtype == x.dtype else (weight * y).to(x.dtype)), rstd
 
 
 def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> Tensor:
     """dx of rms_norm_forward for a frozen weight, in x's dtype."""
-    n = _wide(x) * rstd
-    dn = _wide(dy) * _wide(weight)
-    return (rstd * (dn - n * (dn * n).mean(-1, keepdim=True))).to(x.dtype)
+    r = rstd.unsqueeze(-1)
+    n = _wide(x) * r
+    dn = _wide(dy) * weight
+    dot = (dn * n).mean(-1, keepdim=True)
+    return dn.sub_(n.mul_(dot)).mul_(r).to(x.dtype)
 
 
 def swiglu_forward(gate: Tensor, up: Tensor) -> Tensor:
-    return F.silu(gate) * up
+    return F.silu(gate).mul_(up)
 
 
 def swiglu_backward(dout: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
-    g, d = _wide(gate), _wide(dout)
-    s = torch.sigmoid(g)
-    dgate = d * _wide(up) * s * (1 + g * (1 - s))
-    return dgate.to(gate.dtype), (d * g * s).to(up.dtype)
+    """(dgate, dup) of silu(gate) * up, rounded as autograd rounds them."""
+    return torch.ops.aten.silu_backward(dout * up, gate), F.silu(gate).mul_(dout)
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _halves(x: Tensor, cos: Tensor, sin: Tensor):
+    h = x.shape[-1] // 2
+    c, s = cos.unsqueeze(2), sin.unsqueeze(2)
+    return x[..., :h], x[..., h:], c[..., :h], c[..., h:], s[..., :h], s[..., h:]
 
 
 def rope_forward_(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """In place on x [B, T, H, D]: x * cos + rotate_half(x) * sin, cos/sin [B, T, D]
-    (transformers' apply_rotary_pos_emb)."""
-    c, s = cos.unsqueeze(2), sin.unsqueeze(2)
-    return x.copy_(x * c + _rotate_half(x) * s)
+    """In place on x [B, T, H, D]: x * cos + rotate_half(x) * sin (transformers'
+    apply_rotary_pos_emb), rotate_half(x) = (-x2, x1)."""
+    x1, x2, c1, c2, s1, s2 = _halves(x, cos, sin)
+    x1_in = x1.clone()
+    x1.mul_(c1).addcmul_(x2, s1, value=-1)
+    x2.mul_(c2).addcmul_(x1_in, s2)
+    return x
 
 
 def rope_backward_(dx: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """In place: the gradient through rope_forward_ (rotate_half's transpose is -rotate_half)."""
-    c, s = cos.unsqueeze(2), sin.unsqueeze(2)
-    return dx.copy_(dx * c - _rotate_half(dx * s))
+    """In place: the gradient through rope_forward_ (the transposed rotation)."""
+    d1, d2, c1, c2, s1, s2 = _halves(dx, cos, sin)
+    d1_in = d1.clone()
+    d1.mul_(c1).addcmul_(d2, s2)
+    d2.mul_(c2).addcmul_(d1_in, s1, value=-1)
+    return dx
 
 
 # ------------------------------------------------------------------ attention with log-sum-exp
@@ -292,26 +300,34 @@ def _weight(lin: NF4Linear, dtype: torch.dtype) -> Tensor:
     return _dequantize(*lin.weight.storage_args(), dtype, True)
 
 
-def _linear(lin: NF4Linear, x: Tensor) -> Tensor:
-    """x [n, in] (compute dtype) -> x @ W^T + b + scaling * (x @ A^T) @ B^T."""
-    out = F.linear(x, _weight(lin, x.dtype), None if lin.bias is None else lin.bias.to(x.dtype))
+def _linear(lin: NF4Linear, x: Tensor, residual: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """x [n, in] (compute dtype) -> (residual + x @ W^T + b + scaling * t @ B^T, t = x @ A^T or
+    None without LoRA). The residual and the LoRA branch add inside the GEMMs (beta = 1)."""
+    w = _weight(lin, x.dtype)
+    if residual is not None and residual.dtype == x.dtype and lin.bias is None:
+        out, residual = torch.addmm(residual, x, w.t()), None
+    else:
+        out = F.linear(x, w, None if lin.bias is None else lin.bias.to(x.dtype))
+    t = None
     if lin.lora_A is not None:
-        out.addmm_(x @ lin.lora_A.weight.to(x.dtype).t(), lin.lora_B.weight.to(x.dtype).t(), alpha=lin.scaling)
-    return out
+        t = x @ lin.lora_A.weight.to(x.dtype).t()
+        out.addmm_(t, lin.lora_B.weight.to(x.dtype).t(), alpha=lin.scaling)
+    return (out if residual is None else residual + out), t
 
 
-def _linear_backward(lin: NF4Linear, dout: Tensor, x: Tensor, grads: dict, dx: Optional[Tensor] = None,
-                     need_dx: bool = True) -> Optional[Tensor]:
-    """Backward of _linear: adds the LoRA gradients into grads (fp32, by parameter) and returns
-    dx (accumulated into ``dx`` when given; None when not need_dx)."""
+def _linear_backward(lin: NF4Linear, dout: Tensor, x: Tensor, t: Optional[Tensor], grads: dict,
+                     dx: Optional[Tensor] = None, need_dx: bool = True) -> Optional[Tensor]:
+    """Backward of _linear given its input x and t = x @ A^T: adds the LoRA gradients into grads
+    (by parameter, in its dtype) and returns dx (accumulated into ``dx`` when given; None when
+    not need_dx)."""
     if need_dx:
         w = _weight(lin, dout.dtype)
         dx = dout @ w if dx is None else dx.addmm_(dout, w)
     if lin.lora_A is not None:
         a, b = lin.lora_A.weight, lin.lora_B.weight
-        a_c, b_c = a.to(dout.dtype), b.to(dout.dtype)
-        g = dout @ b_c  # d(x A^T) / scaling
-        _accumulate(grads, b, dout.t() @ (x @ a_c.t()), lin.scaling)
+        a_c = a.to(dout.dtype)
+        g = dout @ b.to(dout.dtype)  # d t / scaling
+        _accumulate(grads, b, dout.t() @ t, lin.scaling)
         _accumulate(grads, a, g.t() @ x, lin.scaling)
         if need_dx:
             dx.addmm_(g, a_c, alpha=lin.scaling)
@@ -319,7 +335,7 @@ def _linear_backward(lin: NF4Linear, dout: Tensor, x: Tensor, grads: dict, dx: O
 
 
 def _accumulate(grads: dict, param: Tensor, g: Tensor, scale: float) -> None:
-    g = g.to(param.dtype) * scale
+    g = g.to(param.dtype).mul_(scale)
     if param in grads:
         grads[param] += g
     else:
@@ -354,14 +370,16 @@ def _norm(norm: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     return rms_norm_forward(x, norm.weight, _eps(norm))
 
 
+def _norm_backward(norm: nn.Module, dy: Tensor, x: Tensor, rstd: Tensor) -> Tensor:
+    return rms_norm_backward(dy.to(x.dtype), x, norm.weight, rstd)
+
+
 class _Call:
-    """One forward's settings shared by its layers."""
+    """One forward's settings shared by its layers: cos/sin [1 or B, T, head_dim]."""
 
     def __init__(self, docs: _Documents, cos: Tensor, sin: Tensor, dtype: torch.dtype, tile: Optional[int],
                  offloader: _offload.HostOffloader):
-        self.docs, self.dtype, self.tile, self.offloader = docs, dtype, tile, offloader
-        B, T = docs.batch, docs.tokens
-        self.cos, self.sin = cos.expand(B, T, cos.shape[-1]), sin.expand(B, T, sin.shape[-1])
+        self.docs, self.cos, self.sin, self.dtype, self.tile, self.offloader = docs, cos, sin, dtype, tile, offloader
 
 
 def _tiles(n: int, tile: Optional[int]):
@@ -370,10 +388,11 @@ def _tiles(n: int, tile: Optional[int]):
 
 
 def _qkv(lay: _Layer, call: _Call, n1: Tensor):
-    """q, k, v token-major [N, H, D] after q_norm/k_norm and RoPE, and what q_norm/k_norm's backward
-    needs ((q, k) before them and their rstd) or None."""
+    """q, k, v token-major [N, H, D] after q_norm/k_norm and RoPE; their LoRA t = n1 @ A^T; and
+    what q_norm/k_norm's backward needs ((q, k) before them and their rstd) or None."""
     B, T, D = call.docs.batch, call.docs.tokens, lay.head_dim
-    q, k, v = (_linear(lin, n1).view(B, T, -1, D) for lin in (lay.q, lay.k, lay.v))
+    (q, tq), (k, tk), (v, tv) = (_linear(lin, n1) for lin in (lay.q, lay.k, lay.v))
+    q, k = q.view(B, T, -1, D), k.view(B, T, -1, D)
     normed = None
     if lay.q_norm is not None:
         (qn, q_rstd), (kn, k_rstd) = _norm(lay.q_norm, q), _norm(lay.k_norm, k)
@@ -382,32 +401,40 @@ def _qkv(lay: _Layer, call: _Call, n1: Tensor):
     rope_forward_(q, call.cos, call.sin)
     rope_forward_(k, call.cos, call.sin)
     N = B * T
-    return q.view(N, -1, D), k.view(N, -1, D), v.view(N, -1, D), normed
+    return q.view(N, -1, D), k.view(N, -1, D), v.view(N, -1, D), (tq, tk, tv), normed
 
 
 def _forward(lay: _Layer, call: _Call, x: Tensor, kernel: str):
-    """The layer's output y, the handles of x, o, lse and h (each handed to the offloader as soon
-    as it exists, so its copy to the host overlaps the rest of the layer), and the attention
-    state besides lse."""
+    """The layer's output y; the handles of x, o, lse and h (each handed to the offloader as soon
+    as it exists, so its copy to the host overlaps the rest of the layer); the attention state
+    besides lse; and o_proj's and down_proj's LoRA t (N x r, kept on the device)."""
     B, T, H = x.shape
     N, cd, save = B * T, call.dtype, call.offloader.save
     saved = [save(x)]
     n1 = _norm(lay.norm1, x)[0].to(cd).view(N, H)
-    q, k, v, _ = _qkv(lay, call, n1)
+    q, k, v, _, _ = _qkv(lay, call, n1)
     del n1
     o, state = attention_forward(q, k, v, call.docs, lay.scale, lay.window, kernel)
     del q, k, v
     saved += [save(o), save(state[0])]
-    h = x + _linear(lay.o, o.view(N, -1)).view(B, T, H)
-    saved.append(save(h))
+    h, t_o = _linear(lay.o, o.view(N, -1), residual=x.view(N, H))
+    saved.append(save(h.view(B, T, H)))
     del o
-    y = torch.empty_like(h)
-    hf, yf = h.view(N, H), y.view(N, H)
+    y = t_down = None
     for s, e in _tiles(N, call.tile):
-        n2 = _norm(lay.norm2, hf[s:e])[0].to(cd)
-        m = swiglu_forward(_linear(lay.gate, n2), _linear(lay.up, n2))
-        yf[s:e] = hf[s:e] + _linear(lay.down, m)
-    return y, saved, state[1:]
+        n2 = _norm(lay.norm2, h[s:e])[0].to(cd)
+        m = swiglu_forward(_linear(lay.gate, n2)[0], _linear(lay.up, n2)[0])
+        del n2
+        out, t = _linear(lay.down, m, residual=h[s:e])
+        if e - s == N:  # one tile: its outputs are the layer's
+            y, t_down = out, t
+            continue
+        if y is None:
+            y, t_down = out.new_empty(N, H), (None if t is None else t.new_empty(N, t.shape[1]))
+        y[s:e] = out
+        if t is not None:
+            t_down[s:e] = t
+    return y.view(B, T, H), saved, state[1:], (t_o, t_down)
 
 
 class _DecoderLayer(torch.autograd.Function):
@@ -418,7 +445,7 @@ class _DecoderLayer(torch.autograd.Function):
     def forward(ctx, lay: _Layer, call: _Call, x: Tensor, *lora: Tensor):
         kernel = _pick_kernel(x.device, call.dtype, call.docs, lay.window)
         with torch.autocast(x.device.type, enabled=False):
-            y, saved, ctx.state = _forward(lay, call, x, kernel)
+            y, saved, ctx.state, ctx.t = _forward(lay, call, x, kernel)
         # saved in the reverse of the order backward loads them: each load prefetches the one before
         ctx.x, ctx.o, ctx.lse, ctx.h = saved
         ctx.lay, ctx.call, ctx.kernel = lay, call, kernel
@@ -429,19 +456,21 @@ class _DecoderLayer(torch.autograd.Function):
         lay, call, off = ctx.lay, ctx.call, ctx.call.offloader
         need_dx = ctx.needs_input_grad[2]
         grads: dict = {}
+        t_o, t_down = ctx.t
         h = off.load(ctx.h)  # brings lse back meanwhile; o and x too, while the MLP runs
         off.prefetch(ctx.o)
         off.prefetch(ctx.x)
         with torch.autocast(dy.device.type, enabled=False):
-            dh = _mlp_backward(lay, call, h, dy, grads)
+            dh = _mlp_backward(lay, call, h, dy, t_down, grads)
             del h
             lse, o, x = off.load(ctx.lse), off.load(ctx.o), off.load(ctx.x)  # x's load prefetches the layer below
-            dx = _attention_backward(lay, call, x, o, (lse, *ctx.state), dh, ctx.kernel, grads, need_dx)
-        ctx.x = ctx.o = ctx.lse = ctx.h = ctx.state = ctx.call = None
+            dx = _attention_backward(lay, call, x, o, (lse, *ctx.state), t_o, dh, ctx.kernel, grads, need_dx)
+        ctx.x = ctx.o = ctx.lse = ctx.h = ctx.state = ctx.t = ctx.call = None
         return (None, None, dx, *[grads.get(p) for p in lay.lora])
 
 
-def _mlp_backward(lay: _Layer, call: _Call, h: Tensor, dy: Tensor, grads: dict) -> Tensor:
+def _mlp_backward(lay: _Layer, call: _Call, h: Tensor, dy: Tensor, t_down: Optional[Tensor],
+                  grads: dict) -> Tensor:
     """dh = dy + d(mlp_block(h))/dh, over token tiles; LoRA gradients into grads."""
     B, T, H = h.shape
     N, cd = B * T, call.dtype
@@ -451,29 +480,28 @@ def _mlp_backward(lay: _Layer, call: _Call, h: Tensor, dy: Tensor, grads: dict) 
         ht = hf[s:e]
         n2, rstd = _norm(lay.norm2, ht)
         n2 = n2.to(cd)
-        gate, up = _linear(lay.gate, n2), _linear(lay.up, n2)
+        (gate, t_gate), (up, t_up) = _linear(lay.gate, n2), _linear(lay.up, n2)
         m = swiglu_forward(gate, up)
-        dm = _linear_backward(lay.down, dyf[s:e].to(cd), m, grads)
+        dm = _linear_backward(lay.down, dyf[s:e].to(cd), m, None if t_down is None else t_down[s:e], grads)
         del m
         dgate, dup = swiglu_backward(dm, gate, up)
         del dm, gate, up
-        dn2 = _linear_backward(lay.gate, dgate, n2, grads)
-        dn2 = _linear_backward(lay.up, dup, n2, grads, dx=dn2)
+        dn2 = _linear_backward(lay.gate, dgate, n2, t_gate, grads)
+        dn2 = _linear_backward(lay.up, dup, n2, t_up, grads, dx=dn2)
         del dgate, dup
-        dh[s:e] = dyf[s:e] + rms_norm_backward(dn2, ht, lay.norm2.weight, rstd)
+        torch.add(dyf[s:e], _norm_backward(lay.norm2, dn2, ht, rstd), out=dh[s:e])
     return dh.view(B, T, H)
 
 
-def _attention_backward(lay: _Layer, call: _Call, x: Tensor, o: Tensor, state: tuple, dh: Tensor, kernel: str,
-                        grads: dict, need_dx: bool) -> Optional[Tensor]:
+def _attention_backward(lay: _Layer, call: _Call, x: Tensor, o: Tensor, state: tuple, t_o: Optional[Tensor],
+                        dh: Tensor, kernel: str, grads: dict, need_dx: bool) -> Optional[Tensor]:
     """dx = dh + d(attention_block(x))/dx (None when not need_dx); LoRA gradients into grads."""
     B, T, H = x.shape
     N, cd, D = B * T, call.dtype, lay.head_dim
     n1, rstd1 = _norm(lay.norm1, x)
     n1 = n1.to(cd).view(N, H)
-    q, k, v, normed = _qkv(lay, call, n1)
-    dhf = dh.view(N, H)
-    do = _linear_backward(lay.o, dhf.to(cd), o.view(N, -1), grads).view(o.shape)
+    q, k, v, (tq, tk, tv), normed = _qkv(lay, call, n1)
+    do = _linear_backward(lay.o, dh.view(N, H).to(cd), o.view(N, -1), t_o, grads).view(o.shape)
     dq, dk, dv = attention_backward(do, q, k, v, o, state, call.docs, lay.scale, lay.window, kernel)
     del do, q, k, v, o
     dq, dk = dq.view(B, T, -1, D), dk.view(B, T, -1, D)
@@ -481,15 +509,15 @@ def _attention_backward(lay: _Layer, call: _Call, x: Tensor, o: Tensor, state: t
     rope_backward_(dk, call.cos, call.sin)
     if normed is not None:  # Qwen3: through q_norm / k_norm (frozen weights)
         q_in, q_rstd, k_in, k_rstd = normed
-        dq = rms_norm_backward(dq, q_in, lay.q_norm.weight, q_rstd)
-        dk = rms_norm_backward(dk, k_in, lay.k_norm.weight, k_rstd)
-    dn1 = _linear_backward(lay.q, dq.reshape(N, -1), n1, grads, need_dx=need_dx)
-    dn1 = _linear_backward(lay.k, dk.reshape(N, -1), n1, grads, dx=dn1, need_dx=need_dx)
-    dn1 = _linear_backward(lay.v, dv.reshape(N, -1), n1, grads, dx=dn1, need_dx=need_dx)
+        dq = _norm_backward(lay.q_norm, dq, q_in, q_rstd)
+        dk = _norm_backward(lay.k_norm, dk, k_in, k_rstd)
+    dn1 = _linear_backward(lay.q, dq.reshape(N, -1), n1, tq, grads, need_dx=need_dx)
+    dn1 = _linear_backward(lay.k, dk.reshape(N, -1), n1, tk, grads, dx=dn1, need_dx=need_dx)
+    dn1 = _linear_backward(lay.v, dv.reshape(N, -1), n1, tv, grads, dx=dn1, need_dx=need_dx)
     del dq, dk, dv
     if not need_dx:
         return None
-    return dh.add_(rms_norm_backward(dn1.view(B, T, H), x, lay.norm1.weight, rstd1))
+    return dh.add_(_norm_backward(lay.norm1, dn1.view(B, T, H), x, rstd1))
 
 
 # ------------------------------------------------------------------ installing it

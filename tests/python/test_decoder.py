@@ -208,7 +208,7 @@ def test_backward_recomputes_only_norms_qkv_and_gate_up(monkeypatch):
     off = decoder.enable(model, tile_tokens=None)
     forward_calls = []
     linear, attn = decoder._linear, decoder.attention_forward
-    monkeypatch.setattr(decoder, "_linear", lambda lin, x: forward_calls.append(lin) or linear(lin, x))
+    monkeypatch.setattr(decoder, "_linear", lambda lin, *a, **k: forward_calls.append(lin) or linear(lin, *a, **k))
     monkeypatch.setattr(decoder, "attention_forward",
                         lambda *a, **k: forward_calls.append("attention") or attn(*a, **k))
     ids = torch.randint(0, 101, (2, 13))
