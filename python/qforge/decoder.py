@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from . import offload as _offload
 from .nn import NF4Linear, _dequantize
 
-__all__ = ["enable", "disable", "FusedStatus", "SUPPORTED_LAYERS", "rms_norm_forward", "rms_norm_backward",
+__all__ = ["enable", "disable", "wanted", "FUSED_LAYER_SETTINGS", "FusedStatus", "SUPPORTED_LAYERS", "rms_norm_forward", "rms_norm_backward",
            "swiglu_forward", "swiglu_backward", "rope_forward_", "rope_backward_", "attention_forward",
            "attention_backward"]
 
@@ -638,6 +638,33 @@ def _stack_owner(model: nn.Module, layers: list) -> Optional[nn.Module]:
             if isinstance(child, nn.ModuleList) and any(c is first for c in child):
                 return m
     return None
+
+
+FUSED_LAYER_SETTINGS = ("auto", "on", "off")
+
+
+def wanted(setting: str, device: torch.device, checkpointing: bool, compiled: bool, distributed: bool
+           ) -> tuple[bool, str]:
+    """Whether a training run uses fused layers (``qforge train --fused-layers``), and why.
+    auto: on CUDA, with checkpointing, neither compiled nor under torchrun. on: wherever it can
+    run (any device; refused with --compile or torchrun). off: never."""
+    if setting not in FUSED_LAYER_SETTINGS:
+        raise ValueError(f"fused layers: expected one of {', '.join(FUSED_LAYER_SETTINGS)}, got {setting!r}")
+    if setting == "off":
+        return False, "--fused-layers off"
+    blocker = ("--compile (compiled layers keep transformers' checkpointing)" if compiled else
+               "torchrun (FSDP2 shards the layers; fused layers run on one process)" if distributed else None)
+    if setting == "on":
+        if blocker:
+            raise ValueError(f"--fused-layers on does not combine with {blocker}")
+        return True, "--fused-layers on"
+    if blocker:
+        return False, blocker
+    if device.type != "cuda":
+        return False, f"auto: on CUDA only (this run is on {device.type})"
+    if not checkpointing:
+        return False, "auto: gradient checkpointing is off"
+    return True, "auto"
 
 
 def enable(model: nn.Module, offload: bool = True, tile_tokens: Optional[int] = _offload.DEFAULT_TILE_TOKENS,

@@ -67,6 +67,7 @@ class TrainArgs:
     gradient_checkpointing: Optional[bool] = None  # None: on for --model runs, off for the tiny default
     offload_activations: bool = False
     tile_tokens: Optional[int] = None  # MLPs and RMSNorms over token tiles (qforge.offload); None: untiled
+    fused_layers: str = "auto"  # decoder layers with a hand-written backward (qforge.decoder): auto|on|off
     skip_long: bool = False
     progress: bool = True
     stop_after: Optional[int] = None  # stop (after checkpointing) at this step: tests and time-boxed runs
@@ -192,7 +193,7 @@ def _resolve_output(args: TrainArgs) -> Path:
 
 def train(args: TrainArgs | None = None, **overrides) -> dict:
     """Run a training job; returns a summary dict (losses, steps, paths, speed)."""
-    from . import distributed, hf
+    from . import decoder, distributed, hf
     from .offload import enable as offload_checkpoints
     from .data import PackedBatches, builtin_dataset, read_jsonl, template_for, tokenize_records
     from .models import default_device, load, load_tokenizer
@@ -230,6 +231,8 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
         verify_checkpoint(resume_from)
 
     device = dctx.device if dctx else torch.device(args.device) if args.device else default_device()
+    checkpointing = args.gradient_checkpointing if args.gradient_checkpointing is not None else args.model is not None
+    fused = decoder.wanted(args.fused_layers, device, checkpointing, args.compile, dctx is not None)[0]
     if args.dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
@@ -256,8 +259,12 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
              target_modules=args.target_modules, seed=args.seed)
     hf.patch_causal_lm(model, args.loss)  # full logits never exist in training
     offload_done = False  # whether transformers offloads the checkpointed layer inputs itself
-    checkpointing = args.gradient_checkpointing if args.gradient_checkpointing is not None else args.model is not None
-    if checkpointing and (args.offload_activations or args.tile_tokens) and not args.compile:
+    if fused:  # each layer saves x, h, o and the attention lse; backward re-runs only part of it
+        status = decoder.enable(model, offload=args.offload_activations, tile_tokens=args.tile_tokens)
+        offload_done = args.offload_activations
+        if rank == 0:
+            print(f"qforge train: {status}", file=sys.stderr)
+    elif checkpointing and (args.offload_activations or args.tile_tokens) and not args.compile:
         # long context: each layer's checkpoint in pinned host memory, token-wise modules in tiles
         offload_checkpoints(model, offload=args.offload_activations, tile_tokens=args.tile_tokens)
         offload_done = args.offload_activations
@@ -616,6 +623,9 @@ def add_cli(subparsers) -> None:
     a("--offload-activations", action="store_true", default=None,
       help="keep saved activations in CPU memory (with checkpointing: each layer's input, in pinned memory)")
     a("--tile-tokens", type=int, help="run MLPs and RMSNorms over tiles of this many tokens (long context)")
+    a("--fused-layers", choices=("auto", "on", "off"),
+      help="decoder layers with a hand-written backward that re-runs only part of the layer (qforge.decoder; "
+           "auto: on CUDA with gradient checkpointing, not with --compile or torchrun)")
     a("--skip-long", action="store_true", default=None, help="skip conversations longer than max-seq-length")
     a("--stop-after", type=int, help="checkpoint and stop at this step (resume later)")
     a("--compile", action="store_true", default=None, help="torch.compile each decoder layer (fullgraph)")

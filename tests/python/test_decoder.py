@@ -349,3 +349,32 @@ def test_documents_of_position_ids_and_padding():
     pad = torch.tensor([[1, 1, 1, 1, 0, 0]])
     padded = decoder._documents(torch.arange(6)[None], pad, 1, 6, "cpu")
     assert padded.bounds == [0, 4, 5, 6]
+
+
+def test_qforge_train_with_fused_layers_trains_like_checkpointing(tmp_path, capsys):
+    from qforge import train as T
+    from qforge.data import builtin_dataset
+
+    base = T._prepare_default_model(tmp_path / "base", builtin_dataset(seed=0), seed=0)
+    kw = dict(model=str(base), max_steps=3, max_seq_length=1024, tokens_per_batch=512, lr=4e-3, warmup_steps=2,
+              lora_r=8, lora_alpha=16.0, progress=False, gradient_checkpointing=True)
+    plain = T.train(output=str(tmp_path / "plain"), fused_layers="off", **kw)
+    fused = T.train(output=str(tmp_path / "fused"), fused_layers="on", offload_activations=True, tile_tokens=100,
+                    **kw)
+    assert "fused decoder layers: on" in capsys.readouterr().err
+    torch.testing.assert_close(torch.tensor(fused["losses"]), torch.tensor(plain["losses"]), rtol=1e-5, atol=1e-5)
+
+
+def test_when_training_uses_fused_layers():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert decoder.wanted("auto", cuda, True, False, False) == (True, "auto")
+    assert not decoder.wanted("auto", cpu, True, False, False)[0]
+    assert not decoder.wanted("auto", cuda, False, False, False)[0]
+    assert "compile" in decoder.wanted("auto", cuda, True, True, False)[1]
+    assert "torchrun" in decoder.wanted("auto", cuda, True, False, True)[1]
+    assert decoder.wanted("on", cpu, False, False, False)[0]
+    assert not decoder.wanted("off", cuda, True, False, False)[0]
+    with pytest.raises(ValueError, match="does not combine with --compile"):
+        decoder.wanted("on", cuda, True, True, False)
+    with pytest.raises(ValueError, match="expected one of auto, on, off"):
+        decoder.wanted("yes", cuda, True, False, False)
