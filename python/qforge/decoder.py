@@ -48,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from typing import Optional
 
 import torch
@@ -354,6 +355,7 @@ class _Layer:
         self.q_norm = getattr(attn, "q_norm", None) if family == "qwen3" else None
         self.k_norm = getattr(attn, "k_norm", None) if family == "qwen3" else None
         self.head_dim, self.scale = attn.head_dim, attn.scaling
+        self.heads = attn.config.num_attention_heads
         if family == "mistral":
             self.window = getattr(attn.config, "sliding_window", None)
         else:
@@ -378,8 +380,9 @@ class _Call:
     """One forward's settings shared by its layers: cos/sin [1 or B, T, head_dim]."""
 
     def __init__(self, docs: _Documents, cos: Tensor, sin: Tensor, dtype: torch.dtype, tile: Optional[int],
-                 offloader: _offload.HostOffloader):
+                 offloader: _offload.HostOffloader, save_h: bool = True):
         self.docs, self.cos, self.sin, self.dtype, self.tile, self.offloader = docs, cos, sin, dtype, tile, offloader
+        self.save_h = save_h  # False: backward recomputes h = x + o_proj(o) (saves host memory)
 
 
 def _tiles(n: int, tile: Optional[int]):
@@ -418,7 +421,7 @@ def _forward(lay: _Layer, call: _Call, x: Tensor, kernel: str):
     del q, k, v
     saved += [save(o), save(state[0])]
     h, t_o = _linear(lay.o, o.view(N, -1), residual=x.view(N, H))
-    saved.append(save(h.view(B, T, H)))
+    saved.append(save(h.view(B, T, H)) if call.save_h else None)
     del o
     y = t_down = None
     for s, e in _tiles(N, call.tile):
@@ -457,13 +460,19 @@ class _DecoderLayer(torch.autograd.Function):
         need_dx = ctx.needs_input_grad[2]
         grads: dict = {}
         t_o, t_down = ctx.t
-        h = off.load(ctx.h)  # brings lse back meanwhile; o and x too, while the MLP runs
-        off.prefetch(ctx.o)
-        off.prefetch(ctx.x)
         with torch.autocast(dy.device.type, enabled=False):
-            dh = _mlp_backward(lay, call, h, dy, t_down, grads)
-            del h
-            lse, o, x = off.load(ctx.lse), off.load(ctx.o), off.load(ctx.x)  # x's load prefetches the layer below
+            if ctx.h is not None:
+                h = off.load(ctx.h)  # brings lse back meanwhile; o and x too, while the MLP runs
+                off.prefetch(ctx.o)
+                off.prefetch(ctx.x)
+                dh = _mlp_backward(lay, call, h, dy, t_down, grads)
+                del h
+                lse, o, x = off.load(ctx.lse), off.load(ctx.o), off.load(ctx.x)  # x's prefetches the layer below
+            else:  # h was not kept (host budget): h = x + o_proj(o) again, one GEMM
+                lse, o, x = off.load(ctx.lse), off.load(ctx.o), off.load(ctx.x)
+                h = _linear(lay.o, o.view(x.shape[0] * x.shape[1], -1), residual=x.view(-1, x.shape[-1]))[0]
+                dh = _mlp_backward(lay, call, h.view(x.shape), dy, t_down, grads)
+                del h
             dx = _attention_backward(lay, call, x, o, (lse, *ctx.state), t_o, dh, ctx.kernel, grads, need_dx)
         ctx.x = ctx.o = ctx.lse = ctx.h = ctx.state = ctx.t = ctx.call = None
         return (None, None, dx, *[grads.get(p) for p in lay.lora])
@@ -566,11 +575,31 @@ _OUTSIDE = object()  # no model forward running: a layer called directly takes i
 class _State:
     """Per model: the offloader, the padding mask of the current forward, one cached _Documents."""
 
-    def __init__(self, offloader, tile):
+    def __init__(self, offloader, tile, host_budget: Optional[int], layers: int):
         self.offloader, self.tile = offloader, tile
         self.mask = _OUTSIDE  # the model's padding mask while its forward runs
         self.cache = None  # (key, _Documents)
         self.warned: set = set()
+        self.host_budget, self.layers = host_budget, layers
+        self.host_used, self.layer_index = 0, 0  # this forward's: bytes sent to the host, layers run
+
+    def start_forward(self) -> None:
+        self.host_used, self.layer_index = 0, 0
+
+    def plan_saves(self, hidden: Tensor, heads: int) -> str:
+        """What this layer keeps for backward, within the host budget: "all" (x, o, lse, h), "no_h"
+        (h recomputed from x and o) or "x" (checkpointed recompute, as qforge.offload), leaving
+        every later layer of the forward room for at least its input."""
+        x_bytes = hidden.numel() * hidden.element_size()
+        lse_bytes = heads * hidden.shape[0] * hidden.shape[1] * 4
+        later = max(0, self.layers - self.layer_index - 1) * x_bytes
+        self.layer_index += 1
+        if self.host_budget is None:
+            return "all"
+        for mode, size in (("all", 3 * x_bytes + lse_bytes), ("no_h", 2 * x_bytes + lse_bytes), ("x", x_bytes)):
+            if self.host_used + size + later <= self.host_budget or mode == "x":
+                self.host_used += size
+                return mode
 
     def documents(self, position_ids, mask, batch, tokens, device) -> _Documents:
         key = (position_ids, None if position_ids is None else position_ids._version, mask,
@@ -621,12 +650,16 @@ def _fused_checkpoint(lay: _Layer, state: _State, fallback, run, hidden, *args, 
     if why is not None:
         state.warn_once(why)
         return fallback(run, hidden, *args, **kwargs)
+    saves = state.plan_saves(hidden, lay.heads)
+    if saves == "x":
+        state.warn_once("the host budget holds only the layer inputs (qforge.decoder.enable's host_budget_gib)")
+        return fallback(run, hidden, *args, **kwargs)
     B, T, _ = hidden.shape
     docs = state.documents(kw.get("position_ids"), mask, B, T, hidden.device)
     dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
         else hidden.dtype
     cos, sin = kw["position_embeddings"]
-    call = _Call(docs, cos.to(dtype), sin.to(dtype), dtype, state.tile, state.offloader)
+    call = _Call(docs, cos.to(dtype), sin.to(dtype), dtype, state.tile, state.offloader, save_h=saves == "all")
     return _DecoderLayer.apply(lay, call, hidden, *lay.lora)
 
 
@@ -667,14 +700,39 @@ def wanted(setting: str, device: torch.device, checkpointing: bool, compiled: bo
     return True, "auto"
 
 
+def default_host_budget() -> int:
+    """HOST_BUDGET_FRACTION of this machine's physical memory, in bytes."""
+    return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * HOST_BUDGET_FRACTION)
+
+
+# What the offloaded saves of one forward may take of the host's memory by default: at 131,072
+# tokens of a Llama-3.1-8B, x, o and h are 1 GiB each a layer (96 GiB for 32 layers).
+HOST_BUDGET_FRACTION = 0.6
+
+
+# Saves whose copy to the host may be pending: a layer hands over x, then o and lse, then h, so
+# with three the o_proj GEMM does not wait for o's copy before h is handed over.
+MAX_INFLIGHT_COPIES = 3
+
+
 def enable(model: nn.Module, offload: bool = True, tile_tokens: Optional[int] = _offload.DEFAULT_TILE_TOKENS,
-           max_inflight: int = _offload.MAX_INFLIGHT_COPIES) -> FusedStatus:
+           max_inflight: int = MAX_INFLIGHT_COPIES, host_budget_gib: Optional[float] = None
+           ) -> FusedStatus:
     """Per-layer checkpointing (qforge.offload.enable, same arguments) with every supported decoder
-    layer fused (module doc). Returns which layers run fused, and why the others do not."""
+    layer fused (module doc). Returns which layers run fused, and why the others do not.
+
+    With ``offload``, the saves of one forward stay within ``host_budget_gib`` of host memory
+    (default: HOST_BUDGET_FRACTION of physical memory): layer by layer, a layer keeps x, o, lse
+    and h if they fit beside one input per later layer, else x, o and lse (backward recomputes h
+    with one GEMM), else only x (checkpointed recompute, as qforge.offload)."""
+    if host_budget_gib is not None and not host_budget_gib > 0:
+        raise ValueError(f"decoder.enable: host_budget_gib must be > 0 or None, got {host_budget_gib!r}")
     offloader = _offload.enable(model, offload=offload, tile_tokens=tile_tokens, max_inflight=max_inflight)
     layers = _offload._decoder_layers(model)
     _remove_hooks(model)
-    state = _State(offloader, tile_tokens)
+    budget = None if not offload else (int(host_budget_gib * 2**30) if host_budget_gib is not None
+                                       else default_host_budget())
+    state = _State(offloader, tile_tokens, budget, 0)
     owner = _stack_owner(model, layers)
     fused, reason = 0, None
     if owner is None:
@@ -688,10 +746,12 @@ def enable(model: nn.Module, offload: bool = True, tile_tokens: Optional[int] = 
         layer._gradient_checkpointing_func = functools.partial(_fused_checkpoint, lay, state,
                                                                layer._gradient_checkpointing_func)
         fused += 1
+    state.layers = fused
     if fused:
         def remember_mask(module, args, kwargs):
             mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
             state.mask = mask if isinstance(mask, Tensor) else None
+            state.start_forward()
 
         def forget_mask(module, args, output):
             state.mask = _OUTSIDE

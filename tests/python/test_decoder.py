@@ -237,6 +237,27 @@ def test_offloaded_bytes_are_x_o_lse_and_h():
     assert off.bytes_to_host == off.bytes_to_device == 2 * per_layer
 
 
+def test_host_budget_keeps_less_layer_by_layer():
+    """Layer 0 keeps x, o, lse and h; layer 1 x, o and lse (h recomputed); layer 2 only x
+    (checkpointed): the bytes sent to the host are exactly the budget, the gradients unchanged."""
+    ref = tiny("llama", layers=3)
+    ours = copy.deepcopy(ref)
+    x_bytes, lse_bytes = 2 * 10 * 48 * 4, 4 * 2 * 10 * 4
+    budget = (3 * x_bytes + lse_bytes) + (2 * x_bytes + lse_bytes) + x_bytes
+    decoder.enable(ours, host_budget_gib=budget / 2**30)
+    ids = torch.randint(0, 101, (2, 10))
+    for m in (ref, ours):
+        m(input_ids=ids, labels=ids).loss.backward()
+    off = ours._qforge_offloader
+    assert off.bytes_to_host == off.bytes_to_device == budget
+    g_ref, g_ours = lora_grads(ref), lora_grads(ours)
+    assert len(g_ref) == 3 * 14
+    for n in g_ref:
+        torch.testing.assert_close(g_ours[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=n)
+    with pytest.raises(ValueError, match="host_budget_gib must be > 0"):
+        decoder.enable(ours, host_budget_gib=0)
+
+
 def test_unsupported_layers_keep_checkpointing_with_a_reason(caplog):
     ref = tiny("llama", dropout=0.1, seed=1)
     ours = copy.deepcopy(ref)
