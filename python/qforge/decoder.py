@@ -588,17 +588,19 @@ class _State:
 
     def plan_saves(self, hidden: Tensor, heads: int) -> str:
         """What this layer keeps for backward, within the host budget: "all" (x, o, lse, h), "no_h"
-        (h recomputed from x and o) or "x" (checkpointed recompute, as qforge.offload), leaving
-        every later layer of the forward room for at least its input."""
+        (h recomputed from x and o with one GEMM) or "x" (checkpointed recompute, as qforge.offload,
+        which re-runs attention). A layer takes "all" only while every later layer of the forward
+        can still have "no_h", and "no_h" while every later one can have "x"."""
         x_bytes = hidden.numel() * hidden.element_size()
         lse_bytes = heads * hidden.shape[0] * hidden.shape[1] * 4
-        later = max(0, self.layers - self.layer_index - 1) * x_bytes
+        size = {"all": 3 * x_bytes + lse_bytes, "no_h": 2 * x_bytes + lse_bytes, "x": x_bytes}
+        later = max(0, self.layers - self.layer_index - 1)
         self.layer_index += 1
         if self.host_budget is None:
             return "all"
-        for mode, size in (("all", 3 * x_bytes + lse_bytes), ("no_h", 2 * x_bytes + lse_bytes), ("x", x_bytes)):
-            if self.host_used + size + later <= self.host_budget or mode == "x":
-                self.host_used += size
+        for mode, floor in (("all", "no_h"), ("no_h", "no_h"), ("no_h", "x"), ("x", "x")):
+            if self.host_used + size[mode] + later * size[floor] <= self.host_budget or mode == "x":
+                self.host_used += size[mode]
                 return mode
 
     def documents(self, position_ids, mask, batch, tokens, device) -> _Documents:
@@ -722,9 +724,9 @@ def enable(model: nn.Module, offload: bool = True, tile_tokens: Optional[int] = 
     layer fused (module doc). Returns which layers run fused, and why the others do not.
 
     With ``offload``, the saves of one forward stay within ``host_budget_gib`` of host memory
-    (default: HOST_BUDGET_FRACTION of physical memory): layer by layer, a layer keeps x, o, lse
-    and h if they fit beside one input per later layer, else x, o and lse (backward recomputes h
-    with one GEMM), else only x (checkpointed recompute, as qforge.offload)."""
+    (default: HOST_BUDGET_FRACTION of physical memory), layer by layer (_State.plan_saves): x, o,
+    lse and h; or x, o and lse (backward recomputes h with one GEMM); or only x (checkpointed
+    recompute, as qforge.offload)."""
     if host_budget_gib is not None and not host_budget_gib > 0:
         raise ValueError(f"decoder.enable: host_budget_gib must be > 0 or None, got {host_budget_gib!r}")
     offloader = _offload.enable(model, offload=offload, tile_tokens=tile_tokens, max_inflight=max_inflight)
