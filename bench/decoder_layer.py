@@ -63,10 +63,13 @@ def check_attention(device, seed=0):
                                  error=f"{type(e).__name__}: {str(e)[:400]}"))
                 continue
             rel = lambda a, b: float((a.float() - b).abs().max() / b.abs().max())  # noqa: E731
+            lse = state[0].float()
+            if kernel == "cudnn":  # [B, Hq, T(, 1)] -> the math path's [Hq, B*T]
+                lse = lse.reshape(B, Hq, T).permute(1, 0, 2).reshape(Hq, B * T)
             rows.append(dict(kernel=kernel, shape=[B, T, Hq, Hkv, D], packed=packed, window=window,
                              documents=len(docs.bounds) - 1, o=rel(o, ref_o),
-                             lse=float((state[0].float().reshape(-1) - ref_state[0].reshape(-1)).abs().max())
-                             if state[0].numel() == ref_state[0].numel() else f"shape {tuple(state[0].shape)}",
+                             lse=float((lse.reshape(-1) - ref_state[0].reshape(-1)).abs().max())
+                             if lse.numel() == ref_state[0].numel() else f"shape {tuple(lse.shape)}",
                              dq=rel(grads[0], ref_grads[0]), dk=rel(grads[1], ref_grads[1]),
                              dv=rel(grads[2], ref_grads[2])))
             print(json.dumps(rows[-1]), flush=True)
