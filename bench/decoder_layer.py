@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _record import environment  # noqa: E402
+from train_step import model_arguments  # noqa: E402
 
 
 def check_attention(device, seed=0):
@@ -122,19 +123,7 @@ def step_bench(a, fused: str, device):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--intermediate", type=int, default=14336)
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--kv-heads", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=128256)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--seed", type=int, default=0)
+    model_arguments(ap, layers=8, steps=3, warmup=1)
     ap.add_argument("--tile", type=int, default=8192)
     ap.add_argument("--offload", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--top", type=int, default=15)

@@ -358,9 +358,9 @@ def summarise(results: dict, base: str) -> None:
         r[f"peak_ratio_vs_{base}"] = r["peak_gib"] / ref["peak_gib"] if ref.get("peak_gib") else None
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=32)
+def model_arguments(ap, layers: int = 32, steps: int = 5, warmup: int = 2) -> None:
+    """The model shape (Llama-3.1-8B's by default), batch, LoRA rank and step counts."""
+    ap.add_argument("--layers", type=int, default=layers)
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--intermediate", type=int, default=14336)
     ap.add_argument("--heads", type=int, default=32)
@@ -369,10 +369,15 @@ def main():
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--warmup", type=int, default=warmup)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--seed", type=int, default=0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_arguments(ap)
     ap.add_argument("--impls", default="qforge,qforge_compiled,peft_bitsandbytes,unsloth")
     ap.add_argument("--long-context", default="", help="comma list of batch-1 lengths (e.g. 131072,262144)")
     ap.add_argument("--long-impls", default="qforge,unsloth")

@@ -102,6 +102,20 @@ def lora_grads(model, layer_idx=None):
             if p.requires_grad and n.startswith(prefix) and p.grad is not None}
 
 
+def assert_same_training(ref, ours, **inputs):
+    """One forward + backward of each model: the same loss and every LoRA gradient."""
+    losses = []
+    for m in (ref, ours):
+        loss = m(**inputs).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    g_ref, g_ours = lora_grads(ref), lora_grads(ours)
+    assert len(g_ref) == 14 * len(ref.model.layers) and g_ref.keys() == g_ours.keys()
+    for n in g_ref:
+        torch.testing.assert_close(g_ours[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("do_offload,tile", [(True, None), (False, 7), (True, 5)])
 def test_layer_equals_transformers_layer_on_packed_rows(family, do_offload, tile):
@@ -147,16 +161,7 @@ def test_whole_model_odd_sizes_equals_plain_training(family, heads, kv_heads, hi
     labels = ids.clone()
     labels[:, :4] = -100
     pos = packed_positions(random_lengths(gen, 3, 23))
-    losses = []
-    for m in (ref, ours):
-        loss = m(input_ids=ids, labels=labels, position_ids=pos).loss
-        loss.backward()
-        losses.append(loss.detach())
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
-    g_ref, g_ours = lora_grads(ref), lora_grads(ours)
-    assert len(g_ref) == 3 * 14 and g_ref.keys() == g_ours.keys()
-    for n in g_ref:
-        torch.testing.assert_close(g_ours[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert_same_training(ref, ours, input_ids=ids, labels=labels, position_ids=pos)
 
 
 def test_padding_mask_equals_plain_training():
@@ -168,15 +173,7 @@ def test_padding_mask_equals_plain_training():
     mask = torch.ones(2, 17, dtype=torch.long)
     mask[1, 11:] = 0  # right padding
     labels = ids.masked_fill(mask == 0, -100)
-    losses = []
-    for m in (ref, ours):
-        loss = m(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        losses.append(loss.detach())
-    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
-    g_ref, g_ours = lora_grads(ref), lora_grads(ours)
-    for n in g_ref:
-        torch.testing.assert_close(g_ours[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert_same_training(ref, ours, input_ids=ids, attention_mask=mask, labels=labels)
 
 
 def test_training_steps_follow_todays_checkpointed_path():
@@ -251,14 +248,9 @@ def test_host_budget_keeps_less_layer_by_layer(budget, expected):
     ours = copy.deepcopy(ref)
     decoder.enable(ours, host_budget_gib=budget / 2**30)
     ids = torch.randint(0, 101, (2, 10))
-    for m in (ref, ours):
-        m(input_ids=ids, labels=ids).loss.backward()
+    assert_same_training(ref, ours, input_ids=ids, labels=ids)
     off = ours._qforge_offloader
     assert off.bytes_to_host == off.bytes_to_device == expected
-    g_ref, g_ours = lora_grads(ref), lora_grads(ours)
-    assert len(g_ref) == 3 * 14
-    for n in g_ref:
-        torch.testing.assert_close(g_ours[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=n)
     with pytest.raises(ValueError, match="host_budget_gib must be > 0"):
         decoder.enable(ours, host_budget_gib=0)
 
