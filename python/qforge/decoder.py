@@ -22,7 +22,8 @@ flash forward; at 131,072 tokens, where attention is most of the step, about a f
 attention time.
 
 The MLP block works over token tiles of ``tile_tokens`` (forward and backward), so nothing of
-size tokens x intermediate outlives a tile. LoRA adds into the base GEMM's output
+size tokens x intermediate outlives a tile. RMSNorm, SwiGLU and RoPE are qforge.layer's fused
+kernels (one pass each; their raw forward/backward functions). LoRA adds into the base GEMM's output
 (``out.addmm_(x @ A^T, B^T, alpha=scaling)``) and its gradients are written by hand; each NF4
 weight is dequantized into qforge.nn's shared workspace once per use.
 
@@ -56,11 +57,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import offload as _offload
+from .layer import (rms_norm_backward, rms_norm_forward, rope_backward_, rope_forward_, swiglu_backward_,
+                    swiglu_forward)
 from .nn import NF4Linear, _dequantize
 
-__all__ = ["enable", "disable", "wanted", "FUSED_LAYER_SETTINGS", "FusedStatus", "SUPPORTED_LAYERS", "rms_norm_forward", "rms_norm_backward",
-           "swiglu_forward", "swiglu_backward", "rope_forward_", "rope_backward_", "attention_forward",
-           "attention_backward"]
+__all__ = ["enable", "disable", "wanted", "FUSED_LAYER_SETTINGS", "FusedStatus", "SUPPORTED_LAYERS",
+           "attention_forward", "attention_backward"]
 
 log = logging.getLogger("qforge.decoder")
 
@@ -69,65 +71,6 @@ SUPPORTED_LAYERS = {"LlamaDecoderLayer": "llama", "MistralDecoderLayer": "mistra
                     "Qwen2DecoderLayer": "qwen2", "Qwen3DecoderLayer": "qwen3"}
 _PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-
-# ------------------------------------------------------------------ elementwise ops
-# Eager twins of the fused kernels' interface (same signatures and shapes): RMSNorm's math in
-# fp32 (fp64 for fp64 inputs), rstd of shape x.shape[:-1]; cos/sin [1 or B, T, D].
-def _wide(x: Tensor) -> Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def rms_norm_forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """transformers' RMSNorm: x * rsqrt(mean(x^2) + eps) in fp32, rounded to x's dtype, times
-    the weight, in x's dtype. Returns (y, rstd)."""
-    xf = _wide(x)
-    rstd = torch.rsqrt(xf.square().mean(-1) + eps)
-    y = (xf * rstd.unsqueeze(-1)).to(x.dtype)
-    return (y.mul_(weight) if weight.dtype == x.dtype else (weight * y).to(x.dtype)), rstd
-
-
-def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> Tensor:
-    """dx of rms_norm_forward for a frozen weight, in x's dtype."""
-    r = rstd.unsqueeze(-1)
-    n = _wide(x) * r
-    dn = _wide(dy) * weight
-    dot = (dn * n).mean(-1, keepdim=True)
-    return dn.sub_(n.mul_(dot)).mul_(r).to(x.dtype)
-
-
-def swiglu_forward(gate: Tensor, up: Tensor) -> Tensor:
-    return F.silu(gate).mul_(up)
-
-
-def swiglu_backward(dout: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
-    """(dgate, dup) of silu(gate) * up, rounded as autograd rounds them."""
-    return torch.ops.aten.silu_backward(dout * up, gate), F.silu(gate).mul_(dout)
-
-
-def _halves(x: Tensor, cos: Tensor, sin: Tensor):
-    h = x.shape[-1] // 2
-    c, s = cos.unsqueeze(2), sin.unsqueeze(2)
-    return x[..., :h], x[..., h:], c[..., :h], c[..., h:], s[..., :h], s[..., h:]
-
-
-def rope_forward_(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """In place on x [B, T, H, D]: x * cos + rotate_half(x) * sin (transformers'
-    apply_rotary_pos_emb), rotate_half(x) = (-x2, x1)."""
-    x1, x2, c1, c2, s1, s2 = _halves(x, cos, sin)
-    x1_in = x1.clone()
-    x1.mul_(c1).addcmul_(x2, s1, value=-1)
-    x2.mul_(c2).addcmul_(x1_in, s2)
-    return x
-
-
-def rope_backward_(dx: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """In place: the gradient through rope_forward_ (the transposed rotation)."""
-    d1, d2, c1, c2, s1, s2 = _halves(dx, cos, sin)
-    d1_in = d1.clone()
-    d1.mul_(c1).addcmul_(d2, s2)
-    d2.mul_(c2).addcmul_(d1_in, s1, value=-1)
-    return dx
 
 
 # ------------------------------------------------------------------ attention with log-sum-exp
@@ -165,6 +108,11 @@ def _allowed(length: int, window: Optional[int], device) -> Tensor:
     if window is not None:
         allowed &= distance < window
     return allowed
+
+
+def _wide(x: Tensor) -> Tensor:
+    """x in fp32 (fp64 stays fp64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _math_forward(q, k, v, docs, scale, window):
@@ -493,7 +441,7 @@ def _mlp_backward(lay: _Layer, call: _Call, h: Tensor, dy: Tensor, t_down: Optio
         m = swiglu_forward(gate, up)
         dm = _linear_backward(lay.down, dyf[s:e].to(cd), m, None if t_down is None else t_down[s:e], grads)
         del m
-        dgate, dup = swiglu_backward(dm, gate, up)
+        dgate, dup = swiglu_backward_(dm, gate, up)  # over gate and up
         del dm, gate, up
         dn2 = _linear_backward(lay.gate, dgate, n2, t_gate, grads)
         dn2 = _linear_backward(lay.up, dup, n2, t_up, grads, dx=dn2)

@@ -305,35 +305,6 @@ def test_disable_restores_transformers_layers():
 
 
 # ------------------------------------------------------------------ the pieces, in fp64
-def test_elementwise_backwards_equal_autograd():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 5, 13, dtype=torch.float64, generator=g, requires_grad=True)
-    w = torch.randn(13, dtype=torch.float64, generator=g)
-    dy = torch.randn(3, 5, 13, dtype=torch.float64, generator=g)
-    y, rstd = decoder.rms_norm_forward(x, w, 1e-5)
-    ref = w * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
-    torch.testing.assert_close(y, ref)
-    (gx,) = torch.autograd.grad(ref, x, dy)
-    torch.testing.assert_close(decoder.rms_norm_backward(dy, x.detach(), w, rstd), gx)
-
-    gate, up = (torch.randn(7, 9, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
-    out = torch.nn.functional.silu(gate) * up
-    torch.testing.assert_close(decoder.swiglu_forward(gate, up), out)
-    dout = torch.randn(7, 9, dtype=torch.float64, generator=g)
-    for got, want in zip(decoder.swiglu_backward(dout, gate.detach(), up.detach()),
-                         torch.autograd.grad(out, (gate, up), dout)):
-        torch.testing.assert_close(got, want)
-
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-    q = torch.randn(2, 6, 3, 10, dtype=torch.float64, generator=g, requires_grad=True)
-    cos, sin = (torch.randn(2, 6, 10, dtype=torch.float64, generator=g) for _ in range(2))
-    ref_q, _ = apply_rotary_pos_emb(q, q, cos, sin, unsqueeze_dim=2)
-    torch.testing.assert_close(decoder.rope_forward_(q.detach().clone(), cos, sin), ref_q)
-    dq = torch.randn_like(ref_q)
-    (want,) = torch.autograd.grad(ref_q, q, dq)
-    torch.testing.assert_close(decoder.rope_backward_(dq.clone(), cos, sin), want)
-
-
 @pytest.mark.parametrize("window", [None, 4])
 def test_math_attention_and_its_lse_backward_equal_fp64_sdpa(window):
     g = torch.Generator().manual_seed(1)
