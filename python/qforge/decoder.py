@@ -534,14 +534,13 @@ class _State:
     def start_forward(self) -> None:
         self.host_used, self.layer_index = 0, 0
 
-    def plan_saves(self, hidden: Tensor, heads: int) -> str:
+    def plan_saves(self, hidden: Tensor, o_bytes: int, lse_bytes: int) -> str:
         """What this layer keeps for backward, within the host budget: "all" (x, o, lse, h), "no_h"
         (h recomputed from x and o with one GEMM) or "x" (checkpointed recompute, as qforge.offload,
         which re-runs attention). A layer takes "all" only while every later layer of the forward
         can still have "no_h", and "no_h" while every later one can have "x"."""
         x_bytes = hidden.numel() * hidden.element_size()
-        lse_bytes = heads * hidden.shape[0] * hidden.shape[1] * 4
-        size = {"all": 3 * x_bytes + lse_bytes, "no_h": 2 * x_bytes + lse_bytes, "x": x_bytes}
+        size = {"all": 2 * x_bytes + o_bytes + lse_bytes, "no_h": x_bytes + o_bytes + lse_bytes, "x": x_bytes}
         later = max(0, self.layers - self.layer_index - 1)
         self.layer_index += 1
         if self.host_budget is None:
@@ -600,14 +599,14 @@ def _fused_checkpoint(lay: _Layer, state: _State, fallback, run, hidden, *args, 
     if why is not None:
         state.warn_once(why)
         return fallback(run, hidden, *args, **kwargs)
-    saves = state.plan_saves(hidden, lay.heads)
+    B, T, _ = hidden.shape
+    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
+        else hidden.dtype
+    saves = state.plan_saves(hidden, B * T * lay.heads * lay.head_dim * dtype.itemsize, lay.heads * B * T * 4)
     if saves == "x":
         state.warn_once("the host budget holds only the layer inputs (qforge.decoder.enable's host_budget_gib)")
         return fallback(run, hidden, *args, **kwargs)
-    B, T, _ = hidden.shape
     docs = state.documents(kw.get("position_ids"), mask, B, T, hidden.device)
-    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
-        else hidden.dtype
     cos, sin = kw["position_embeddings"]
     call = _Call(docs, cos.to(dtype), sin.to(dtype), dtype, state.tile, state.offloader, save_h=saves == "all")
     return _DecoderLayer.apply(lay, call, hidden, *lay.lora)

@@ -234,17 +234,26 @@ def test_offloaded_bytes_are_x_o_lse_and_h():
     assert off.bytes_to_host == off.bytes_to_device == 2 * per_layer
 
 
-X_BYTES, LSE_BYTES = 2 * 10 * 48 * 4, 4 * 2 * 10 * 4  # one layer's input and lse (2 x 10 tokens, fp32)
-ALL, NO_H = 3 * X_BYTES + LSE_BYTES, 2 * X_BYTES + LSE_BYTES
+# One layer's saves at 2 x 10 tokens, fp32: x and h (hidden 48), o (4 heads of 16 on Qwen3: 64
+# features; 48 on Llama) and lse (4 heads).
+X_BYTES, LSE_BYTES = 2 * 10 * 48 * 4, 4 * 2 * 10 * 4
 
 
-@pytest.mark.parametrize("budget,expected", [
-    (ALL + 2 * NO_H, ALL + 2 * NO_H),  # x, o, lse, h; then x, o, lse twice (h recomputed)
-    (2 * NO_H + X_BYTES, 2 * NO_H + X_BYTES),  # x, o, lse twice; then only x (checkpointed layer)
-    (ALL + 2 * NO_H - 1, 3 * NO_H),
-])
-def test_host_budget_keeps_less_layer_by_layer(budget, expected):
-    ref = tiny("llama", layers=3)
+def saves(o_features):
+    o = 2 * 10 * o_features * 4
+    return 2 * X_BYTES + o + LSE_BYTES, X_BYTES + o + LSE_BYTES  # all, no_h
+
+
+@pytest.mark.parametrize("family,o_features", [("llama", 48), ("qwen3", 64)])
+@pytest.mark.parametrize("case", ["all, no_h, no_h", "no_h, no_h, x", "no_h x 3"])
+def test_host_budget_keeps_less_layer_by_layer(family, o_features, case):
+    every, no_h = saves(o_features)
+    budget, expected = {
+        "all, no_h, no_h": (every + 2 * no_h, every + 2 * no_h),  # then h recomputed
+        "no_h, no_h, x": (2 * no_h + X_BYTES, 2 * no_h + X_BYTES),  # the last layer checkpointed
+        "no_h x 3": (every + 2 * no_h - 1, 3 * no_h),
+    }[case]
+    ref = tiny(family, layers=3, **({"head_dim": 16} if family == "qwen3" else {}))
     ours = copy.deepcopy(ref)
     decoder.enable(ours, host_budget_gib=budget / 2**30)
     ids = torch.randint(0, 101, (2, 10))
