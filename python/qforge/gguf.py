@@ -303,13 +303,76 @@ def _llama3_rope_factors(cfg: dict) -> Optional[torch.Tensor]:
 
 
 def _tokenizer_dir(adapter_dir: Path, base: Path) -> Path:
+    """The directory whose tokenizer is exported: the adapter's (the tokenizer trained with) or the base's."""
     for d in (adapter_dir, base):
-        if (d / "tokenizer.json").exists():
+        if (d / "tokenizer.json").exists() or (d / "tokenizer.model").exists():
             return d
-    if (base / "tokenizer.model").exists():
-        raise ValueError(f"{base}: SentencePiece tokenizers (tokenizer.model without tokenizer.json) are not "
-                         "supported by qforge's GGUF export yet; only byte-level BPE tokenizer.json")
-    raise ValueError(f"missing tokenizer files: neither {adapter_dir} nor {base} has a tokenizer.json")
+    raise ValueError(f"missing tokenizer files: neither {adapter_dir} nor {base} has a tokenizer.json or a "
+                     "SentencePiece tokenizer.model")
+
+
+def _looks_special(token: str) -> bool:
+    """convert_hf_to_gguf's does_token_look_special: added tokens some models fail to mark special."""
+    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or (token.startswith("<|") and token.endswith("|>"))
+            or (token.startswith("<\uff5c") and token.endswith("\uff5c>"))
+            or (token.startswith("<unused") and token.endswith(">")))
+
+
+def _sentencepiece_vocab(tok_dir: Path, vocab_size: int):
+    """tokens, scores and token types of a SentencePiece tokenizer.model (Llama 2, Mistral v0.1-v0.3),
+    as convert_hf_to_gguf's _create_vocab_sentencepiece: pieces and scores from the model, control /
+    unknown / unused / byte pieces typed, added_tokens.json and tokenizer_config.json's
+    added_tokens_decoder on top, ids up to the model's vocab_size padded as [PADi]."""
+    import gguf
+
+    try:
+        from sentencepiece import SentencePieceProcessor
+    except ImportError:
+        raise ValueError(f"{tok_dir / 'tokenizer.model'}: exporting a SentencePiece tokenizer needs the "
+                         "sentencepiece package (pip install sentencepiece)") from None
+    path = tok_dir / "tokenizer.model"
+    sp = SentencePieceProcessor()
+    try:
+        sp.LoadFromFile(str(path))
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"{path}: not a readable SentencePiece model ({e})") from None
+    if sp.vocab_size() > vocab_size:
+        raise ValueError(f"{path}: the tokenizer has {sp.vocab_size()} pieces, the model only {vocab_size} "
+                         "embeddings (adapter/base mismatch?)")
+    t = gguf.TokenType
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    scores = [-10000.0] * vocab_size
+    types = [int(t.UNUSED)] * vocab_size
+    for i in range(sp.vocab_size()):
+        tokens[i], scores[i] = sp.IdToPiece(i), sp.GetScore(i)
+        types[i] = int(t.UNKNOWN if sp.IsUnknown(i) else t.CONTROL if sp.IsControl(i) else
+                       t.UNUSED if sp.IsUnused(i) else t.BYTE if sp.IsByte(i) else t.NORMAL)
+
+    def put(i: int, token: str, ttype: int, where: Path) -> None:
+        if not 0 <= i < vocab_size:
+            raise ValueError(f"{where}: added token {token!r} has id {i}, outside the model's {vocab_size} "
+                             "embeddings")
+        tokens[i], scores[i], types[i] = token, -1000.0, ttype
+
+    if (tok_dir / "added_tokens.json").is_file():
+        for token, i in read_json(tok_dir / "added_tokens.json", "added tokens").items():
+            put(int(i), token, int(t.USER_DEFINED), tok_dir / "added_tokens.json")
+    added, where = {}, tok_dir / "tokenizer_config.json"
+    if where.is_file():
+        added = read_json(where, "the tokenizer configuration").get("added_tokens_decoder") or {}
+    if not added and (tok_dir / "tokenizer.json").is_file():
+        # transformers 5 keeps added tokens in tokenizer.json only, where the converter does not look
+        # (its file then lacks them): read them there, as transformers 4 wrote them to the config
+        where = tok_dir / "tokenizer.json"
+        added = {t["id"]: t for t in read_json(where, "the tokenizer").get("added_tokens") or []}
+    for i, data in added.items():
+        token = data["content"]
+        if data.get("special") or _looks_special(token):
+            put(int(i), token, int(t.CONTROL), where)
+        else:  # user-defined tokens' spaces pre-normalized
+            put(int(i), token.replace("\u2581", " "), int(t.USER_DEFINED), where)
+    return tokens, scores, types
 
 
 def _tokenizer_pre(tok_json: dict, where: Path) -> str:
@@ -366,11 +429,7 @@ def _vocab(tok_dir: Path, vocab_size: int):
         if token in added:
             if not decoder[i].normalized:
                 token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
-            looks_special = (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
-                             or (token.startswith("<|") and token.endswith("|>"))
-                             or (token.startswith("<\uff5c") and token.endswith("\uff5c>"))
-                             or (token.startswith("<unused") and token.endswith(">")))
-            if decoder[i].special or looks_special:
+            if decoder[i].special or _looks_special(token):
                 types.append(int(gguf.TokenType.CONTROL))
             else:
                 token = token.replace("\u2581", " ")
@@ -426,14 +485,27 @@ def _metadata(arch: str, cfg: dict, base: Path, tok_dir: Path, file_type: int, t
         rec.add_rope_dimension_count(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
     rec.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    tokens, types, pre = _vocab(tok_dir, cfg["vocab_size"])
-    rec.add_tokenizer_model("gpt2")
-    rec.add_tokenizer_pre(pre)
-    rec.add_token_list(tokens)
-    rec.add_token_types(types)
-    special = gguf.SpecialVocab(tok_dir, load_merges=True)
-    if not special.merges:
-        raise ValueError(f"{tok_dir / 'tokenizer.json'}: the BPE tokenizer has no merges")
+    tok_cfg = tok_dir / "tokenizer_config.json"
+    tok_cfg = read_json(tok_cfg, "the tokenizer configuration") if tok_cfg.is_file() else {}
+    if arch == "llama" and isinstance(tok_cfg, dict) and tok_cfg.get("add_prefix_space") is not None:
+        rec.add_add_space_prefix(tok_cfg["add_prefix_space"])  # LlamaModel.set_vocab, before the vocabulary
+    if (tok_dir / "tokenizer.model").exists():  # the converter's set_vocab tries SentencePiece first
+        tokens, scores, types = _sentencepiece_vocab(tok_dir, cfg["vocab_size"])
+        rec.add_tokenizer_model("llama")
+        rec.add_tokenizer_pre("default")
+        rec.add_token_list(tokens)
+        rec.add_token_scores(scores)
+        rec.add_token_types(types)
+        special = gguf.SpecialVocab(tok_dir, n_vocab=len(tokens))
+    else:
+        tokens, types, pre = _vocab(tok_dir, cfg["vocab_size"])
+        rec.add_tokenizer_model("gpt2")
+        rec.add_tokenizer_pre(pre)
+        rec.add_token_list(tokens)
+        rec.add_token_types(types)
+        special = gguf.SpecialVocab(tok_dir, load_merges=True)
+        if not special.merges:
+            raise ValueError(f"{tok_dir / 'tokenizer.json'}: the BPE tokenizer has no merges")
     if isinstance(special.chat_template, str):  # llama.cpp's template loaders reject {% generation %}
         special.chat_template = _GENERATION_TAG.sub("", special.chat_template)
     special.add_to_gguf(rec, quiet=True)
