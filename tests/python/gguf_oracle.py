@@ -197,17 +197,21 @@ def libmtmd() -> Path:
     return lib_path
 
 
-def mtmd_image_embeddings(text_gguf: Path, mmproj: Path, image) -> list:
+def mtmd_run(text_gguf: Path, mmproj: Path, image, prompt: str = "an image: <__media__> end",
+             n_generate: int = 0):
     """llama.cpp's mtmd (libmtmd through llama_cpp.mtmd_cpp): load the language model and the
-    mmproj file, tokenize a prompt holding one RGB image (uint8 H x W x 3), encode each image
-    chunk; returns the embeddings of each chunk (n_tokens x n_embd float32 arrays)."""
+    mmproj file, tokenize `prompt` (its media marker replaced by one RGB image, uint8 H x W x 3,
+    as mtmd lays it out for the model), encode each image chunk, and optionally generate
+    n_generate tokens greedily after the whole prompt. Returns (chunks, generated): chunks a list
+    of ("text", token ids) and ("image", n_tokens x n_embd float32 embeddings) in prompt order."""
     import numpy as np
 
     llama_cpp = llama_cpp_python()
     libmtmd()  # llama_cpp.mtmd_cpp loads it from the package's lib directory on import
+    from llama_cpp import llama_cpp as api
     from llama_cpp import mtmd_cpp as mtmd
 
-    llm = llama_cpp.Llama(model_path=str(text_gguf), n_ctx=256, verbose=False, n_threads=1)
+    llm = llama_cpp.Llama(model_path=str(text_gguf), n_ctx=256, n_batch=256, verbose=False, n_threads=1)
     params = mtmd.mtmd_context_params_default()
     params.use_gpu, params.print_timings, params.n_threads, params.warmup = False, False, 1, False
     ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), llm.model, params)
@@ -219,24 +223,42 @@ def mtmd_image_embeddings(text_gguf: Path, mmproj: Path, image) -> list:
                                    (ctypes.c_uint8 * pixels.size).from_buffer(pixels))
     chunks = mtmd.mtmd_input_chunks_init()
     try:
-        text = b"an image: " + mtmd.mtmd_default_marker() + b" end"
-        prompt = mtmd.mtmd_input_text()
-        prompt.text, prompt.text_len, prompt.add_special, prompt.parse_special = text, len(text), False, True
-        rc = mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(prompt), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1)
+        text = prompt.replace("<__media__>", mtmd.mtmd_default_marker().decode()).encode()
+        prompt_in = mtmd.mtmd_input_text()
+        prompt_in.text, prompt_in.text_len, prompt_in.add_special, prompt_in.parse_special = text, len(text), False, True
+        rc = mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(prompt_in), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1)
         if rc != 0:
             raise RuntimeError(f"mtmd_tokenize failed ({rc})")
         n_embd = llm.n_embd()
         out = []
         for i in range(mtmd.mtmd_input_chunks_size(chunks)):
             chunk = mtmd.mtmd_input_chunks_get(chunks, i)
-            if mtmd.mtmd_input_chunk_get_type(chunk) != mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+            if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n = ctypes.c_size_t()
+                ids = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                out.append(("text", [ids[j] for j in range(n.value)]))
                 continue
             if mtmd.mtmd_encode_chunk(ctx, chunk) != 0:
                 raise RuntimeError("mtmd_encode_chunk failed")
             n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
             embd = np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(ctx), shape=(n * n_embd,))
-            out.append(embd.reshape(n, n_embd).copy())
-        return out
+            out.append(("image", embd.reshape(n, n_embd).copy()))
+        generated = []
+        missing = [kind for kind, ids in out if kind == "text" and min(ids, default=0) < 0]
+        if n_generate and missing:  # mtmd frames images with tokens the vocabulary lacks: decoding would abort
+            raise RuntimeError(f"mtmd's prompt has tokens the vocabulary lacks: {out}")
+        if n_generate:
+            lctx, n_past = llm._ctx.ctx, api.llama_pos(0)
+            if mtmd.mtmd_helper_eval_chunks(ctx, lctx, chunks, 0, 0, 256, True, ctypes.byref(n_past)) != 0:
+                raise RuntimeError("mtmd_helper_eval_chunks failed")
+            n_vocab = llm.n_vocab()
+            for _ in range(n_generate):
+                logits = np.ctypeslib.as_array(api.llama_get_logits_ith(lctx, -1), shape=(n_vocab,))
+                token = int(np.argmax(logits))
+                generated.append(token)
+                if api.llama_decode(lctx, api.llama_batch_get_one((api.llama_token * 1)(token), 1)) != 0:
+                    raise RuntimeError("llama_decode failed")
+        return out, generated
     finally:
         mtmd.mtmd_input_chunks_free(chunks)
         mtmd.mtmd_bitmap_free(bitmap)

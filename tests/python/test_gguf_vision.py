@@ -33,7 +33,8 @@ def _write_tiny_idefics3(path: Path) -> Path:
 
     from qforge.models.tiny import build_tokenizer
 
-    tok = build_tokenizer(TEXTS, vocab_size=320)
+    # mtmd frames Idefics3 images with "\n\n" and "\n" tokens: the corpus has them
+    tok = build_tokenizer(TEXTS + ["an image\n\nrow one\nrow two\n\n"] * 20, vocab_size=400)
     tok.add_special_tokens({"additional_special_tokens": IMAGE_TOKENS})
     text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
@@ -98,6 +99,17 @@ def vlm(tmp_path_factory):
     return base, adapter, merged, state
 
 
+@pytest.fixture(scope="module")
+def exported(vlm, tmp_path_factory):
+    """(our f16 language file, our mmproj, the converter's mmproj) of the trained model."""
+    base, adapter, merged, _ = vlm
+    root = tmp_path_factory.mktemp("gguf_vision_f16")
+    out, mmproj = root / "ours.gguf", root / "ours-mmproj.gguf"
+    export_gguf(adapter, base, out, type="f16", progress=False, mmproj=mmproj)
+    ref_mmproj = gguf_oracle.convert_hf_to_gguf(merged, root / "ref-mmproj.gguf", "f16", mmproj=True)
+    return out, mmproj, ref_mmproj
+
+
 def test_language_part_is_fine_tuned_vision_frozen(vlm):
     base, adapter, _, state = vlm
     assert state["text_q_proj"] is state["nf4"]  # the language model is NF4 + LoRA
@@ -130,16 +142,14 @@ def test_both_files_equal_convert_hf_to_gguf(vlm, tmp_path, qtype):
     assert "blk.1.attn_q.weight" in text_names and not any(n.startswith(("v.", "mm.")) for n in text_names)
 
 
-def test_mtmd_encodes_an_image_like_the_reference_and_transformers(vlm, tmp_path):
+def test_mtmd_encodes_an_image_like_the_reference_and_transformers(vlm, exported):
     from transformers import Idefics3ForConditionalGeneration
 
-    base, adapter, merged, _ = vlm
-    out, mmproj = tmp_path / "ours.gguf", tmp_path / "ours-mmproj.gguf"
-    export_gguf(adapter, base, out, type="f16", progress=False, mmproj=mmproj)
-    ref_mmproj = gguf_oracle.convert_hf_to_gguf(merged, tmp_path / "ref-mmproj.gguf", "f16", mmproj=True)
+    base = vlm[0]
+    out, mmproj, ref_mmproj = exported
     image = np.random.default_rng(7).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    ours = gguf_oracle.mtmd_image_embeddings(out, mmproj, image)
-    ref = gguf_oracle.mtmd_image_embeddings(out, ref_mmproj, image)
+    ours = [e for kind, e in gguf_oracle.mtmd_run(out, mmproj, image)[0] if kind == "image"]
+    ref = [e for kind, e in gguf_oracle.mtmd_run(out, ref_mmproj, image)[0] if kind == "image"]
     # a 64 x 64 image with longest_edge 64: the overview and one tile, each 16 patches -> 4 tokens
     assert [e.shape for e in ours] == [(4, 64), (4, 64)]
     for a, b in zip(ours, ref):
@@ -209,3 +219,37 @@ def test_cli_writes_both_files(vlm, tmp_path):
     assert reader.fields["general.file_type"].contents() == 1  # the 4-bit mixes ship an f16 mmproj
     assert reader.fields["clip.projector_type"].contents() == "idefics3"
     assert out.exists()
+
+
+def test_image_prompt_generates_like_transformers(vlm, exported):
+    """llama.cpp (language GGUF + mmproj, f16) generates the same 16 greedy tokens after an
+    image+text prompt as transformers' merged model (weights rounded to f16 as in the files) fed
+    the same sequence: mtmd's text tokens embedded, its image slots filled with transformers' own
+    vision tower + connector output."""
+    from transformers import Idefics3ForConditionalGeneration
+
+    merged = vlm[2]
+    out, mmproj, _ = exported
+    image = np.random.default_rng(11).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    chunks, generated = gguf_oracle.mtmd_run(out, mmproj, image, prompt="<|begin_of_text|>the image shows <__media__> a",
+                                             n_generate=16)
+
+    model = Idefics3ForConditionalGeneration.from_pretrained(str(merged), dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+        pixels = (torch.from_numpy(image).float().permute(2, 0, 1)[None] / 255.0 - 0.5) / 0.5
+        features = model.model.connector(model.model.vision_model(pixel_values=pixels).last_hidden_state)[0]
+        embed = model.model.text_model.embed_tokens
+        parts = [embed(torch.tensor(ids)) if kind == "text" else features for kind, ids in chunks]
+        assert [kind for kind, _ in chunks].count("image") == 2  # overview + one tile
+        assert all(i >= 0 for kind, ids in chunks if kind == "text" for i in ids)  # every framing token found
+        seq = torch.cat(parts)[None]
+        want = []
+        for _ in range(16):
+            hidden = model.model.text_model(inputs_embeds=seq).last_hidden_state
+            token = int(model.lm_head(hidden[:, -1]).argmax())
+            want.append(token)
+            seq = torch.cat([seq, embed(torch.tensor([[token]]))], dim=1)
+    assert generated == want, (generated, want)
+    assert len(set(want)) > 2, want  # not a degenerate repetition
