@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import gguf_oracle  # noqa: E402
-from test_gguf import HIDDEN, INTERMEDIATE, _assert_same_file, _merged_state, _write_adapter  # noqa: E402
+from test_gguf import HIDDEN, INTERMEDIATE, _assert_same_file, _write_adapter, write_merged  # noqa: E402
 
 from qforge import export_gguf  # noqa: E402
 
@@ -67,7 +67,6 @@ def _train_sentencepiece(path: Path) -> Path:
 @pytest.fixture(scope="module", params=["llama", "mistral"])
 def spm_model(request, tmp_path_factory):
     """(base dir, adapter dir, merged fp32 checkpoint dir) of a tiny model with a SentencePiece tokenizer."""
-    from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     root = tmp_path_factory.mktemp(f"gguf_spm_{request.param}")
@@ -83,13 +82,7 @@ def spm_model(request, tmp_path_factory):
     for f in tok_dir.iterdir():
         shutil.copy(f, base / f.name)
     adapter = _write_adapter(root / "adapter", json.loads((base / "config.json").read_text()))
-    merged = root / "merged" / "tiny"  # same directory name: general.name is derived from it
-    merged.mkdir(parents=True)
-    for f in base.iterdir():
-        if f.name != "model.safetensors":
-            shutil.copy(f, merged / f.name)
-    save_file({k: v.contiguous() for k, v in _merged_state(base, adapter).items()}, str(merged / "model.safetensors"),
-              metadata={"format": "pt"})
+    merged = write_merged(base, adapter, root / "merged")
     return base, adapter, merged
 
 

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import gguf_oracle  # noqa: E402
-from test_gguf import ALPHA, RANK, TEXTS, _assert_same_file, _merged_state  # noqa: E402
+from test_gguf import ALPHA, RANK, TEXTS, _assert_same_file, write_merged  # noqa: E402
 
 from qforge import export_gguf  # noqa: E402
 
@@ -62,7 +62,6 @@ def vlm(tmp_path_factory):
     from qforge import peft_io
     from qforge.models import load, load_tokenizer
     from qforge.nn import NF4Linear
-    from safetensors.torch import save_file
 
     root = tmp_path_factory.mktemp("gguf_vision")
     base = _write_tiny_idefics3(root / "tiny")
@@ -84,13 +83,7 @@ def vlm(tmp_path_factory):
     model.eval()
     adapter = peft_io.save_adapter(model, root / "adapter")
 
-    merged = root / "merged" / "tiny"  # same directory name: general.name is derived from it
-    merged.mkdir(parents=True)
-    for f in base.iterdir():
-        if f.name != "model.safetensors":
-            shutil.copy(f, merged / f.name)
-    save_file({k: v.contiguous() for k, v in _merged_state(base, adapter).items()}, str(merged / "model.safetensors"),
-              metadata={"format": "pt"})
+    merged = write_merged(base, adapter, root / "merged")
     state = {"losses": losses, "vision_before": vision_before,
              "vision_after": {n: p.detach() for n, p in model.named_parameters() if n in vision_before},
              "text_q_proj": type(model.get_submodule("model.text_model.layers.0.self_attn.q_proj")),
