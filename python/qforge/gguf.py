@@ -184,9 +184,7 @@ class _Checkpoint:
     def __init__(self, path: Path):
         from safetensors import SafetensorError, safe_open
 
-        from .models.loader import _bnb_config, _read_config, _weight_files
-
-        from .models.loader import VISION_MODEL_TYPES
+        from .models.loader import VISION_MODEL_TYPES, _bnb_config, _read_config, _weight_files
 
         self.path = path
         self.raw_config = _read_config(path)

@@ -158,6 +158,13 @@ def test_mtmd_encodes_an_image_like_the_reference_and_transformers(vlm, exported
         assert np.abs(got - want).max() <= 5e-3 * scale
 
 
+def test_quality_gate_runs_on_the_language_file(vlm, exported):
+    from qforge.gguf import check_export
+
+    base, adapter, _, _ = vlm
+    assert check_export(exported[0], adapter, base, "f16") <= 0.01  # KL(adapter model || f16 file), text prompts
+
+
 def test_mmproj_bad_input(vlm, tmp_path):
     from test_gguf import _write_adapter
 
