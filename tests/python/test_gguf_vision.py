@@ -208,13 +208,23 @@ def test_mmproj_bad_input(vlm, tmp_path):
     assert not (tmp_path / "d.gguf").exists()
 
 
-def test_cli_writes_both_files(vlm, tmp_path):
+def test_qforge_train_then_cli_export(vlm, tmp_path):
+    """`qforge train` on the vision-language model (text conversations: the language model's LoRA
+    only), then `qforge export gguf RUN_DIR ... --mmproj`."""
+    from qforge import train as T
     from qforge.cli import main
 
-    base, adapter, _, _ = vlm
+    base = vlm[0]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": TEXTS[0]},
+                                                     {"role": "assistant", "content": TEXTS[-1]}]}) + "\n"
+                            for _ in range(4)))
+    summary = T.train(model=str(base), data=str(data), output=str(tmp_path / "run"), max_steps=2, save_every=0,
+                      device="cpu", lora_r=RANK, lora_alpha=ALPHA, progress=False)
+    assert summary["steps"] == 2 and all(np.isfinite(summary["losses"]))
     out, mmproj = tmp_path / "cli.gguf", tmp_path / "cli-mmproj.gguf"
-    assert main(["export", "gguf", str(adapter), "--base", str(base), "--out", str(out), "--type", "q4_k_m",
-                 "--quiet", "--mmproj", str(mmproj)]) == 0
+    assert main(["export", "gguf", str(tmp_path / "run"), "--base", str(base), "--out", str(out), "--type",
+                 "q4_k_m", "--quiet", "--mmproj", str(mmproj)]) == 0
     reader = gguf_oracle.gguf_reader_module().GGUFReader(str(mmproj))
     assert reader.fields["general.file_type"].contents() == 1  # the 4-bit mixes ship an f16 mmproj
     assert reader.fields["clip.projector_type"].contents() == "idefics3"
