@@ -72,6 +72,15 @@ enum class Mix : uint32_t { F16 = 1, BF16 = 2, Q8_0 = 3, Q4_0 = 4, Q4_K_M = 5, Q
 QFORGE_API std::vector<Type> mix_types(Mix mix, const std::vector<std::string>& names, const std::vector<int32_t>& n_dims,
                             const std::vector<int64_t>& ne0, int n_layer, bool is_70b);
 
+// convert_hf_to_gguf.py --mmproj's per-tensor types for the vision encoder +
+// projector file (MmprojModel / SmolVLMModel, --outtype f16, bf16 or q8_0 = the
+// mix F16, BF16, Q8_0; other mixes are refused): 1-D tensors, norms, non-weight
+// tensors and the patch and position embeddings f32; every other weight the
+// mix's type, f16 where its rows are not whole q8_0 blocks (gguf-py's
+// QuantError fallback).
+QFORGE_API std::vector<Type> mmproj_types(Mix mix, const std::vector<std::string>& names,
+                                          const std::vector<int32_t>& n_dims, const std::vector<int64_t>& ne0);
+
 class QFORGE_API Writer {
  public:
   // path: the destination; refused when it exists unless overwrite.

@@ -378,6 +378,11 @@ QF_API int qf_gguf_quantize(uint32_t ggml_type, const float* x, int64_t nrows, i
  * n_layer blocks; is_70b: llama.cpp's 70B model type. out_types: n ggml types. */
 QF_API int qf_gguf_mix_types(uint32_t mix, const char* names, const int64_t* name_offsets, const int32_t* n_dims,
                              const int64_t* ne0, int64_t n, int32_t n_layer, int32_t is_70b, uint32_t* out_types);
+/* convert_hf_to_gguf.py --mmproj's per-tensor types of a vision encoder +
+ * projector file for mix 1 f16, 2 bf16 or 3 q8_0 (gguf::mmproj_types); the
+ * other arguments as qf_gguf_mix_types. */
+QF_API int qf_gguf_mmproj_types(uint32_t mix, const char* names, const int64_t* name_offsets, const int32_t* n_dims,
+                                const int64_t* ne0, int64_t n, uint32_t* out_types);
 
 #ifdef __cplusplus
 }

@@ -184,11 +184,16 @@ class _Checkpoint:
     def __init__(self, path: Path):
         from safetensors import SafetensorError, safe_open
 
-        from .models.loader import _bnb_config, _read_config, _weight_files
+        from .models.loader import VISION_MODEL_TYPES, _bnb_config, _read_config, _weight_files
 
         self.path = path
-        self.config = _read_config(path)
-        self.bnb = _bnb_config(self.config, path / "config.json") is not None
+        self.raw_config = _read_config(path)
+        # a vision-language model: the language model's hyperparameters at the top level, as
+        # convert_hf_to_gguf reads them; its vision tensors go to the mmproj file (gguf_vision)
+        self.vision_prefixes = VISION_MODEL_TYPES.get(self.raw_config["model_type"], ())
+        self.config = ({**self.raw_config, **self.raw_config["text_config"]} if self.vision_prefixes
+                       else self.raw_config)
+        self.bnb = _bnb_config(self.raw_config, path / "config.json") is not None
         self._handles, self._file = {}, {}
         for f in _weight_files(path):
             try:
@@ -201,6 +206,10 @@ class _Checkpoint:
     def names(self) -> list[str]:
         """Weight names in file order (convert_hf_to_gguf's order), 4-bit state keys folded."""
         return [k for k in self._file if ".weight." not in k]
+
+    def is_vision(self, name: str) -> bool:
+        """A tensor of the vision tower or projector (written to the mmproj file, never merged)."""
+        return bool(self.vision_prefixes) and name.startswith(self.vision_prefixes)
 
     def is_4bit(self, name: str) -> bool:
         from . import nf4
@@ -247,7 +256,9 @@ def _nf4_roundtrip(w: torch.Tensor, blocksize: int, compress_statistics: bool) -
 
 
 def _gguf_name(hf_name: str) -> Optional[str]:
-    """The GGUF tensor name of a HF weight (None: not exported, e.g. rotary caches)."""
+    """The GGUF tensor name of a HF weight (None: not exported, e.g. rotary caches). A vision-language
+    model's language model (model.text_model.*) is named as convert_hf_to_gguf does: without text_model."""
+    hf_name = hf_name.replace("text_model.", "", 1)
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf_name)
     if m:
         short = _LAYER_TENSORS.get(m.group(2))
@@ -290,13 +301,76 @@ def _llama3_rope_factors(cfg: dict) -> Optional[torch.Tensor]:
 
 
 def _tokenizer_dir(adapter_dir: Path, base: Path) -> Path:
+    """The directory whose tokenizer is exported: the adapter's (the tokenizer trained with) or the base's."""
     for d in (adapter_dir, base):
-        if (d / "tokenizer.json").exists():
+        if (d / "tokenizer.json").exists() or (d / "tokenizer.model").exists():
             return d
-    if (base / "tokenizer.model").exists():
-        raise ValueError(f"{base}: SentencePiece tokenizers (tokenizer.model without tokenizer.json) are not "
-                         "supported by qforge's GGUF export yet; only byte-level BPE tokenizer.json")
-    raise ValueError(f"missing tokenizer files: neither {adapter_dir} nor {base} has a tokenizer.json")
+    raise ValueError(f"missing tokenizer files: neither {adapter_dir} nor {base} has a tokenizer.json or a "
+                     "SentencePiece tokenizer.model")
+
+
+def _looks_special(token: str) -> bool:
+    """convert_hf_to_gguf's does_token_look_special: added tokens some models fail to mark special."""
+    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or (token.startswith("<|") and token.endswith("|>"))
+            or (token.startswith("<\uff5c") and token.endswith("\uff5c>"))
+            or (token.startswith("<unused") and token.endswith(">")))
+
+
+def _sentencepiece_vocab(tok_dir: Path, vocab_size: int):
+    """tokens, scores and token types of a SentencePiece tokenizer.model (Llama 2, Mistral v0.1-v0.3),
+    as convert_hf_to_gguf's _create_vocab_sentencepiece: pieces and scores from the model, control /
+    unknown / unused / byte pieces typed, added_tokens.json and tokenizer_config.json's
+    added_tokens_decoder on top, ids up to the model's vocab_size padded as [PADi]."""
+    import gguf
+
+    try:
+        from sentencepiece import SentencePieceProcessor
+    except ImportError:
+        raise ValueError(f"{tok_dir / 'tokenizer.model'}: exporting a SentencePiece tokenizer needs the "
+                         "sentencepiece package (pip install sentencepiece)") from None
+    path = tok_dir / "tokenizer.model"
+    sp = SentencePieceProcessor()
+    try:
+        sp.LoadFromFile(str(path))
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"{path}: not a readable SentencePiece model ({e})") from None
+    if sp.vocab_size() > vocab_size:
+        raise ValueError(f"{path}: the tokenizer has {sp.vocab_size()} pieces, the model only {vocab_size} "
+                         "embeddings (adapter/base mismatch?)")
+    t = gguf.TokenType
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    scores = [-10000.0] * vocab_size
+    types = [int(t.UNUSED)] * vocab_size
+    for i in range(sp.vocab_size()):
+        tokens[i], scores[i] = sp.IdToPiece(i), sp.GetScore(i)
+        types[i] = int(t.UNKNOWN if sp.IsUnknown(i) else t.CONTROL if sp.IsControl(i) else
+                       t.UNUSED if sp.IsUnused(i) else t.BYTE if sp.IsByte(i) else t.NORMAL)
+
+    def put(i: int, token: str, ttype: int, where: Path) -> None:
+        if not 0 <= i < vocab_size:
+            raise ValueError(f"{where}: added token {token!r} has id {i}, outside the model's {vocab_size} "
+                             "embeddings")
+        tokens[i], scores[i], types[i] = token, -1000.0, ttype
+
+    if (tok_dir / "added_tokens.json").is_file():
+        for token, i in read_json(tok_dir / "added_tokens.json", "added tokens").items():
+            put(int(i), token, int(t.USER_DEFINED), tok_dir / "added_tokens.json")
+    added, where = {}, tok_dir / "tokenizer_config.json"
+    if where.is_file():
+        added = read_json(where, "the tokenizer configuration").get("added_tokens_decoder") or {}
+    if not added and (tok_dir / "tokenizer.json").is_file():
+        # transformers 5 keeps added tokens in tokenizer.json only, where the converter does not look
+        # (its file then lacks them): read them there, as transformers 4 wrote them to the config
+        where = tok_dir / "tokenizer.json"
+        added = {t["id"]: t for t in read_json(where, "the tokenizer").get("added_tokens") or []}
+    for i, data in added.items():
+        token = data["content"]
+        if data.get("special") or _looks_special(token):
+            put(int(i), token, int(t.CONTROL), where)
+        else:  # user-defined tokens' spaces pre-normalized
+            put(int(i), token.replace("\u2581", " "), int(t.USER_DEFINED), where)
+    return tokens, scores, types
 
 
 def _tokenizer_pre(tok_json: dict, where: Path) -> str:
@@ -353,11 +427,7 @@ def _vocab(tok_dir: Path, vocab_size: int):
         if token in added:
             if not decoder[i].normalized:
                 token = tokenizer.decode(tokenizer.encode(token, add_special_tokens=False))
-            looks_special = (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
-                             or (token.startswith("<|") and token.endswith("|>"))
-                             or (token.startswith("<\uff5c") and token.endswith("\uff5c>"))
-                             or (token.startswith("<unused") and token.endswith(">")))
-            if decoder[i].special or looks_special:
+            if decoder[i].special or _looks_special(token):
                 types.append(int(gguf.TokenType.CONTROL))
             else:
                 token = token.replace("\u2581", " ")
@@ -413,18 +483,38 @@ def _metadata(arch: str, cfg: dict, base: Path, tok_dir: Path, file_type: int, t
         rec.add_rope_dimension_count(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
     rec.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    tokens, types, pre = _vocab(tok_dir, cfg["vocab_size"])
-    rec.add_tokenizer_model("gpt2")
-    rec.add_tokenizer_pre(pre)
-    rec.add_token_list(tokens)
-    rec.add_token_types(types)
-    special = gguf.SpecialVocab(tok_dir, load_merges=True)
-    if not special.merges:
-        raise ValueError(f"{tok_dir / 'tokenizer.json'}: the BPE tokenizer has no merges")
+    tok_cfg = tok_dir / "tokenizer_config.json"
+    tok_cfg = read_json(tok_cfg, "the tokenizer configuration") if tok_cfg.is_file() else {}
+    if arch == "llama" and isinstance(tok_cfg, dict) and tok_cfg.get("add_prefix_space") is not None:
+        rec.add_add_space_prefix(tok_cfg["add_prefix_space"])  # LlamaModel.set_vocab, before the vocabulary
+    if (tok_dir / "tokenizer.model").exists():  # the converter's set_vocab tries SentencePiece first
+        tokens, scores, types = _sentencepiece_vocab(tok_dir, cfg["vocab_size"])
+        rec.add_tokenizer_model("llama")
+        rec.add_tokenizer_pre("default")
+        rec.add_token_list(tokens)
+        rec.add_token_scores(scores)
+        rec.add_token_types(types)
+        special = gguf.SpecialVocab(tok_dir, n_vocab=len(tokens))
+    else:
+        tokens, types, pre = _vocab(tok_dir, cfg["vocab_size"])
+        rec.add_tokenizer_model("gpt2")
+        rec.add_tokenizer_pre(pre)
+        rec.add_token_list(tokens)
+        rec.add_token_types(types)
+        special = gguf.SpecialVocab(tok_dir, load_merges=True)
+        if not special.merges:
+            raise ValueError(f"{tok_dir / 'tokenizer.json'}: the BPE tokenizer has no merges")
     if isinstance(special.chat_template, str):  # llama.cpp's template loaders reject {% generation %}
         special.chat_template = _GENERATION_TAG.sub("", special.chat_template)
     special.add_to_gguf(rec, quiet=True)
     _check_end_of_turn(rec, tokens, tok_dir)
+    return recorded_metadata(rec)
+
+
+def recorded_metadata(rec) -> list:
+    """(key, value, type, sub_type) of what a gguf.GGUFWriter recorded, in order."""
+    import gguf
+
     out = []
     for k, v in rec.kv_data[0].items():
         sub = v.sub_type
@@ -456,7 +546,7 @@ def _plan(ckpt: _Checkpoint, cfg: dict, arch_name: str) -> list[tuple[str, Optio
         plan.append(("rope_freqs.weight", None, tuple(rope.shape)))
     tied = cfg.get("tie_word_embeddings", False)
     for hf in ckpt.names():
-        name = _gguf_name(hf)
+        name = None if ckpt.is_vision(hf) else _gguf_name(hf)
         if name is None:
             continue
         if name == "output.weight" and tied:
@@ -468,7 +558,7 @@ def _plan(ckpt: _Checkpoint, cfg: dict, arch_name: str) -> list[tuple[str, Optio
 def export_gguf(adapter, base, out, type: str = "q4_k_m", merge_into: str = "original", overwrite: bool = False,
                 threads: int = 0, progress: bool = True, blocksize: int = 64,
                 compress_statistics: bool = True, check: bool = False, max_kl: Optional[float] = None,
-                ollama: bool = False) -> Path:
+                ollama: bool = False, mmproj=None) -> Path:
     """Merge a LoRA adapter (a PEFT directory or a `qforge train` run directory)
     into the base model at ``base`` and write one GGUF file at ``out``.
 
@@ -480,6 +570,9 @@ def export_gguf(adapter, base, out, type: str = "q4_k_m", merge_into: str = "ori
     ``out`` is written complete or not at all; an existing file is refused
     unless overwrite. check: run the quality gate (check_export) on the file.
     ollama: also write an Ollama ``Modelfile`` beside it (write_modelfile).
+    mmproj: for a vision-language base (Idefics3 / SmolVLM), also write the
+    vision encoder + projector as llama.cpp's mmproj GGUF at this path
+    (qforge.gguf_vision; f16 unless type is bf16 or q8_0).
     Raises ValueError naming the problem."""
     if type not in EXPORT_TYPES:
         raise ValueError(f"unknown GGUF type {type!r}; choose one of {', '.join(EXPORT_TYPES)}")
@@ -490,9 +583,16 @@ def export_gguf(adapter, base, out, type: str = "q4_k_m", merge_into: str = "ori
         raise ValueError(f"{out}: the output file already exists (pass overwrite=True / --overwrite to replace it)")
     if ollama and (out.parent / "Modelfile").exists() and not overwrite:
         raise ValueError(f"{out.parent / 'Modelfile'}: already exists (pass overwrite=True / --overwrite)")
+    if mmproj is not None and Path(mmproj).exists() and not overwrite:
+        raise ValueError(f"{mmproj}: the mmproj output file already exists (pass overwrite=True / --overwrite)")
     adapter_dir = _find_adapter(Path(adapter))
     lora = _load_adapter(adapter_dir)
     ckpt = _Checkpoint(base)
+    mmproj_plan = None
+    if mmproj is not None:
+        from .gguf_vision import plan_mmproj
+
+        mmproj_plan = plan_mmproj(ckpt, type)  # every check before the first file is written
     cfg = ckpt.config
     arch_name, permute = _ARCHS[cfg["model_type"]]
     if ckpt.bnb and merge_into == "original":
@@ -503,6 +603,9 @@ def export_gguf(adapter, base, out, type: str = "q4_k_m", merge_into: str = "ori
     hf_shapes = {hf: shape for _, hf, shape in plan if hf is not None}
     for module, (a, b) in lora.tensors.items():
         weight = module + ".weight"
+        if ckpt.is_vision(weight):
+            raise ValueError(f"adapter/base mismatch: {lora.path} adapts '{module}' of the vision tower, which "
+                             "qforge keeps frozen (the mmproj file is written from the base weights)")
         if weight not in hf_shapes:
             raise ValueError(f"adapter/base mismatch: {lora.path} adapts '{module}', which {base} does not have")
         out_f, in_f = hf_shapes[weight]  # _plan read it (a 4-bit weight's shape costs reading the weight)
@@ -556,6 +659,10 @@ def export_gguf(adapter, base, out, type: str = "q4_k_m", merge_into: str = "ori
     finally:
         writer.close()
         bar(None)
+    if mmproj_plan is not None:
+        from .gguf_vision import write_mmproj
+
+        write_mmproj(mmproj_plan, Path(mmproj), overwrite=overwrite, threads=threads, progress=progress)
     if check:
         check_export(out, adapter_dir, base, type, max_kl=max_kl, tok_dir=tok_dir, threads=threads)
     if ollama:
@@ -634,8 +741,11 @@ def _progress(total: int, desc: str, enabled: bool) -> Callable[[Optional[str]],
 # ------------------------------------------------------------------ CLI
 def _cli(args) -> int:
     out = export_gguf(args.adapter, args.base, args.out, type=args.type, merge_into=args.merge_into,
-                      overwrite=args.overwrite, threads=args.threads, progress=not args.quiet, ollama=args.ollama)
+                      overwrite=args.overwrite, threads=args.threads, progress=not args.quiet, ollama=args.ollama,
+                      mmproj=args.mmproj)
     print(f"wrote {out}")
+    if args.mmproj:
+        print(f"wrote {args.mmproj}")
     if args.check:
         kl = check_export(out, args.adapter, args.base, args.type, max_kl=args.max_kl, threads=args.threads)
         print(f"quality check: mean per-token KL divergence from the adapter model {kl:.6f} nats")
@@ -657,6 +767,9 @@ def add_cli(sub) -> None:
     p.add_argument("--threads", type=int, default=0, help="quantization threads (0: all cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile beside the GGUF")
+    p.add_argument("--mmproj", default=None, metavar="PATH",
+                   help="vision-language base (Idefics3/SmolVLM): also write the vision encoder + projector "
+                        "as llama.cpp's mmproj GGUF here")
     p.add_argument("--check", action="store_true",
                    help="run the file in llama.cpp (llama-cpp-python) and compare with the adapter model (KL)")
     p.add_argument("--max-kl", type=float, default=None,

@@ -33,13 +33,17 @@ def _llama_cpp():
 
 
 def _adapter_model(adapter_dir: Path, base: Path):
-    """transformers' model of `base` in fp32 with every adapted weight merged in fp32."""
-    from transformers import AutoModelForCausalLM
+    """transformers' model of `base` in fp32 with every adapted weight merged in fp32 (a
+    vision-language base: its *ForConditionalGeneration model, run on text)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     from .gguf import _load_adapter
+    from .models.loader import VISION_MODEL_TYPES, _read_config
 
     lora = _load_adapter(adapter_dir)
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, local_files_only=True).eval()
+    auto = AutoModelForImageTextToText if _read_config(base)["model_type"] in VISION_MODEL_TYPES else \
+        AutoModelForCausalLM
+    model = auto.from_pretrained(str(base), dtype=torch.float32, local_files_only=True).eval()
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name, (a, b) in lora.tensors.items():

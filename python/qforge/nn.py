@@ -301,8 +301,9 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 16.0, dropout: float 
     targets = list(target_modules)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     hit, plain = [], []
+    frozen = tuple(getattr(model, "qforge_frozen_prefixes", ()))  # a vision tower stays frozen
     for name, module in model.named_modules():
-        if not _is_target(name, targets):
+        if not _is_target(name, targets) or f"{name}.".startswith(frozen):
             continue
         if isinstance(module, NF4Linear):
             module.add_lora(r, alpha, dropout, use_rslora, lora_dtype, generator=gen)

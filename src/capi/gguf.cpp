@@ -101,22 +101,47 @@ int qf_gguf_quantize(uint32_t ggml_type, const float* x, int64_t nrows, int64_t 
   return guard([&] { gguf::quantize_rows(gguf::to_type(ggml_type), x, nrows, ncols, out, out_bytes, threads); });
 }
 
+namespace {
+
+// The tensor list of qf_gguf_mix_types / qf_gguf_mmproj_types: n names as concatenated
+// UTF-8 with n + 1 increasing offsets; throws naming `fn` on a bad argument.
+std::vector<std::string> tensor_names(const char* fn, uint32_t mix, const char* names, const int64_t* name_offsets,
+                                      const int32_t* n_dims, const int64_t* ne0, int64_t n, const uint32_t* out) {
+  QF_CHECK(mix >= 1 && mix <= 7, "unknown quantization mix ", mix);
+  QF_CHECK(n >= 0 && n <= gguf::kMaxTensors, "tensor count ", n, " outside 0..", gguf::kMaxTensors);
+  QF_CHECK(n == 0 || (names && name_offsets && n_dims && ne0 && out), fn, ": null argument");
+  std::vector<std::string> name_list;
+  for (int64_t i = 0; i < n; ++i) {
+    QF_CHECK(name_offsets[i] >= 0 && name_offsets[i] <= name_offsets[i + 1], fn, ": name offsets ", i,
+             " not increasing");
+    name_list.emplace_back(names + name_offsets[i], static_cast<size_t>(name_offsets[i + 1] - name_offsets[i]));
+  }
+  return name_list;
+}
+
+void copy_types(const std::vector<gguf::Type>& types, uint32_t* out) {
+  for (size_t i = 0; i < types.size(); ++i) out[i] = static_cast<uint32_t>(types[i]);
+}
+
+}  // namespace
+
 int qf_gguf_mix_types(uint32_t mix, const char* names, const int64_t* name_offsets, const int32_t* n_dims,
                       const int64_t* ne0, int64_t n, int32_t n_layer, int32_t is_70b, uint32_t* out_types) {
   return guard([&] {
-    QF_CHECK(mix >= 1 && mix <= 7, "unknown quantization mix ", mix);
-    QF_CHECK(n >= 0 && n <= gguf::kMaxTensors, "tensor count ", n, " outside 0..", gguf::kMaxTensors);
-    QF_CHECK(n == 0 || (names && name_offsets && n_dims && ne0 && out_types), "qf_gguf_mix_types: null argument");
-    std::vector<std::string> name_list;
-    for (int64_t i = 0; i < n; ++i) {
-      QF_CHECK(name_offsets[i] >= 0 && name_offsets[i] <= name_offsets[i + 1], "qf_gguf_mix_types: name offsets ",
-               i, " not increasing");
-      name_list.emplace_back(names + name_offsets[i], static_cast<size_t>(name_offsets[i + 1] - name_offsets[i]));
-    }
-    auto types = gguf::mix_types(static_cast<gguf::Mix>(mix), name_list,
-                                 std::vector<int32_t>(n_dims, n_dims + n), std::vector<int64_t>(ne0, ne0 + n),
-                                 n_layer, is_70b != 0);
-    for (int64_t i = 0; i < n; ++i) out_types[i] = static_cast<uint32_t>(types[static_cast<size_t>(i)]);
+    auto name_list = tensor_names("qf_gguf_mix_types", mix, names, name_offsets, n_dims, ne0, n, out_types);
+    copy_types(gguf::mix_types(static_cast<gguf::Mix>(mix), name_list, std::vector<int32_t>(n_dims, n_dims + n),
+                               std::vector<int64_t>(ne0, ne0 + n), n_layer, is_70b != 0),
+               out_types);
+  });
+}
+
+int qf_gguf_mmproj_types(uint32_t mix, const char* names, const int64_t* name_offsets, const int32_t* n_dims,
+                         const int64_t* ne0, int64_t n, uint32_t* out_types) {
+  return guard([&] {
+    auto name_list = tensor_names("qf_gguf_mmproj_types", mix, names, name_offsets, n_dims, ne0, n, out_types);
+    copy_types(gguf::mmproj_types(static_cast<gguf::Mix>(mix), name_list, std::vector<int32_t>(n_dims, n_dims + n),
+                                  std::vector<int64_t>(ne0, ne0 + n)),
+               out_types);
   });
 }
 

@@ -114,4 +114,25 @@ std::vector<Type> mix_types(Mix mix, const std::vector<std::string>& names, cons
   return out;
 }
 
+std::vector<Type> mmproj_types(Mix mix, const std::vector<std::string>& names, const std::vector<int32_t>& n_dims,
+                               const std::vector<int64_t>& ne0) {
+  QF_CHECK(names.size() == n_dims.size() && names.size() == ne0.size(), "mmproj_types: ", names.size(), " names, ",
+           n_dims.size(), " dims, ", ne0.size(), " row lengths");
+  QF_CHECK(mix == Mix::F16 || mix == Mix::BF16 || mix == Mix::Q8_0, "mmproj_types: mix ",
+           static_cast<uint32_t>(mix), " is not f16, bf16 or q8_0 (the types convert_hf_to_gguf.py --mmproj writes)");
+  const Type base = default_type(mix);
+  std::vector<Type> out(names.size());
+  for (size_t i = 0; i < names.size(); ++i) {
+    const std::string& name = names[i];
+    const bool is_weight = name.size() >= 7 && name.compare(name.size() - 7, 7, ".weight") == 0;
+    const bool is_embedding = name == "v.patch_embd.weight" || name == "v.position_embd.weight";
+    if (n_dims[i] < 2 || !is_weight || has(name, "_norm.weight") || is_embedding) {
+      out[i] = Type::F32;
+    } else {
+      out[i] = ne0[i] % block_elements(base) == 0 ? base : Type::F16;
+    }
+  }
+  return out;
+}
+
 }  // namespace qforge::gguf

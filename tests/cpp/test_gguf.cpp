@@ -214,6 +214,27 @@ TEST(GgufMix, Q4KMFollowsLlamaQuantize) {
   EXPECT_EQ(mix_types(Mix::Q4_K_M, names, dims, odd, n_layer, false)[2 + 1], Type::F16);
 }
 
+TEST(GgufMix, MmprojFollowsConvertHfToGguf) {
+  // an Idefics3 vision encoder + projector as convert_hf_to_gguf.py --mmproj names them
+  const std::vector<std::string> names{"mm.model.fc.weight",    "v.patch_embd.bias",      "v.patch_embd.weight",
+                                       "v.position_embd.weight", "v.blk.0.ln1.weight",    "v.blk.0.ffn_up.bias",
+                                       "v.blk.0.ffn_up.weight",  "v.blk.0.attn_q.weight", "v.post_ln.weight"};
+  const std::vector<int32_t> dims{2, 1, 4, 2, 1, 1, 2, 2, 1};
+  const std::vector<int64_t> ne0{192, 48, 16, 48, 48, 96, 64, 48, 48};
+  const auto f16 = mmproj_types(Mix::F16, names, dims, ne0);
+  const std::vector<Type> want16{Type::F16, Type::F32, Type::F32, Type::F32, Type::F32,
+                                 Type::F32, Type::F16, Type::F16, Type::F32};
+  EXPECT_EQ(f16, want16);
+  EXPECT_EQ(mmproj_types(Mix::BF16, names, dims, ne0)[6], Type::BF16);
+  const auto q8 = mmproj_types(Mix::Q8_0, names, dims, ne0);
+  EXPECT_EQ(q8[0], Type::Q8_0);  // 192 = 6 blocks
+  EXPECT_EQ(q8[6], Type::Q8_0);  // 64 = 2 blocks
+  EXPECT_EQ(q8[7], Type::F16);   // 48: not whole blocks, gguf-py falls back to f16
+  EXPECT_EQ(q8[2], Type::F32);
+  EXPECT_THROW(mmproj_types(Mix::Q4_K_M, names, dims, ne0), qforge::InvalidArgument);
+  EXPECT_THROW(mmproj_types(Mix::F16, names, {2}, ne0), qforge::InvalidArgument);
+}
+
 TEST(GgufWriter, LayoutAndValues) {
   TempDir dir;
   const fs::path out = dir.path / "m.gguf";

@@ -100,12 +100,15 @@ def reference_quantize(type_name: str, x) -> bytes:
     return out.tobytes()
 
 
-def convert_hf_to_gguf(model_dir: Path, outfile: Path, outtype: str, tokenizer_pre: str | None = None) -> Path:
+def convert_hf_to_gguf(model_dir: Path, outfile: Path, outtype: str, tokenizer_pre: str | None = None,
+                       mmproj: bool = False) -> Path:
     """Run llama.cpp's own converter (with its own gguf-py) on a Hugging Face
     directory. The converter names the BPE pre-tokenizer by hashing a test
     string's tokens against a table of published models, which a tokenizer
-    trained by the tests is not in: `tokenizer_pre` then pins the name."""
+    trained by the tests is not in: `tokenizer_pre` then pins the name.
+    mmproj: write the vision encoder + projector file instead (--mmproj)."""
     src = llama_cpp_source()
+    extra = ", '--mmproj'" if mmproj else ""
     runner = (
         "import sys, runpy\n"
         f"sys.path.insert(0, {str(src)!r})\n"
@@ -113,7 +116,7 @@ def convert_hf_to_gguf(model_dir: Path, outfile: Path, outtype: str, tokenizer_p
         "from conversion.base import TextModel\n"
         + (f"TextModel.get_vocab_base_pre = lambda self, tokenizer: {tokenizer_pre!r}\n" if tokenizer_pre else "")
         + f"sys.argv = ['convert_hf_to_gguf.py', '--outtype', {outtype!r}, '--outfile', {str(outfile)!r}, "
-        f"{str(model_dir)!r}]\n"
+        f"{str(model_dir)!r}{extra}]\n"
         f"runpy.run_path({str(src / 'convert_hf_to_gguf.py')!r}, run_name='__main__')\n"
     )
     proc = subprocess.run([sys.executable, "-c", runner], capture_output=True, text=True)
@@ -151,6 +154,118 @@ def llama_cpp_python():
     return llama_cpp
 
 
+def libmtmd() -> Path:
+    """libmtmd.so (llama.cpp's multimodal library, tools/mtmd) compiled from the
+    cached vendor/llama.cpp against the llama_cpp package's libllama/libggml
+    (the package is built without tools), cached beside them; a few minutes on
+    2 cores the first time."""
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+
+    lib_dir = llama_cpp_python().__file__
+    lib_dir = Path(lib_dir).parent / "lib"
+    lib_path = lib_dir / "libmtmd.so"
+    if lib_path.exists():
+        return lib_path
+    src = llama_cpp_source()
+    mtmd = src / "tools" / "mtmd"
+    block = re.search(r"add_library\(mtmd\s(.*?)\)", (mtmd / "CMakeLists.txt").read_text(), re.S).group(1)
+    sources = [mtmd / f for f in block.split() if f.endswith(".cpp")]
+    sources += [src / "vendor" / "hash" / f for f in ("hash.cpp", "xxhash/xxhash.c", "sha1/sha1.c",
+                                                       "sha256/sha256.c")]
+    cxx, cc = os.environ.get("CXX", "c++"), os.environ.get("CC", "cc")
+    includes = [f"-I{d}" for d in (mtmd, src / "include", src / "ggml" / "include", src / "vendor",
+                                   src / "vendor" / "hash")]
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        def compile_one(i_source):
+            i, source = i_source
+            obj = Path(tmp) / f"{i}.o"
+            is_c = source.suffix == ".c" and source.name != "sha1.c"  # sha1.c is built as C++ (its namespace)
+            cmd = ([cc, "-std=gnu11"] if is_c else [cxx, "-std=c++17"] + (["-x", "c++"] if source.suffix == ".c"
+                                                                           else []))
+            subprocess.run(cmd + ["-O2", "-DNDEBUG", "-fPIC", "-w", "-DLLAMA_SHARED", "-DLLAMA_BUILD", *includes,
+                                  "-c", str(source), "-o", str(obj)], check=True)
+            return obj
+
+        jobs = int(os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", "2"))
+        with ThreadPoolExecutor(jobs) as pool:
+            objects = list(pool.map(compile_one, enumerate(sources)))
+        out = Path(tmp) / lib_path.name
+        subprocess.run([cxx, "-shared", "-o", str(out), *map(str, objects), f"-L{lib_dir}", "-lllama", "-lggml",
+                        "-lggml-base", "-Wl,-rpath,$ORIGIN", "-lpthread"], check=True)
+        shutil.move(str(out), str(lib_path))
+    return lib_path
+
+
+def mtmd_run(text_gguf: Path, mmproj: Path, image, prompt: str = "an image: <__media__> end",
+             n_generate: int = 0):
+    """llama.cpp's mtmd (libmtmd through llama_cpp.mtmd_cpp): load the language model and the
+    mmproj file, tokenize `prompt` (its media marker replaced by one RGB image, uint8 H x W x 3,
+    as mtmd lays it out for the model), encode each image chunk, and optionally generate
+    n_generate tokens greedily after the whole prompt. Returns (chunks, generated): chunks a list
+    of ("text", token ids) and ("image", n_tokens x n_embd float32 embeddings) in prompt order."""
+    import numpy as np
+
+    llama_cpp = llama_cpp_python()
+    libmtmd()  # llama_cpp.mtmd_cpp loads it from the package's lib directory on import
+    from llama_cpp import llama_cpp as api
+    from llama_cpp import mtmd_cpp as mtmd
+
+    llm = llama_cpp.Llama(model_path=str(text_gguf), n_ctx=256, n_batch=256, verbose=False, n_threads=1)
+    params = mtmd.mtmd_context_params_default()
+    params.use_gpu, params.print_timings, params.n_threads, params.warmup = False, False, 1, False
+    ctx = mtmd.mtmd_init_from_file(str(mmproj).encode(), llm.model, params)
+    if not ctx:
+        llm.close()
+        raise RuntimeError(f"mtmd could not load {mmproj} with {text_gguf}")
+    pixels = np.ascontiguousarray(image, dtype=np.uint8)
+    bitmap = mtmd.mtmd_bitmap_init(pixels.shape[1], pixels.shape[0],
+                                   (ctypes.c_uint8 * pixels.size).from_buffer(pixels))
+    chunks = mtmd.mtmd_input_chunks_init()
+    try:
+        text = prompt.replace("<__media__>", mtmd.mtmd_default_marker().decode()).encode()
+        prompt_in = mtmd.mtmd_input_text()
+        prompt_in.text, prompt_in.text_len, prompt_in.add_special, prompt_in.parse_special = text, len(text), False, True
+        rc = mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(prompt_in), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1)
+        if rc != 0:
+            raise RuntimeError(f"mtmd_tokenize failed ({rc})")
+        n_embd = llm.n_embd()
+        out = []
+        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+            chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+            if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                n = ctypes.c_size_t()
+                ids = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                out.append(("text", [ids[j] for j in range(n.value)]))
+                continue
+            if mtmd.mtmd_encode_chunk(ctx, chunk) != 0:
+                raise RuntimeError("mtmd_encode_chunk failed")
+            n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+            embd = np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(ctx), shape=(n * n_embd,))
+            out.append(("image", embd.reshape(n, n_embd).copy()))
+        generated = []
+        missing = [kind for kind, ids in out if kind == "text" and min(ids, default=0) < 0]
+        if n_generate and missing:  # mtmd frames images with tokens the vocabulary lacks: decoding would abort
+            raise RuntimeError(f"mtmd's prompt has tokens the vocabulary lacks: {out}")
+        if n_generate:
+            lctx, n_past = llm._ctx.ctx, api.llama_pos(0)
+            if mtmd.mtmd_helper_eval_chunks(ctx, lctx, chunks, 0, 0, 256, True, ctypes.byref(n_past)) != 0:
+                raise RuntimeError("mtmd_helper_eval_chunks failed")
+            n_vocab = llm.n_vocab()
+            for _ in range(n_generate):
+                logits = np.ctypeslib.as_array(api.llama_get_logits_ith(lctx, -1), shape=(n_vocab,))
+                token = int(np.argmax(logits))
+                generated.append(token)
+                if api.llama_decode(lctx, api.llama_batch_get_one((api.llama_token * 1)(token), 1)) != 0:
+                    raise RuntimeError("llama_decode failed")
+        return out, generated
+    finally:
+        mtmd.mtmd_input_chunks_free(chunks)
+        mtmd.mtmd_bitmap_free(bitmap)
+        mtmd.mtmd_free(ctx)
+        llm.close()
+
+
 def gguf_reader_module():
     """The sdist's gguf-py (the reader matching the converter's version)."""
     src = str(llama_cpp_source() / "gguf-py")
@@ -166,3 +281,5 @@ if __name__ == "__main__":
     print(reference_quantizers()._name)
     if "--llama-cpp-python" in sys.argv:
         print(llama_cpp_python().__file__)
+    if "--mtmd" in sys.argv:
+        print(libmtmd())

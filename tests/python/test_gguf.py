@@ -68,22 +68,28 @@ def _merged_state(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(base dir, adapter dir, merged fp32 checkpoint dir for the converter)."""
-    from safetensors.torch import save_file
-
     from qforge.models.tiny import write_default_model
 
     root = tmp_path_factory.mktemp("gguf")
     base = write_default_model(root / "tiny", TEXTS, hidden=HIDDEN, intermediate=INTERMEDIATE, layers=LAYERS)
     cfg = json.loads((base / "config.json").read_text())
     adapter = _write_adapter(root / "adapter", cfg)
-    merged = root / "merged" / "tiny"  # same directory name: general.name is derived from it
+    return base, adapter, write_merged(base, adapter, root / "merged")
+
+
+def write_merged(base: Path, adapter: Path, root: Path) -> Path:
+    """The merged model (fp32, _merged_state) as a Hugging Face directory for the converter, named
+    like the base (general.name is derived from the directory name), the base's other files beside it."""
+    from safetensors.torch import save_file
+
+    merged = root / base.name
     merged.mkdir(parents=True)
     for f in base.iterdir():
         if f.name != "model.safetensors":
             shutil.copy(f, merged / f.name)
     save_file({k: v.contiguous() for k, v in _merged_state(base, adapter).items()}, str(merged / "model.safetensors"),
               metadata={"format": "pt"})
-    return base, adapter, merged
+    return merged
 
 
 def _fields(reader) -> dict:
@@ -336,16 +342,11 @@ def _family_model(root: Path, family: str) -> Path:
 
 @pytest.mark.parametrize("family", ["llama3_rope", "mistral", "qwen2_tied", "qwen3"])
 def test_families_equal_convert_hf_to_gguf(tmp_path, family):
-    from safetensors.torch import save_file
-
     base = _family_model(tmp_path, family)
     cfg = json.loads((base / "config.json").read_text())
     modules = ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj", "up_proj")
     adapter = _write_adapter(tmp_path / "adapter", cfg, modules=modules, seed=3)
-    merged = tmp_path / "merged" / base.name
-    shutil.copytree(base, merged)
-    save_file({k: v.contiguous() for k, v in _merged_state(base, adapter).items()}, str(merged / "model.safetensors"),
-              metadata={"format": "pt"})
+    merged = write_merged(base, adapter, tmp_path / "merged")
     ref = gguf_oracle.convert_hf_to_gguf(merged, tmp_path / "ref.gguf", "f16", tokenizer_pre="gpt-2")
     ours = export_gguf(adapter, base, tmp_path / "ours.gguf", type="f16", progress=False)
     names = _assert_same_file(ours, ref)

@@ -6,7 +6,6 @@ llama_model_quantize), greedy generation, and the KL quality gate."""
 from __future__ import annotations
 
 import ctypes
-import json
 import sys
 from pathlib import Path
 

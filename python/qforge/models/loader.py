@@ -13,6 +13,9 @@ from .._files import atomic_save_safetensors, atomic_write_text, read_json
 from ..nn import DEFAULT_TARGETS, NF4Linear, _is_target
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# vision-language families: model_type -> the prefixes of the frozen 16-bit vision tower
+# and projector (everything else is the language model, quantized and adapted as usual)
+VISION_MODEL_TYPES = {"idefics3": ("model.vision_model.", "model.connector.")}
 _QUANT_KEY = "weight." + nf4.QUANT_STATE_KEY
 
 
@@ -32,6 +35,13 @@ def _read_config(path: Path) -> dict:
     if not isinstance(raw, dict):
         raise ValueError(f"{cfg_path}: expected a JSON object, got {type(raw).__name__}")
     model_type = raw.get("model_type")
+    if model_type in VISION_MODEL_TYPES:
+        text = raw.get("text_config")
+        text_type = text.get("model_type") if isinstance(text, dict) else None
+        if text_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"{cfg_path}: {model_type} with a {text_type!r} language model is not supported; "
+                             f"qforge supports {', '.join(SUPPORTED_MODEL_TYPES)} language models")
+        return raw
     if model_type not in SUPPORTED_MODEL_TYPES:
         archs = raw.get("architectures")
         arch = ", ".join(map(str, archs)) if isinstance(archs, list) and archs else "no architectures listed"
@@ -126,8 +136,9 @@ def _report_unused(unused: list[str], key_file: dict, model: nn.Module, raw: dic
             "config.json and the weights disagree")
 
 
-def _is_quant_target(name: str, module: nn.Module, targets) -> bool:
-    return isinstance(module, nn.Linear) and ".layers." in f".{name}" and _is_target(name, targets)
+def _is_quant_target(name: str, module: nn.Module, targets, frozen: tuple = ()) -> bool:
+    return (isinstance(module, nn.Linear) and ".layers." in f".{name}" and _is_target(name, targets)
+            and not f"{name}.".startswith(frozen))
 
 
 def load(path, load_in_4bit: bool = True, dtype: torch.dtype = torch.bfloat16, max_seq_length: Optional[int] = None,
@@ -137,10 +148,14 @@ def load(path, load_in_4bit: bool = True, dtype: torch.dtype = torch.bfloat16, m
     projections (``target_modules``) as frozen ``NF4Linear`` layers (or plain
     frozen 16-bit linears with ``load_in_4bit=False``). Embeddings, norms and the
     LM head stay in ``dtype``. Every parameter is frozen; add adapters with
-    ``qforge.add_lora``. Errors (missing/partial checkpoint, unsupported
-    architecture, truncated file) raise ValueError naming the file."""
+    ``qforge.add_lora``. A vision-language model (VISION_MODEL_TYPES: Idefics3 /
+    SmolVLM) loads as transformers' ``*ForConditionalGeneration``: its language
+    model as above, its vision tower and projector frozen in ``dtype``
+    (``model.qforge_frozen_prefixes``, which add_lora leaves alone). Errors
+    (missing/partial checkpoint, unsupported architecture, truncated file) raise
+    ValueError naming the file."""
     from safetensors import SafetensorError, safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     path = Path(path)
     raw = _read_config(path)
@@ -154,10 +169,12 @@ def load(path, load_in_4bit: bool = True, dtype: torch.dtype = torch.bfloat16, m
     config = AutoConfig.from_pretrained(str(path))
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    frozen = VISION_MODEL_TYPES.get(raw["model_type"], ())
+    auto = AutoModelForImageTextToText if frozen else AutoModelForCausalLM
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+        model = auto.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     modules = dict(model.named_modules())
-    quant_names = {n for n, m in modules.items() if load_in_4bit and _is_quant_target(n, m, targets)}
+    quant_names = {n for n, m in modules.items() if load_in_4bit and _is_quant_target(n, m, targets, frozen)}
 
     handles = {}
     key_file: dict[str, Path] = {}
@@ -240,7 +257,7 @@ def load(path, load_in_4bit: bool = True, dtype: torch.dtype = torch.bfloat16, m
     for name, module in list(model.named_modules()):
         if any(b is not None and b.is_meta for b in module._buffers.values()) and "Rotary" in type(module).__name__:
             parent, _, leaf = name.rpartition(".")
-            fresh = type(module)(config=model.config).to(device)
+            fresh = type(module)(config=getattr(module, "config", None) or model.config).to(device)
             setattr(model.get_submodule(parent) if parent else model, leaf, fresh)
     missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if missing:
@@ -249,8 +266,9 @@ def load(path, load_in_4bit: bool = True, dtype: torch.dtype = torch.bfloat16, m
     for p in model.parameters():
         p.requires_grad_(False)
     model.config.dtype = dtype
-    model.qforge_max_seq_length = max_seq_length or getattr(config, "max_position_embeddings", None)
+    model.qforge_max_seq_length = max_seq_length or getattr(config.get_text_config(), "max_position_embeddings", None)
     model.qforge_source = str(path)
+    model.qforge_frozen_prefixes = frozen
     model.eval()
     return model
 
