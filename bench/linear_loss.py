@@ -3,8 +3,7 @@
 impls: qforge (fused C++/CUDA), qforge_generic (chunked_linear + F.cross_entropy),
 torch_eager, torch_compile, liger (Liger-Kernel fused linear CE), cce (Apple
 Cut Cross-Entropy); plus qforge_chunk2g (the fused path with a 2 GiB chunk
-budget instead of the default 512 MiB workspace) and qforge_cluster (the Hopper
-cluster row kernel instead of the default one), and a chunk-size sweep.
+budget instead of the default 512 MiB workspace), and a chunk-size sweep.
 
 Per (N, D, V, impl): median fwd+bwd time over `--reps` runs (CUDA events),
 peak memory beyond inputs and the two gradient buffers, and the loss /
@@ -51,14 +50,6 @@ def make_impls(names):
             c = ql.auto_chunk_size(h.shape[0], w.shape[0], h.dtype, h.device, budget_bytes=2 * GIB)
             return ql.linear_cross_entropy(h, w, y, chunk_size=c)
         impls["qforge_chunk2g"] = big
-    if "qforge_cluster" in names:  # ablation: the Hopper cluster row kernel (one HBM read)
-        def cl(h, w, y):
-            os.environ["QFORGE_LCE_CLUSTER"] = "1"
-            try:
-                return ql.linear_cross_entropy(h, w, y)
-            finally:
-                os.environ.pop("QFORGE_LCE_CLUSTER", None)
-        impls["qforge_cluster"] = cl
     if "qforge_generic" in names:
         impls["qforge_generic"] = lambda h, w, y: ql.chunked_linear(h, w, y, eager_ce)
     if "torch_eager" in names:
@@ -220,7 +211,7 @@ def save(result, path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/linear_loss.json")
-    ap.add_argument("--impls", default="qforge,qforge_chunk2g,qforge_cluster,qforge_generic,torch_eager,torch_compile,liger,cce")
+    ap.add_argument("--impls", default="qforge,qforge_chunk2g,qforge_generic,torch_eager,torch_compile,liger,cce")
     ap.add_argument("--sweep", default="1024,1664,2048,4096", help="qforge chunk sizes at N=16384")
     ap.add_argument("--shapes", default=None, help="N,D,V;N,D,V")
     ap.add_argument("--reps", type=int, default=5)

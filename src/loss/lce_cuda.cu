@@ -9,8 +9,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <cooperative_groups.h>
-
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -252,195 +250,6 @@ __global__ void __launch_bounds__(kThreads) row_kernel(
 }
 
 
-// Hopper: one row per thread-block cluster of CS CTAs, each CTA holding its
-// segment of the row in shared memory, so the logits are read from device
-// memory once (the plain row_kernel reads them twice). Partial (max, sum exp)
-// are exchanged through distributed shared memory.
-constexpr int kCThreads = 1024;
-constexpr int64_t kClusterSmemMax = 200 * 1024;  // bytes of row segment per CTA
-
-template <class T, int CS>
-__global__ void __launch_bounds__(kCThreads) row_kernel_cluster(
-    T* logits, int64_t ld, int64_t V, int64_t seg, const T* __restrict__ bias,
-    const int64_t* __restrict__ labels, const float* __restrict__ cw,
-    const Scalars* __restrict__ sc, RowParams p, int64_t ignore, int reduction,
-    float* __restrict__ tok_loss, float* __restrict__ lse_out,
-    const float* __restrict__ grad_scale, int want_grad) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  namespace cg = cooperative_groups;
-  extern __shared__ uint4 smem_raw[];
-  T* sm = reinterpret_cast<T*>(smem_raw);
-  __shared__ float s_part[3];
-  __shared__ float s_lse;
-  cg::cluster_group cluster = cg::this_cluster();
-  const int rank = int(cluster.block_rank());
-  const int64_t row = blockIdx.x / CS;
-  T* L = logits + row * ld;
-  const int64_t c0 = int64_t(rank) * seg;
-  const int64_t c1 = c0 + seg < V ? c0 + seg : V;
-  const int64_t len = c1 > c0 ? c1 - c0 : 0;
-  const int64_t y = labels[row];
-  const bool valid = y != ignore;
-  const bool bad = valid && (y < 0 || y >= V);
-  const bool need_swz = p.eps != 0.0f;
-  auto z_of = [&](float raw, int64_t c) {
-    if (bias) raw += Ty<T>::f(bias[c]);
-    return transform_logit(p, raw);
-  };
-  float m = -INFINITY, s = 0.0f, swz = 0.0f;
-  auto elem = [&](float raw, int64_t c) {
-    const float z = z_of(raw, c);
-    online_update(m, s, z);
-    if (need_swz) swz += (cw ? cw[c] : 1.0f) * z;
-  };
-  auto group = [&](const float* v0, int64_t c) {
-    float v[8];
-    float gm = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      v[j] = z_of(v0[j], c + j);
-      gm = fmaxf(gm, v[j]);
-      if (need_swz) swz += (cw ? cw[c + j] : 1.0f) * v[j];
-    }
-    float gs = 0.0f;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) gs += qf_exp(v[j] - gm);
-    online_merge(m, s, gm, gs);
-  };
-  const uint4* src = reinterpret_cast<const uint4*>(L + c0);
-  uint4* dst = reinterpret_cast<uint4*>(sm);
-  constexpr int kPer = int(16 / sizeof(T));  // elements per 16 bytes
-  static_assert(kPer == 8 || kPer == 4, "T");
-  // pass 1: global -> shared, online LSE; two 16-byte loads in flight per thread
-  const int64_t nv = len / kPer;  // 16-byte vectors (len is a multiple of 8 except the last segment)
-  for (int64_t q = threadIdx.x; q < nv; q += 2 * kCThreads) {
-    const int64_t q2 = q + kCThreads;
-    const uint4 a = src[q];
-    uint4 b = make_uint4(0, 0, 0, 0);
-    if (q2 < nv) b = src[q2];
-    dst[q] = a;
-    if (q2 < nv) dst[q2] = b;
-    if constexpr (kPer == 8) {
-      float v[8];
-      load8(reinterpret_cast<const T*>(&a), v);
-      group(v, c0 + q * 8);
-      if (q2 < nv) {
-        load8(reinterpret_cast<const T*>(&b), v);
-        group(v, c0 + q2 * 8);
-      }
-    } else {
-      const float* fa = reinterpret_cast<const float*>(&a);
-      for (int j = 0; j < 4; ++j) elem(fa[j], c0 + q * 4 + j);
-      if (q2 < nv) {
-        const float* fb = reinterpret_cast<const float*>(&b);
-        for (int j = 0; j < 4; ++j) elem(fb[j], c0 + q2 * 4 + j);
-      }
-    }
-  }
-  for (int64_t c = nv * kPer + threadIdx.x; c < len; c += kCThreads) {
-    const T r = L[c0 + c];
-    sm[c] = r;
-    elem(Ty<T>::f(r), c0 + c);
-  }
-  block_merge<kCThreads>(m, s, swz);
-  if (threadIdx.x == 0) { s_part[0] = m; s_part[1] = s; s_part[2] = swz; }
-  cluster.sync();  // partials of every CTA visible cluster-wide
-  if (threadIdx.x == 0) {
-    float M = -INFINITY, S = 0.0f, SW = 0.0f;
-    for (int r = 0; r < CS; ++r) {
-      const float* q = cluster.map_shared_rank(s_part, r);
-      online_merge(M, S, q[0], q[1]);
-      SW += q[2];
-    }
-    const float lse = M + logf(S);
-    s_lse = lse;
-    if (rank == 0 && lse_out) lse_out[row] = lse;
-    if (bad) {
-      if (rank == 0) tok_loss[row] = NAN;
-    } else if (!valid) {
-      if (rank == 0) tok_loss[row] = 0.0f;
-    } else if (y >= c0 && y < c1) {  // the CTA holding the label's logit writes the loss
-      const float wy = cw ? cw[y] : 1.0f;
-      tok_loss[row] = row_loss(p, lse, z_of(Ty<T>::f(sm[y - c0]), y), wy, float(sc->wsum), SW);
-    }
-  }
-  cluster.sync();  // remote reads done before any CTA may exit; s_lse visible
-  if (!want_grad) return;
-  const float lse = s_lse;
-  const float wy = valid && !bad ? (cw ? cw[y] : 1.0f) : 0.0f;
-  const float scale = row_grad_scale(valid, bad, reduction, sc, grad_scale, row);
-  const RowGrad rg = make_row_grad(p, lse, wy, float(sc->wsum), scale);
-  const int64_t m8 = len / 8;
-  for (int64_t g = threadIdx.x; g < m8; g += kCThreads) {
-    float v[8];
-    load8(sm + g * 8, v);
-    if (scale == 0.0f) {
-#pragma unroll
-      for (int j = 0; j < 8; ++j) v[j] = 0.0f;
-    } else {
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int64_t c = c0 + g * 8 + j;
-        v[j] = grad_logit(p, rg, z_of(v[j], c), cw ? cw[c] : 1.0f, c == y);
-      }
-    }
-    store8(L + c0 + g * 8, v);
-  }
-  for (int64_t c = m8 * 8 + threadIdx.x; c < len; c += kCThreads) {
-    const float z = z_of(Ty<T>::f(sm[c]), c0 + c);
-    L[c0 + c] = Ty<T>::t(scale == 0.0f ? 0.0f : grad_logit(p, rg, z, cw ? cw[c0 + c] : 1.0f, c0 + c == y));
-  }
-#endif
-}
-
-// cluster size for a row of V elements of `esize` bytes (0: use row_kernel)
-int cluster_size_for(int64_t V, int64_t esize) {
-  for (int cs : {1, 2, 4, 8}) {
-    const int64_t seg = (V + cs - 1) / cs;
-    const int64_t seg8 = (seg + 7) / 8 * 8;
-    if (seg8 * esize <= kClusterSmemMax) return cs;
-  }
-  return 0;
-}
-
-// Off by default: on an H100 it measured slower than row_kernel (6.6 vs 4.7 ms
-// per 16384 x 128256 bf16 pass; one 1024-thread CTA per SM hides latency
-// worse than four 512-thread CTAs reading twice). QFORGE_LCE_CLUSTER=1 enables.
-bool cluster_path_enabled(int dev) {
-  const char* e = std::getenv("QFORGE_LCE_CLUSTER");
-  if (!(e && e[0] == '1')) return false;
-  static thread_local std::map<int, bool> cache;
-  auto it = cache.find(dev);
-  if (it != cache.end()) return it->second;
-  int major = 0;
-  QF_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  return cache[dev] = major >= 9;
-}
-
-template <class T, int CS>
-void launch_cluster(int64_t n, int64_t V, int64_t seg, cudaStream_t stream, T* logits, int64_t ld,
-                    const T* bias, const int64_t* labels, const float* cw, const Scalars* sc,
-                    RowParams p, int64_t ignore, int reduction, float* tok_loss, float* lse_out,
-                    const float* grad_scale, int want_grad) {
-  const size_t smem = size_t(seg) * sizeof(T);
-  auto kern = row_kernel_cluster<T, CS>;
-  QF_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(unsigned(n * CS));
-  cfg.blockDim = dim3(kCThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = CS;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  QF_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kern, logits, ld, V, seg, bias, labels, cw, sc, p, ignore,
-                                   reduction, tok_loss, lse_out, grad_scale, want_grad));
-}
-
 // column sums of the chunk's d loss / d logits into fp32 grad_bias
 template <class T>
 __global__ void bias_grad_kernel(const T* dl, int64_t ld, int64_t n, int64_t V, int rows_per,
@@ -657,32 +466,16 @@ void forward_cuda(const LceInputs& in, const LceOptions& opt, const LceOutputs& 
   const RowParams p = make_row_params(opt, V);
   const T* H = static_cast<const T*>(in.hidden);
   const T* W = static_cast<const T*>(in.weight);
-  // row pass: one cluster of CTAs per row with the row in shared memory (Hopper), else row_kernel
-  const int cs = cluster_path_enabled(dev) ? cluster_size_for(V, sizeof(T)) : 0;
-  const int64_t seg = cs > 0 ? ((V + cs - 1) / cs + 7) / 8 * 8 : 0;
 
   for (int64_t s = 0; s < N; s += chunk) {
     const int64_t n = std::min(chunk, N - s);
     // logits^T [V, n] (col-major, ld) = W^T(col-major D x V)^T . H_c (D x n)
     gemm(dev, stream, true, false, V, n, D, W, D, H + s * D, D, logits, ld, 0.0f, ty, ty, lt_ws,
          lay.cublas_bytes);
-    if (cs > 0) {
-      const T* bias = static_cast<const T*>(in.bias);
-      float* lse_o = out.lse ? out.lse + s : nullptr;
-      const float* gsc = out.grad_scale ? out.grad_scale + s : nullptr;
-      const int wg = want_grad ? 1 : 0;
-      switch (cs) {
-        case 1: launch_cluster<T, 1>(n, V, seg, stream, logits, ld, bias, in.labels + s, in.class_weight, sc, p, opt.ignore_index, int(opt.reduction), tok_loss + s, lse_o, gsc, wg); break;
-        case 2: launch_cluster<T, 2>(n, V, seg, stream, logits, ld, bias, in.labels + s, in.class_weight, sc, p, opt.ignore_index, int(opt.reduction), tok_loss + s, lse_o, gsc, wg); break;
-        case 4: launch_cluster<T, 4>(n, V, seg, stream, logits, ld, bias, in.labels + s, in.class_weight, sc, p, opt.ignore_index, int(opt.reduction), tok_loss + s, lse_o, gsc, wg); break;
-        default: launch_cluster<T, 8>(n, V, seg, stream, logits, ld, bias, in.labels + s, in.class_weight, sc, p, opt.ignore_index, int(opt.reduction), tok_loss + s, lse_o, gsc, wg); break;
-      }
-    } else {
-      row_kernel<T><<<unsigned(n), kThreads, 0, stream>>>(
-          logits, ld, V, static_cast<const T*>(in.bias), in.labels + s, in.class_weight, sc, p,
-          opt.ignore_index, int(opt.reduction), tok_loss + s, out.lse ? out.lse + s : nullptr,
-          out.grad_scale ? out.grad_scale + s : nullptr, want_grad ? 1 : 0);
-    }
+    row_kernel<T><<<unsigned(n), kThreads, 0, stream>>>(
+        logits, ld, V, static_cast<const T*>(in.bias), in.labels + s, in.class_weight, sc, p,
+        opt.ignore_index, int(opt.reduction), tok_loss + s, out.lse ? out.lse + s : nullptr,
+        out.grad_scale ? out.grad_scale + s : nullptr, want_grad ? 1 : 0);
     QF_CUDA_CHECK(cudaGetLastError());
     if (!want_grad) continue;
     if (out.grad_bias) {

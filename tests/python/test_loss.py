@@ -389,14 +389,11 @@ def test_cuda_compile_inductor():
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("v", [150001, 257003])
-def test_cuda_cluster_and_plain_row_paths(dtype, v, monkeypatch):
-    """Large vocabularies: the Hopper cluster kernel (row split over 2-8 CTAs in
-    shared memory) and the plain row kernel both match the fp64 reference."""
-    for flag in ("1", "0"):
-        monkeypatch.setenv("QFORGE_LCE_CLUSTER", flag)
-        for red in ("mean", "none"):
-            check_case("cuda", dtype, 21, 24, v, 5, red, True, {"label_smoothing": 0.1, "z_loss": 1e-3},
-                       seed=v % 97, ignore_frac=0.3)
+def test_cuda_large_vocabularies(dtype, v):
+    """Large vocabularies (rows of 150k-257k logits) match the fp64 reference."""
+    for red in ("mean", "none"):
+        check_case("cuda", dtype, 21, 24, v, 5, red, True, {"label_smoothing": 0.1, "z_loss": 1e-3},
+                   seed=v % 97, ignore_frac=0.3)
 
 
 @pytest.mark.parametrize("device", dev_params())
