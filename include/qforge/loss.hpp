@@ -21,18 +21,26 @@
 // GEMMs (as PyTorch's own bf16 matmul output is); everything else runs in fp32.
 // NaN or Inf in hidden/weight propagates to the loss and the gradients.
 #pragma once
-#include "qforge/export.hpp"
 #include <cstdint>
+#include <string_view>
+
+#include "qforge/dtype.hpp"
+#include "qforge/export.hpp"
 
 namespace qforge::loss {
 
-enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
+using qforge::Device;
+using qforge::DType;
+
 enum class Reduction : int { None = 0, Mean = 1, Sum = 2 };
+
+// "none", "mean" or "sum" (PyTorch's names); anything else throws InvalidArgument.
+QFORGE_API Reduction reduction_from_name(std::string_view name);
 
 struct QFORGE_API LceOptions {
   int64_t ignore_index = -100;
   float label_smoothing = 0.0f;
-  float softcap = 0.0f;  // <= 0: no soft-capping
+  float softcap = 0.0f;  // 0: no soft-capping
   float logit_scale = 1.0f;
   float z_loss = 0.0f;
   Reduction reduction = Reduction::Mean;
@@ -89,7 +97,7 @@ struct QFORGE_API LceCall {
   LceOutputs out;
   void* workspace = nullptr;
   int64_t workspace_bytes = 0;
-  bool cuda = false;
+  Device device = Device::CPU;
   int device_index = 0;
 };
 
@@ -99,17 +107,28 @@ struct QFORGE_API LceCall {
 // workspace size, labels' range).
 QFORGE_API LceCall lce_bind(const LceTensors& t, const LceOptions& opt);
 
-QFORGE_API const char* dtype_name(DType d);
-QFORGE_API int64_t dtype_size(DType d);
+// lce_bind, then lce_forward on the tensors' device.
+QFORGE_API void lce_run(const LceTensors& t, const LceOptions& opt, void* stream);
 
 // Bytes of workspace lce_forward needs for these sizes (chunk 0 = N).
-QFORGE_API int64_t lce_workspace_bytes(bool cuda, int64_t N, int64_t D, int64_t V, DType dtype,
-                            int64_t chunk);
+QFORGE_API int64_t lce_workspace_bytes(Device device, int64_t N, int64_t D, int64_t V, DType dtype,
+                                       int64_t chunk);
+
+// Tokens per chunk whose workspace (lce_workspace_bytes) fits in budget_bytes:
+// N when all fit; else the largest 128 * 2^k that fits (on an H100 the GEMMs
+// ran fastest at such sizes: 1024 and 2048 beat 1536 and 1792 by 4%), or
+// below 128 the largest that fits; at least 1.
+QFORGE_API int64_t lce_chunk_size(Device device, int64_t N, int64_t D, int64_t V, DType dtype,
+                                  int64_t budget_bytes);
 
 // Validates everything (shapes, options, buffer sizes; labels on CPU) and
 // throws InvalidArgument naming the problem.
 QFORGE_API void lce_check(const LceInputs& in, const LceOptions& opt, const LceOutputs& out,
-               int64_t workspace_bytes, bool cuda);
+                          int64_t workspace_bytes, Device device);
+
+// lce_forward_cpu or lce_forward_cuda, by device.
+QFORGE_API void lce_forward(Device device, const LceInputs& in, const LceOptions& opt, const LceOutputs& out,
+                            void* workspace, int64_t workspace_bytes, void* stream);
 
 QFORGE_API void lce_forward_cpu(const LceInputs& in, const LceOptions& opt, const LceOutputs& out,
                      void* workspace, int64_t workspace_bytes);
@@ -119,6 +138,7 @@ QFORGE_API void lce_forward_cuda(const LceInputs& in, const LceOptions& opt, con
 
 // x[i] *= scale[0] for n elements of dtype (fp32 arithmetic, rounded once);
 // scale lives where x does. The backward pass's rescale by the upstream gradient.
+QFORGE_API void scale_inplace(Device device, void* x, DType dtype, int64_t n, const float* scale, void* stream);
 QFORGE_API void scale_inplace_cpu(void* x, DType dtype, int64_t n, const float* scale);
 QFORGE_API void scale_inplace_cuda(void* x, DType dtype, int64_t n, const float* scale, void* stream);
 

@@ -82,6 +82,12 @@ typedef struct qf_nf4_weights {
 QF_API int64_t qf_nf4_packed_bytes(int64_t numel);
 QF_API int64_t qf_nf4_num_blocks(int64_t numel, int32_t blocksize);
 
+/* QF_OK when w describes a consistent weight (sizes, blocksizes, pointers; no
+ * data is read), else QF_ERR_INVALID_ARGUMENT naming what disagrees: the
+ * check every qf_nf4_dequantize runs first, for loaders that check a
+ * checkpoint before using it. */
+QF_API int qf_nf4_validate(const qf_nf4_weights* w);
+
 /* Dequantize w into out (numel elements of out_dtype: fp32/fp16/bf16).
  * On CUDA this is one kernel whatever the absmax form. */
 QF_API int qf_nf4_dequantize(qf_device device, const qf_nf4_weights* w, void* out,
@@ -119,7 +125,7 @@ enum { QF_REDUCTION_NONE = 0, QF_REDUCTION_MEAN = 1, QF_REDUCTION_SUM = 2 };
 typedef struct qf_lce_options {
   int64_t ignore_index;  /* PyTorch: -100 */
   float label_smoothing; /* [0, 1] */
-  float softcap;         /* <= 0: none; else z = softcap * tanh(z / softcap) */
+  float softcap;         /* 0: none; > 0: z = softcap * tanh(z / softcap) */
   float logit_scale;     /* logits are multiplied by this (before softcap) */
   float z_loss;          /* + z_loss * lse^2 per valid token */
   int32_t reduction;     /* QF_REDUCTION_* */
@@ -131,6 +137,15 @@ typedef struct qf_lce_options {
 /* Workspace bytes for qf_lce_forward (device memory on CUDA, 256-byte aligned). */
 QF_API int qf_lce_workspace_bytes(qf_device device, int64_t n, int64_t d, int64_t v,
                                   qf_dtype dtype, int64_t chunk_size, int64_t* bytes);
+
+/* The chunk_size whose workspace fits in budget_bytes: n when all fit, else
+ * the largest 128 * 2^k that fits (below 128: the largest that fits; at least 1). */
+QF_API int qf_lce_chunk_size(qf_device device, int64_t n, int64_t d, int64_t v, qf_dtype dtype,
+                             int64_t budget_bytes, int64_t* chunk_size);
+
+/* The QF_REDUCTION_* of PyTorch's name for it ("none", "mean", "sum");
+ * QF_ERR_INVALID_ARGUMENT naming the choices for any other. */
+QF_API int qf_lce_reduction(const char* name, int32_t* reduction);
 
 /* hidden [n,d], weight [v,d], bias [v] or NULL: all of `dtype` (fp32/fp16/bf16);
  * labels [n] int64; class_weight [v] fp32 or NULL.

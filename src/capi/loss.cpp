@@ -2,20 +2,14 @@
 #include "guard.hpp"
 #include "qforge/loss.hpp"
 #include "qforge/qforge.h"
+#include "translate.hpp"
 
 namespace {
 using namespace qforge;
+using capi::to_device;
 
-loss::DType to_dtype(qf_dtype d, const char* what) {
-  switch (d) {
-    case QF_FLOAT32: return loss::DType::F32;
-    case QF_FLOAT16: return loss::DType::F16;
-    case QF_BFLOAT16: return loss::DType::BF16;
-    default: break;
-  }
-  QF_CHECK(false, "linear_cross_entropy: ", what, " must be float32, float16 or bfloat16 (qf_dtype ",
-           int(d), ")");
-  return loss::DType::F32;
+DType to_dtype(qf_dtype d, const char* what) {
+  return capi::to_float_dtype(d, what);
 }
 
 loss::LceOptions to_options(const qf_lce_options* options) {
@@ -26,10 +20,7 @@ loss::LceOptions to_options(const qf_lce_options* options) {
   opt.softcap = options->softcap;
   opt.logit_scale = options->logit_scale;
   opt.z_loss = options->z_loss;
-  QF_CHECK(options->reduction >= 0 && options->reduction <= 2,
-           "linear_cross_entropy: reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
-           options->reduction);
-  opt.reduction = static_cast<loss::Reduction>(options->reduction);
+  opt.reduction = static_cast<loss::Reduction>(options->reduction);  // checked by the core
   opt.validate = options->validate != 0;
   opt.chunk = options->chunk_size;
   return opt;
@@ -48,10 +39,6 @@ loss::TensorRef to_ref(const qf_tensor& t) {
   }
   return r;
 }
-
-void check_device(qf_device device) {
-  QF_CHECK(device == QF_CPU || device == QF_CUDA, "linear_cross_entropy: unknown device ", int(device));
-}
 }  // namespace
 
 extern "C" {
@@ -59,10 +46,25 @@ extern "C" {
 int qf_lce_workspace_bytes(qf_device device, int64_t n, int64_t d, int64_t v, qf_dtype dtype,
                            int64_t chunk_size, int64_t* bytes) {
   return capi::guard([&] {
-    check_device(device);
     QF_CHECK(bytes != nullptr, "qf_lce_workspace_bytes: bytes is null");
-    QF_CHECK(chunk_size >= 0, "linear_cross_entropy: chunk_size must be >= 0, got ", chunk_size);
-    *bytes = loss::lce_workspace_bytes(device == QF_CUDA, n, d, v, to_dtype(dtype, "dtype"), chunk_size);
+    *bytes = loss::lce_workspace_bytes(to_device(device), n, d, v, to_dtype(dtype, "linear_cross_entropy: dtype"),
+                                       chunk_size);
+  });
+}
+
+int qf_lce_chunk_size(qf_device device, int64_t n, int64_t d, int64_t v, qf_dtype dtype, int64_t budget_bytes,
+                      int64_t* chunk_size) {
+  return capi::guard([&] {
+    QF_CHECK(chunk_size != nullptr, "qf_lce_chunk_size: chunk_size is null");
+    *chunk_size = loss::lce_chunk_size(to_device(device), n, d, v, to_dtype(dtype, "linear_cross_entropy: dtype"),
+                                       budget_bytes);
+  });
+}
+
+int qf_lce_reduction(const char* name, int32_t* reduction) {
+  return capi::guard([&] {
+    QF_CHECK(name != nullptr && reduction != nullptr, "qf_lce_reduction: null argument");
+    *reduction = static_cast<int32_t>(loss::reduction_from_name(name));
   });
 }
 
@@ -73,12 +75,12 @@ int qf_lce_forward(qf_device device, const void* hidden, const void* weight, con
                    float* grad_bias, const float* grad_scale, void* workspace,
                    int64_t workspace_bytes, void* stream) {
   return capi::guard([&] {
-    check_device(device);
+    const Device dev = to_device(device);
     loss::LceInputs in;
     in.hidden = hidden;
     in.weight = weight;
     in.bias = bias;
-    in.dtype = to_dtype(dtype, "dtype");
+    in.dtype = to_dtype(dtype, "linear_cross_entropy: dtype");
     in.N = n;
     in.D = d;
     in.V = v;
@@ -90,13 +92,11 @@ int qf_lce_forward(qf_device device, const void* hidden, const void* weight, con
     out.lse = lse;
     out.grad_hidden = grad_hidden;
     out.grad_weight = grad_weight;
-    out.grad_weight_dtype = grad_weight ? to_dtype(grad_weight_dtype, "grad_weight dtype") : in.dtype;
+    out.grad_weight_dtype =
+        grad_weight ? to_dtype(grad_weight_dtype, "linear_cross_entropy: grad_weight dtype") : in.dtype;
     out.grad_bias = grad_bias;
     out.grad_scale = grad_scale;
-    if (device == QF_CUDA)
-      loss::lce_forward_cuda(in, opt, out, workspace, workspace_bytes, stream);
-    else
-      loss::lce_forward_cpu(in, opt, out, workspace, workspace_bytes);
+    loss::lce_forward(dev, in, opt, out, workspace, workspace_bytes, stream);
   });
 }
 
@@ -111,23 +111,14 @@ int qf_lce_run(const qf_lce_tensors* tensors, const qf_lce_options* options, voi
                              to_ref(tensors->lse),         to_ref(tensors->grad_hidden),
                              to_ref(tensors->grad_weight), to_ref(tensors->grad_bias),
                              to_ref(tensors->grad_scale),  to_ref(tensors->workspace)};
-    const loss::LceCall call = loss::lce_bind(t, opt);
-    if (call.cuda)
-      loss::lce_forward_cuda(call.in, opt, call.out, call.workspace, call.workspace_bytes, stream);
-    else
-      loss::lce_forward_cpu(call.in, opt, call.out, call.workspace, call.workspace_bytes);
+    loss::lce_run(t, opt, stream);
   });
 }
 
 int qf_lce_scale_inplace(qf_device device, void* x, qf_dtype dtype, int64_t n, const float* scale,
                          void* stream) {
   return capi::guard([&] {
-    check_device(device);
-    const loss::DType d = to_dtype(dtype, "dtype");
-    if (device == QF_CUDA)
-      loss::scale_inplace_cuda(x, d, n, scale, stream);
-    else
-      loss::scale_inplace_cpu(x, d, n, scale);
+    loss::scale_inplace(to_device(device), x, to_dtype(dtype, "scale_inplace: dtype"), n, scale, stream);
   });
 }
 

@@ -1,11 +1,41 @@
 // C ABI for NF4: translates arguments to qforge::nf4 and nothing else.
 #include <algorithm>
 
+#include "core/dtype_name.hpp"
 #include "guard.hpp"
 #include "qforge/nf4.hpp"
+#include "translate.hpp"
 
 using qforge::capi::guard;
+using qforge::capi::to_device;
+using qforge::capi::to_float_dtype;
 namespace nf4 = qforge::nf4;
+
+namespace {
+
+nf4::Weights to_weights(const qf_nf4_weights* w) {
+  QF_CHECK(w != nullptr, "weights descriptor is null");
+  QF_CHECK(w->absmax_dtype == QF_FLOAT32 || w->absmax_dtype == QF_UINT8,
+           "absmax must be float32 (plain) or uint8 (double-quantized), got ",
+           qforge::dtype_name(static_cast<int>(w->absmax_dtype)));
+  nf4::Weights r;
+  r.packed = w->packed;
+  r.packed_bytes = w->packed_bytes;
+  r.numel = w->numel;
+  r.blocksize = w->blocksize;
+  r.code = w->code;
+  r.absmax = w->absmax;
+  r.nested = w->absmax_dtype == QF_UINT8;
+  r.absmax_len = w->absmax_len;
+  r.nested_absmax = w->nested_absmax;
+  r.nested_absmax_len = w->nested_absmax_len;
+  r.nested_code = w->nested_code;
+  r.nested_offset = w->nested_offset;
+  r.nested_blocksize = w->nested_blocksize;
+  return r;
+}
+
+}  // namespace
 
 extern "C" {
 
@@ -15,11 +45,15 @@ int64_t qf_nf4_num_blocks(int64_t numel, int32_t blocksize) {
   return blocksize > 0 ? nf4::num_blocks(numel, blocksize) : -1;
 }
 
+int qf_nf4_validate(const qf_nf4_weights* w) {
+  return guard([&] { nf4::validate(to_weights(w)); });
+}
+
 int qf_nf4_dequantize(qf_device device, const qf_nf4_weights* w, void* out, qf_dtype out_dtype,
                       int64_t out_numel, void* stream) {
   return guard([&] {
-    QF_CHECK(w != nullptr, "qf_nf4_dequantize: weights descriptor is null");
-    nf4::dequantize(device, *w, out, out_dtype, out_numel, stream);
+    nf4::dequantize(to_device(device), to_weights(w), out, to_float_dtype(out_dtype, "dequantize output"),
+                    out_numel, stream);
   });
 }
 
@@ -27,8 +61,8 @@ int qf_nf4_quantize(qf_device device, const void* x, qf_dtype x_dtype, int64_t n
                     int32_t blocksize, uint8_t* packed, int64_t packed_bytes, float* absmax,
                     int64_t absmax_len, void* stream) {
   return guard([&] {
-    nf4::quantize(device, x, x_dtype, numel, blocksize, packed, packed_bytes, absmax, absmax_len,
-                  stream);
+    nf4::quantize(to_device(device), x, to_float_dtype(x_dtype, "quantize input"), numel, blocksize, packed,
+                  packed_bytes, absmax, absmax_len, stream);
   });
 }
 
@@ -36,7 +70,7 @@ int qf_quantize_blockwise_8bit(qf_device device, const float* x, int64_t n, cons
                                const float* code256, int32_t blocksize, uint8_t* q, float* absmax,
                                int64_t absmax_len, void* stream) {
   return guard([&] {
-    nf4::quantize_blockwise_8bit(device, x, n, offset, code256, blocksize, q, absmax, absmax_len,
+    nf4::quantize_blockwise_8bit(to_device(device), x, n, offset, code256, blocksize, q, absmax, absmax_len,
                                  stream);
   });
 }

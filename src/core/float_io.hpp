@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "core/half.hpp"
+#include "qforge/dtype.hpp"
 #include "qforge/qforge.h"
 
 namespace qforge {
@@ -31,6 +32,14 @@ inline float round_to(qf_dtype dtype, float v) {
     case QF_BFLOAT16: return bf16_to_float(float_to_bf16(v));
     default: return v;
   }
+}
+
+// The same for the core's DType (whose values are qf_dtype's).
+inline float load_float(const void* x, DType dtype, int64_t i) {
+  return load_float(x, static_cast<qf_dtype>(dtype), i);
+}
+inline void store_float(void* x, DType dtype, int64_t i, float v) {
+  store_float(x, static_cast<qf_dtype>(dtype), i, v);
 }
 
 }  // namespace qforge

@@ -19,16 +19,13 @@
 
 namespace qforge::loss {
 
-const char* dtype_name(DType d) {
-  switch (d) {
-    case DType::F32: return "float32";
-    case DType::F16: return "float16";
-    case DType::BF16: return "bfloat16";
-  }
-  return "?";
+Reduction reduction_from_name(std::string_view name) {
+  if (name == "none") return Reduction::None;
+  if (name == "mean") return Reduction::Mean;
+  if (name == "sum") return Reduction::Sum;
+  QF_CHECK(false, "linear_cross_entropy: reduction must be 'mean', 'sum' or 'none', got '", name, "'");
+  return Reduction::Mean;
 }
-
-int64_t dtype_size(DType d) { return d == DType::F32 ? 4 : 2; }
 
 int64_t effective_chunk(int64_t N, int64_t chunk) {
   if (N <= 0) return 1;
@@ -62,17 +59,35 @@ CudaWorkspaceLayout cuda_workspace_layout(int64_t N, int64_t V, DType dtype, int
   return l;
 }
 
-int64_t lce_workspace_bytes(bool cuda, int64_t N, int64_t D, int64_t V, DType dtype,
+int64_t lce_workspace_bytes(Device device, int64_t N, int64_t D, int64_t V, DType dtype,
                             int64_t chunk) {
   QF_CHECK(N >= 0 && D >= 1 && V >= 1, "linear_cross_entropy: bad sizes N=", N, " D=", D,
            " V=", V);
-  if (cuda) return cuda_workspace_layout(N, V, dtype, chunk).total;
+  QF_CHECK(chunk >= 0, "linear_cross_entropy: chunk_size must be >= 0, got ", chunk);
+  if (device == Device::CUDA) return cuda_workspace_layout(N, V, dtype, chunk).total;
   const int64_t c = effective_chunk(N, chunk);
   return (c * V + 2 * c * D) * 4;
 }
 
+int64_t lce_chunk_size(Device device, int64_t N, int64_t D, int64_t V, DType dtype,
+                       int64_t budget_bytes) {
+  if (N <= 0) return 1;
+  auto fits = [&](int64_t chunk) { return lce_workspace_bytes(device, N, D, V, dtype, chunk) <= budget_bytes; };
+  if (fits(N)) return N;
+  // the workspace grows with the chunk: bisect for the largest that fits
+  int64_t lo = 1, hi = N;  // fits(hi) is false
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    (fits(mid) ? lo : hi) = mid;
+  }
+  if (lo < 128) return lo;
+  int64_t chunk = 128;
+  while (chunk * 2 <= lo) chunk *= 2;
+  return chunk;
+}
+
 void lce_check(const LceInputs& in, const LceOptions& opt, const LceOutputs& out,
-               int64_t workspace_bytes, bool cuda) {
+               int64_t workspace_bytes, Device device) {
   const char* f = "linear_cross_entropy";
   QF_CHECK(in.N >= 0, f, ": N (tokens) must be >= 0, got ", in.N);
   QF_CHECK(in.D >= 1, f, ": D (hidden size) must be >= 1, got ", in.D);
@@ -91,21 +106,21 @@ void lce_check(const LceInputs& in, const LceOptions& opt, const LceOutputs& out
            ": label_smoothing must be in [0, 1], got ", opt.label_smoothing);
   QF_CHECK(std::isfinite(opt.logit_scale) && opt.logit_scale != 0.0f, f,
            ": logit_scale must be finite and non-zero, got ", opt.logit_scale);
-  QF_CHECK(!std::isnan(opt.softcap) && !std::isinf(opt.softcap), f, ": softcap must be finite, got ",
-           opt.softcap);
+  QF_CHECK(std::isfinite(opt.softcap) && opt.softcap >= 0.0f, f,
+           ": softcap must be a finite number > 0 (0: no soft-capping), got ", opt.softcap);
   QF_CHECK(std::isfinite(opt.z_loss) && opt.z_loss >= 0.0f, f,
            ": z_loss must be finite and >= 0, got ", opt.z_loss);
   QF_CHECK(opt.reduction == Reduction::None || opt.reduction == Reduction::Mean ||
                opt.reduction == Reduction::Sum,
-           f, ": reduction must be none (0), mean (1) or sum (2)");
+           f, ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", static_cast<int>(opt.reduction));
   QF_CHECK(opt.chunk >= 0, f, ": chunk size must be >= 0 (0 = all tokens), got ", opt.chunk);
   QF_CHECK(out.grad_weight_dtype == in.dtype || out.grad_weight_dtype == DType::F32, f,
            ": grad_weight must be ", dtype_name(in.dtype), " or float32, got ",
            dtype_name(out.grad_weight_dtype));
-  const int64_t need = lce_workspace_bytes(cuda, in.N, in.D, in.V, in.dtype, opt.chunk);
+  const int64_t need = lce_workspace_bytes(device, in.N, in.D, in.V, in.dtype, opt.chunk);
   QF_CHECK(workspace_bytes >= need, f, ": workspace of ", workspace_bytes,
            " bytes is too small, need ", need, " (ask qf_lce_workspace_bytes)");
-  if (!cuda) {
+  if (device == Device::CPU) {
     for (int64_t i = 0; i < in.N; ++i) {
       const int64_t y = in.labels[i];
       QF_CHECK(y == opt.ignore_index || (y >= 0 && y < in.V), f, ": labels[", i, "] = ", y,
@@ -325,8 +340,8 @@ void forward_cpu(const LceInputs& in, const LceOptions& opt, const LceOutputs& o
 
 void lce_forward_cpu(const LceInputs& in, const LceOptions& opt, const LceOutputs& out,
                      void* workspace, int64_t workspace_bytes) {
-  lce_check(in, opt, out, workspace_bytes, false);
-  QF_CHECK(workspace != nullptr || lce_workspace_bytes(false, in.N, in.D, in.V, in.dtype, opt.chunk) == 0,
+  lce_check(in, opt, out, workspace_bytes, Device::CPU);
+  QF_CHECK(workspace != nullptr || lce_workspace_bytes(Device::CPU, in.N, in.D, in.V, in.dtype, opt.chunk) == 0,
            "linear_cross_entropy: workspace is null");
   switch (in.dtype) {
     case DType::F32: forward_cpu<F32T>(in, opt, out, workspace); break;
@@ -357,6 +372,27 @@ void scale_inplace_cpu(void* x, DType dtype, int64_t n, const float* scale) {
       break;
     }
   }
+}
+
+// ------------------------------------------------------------------ dispatch
+void lce_forward(Device device, const LceInputs& in, const LceOptions& opt, const LceOutputs& out,
+                 void* workspace, int64_t workspace_bytes, void* stream) {
+  if (device == Device::CUDA)
+    lce_forward_cuda(in, opt, out, workspace, workspace_bytes, stream);
+  else
+    lce_forward_cpu(in, opt, out, workspace, workspace_bytes);
+}
+
+void lce_run(const LceTensors& t, const LceOptions& opt, void* stream) {
+  const LceCall call = lce_bind(t, opt);
+  lce_forward(call.device, call.in, opt, call.out, call.workspace, call.workspace_bytes, stream);
+}
+
+void scale_inplace(Device device, void* x, DType dtype, int64_t n, const float* scale, void* stream) {
+  if (device == Device::CUDA)
+    scale_inplace_cuda(x, dtype, n, scale, stream);
+  else
+    scale_inplace_cpu(x, dtype, n, scale);
 }
 
 #ifndef QFORGE_WITH_CUDA

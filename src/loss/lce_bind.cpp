@@ -161,9 +161,9 @@ LceCall lce_bind(const LceTensors& t, const LceOptions& opt) {
   check_elem(t.workspace, "workspace", QF_UINT8);
 
   LceCall call;
-  call.cuda = t.hidden.device == QF_CUDA;
+  call.device = t.hidden.device == QF_CUDA ? Device::CUDA : Device::CPU;
   call.device_index = t.hidden.device_index;
-  if (call.cuda) {
+  if (call.device == Device::CUDA) {
     cuda::require_cuda(kOp);
     const int current = cuda::current_device();
     QF_CHECK(current == call.device_index, kOp, ": the tensors are on cuda:", call.device_index,

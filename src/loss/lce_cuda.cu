@@ -523,7 +523,7 @@ void scale_inplace_cuda(void* x, DType dtype, int64_t n, const float* scale, voi
 void lce_forward_cuda(const LceInputs& in, const LceOptions& opt, const LceOutputs& out,
                       void* workspace, int64_t workspace_bytes, void* stream) {
   cuda::require_cuda("linear_cross_entropy");
-  lce_check(in, opt, out, workspace_bytes, true);
+  lce_check(in, opt, out, workspace_bytes, Device::CUDA);
   QF_CHECK(workspace != nullptr, "linear_cross_entropy: workspace is null");
   QF_CHECK(reinterpret_cast<uintptr_t>(workspace) % 256 == 0,
            "linear_cross_entropy: workspace must be 256-byte aligned");

@@ -4,7 +4,6 @@
 #include <algorithm>
 #include <cmath>
 
-#include "core/dtype_name.hpp"
 #include "core/float_io.hpp"
 #include "core/half.hpp"
 #include "nf4/rules.hpp"
@@ -93,18 +92,13 @@ bool is_pow2(int64_t v) { return v > 0 && (v & (v - 1)) == 0; }
 // start-up and barrier take milliseconds when the cores are oversubscribed).
 constexpr int64_t kParallelMinElements = int64_t{1} << 18;
 
-void check_float_dtype(qf_dtype d, const char* what) {
-  QF_CHECK(d == QF_FLOAT32 || d == QF_FLOAT16 || d == QF_BFLOAT16, what,
-           " must be float32, float16 or bfloat16, got ", dtype_name(d));
-}
-
 void check_blocksize(int64_t blocksize) {
   QF_CHECK(blocksize >= 32 && blocksize <= 4096 && is_pow2(blocksize),
            "blocksize must be a power of two from 32 to 4096, got ", blocksize);
 }
 
 // max |x| over the block, NaN ignored (fmaxf), as bitsandbytes' block reduce.
-float block_absmax(const void* x, qf_dtype dtype, int64_t begin, int64_t end) {
+float block_absmax(const void* x, DType dtype, int64_t begin, int64_t end) {
   float m = 0.0f;
   for (int64_t i = begin; i < end; ++i) m = std::fmax(m, std::fabs(load_float(x, dtype, i)));
   return m;
@@ -114,7 +108,7 @@ float block_absmax(const void* x, qf_dtype dtype, int64_t begin, int64_t end) {
 int64_t packed_bytes(int64_t numel) { return (numel + 1) / 2; }
 int64_t num_blocks(int64_t numel, int64_t blocksize) { return (numel + blocksize - 1) / blocksize; }
 
-void validate(const qf_nf4_weights& w) {
+void validate(const Weights& w) {
   QF_CHECK(w.numel >= 0, "numel must be >= 0, got ", w.numel);
   check_blocksize(w.blocksize);
   QF_CHECK(w.packed_bytes == packed_bytes(w.numel), "packed weight has ", w.packed_bytes,
@@ -122,14 +116,11 @@ void validate(const qf_nf4_weights& w) {
   const int64_t blocks = num_blocks(w.numel, w.blocksize);
   QF_CHECK(w.absmax_len == blocks, "absmax has ", w.absmax_len, " entries but ", w.numel,
            " elements in blocks of ", w.blocksize, " need ", blocks);
-  QF_CHECK(w.absmax_dtype == QF_FLOAT32 || w.absmax_dtype == QF_UINT8,
-           "absmax must be float32 (plain) or uint8 (double-quantized), got ",
-           dtype_name(w.absmax_dtype));
   if (w.numel == 0) return;
   QF_CHECK(w.packed != nullptr, "packed weight pointer is null");
   QF_CHECK(w.code != nullptr, "quant_map (16-entry code) pointer is null");
   QF_CHECK(w.absmax != nullptr, "absmax pointer is null");
-  if (w.absmax_dtype == QF_UINT8) {
+  if (w.nested) {
     QF_CHECK(w.nested_blocksize > 0 && is_pow2(w.nested_blocksize),
              "nested_blocksize must be a positive power of two, got ", w.nested_blocksize);
     const int64_t nested = num_blocks(blocks, w.nested_blocksize);
@@ -144,13 +135,12 @@ void validate(const qf_nf4_weights& w) {
 namespace {
 // The per-block loop of dequantize_cpu, for one output type (no per-element dispatch).
 template <class Out, class Convert>
-void dequantize_blocks(const qf_nf4_weights& w, Out* out, Convert convert) {
+void dequantize_blocks(const Weights& w, Out* out, Convert convert) {
   const int64_t blocks = num_blocks(w.numel, w.blocksize);
-  const bool nested = w.absmax_dtype == QF_UINT8;
 #pragma omp parallel for schedule(static) if (w.numel >= kParallelMinElements)
   for (int64_t b = 0; b < blocks; ++b) {
     const float scale =
-        nested ? nested_absmax_value(w.nested_code, static_cast<const uint8_t*>(w.absmax)[b],
+        w.nested ? nested_absmax_value(w.nested_code, static_cast<const uint8_t*>(w.absmax)[b],
                                      w.nested_absmax[b / w.nested_blocksize], *w.nested_offset)
                : static_cast<const float*>(w.absmax)[b];
     float level_value[16];  // the block's 16 possible outputs, before rounding
@@ -164,15 +154,15 @@ void dequantize_blocks(const qf_nf4_weights& w, Out* out, Convert convert) {
 }
 }  // namespace
 
-void dequantize_cpu(const qf_nf4_weights& w, void* out, qf_dtype out_dtype) {
+void dequantize_cpu(const Weights& w, void* out, DType out_dtype) {
   switch (out_dtype) {
-    case QF_FLOAT16: return dequantize_blocks(w, static_cast<uint16_t*>(out), float_to_half);
-    case QF_BFLOAT16: return dequantize_blocks(w, static_cast<uint16_t*>(out), float_to_bf16);
+    case DType::F16: return dequantize_blocks(w, static_cast<uint16_t*>(out), float_to_half);
+    case DType::BF16: return dequantize_blocks(w, static_cast<uint16_t*>(out), float_to_bf16);
     default: return dequantize_blocks(w, static_cast<float*>(out), [](float v) { return v; });
   }
 }
 
-void quantize_cpu(const void* x, qf_dtype x_dtype, int64_t numel, int32_t blocksize,
+void quantize_cpu(const void* x, DType x_dtype, int64_t numel, int32_t blocksize,
                   uint8_t* packed, float* absmax) {
   const int64_t blocks = num_blocks(numel, blocksize);
 #pragma omp parallel for schedule(static) if (numel >= kParallelMinElements)
@@ -206,23 +196,20 @@ void quantize_blockwise_8bit_cpu(const float* x, int64_t n, const float* offset,
 }
 
 // ------------------------------------------------------------------ dispatch
-void dequantize(qf_device device, const qf_nf4_weights& w, void* out, qf_dtype out_dtype,
-                int64_t out_numel, void* stream) {
+void dequantize(Device device, const Weights& w, void* out, DType out_dtype, int64_t out_numel,
+                void* stream) {
   validate(w);
-  check_float_dtype(out_dtype, "dequantize output");
   QF_CHECK(out_numel == w.numel, "output has ", out_numel, " elements but the weight has ",
            w.numel);
   if (w.numel == 0) return;
   QF_CHECK(out != nullptr, "output pointer is null");
-  if (device == QF_CUDA) return dequantize_cuda(w, out, out_dtype, stream);
-  QF_CHECK(device == QF_CPU, "unknown device ", static_cast<int>(device));
+  if (device == Device::CUDA) return dequantize_cuda(w, out, out_dtype, stream);
   dequantize_cpu(w, out, out_dtype);
 }
 
-void quantize(qf_device device, const void* x, qf_dtype x_dtype, int64_t numel, int32_t blocksize,
+void quantize(Device device, const void* x, DType x_dtype, int64_t numel, int32_t blocksize,
               uint8_t* packed, int64_t packed_len, float* absmax, int64_t absmax_len,
               void* stream) {
-  check_float_dtype(x_dtype, "quantize input");
   check_blocksize(blocksize);
   QF_CHECK(numel >= 0, "numel must be >= 0, got ", numel);
   QF_CHECK(packed_len == packed_bytes(numel), "packed output has ", packed_len, " bytes but ",
@@ -232,12 +219,11 @@ void quantize(qf_device device, const void* x, qf_dtype x_dtype, int64_t numel, 
            num_blocks(numel, blocksize));
   if (numel == 0) return;
   QF_CHECK(x && packed && absmax, "quantize: null input or output pointer");
-  if (device == QF_CUDA) return quantize_cuda(x, x_dtype, numel, blocksize, packed, absmax, stream);
-  QF_CHECK(device == QF_CPU, "unknown device ", static_cast<int>(device));
+  if (device == Device::CUDA) return quantize_cuda(x, x_dtype, numel, blocksize, packed, absmax, stream);
   quantize_cpu(x, x_dtype, numel, blocksize, packed, absmax);
 }
 
-void quantize_blockwise_8bit(qf_device device, const float* x, int64_t n, const float* offset,
+void quantize_blockwise_8bit(Device device, const float* x, int64_t n, const float* offset,
                              const float* code, int32_t blocksize, uint8_t* q, float* absmax,
                              int64_t absmax_len, void* stream) {
   QF_CHECK(blocksize > 0 && is_pow2(blocksize) && blocksize <= 4096,
@@ -248,17 +234,16 @@ void quantize_blockwise_8bit(qf_device device, const float* x, int64_t n, const 
            num_blocks(n, blocksize));
   if (n == 0) return;
   QF_CHECK(x && code && q && absmax, "quantize_blockwise_8bit: null pointer");
-  if (device == QF_CUDA)
+  if (device == Device::CUDA)
     return quantize_blockwise_8bit_cuda(x, n, offset, code, blocksize, q, absmax, stream);
-  QF_CHECK(device == QF_CPU, "unknown device ", static_cast<int>(device));
   quantize_blockwise_8bit_cpu(x, n, offset, code, blocksize, q, absmax);
 }
 
 #ifndef QFORGE_WITH_CUDA
-void dequantize_cuda(const qf_nf4_weights&, void*, qf_dtype, void*) {
+void dequantize_cuda(const Weights&, void*, DType, void*) {
   cuda::require_cuda("dequantize_nf4 on CUDA");
 }
-void quantize_cuda(const void*, qf_dtype, int64_t, int32_t, uint8_t*, float*, void*) {
+void quantize_cuda(const void*, DType, int64_t, int32_t, uint8_t*, float*, void*) {
   cuda::require_cuda("quantize_nf4 on CUDA");
 }
 void quantize_blockwise_8bit_cuda(const float*, int64_t, const float*, const float*, int32_t,

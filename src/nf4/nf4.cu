@@ -321,14 +321,14 @@ int warp_grid(int64_t blocks, int threads) {
 
 }  // namespace
 
-void dequantize_cuda(const qf_nf4_weights& w, void* out, qf_dtype out_dtype, void* stream) {
+void dequantize_cuda(const Weights& w, void* out, DType out_dtype, void* stream) {
   cuda::require_cuda("dequantize_nf4 on CUDA");
   DequantParams p{};
   p.packed = w.packed;
   p.numel = w.numel;
   p.log2_blocksize = log2_exact(w.blocksize);
   p.code = w.code;
-  if (w.absmax_dtype == QF_UINT8) {
+  if (w.nested) {
     p.absmax_u8 = static_cast<const uint8_t*>(w.absmax);
     p.nested_absmax = w.nested_absmax;
     p.nested_code = w.nested_code;
@@ -339,23 +339,23 @@ void dequantize_cuda(const qf_nf4_weights& w, void* out, qf_dtype out_dtype, voi
   }
   auto s = static_cast<cudaStream_t>(stream);
   switch (out_dtype) {
-    case QF_FLOAT16: return dispatch_nested<__half>(p, out, s);
-    case QF_BFLOAT16: return dispatch_nested<__nv_bfloat16>(p, out, s);
+    case DType::F16: return dispatch_nested<__half>(p, out, s);
+    case DType::BF16: return dispatch_nested<__nv_bfloat16>(p, out, s);
     default: return dispatch_nested<float>(p, out, s);
   }
 }
 
-void quantize_cuda(const void* x, qf_dtype x_dtype, int64_t numel, int32_t blocksize,
+void quantize_cuda(const void* x, DType x_dtype, int64_t numel, int32_t blocksize,
                    uint8_t* packed, float* absmax, void* stream) {
   cuda::require_cuda("quantize_nf4 on CUDA");
   constexpr int threads = 256;
   const int grid = warp_grid(num_blocks(numel, blocksize), threads);
   auto s = static_cast<cudaStream_t>(stream);
   switch (x_dtype) {
-    case QF_FLOAT16:
+    case DType::F16:
       quantize_nf4_kernel<<<grid, threads, 0, s>>>(static_cast<const __half*>(x), numel, blocksize, packed, absmax);
       break;
-    case QF_BFLOAT16:
+    case DType::BF16:
       quantize_nf4_kernel<<<grid, threads, 0, s>>>(static_cast<const __nv_bfloat16*>(x), numel, blocksize, packed, absmax);
       break;
     default:

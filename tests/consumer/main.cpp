@@ -1,12 +1,37 @@
 // Uses the installed library through both of its APIs: the C++ chat engine
-// (qforge::chat) and the C ABI (qforge.h). Prints what they returned; exits
+// (qforge::chat) and NF4 core (qforge::nf4), and the C ABI (qforge.h). Prints what they returned; exits
 // nonzero when either disagrees with what it must return.
+#include <cstdint>
 #include <cstdio>
 #include <string>
+#include <vector>
 
 #include "qforge/chat/apply.hpp"
 #include "qforge/chat/template.hpp"
+#include "qforge/nf4.hpp"
 #include "qforge/qforge.h"
+
+// NF4 levels times a block's absmax survive a quantize / dequantize round trip exactly.
+bool nf4_round_trips() {
+  namespace nf4 = qforge::nf4;
+  const int64_t n = 70;  // two blocks of 64, the second partial
+  std::vector<float> x(n);
+  for (int64_t i = 0; i < n; ++i) x[i] = nf4::kCode[i % 16] * (i < 64 ? 2.0f : 0.5f);
+  std::vector<uint8_t> packed(nf4::packed_bytes(n));
+  std::vector<float> absmax(nf4::num_blocks(n, 64)), out(n);
+  nf4::quantize(qforge::Device::CPU, x.data(), qforge::DType::F32, n, 64, packed.data(),
+                static_cast<int64_t>(packed.size()), absmax.data(), static_cast<int64_t>(absmax.size()), nullptr);
+  nf4::Weights w;
+  w.packed = packed.data();
+  w.packed_bytes = static_cast<int64_t>(packed.size());
+  w.numel = n;
+  w.blocksize = 64;
+  w.code = nf4::kCode;
+  w.absmax = absmax.data();
+  w.absmax_len = static_cast<int64_t>(absmax.size());
+  nf4::dequantize(qforge::Device::CPU, w, out.data(), qforge::DType::F32, n, nullptr);
+  return out == x;
+}
 
 int main() {
   using namespace qforge::chat;
@@ -27,5 +52,7 @@ int main() {
     caught = e.kind == "TemplateSyntaxError";
   }
   std::printf("TemplateError caught: %d\n", caught ? 1 : 0);
-  return text == "<user>HI" && packed == 4 && caught ? 0 : 1;
+  const bool nf4_ok = nf4_round_trips();
+  std::printf("nf4 round trip: %d\n", nf4_ok ? 1 : 0);
+  return text == "<user>HI" && packed == 4 && caught && nf4_ok ? 0 : 1;
 }

@@ -367,6 +367,52 @@ TEST(LossLce, TensorDescriptorsAreCheckedBeforeAnyRead) {
   EXPECT_EQ(qf_lce_run(nullptr, &o, nullptr), QF_ERR_INVALID_ARGUMENT);
 }
 
+// The chunk size query answers with the workspace query's own sizes: the chunk
+// fits the budget, the next 128 * 2^k (or the next size below 128) does not.
+TEST(LossLce, ChunkSizeFitsTheWorkspaceBudget) {
+  for (qf_device device : {QF_CPU, QF_CUDA}) {
+    for (int64_t budget : {int64_t(1) << 20, int64_t(7) << 20, int64_t(448) << 20, int64_t(1) << 40}) {
+      const int64_t n = 16384, d = 512, v = 32003;
+      int64_t chunk = 0, bytes = 0, next = 0;
+      ASSERT_EQ(qf_lce_chunk_size(device, n, d, v, QF_BFLOAT16, budget, &chunk), QF_OK) << qf_last_error();
+      ASSERT_GE(chunk, 1);
+      ASSERT_LE(chunk, n);
+      ASSERT_EQ(qf_lce_workspace_bytes(device, n, d, v, QF_BFLOAT16, chunk, &bytes), QF_OK);
+      if (chunk == n) {
+        EXPECT_LE(bytes, budget);
+        continue;
+      }
+      EXPECT_TRUE(bytes <= budget || chunk == 1) << device << " " << budget << " " << chunk;
+      const int64_t larger = chunk >= 128 ? 2 * chunk : chunk + 1;
+      ASSERT_EQ(qf_lce_workspace_bytes(device, n, d, v, QF_BFLOAT16, larger, &next), QF_OK);
+      EXPECT_GT(next, budget) << device << " " << budget << " " << chunk;
+      if (chunk >= 128) EXPECT_EQ(chunk & (chunk - 1), 0) << chunk;  // 128 * 2^k
+    }
+  }
+  int64_t chunk = -1;
+  ASSERT_EQ(qf_lce_chunk_size(QF_CPU, 0, 4, 4, QF_FLOAT32, 0, &chunk), QF_OK);
+  EXPECT_EQ(chunk, 1);
+  EXPECT_EQ(qf_lce_chunk_size(QF_CPU, 8, 4, 4, QF_INT64, 1 << 20, &chunk), QF_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(qf_last_error()).find("dtype must be float32, float16 or bfloat16, got int64"),
+            std::string::npos)
+      << qf_last_error();
+}
+
+TEST(LossLce, ReductionNames) {
+  int32_t r = -1;
+  ASSERT_EQ(qf_lce_reduction("none", &r), QF_OK);
+  EXPECT_EQ(r, QF_REDUCTION_NONE);
+  ASSERT_EQ(qf_lce_reduction("mean", &r), QF_OK);
+  EXPECT_EQ(r, QF_REDUCTION_MEAN);
+  ASSERT_EQ(qf_lce_reduction("sum", &r), QF_OK);
+  EXPECT_EQ(r, QF_REDUCTION_SUM);
+  EXPECT_EQ(qf_lce_reduction("avg", &r), QF_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(qf_last_error()).find("reduction must be 'mean', 'sum' or 'none', got 'avg'"),
+            std::string::npos)
+      << qf_last_error();
+  EXPECT_EQ(qf_lce_reduction(nullptr, &r), QF_ERR_INVALID_ARGUMENT);
+}
+
 #ifdef QFORGE_WITH_CUDA
 template <class T>
 T* to_dev(const std::vector<T>& v) {

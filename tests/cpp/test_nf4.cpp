@@ -17,18 +17,39 @@ namespace nf4 = qforge::nf4;
 
 namespace {
 
-qf_nf4_weights plain_weights(const std::vector<uint8_t>& packed, const std::vector<float>& absmax,
-                             int64_t numel, int32_t blocksize) {
-  qf_nf4_weights w{};
+using qforge::Device;
+using qforge::DType;
+
+nf4::Weights plain_weights(const std::vector<uint8_t>& packed, const std::vector<float>& absmax,
+                           int64_t numel, int32_t blocksize) {
+  nf4::Weights w;
   w.packed = packed.data();
   w.packed_bytes = static_cast<int64_t>(packed.size());
   w.numel = numel;
   w.blocksize = blocksize;
   w.code = nf4::kCode;
   w.absmax = absmax.data();
-  w.absmax_dtype = QF_FLOAT32;
   w.absmax_len = static_cast<int64_t>(absmax.size());
   return w;
+}
+
+// The same weight as the C ABI describes it.
+qf_nf4_weights c_weights(const nf4::Weights& w) {
+  qf_nf4_weights c{};
+  c.packed = w.packed;
+  c.packed_bytes = w.packed_bytes;
+  c.numel = w.numel;
+  c.blocksize = w.blocksize;
+  c.code = w.code;
+  c.absmax = w.absmax;
+  c.absmax_dtype = w.nested ? QF_UINT8 : QF_FLOAT32;
+  c.absmax_len = w.absmax_len;
+  c.nested_absmax = w.nested_absmax;
+  c.nested_absmax_len = w.nested_absmax_len;
+  c.nested_code = w.nested_code;
+  c.nested_offset = w.nested_offset;
+  c.nested_blocksize = w.nested_blocksize;
+  return c;
 }
 
 uint8_t level_of(const std::vector<uint8_t>& packed, int64_t i) {
@@ -73,14 +94,14 @@ TEST(Nf4Cpu, QuantizeDequantizeRoundTripsLevelsExactly) {
   for (int64_t i = 0; i < n; ++i) x[i] = nf4::kCode[(i * 7) % 16] * (1.5f + static_cast<float>(i / bs));
   std::vector<uint8_t> packed(nf4::packed_bytes(n));
   std::vector<float> absmax(nf4::num_blocks(n, bs));
-  nf4::quantize(QF_CPU, x.data(), QF_FLOAT32, n, bs, packed.data(), packed.size(), absmax.data(),
+  nf4::quantize(Device::CPU, x.data(), DType::F32, n, bs, packed.data(), packed.size(), absmax.data(),
                 absmax.size(), nullptr);
   for (int64_t b = 0; b < 4; ++b) EXPECT_EQ(absmax[b], 1.5f + b);
   for (int64_t i = 0; i < n; ++i) EXPECT_EQ(level_of(packed, i), (i * 7) % 16) << i;
   EXPECT_EQ(packed.back() & 0x0f, 7) << "odd tail pads with 0.0 -> level 7";
   std::vector<float> out(n);
   const auto w = plain_weights(packed, absmax, n, bs);
-  nf4::dequantize(QF_CPU, w, out.data(), QF_FLOAT32, n, nullptr);
+  nf4::dequantize(Device::CPU, w, out.data(), DType::F32, n, nullptr);
   for (int64_t i = 0; i < n; ++i) EXPECT_EQ(out[i], x[i]) << i;
 }
 
@@ -89,11 +110,11 @@ TEST(Nf4Cpu, AllZeroBlockIsLevelZeroWithZeroAbsmax) {
   x[100] = 0.5f;
   std::vector<uint8_t> packed(64);
   std::vector<float> absmax(2);
-  nf4::quantize(QF_CPU, x.data(), QF_FLOAT32, 128, 64, packed.data(), 64, absmax.data(), 2, nullptr);
+  nf4::quantize(Device::CPU, x.data(), DType::F32, 128, 64, packed.data(), 64, absmax.data(), 2, nullptr);
   EXPECT_EQ(absmax[0], 0.0f);
   for (int i = 0; i < 32; ++i) EXPECT_EQ(packed[i], 0x00);
   std::vector<float> out(128);
-  nf4::dequantize(QF_CPU, plain_weights(packed, absmax, 128, 64), out.data(), QF_FLOAT32, 128,
+  nf4::dequantize(Device::CPU, plain_weights(packed, absmax, 128, 64), out.data(), DType::F32, 128,
                   nullptr);
   for (int i = 0; i < 64; ++i) EXPECT_EQ(out[i], 0.0f);
   EXPECT_EQ(out[100], 0.5f);
@@ -105,14 +126,14 @@ TEST(Nf4Cpu, DoubleQuantizedAbsmaxRoundsMultiplyAndAddSeparately) {
   std::vector<uint8_t> q(300);
   for (int b = 0; b < 300; ++b) q[b] = static_cast<uint8_t>((b * 37) % 256);
   const float nested_absmax[2] = {0.75f, 3.0f}, offset = 0.1f;
-  qf_nf4_weights w{};
+  nf4::Weights w;
   w.packed = packed.data();
   w.packed_bytes = n / 2;
   w.numel = n;
   w.blocksize = 64;
   w.code = nf4::kCode;
   w.absmax = q.data();
-  w.absmax_dtype = QF_UINT8;
+  w.nested = true;
   w.absmax_len = 300;
   w.nested_absmax = nested_absmax;
   w.nested_absmax_len = 2;
@@ -120,7 +141,7 @@ TEST(Nf4Cpu, DoubleQuantizedAbsmaxRoundsMultiplyAndAddSeparately) {
   w.nested_offset = &offset;
   w.nested_blocksize = 256;
   std::vector<uint16_t> out(n);
-  nf4::dequantize(QF_CPU, w, out.data(), QF_BFLOAT16, n, nullptr);
+  nf4::dequantize(Device::CPU, w, out.data(), DType::BF16, n, nullptr);
   for (int b = 0; b < 300; ++b) {
     volatile float scaled = nf4::kDynamicMap[q[b]] * nested_absmax[b / 256];
     const float scale = scaled + offset;
@@ -145,35 +166,72 @@ TEST(HalfConversions, RoundToNearestEvenLikeCuda) {
     ASSERT_EQ(qforge::float_to_half(qforge::half_to_float(static_cast<uint16_t>(h))), h);
 }
 
-TEST(CApi, BadInputReturnsStatusAndMessage) {
-  std::vector<float> x(100, 1.0f);
+// qf_nf4_quantize of 100 float elements into `packed` and `absmax_len` absmax
+// entries: the status, and qf_last_error() in `message`.
+int quantize_100(const std::vector<float>& x, qf_dtype dtype, int32_t blocksize, int64_t absmax_len,
+                 std::string& message) {
   std::vector<uint8_t> packed(50);
-  std::vector<float> absmax(2);
-  EXPECT_EQ(qf_nf4_quantize(QF_CPU, x.data(), QF_FLOAT32, 100, 48, packed.data(), 50,
-                            absmax.data(), 2, nullptr),
+  std::vector<float> absmax(3);
+  const int status = qf_nf4_quantize(QF_CPU, x.data(), dtype, 100, blocksize, packed.data(), 50, absmax.data(),
+                                     absmax_len, nullptr);
+  message = qf_last_error();
+  return status;
+}
+
+TEST(CApi, BadInputReturnsStatusAndMessage) {
+  const std::vector<float> x(100, 1.0f);
+  std::string message;
+  EXPECT_EQ(quantize_100(x, QF_FLOAT32, 48, 2, message), QF_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(message.find("blocksize must be a power of two"), std::string::npos) << message;
+  EXPECT_EQ(quantize_100(x, QF_UINT8, 64, 2, message), QF_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(message.find("quantize input must be float32, float16 or bfloat16, got uint8"), std::string::npos)
+      << message;
+  EXPECT_EQ(quantize_100(x, QF_FLOAT32, 64, 3, message), QF_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(message.find("absmax output has 3 entries"), std::string::npos) << message;
+  EXPECT_EQ(qf_nf4_quantize(static_cast<qf_device>(7), x.data(), QF_FLOAT32, 100, 64, nullptr, 50, nullptr, 2,
+                            nullptr),
             QF_ERR_INVALID_ARGUMENT);
-  EXPECT_NE(std::string(qf_last_error()).find("blocksize must be a power of two"),
-            std::string::npos);
-  EXPECT_EQ(qf_nf4_quantize(QF_CPU, x.data(), QF_UINT8, 100, 64, packed.data(), 50,
-                            absmax.data(), 2, nullptr),
-            QF_ERR_INVALID_ARGUMENT);
-  EXPECT_NE(std::string(qf_last_error()).find("got uint8"), std::string::npos);
-  EXPECT_EQ(qf_nf4_quantize(QF_CPU, x.data(), QF_FLOAT32, 100, 64, packed.data(), 50,
-                            absmax.data(), 3, nullptr),
-            QF_ERR_INVALID_ARGUMENT);
-  EXPECT_NE(std::string(qf_last_error()).find("absmax output has 3 entries"), std::string::npos);
-  EXPECT_EQ(qf_nf4_dequantize(QF_CPU, nullptr, x.data(), QF_FLOAT32, 100, nullptr),
-            QF_ERR_INVALID_ARGUMENT);
-  auto w = plain_weights(packed, absmax, 100, 64);
+  EXPECT_NE(std::string(qf_last_error()).find("unknown device 7"), std::string::npos) << qf_last_error();
+  std::vector<float> out(100);
+  EXPECT_EQ(qf_nf4_dequantize(QF_CPU, nullptr, out.data(), QF_FLOAT32, 100, nullptr), QF_ERR_INVALID_ARGUMENT);
+  const std::vector<uint8_t> packed(50);
+  const std::vector<float> absmax(2);
+  auto w = c_weights(plain_weights(packed, absmax, 100, 64));
   w.absmax_dtype = QF_UINT8;  // double-quantized but no nested tensors
-  EXPECT_EQ(qf_nf4_dequantize(QF_CPU, &w, x.data(), QF_FLOAT32, 100, nullptr),
-            QF_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(qf_nf4_dequantize(QF_CPU, &w, out.data(), QF_FLOAT32, 100, nullptr), QF_ERR_INVALID_ARGUMENT);
   EXPECT_NE(std::string(qf_last_error()).find("nested"), std::string::npos);
+  w.absmax_dtype = QF_FLOAT16;
+  EXPECT_EQ(qf_nf4_dequantize(QF_CPU, &w, out.data(), QF_FLOAT32, 100, nullptr), QF_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(qf_last_error()).find("absmax must be float32 (plain) or uint8 (double-quantized), got "
+                                              "float16"),
+            std::string::npos)
+      << qf_last_error();
   // a success clears the message
-  EXPECT_EQ(qf_nf4_quantize(QF_CPU, x.data(), QF_FLOAT32, 100, 64, packed.data(), 50,
-                            absmax.data(), 2, nullptr),
-            QF_OK);
-  EXPECT_STREQ(qf_last_error(), "");
+  EXPECT_EQ(quantize_100(x, QF_FLOAT32, 64, 2, message), QF_OK);
+  EXPECT_EQ(message, "");
+}
+
+TEST(CApi, ValidateChecksWithoutReading) {
+  const std::vector<uint8_t> packed(50);
+  const std::vector<float> absmax(2);
+  const auto plain = c_weights(plain_weights(packed, absmax, 100, 64));
+  EXPECT_EQ(qf_nf4_validate(&plain), QF_OK) << qf_last_error();
+  auto w = plain;
+  w.numel = 101;  // 51 bytes needed
+  EXPECT_EQ(qf_nf4_validate(&w), QF_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(qf_last_error()).find("packed weight has 50 bytes but 101 elements need 51"),
+            std::string::npos)
+      << qf_last_error();
+  w = plain;
+  w.absmax_len = 1;
+  EXPECT_EQ(qf_nf4_validate(&w), QF_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(std::string(qf_last_error()).find("absmax has 1 entries but 100 elements in blocks of 64 need 2"),
+            std::string::npos)
+      << qf_last_error();
+  w = plain;
+  w.blocksize = 48;
+  EXPECT_EQ(qf_nf4_validate(&w), QF_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(qf_nf4_validate(nullptr), QF_ERR_INVALID_ARGUMENT);
 }
 
 TEST(CApi, CudaWithoutDeviceIsAClearError) {
