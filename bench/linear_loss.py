@@ -47,7 +47,7 @@ def make_impls(names):
         impls["qforge"] = lambda h, w, y: ql.linear_cross_entropy(h, w, y)
     if "qforge_chunk2g" in names:
         def big(h, w, y):
-            c = ql.auto_chunk_size(h.shape[0], w.shape[0], h.dtype, h.device, budget_bytes=2 * GIB)
+            c = ql.auto_chunk_size(h.shape[0], h.shape[1], w.shape[0], h.dtype, h.device, budget_bytes=2 * GIB)
             return ql.linear_cross_entropy(h, w, y, chunk_size=c)
         impls["qforge_chunk2g"] = big
     if "qforge_generic" in names:

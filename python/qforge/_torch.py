@@ -27,12 +27,14 @@ def qf_dtype(dtype: torch.dtype, what: str, allowed=FLOAT_DTYPES) -> int:
     return _QF_DTYPES[dtype]
 
 
-def qf_device(t: torch.Tensor) -> int:
-    if t.device.type == "cpu":
+def qf_device(where: torch.Tensor | torch.device) -> int:
+    """The qf_device of a tensor or a device."""
+    kind = where.device.type if isinstance(where, torch.Tensor) else where.type
+    if kind == "cpu":
         return QF_CPU
-    if t.device.type == "cuda":
+    if kind == "cuda":
         return QF_CUDA
-    raise ValueError(f"qforge runs on cpu or cuda tensors, got a {t.device.type} tensor")
+    raise ValueError(f"qforge runs on cpu or cuda tensors, got a {kind} tensor")
 
 
 def require_contiguous(t: torch.Tensor, what: str) -> None:

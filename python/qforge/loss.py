@@ -17,15 +17,13 @@ checked: a check would cost a pass over the inputs).
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from . import _torch as T
-from .ops.loss import REDUCTIONS, auto_chunk_size, lce_op
+from .ops.loss import REDUCTION_NONE, auto_chunk_size, lce_op, reduction_code
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss", "chunked_linear", "ChunkedLinearLoss",
            "auto_chunk_size"]
@@ -57,15 +55,13 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: O
     ``return_lse`` (ignored rows have an lse too) and when no row is ignored.
     NaN/Inf in hidden or weight propagate to the loss and gradients.
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"linear_cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    # Sizes, dtypes and options are checked by the core (qf_lce_run); here only what
+    # flattening the leading dimensions and converting the labels needs, and devices.
+    red = reduction_code(reduction)
     if not isinstance(hidden, Tensor) or not isinstance(weight, Tensor) or not isinstance(labels, Tensor):
         raise TypeError("linear_cross_entropy: hidden, weight and labels must be tensors")
-    if weight.dim() != 2:
-        raise ValueError(f"linear_cross_entropy: weight must be [V, D], got shape {tuple(weight.shape)}")
-    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"linear_cross_entropy: hidden {tuple(hidden.shape)} and weight "
-                         f"{tuple(weight.shape)} disagree on D (hidden's last dim must equal weight.shape[1])")
+    if hidden.dim() < 1:
+        raise ValueError("linear_cross_entropy: hidden must be [..., D], got a 0-dimensional tensor")
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"linear_cross_entropy: labels {tuple(labels.shape)} must have hidden's "
                          f"leading shape {tuple(hidden.shape[:-1])}")
@@ -76,33 +72,16 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: O
         ac = torch.get_autocast_dtype(dev_type)
         hidden, weight = hidden.to(ac), weight.to(ac)
         bias = bias.to(ac) if bias is not None else None
-    for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype not in T.FLOAT_DTYPES:
-            raise ValueError(f"linear_cross_entropy: {name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"linear_cross_entropy: hidden ({hidden.dtype}) and weight ({weight.dtype}) "
-                         "must have the same dtype (or run under autocast)")
-    if bias is not None:
-        if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"linear_cross_entropy: bias must be [V]=[{weight.shape[0]}], got {tuple(bias.shape)}")
-        bias = bias.to(hidden.dtype)
-    cw = None
-    if weight_per_class is not None:
-        if tuple(weight_per_class.shape) != (weight.shape[0],):
-            raise ValueError(f"linear_cross_entropy: weight_per_class must be [V]=[{weight.shape[0]}], "
-                             f"got {tuple(weight_per_class.shape)}")
-        cw = weight_per_class.detach().to(torch.float32).contiguous()
+    bias = bias.to(hidden.dtype) if bias is not None else None
+    cw = weight_per_class.detach().to(torch.float32).contiguous() if weight_per_class is not None else None
     for name, t in (("weight", weight), ("labels", labels), ("bias", bias), ("weight_per_class", cw)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"linear_cross_entropy: {name} is on {t.device} but hidden is on {hidden.device}")
-    if softcap is not None and not (softcap > 0 and math.isfinite(softcap)):
-        raise ValueError(f"linear_cross_entropy: softcap must be a positive finite number or None, got {softcap}")
     lead = hidden.shape[:-1]
     h2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     y = labels.reshape(-1).to(torch.int64).contiguous()
     w = weight.contiguous()
     b = bias.contiguous() if bias is not None else None
-    red = REDUCTIONS[reduction]
     kept = _valid_rows(y, ignore_index) if compact and not return_lse else None
     if kept is not None:
         h2, y = h2.index_select(0, kept), y.index_select(0, kept)
@@ -112,7 +91,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: O
         float(logit_scale), float(z_loss), red, int(chunk_size or 0), bool(validate), bool(return_lse),
         grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad, bool(fp32_grad_weight))
-    if red == 0:
+    if red == REDUCTION_NONE:
         if kept is not None:  # ignored rows: zero loss (and, through index_copy, zero gradient)
             loss = loss.new_zeros(labels.numel()).index_copy(0, kept, loss)
         loss = loss.reshape(lead)
@@ -143,8 +122,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                  return_lse: bool = False, chunk_size: Optional[int] = None,
                  fp32_grad_weight: bool = False, compact: bool = True):
         super().__init__()
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        reduction_code(reduction)  # a bad name fails here, not at the first call
         self.register_buffer("weight_per_class", weight_per_class, persistent=False)
         self.kw = dict(ignore_index=ignore_index, label_smoothing=label_smoothing,
                        reduction=reduction, softcap=softcap, logit_scale=logit_scale,
@@ -222,16 +200,17 @@ class _ChunkedLinearF(torch.autograd.Function):
 _GENERIC_CHUNK_BYTES = 1 << 30
 
 
-def _chunk_sizes(n: int, chunk_size, v: int, dtype, device) -> list[int]:
+def _chunk_sizes(n: int, chunk_size, d: int, v: int, device) -> list[int]:
     if n == 0:
         return [0]
     if chunk_size is None:
         # budget for one chunk's fp32 logits (the loss_fn's upcast; autograd keeps
-        # about three such buffers alive per chunk): env QFORGE_GENERIC_CHUNK_BYTES
+        # about three such buffers alive per chunk) and [chunk, D] buffers, sized as the
+        # fused path's CPU workspace: env QFORGE_GENERIC_CHUNK_BYTES
         budget = int(os.environ.get("QFORGE_GENERIC_CHUNK_BYTES", _GENERIC_CHUNK_BYTES))
         if device.type == "cuda":
             budget = min(budget, torch.cuda.mem_get_info(device)[0] // 8)
-        c = auto_chunk_size(n, v, torch.float32, torch.device("cpu"), budget_bytes=budget)
+        c = auto_chunk_size(n, d, v, torch.float32, torch.device("cpu"), budget_bytes=budget)
         return _sizes_from_int(n, c)
     if isinstance(chunk_size, int):
         if chunk_size < 1:
@@ -290,7 +269,7 @@ def chunked_linear(hidden: Tensor, weight: Tensor, labels: Tensor,
             if e.shape[0] != n:
                 raise ValueError(f"chunked_linear: extra tensor {tuple(e.shape)} does not have N={n} rows")
         ex.append(e)
-    sizes = _chunk_sizes(n, chunk_size, weight.shape[0], h.dtype, h.device)
+    sizes = _chunk_sizes(n, chunk_size, h.shape[1], weight.shape[0], h.device)
     return _ChunkedLinearF.apply(h, weight, loss_fn, sizes, reduction, fp32_grad_weight, valid, y, *ex)
 
 

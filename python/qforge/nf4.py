@@ -210,17 +210,7 @@ def dequantize(packed: Tensor, state, out: Optional[Tensor] = None, dtype: Optio
         state.offset.reshape(1) if nested else None,
         state.state2.blocksize if nested else 256,
     )
-    if torch.compiler.is_compiling():  # traced: go through the registered ops
-        if out is not None:
-            torch.ops.qforge.dequantize_nf4_into(*args, out)
-            return out
-        return torch.ops.qforge.dequantize_nf4(*args[:4], list(state.shape), dtype or state.dtype, *args[4:])
-    if out is None:
-        out = torch.empty(state.shape, dtype=dtype or state.dtype, device=packed.device)
-    elif out.numel() != math.prod(state.shape):
-        raise ValueError(f"out has {out.numel()} elements, the weight {math.prod(state.shape)}")
-    nf4_ops.dequantize_into(*args, out)
-    return out
+    return nf4_ops.dequantize(*args, state.shape, dtype or state.dtype, out=out)
 
 
 # ------------------------------------------------------------- state dicts / files
@@ -243,25 +233,19 @@ def from_state_dict(tensors: dict[str, Tensor], prefix: str, device="cpu", where
     return packed, state
 
 
-def check_consistent(packed: Tensor, state: QuantState, where: str = "NF4 weight") -> None:
-    for name, bs in (("blocksize", state.blocksize), ("nested_blocksize", state.state2.blocksize if state.nested else 1)):
-        if isinstance(bs, bool) or not isinstance(bs, int) or bs <= 0:
-            raise ValueError(f"{where}: {name} must be a positive integer, got {bs!r}")
-    if any(d < 0 for d in state.shape):
-        raise ValueError(f"{where}: shape {tuple(state.shape)} has a negative size")
-    n = state.numel
-    blocks = math.ceil(n / state.blocksize)
-    if packed.numel() != (n + 1) // 2:
-        raise ValueError(f"{where}: {packed.numel()} packed bytes but shape {tuple(state.shape)} needs {(n + 1) // 2}")
-    if state.absmax.numel() != blocks:
-        raise ValueError(f"{where}: absmax has {state.absmax.numel()} entries, {blocks} expected "
-                         f"({n} elements in blocks of {state.blocksize})")
-    if state.nested:
-        nested = math.ceil(blocks / state.state2.blocksize)
-        if state.state2.absmax.numel() != nested:
-            raise ValueError(f"{where}: nested_absmax has {state.state2.absmax.numel()} entries, {nested} expected")
-        if state.absmax.dtype != torch.uint8:
-            raise ValueError(f"{where}: double-quantized absmax must be uint8, got {state.absmax.dtype}")
+def check_consistent(packed: Tensor, state, where: str = "NF4 weight") -> None:
+    """ValueError naming `where` unless packed and state describe one weight: the
+    core's checks of every dequantize (qf_nf4_validate), run without reading data."""
+    if state.nested and state.absmax.dtype != torch.uint8:
+        raise ValueError(f"{where}: double-quantized absmax must be uint8, got {state.absmax.dtype}")
+    nested = state.state2
+    try:
+        nf4_ops.validate(packed, state.absmax, state.code, state.blocksize,
+                         nested.absmax if nested else None, nested.code if nested else None,
+                         state.offset.reshape(1) if nested else None, nested.blocksize if nested else 256,
+                         math.prod(state.shape))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def save_safetensors(path, weights: dict[str, tuple[Tensor, QuantState]], others: Optional[dict[str, Tensor]] = None,

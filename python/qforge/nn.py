@@ -70,13 +70,8 @@ def _dequantize(packed, absmax, code, nested_absmax, nested_code, nested_offset,
     blocksize, nested_blocksize, shape, float_absmax = meta
     if float_absmax:
         absmax = absmax.view(torch.float32)
-    args = (packed, absmax, code, blocksize, nested_absmax, nested_code, nested_offset, nested_blocksize)
-    if torch.compiler.is_compiling():  # traced: the registered op, a fresh (compiler-planned) buffer
-        return torch.ops.qforge.dequantize_nf4(*args[:4], list(shape), dtype, *args[4:])
-    out = (WORKSPACE.get(shape, dtype, packed.device) if use_workspace
-           else torch.empty(shape, dtype=dtype, device=packed.device))
-    nf4_ops.dequantize_into(*args, out)
-    return out
+    return nf4_ops.dequantize(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
+                              nested_blocksize, shape, dtype, workspace=WORKSPACE if use_workspace else None)
 
 
 class _NF4Matmul(torch.autograd.Function):

@@ -155,7 +155,7 @@ def quantized():
 
 
 @pytest.mark.parametrize("case, message", [
-    ("shape_too_big", r"packed weight has 2048 bytes but 16384 elements need 8192 \(shape \[128, 128\]\)"),
+    ("shape_too_big", r"packed weight has 2048 bytes but 16384 elements need 8192"),
     ("negative_shape", r"shape \[-1, 64\] has a negative size"),
     ("blocksize_0", r"blocksize must be a power of two from 32 to 4096, got 0"),
     ("blocksize_wraps", r"blocksize 4294967360 does not fit in 32 bits"),

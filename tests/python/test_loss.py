@@ -201,7 +201,7 @@ def test_errors(device):
         linear_cross_entropy(h, w, y[:7])
     with pytest.raises(ValueError, match="integer"):
         linear_cross_entropy(h, w, y.float())
-    with pytest.raises(ValueError, match="same dtype"):
+    with pytest.raises(ValueError, match=r"weight \(hidden's dtype\) must be float32, got float16"):
         linear_cross_entropy(h, w.half(), y)
     with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
         linear_cross_entropy(h.double(), w.double(), y)
@@ -321,12 +321,19 @@ def test_cpu_peak_memory_bound():
 
 
 def test_auto_chunk_size():
-    assert auto_chunk_size(0, 10, torch.float32, torch.device("cpu")) == 1
-    assert auto_chunk_size(100, 10, torch.float32, torch.device("cpu")) == 100
-    c = auto_chunk_size(16384, 128256, torch.bfloat16, torch.device("cpu"), budget_bytes=448 << 20)
-    assert c * 128256 * 4 <= 448 << 20 and c % 128 == 0
-    c = auto_chunk_size(1000, 50000, torch.float32, torch.device("cpu"), budget_bytes=10 * 50000 * 4)
+    """The core's chunk (qf_lce_chunk_size): all tokens when they fit, else the largest
+    128 * 2^k whose workspace fits the budget."""
+    cpu = torch.device("cpu")
+    assert auto_chunk_size(0, 8, 10, torch.float32, cpu) == 1
+    assert auto_chunk_size(100, 8, 10, torch.float32, cpu) == 100
+    budget = 448 << 20
+    c = auto_chunk_size(16384, 4096, 128256, torch.bfloat16, cpu, budget_bytes=budget)
+    workspace = (c * 128256 + 2 * c * 4096) * 4  # on the CPU: fp32 logits and two [chunk, D] rows
+    assert workspace <= budget < 2 * workspace and c % 128 == 0
+    c = auto_chunk_size(1000, 16, 50000, torch.float32, cpu, budget_bytes=10 * 50000 * 4)
     assert 1 <= c <= 10
+    with pytest.raises(ValueError, match="float32, float16, bfloat16, got float64"):
+        auto_chunk_size(100, 8, 10, torch.float64, cpu)
 
 
 # ---------------------------------------------------------------- CUDA only

@@ -15,9 +15,6 @@ from torch import Tensor
 from .. import _torch as T
 from .._lib import check, declare
 
-REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}  # qf_lce_options.reduction
-
-
 class _Options(ctypes.Structure):
     _fields_ = [("ignore_index", ctypes.c_int64), ("label_smoothing", ctypes.c_float),
                 ("softcap", ctypes.c_float), ("logit_scale", ctypes.c_float),
@@ -28,7 +25,28 @@ class _Options(ctypes.Structure):
 _vp, _i64, _i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _lce_ws = declare("qf_lce_workspace_bytes", _i32, _i64, _i64, _i64, _i32, _i64,
                   ctypes.POINTER(ctypes.c_int64))
+_lce_chunk = declare("qf_lce_chunk_size", _i32, _i64, _i64, _i64, _i32, _i64, ctypes.POINTER(ctypes.c_int64))
+_lce_reduction = declare("qf_lce_reduction", ctypes.c_char_p, ctypes.POINTER(ctypes.c_int32))
 _lce_scale = declare("qf_lce_scale_inplace", _i32, _vp, _i32, _i64, _vp, _vp)
+REDUCTION_NONE = 0  # QF_REDUCTION_NONE
+
+
+def _ask_reduction(name) -> int:
+    code = ctypes.c_int32()
+    check(_lce_reduction(str(name).encode("utf-8", "replace"), ctypes.byref(code)))
+    return code.value
+
+
+# asked once: torch.compile traces reduction_code, and a ctypes call would break the graph
+_REDUCTION_CODES = {name: _ask_reduction(name) for name in ("none", "mean", "sum")}
+
+
+def reduction_code(name: str) -> int:
+    """The QF_REDUCTION_* of "none", "mean" or "sum"; for anything else the core's
+    ValueError naming the choices."""
+    if isinstance(name, str) and name in _REDUCTION_CODES:
+        return _REDUCTION_CODES[name]
+    return _ask_reduction(name)
 
 
 class _LceTensors(ctypes.Structure):
@@ -44,31 +62,22 @@ _lce_run = declare("qf_lce_run", ctypes.POINTER(_LceTensors), ctypes.POINTER(_Op
 _DEFAULT_WORKSPACE_BYTES = 512 << 20
 
 
-def auto_chunk_size(n: int, v: int, dtype: torch.dtype, device: torch.device,
+def auto_chunk_size(n: int, d: int, v: int, dtype: torch.dtype, device: torch.device,
                     budget_bytes: Optional[int] = None) -> int:
-    """Tokens per chunk: the chunk's logits (n x V of dtype on CUDA, fp32 on the
-    CPU) fit in ``budget_bytes`` (default: 512 MiB for the whole workspace,
-    env QFORGE_LCE_CHUNK_BYTES, at most a quarter of the free device memory).
-    The chunk is 128 * 2^k tokens where that fits: on an H100 the GEMMs ran
-    fastest at such sizes (1024 and 2048 beat 1536 and 1792 by 4%)."""
-    if n <= 0:
-        return 1
+    """Tokens per chunk of the fused path for n tokens, hidden size d and vocabulary v:
+    the core's qf_lce_chunk_size, whose workspace (nearly all of it the chunk's
+    logits) fits in ``budget_bytes`` (default: 512 MiB, env QFORGE_LCE_CHUNK_BYTES,
+    at most a quarter of the free device memory). n when all tokens fit, else
+    128 * 2^k tokens where that fits: on an H100 the GEMMs ran fastest at such sizes."""
     if budget_bytes is None:
         budget_bytes = int(os.environ.get("QFORGE_LCE_CHUNK_BYTES", _DEFAULT_WORKSPACE_BYTES))
-        budget_bytes -= (int(os.environ.get("QFORGE_LCE_CUBLAS_WS_MB", 8)) << 20) + 4 * n + 4096
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             budget_bytes = min(budget_bytes, free // 4)
-    elt = torch.finfo(dtype).bits // 8 if device.type == "cuda" else 4
-    max_chunk = max(1, budget_bytes // (v * elt))
-    if max_chunk >= n:
-        return n
-    if max_chunk < 128:
-        return max_chunk
-    chunk = 128
-    while chunk * 2 <= max_chunk:
-        chunk *= 2
-    return chunk
+    chunk = ctypes.c_int64()
+    check(_lce_chunk(T.qf_device(device), n, d, v, T.qf_dtype(dtype, "linear_cross_entropy: dtype"),
+                     budget_bytes, ctypes.byref(chunk)))
+    return chunk.value
 
 
 def scale_inplace_(t: Tensor, scale: Tensor) -> Tensor:
@@ -99,10 +108,11 @@ def _run_core(hidden, weight, labels, bias, class_weight, ignore_index, label_sm
     """One qf_lce_run: every tensor's shape, strides, dtype and device are checked in C++."""
     n, d, v = _token_sizes(hidden, weight)
     dev = hidden.device
-    if chunk_size <= 0:
-        chunk_size = auto_chunk_size(n, v, hidden.dtype, dev)
     nbytes = ctypes.c_int64(0)
-    if hidden.dtype in T.FLOAT_DTYPES and d >= 1 and v >= 1:
+    # sizes the workspace cannot be computed for are left to qf_lce_run, which names them
+    if hidden.dtype in T.FLOAT_DTYPES and d >= 1 and v >= 1 and chunk_size >= 0:
+        if chunk_size == 0:
+            chunk_size = auto_chunk_size(n, d, v, hidden.dtype, dev)
         check(_lce_ws(T.qf_device(hidden), n, d, v, T.qf_dtype(hidden.dtype, "hidden"), chunk_size,
                       ctypes.byref(nbytes)))
     ws = torch.empty(nbytes.value, dtype=torch.uint8, device=dev)
@@ -126,7 +136,7 @@ def lce_op(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     n, d, v = _token_sizes(hidden, weight)
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    loss = torch.empty((n,) if reduction == 0 else (), **f32)
+    loss = torch.empty((n,) if reduction == REDUCTION_NONE else (), **f32)
     lse = torch.empty((n,) if want_lse else (0,), **f32)
     gh = torch.empty((n, d) if grad_hidden else (0,), dtype=hidden.dtype, device=hidden.device)
     gw = torch.empty((v, d) if grad_weight else (0,),
@@ -148,7 +158,7 @@ def _(hidden, weight, labels, bias, class_weight, ignore_index, label_smoothing,
                                class_weight=class_weight))
     n, d, v = _token_sizes(hidden, weight)
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    return (hidden.new_empty((n,) if reduction == 0 else (), dtype=torch.float32),
+    return (hidden.new_empty((n,) if reduction == REDUCTION_NONE else (), dtype=torch.float32),
             torch.empty((n,) if want_lse else (0,), **f32),
             hidden.new_empty((n, d) if grad_hidden else (0,)),
             weight.new_empty((v, d) if grad_weight else (0,),
@@ -166,7 +176,7 @@ def _lce_bwd_op(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[T
     the chunks' logits with each token's gradient scaled by grad_loss[i]."""
     n, d, v = _token_sizes(hidden, weight)
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    loss = torch.empty((n,) if reduction == 0 else (), **f32)
+    loss = torch.empty((n,) if reduction == REDUCTION_NONE else (), **f32)
     gh = torch.empty((n, d) if grad_hidden else (0,), dtype=hidden.dtype, device=hidden.device)
     gw = torch.empty((v, d) if grad_weight else (0,),
                      dtype=torch.float32 if fp32_grad_weight else weight.dtype, device=weight.device)
@@ -213,7 +223,7 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled V x D "gradients" for the grad outputs
     ctx.weight_dtype, ctx.bias_dtype = weight.dtype, (bias.dtype if bias is not None else None)
     ctx.grads = None
-    if ctx.opts["reduction"] == 0:
+    if ctx.opts["reduction"] == REDUCTION_NONE:
         ctx.save_for_backward(hidden, weight, labels, bias, class_weight)
     elif _eager(gh, gw, gb):
         # Held as plain attributes, not saved tensors: backward drops its reference
@@ -227,11 +237,11 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, g_loss, g_lse, g_gh, g_gw, g_gb):
     o = ctx.opts
     gh = gw = gb = None
-    if o["reduction"] == 0:
+    if o["reduction"] == REDUCTION_NONE:
         hidden, weight, labels, bias, class_weight = ctx.saved_tensors
         gh, gw, gb = _lce_bwd_op(hidden, weight, labels, bias, class_weight, g_loss,
                                  o["ignore_index"], o["label_smoothing"], o["softcap"],
-                                 o["logit_scale"], o["z_loss"], 0, o["chunk_size"],
+                                 o["logit_scale"], o["z_loss"], REDUCTION_NONE, o["chunk_size"],
                                  o["grad_hidden"], o["grad_weight"], o["grad_bias"],
                                  o["fp32_grad_weight"])
         gh = gh if o["grad_hidden"] else None

@@ -43,6 +43,7 @@ _quantize = declare("qf_nf4_quantize", ctypes.c_int, _vp, ctypes.c_int, _c_int64
 _quantize_8bit = declare(
     "qf_quantize_blockwise_8bit", ctypes.c_int, _vp, _c_int64, _vp, _vp, _c_int32, _vp, _vp, _c_int64, _vp
 )
+_validate = declare("qf_nf4_validate", ctypes.POINTER(NF4Weights))
 _code16 = declare("qf_nf4_code", _vp)
 _dynamic_map = declare("qf_dynamic_map_8bit", _vp)
 
@@ -61,7 +62,10 @@ def dynamic_map(device: torch.device | str = "cpu") -> Tensor:
     return out.to(device)
 
 
-def _check_dequantize_args(packed, absmax, code, nested_absmax, nested_code, nested_offset, out):
+def _check_pointers(packed, absmax, code, nested_absmax, nested_code, nested_offset, out) -> bool:
+    """What taking the tensors' pointers needs: one device, contiguous, the dtypes
+    qf_nf4_weights declares, and the fixed-length tables (16 and 256 levels, one
+    offset) complete. Sizes are the core's to check. Returns whether double-quantized."""
     device = packed.device
     named = (("packed", packed), ("absmax", absmax), ("quant_map", code), ("nested_absmax", nested_absmax),
              ("nested_quant_map", nested_code), ("nested_offset", nested_offset), ("out", out))
@@ -84,7 +88,7 @@ def _check_dequantize_args(packed, absmax, code, nested_absmax, nested_code, nes
         for name, t, n in (("nested_absmax", nested_absmax, None), ("nested_quant_map", nested_code, 256), ("nested_offset", nested_offset, 1)):
             if t.dtype != torch.float32 or (n is not None and t.numel() != n):
                 raise ValueError(f"{name} must be float32{'' if n is None else f' with {n} values'}, got {t.numel()} {t.dtype}")
-    return device, nested
+    return nested
 
 
 _INT32_MAX = 2**31 - 1
@@ -99,39 +103,71 @@ def _int32(value: int, what: str) -> int:
 
 def _check_blocksize(blocksize: int, what: str) -> int:
     """A positive 32-bit blocksize (the C++ core checks the rest: a power of two in
-    range); also what the fake kernels need to size their outputs."""
+    range); what sizing the outputs by it needs, fake kernels included."""
     if _int32(blocksize, what) <= 0:
         raise ValueError(f"{what} must be a positive power of two, got {blocksize}")
     return blocksize
 
 
-def _check_shape(shape: list[int], packed: Tensor) -> None:
-    """dequantize_nf4's output shape, before it is allocated: no negative size, and
-    as many elements as the packed bytes hold (two per byte)."""
+def _check_shape(shape: list[int]) -> None:
+    """dequantize_nf4's output shape, before it is allocated (the core checks that
+    the packed bytes hold it)."""
     if any(s < 0 for s in shape):
         raise ValueError(f"dequantize_nf4: shape {list(shape)} has a negative size")
-    n = math.prod(shape)
-    if (n + 1) // 2 != packed.numel():
-        raise ValueError(f"dequantize_nf4: packed weight has {packed.numel()} bytes but {n} elements need "
-                         f"{(n + 1) // 2} (shape {list(shape)})")
 
 
-def dequantize_into(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_offset, nested_blocksize, out):
-    """The implementation behind both dequantize ops; eager callers use it directly
-    to skip the custom-op dispatch (tens of microseconds per call)."""
-    device, nested = _check_dequantize_args(packed, absmax, code, nested_absmax, nested_code, nested_offset, out)
-    _int32(blocksize, "blocksize")
-    _int32(nested_blocksize, "nested_blocksize")
-    w = NF4Weights(
-        packed.data_ptr(), packed.numel(), out.numel(), blocksize, code.data_ptr(), absmax.data_ptr(),
+def _describe(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_offset, nested_blocksize,
+              numel: int, out=None) -> NF4Weights:
+    """The qf_nf4_weights of a weight of `numel` elements, after _check_pointers."""
+    nested = _check_pointers(packed, absmax, code, nested_absmax, nested_code, nested_offset, out)
+    return NF4Weights(
+        packed.data_ptr(), packed.numel(), numel, _int32(blocksize, "blocksize"), code.data_ptr(), absmax.data_ptr(),
         QF_UINT8 if nested else QF_FLOAT32, absmax.numel(),
         nested_absmax.data_ptr() if nested else None, nested_absmax.numel() if nested else 0,
         nested_code.data_ptr() if nested else None, nested_offset.data_ptr() if nested else None,
-        nested_blocksize,
+        _int32(nested_blocksize, "nested_blocksize"),
     )
+
+
+def validate(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_offset, nested_blocksize,
+             numel: int) -> None:
+    """qf_nf4_validate: ValueError unless the tensors hold a consistent weight of
+    `numel` elements (sizes, blocksizes); no data is read."""
+    check(_validate(ctypes.byref(_describe(packed, absmax, code, blocksize, nested_absmax, nested_code,
+                                           nested_offset, nested_blocksize, numel))))
+
+
+def dequantize_into(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_offset, nested_blocksize, out,
+                    numel: Optional[int] = None):
+    """The implementation behind both dequantize ops; eager callers use it directly
+    to skip the custom-op dispatch (tens of microseconds per call). `numel`: the
+    weight's elements, when the caller knows them apart from `out` (the core checks
+    that they agree)."""
+    w = _describe(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_offset, nested_blocksize,
+                  out.numel() if numel is None else numel, out)
     out_dtype = T.qf_dtype(out.dtype, "dequantize_nf4 output dtype")
-    with T.on_device(device):
-        check(_dequantize(T.qf_device(out), ctypes.byref(w), T.ptr(out), out_dtype, out.numel(), T.stream_of(device)))
+    with T.on_device(packed.device):
+        check(_dequantize(T.qf_device(out), ctypes.byref(w), T.ptr(out), out_dtype, out.numel(),
+                          T.stream_of(packed.device)))
+
+
+def dequantize(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_offset, nested_blocksize,
+               shape, dtype: torch.dtype, out: Optional[Tensor] = None, workspace=None) -> Tensor:
+    """The dequantized weight of `shape` and `dtype`, the one choice between traced and
+    eager calls. Under torch.compile through the registered ops (into `out`, else a
+    tensor the compiler plans); eagerly straight through the C ABI into `out`, else a
+    buffer of `workspace` (an object with get(shape, dtype, device)), else a new tensor."""
+    args = (packed, absmax, code, blocksize, nested_absmax, nested_code, nested_offset, nested_blocksize)
+    if torch.compiler.is_compiling():
+        if out is not None:
+            torch.ops.qforge.dequantize_nf4_into(*args, out)
+            return out
+        return torch.ops.qforge.dequantize_nf4(*args[:4], list(shape), dtype, *args[4:])
+    if out is None:
+        out = (workspace.get(shape, dtype, packed.device) if workspace is not None
+               else torch.empty(shape, dtype=dtype, device=packed.device))
+    dequantize_into(*args, out, numel=math.prod(shape))
+    return out
 
 
 @torch.library.custom_op("qforge::dequantize_nf4_into", mutates_args=("out",))
@@ -164,7 +200,7 @@ def dequantize_nf4(
     nested_offset: Optional[Tensor] = None, nested_blocksize: int = 256,
 ) -> Tensor:
     """A new tensor of `shape` and `dtype` holding the dequantized weight."""
-    _check_shape(shape, packed)
+    _check_shape(shape)
     out = torch.empty(shape, dtype=dtype, device=packed.device)
     dequantize_into(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_offset, nested_blocksize, out)
     return out
@@ -174,8 +210,7 @@ def dequantize_nf4(
 def _(packed, absmax, code, blocksize, shape, dtype, nested_absmax=None, nested_code=None, nested_offset=None, nested_blocksize=256):
     _fake_same_device(packed=packed, absmax=absmax, quant_map=code, nested_absmax=nested_absmax,
                       nested_quant_map=nested_code, nested_offset=nested_offset)
-    if any(s < 0 for s in shape):
-        raise ValueError(f"dequantize_nf4: shape {list(shape)} has a negative size")
+    _check_shape(shape)
     return packed.new_empty(shape, dtype=dtype)
 
 
