@@ -319,6 +319,9 @@ QF_API int qf_chat_parse_tool_calls_for_tools(const char* text, size_t text_len,
 /* The names of the tool-call formats, as a JSON list. */
 QF_API int qf_chat_tool_call_formats(qf_chat_buffer** result);
 
+/* The tokens that end a turn in some family (generation stops there), as a JSON list. */
+QF_API int qf_chat_stop_tokens(qf_chat_buffer** result);
+
 /* The tool-call format a chat template's model writes, told from the template
  * source ("auto" when no known family's markers are in it). */
 QF_API int qf_chat_detect_tool_call_format(const char* source, size_t source_len, qf_chat_buffer** name);

@@ -180,6 +180,12 @@ def tool_call_formats() -> list[str]:
     return json.loads(chat_ops.tool_call_formats())
 
 
+def stop_tokens() -> list[str]:
+    """The tokens that end an assistant turn in the template families the parsers
+    know (the parsers drop them from the end of a reply): where generation stops."""
+    return json.loads(chat_ops.stop_tokens())
+
+
 def detect_tool_call_format(template_source: str) -> str:
     """The tool-call format a chat template's model writes, told from markers
     in the template source; "auto" when none is known."""

@@ -23,10 +23,6 @@ __all__ = ["evaluate", "evaluate_model", "score_turn", "summarize", "report_tabl
 # Bounds on a run's work: tokens generated per turn and conversations per batch.
 MAX_NEW_TOKENS_LIMIT = 4096
 MAX_BATCH_SIZE = 256
-# Tokens that end an assistant turn in the template families; those in the
-# tokenizer's vocabulary (and its eos token) stop generation.
-STOP_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<|endoftext|>", "</s>", "<|END_OF_TURN_TOKEN|>",
-               "<｜end▁of▁sentence｜>", "<|return|>", "<|call|>", "<turn|>", "<end_of_turn>", "<|end_of_text|>")
 
 
 def _expected_calls(message: dict) -> list[dict]:
@@ -98,8 +94,12 @@ def report_table(metrics: dict, fmt: str) -> str:
 
 
 def _stop_ids(tokenizer) -> list[int]:
+    """The ids of the tokens that end an assistant turn (the tool-call parsers' list,
+    chat.stop_tokens) that the tokenizer has, and its eos token: they stop generation."""
+    from .chat import stop_tokens
+
     vocab = tokenizer.get_vocab()
-    ids = [vocab[t] for t in STOP_TOKENS if t in vocab]
+    ids = [vocab[t] for t in stop_tokens() if t in vocab]
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     return ids

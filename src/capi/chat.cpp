@@ -179,6 +179,16 @@ int qf_chat_tool_call_formats(qf_chat_buffer** result) {
   });
 }
 
+int qf_chat_stop_tokens(qf_chat_buffer** result) {
+  return qforge::capi::guard([&] {
+    QF_CHECK(result, "qf_chat_stop_tokens: result is NULL");
+    *result = nullptr;
+    qforge::chat::Value tokens(qforge::chat::List{});
+    for (auto& t : qforge::chat::stop_tokens()) tokens.push_back(qforge::chat::Value(t));
+    *result = make_buffer(qforge::chat::json_dumps(tokens));
+  });
+}
+
 int qf_chat_detect_tool_call_format(const char* source, size_t source_len, qf_chat_buffer** name) {
   return qforge::capi::guard([&] {
     QF_CHECK(name, "qf_chat_detect_tool_call_format: name is NULL");

@@ -1046,6 +1046,12 @@ std::vector<std::string> tool_call_format_names() {
   return out;
 }
 
+std::vector<std::string> stop_tokens() {
+  std::vector<std::string> out;
+  for (auto [tok, kind] : kStopTokens) out.emplace_back(tok);
+  return out;
+}
+
 ToolCallFormat detect_tool_call_format(std::string_view source) {
   auto has = [&](std::string_view m) { return source.find(m) != std::string_view::npos; };
   // most specific first: several templates print the markers of others

@@ -55,6 +55,27 @@ def test_summary_rates():
     assert summarize([])["tool_name"] is None
 
 
+def test_generation_stops_at_every_token_the_parsers_drop():
+    """The stop list is the C++ parsers' (qf_chat_stop_tokens): each one ends a reply,
+    and the ids the tokenizer has (plus eos) stop generation."""
+    from qforge.chat import stop_tokens
+    from qforge.evaluate import _stop_ids
+
+    tokens = stop_tokens()
+    assert {"<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<end_of_turn>", "<|END_OF_TURN_TOKEN|>"} <= set(tokens)
+    for token in tokens:
+        reply = parse_tool_calls("All done." + token)
+        assert reply["content"] == "All done." and reply["stop"] in ("eot", "eom"), token
+
+    class Tokenizer:
+        eos_token_id = 7
+
+        def get_vocab(self):
+            return {"<|im_end|>": 3, "hello": 4, "<|eot_id|>": 5}
+
+    assert sorted(_stop_ids(Tokenizer())) == [3, 5, 7]
+
+
 def test_held_out_turns_are_every_assistant_turn():
     records = builtin_dataset(4, seed=3)  # one of each kind: 2 + 2 + 2 + 1 assistant turns
     turns = held_out_turns(records)

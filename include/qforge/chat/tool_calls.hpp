@@ -67,6 +67,9 @@ QFORGE_API ParsedToolCalls parse_tool_calls(std::string_view text, ToolCallForma
 QFORGE_API ToolCallFormat tool_call_format(std::string_view name);
 QFORGE_API const char* tool_call_format_name(ToolCallFormat format);
 QFORGE_API std::vector<std::string> tool_call_format_names();
+// The tokens that end a turn in some family (the parser drops them from the end
+// of a text): where generation stops.
+QFORGE_API std::vector<std::string> stop_tokens();
 // The format a chat template's model writes calls in, from markers in the
 // template source (as llama.cpp's common/chat does); Auto when none is known.
 QFORGE_API ToolCallFormat detect_tool_call_format(std::string_view template_source);

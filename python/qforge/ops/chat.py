@@ -25,6 +25,7 @@ _batch = declare(
 )
 _render = declare("qf_chat_template_render", _p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int64, ctypes.POINTER(_p))
 _formats = declare("qf_chat_tool_call_formats", ctypes.POINTER(_p))
+_stop_tokens = declare("qf_chat_stop_tokens", ctypes.POINTER(_p))
 _detect = declare("qf_chat_detect_tool_call_format", ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(_p))
 _parse_for_tools = declare("qf_chat_parse_tool_calls_for_tools", ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p,
                            ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(_p))
@@ -164,6 +165,13 @@ def tool_call_formats() -> str:
     """The format names, as a JSON list."""
     out = ctypes.c_void_p()
     call(_formats(ctypes.byref(out)))
+    return _take(out)
+
+
+def stop_tokens() -> str:
+    """The tokens that end a turn, as a JSON list."""
+    out = ctypes.c_void_p()
+    call(_stop_tokens(ctypes.byref(out)))
     return _take(out)
 
 
