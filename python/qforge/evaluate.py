@@ -158,15 +158,6 @@ def evaluate_model(model, tokenizer, template, records: Sequence[dict], batch_si
     return {"format": fmt, "metrics": summarize([r["scores"] for r in rows]), "turns": rows}
 
 
-def _adapter_dir(adapter: Path) -> Path:
-    """--adapter names a run directory (its adapter/) or an adapter directory."""
-    if (adapter / "adapter_config.json").exists():
-        return adapter
-    if (adapter / "adapter" / "adapter_config.json").exists():
-        return adapter / "adapter"
-    raise ValueError(f"{adapter}: neither a PEFT adapter directory nor a run directory with adapter/")
-
-
 def evaluate(model: str, adapter: str, data: str, output: Optional[str] = None, batch_size: int = 8,
              max_new_tokens: int = 256, device: Optional[str] = None, dtype: str = "auto",
              log: Callable[[str], None] = print) -> dict:
@@ -175,10 +166,10 @@ def evaluate(model: str, adapter: str, data: str, output: Optional[str] = None, 
     the report."""
     from .data import read_jsonl, template_for
     from .models import default_device, load, load_tokenizer
-    from .peft_io import load_adapter
+    from .peft_io import adapter_dir as find_adapter_dir, load_adapter
 
     records = read_jsonl(data)
-    adapter_dir = _adapter_dir(Path(adapter))
+    adapter_dir = find_adapter_dir(adapter)
     model_dir = Path(model)
     dev = torch.device(device) if device else default_device()
     torch_dtype = (torch.bfloat16 if dev.type == "cuda" else torch.float32) if dtype == "auto" else getattr(torch, dtype)

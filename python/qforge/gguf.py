@@ -24,6 +24,7 @@ import torch
 
 from . import _lib
 from ._files import read_json
+from .peft_io import adapter_dir as find_adapter_dir
 
 __all__ = ["export_gguf", "check_export", "EXPORT_TYPES", "add_cli"]
 
@@ -132,31 +133,16 @@ class _Adapter:
     tensors: dict  # HF module name ("model.layers.0.self_attn.q_proj") -> (A, B)
 
 
-def _find_adapter(path: Path) -> Path:
-    path = Path(path)
-    if (path / "adapter_config.json").exists():
-        return path
-    if (path / "adapter" / "adapter_config.json").exists():  # a `qforge train` run directory
-        return path / "adapter"
-    raise ValueError(f"{path}: not a PEFT adapter directory or a qforge run directory (no adapter_config.json "
-                     f"in it or in {path / 'adapter'})")
-
-
 def _load_adapter(path: Path) -> _Adapter:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    cfg = read_json(path / "adapter_config.json", "not a PEFT adapter directory")
-    if cfg.get("peft_type") != "LORA":
-        raise ValueError(f"{path / 'adapter_config.json'}: peft_type {cfg.get('peft_type')!r} is not supported "
-                         "(only LORA)")
-    if cfg.get("use_dora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise ValueError(f"{path / 'adapter_config.json'}: DoRA and per-module rank/alpha patterns are not supported")
-    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    from .peft_io import read_adapter_config
+
+    cfg = read_adapter_config(path)
+    r, alpha = cfg["r"], float(cfg["lora_alpha"])
     scaling = alpha / r ** 0.5 if cfg.get("use_rslora") else alpha / r
     w_path = path / "adapter_model.safetensors"
-    if not w_path.exists():
-        raise ValueError(f"{w_path}: missing (not a PEFT adapter directory)")
     try:
         raw = load_file(str(w_path))
     except (SafetensorError, OSError) as e:
@@ -585,7 +571,7 @@ def export_gguf(adapter, base, out, type: str = "q4_k_m", merge_into: str = "ori
         raise ValueError(f"{out.parent / 'Modelfile'}: already exists (pass overwrite=True / --overwrite)")
     if mmproj is not None and Path(mmproj).exists() and not overwrite:
         raise ValueError(f"{mmproj}: the mmproj output file already exists (pass overwrite=True / --overwrite)")
-    adapter_dir = _find_adapter(Path(adapter))
+    adapter_dir = find_adapter_dir(adapter)
     lora = _load_adapter(adapter_dir)
     ckpt = _Checkpoint(base)
     mmproj_plan = None
@@ -697,7 +683,7 @@ def check_export(out, adapter, base, type: str, max_kl: Optional[float] = None, 
     raised, so a broken export is never shipped. Returns the KL."""
     from .gguf_check import MAX_KL, mean_kl
 
-    adapter_dir = _find_adapter(Path(adapter))
+    adapter_dir = find_adapter_dir(adapter)
     tok_dir = tok_dir or _tokenizer_dir(adapter_dir, Path(base))
     kl = mean_kl(out, adapter_dir, base, tok_dir=tok_dir, threads=threads)
     bound = max_kl if max_kl is not None else MAX_KL.get(type)

@@ -20,7 +20,8 @@ from torch import nn
 from ._files import atomic_save_safetensors, atomic_write_text, read_json
 from .nn import NF4Linear, add_lora, lora_state_dict
 
-__all__ = ["save_adapter", "load_adapter", "merge_and_save", "adapter_config"]
+__all__ = ["save_adapter", "load_adapter", "merge_and_save", "adapter_config", "adapter_dir",
+           "read_adapter_config"]
 
 _PREFIX = "base_model.model."
 
@@ -56,6 +57,43 @@ def save_adapter(model: nn.Module, path, base_model_name_or_path: Optional[str] 
     return path
 
 
+def adapter_dir(path) -> Path:
+    """The adapter directory `path` names: itself when it holds adapter_config.json,
+    else a `qforge train` run directory's adapter/."""
+    path = Path(path)
+    if (path / "adapter_config.json").exists():
+        return path
+    if (path / "adapter" / "adapter_config.json").exists():
+        return path / "adapter"
+    raise ValueError(f"{path}: neither a PEFT adapter directory nor a qforge run directory (no "
+                     f"adapter_config.json in it or in {path / 'adapter'})")
+
+
+def read_adapter_config(path) -> dict:
+    """adapter_config.json of the PEFT adapter directory `path`, checked for what qforge
+    reads: a LoRA adapter (no DoRA, no per-module rank or alpha patterns) with a
+    positive integer r, numeric lora_alpha and lora_dropout, beside its
+    adapter_model.safetensors. Raises ValueError naming the file and the problem."""
+    path = Path(path)
+    cfg_path = path / "adapter_config.json"
+    cfg = read_json(cfg_path, "not a PEFT adapter directory")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
+    if cfg.get("use_dora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise ValueError(f"{cfg_path}: DoRA and per-module rank/alpha patterns are not supported")
+    r = cfg.get("r")
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"{cfg_path}: r must be a positive integer, got {r!r}")
+    for name, value in (("lora_alpha", cfg.get("lora_alpha")), ("lora_dropout", cfg.get("lora_dropout", 0.0))):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{cfg_path}: {name} must be a number, got {value!r}")
+    if not (path / "adapter_model.safetensors").exists():
+        raise ValueError(f"{path / 'adapter_model.safetensors'}: missing (not a PEFT adapter directory)")
+    return cfg
+
+
 def load_adapter(model: nn.Module, path, strict: bool = True) -> nn.Module:
     """Load a PEFT LoRA adapter directory into a qforge model (adding the LoRA
     layers when the model has none). Raises ValueError for files that are missing,
@@ -65,15 +103,7 @@ def load_adapter(model: nn.Module, path, strict: bool = True) -> nn.Module:
 
     path = Path(path)
     cfg_path, w_path = path / "adapter_config.json", path / "adapter_model.safetensors"
-    cfg = read_json(cfg_path, "not a PEFT adapter directory")
-    if not w_path.exists():
-        raise ValueError(f"{w_path}: missing (not a PEFT adapter directory)")
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
-    if cfg.get("peft_type") != "LORA":
-        raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
-    if cfg.get("use_dora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise ValueError(f"{cfg_path}: DoRA and per-module rank/alpha patterns are not supported")
+    cfg = read_adapter_config(path)
     try:
         tensors = load_file(str(w_path))
     except (SafetensorError, OSError) as e:
@@ -84,14 +114,8 @@ def load_adapter(model: nn.Module, path, strict: bool = True) -> nn.Module:
             raise ValueError(f"{cfg_path}: regex target_modules are not supported")
         if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
             raise ValueError(f"{cfg_path}: target_modules must be a non-empty list of module names, got {targets!r}")
-        r, alpha, dropout = cfg.get("r"), cfg.get("lora_alpha"), cfg.get("lora_dropout", 0.0)
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise ValueError(f"{cfg_path}: r must be a positive integer, got {r!r}")
-        for name, value in (("lora_alpha", alpha), ("lora_dropout", dropout)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{cfg_path}: {name} must be a number, got {value!r}")
-        add_lora(model, r=r, alpha=alpha, dropout=float(dropout), target_modules=targets,
-                 use_rslora=bool(cfg.get("use_rslora", False)))
+        add_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=float(cfg.get("lora_dropout", 0.0)),
+                 target_modules=targets, use_rslora=bool(cfg.get("use_rslora", False)))
     own = lora_state_dict(model)
     seen = set()
     for key, value in tensors.items():

@@ -257,7 +257,7 @@ def test_adapter_base_mismatch(tiny, tmp_path):
     wrong_shape = dict(cfg, num_key_value_heads=cfg["num_attention_heads"])
     with pytest.raises(ValueError, match="adapter/base mismatch.*k_proj"):
         export_gguf(_write_adapter(tmp_path / "a2", wrong_shape), base, tmp_path / "x.gguf", progress=False)
-    with pytest.raises(ValueError, match="not a PEFT adapter directory"):
+    with pytest.raises(ValueError, match="neither a PEFT adapter directory nor a qforge run directory"):
         export_gguf(tmp_path, base, tmp_path / "x.gguf", progress=False)
     assert not (tmp_path / "x.gguf").exists()
 
