@@ -114,13 +114,15 @@ def init_from_env(device: Optional[str] = None, timeout_s: float = DEFAULT_TIMEO
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers of a Llama-family ``*ForCausalLM`` (also inside a PEFT wrapper)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(base, "model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(base).__name__} has no .model.layers (expected a Llama-family *ForCausalLM)")
-    return list(layers)
+    """The decoder layers of a transformers model (also inside a PEFT wrapper): its
+    ``GradientCheckpointingLayer`` modules, in order. ValueError when it has none."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no decoder layers (transformers GradientCheckpointingLayer "
+                         "modules; expected a transformers *ForCausalLM such as a Llama-family one)")
+    return layers
 
 
 def shard_module(module: nn.Module, ctx: DistContext, offload: bool = False,

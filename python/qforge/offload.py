@@ -42,6 +42,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .distributed import decoder_layers
+
 __all__ = ["enable", "disable", "HostOffloader", "tiled_forward", "DEFAULT_TILE_TOKENS",
            "MAX_INFLIGHT_COPIES"]
 
@@ -323,12 +325,6 @@ def _untile(module: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------ model-level switches
-def _decoder_layers(model: nn.Module) -> list[nn.Module]:
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-
-
 def enable(model: nn.Module, offload: bool = True, tile_tokens: Optional[int] = DEFAULT_TILE_TOKENS,
            max_inflight: int = MAX_INFLIGHT_COPIES) -> HostOffloader:
     """Turn on per-layer gradient checkpointing with the checkpoints in host memory (``offload``)
@@ -337,10 +333,10 @@ def enable(model: nn.Module, offload: bool = True, tile_tokens: Optional[int] = 
     the offloader (its byte counters say what moved)."""
     if tile_tokens is not None and (not isinstance(tile_tokens, int) or tile_tokens < 1):
         raise ValueError(f"offload.enable: tile_tokens must be a positive int or None, got {tile_tokens!r}")
-    layers = _decoder_layers(model)
-    if not layers:
-        raise ValueError(f"offload.enable: {type(model).__name__} has no transformers GradientCheckpointingLayer "
-                         "(expected a Llama-family decoder stack)")
+    try:
+        layers = decoder_layers(model)
+    except ValueError as e:
+        raise ValueError(f"offload.enable: {e}") from None
     if hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     offloader = HostOffloader(max_inflight) if offload else _NoOffload(max_inflight)
@@ -360,7 +356,7 @@ def enable(model: nn.Module, offload: bool = True, tile_tokens: Optional[int] = 
 
 def disable(model: nn.Module) -> nn.Module:
     """Undo :func:`enable`: the modules run untiled and gradient checkpointing is turned off."""
-    for module in _token_wise_modules(model, _decoder_layers(model)):
+    for module in _token_wise_modules(model, decoder_layers(model)):
         _untile(module)
     if hasattr(model, "gradient_checkpointing_disable"):
         model.gradient_checkpointing_disable()
