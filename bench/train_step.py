@@ -90,7 +90,7 @@ def build_qforge(config, a, device, compiled):
 
     model = random_model(config, device, a.seed)
     replace_linears(model, TARGETS)  # C++ quantizer, layer by layer
-    add_lora(model, r=a.rank, alpha=2 * a.rank, dropout=0.0, lora_dtype=torch.float32)
+    add_lora(model, r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0, lora_dtype=torch.float32)
     for name, m in model.named_modules():
         if getattr(m, "lora_A", None) is not None:
             m.lora_A.weight.data.copy_(lora_a_init(name, a.rank, m.in_features, a.seed))

@@ -20,6 +20,7 @@ torch matmuls (a fused C++ LoRA kernel would go behind the same interface).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Iterable, Optional
 
 import torch
@@ -205,17 +206,22 @@ class NF4Linear(nn.Module):
         return self.weight.dequantize(dtype or self.dtype)
 
     # ---------------------------------------------------------- LoRA
-    def add_lora(self, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                 dtype: torch.dtype = torch.float32, init: str = "default",
-                 generator: Optional[torch.Generator] = None) -> None:
-        """Attach a LoRA adapter as PEFT initialises it: A kaiming-uniform(a=sqrt(5)), B zero."""
+    def add_lora(self, r: int, lora_alpha: Optional[float] = None, lora_dropout: float = 0.0,
+                 use_rslora: bool = False, dtype: torch.dtype = torch.float32, init: str = "default",
+                 generator: Optional[torch.Generator] = None, *, alpha: Optional[float] = None,
+                 dropout: Optional[float] = None) -> None:
+        """Attach a LoRA adapter as PEFT initialises it: A kaiming-uniform(a=sqrt(5)), B zero.
+        ``alpha`` and ``dropout`` are deprecated names of ``lora_alpha`` and ``lora_dropout``."""
+        lora_alpha, lora_dropout = _peft_names("NF4Linear.add_lora", lora_alpha, lora_dropout, alpha, dropout, (None, 0.0))
+        if lora_alpha is None:
+            raise TypeError("NF4Linear.add_lora: lora_alpha is required")
         if r <= 0:
             raise ValueError(f"LoRA rank must be positive, got {r}")
         dev = self.weight.device
         self.r = r
-        self.lora_alpha = alpha
+        self.lora_alpha = lora_alpha
         self.use_rslora = use_rslora
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.lora_A = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=dtype)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=dtype)
         with torch.no_grad():
@@ -226,7 +232,7 @@ class NF4Linear(nn.Module):
                 a = torch.rand(self.lora_A.weight.shape, generator=generator, dtype=torch.float32)
                 self.lora_A.weight.copy_((a * 2 - 1) * bound)
             nn.init.zeros_(self.lora_B.weight)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
 
     def lora_delta(self, dtype: Optional[torch.dtype] = None) -> Tensor:
         """scaling * B @ A, the weight update the adapter represents."""
@@ -287,12 +293,34 @@ class LoraConfig(dict):
     """The adapter's settings, kept on the model as ``model.qforge_lora``."""
 
 
-def add_lora(model: nn.Module, r: int = 16, alpha: float = 16.0, dropout: float = 0.0,
+def _peft_names(where: str, lora_alpha, lora_dropout, alpha, dropout, defaults: tuple):
+    """(lora_alpha, lora_dropout), PEFT's names, from either them or the deprecated
+    ``alpha`` / ``dropout`` (which warn; both spellings with different values are an
+    error). ``defaults``: the signature's (lora_alpha, lora_dropout)."""
+    resolved = []
+    for old, new, old_value, new_value, default in (("alpha", "lora_alpha", alpha, lora_alpha, defaults[0]),
+                                                    ("dropout", "lora_dropout", dropout, lora_dropout, defaults[1])):
+        if old_value is None:
+            resolved.append(new_value)
+            continue
+        warnings.warn(f"{where}: `{old}` is deprecated, pass `{new}` (PEFT's name)", FutureWarning, stacklevel=3)
+        if new_value is not None and new_value != default and new_value != old_value:
+            raise TypeError(f"{where}: got both {new}={new_value!r} and its deprecated name {old}={old_value!r}")
+        resolved.append(old_value)
+    return tuple(resolved)
+
+
+def add_lora(model: nn.Module, r: int = 16, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
              target_modules: Iterable[str] = DEFAULT_TARGETS, use_rslora: bool = False,
-             lora_dtype: torch.dtype = torch.float32, seed: Optional[int] = None) -> nn.Module:
+             lora_dtype: torch.dtype = torch.float32, seed: Optional[int] = None, *,
+             alpha: Optional[float] = None, dropout: Optional[float] = None) -> nn.Module:
     """Attach LoRA adapters to the NF4 layers named by ``target_modules`` (PEFT's
     matching: a module whose name ends in a target); freezes every other
-    parameter. Returns the model. Raises ValueError when nothing matches."""
+    parameter. Returns the model. Raises ValueError when nothing matches.
+    ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules`` and ``use_rslora`` mean
+    what they mean in ``peft.LoraConfig``; ``alpha`` and ``dropout`` are deprecated
+    names of ``lora_alpha`` and ``lora_dropout``."""
+    lora_alpha, lora_dropout = _peft_names("add_lora", lora_alpha, lora_dropout, alpha, dropout, (16.0, 0.0))
     targets = list(target_modules)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     hit, plain = [], []
@@ -301,7 +329,7 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 16.0, dropout: float 
         if not _is_target(name, targets) or f"{name}.".startswith(frozen):
             continue
         if isinstance(module, NF4Linear):
-            module.add_lora(r, alpha, dropout, use_rslora, lora_dtype, generator=gen)
+            module.add_lora(r, lora_alpha, lora_dropout, use_rslora, lora_dtype, generator=gen)
             hit.append(name)
         elif isinstance(module, nn.Linear):
             plain.append(name)
@@ -325,7 +353,7 @@ def add_lora(model: nn.Module, r: int = 16, alpha: float = 16.0, dropout: float 
         # generate() still caches (it follows generation_config.use_cache).
         config.use_cache = False
     found = sorted({n.rsplit(".", 1)[-1] for n in hit})
-    model.qforge_lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=found,
+    model.qforge_lora = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=found,
                                    use_rslora=use_rslora)
     return model
 

@@ -114,7 +114,7 @@ def load_adapter(model: nn.Module, path, strict: bool = True) -> nn.Module:
             raise ValueError(f"{cfg_path}: regex target_modules are not supported")
         if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
             raise ValueError(f"{cfg_path}: target_modules must be a non-empty list of module names, got {targets!r}")
-        add_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=float(cfg.get("lora_dropout", 0.0)),
+        add_lora(model, r=cfg["r"], lora_alpha=cfg["lora_alpha"], lora_dropout=float(cfg.get("lora_dropout", 0.0)),
                  target_modules=targets, use_rslora=bool(cfg.get("use_rslora", False)))
     own = lora_state_dict(model)
     seen = set()

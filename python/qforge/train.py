@@ -255,7 +255,7 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, total_steps // 20)
 
     model = load(model_dir, dtype=dtype, max_seq_length=args.max_seq_length, device=device)
-    add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+    add_lora(model, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
              target_modules=args.target_modules, seed=args.seed)
     hf.patch_causal_lm(model, args.loss)  # full logits never exist in training
     offload_done = False  # whether transformers offloads the checkpointed layer inputs itself

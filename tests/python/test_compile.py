@@ -18,7 +18,7 @@ def make_layer(seed=0):
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(cfg)
     replace_linears(model)
-    add_lora(model, r=4, alpha=8, seed=seed)
+    add_lora(model, r=4, lora_alpha=8, seed=seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if ".lora_B." in n:
@@ -126,7 +126,7 @@ def test_whole_training_forward_compiles_without_breaks():
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg)
     replace_linears(model)
-    add_lora(model, r=4, alpha=8, seed=0)
+    add_lora(model, r=4, lora_alpha=8, seed=0)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if ".lora_B." in n:

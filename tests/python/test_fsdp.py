@@ -31,7 +31,7 @@ def build_model(seed=0):
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(cfg)
     replace_linears(model)  # every q/k/v/o/gate/up/down -> NF4
-    add_lora(model, r=4, alpha=8, seed=seed)
+    add_lora(model, r=4, lora_alpha=8, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # non-zero B so that A gets gradients too
         for n, p in model.named_parameters():

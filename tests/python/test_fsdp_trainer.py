@@ -100,7 +100,7 @@ def _worker(kind: str, device: str, model_dir: str, out: str) -> None:
     if cuda:
         torch.cuda.set_device(where)
     model = load(model_dir, dtype=torch.float32, device=where)
-    add_lora(model, r=8, alpha=16, seed=0)
+    add_lora(model, r=8, lora_alpha=16, seed=0)
     hf.patch_causal_lm(model)
     tok = load_tokenizer(model_dir)
     before = {k: v.detach().clone() for k, v in lora_state_dict(model).items()}

@@ -430,7 +430,7 @@ def test_checkpoints_are_ordered_by_step_number_past_a_million(tmp_path, base_di
 
     # pruning keeps the newest by step: a real save at step 1,000,002 with keep_checkpoints=2
     model = qforge.load(base_dir, dtype=torch.float32, device="cpu")
-    qforge.add_lora(model, r=2, alpha=4.0)
+    qforge.add_lora(model, r=2, lora_alpha=4.0)
     params = lora_parameters(model)
     opt = torch.optim.AdamW(params)
     args = T.TrainArgs(keep_checkpoints=2)

@@ -76,7 +76,7 @@ def test_nf4_weight_moves_slices_and_copies_only_codes():
 def test_lora_matches_peft_formula(rng):
     lin = torch.nn.Linear(96, 64, bias=False)
     q = NF4Linear.from_linear(lin)
-    q.add_lora(r=8, alpha=32)
+    q.add_lora(r=8, lora_alpha=32)
     assert q.scaling == 4.0
     torch.testing.assert_close(q.lora_B.weight, torch.zeros(64, 8))
     with torch.no_grad():
@@ -144,15 +144,47 @@ def test_add_lora_targets_and_freezing():
                                    num_attention_heads=2, num_key_value_heads=1)
     model = transformers.LlamaForCausalLM(cfg)
     with pytest.raises(ValueError, match="not NF4 layers"):
-        add_lora(model, r=4, alpha=8)
+        add_lora(model, r=4, lora_alpha=8)
     replaced = replace_linears(model)
     assert len(replaced) == 14 and "lm_head" not in replaced
-    add_lora(model, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    add_lora(model, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert len(trainable) == 8 and all(("q_proj" in n or "v_proj" in n) and ".lora_" in n for n in trainable)
     assert len(lora_parameters(model)) == 8
     assert model.qforge_lora["target_modules"] == ["q_proj", "v_proj"]
     with pytest.raises(ValueError, match="no module matches"):
-        add_lora(model, r=4, alpha=8, target_modules=["nonexistent"])
+        add_lora(model, r=4, lora_alpha=8, target_modules=["nonexistent"])
     with pytest.raises(ValueError, match="rank must be positive"):
         NF4Linear.from_linear(torch.nn.Linear(64, 64)).add_lora(0, 1)
+
+
+def test_add_lora_takes_peft_names_and_the_old_ones_with_a_warning():
+    """add_lora's lora_alpha / lora_dropout are peft.LoraConfig's; alpha / dropout still
+    work (a FutureWarning), and both spellings with different values are an error."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1)
+
+    def model():
+        m = transformers.LlamaForCausalLM(cfg)
+        replace_linears(m)
+        return m
+
+    new = add_lora(model(), r=4, lora_alpha=12, lora_dropout=0.1, target_modules=["q_proj"], seed=0)
+    with pytest.warns(FutureWarning, match="`alpha` is deprecated, pass `lora_alpha`"):
+        with pytest.warns(FutureWarning, match="`dropout` is deprecated, pass `lora_dropout`"):
+            old = add_lora(model(), r=4, alpha=12, dropout=0.1, target_modules=["q_proj"], seed=0)
+    assert new.qforge_lora == old.qforge_lora
+    assert new.qforge_lora["lora_alpha"] == 12 and new.qforge_lora["lora_dropout"] == 0.1
+    q = new.model.layers[0].self_attn.q_proj
+    assert q.scaling == 12 / 4 and q.lora_dropout.p == 0.1
+    with pytest.raises(TypeError, match="both lora_alpha=8 and its deprecated name alpha=12"):
+        with pytest.warns(FutureWarning):
+            add_lora(model(), r=4, lora_alpha=8, alpha=12)
+    layer = NF4Linear.from_linear(torch.nn.Linear(64, 64))
+    with pytest.warns(FutureWarning, match="NF4Linear.add_lora: `alpha` is deprecated"):
+        layer.add_lora(4, alpha=8)
+    assert layer.scaling == 2.0
+    with pytest.raises(TypeError, match="lora_alpha is required"):
+        NF4Linear.from_linear(torch.nn.Linear(64, 64)).add_lora(4)

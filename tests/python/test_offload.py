@@ -18,7 +18,7 @@ def tiny_qlora(seed=0, layers=3):
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(cfg).float()
     replace_linears(model, blocksize=64)
-    add_lora(model, r=4, alpha=8, seed=seed)
+    add_lora(model, r=4, lora_alpha=8, seed=seed)
     with torch.no_grad():  # B = 0 at init would hide every gradient but B's
         for p in lora_parameters(model):
             p.normal_(0, 0.05)

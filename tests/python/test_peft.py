@@ -48,7 +48,7 @@ IDS = torch.randint(0, SMALL["vocab_size"], (2, 15), generator=torch.Generator()
 
 def test_saved_adapter_loads_in_peft_with_same_outputs(base_dir, tmp_path):
     model = qforge.load(base_dir, dtype=torch.float32, device="cpu")
-    qforge.add_lora(model, r=8, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+    qforge.add_lora(model, r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                           "up_proj", "down_proj"])
     trained_like(model).eval()
     qforge.save_adapter(model, tmp_path / "adapter")
@@ -74,7 +74,7 @@ def test_saved_adapter_loads_in_peft_with_same_outputs(base_dir, tmp_path):
 
 def test_adapter_config_matches_peft(base_dir, tmp_path):
     model = qforge.load(base_dir, dtype=torch.float32, device="cpu")
-    qforge.add_lora(model, r=4, alpha=8, dropout=0.05, target_modules=["q_proj", "v_proj"])
+    qforge.add_lora(model, r=4, lora_alpha=8, lora_dropout=0.05, target_modules=["q_proj", "v_proj"])
     qforge.save_adapter(model, tmp_path / "a", base_model_name_or_path="my/base")
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     loaded = peft.LoraConfig.from_pretrained(str(tmp_path / "a"))
@@ -101,7 +101,7 @@ def test_peft_saved_adapter_loads_in_qforge(base_dir, tmp_path):
 
 def test_round_trip_is_exact(base_dir, tmp_path):
     model = qforge.load(base_dir, dtype=torch.float32, device="cpu")
-    qforge.add_lora(model, r=8, alpha=16)
+    qforge.add_lora(model, r=8, lora_alpha=16)
     trained_like(model).eval()
     qforge.save_adapter(model, tmp_path / "adapter")
     again = qforge.load(base_dir, dtype=torch.float32, device="cpu")
@@ -115,7 +115,7 @@ def test_round_trip_is_exact(base_dir, tmp_path):
 
 def test_merge_and_save_loads_in_transformers(base_dir, tmp_path):
     model = qforge.load(base_dir, dtype=torch.float32, device="cpu")
-    qforge.add_lora(model, r=8, alpha=16)
+    qforge.add_lora(model, r=8, lora_alpha=16)
     trained_like(model).eval()
     qforge.merge_and_save(model, tmp_path / "merged", dtype=torch.float32, max_shard_bytes=100_000)
     assert (tmp_path / "merged" / "model.safetensors.index.json").exists()
@@ -136,8 +136,8 @@ def test_adapter_errors(base_dir, tmp_path):
     with pytest.raises(ValueError, match=r"adapter_config\.json: missing"):
         qforge.load_adapter(model, tmp_path)
     other = qforge.load(base_dir, dtype=torch.float32, device="cpu")
-    qforge.add_lora(other, r=4, alpha=8)
+    qforge.add_lora(other, r=4, lora_alpha=8)
     qforge.save_adapter(other, tmp_path / "r4")
-    qforge.add_lora(model, r=8, alpha=8)
+    qforge.add_lora(model, r=8, lora_alpha=8)
     with pytest.raises(ValueError, match=r"lora_A\.weight. has shape \(4, \d+\), the model.s is \(8, \d+\)"):
         qforge.load_adapter(model, tmp_path / "r4")

@@ -124,7 +124,7 @@ def test_checkpoint_is_complete_or_absent(tmp_path, base_dir, monkeypatch):
 
 def test_packed_batch_equals_separate_sequences(base_dir, tokenizer):
     model = qforge.load(base_dir, dtype=torch.float32, device="cpu")
-    qforge.add_lora(model, r=4, alpha=8, seed=0)
+    qforge.add_lora(model, r=4, lora_alpha=8, seed=0)
     examples = tokenize_records(builtin_dataset(8), tokenizer, template_for(tokenizer), 1024)
     batches = PackedBatches(examples, 1024, seed=0)
     b = batches.batch(0)
@@ -171,7 +171,7 @@ def test_transformers_trainer_trains_the_adapter(tmp_path, base_dir, tokenizer):
     from qforge import hf
 
     model = qforge.load(base_dir, dtype=torch.float32, device="cpu")
-    qforge.add_lora(model, r=4, alpha=8, seed=0)
+    qforge.add_lora(model, r=4, lora_alpha=8, seed=0)
     hf.patch_causal_lm(model)
     examples = tokenize_records(builtin_dataset(12), tokenizer, template_for(tokenizer), 1024)
     rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
