@@ -18,21 +18,19 @@ nf4::Weights to_weights(const qf_nf4_weights* w) {
   QF_CHECK(w->absmax_dtype == QF_FLOAT32 || w->absmax_dtype == QF_UINT8,
            "absmax must be float32 (plain) or uint8 (double-quantized), got ",
            qforge::dtype_name(static_cast<int>(w->absmax_dtype)));
-  nf4::Weights r;
-  r.packed = w->packed;
-  r.packed_bytes = w->packed_bytes;
-  r.numel = w->numel;
-  r.blocksize = w->blocksize;
-  r.code = w->code;
-  r.absmax = w->absmax;
-  r.nested = w->absmax_dtype == QF_UINT8;
-  r.absmax_len = w->absmax_len;
-  r.nested_absmax = w->nested_absmax;
-  r.nested_absmax_len = w->nested_absmax_len;
-  r.nested_code = w->nested_code;
-  r.nested_offset = w->nested_offset;
-  r.nested_blocksize = w->nested_blocksize;
-  return r;
+  return nf4::Weights{.packed = w->packed,
+                      .packed_bytes = w->packed_bytes,
+                      .numel = w->numel,
+                      .blocksize = w->blocksize,
+                      .code = w->code,
+                      .absmax = w->absmax,
+                      .nested = w->absmax_dtype == QF_UINT8,
+                      .absmax_len = w->absmax_len,
+                      .nested_absmax = w->nested_absmax,
+                      .nested_absmax_len = w->nested_absmax_len,
+                      .nested_code = w->nested_code,
+                      .nested_offset = w->nested_offset,
+                      .nested_blocksize = w->nested_blocksize};
 }
 
 }  // namespace

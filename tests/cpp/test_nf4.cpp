@@ -35,21 +35,10 @@ nf4::Weights plain_weights(const std::vector<uint8_t>& packed, const std::vector
 
 // The same weight as the C ABI describes it.
 qf_nf4_weights c_weights(const nf4::Weights& w) {
-  qf_nf4_weights c{};
-  c.packed = w.packed;
-  c.packed_bytes = w.packed_bytes;
-  c.numel = w.numel;
-  c.blocksize = w.blocksize;
-  c.code = w.code;
-  c.absmax = w.absmax;
-  c.absmax_dtype = w.nested ? QF_UINT8 : QF_FLOAT32;
-  c.absmax_len = w.absmax_len;
-  c.nested_absmax = w.nested_absmax;
-  c.nested_absmax_len = w.nested_absmax_len;
-  c.nested_code = w.nested_code;
-  c.nested_offset = w.nested_offset;
-  c.nested_blocksize = w.nested_blocksize;
-  return c;
+  return qf_nf4_weights{w.packed,        w.packed_bytes,      w.numel,       w.blocksize,
+                        w.code,          w.absmax,            w.nested ? QF_UINT8 : QF_FLOAT32,
+                        w.absmax_len,    w.nested_absmax,     w.nested_absmax_len,
+                        w.nested_code,   w.nested_offset,     w.nested_blocksize};
 }
 
 uint8_t level_of(const std::vector<uint8_t>& packed, int64_t i) {
@@ -216,21 +205,16 @@ TEST(CApi, ValidateChecksWithoutReading) {
   const std::vector<float> absmax(2);
   const auto plain = c_weights(plain_weights(packed, absmax, 100, 64));
   EXPECT_EQ(qf_nf4_validate(&plain), QF_OK) << qf_last_error();
-  auto w = plain;
-  w.numel = 101;  // 51 bytes needed
-  EXPECT_EQ(qf_nf4_validate(&w), QF_ERR_INVALID_ARGUMENT);
-  EXPECT_NE(std::string(qf_last_error()).find("packed weight has 50 bytes but 101 elements need 51"),
-            std::string::npos)
-      << qf_last_error();
-  w = plain;
-  w.absmax_len = 1;
-  EXPECT_EQ(qf_nf4_validate(&w), QF_ERR_INVALID_ARGUMENT);
-  EXPECT_NE(std::string(qf_last_error()).find("absmax has 1 entries but 100 elements in blocks of 64 need 2"),
-            std::string::npos)
-      << qf_last_error();
-  w = plain;
-  w.blocksize = 48;
-  EXPECT_EQ(qf_nf4_validate(&w), QF_ERR_INVALID_ARGUMENT);
+  auto expect_invalid = [&](void (*change)(qf_nf4_weights&), const char* message) {
+    qf_nf4_weights w = plain;
+    change(w);
+    EXPECT_EQ(qf_nf4_validate(&w), QF_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(std::string(qf_last_error()).find(message), std::string::npos) << qf_last_error();
+  };
+  expect_invalid([](qf_nf4_weights& w) { w.numel = 101; }, "packed weight has 50 bytes but 101 elements need 51");
+  expect_invalid([](qf_nf4_weights& w) { w.absmax_len = 1; },
+                 "absmax has 1 entries but 100 elements in blocks of 64 need 2");
+  expect_invalid([](qf_nf4_weights& w) { w.blocksize = 48; }, "blocksize must be a power of two from 32 to 4096");
   EXPECT_EQ(qf_nf4_validate(nullptr), QF_ERR_INVALID_ARGUMENT);
 }
 
