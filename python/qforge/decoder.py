@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import offload as _offload
+from .distributed import decoder_layers
 from .layer import (rms_norm_backward, rms_norm_forward, rope_backward_, rope_forward_, swiglu_backward_,
                     swiglu_forward)
 from .nn import NF4Linear, _dequantize
@@ -677,7 +678,7 @@ def enable(model: nn.Module, offload: bool = True, tile_tokens: Optional[int] = 
     if host_budget_gib is not None and not host_budget_gib > 0:
         raise ValueError(f"decoder.enable: host_budget_gib must be > 0 or None, got {host_budget_gib!r}")
     offloader = _offload.enable(model, offload=offload, tile_tokens=tile_tokens, max_inflight=max_inflight)
-    layers = _offload._decoder_layers(model)
+    layers = decoder_layers(model)
     _remove_hooks(model)
     budget = None if not offload else (int(host_budget_gib * 2**30) if host_budget_gib is not None
                                        else default_host_budget())

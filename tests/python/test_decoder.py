@@ -34,10 +34,10 @@ def tiny(family="llama", seed=0, layers=2, hidden=48, heads=4, kv_heads=2, inter
                 p.add_(torch.randn_like(p) * 0.2)
     if targets is None:
         replace_linears(model, blocksize=64)
-        add_lora(model, r=4, alpha=8, dropout=dropout, seed=seed)
+        add_lora(model, r=4, lora_alpha=8, lora_dropout=dropout, seed=seed)
     else:
         replace_linears(model, targets, blocksize=64)
-        add_lora(model, r=4, alpha=8, dropout=dropout, seed=seed, target_modules=targets)
+        add_lora(model, r=4, lora_alpha=8, lora_dropout=dropout, seed=seed, target_modules=targets)
     with torch.no_grad():  # B = 0 at init would hide every gradient but B's
         for p in lora_parameters(model):
             p.normal_(0, 0.05)

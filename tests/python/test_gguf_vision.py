@@ -68,7 +68,7 @@ def vlm(tmp_path_factory):
     model = load(base, device="cpu", dtype=torch.bfloat16)
     vision_before = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(
         model.qforge_frozen_prefixes)}
-    qforge.add_lora(model, r=RANK, alpha=ALPHA, seed=0)
+    qforge.add_lora(model, r=RANK, lora_alpha=ALPHA, seed=0)
     tok = load_tokenizer(base)
     ids = torch.tensor([tok.encode(TEXTS[0] + " " + TEXTS[-1])])
     opt = torch.optim.AdamW(qforge.nn.lora_parameters(model), lr=2e-2)
