@@ -141,27 +141,22 @@ def merge_and_save(model: nn.Module, path, dtype: torch.dtype = torch.bfloat16, 
     """Write a plain transformers checkpoint: every NF4 layer dequantized, plus
     ``scaling * B @ A`` where it has an adapter, in ``dtype``; other tensors
     converted to ``dtype``. Loads with ``AutoModelForCausalLM.from_pretrained``."""
-    from .models.loader import _write_sharded
+    from .models.loader import _write_sharded, checkpoint_tensors
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
-    skip = set()
-    for name, m in model.named_modules():
-        if isinstance(m, NF4Linear):
-            w = m.dequantize(torch.float32)
-            if m.lora_A is not None:
-                w = w + m.lora_delta(torch.float32).to(w.device)
-            tensors[f"{name}.weight"] = w.to(dtype).cpu()
-            if m.bias is not None:
-                tensors[f"{name}.bias"] = m.bias.detach().to(dtype).cpu()
-            skip.update(f"{name}.{k}" for k in m.state_dict())
-    for name, t in model.state_dict().items():
-        if name in skip or name in tensors:
-            continue
-        tensors[name] = (t.to(dtype) if t.is_floating_point() else t).detach().cpu().contiguous()
-    if getattr(model.config, "tie_word_embeddings", False):
-        tensors.pop("lm_head.weight", None)
+
+    def merged(name: str, m: NF4Linear) -> dict:
+        w = m.dequantize(torch.float32)
+        if m.lora_A is not None:
+            w = w + m.lora_delta(torch.float32).to(w.device)
+        entries = {f"{name}.weight": w.to(dtype).cpu()}
+        if m.bias is not None:
+            entries[f"{name}.bias"] = m.bias.detach().to(dtype).cpu()
+        return entries
+
+    tensors = checkpoint_tensors(model, merged,
+                                 lambda t: (t.to(dtype) if t.is_floating_point() else t).detach().cpu().contiguous())
     _write_sharded(path, tensors, max_shard_bytes)
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)

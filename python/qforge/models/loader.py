@@ -289,20 +289,14 @@ def save_4bit(model: nn.Module, path, max_shard_bytes: int = 2 << 30) -> None:
     quantization_config, safetensors in bnb's key layout); LoRA weights excluded."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
-    skip = set()
-    for name, m in model.named_modules():
-        if isinstance(m, NF4Linear):
-            tensors.update(nf4.state_dict_entries(f"{name}.", m.packed_codes(), m.quant_state()))
-            if m.bias is not None:
-                tensors[f"{name}.bias"] = m.bias.data
-            skip.update(f"{name}.{k}" for k, _ in m.named_parameters())
-            skip.update(f"{name}.{k}" for k, _ in m.named_buffers())
-    for name, t in model.state_dict().items():
-        if name not in skip and ".lora_" not in name and name not in tensors:
-            tensors[name] = t
-    if getattr(model.config, "tie_word_embeddings", False):
-        tensors.pop("lm_head.weight", None)
+
+    def nf4_layer(name: str, m: NF4Linear) -> dict:
+        entries = nf4.state_dict_entries(f"{name}.", m.packed_codes(), m.quant_state())
+        if m.bias is not None:
+            entries[f"{name}.bias"] = m.bias
+        return entries
+
+    tensors = checkpoint_tensors(model, nf4_layer, lambda t: t)
     _write_sharded(path, {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, max_shard_bytes)
     cfg = model.config.to_dict()
     first = next((m for m in model.modules() if isinstance(m, NF4Linear)), None)
@@ -314,6 +308,24 @@ def save_4bit(model: nn.Module, path, max_shard_bytes: int = 2 << 30) -> None:
         "llm_int8_skip_modules": ["lm_head"],
     }
     atomic_write_text(path / "config.json", json.dumps(cfg, indent=2, default=str))
+
+
+def checkpoint_tensors(model: nn.Module, nf4_layer, other) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint of `model`: each NF4Linear's from nf4_layer(name, module)
+    (its own state, LoRA included, is not copied), every other state-dict tensor through
+    other(tensor), and no lm_head.weight when the embeddings are tied."""
+    tensors: dict[str, torch.Tensor] = {}
+    skip = set()
+    for name, m in model.named_modules():
+        if isinstance(m, NF4Linear):
+            tensors.update(nf4_layer(name, m))
+            skip.update(f"{name}.{k}" for k in m.state_dict())
+    for name, t in model.state_dict().items():
+        if name not in skip and ".lora_" not in name and name not in tensors:
+            tensors[name] = other(t)
+    if getattr(model.config, "tie_word_embeddings", False):
+        tensors.pop("lm_head.weight", None)
+    return tensors
 
 
 def _write_sharded(path: Path, tensors: dict, max_shard_bytes: int) -> None:
