@@ -1678,7 +1678,7 @@ struct Builtin : Callable {
         List l;
         l.reserve(static_cast<size_t>(n));
         for (int64_t i = 0; i < n; ++i) l.push_back(Value(static_cast<int64_t>(start + static_cast<__int128>(i) * step)));  // i * step may not fit
-        return Value(std::move(l));
+        return Value::range(start, stop, step, std::move(l));
       }
       case DictFromKeys: {  // dict.fromkeys(iterable, value=None)
         if (args.pos.empty() || args.pos.size() > 2)

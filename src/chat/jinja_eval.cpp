@@ -275,6 +275,13 @@ static Value do_slice(Interp& in, const Value& obj, const Node& slice, Frame& f)
   int64_t count = step > 0 ? (stop - start + step - 1) / step : (start - stop - step - 1) / -step;
   out.reserve(static_cast<size_t>(std::max<int64_t>(0, count)));
   for (int64_t i = start; step > 0 ? i < stop : i > stop; i += step) out.push_back(l[i]);
+  if (const impl::RangeObj* r = obj.range_obj()) {  // a range's slice is a range, as Python's
+    // range(r)[i:j:k] == range(r.start + i*r.step, r.start + j*r.step, r.step*k); each fits: |i|, |j|, |k| <= n + 1
+    __int128 b = (__int128)r->start + (__int128)start * r->step, e = (__int128)r->start + (__int128)stop * r->step;
+    int64_t slice_step = p[2] && !p[2]->is_none() ? p[2]->as_int() : 1;  // `step` is clamped to n + 1
+    __int128 st = (__int128)r->step * slice_step;
+    if (b == (int64_t)b && e == (int64_t)e && st == (int64_t)st) return Value::range((int64_t)b, (int64_t)e, (int64_t)st, std::move(out));
+  }
   return Value(std::move(out), obj.kind());
 }
 
@@ -461,7 +468,7 @@ Value Interp::binop(Op op, const Value& a, const Value& b, const Node& at) {
       if (a.is_markup()) return Value::markup(a.str() + b.str());
       return Value(a.str() + b.str());
     }
-    if ((a.is_list() && b.is_list()) || (a.is_tuple() && b.is_tuple())) {
+    if (((a.is_list() && b.is_list()) || (a.is_tuple() && b.is_tuple())) && !a.range_obj() && !b.range_obj()) {
       check_output(16 * (a.list().size() + b.list().size()), at);
       charge(a.list().size() + b.list().size(), at);
       List l = a.list();
@@ -470,12 +477,13 @@ Value Interp::binop(Op op, const Value& a, const Value& b, const Node& at) {
     }
     if (a.is_string())
       fail("TypeError", detail::concat("can only concatenate str (not \"", b.type_name(), "\") to str"), at);
-    if (a.is_list() || a.is_tuple())
+    if ((a.is_list() || a.is_tuple()) && !a.range_obj())
       fail("TypeError", detail::concat("can only concatenate ", a.type_name(), " (not \"", b.type_name(), "\") to ",
                                        a.type_name()), at);
   }
   if (op == Op::Mul) {
-    const Value* seq = (a.is_string() || a.is_sequence()) ? &a : (b.is_string() || b.is_sequence()) ? &b : nullptr;
+    auto repeatable = [](const Value& v) { return v.is_string() || (v.is_sequence() && !v.range_obj()); };
+    const Value* seq = repeatable(a) ? &a : repeatable(b) ? &b : nullptr;
     const Value* cnt = seq == &a ? &b : &a;
     if (seq && is_intlike(*cnt)) {
       int64_t k = std::max<int64_t>(0, cnt->as_int()), total;

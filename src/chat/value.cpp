@@ -113,6 +113,13 @@ Value Value::undefined(std::string hint) {
   return v;
 }
 Value Value::dict() { return Value(Dict{}); }
+Value Value::range(int64_t start, int64_t stop, int64_t step, List items) {
+  Value v;
+  v.kind_ = Kind::List;
+  v.p_ = new impl::RangeObj(std::move(items), start, stop, step);
+  v.p_->refs = 1;
+  return v;
+}
 
 static const std::string kEmpty;
 const std::string& Value::empty_string() { return kEmpty; }
@@ -229,7 +236,7 @@ const char* Value::type_name() const {
     case Kind::Int: return "int";
     case Kind::Float: return "float";
     case Kind::String: return markup_ ? "Markup" : "str";
-    case Kind::List: return "list";
+    case Kind::List: return range_obj() ? "range" : "list";
     case Kind::Tuple: return "tuple";
     case Kind::Dict: return "dict";
     case Kind::Namespace: return "Namespace";
@@ -270,6 +277,7 @@ static bool py_equal_rec(const Value& a, const Value& b, int depth) {
     return a.as_int() == b.as_int();
   }
   if (a.kind() != b.kind()) return false;
+  if ((a.range_obj() == nullptr) != (b.range_obj() == nullptr)) return false;  // range(2) != [0, 1]
   switch (a.kind()) {
     case Kind::Undefined:
     case Kind::None: return true;
@@ -532,6 +540,7 @@ static void dumps_rec(std::string& out, const Value& v, const DumpOptions& o, co
     case Kind::String: json_string(out, v.str(), o.ensure_ascii); return;
     case Kind::List:
     case Kind::Tuple: {
+      if (v.range_obj()) throw InvalidArgument("Object of type range is not JSON serializable");
       auto& l = v.list();
       if (l.empty()) {
         out += "[]";
@@ -644,8 +653,21 @@ static void repr_string(std::string& out, const std::string& s) {
   out += q;
 }
 
+static void range_repr(std::string& out, const impl::RangeObj& r) {
+  out += "range(";
+  out += std::to_string(r.start);
+  out += ", ";
+  out += std::to_string(r.stop);
+  if (r.step != 1) {
+    out += ", ";
+    out += std::to_string(r.step);
+  }
+  out += ')';
+}
+
 static void repr_to(std::string& out, const Value& v, int depth) {
   QF_CHECK(depth < 512, "repr: nesting too deep");
+  if (const impl::RangeObj* r = v.range_obj()) return range_repr(out, *r);
   switch (v.kind()) {
     case Kind::String: repr_string(out, v.str()); return;
     case Kind::List:

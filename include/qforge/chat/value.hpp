@@ -31,6 +31,7 @@ namespace impl {
 // sizes, more than the C library's per-thread cache holds (value.cpp).
 QFORGE_API void* obj_alloc(size_t size);
 QFORGE_API void obj_free(void* p, size_t size) noexcept;
+struct RangeObj;
 }  // namespace impl
 
 // What a Value points at: strings, lists, dicts and template objects.
@@ -114,6 +115,10 @@ class QFORGE_API Value {
   // An Undefined; `hint` is jinja2's message for it ("'x' is undefined").
   static Value undefined(std::string hint = {});
   static Value tuple(List l) { return Value(std::move(l), Kind::Tuple); }
+  // range(start, stop, step) holding its items: a list to every reader but
+  // str(), ==, json.dumps, + and * (as Python's range)
+  static Value range(int64_t start, int64_t stop, int64_t step, List items);
+  const impl::RangeObj* range_obj() const;  // nullptr unless a range
   static Value dict();
   // markupsafe.Markup (from |safe / |escape): a str whose + escapes the other side
   static Value markup(std::string s) {
@@ -196,8 +201,17 @@ struct QFORGE_API StrObj : Obj {
   explicit StrObj(std::string x) : s(std::move(x)) {}
 };
 struct QFORGE_API ListObj : Obj {
+  bool is_range = false;  // a RangeObj
   List l;
   explicit ListObj(List&& x) : l(std::move(x)) {}
+};
+// Python's range(start, stop, step): its items, held as a list, and the
+// arguments that str() prints ("range(0, 3)").
+struct QFORGE_API RangeObj : ListObj {
+  int64_t start, stop, step;
+  RangeObj(List&& x, int64_t b, int64_t e, int64_t s) : ListObj(std::move(x)), start(b), stop(e), step(s) {
+    is_range = true;
+  }
 };
 struct QFORGE_API DictObj : Obj {
   Dict d;
@@ -214,6 +228,10 @@ inline const std::string& Value::str() const {
 inline const List& Value::list() const {
   if (kind_ == Kind::List || kind_ == Kind::Tuple) return static_cast<const impl::ListObj*>(p_)->l;
   return impl::kEmptyList;
+}
+inline const impl::RangeObj* Value::range_obj() const {
+  if (kind_ == Kind::List && static_cast<const impl::ListObj*>(p_)->is_range) return static_cast<const impl::RangeObj*>(p_);
+  return nullptr;
 }
 inline const Dict& Value::dict_ref() const {
   if (kind_ == Kind::Dict || kind_ == Kind::Namespace) return static_cast<const impl::DictObj*>(p_)->d;
