@@ -31,6 +31,7 @@ struct MacroObj : Callable {
       bound[i] = true;
     }
     Dict extra_kw;
+    bool caller_given = false;
     for (auto& kv : args.kw) {
       size_t k = 0;
       while (k < params.size() && params[k].first != kv.first) ++k;
@@ -40,6 +41,7 @@ struct MacroObj : Callable {
         bound[k] = true;
       } else if (kv.first == "caller" && def->kind == NK::Macro) {
         frame->set(in.prog.sym_ids.at("caller"), kv.second);  // interned at compile time
+        caller_given = true;
       } else if (catch_kwargs) {
         extra_kw.set(Value(kv.first), kv.second);
       } else {
@@ -59,6 +61,11 @@ struct MacroObj : Callable {
     }
     if (catch_kwargs) frame->set(in.prog.sym_ids.at("kwargs"), Value(std::move(extra_kw)));
     if (!caller.is_none()) frame->set(in.prog.sym_ids.at("caller"), caller);
+    else if (def->kind == NK::Macro && !caller_given &&
+             std::none_of(params.begin(), params.end(), [](auto& p) { return p.first == "caller"; })) {
+      // a macro's `caller` is its own (jinja2 adds the parameter), never an outer variable
+      frame->set(in.prog.sym_ids.at("caller"), Value::undefined("No caller defined"));
+    }
     std::string out;
     in.exec(def->body, *frame, out);
     --in.depth;

@@ -1,5 +1,6 @@
 // Jinja lexer and parser, following jinja2 3.1's grammar and its whitespace
 // rules with trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False.
+#include <algorithm>
 #include <cstring>
 
 #include "jinja.hpp"
@@ -338,11 +339,13 @@ class Lexer {
     };
     size_t p = digits(pos);
     bool is_float = false;
-    if (p + 1 < n && src_[p] == '.' && is_digit(src_[p + 1])) {
+    // jinja2's float pattern does not start right after a dot: x.0.1 is x[0][1]
+    bool after_dot = pos > 0 && src_[pos - 1] == '.';
+    if (!after_dot && p + 1 < n && src_[p] == '.' && is_digit(src_[p + 1])) {
       is_float = true;
       p = digits(p + 1);
     }
-    if (p < n && (src_[p] == 'e' || src_[p] == 'E')) {
+    if (!after_dot && p < n && (src_[p] == 'e' || src_[p] == 'E')) {
       size_t q = p + 1;
       if (q < n && (src_[q] == '+' || src_[q] == '-')) ++q;
       if (q < n && is_digit(src_[q])) {
@@ -448,6 +451,7 @@ class Parser {
     auto root = std::make_unique<Node>(NK::Body, 1, 1);
     std::string end;
     root->body = subparse({}, end);
+    fail_unknown();  // after every syntax error, as jinja2 checks names when it compiles the parsed tree
     return root;
   }
 
@@ -456,6 +460,16 @@ class Parser {
   size_t i_ = 0;
   Program& prog_;
   int soft_ = 0;  // inside an {% if %} (unknown filters become runtime errors)
+  // Unknown filters / tests outside any {% if %}: errors unless the expression
+  // turns out to be a conditional one (parse_condexpr); see fail_unknown().
+  struct Unknown {
+    std::string message;
+    const Token* at;
+  };
+  std::vector<Unknown> unknown_;
+  void fail_unknown() {
+    if (!unknown_.empty()) fail_assertion(unknown_.front().message, *unknown_.front().at);
+  }
   // The parser's own recursion (a bracket level is about three Nests); the
   // tree it builds is checked against kMaxTemplateNesting afterwards.
   int depth_ = 0;
@@ -496,6 +510,10 @@ class Parser {
   }
   [[noreturn]] void fail(const std::string& msg, const Token& t) { raise("TemplateSyntaxError", msg, t.line, t.col); }
   [[noreturn]] void fail(const std::string& msg) { fail(msg, cur()); }
+  // What jinja2's compiler (not its parser) refuses: TemplateAssertionError, a TemplateSyntaxError.
+  [[noreturn]] void fail_assertion(const std::string& msg, const Token& t) {
+    raise("TemplateAssertionError", msg, t.line, t.col);
+  }
   void expect_op(const char* op) {
     if (!skip_op(op)) fail(detail::concat("expected token '", op, "', got '", describe(cur()), "'"));
   }
@@ -719,10 +737,33 @@ class Parser {
     std::string end;
     n->body = subparse({"endmacro"}, end);
     soft_ = saved_soft;
+    check_caller_parameter(*n);
     open_blocks_.pop_back();
     if (cur().type == TT::Name && cur().text == n->name) ++i_;
     expect_block_end();
     return n;
+  }
+
+  // jinja2 gives a macro whose body reads `caller` that parameter: one the
+  // signature names must have a default.
+  void check_caller_parameter(const Node& def) {
+    auto param = std::find_if(def.kwargs.begin(), def.kwargs.end(), [](auto& kv) { return kv.first == "caller"; });
+    if (param == def.kwargs.end() || param->second) return;
+    std::vector<const Node*> todo;
+    for (auto& c : def.body) todo.push_back(c.get());
+    while (!todo.empty()) {
+      const Node* n = todo.back();
+      todo.pop_back();
+      if (!n) continue;
+      if (n->kind == NK::Name && n->name == "caller") {
+        Token at{TT::Name, {}, {}, def.line, def.col};
+        fail_assertion("When defining macros or call blocks the special \"caller\" argument must be omitted or be "
+                       "given a default.", at);
+      }
+      for (auto* v : {&n->args, &n->body, &n->orelse})
+        for (auto& c : *v) todo.push_back(c.get());
+      for (auto& kv : n->kwargs) todo.push_back(kv.second.get());
+    }
   }
 
   // (a, b=default, ...) into n.kwargs: name -> default (nullptr when none)
@@ -753,6 +794,7 @@ class Parser {
     open_blocks_.push_back("call");
     std::string end;
     n->body = subparse({"endcall"}, end);
+    check_caller_parameter(*n);
     open_blocks_.pop_back();
     expect_block_end();
     prog_.sym("caller");
@@ -842,9 +884,13 @@ class Parser {
 
   NodePtr parse_expression(bool with_condexpr) { return with_condexpr ? parse_condexpr() : parse_or(); }
 
+  // `a if b else c`: as in jinja2, an unknown filter or test anywhere in it
+  // (a included, which is parsed before the `if` shows) fails only when reached.
   NodePtr parse_condexpr() {
     Nest nest(*this);
+    size_t unknown_before = unknown_.size();
     NodePtr expr1 = parse_or();
+    if (is_name("if")) unknown_.resize(unknown_before);
     while (is_name("if")) {
       const Token& t = cur();
       ++i_;
@@ -1164,7 +1210,7 @@ class Parser {
       auto f = node(NK::Filter, t);
       f->name = name;
       f->sym = filter_id(name);
-      if (f->sym < 0 && soft_ == 0) fail(detail::concat("No filter named '", name, "'."), t);
+      if (f->sym < 0 && soft_ == 0) unknown_.push_back({detail::concat("No filter named '", name, "'."), &t});
       f->args.push_back(std::move(n));  // may be nullptr inside filter blocks
       if (is_op("(")) parse_call_args(*f);
       n = std::move(f);
@@ -1184,7 +1230,7 @@ class Parser {
     auto test = node(NK::Test, t);
     test->name = name;
     test->sym = test_id(name);
-    if (test->sym < 0 && soft_ == 0) fail(detail::concat("No test named '", name, "'."), t);
+    if (test->sym < 0 && soft_ == 0) unknown_.push_back({detail::concat("No test named '", name, "'."), &t});
     test->args.push_back(std::move(n));
     if (is_op("(")) {
       parse_call_args(*test);

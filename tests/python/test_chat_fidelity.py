@@ -48,6 +48,18 @@ SNIPPETS = [
     # tuple targets holding namespace attributes
     "{% set ns = namespace(a=1, b=2) %}{% set ns.a, ns.b = 3, 4 %}{{ ns.a }}{{ ns.b }}",
     "{% set ns = namespace() %}{% set x, ns.y = 1, 2 %}{{ x }}{{ ns.y }} {% set (p, q) = 'xy' %}{{ q }}",
+    # range() is a range: printed, compared, sliced as Python's
+    "{{ range(3) }} {{ range(1, 9, 2) }} {{ range(5, 1) }} {{ [range(2)] }} {{ range(3)|string }} {{ range(3)|list }}",
+    "{{ range(10)[2:5] }} {{ range(10)[::100] }} {{ range(10)[::-1] }} {{ range(10)[-3:] }} {{ range(0, -10, -3)[1:] }}",
+    "{{ range(3) == [0, 1, 2] }} {{ range(3) == range(0, 3, 1) }} {{ range(3)|length }} {{ range(3)[1] }} "
+    "{{ range(3)|join(',') }} {{ range(3) is sequence }} {{ range(3)|first }}{{ range(3)|last }} {{ range(3)|sum }}",
+    # a macro's caller is its own, never an outer variable (pallets/jinja test_caller_undefined)
+    "{% set caller = 42 %}{% macro t() %}{{ caller is not defined }}{% endmacro %}{{ t() }}",
+    "{% macro t(caller=none) %}{{ caller is none }}{% endmacro %}{{ t() }}{% call t() %}x{% endcall %}",
+    # x.0.1 indexes twice (no float after a dot)
+    "{{ [1, 2, 3].0 }}|{{ [[1]].0.0 }}|{{ [[1, [2, 3]]].0.1.1 }}",
+    # an unknown filter or test in a conditional expression fails only when reached
+    "{{ x|nosuchfilter if x is defined else 'foo' }} {{ x|nosuch if false else 1 }}{{ 'a' if true else 1 is nosuch }}",
 ]
 
 ERRORS = [
@@ -62,6 +74,15 @@ ERRORS = [
     "{% set = 1 %}",
     "{% set a, 1 = 2, 3 %}",
     "{% set ns = namespace() %}{% set ns.a, ns._b = 1, 2 %}",
+    "{{ range(3)|tojson }}",
+    "{{ range(2) + [1] }}",
+    "{{ range(2) * 2 }}",
+    "{% macro x(caller) %}[{% if caller %}{{ caller() }}{% endif %}]{% endmacro %}",
+    "{% macro x(a, caller) %}{% macro y() %}{% endmacro %}{{ caller }}{% endmacro %}",
+    "{% macro t(caller) %}{% macro u() %}{{ caller is defined }}{% endmacro %}{{ u() }}{% endmacro %}{{ t() }}",
+    "{{ 1|nosuchfilter if true else 'foo' }}",  # reached
+    "{{ 1|nosuchfilter }}{% if %}",  # the syntax error comes first, as jinja2 compiles after parsing
+    "{{ (1|nosuch if true else 2)|alsonosuch }}",
 ]
 
 
