@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import qforge.train as T
 from qforge import cli
@@ -124,3 +125,125 @@ def test_eval_names_a_wrong_adapter(trained_run, tmp_path, capsys):
     with pytest.raises(ValueError, match="max_new_tokens"):
         from qforge.evaluate import generate_replies
         generate_replies(None, None, None, [], max_new_tokens=10**6)
+
+
+def _assistant_turns(path):
+    """Every assistant turn of a chat JSONL file, in file order, read without
+    qforge.evaluate: (tools, expected calls as {name: arguments} pairs, content)."""
+    turns = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        for i, message in enumerate(record["messages"]):
+            if message["role"] == "assistant" and i > 0:
+                calls = [(c["function"]["name"], c["function"]["arguments"]) for c in message.get("tool_calls") or []]
+                turns.append((record.get("tools"), calls, message.get("content") or ""))
+    return turns
+
+
+def _recount(turns, replies, fmt):
+    """eval.json's figures counted from the replies: each re-parsed, compared
+    with the data's turn, and tallied here."""
+    hits = {"tool_name": 0, "arguments": 0, "call_list": 0, "content_only": 0, "content_exact": 0}
+    parse_errors = call_turns = 0
+    for (tools, expected, content), reply in zip(turns, replies, strict=True):
+        parsed = parse_tool_calls(reply, fmt, tools)
+        got = [(c["function"]["name"], c["function"]["arguments"]) for c in parsed["tool_calls"]]
+        parse_errors += parsed["error"] is not None
+        if expected:
+            call_turns += 1
+            names = [n for n, _ in got] == [n for n, _ in expected]
+            args = [a for _, a in got] == [a for _, a in expected]
+            hits["tool_name"] += names
+            hits["arguments"] += args
+            hits["call_list"] += names and args
+        elif not got and parsed["error"] is None:
+            hits["content_only"] += 1
+            hits["content_exact"] += (parsed["content"] or "").strip() == content.strip()
+    content_turns = len(turns) - call_turns
+    rates = {k: round(v / (call_turns if k in ("tool_name", "arguments", "call_list") else content_turns), 4)
+             for k, v in hits.items()}
+    return {"turns": len(turns), "call_turns": call_turns, "content_turns": content_turns, **rates,
+            "parse_errors": parse_errors}
+
+
+def test_eval_json_figures_equal_an_independent_recount(trained_run, tmp_path):
+    """`qforge eval` on held-out built-in data with the adapter trained above:
+    the turns, replies and every figure of eval.json recounted from the data
+    file and the replies it wrote."""
+    data = tmp_path / "held_out.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in builtin_dataset(8, seed=11)), encoding="utf-8")
+    assert cli.main(["eval", "--model", str(trained_run / "base-model"), "--adapter", str(trained_run), "--data",
+                     str(data), "--max-new-tokens", "16", "--device", "cpu", "--output", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))
+    turns = _assistant_turns(data)
+    assert len(turns) == 14 and [len(c) > 0 for _, c, _ in turns].count(True) == 6  # 6 call turns, 8 content turns
+    assert [(r["expected_calls"], r["expected_content"]) for r in report["turns"]] == [
+        ([{"name": n, "arguments": a} for n, a in calls], content) for _, calls, content in turns]
+    assert all(r["reply"] for r in report["turns"])
+    assert report["metrics"] == _recount(turns, [r["reply"] for r in report["turns"]], report["format"])
+
+
+class _ScriptedModel(torch.nn.Module):
+    """Stands in for a fine-tuned model: generate() answers each prompt with the
+    next scripted reply (tokenized), as transformers' generate() returns them:
+    the prompt, then the reply, padded after its stop token to the longest."""
+
+    def __init__(self, tokenizer, replies):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.tokenizer, self.replies = tokenizer, list(replies)
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, pad_token_id, **_):
+        rows = [self.tokenizer(self.replies.pop(0), add_special_tokens=False).input_ids for _ in range(len(input_ids))]
+        width = max(map(len, rows))
+        tail = torch.tensor([r + [pad_token_id] * (width - len(r)) for r in rows])
+        return torch.cat([input_ids, tail], dim=1)
+
+
+def test_eval_figures_on_replies_of_known_quality(trained_run):
+    """Generations whose correctness is known by construction (right call, wrong
+    arguments, wrong tool, two calls, truncated JSON, exact and wrong text)
+    give exactly the rates they should, through the whole eval path (template,
+    tokenizer, batched generation, decode, parser, scores)."""
+    from qforge.evaluate import evaluate_model
+    from qforge.chat import ChatTemplate
+    from qforge.models import load_tokenizer
+
+    tokenizer = load_tokenizer(trained_run / "base-model")
+    template = ChatTemplate((trained_run / "base-model" / "chat_template.jinja").read_text(encoding="utf-8"))
+    records = builtin_dataset(8, seed=5)
+    turns = held_out_turns(records)
+    call = lambda name, args: json.dumps({"name": name, "parameters": args}) + "<|eot_id|>"  # noqa: E731
+    replies, expected = [], {"names": 0, "args": 0, "both": 0, "content_only": 0, "content": 0, "errors": 0}
+    for k, t in enumerate(turns):
+        if t["calls"]:
+            name, args = t["calls"][0]["name"], t["calls"][0]["arguments"]
+            kind = k % 4
+            if kind == 0:  # right
+                replies.append(call(name, args))
+                expected["names"] += 1; expected["args"] += 1; expected["both"] += 1  # noqa: E702
+            elif kind == 1:  # right tool, wrong arguments
+                replies.append(call(name, {**args, "extra": 1}))
+                expected["names"] += 1
+            elif kind == 2:  # the call twice: the list is wrong
+                replies.append(call(name, args)[:-len("<|eot_id|>")] + "; " + call(name, args))
+            else:  # JSON cut short: a parse error, no call
+                replies.append(call(name, args)[:12] + "<|eot_id|>")
+                expected["errors"] += 1
+        elif k % 2:
+            replies.append(" " + t["content"] + "<|eot_id|>")
+            expected["content_only"] += 1; expected["content"] += 1  # noqa: E702
+        else:
+            replies.append("Something else.<|eot_id|>")
+            expected["content_only"] += 1
+    n_calls = sum(bool(t["calls"]) for t in turns)
+    n_content = len(turns) - n_calls
+    report = evaluate_model(_ScriptedModel(tokenizer, replies), tokenizer, template, records, batch_size=3,
+                            max_new_tokens=64)
+    assert [r["reply"] for r in report["turns"]] == replies
+    assert report["metrics"] == {
+        "turns": len(turns), "call_turns": n_calls, "content_turns": n_content,
+        "tool_name": round(expected["names"] / n_calls, 4), "arguments": round(expected["args"] / n_calls, 4),
+        "call_list": round(expected["both"] / n_calls, 4), "content_only": round(expected["content_only"] / n_content, 4),
+        "content_exact": round(expected["content"] / n_content, 4), "parse_errors": expected["errors"]}
+    assert 0 < expected["both"] < expected["names"] < n_calls and 0 < expected["content"] < n_content
