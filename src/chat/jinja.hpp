@@ -29,7 +29,9 @@ struct Node {
   NK kind;
   int line = 0, col = 0;
   Op op = Op::Add;
-  bool flag = false;   // Test: negated; For: has filter; Getattr: a dict method name; ...
+  bool negated = false;          // Test: `is not`
+  bool loop_filter = false;      // For: `{% for x in xs if cond %}` (the condition is args[2])
+  bool dict_method = false;      // Getattr: the name is a dict method, which shadows a key of that name
   int sym = -1;        // Name: symbol id; Filter/Test: builtin id
   std::string name;    // identifier / attribute / filter / test / text
   Value value;         // Const

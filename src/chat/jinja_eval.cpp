@@ -534,7 +534,7 @@ const Value& Interp::ref_item(const Node& n, Frame& f, Value& tmp) {
   if (obj.is_dict() && obj.dict_ref().items.size() > kScanItemsFree)
     charge(obj.dict_ref().items.size() >> kBytesPerStepLog2, n);  // lookups scan the keys
   if (!key) {
-    if (obj.is_dict() && !n.flag) hit = obj.dict_ref().find(std::string_view(n.name));
+    if (obj.is_dict() && !n.dict_method) hit = obj.dict_ref().find(std::string_view(n.name));
   } else if (key->kind == NK::Const) {
     const Value& k = key->value;
     if (k.is_string() && obj.is_dict()) {
@@ -702,7 +702,7 @@ bool Interp::test(const Node& n, Frame& f) {
   for (auto& kv : n.kwargs) args.kw.emplace_back(kv.first, eval(*kv.second, f));
   if (n.sym < 0) fail("TemplateRuntimeError", detail::concat("No test named '", n.name, "' found."), n);
   bool r = apply_test(*this, n.sym, n.name, v, args, n);
-  return n.flag ? !r : r;
+  return n.negated ? !r : r;
 }
 
 // The truth of `n` where only that is needed (if, not, a for loop's filter):
@@ -883,7 +883,7 @@ Interp::Flow Interp::exec(const std::vector<NodePtr>& body, Frame& f, std::strin
         Scope scope(prog.has_macros, &f);
         Frame& frame = scope.frame;
         frame.vars.reserve(4);
-        if (n.flag) {
+        if (n.loop_filter) {
           List kept;
           for (auto& it : *loop->items) {
             tick(n);

@@ -647,7 +647,7 @@ class Parser {
     if (!skip_name("in")) fail(detail::concat("expected token 'in', got '", describe(cur()), "'"));
     n->args.push_back(parse_tuple(false, false, {"recursive"}, false));
     if (skip_name("if")) {
-      n->flag = true;
+      n->loop_filter = true;
       n->args.push_back(parse_expression(true));
     }
     if (is_name("recursive")) fail("recursive loops are not supported");
@@ -1113,7 +1113,7 @@ class Parser {
       if (cur().type == TT::Name) {
         auto g = node(NK::Getattr, t);
         g->name = t_[i_++].text;
-        g->flag = is_dict_method(g->name);
+        g->dict_method = is_dict_method(g->name);
         g->args.push_back(std::move(n));
         return g;
       }
@@ -1241,7 +1241,7 @@ class Parser {
       NodePtr arg = parse_postfix(parse_primary());
       test->args.push_back(std::move(arg));
     }
-    test->flag = negated;
+    test->negated = negated;
     return test;
   }
 };
