@@ -1,0 +1,429 @@
+// json.dumps and json.loads of Values, with Python's spacing, escapes and key order.
+#include "qforge/chat/value.hpp"
+
+#include <algorithm>
+#include <bit>
+#include <charconv>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <unordered_map>
+
+#include "qforge/error.hpp"
+
+namespace qforge::chat {
+
+// --------------------------------------------------------------- json.dumps
+// The first byte at or after s[i] that JSON must treat specially: '"', '\\',
+// a control character, or (when `ascii`) anything from 0x7f up. Eight bytes
+// at a time (SWAR): most of a chat is plain string content.
+static size_t plain_run(std::string_view s, size_t i, bool ascii) {
+  static_assert(std::endian::native == std::endian::little, "the first hit is found by trailing zeros");
+  constexpr uint64_t ones = 0x0101010101010101ull, highs = 0x8080808080808080ull;
+  const size_t n = s.size();
+  while (i + 8 <= n) {
+    uint64_t w;
+    std::memcpy(&w, s.data() + i, 8);
+    uint64_t quote = w ^ (ones * '"'), slash = w ^ (ones * '\\');
+    // a byte's high bit is set when it is zero in quote/slash, or < 0x20 in w (bytes >= 0x80 masked by ~w)
+    uint64_t hit = ((quote - ones) & ~quote) | ((slash - ones) & ~slash) | ((w - ones * 0x20) & ~w);
+    if (ascii) {
+      uint64_t del = w ^ (ones * 0x7f);
+      hit |= w | ((del - ones) & ~del);
+    }
+    hit &= highs;
+    if (hit) return i + static_cast<size_t>(std::countr_zero(hit) >> 3);
+    i += 8;
+  }
+  for (; i < n; ++i) {
+    unsigned char c = s[i];
+    if (c < 0x20 || c == '"' || c == '\\' || (ascii && c >= 0x7f)) break;
+  }
+  return i;
+}
+
+static void json_string(std::string& out, std::string_view s, bool ensure_ascii) {
+  out += '"';
+  static const char* hex = "0123456789abcdef";
+  size_t i = 0, run = 0;  // s[run, i) is copied verbatim in one append
+  auto flush = [&]() {
+    if (i > run) out.append(s.data() + run, i - run);
+  };
+  while (true) {
+    i = plain_run(s, i, ensure_ascii);
+    if (i >= s.size()) break;
+    unsigned char c = s[i];
+    flush();
+    if (c >= 0x80) {
+      size_t j = i + 1;
+      while (j < s.size() && (static_cast<unsigned char>(s[j]) & 0xC0) == 0x80) ++j;
+      for (uint32_t cp : utf8_decode(s.substr(i, j - i))) {
+        auto emit = [&](uint32_t u) {
+          out += "\\u";
+          for (int k = 3; k >= 0; --k) out += hex[(u >> (4 * k)) & 0xF];
+        };
+        if (cp >= 0x10000) {
+          cp -= 0x10000;
+          emit(0xD800 | (cp >> 10));
+          emit(0xDC00 | (cp & 0x3FF));
+        } else {
+          emit(cp);
+        }
+      }
+      i = run = j;
+      continue;
+    }
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      case '\b': out += "\\b"; break;
+      case '\f': out += "\\f"; break;
+      default:
+        out += "\\u00";
+        out += hex[c >> 4];
+        out += hex[c & 0xF];
+    }
+    run = ++i;
+  }
+  flush();
+  out += '"';
+}
+
+static std::string json_float(double d) {
+  if (std::isnan(d)) return "NaN";
+  if (std::isinf(d)) return d > 0 ? "Infinity" : "-Infinity";
+  return float_repr(d);
+}
+
+static void json_key(std::string& out, const Value& k, bool ensure_ascii) {
+  switch (k.kind()) {
+    case Kind::String: json_string(out, k.str(), ensure_ascii); return;
+    case Kind::Bool: out += k.as_bool() ? "\"true\"" : "\"false\""; return;
+    case Kind::Int: out += '"' + std::to_string(k.as_int()) + '"'; return;
+    case Kind::Float: out += '"' + json_float(k.as_float()) + '"'; return;
+    case Kind::None: out += "\"null\""; return;
+    default:
+      throw InvalidArgument(std::string("keys must be str, int, float, bool or None, not ") + k.type_name());
+  }
+}
+
+static void dumps_rec(std::string& out, const Value& v, const DumpOptions& o, const std::string& item_sep,
+                      const std::string& key_sep, int level) {
+  QF_CHECK(level < 512, "json.dumps: nesting too deep (circular reference?)");
+  auto newline = [&](int lvl) {
+    out += '\n';
+    for (int i = 0; i < lvl; ++i) out += *o.indent;
+  };
+  switch (v.kind()) {
+    case Kind::None: out += "null"; return;
+    case Kind::Bool: out += v.as_bool() ? "true" : "false"; return;
+    case Kind::Int: out += std::to_string(v.as_int()); return;
+    case Kind::Float: out += json_float(v.as_float()); return;
+    case Kind::String: json_string(out, v.str(), o.ensure_ascii); return;
+    case Kind::List:
+    case Kind::Tuple: {
+      if (v.range_obj()) throw InvalidArgument("Object of type range is not JSON serializable");
+      auto& l = v.list();
+      if (l.empty()) {
+        out += "[]";
+        return;
+      }
+      out += '[';
+      for (size_t i = 0; i < l.size(); ++i) {
+        if (i) out += item_sep;
+        if (o.indent) newline(level + 1);
+        dumps_rec(out, l[i], o, item_sep, key_sep, level + 1);
+      }
+      if (o.indent) newline(level);
+      out += ']';
+      return;
+    }
+    case Kind::Dict: {
+      auto& items = v.dict_ref().items;
+      if (items.empty()) {
+        out += "{}";
+        return;
+      }
+      auto emit = [&](const std::pair<Value, Value>& kv, bool first) {
+        if (!first) out += item_sep;
+        if (o.indent) newline(level + 1);
+        json_key(out, kv.first, o.ensure_ascii);
+        out += key_sep;
+        dumps_rec(out, kv.second, o, item_sep, key_sep, level + 1);
+      };
+      out += '{';
+      if (o.sort_keys) {
+        std::vector<const std::pair<Value, Value>*> order;
+        order.reserve(items.size());
+        for (auto& kv : items) {
+          if (!kv.first.is_string())
+            throw InvalidArgument("'<' not supported between instances of non-str dict keys in json.dumps(sort_keys=True)");
+          order.push_back(&kv);
+        }
+        std::stable_sort(order.begin(), order.end(), [](auto* a, auto* b) { return a->first.str() < b->first.str(); });
+        for (size_t i = 0; i < order.size(); ++i) emit(*order[i], i == 0);
+      } else {
+        for (size_t i = 0; i < items.size(); ++i) emit(items[i], i == 0);
+      }
+      if (o.indent) newline(level);
+      out += '}';
+      return;
+    }
+    default:
+      throw InvalidArgument(std::string("Object of type ") + v.type_name() + " is not JSON serializable");
+  }
+}
+
+void json_dumps_to(std::string& out, const Value& v, const DumpOptions& o) {
+  static const std::string comma_space = ", ", comma = ",", colon_space = ": ";
+  const std::string& item_sep = o.item_separator ? *o.item_separator : (o.indent ? comma : comma_space);
+  const std::string& key_sep = o.key_separator ? *o.key_separator : colon_space;
+  dumps_rec(out, v, o, item_sep, key_sep, 0);
+}
+
+std::string json_dumps(const Value& v, const DumpOptions& o) {
+  std::string out;
+  json_dumps_to(out, v, o);
+  return out;
+}
+
+// --------------------------------------------------------------- json.loads
+namespace {
+struct JsonReader {
+  std::string_view t;
+  size_t p = 0;
+  int depth = 0;
+
+  [[noreturn]] void fail(const char* what) {
+    throw InvalidArgument(detail::concat("invalid JSON: ", what, " at offset ", p));
+  }
+  void ws() {
+    while (p < t.size() && (t[p] == ' ' || t[p] == '\t' || t[p] == '\n' || t[p] == '\r')) ++p;
+  }
+  uint32_t hex4() {
+    if (p + 4 > t.size()) fail("truncated \\u escape");
+    uint32_t v = 0;
+    for (int k = 0; k < 4; ++k) {
+      char c = t[p++];
+      v <<= 4;
+      if (c >= '0' && c <= '9') v |= c - '0';
+      else if (c >= 'a' && c <= 'f') v |= c - 'a' + 10;
+      else if (c >= 'A' && c <= 'F') v |= c - 'A' + 10;
+      else fail("bad \\u escape");
+    }
+    return v;
+  }
+  std::string string() {
+    ++p;  // opening quote
+    size_t run = p;
+    p = plain_run(t, p, false);
+    if (p < t.size() && t[p] == '"') {  // no escapes: one copy
+      std::string s(t.data() + run, p - run);
+      ++p;
+      return s;
+    }
+    std::string s(t.data() + run, p - run);
+    while (true) {
+      if (p >= t.size()) fail("unterminated string");
+      run = p;
+      p = plain_run(t, p, false);
+      s.append(t.data() + run, p - run);
+      if (p >= t.size()) fail("unterminated string");
+      char c = t[p++];
+      if (c == '"') break;
+      if (static_cast<unsigned char>(c) < 0x20) fail("control character in string");
+      if (p >= t.size()) fail("unterminated string");
+      char e = t[p++];
+      switch (e) {
+        case '"': s += '"'; break;
+        case '\\': s += '\\'; break;
+        case '/': s += '/'; break;
+        case 'b': s += '\b'; break;
+        case 'f': s += '\f'; break;
+        case 'n': s += '\n'; break;
+        case 'r': s += '\r'; break;
+        case 't': s += '\t'; break;
+        case 'u': {
+          uint32_t cp = hex4();
+          if (cp >= 0xD800 && cp < 0xDC00 && p + 1 < t.size() && t[p] == '\\' && t[p + 1] == 'u') {
+            size_t save = p;
+            p += 2;
+            uint32_t lo = hex4();
+            if (lo >= 0xDC00 && lo < 0xE000) cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+            else p = save;
+          }
+          utf8_append(s, cp);
+          break;
+        }
+        default: --p; fail("invalid escape");
+      }
+    }
+    return s;
+  }
+  Value number() {
+    size_t start = p;
+    bool is_float = false;
+    if (t[p] == '-') ++p;
+    if (p >= t.size() || !(t[p] >= '0' && t[p] <= '9')) fail("expecting value");
+    if (t[p] == '0') ++p;
+    else while (p < t.size() && t[p] >= '0' && t[p] <= '9') ++p;
+    if (p < t.size() && t[p] == '.') {
+      size_t q = p + 1;
+      if (q < t.size() && t[q] >= '0' && t[q] <= '9') {
+        is_float = true;
+        p = q;
+        while (p < t.size() && t[p] >= '0' && t[p] <= '9') ++p;
+      }
+    }
+    if (p < t.size() && (t[p] == 'e' || t[p] == 'E')) {
+      size_t q = p + 1;
+      if (q < t.size() && (t[q] == '+' || t[q] == '-')) ++q;
+      if (q < t.size() && t[q] >= '0' && t[q] <= '9') {
+        is_float = true;
+        p = q;
+        while (p < t.size() && t[p] >= '0' && t[p] <= '9') ++p;
+      }
+    }
+    std::string_view num = t.substr(start, p - start);
+    if (!is_float) {
+      int64_t v;
+      auto r = std::from_chars(num.data(), num.data() + num.size(), v);
+      if (r.ec == std::errc()) return Value(v);
+    }
+    double d = 0;
+    auto r = std::from_chars(num.data(), num.data() + num.size(), d);
+    if (r.ec == std::errc::result_out_of_range) d = std::strtod(std::string(num).c_str(), nullptr);  // inf or 0, as Python
+    return Value(d);
+  }
+  bool lit(const char* w) {
+    size_t n = std::strlen(w);
+    if (t.substr(p, n) == w) {
+      p += n;
+      return true;
+    }
+    return false;
+  }
+  // Object keys repeat ("role", "content", ...): one Value per distinct
+  // short key within a document, as CPython's decoder memoises keys.
+  std::vector<Value> keys;
+  Value key(std::string k) {
+    if (k.size() > 32) return Value(std::move(k));
+    for (auto& v : keys)
+      if (v.str() == k) return v;
+    Value v(std::move(k));
+    if (keys.size() < 64) keys.push_back(v);
+    return v;
+  }
+
+  // Children of the containers being parsed; each container takes its
+  // exact range at the end (one allocation, no regrowth).
+  std::vector<Value> items_stack;
+  std::vector<std::pair<Value, Value>> pairs_stack;
+  static constexpr size_t kScanKeys = 16;  // objects with more keys find repeats through a hash index
+
+  Value value() {
+    if (++depth > 1000) fail("nesting too deep");
+    ws();
+    if (p >= t.size()) fail("expecting value");
+    Value out;
+    char c = t[p];
+    if (c == '{') {
+      ++p;
+      size_t base = pairs_stack.size();
+      std::unordered_map<std::string_view, size_t> index;  // key -> place, once the object has many keys
+      ws();
+      if (p < t.size() && t[p] == '}') ++p;
+      else {
+        while (true) {
+          ws();
+          if (p >= t.size() || t[p] != '"') fail("expecting property name enclosed in double quotes");
+          Value k = key(string());
+          ws();
+          if (p >= t.size() || t[p] != ':') fail("expecting ':' delimiter");
+          ++p;
+          Value v = value();
+          // a repeated key keeps its first place and takes the last value, as in Python;
+          // found by a scan while the object is small, through `index` after (no quadratic parse)
+          size_t i = base;
+          if (pairs_stack.size() - base < kScanKeys) {
+            while (i < pairs_stack.size() && pairs_stack[i].first.identity() != k.identity() &&
+                   pairs_stack[i].first.str() != k.str())
+              ++i;
+          } else {
+            if (index.empty())
+              for (size_t j = base; j < pairs_stack.size(); ++j) index.emplace(pairs_stack[j].first.str(), j);
+            auto it = index.find(k.str());
+            i = it == index.end() ? pairs_stack.size() : it->second;
+          }
+          if (i < pairs_stack.size()) {
+            pairs_stack[i].second = std::move(v);
+          } else {
+            pairs_stack.emplace_back(std::move(k), std::move(v));
+            if (!index.empty()) index.emplace(pairs_stack.back().first.str(), pairs_stack.size() - 1);
+          }
+          ws();
+          if (p < t.size() && t[p] == ',') { ++p; continue; }
+          if (p < t.size() && t[p] == '}') { ++p; break; }
+          fail("expecting ',' delimiter");
+        }
+      }
+      Dict d;
+      d.items.assign(std::make_move_iterator(pairs_stack.begin() + static_cast<ptrdiff_t>(base)),
+                     std::make_move_iterator(pairs_stack.end()));
+      pairs_stack.resize(base);
+      out = Value(std::move(d));
+    } else if (c == '[') {
+      ++p;
+      size_t base = items_stack.size();
+      ws();
+      if (p < t.size() && t[p] == ']') ++p;
+      else {
+        while (true) {
+          items_stack.push_back(value());
+          ws();
+          if (p < t.size() && t[p] == ',') { ++p; continue; }
+          if (p < t.size() && t[p] == ']') { ++p; break; }
+          fail("expecting ',' delimiter");
+        }
+      }
+      List l(std::make_move_iterator(items_stack.begin() + static_cast<ptrdiff_t>(base)),
+             std::make_move_iterator(items_stack.end()));
+      items_stack.resize(base);
+      out = Value(std::move(l));
+    } else if (c == '"') {
+      out = Value(string());
+    } else if (lit("true")) out = Value(true);
+    else if (lit("false")) out = Value(false);
+    else if (lit("null")) out = Value();
+    else if (lit("NaN")) out = Value(std::nan(""));
+    else if (lit("Infinity")) out = Value(HUGE_VAL);
+    else if (lit("-Infinity")) out = Value(-HUGE_VAL);
+    else out = number();
+    --depth;
+    return out;
+  }
+};
+}  // namespace
+
+Value json_parse_prefix(std::string_view text, size_t& pos) {
+  JsonReader r;
+  r.t = text;
+  r.p = pos;
+  Value v = r.value();
+  pos = r.p;
+  return v;
+}
+
+Value json_loads(std::string_view text) {
+  JsonReader r;
+  r.t = text;
+  Value v = r.value();
+  r.ws();
+  if (r.p != text.size()) r.fail("extra data");
+  return v;
+}
+
+}  // namespace qforge::chat
