@@ -861,7 +861,7 @@ Interp::Flow Interp::exec(const std::vector<NodePtr>& body, Frame& f, std::strin
         else if (e.kind == NK::Filter) {
           Value tmp;
           const Value& input = ref(*e.args[0], f, tmp);
-          if (!emit_filter(*this, e, input, f, out)) py_str_to(out, apply_filter_node(e, input, f));
+          if (!emit_filter(*this, e, input, out)) py_str_to(out, apply_filter_node(e, input, f));
         } else {
           Value tmp;
           py_str_to(out, ref(e, f, tmp));
