@@ -55,7 +55,11 @@ constexpr int kMaxTemplateNesting = 256;
 struct Program {
   NodePtr root;
   std::vector<std::string> symbols;            // id -> name
-  std::unordered_map<std::string, int> sym_ids;
+  struct NameHash {  // looks names up by string_view without copying them
+    using is_transparent = void;
+    size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }
+  };
+  std::unordered_map<std::string, int, NameHash, std::equal_to<>> sym_ids;
   // Set once compiled, read by every render:
   std::vector<std::pair<int, Value>> builtins;  // the global functions the template names (immortal)
   int loop_sym = -1;                            // `loop`, or -1 when no loop object is ever read
@@ -65,13 +69,10 @@ struct Program {
   Program& operator=(const Program&) = delete;
   ~Program();  // frees the constants (immortal while renders could share them)
   int sym(const std::string& name);
-  // The symbol id of `name`, -1 when the template never uses it: one hash of
-  // the bytes and a probe, for the context's keys on every render.
+  // The symbol id of `name`, -1 when the template never uses it (the
+  // context's keys, on every render).
   int find_sym(std::string_view name) const;
-  void finish();  // builds the lookup table (after the last sym())
-
- private:
-  std::vector<int> table_;  // open addressing: symbol ids, -1 empty
+  void finish();  // after the last sym(): the loop symbol and the global functions
 };
 
 // Builds the program from source; throws TemplateError.

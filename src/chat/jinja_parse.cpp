@@ -27,38 +27,14 @@ int Program::sym(const std::string& name) {
   return id;
 }
 
-// Length and the first and last 8 bytes, mixed: names differ there.
-static uint64_t symbol_hash(std::string_view s) {
-  uint64_t a = 0, b = 0;
-  if (s.size() >= 8) {
-    std::memcpy(&a, s.data(), 8);
-    std::memcpy(&b, s.data() + s.size() - 8, 8);
-  } else {
-    std::memcpy(&a, s.data(), s.size());
-  }
-  uint64_t h = (a ^ (b * 0x9E3779B97F4A7C15ull) ^ s.size()) * 0xBF58476D1CE4E5B9ull;
-  return h ^ (h >> 29);
-}
-
 void Program::finish() {
-  size_t cap = 16;
-  while (cap < 2 * symbols.size()) cap *= 2;
-  table_.assign(cap, -1);
-  for (size_t id = 0; id < symbols.size(); ++id) {
-    size_t i = symbol_hash(symbols[id]) & (cap - 1);
-    while (table_[i] >= 0) i = (i + 1) & (cap - 1);
-    table_[i] = static_cast<int>(id);
-  }
   if (auto it = sym_ids.find("loop"); it != sym_ids.end()) loop_sym = it->second;
   link_builtins(*this);
 }
 
 int Program::find_sym(std::string_view name) const {
-  const size_t mask = table_.size() - 1;
-  for (size_t i = symbol_hash(name) & mask;; i = (i + 1) & mask) {
-    int id = table_[i];
-    if (id < 0 || symbols[static_cast<size_t>(id)] == name) return id;
-  }
+  auto it = sym_ids.find(name);
+  return it == sym_ids.end() ? -1 : it->second;
 }
 
 namespace {
