@@ -844,142 +844,151 @@ static void assign(Interp& in, const Node& target, const Value& v, Frame& f) {
   ns->dict_mut().set(Value(target.name), v);
 }
 
+// {{ e }}: constants, ~ chains, + sums and filters written straight into out
+void Interp::exec_emit(const Node& n, Frame& f, std::string& out) {
+  const Node& e = *n.args[0];
+  if (e.kind == NK::Const && e.value.is_string()) out += e.value.str();
+  else if (e.kind == NK::Concat)
+    for (auto& a : e.args) py_str_to(out, eval(*a, f));
+  else if (e.kind == NK::BinOp && e.op == Op::Add) emit_sum(e, f, out);
+  else if (e.kind == NK::Filter) {
+    Value tmp;
+    const Value& input = ref(*e.args[0], f, tmp);
+    if (!emit_filter(*this, e, input, out)) py_str_to(out, apply_filter_node(e, input, f));
+  } else {
+    Value tmp;
+    py_str_to(out, ref(e, f, tmp));
+  }
+  check_output(out.size(), n);
+}
+
+// {% for target in seq [if cond] %}body{% else %}orelse{% endfor %}
+Interp::Flow Interp::exec_for(const Node& n, Frame& f, std::string& out) {
+  auto* loop = new LoopObj;
+  Value loopv(loop);
+  loop->seq = eval(*n.args[1], f);
+  if (loop->seq.is_sequence()) loop->items = &loop->seq.list();  // iterated in place (immutable)
+  else iterate(loop->seq, loop->own, n);
+  Scope scope(prog.has_macros, &f);
+  Frame& frame = scope.frame;
+  frame.vars.reserve(4);
+  if (n.loop_filter) {
+    List kept;
+    for (auto& it : *loop->items) {
+      tick(n);
+      frame.vars.clear();
+      assign(*this, *n.args[0], it, frame);
+      if (truth(*n.args[2], frame)) kept.push_back(it);
+    }
+    loop->own.swap(kept);
+    loop->items = &loop->own;
+  }
+  const List& items = *loop->items;
+  if (items.empty()) {
+    frame.vars.clear();
+    return exec(n.orelse, frame, out) == Flow::Break ? Flow::Break : Flow::Normal;
+  }
+  if (++depth > opt.limits.max_call_depth) fail_blocks(n);
+  loop->length = static_cast<int64_t>(items.size());
+  const int loop_sym = prog.loop_sym;
+  for (size_t i = 0; i < items.size(); ++i) {
+    tick(n);
+    loop->index0 = static_cast<int64_t>(i);
+    frame.vars.clear();
+    if (loop_sym >= 0) frame.vars.emplace_back(loop_sym, loopv);
+    const Node& target = *n.args[0];
+    if (target.kind == NK::Name && target.sym != loop_sym) frame.vars.emplace_back(target.sym, items[i]);
+    else assign(*this, target, items[i], frame);
+    if (exec(n.body, frame, out) == Flow::Break) break;
+  }
+  loop->last_changed = Value();  // loop.changed(loop) would keep the loop alive forever
+  --depth;
+  return Flow::Normal;
+}
+
+// {% set target %}body{% endset %}, through an optional filter chain
+void Interp::exec_set_block(const Node& n, Frame& f) {
+  std::string captured;
+  if (++depth > opt.limits.max_call_depth) fail_blocks(n);
+  exec(n.body, f, captured);
+  --depth;
+  Value v(std::move(captured));
+  if (n.args.size() > 1) v = filter_chain(*n.args[1], std::move(v), f);
+  assign(*this, *n.args[0], v, f);
+}
+
+// {% with a = x, ... %}: the values see the enclosing scope; the names live in the block only
+Interp::Flow Interp::exec_with(const Node& n, Frame& f, std::string& out) {
+  List values;
+  for (size_t i = 1; i < n.args.size(); i += 2) values.push_back(eval(*n.args[i], f));
+  Scope scope(prog.has_macros, &f);
+  for (size_t i = 0; i < n.args.size(); i += 2) assign(*this, *n.args[i], values[i / 2], scope.frame);
+  if (++depth > opt.limits.max_call_depth) fail_blocks(n);
+  Flow fl = exec(n.body, scope.frame, out);
+  --depth;
+  return fl;
+}
+
+// {% filter f %}body{% endfilter %}
+void Interp::exec_filter_block(const Node& n, Frame& f, std::string& out) {
+  std::string captured;
+  exec(n.body, f, captured);
+  Value v = filter_chain(*n.args[0], Value(std::move(captured)), f);
+  py_str_to(out, v);
+}
+
+// {% macro %} defines the macro in f; {% call m(args) %}body{% endcall %} calls m with caller=<body>
+void Interp::exec_macro(const Node& n, Frame& f, std::string& out) {
+  auto* m = new MacroObj;
+  Value macro(m);
+  m->def = &n;
+  m->closure = f.shared_from_this();
+  m->name = n.kind == NK::Macro ? n.name : "caller";
+  m->catch_varargs = prog.sym_ids.count("varargs") > 0;
+  m->catch_kwargs = prog.sym_ids.count("kwargs") > 0;
+  if (n.kind == NK::Macro) {
+    f.set(n.sym, macro);
+    return;
+  }
+  // {% call macro(args) %}body{% endcall %}: macro gets caller=<body>
+  const Node& call = *n.args[0];
+  Value fn = eval(*call.args[0], f);
+  Args args;
+  for (size_t i = 1; i < call.args.size(); ++i) args.pos.push_back(eval(*call.args[i], f));
+  for (auto& kv : call.kwargs) args.kw.emplace_back(kv.first, eval(*kv.second, f));
+  args.kw.emplace_back("caller", macro);
+  py_str_to(out, this->call(fn, args, call));
+}
+
 Interp::Flow Interp::exec(const std::vector<NodePtr>& body, Frame& f, std::string& out) {
   for (auto& np : body) {
     const Node& n = *np;
+    Flow fl = Flow::Normal;
     switch (n.kind) {
       case NK::Text:
         out += n.name;
         check_output(out.size(), n);
         break;
-      case NK::Emit: {
-        const Node& e = *n.args[0];
-        if (e.kind == NK::Const && e.value.is_string()) out += e.value.str();
-        else if (e.kind == NK::Concat)
-          for (auto& a : e.args) py_str_to(out, eval(*a, f));
-        else if (e.kind == NK::BinOp && e.op == Op::Add) emit_sum(e, f, out);
-        else if (e.kind == NK::Filter) {
-          Value tmp;
-          const Value& input = ref(*e.args[0], f, tmp);
-          if (!emit_filter(*this, e, input, out)) py_str_to(out, apply_filter_node(e, input, f));
-        } else {
-          Value tmp;
-          py_str_to(out, ref(e, f, tmp));
-        }
-        check_output(out.size(), n);
-        break;
-      }
-      case NK::If: {
-        Flow fl = truth(*n.args[0], f) ? exec(n.body, f, out) : exec(n.orelse, f, out);
-        if (fl != Flow::Normal) return fl;
-        break;
-      }
-      case NK::For: {
-        auto* loop = new LoopObj;
-        Value loopv(loop);
-        loop->seq = eval(*n.args[1], f);
-        if (loop->seq.is_sequence()) loop->items = &loop->seq.list();  // iterated in place (immutable)
-        else iterate(loop->seq, loop->own, n);
-        Scope scope(prog.has_macros, &f);
-        Frame& frame = scope.frame;
-        frame.vars.reserve(4);
-        if (n.loop_filter) {
-          List kept;
-          for (auto& it : *loop->items) {
-            tick(n);
-            frame.vars.clear();
-            assign(*this, *n.args[0], it, frame);
-            if (truth(*n.args[2], frame)) kept.push_back(it);
-          }
-          loop->own.swap(kept);
-          loop->items = &loop->own;
-        }
-        const List& items = *loop->items;
-        if (items.empty()) {
-          frame.vars.clear();
-          if (exec(n.orelse, frame, out) == Flow::Break) return Flow::Break;
-          break;
-        }
-        if (++depth > opt.limits.max_call_depth) fail_blocks(n);
-        loop->length = static_cast<int64_t>(items.size());
-        const int loop_sym = prog.loop_sym;
-        for (size_t i = 0; i < items.size(); ++i) {
-          tick(n);
-          loop->index0 = static_cast<int64_t>(i);
-          frame.vars.clear();
-          if (loop_sym >= 0) frame.vars.emplace_back(loop_sym, loopv);
-          const Node& target = *n.args[0];
-          if (target.kind == NK::Name && target.sym != loop_sym) frame.vars.emplace_back(target.sym, items[i]);
-          else assign(*this, target, items[i], frame);
-          if (exec(n.body, frame, out) == Flow::Break) break;
-        }
-        loop->last_changed = Value();  // loop.changed(loop) would keep the loop alive forever
-        --depth;
-        break;
-      }
+      case NK::Emit: exec_emit(n, f, out); break;
+      case NK::If: fl = truth(*n.args[0], f) ? exec(n.body, f, out) : exec(n.orelse, f, out); break;
+      case NK::For: fl = exec_for(n, f, out); break;
       case NK::Set: assign(*this, *n.args[0], eval(*n.args[1], f), f); break;
-      case NK::SetBlock: {
-        std::string captured;
-        if (++depth > opt.limits.max_call_depth) fail_blocks(n);
-        exec(n.body, f, captured);
-        --depth;
-        Value v(std::move(captured));
-        if (n.args.size() > 1) v = filter_chain(*n.args[1], std::move(v), f);
-        assign(*this, *n.args[0], v, f);
-        break;
-      }
-      case NK::With: {  // the values see the enclosing scope; the names live in the block only
-        List values;
-        for (size_t i = 1; i < n.args.size(); i += 2) values.push_back(eval(*n.args[i], f));
-        Scope scope(prog.has_macros, &f);
-        for (size_t i = 0; i < n.args.size(); i += 2) assign(*this, *n.args[i], values[i / 2], scope.frame);
-        if (++depth > opt.limits.max_call_depth) fail_blocks(n);
-        Flow fl = exec(n.body, scope.frame, out);
-        --depth;
-        if (fl != Flow::Normal) return fl;
-        break;
-      }
-      case NK::FilterBlock: {
-        std::string captured;
-        exec(n.body, f, captured);
-        Value v = filter_chain(*n.args[0], Value(std::move(captured)), f);
-        py_str_to(out, v);
-        break;
-      }
+      case NK::SetBlock: exec_set_block(n, f); break;
+      case NK::With: fl = exec_with(n, f, out); break;
+      case NK::FilterBlock: exec_filter_block(n, f, out); break;
       case NK::Macro:
-      case NK::CallBlock: {
-        auto* m = new MacroObj;
-        Value macro(m);
-        m->def = &n;
-        m->closure = f.shared_from_this();
-        m->name = n.kind == NK::Macro ? n.name : "caller";
-        m->catch_varargs = prog.sym_ids.count("varargs") > 0;
-        m->catch_kwargs = prog.sym_ids.count("kwargs") > 0;
-        if (n.kind == NK::Macro) {
-          f.set(n.sym, macro);
-          break;
-        }
-        // {% call macro(args) %}body{% endcall %}: macro gets caller=<body>
-        const Node& call = *n.args[0];
-        Value fn = eval(*call.args[0], f);
-        Args args;
-        for (size_t i = 1; i < call.args.size(); ++i) args.pos.push_back(eval(*call.args[i], f));
-        for (auto& kv : call.kwargs) args.kw.emplace_back(kv.first, eval(*kv.second, f));
-        args.kw.emplace_back("caller", macro);
-        py_str_to(out, this->call(fn, args, call));
-        break;
-      }
+      case NK::CallBlock: exec_macro(n, f, out); break;
       case NK::Break: return Flow::Break;
       case NK::Continue: return Flow::Continue;
       case NK::Generation: {
         size_t start = out.size();
-        Flow fl = exec(n.body, f, out);
+        fl = exec(n.body, f, out);
         if (generation && &out == root_out) generation->emplace_back(start, out.size());
-        if (fl != Flow::Normal) return fl;
         break;
       }
       default: fail("TemplateRuntimeError", "unexpected node", n);
     }
+    if (fl != Flow::Normal) return fl;
   }
   return Flow::Normal;
 }

@@ -179,6 +179,13 @@ class Interp {
   bool test(const Node& n, Frame& f);                          // v is name(args)
   enum class Flow { Normal, Break, Continue };
   Flow exec(const std::vector<NodePtr>& body, Frame& f, std::string& out);
+  // the statements exec() hands over
+  void exec_emit(const Node& n, Frame& f, std::string& out);
+  Flow exec_for(const Node& n, Frame& f, std::string& out);
+  void exec_set_block(const Node& n, Frame& f);
+  Flow exec_with(const Node& n, Frame& f, std::string& out);
+  void exec_filter_block(const Node& n, Frame& f, std::string& out);
+  void exec_macro(const Node& n, Frame& f, std::string& out);
   void emit_sum(const Node& e, Frame& f, std::string& out);
   Value filter_chain(const Node& last, Value v, Frame& f);
   Value apply_filter_node(const Node& n, Value input, Frame& f);  // input | name(args...)
