@@ -580,11 +580,7 @@ Value Interp::eval(const Node& n, Frame& f) {
     case NK::Call: {
       const Node& callee = *n.args[0];
       Args args;
-      auto collect = [&]() {
-        args.pos.reserve(n.args.size() - 1);
-        for (size_t i = 1; i < n.args.size(); ++i) args.pos.push_back(eval(*n.args[i], f));
-        for (auto& kv : n.kwargs) args.kw.emplace_back(kv.first, eval(*kv.second, f));
-      };
+      auto collect = [&]() { collect_args(n, f, args); };
       if (callee.kind == NK::Getattr) {
         Value otmp;
         const Value& obj = ref(*callee.args[0], f, otmp);
@@ -682,10 +678,37 @@ Value Interp::eval(const Node& n, Frame& f) {
   }
 }
 
+// The arguments of a call, filter or test node: args[1:] and kwargs, with
+// `*x` spread into the positional ones and `**x` into the keywords (Python's
+// f(*args, **kwargs); the keys of **x must be strings).
+void Interp::collect_args(const Node& n, Frame& f, Args& args) {
+  args.pos.reserve(n.args.size() - 1);
+  for (size_t i = 1; i < n.args.size(); ++i) args.pos.push_back(eval(*n.args[i], f));
+  for (auto& [name, expr] : n.kwargs) {
+    if (name == "*") {
+      List items;
+      Value v = eval(*expr, f);  // an Undefined spreads nothing, as jinja2's iterates empty
+      if (!v.is_undefined() && !v.is_string() && !v.is_sequence() && !v.is_dict() && !v.is_native())
+        fail("TypeError", detail::concat("Value after * must be an iterable, not ", v.type_name()), *expr);
+      iterate(v, items, *expr);
+      args.pos.insert(args.pos.end(), items.begin(), items.end());
+    } else if (name == "**") {
+      Value v = eval(*expr, f);
+      if (v.is_undefined()) fail_undefined(v, *expr);  // jinja2 reads its keys()
+      if (!v.is_dict()) fail("TypeError", detail::concat("argument after ** must be a mapping, not ", v.type_name()), *expr);
+      for (auto& [k, x] : v.dict_ref().items) {
+        if (!k.is_string()) fail("TypeError", "keywords must be strings", *expr);
+        args.kw.emplace_back(k.str(), x);
+      }
+    } else {
+      args.kw.emplace_back(name, eval(*expr, f));
+    }
+  }
+}
+
 Value Interp::apply_filter_node(const Node& n, Value input, Frame& f) {
   Args args;
-  for (size_t i = 1; i < n.args.size(); ++i) args.pos.push_back(eval(*n.args[i], f));
-  for (auto& kv : n.kwargs) args.kw.emplace_back(kv.first, eval(*kv.second, f));
+  collect_args(n, f, args);
   if (n.sym < 0) fail("TemplateRuntimeError", detail::concat("No filter named '", n.name, "' found."), n);
   tick(n);
   charge_text(input, n);
@@ -698,8 +721,7 @@ bool Interp::test(const Node& n, Frame& f) {
   Value vtmp;
   const Value& v = ref(*n.args[0], f, vtmp);
   Args args;
-  for (size_t i = 1; i < n.args.size(); ++i) args.pos.push_back(eval(*n.args[i], f));
-  for (auto& kv : n.kwargs) args.kw.emplace_back(kv.first, eval(*kv.second, f));
+  collect_args(n, f, args);
   if (n.sym < 0) fail("TemplateRuntimeError", detail::concat("No test named '", n.name, "' found."), n);
   bool r = apply_test(*this, n.sym, n.name, v, args, n);
   return n.negated ? !r : r;
@@ -735,8 +757,7 @@ Value Interp::filter_chain(const Node& last, Value v, Frame& f) {
   for (auto it = chain.rbegin(); it != chain.rend(); ++it) {
     const Node& fn = **it;
     Args args;
-    for (size_t i = 1; i < fn.args.size(); ++i) args.pos.push_back(eval(*fn.args[i], f));
-    for (auto& kv : fn.kwargs) args.kw.emplace_back(kv.first, eval(*kv.second, f));
+    collect_args(fn, f, args);
     if (fn.sym < 0) fail("TemplateRuntimeError", "No filter named '" + fn.name + "' found.", fn);
     tick(fn);
     charge_text(v, fn);
@@ -954,8 +975,7 @@ void Interp::exec_macro(const Node& n, Frame& f, std::string& out) {
   const Node& call = *n.args[0];
   Value fn = eval(*call.args[0], f);
   Args args;
-  for (size_t i = 1; i < call.args.size(); ++i) args.pos.push_back(eval(*call.args[i], f));
-  for (auto& kv : call.kwargs) args.kw.emplace_back(kv.first, eval(*kv.second, f));
+  collect_args(call, f, args);
   args.kw.emplace_back("caller", macro);
   py_str_to(out, this->call(fn, args, call));
 }

@@ -1144,17 +1144,25 @@ class Parser {
     s->args = std::move(parts);
     return s;
   }
-  // Call arguments into n->args (positional) and n->kwargs.
+  // Call arguments into n->args (positional) and n->kwargs, where `*x` and
+  // `**x` are the entries named "*" and "**" (no keyword can be): as jinja2,
+  // positional arguments, then at most one *x among keywords, **x last.
   void parse_call_args(Node& n) {
     expect_op("(");
-    bool need_comma = false;
+    bool need_comma = false, star = false, star_star = false;
     while (!is_op(")")) {
       if (need_comma) {
         expect_op(",");
         if (is_op(")")) break;
       }
-      if (is_op("*") || is_op("**")) fail("*args / **kwargs in calls are not supported");
-      if (cur().type == TT::Name && peek().type == TT::Operator && peek().text == "=") {
+      if (is_op("*") || is_op("**")) {
+        bool dict = is_op("**");
+        if (star_star || (!dict && star)) fail("invalid syntax for function call expression");
+        ++i_;
+        n.kwargs.emplace_back(dict ? "**" : "*", parse_expression(true));
+        (dict ? star_star : star) = true;
+      } else if (cur().type == TT::Name && peek().type == TT::Operator && peek().text == "=") {
+        if (star_star) fail("invalid syntax for function call expression");
         std::string key = cur().text;
         i_ += 2;
         n.kwargs.emplace_back(key, parse_expression(true));

@@ -189,6 +189,7 @@ class Interp {
   void emit_sum(const Node& e, Frame& f, std::string& out);
   Value filter_chain(const Node& last, Value v, Frame& f);
   Value apply_filter_node(const Node& n, Value input, Frame& f);  // input | name(args...)
+  void collect_args(const Node& n, Frame& f, Args& args);         // a call's args[1:], kwargs, *x, **x
 
   // Python/jinja2 semantics shared with the builtins
   Value getattr(const Value& obj, const std::string& name, const Node& at);

@@ -58,6 +58,12 @@ SNIPPETS = [
     "{% macro t(caller=none) %}{{ caller is none }}{% endmacro %}{{ t() }}{% call t() %}x{% endcall %}",
     # x.0.1 indexes twice (no float after a dot)
     "{{ [1, 2, 3].0 }}|{{ [[1]].0.0 }}|{{ [[1, [2, 3]]].0.1.1 }}",
+    # *args and **kwargs in calls, filters and tests
+    "{{ range(*[2, 4])|list }} {% for i in [1, 2, 3] %}{{ loop.cycle(*['a', 'b']) }}{% endfor %} "
+    "{{ '%s-%s'|format(*[1, 2]) }} {{ 1 is divisibleby(*[1]) }} {{ 'abc'.replace(*['a', 'x']) }} "
+    "{{ namespace(**{'a': 1}).a }} {{ dict(x=1, **{'a': 2}) }} {{ [1, 2]|join(*'-') }} {{ range(3, *u)|list }}",
+    "{% macro m(a, b=2) %}{{ a }}-{{ b }}-{{ varargs }}-{{ kwargs }}{% endmacro %}{{ m(*[1, 5, 6], **{'c': 3}) }}"
+    "{{ m(1, *(), c=4, **{}) }}{% macro c() %}{{ caller(*[7]) }}{% endmacro %}{% call(x) c() %}{{ x }}{% endcall %}",
     # an unknown filter or test in a conditional expression fails only when reached
     "{{ x|nosuchfilter if x is defined else 'foo' }} {{ x|nosuch if false else 1 }}{{ 'a' if true else 1 is nosuch }}",
 ]
@@ -74,6 +80,15 @@ ERRORS = [
     "{% set = 1 %}",
     "{% set a, 1 = 2, 3 %}",
     "{% set ns = namespace() %}{% set ns.a, ns._b = 1, 2 %}",
+    "{{ range(*5) }}",
+    "{{ dict(**[1]) }}",
+    "{{ dict(**u) }}",
+    "{{ dict(**{1: 2}) }}",
+    "{{ f(*a, b) }}",
+    "{{ f(**a, *b) }}",
+    "{{ f(**a, c=1) }}",
+    "{{ f(*a, *b) }}",
+    "{{ dict(**{'a': 1}, b=2) }}",
     "{{ range(3)|tojson }}",
     "{{ range(2) + [1] }}",
     "{{ range(2) * 2 }}",

@@ -35,7 +35,6 @@ UNSUPPORTED = {
     "`{% extends/include/import %}`": r"unknown tag '(extends|include|import)'",
     "`{% block %}`": r"unknown tag 'block'",
     "`{% for ... recursive %}`": r"recursive loops are not supported",
-    "`*args`/`**kwargs` in calls": r"\*args / \*\*kwargs in calls are not supported",
     "integers beyond 64 bits": r"^OverflowError: (int too large for 64 bits|integer result does not fit in 64 bits)",
     "`|items` of a non-mapping": r"^TypeError: Can only get item pairs from a mapping\.",
     **{f"`|{name}`": rf"^TemplateAssertionError: No filter named '{name}'\."
