@@ -875,7 +875,7 @@ void Interp::exec_emit(const Node& n, Frame& f, std::string& out) {
   else if (e.kind == NK::Filter) {
     Value tmp;
     const Value& input = ref(*e.args[0], f, tmp);
-    if (!emit_filter(*this, e, input, out)) py_str_to(out, apply_filter_node(e, input, f));
+    if (!emit_filter(*this, e, input, f, out)) py_str_to(out, apply_filter_node(e, input, f));
   } else {
     Value tmp;
     py_str_to(out, ref(e, f, tmp));

@@ -577,15 +577,31 @@ bool filter_view(const Node& n, const Value& input, std::string_view& piece) {
   return true;
 }
 
-bool emit_filter(Interp& in, const Node& n, const Value& v, std::string& out) {
+bool emit_filter(Interp& in, const Node& n, const Value& v, Frame& f, std::string& out) {
   std::string_view piece;
   if (filter_view(n, v, piece)) {
     out += piece;
     return true;
   }
-  if (!is_filter(n, filter_tojson) || n.args.size() != 1 || !n.kwargs.empty()) return false;
+  if (!is_filter(n, filter_tojson)) return false;
   RenderCache* cache = in.opt.cache;
-  if (cache && (v.is_dict() || v.is_list()) && cache->shared.count(v.identity())) return false;  // text kept per value
+  if (cache && (v.is_dict() || v.is_list())) {
+    for (auto& e : cache->tojson_at)
+      if (e.node == &n && e.identity == v.identity()) {
+        out += e.json.str();
+        return true;
+      }
+    if (cache->shared.count(v.identity())) {
+      bool constant_args = true;
+      for (size_t i = 1; i < n.args.size(); ++i) constant_args = constant_args && n.args[i]->kind == NK::Const;
+      for (auto& kv : n.kwargs) constant_args = constant_args && kv.second->kind == NK::Const;
+      Value json = in.apply_filter_node(n, v, f);
+      if (constant_args && cache->tojson_at.size() < 1024) cache->tojson_at.push_back({&n, v.identity(), json});
+      py_str_to(out, json);
+      return true;
+    }
+  }
+  if (n.args.size() != 1 || !n.kwargs.empty()) return false;
   try {
     json_dumps_to(out, v);
   } catch (const TemplateError&) {

@@ -1,5 +1,5 @@
-// Private: the evaluator's runtime objects shared by jinja_eval.cpp and the
-// builtins (jinja_filters/tests/methods/globals/text.cpp).
+// Private: the evaluator's runtime objects shared by jinja_eval.cpp and
+// jinja_builtins.cpp.
 #pragma once
 #include <algorithm>
 #include <functional>
@@ -80,9 +80,17 @@ struct RenderCache {
     Options options;
     Value json;
   };
+  // `x | tojson(<constant arguments>)` at one place of the template: its
+  // text for x, found without evaluating the arguments again
+  struct NodeEntry {
+    const Node* node;
+    const void* identity;
+    Value json;
+  };
   std::unordered_set<const void*> shared;
   std::vector<Value> keep_alive;  // what `shared` points into
   std::vector<Entry> tojson;
+  std::vector<NodeEntry> tojson_at;
   // Registers v and the lists/dicts nested in it (a template may dump tools[i].function).
   void share(const Value& v, int depth = 0) {
     if (!(v.is_list() || v.is_dict()) || depth > 4 || shared.size() > 4096) return;
@@ -242,15 +250,15 @@ class Interp {
   std::string to_str(const Value& v) { return py_str(v); }
 };
 
-// Builtins (jinja_filters.cpp, jinja_tests.cpp, jinja_methods.cpp, jinja_globals.cpp, jinja_text.cpp)
+// Builtins (jinja_builtins.cpp)
 Value apply_filter(Interp& in, int id, const std::string& name, Value input, Args& args, const Node& at);
 // The filters a template emits most, without building their result:
 // `input | trim` of a plain string as a view into it (filter_view), and
-// `input | tojson` of a value not shared by the batch (whose text the cache
-// keeps), written straight to out (emit_filter). Both return false when `n`
-// is not such a case.
+// `input | tojson` of a value not cached as shared, written straight to out
+// (emit_filter; a shared value's text is kept for each such place in the
+// template). Both return false when `n` is not such a case.
 bool filter_view(const Node& n, const Value& input, std::string_view& piece);
-bool emit_filter(Interp& in, const Node& n, const Value& input, std::string& out);
+bool emit_filter(Interp& in, const Node& n, const Value& input, Frame& f, std::string& out);
 bool apply_test(Interp& in, int id, const std::string& name, const Value& v, Args& args, const Node& at);
 // obj.name(args) for str/list/dict methods; found=false when obj has no such method.
 Value call_method(Interp& in, const Value& obj, const std::string& name, Args& args, const Node& at, bool& found);
