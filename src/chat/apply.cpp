@@ -20,6 +20,8 @@ const char* const kReasoningFields[] = {"reasoning_content", "thinking", "reason
 const char* const kContinueTag = "CONTINUE_FINAL_MESSAGE_TAG ";
 
 bool is_reasoning_field(const std::string& f) {
+  size_t n = f.size();
+  if (n != 8 && n != 9 && n != 17) return false;  // thinking, reasoning, reasoning_content
   for (auto* r : kReasoningFields)
     if (f == r) return true;
   return false;
