@@ -16,10 +16,12 @@ backend builds a T x T mask for a packed batch:
   reference implementation);
 - ``sdpa``: scaled_dot_product_attention for dense batches (no cu_seqlens, or one document a row);
 - ``documents``: any device, any dtype: one SDPA (or, with softcap, one explicit softmax) per
-  document, so memory grows with the longest document, never with T^2.
+  document, so memory grows with the longest document, never with T^2. It is the torch op
+  ``qforge::document_attention`` (its backward ``qforge::document_attention_backward``, the
+  gradients spelled out per document), so a compiled graph holds it as one node, no graph break.
 
 ``auto`` picks flash_attn, then varlen, then flex on CUDA, sdpa for dense batches, and documents
-on CPU. ``register_with_transformers()`` makes all this transformers' attention implementation
+on CPU (compiled or not). ``register_with_transformers()`` makes all this transformers' attention implementation
 "qforge": packed position_ids (restarting per document) become cu_seqlens, and the mask
 transformers builds for it is at most the 2D padding mask.
 
@@ -43,6 +45,7 @@ cuDNN.
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -158,7 +161,7 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor, padding_mask: torch
     return torch.cat([starts, starts.new_tensor([B * T])]).to(torch.int32)
 
 
-def _check(q, k, v, cu_seqlens, sliding_window, softcap, scale):
+def _check_shapes(q, k, v, sliding_window, softcap, scale):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dim() != 4:
             raise ValueError(f"attention: {name} must be [batch, heads, tokens, head_dim], got shape {tuple(x.shape)}")
@@ -180,8 +183,13 @@ def _check(q, k, v, cu_seqlens, sliding_window, softcap, scale):
         raise ValueError(f"attention: softcap must be > 0 or None, got {softcap!r}")
     if scale is not None and not (scale > 0 and scale < float("inf")):
         raise ValueError(f"attention: scale must be a positive finite number or None, got {scale!r}")
+
+
+def _check(q, k, v, cu_seqlens, sliding_window, softcap, scale):
+    _check_shapes(q, k, v, sliding_window, softcap, scale)
     if cu_seqlens is None or torch.compiler.is_compiling():
         return
+    B, T = q.shape[0], q.shape[2]
     if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 2:
         raise ValueError(f"attention: cu_seqlens must be a 1-D int32/int64 tensor of >= 2 offsets, got "
                          f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
@@ -231,13 +239,17 @@ def _softcapped(q, k, v, allowed, softcap, scale):
     return scores.softmax(-1).to(v.dtype) @ v
 
 
-def _documents(q, k, v, cu_seqlens, causal, sliding_window, softcap, scale):
+def _document_bounds(cu_seqlens, B, T):
+    return cu_seqlens.tolist() if cu_seqlens is not None else list(range(0, B * T + 1, T))
+
+
+def _per_document(q, k, v, cu_seqlens, causal, sliding_window, softcap, scale):
     """One attention per document: memory follows the longest document, never T x T."""
     B, Hq, T, D = q.shape
     scale = D ** -0.5 if scale is None else scale
     gqa = Hq != k.shape[1]
     qt, kt, vt = _token_major(q), _token_major(k), _token_major(v)
-    bounds = cu_seqlens.tolist() if cu_seqlens is not None else list(range(0, B * T + 1, T))
+    bounds = _document_bounds(cu_seqlens, B, T)
     outs = []
     for start, end in zip(bounds[:-1], bounds[1:]):  # at most B*T documents
         qd, kd, vd = qt[:, :, start:end], kt[:, :, start:end], vt[:, :, start:end]
@@ -250,6 +262,95 @@ def _documents(q, k, v, cu_seqlens, causal, sliding_window, softcap, scale):
             outs.append(F.scaled_dot_product_attention(qd, kd, vd, attn_mask=allowed, is_causal=plain_causal,
                                                        scale=scale, enable_gqa=gqa))
     return _batch_major(torch.cat(outs, dim=2), B, T)
+
+
+def _per_document_grads(grad_out, q, k, v, cu_seqlens, causal, sliding_window, softcap, scale):
+    """The gradients of _per_document, spelled out (softmax, softcap and GQA's head groups), one
+    document at a time: dV = P^T dO, dS = P * (dO V^T - rowsum(dO . O)), dQ = dS K, dK = dS^T Q."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    groups = Hq // Hkv
+    scale = D ** -0.5 if scale is None else scale
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qt, kt, vt, gt = (_token_major(x).to(acc) for x in (q, k, v, grad_out))
+    dq, dk, dv = torch.zeros_like(qt), torch.zeros_like(kt), torch.zeros_like(vt)
+    bounds = _document_bounds(cu_seqlens, B, T)
+    for start, end in zip(bounds[:-1], bounds[1:]):  # at most B*T documents
+        qd, gd = qt[:, :, start:end], gt[:, :, start:end]
+        kd = kt[:, :, start:end].repeat_interleave(groups, dim=1)
+        vd = vt[:, :, start:end].repeat_interleave(groups, dim=1)
+        scores = qd @ kd.transpose(-1, -2) * scale
+        if softcap is not None:
+            capped = torch.tanh(scores / softcap)
+            scores = softcap * capped
+        allowed = _allowed(end - start, causal, sliding_window, q.device)
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        p = scores.softmax(-1)
+        dp = gd @ vd.transpose(-1, -2)
+        ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+        if softcap is not None:
+            ds = ds * (1 - capped * capped)
+        ds = ds * scale
+        dq[:, :, start:end] = ds @ kd
+        dk[:, :, start:end] = (ds.transpose(-1, -2) @ qd).unflatten(1, (Hkv, groups)).sum(2)
+        dv[:, :, start:end] = (p.transpose(-1, -2) @ gd).unflatten(1, (Hkv, groups)).sum(2)
+    return tuple(_batch_major(g, B, T).to(x.dtype) for g, x in ((dq, q), (dk, k), (dv, v)))
+
+
+# The documents backend as torch ops: one node in a compiled graph (reading the boundaries on the
+# host inside it is no graph break), with its backward an op of its own.
+@torch.library.custom_op("qforge::document_attention", mutates_args=())
+def _document_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                           causal: bool, sliding_window: Optional[int], softcap: Optional[float],
+                           scale: Optional[float]) -> torch.Tensor:
+    _check(q, k, v, cu_seqlens, sliding_window, softcap, scale)
+    return _per_document(q, k, v, cu_seqlens, causal, sliding_window, softcap, scale)
+
+
+@_document_attention_op.register_fake
+def _(q, k, v, cu_seqlens, causal, sliding_window, softcap, scale):
+    _check_shapes(q, k, v, sliding_window, softcap, scale)
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("qforge::document_attention_backward", mutates_args=())
+def _document_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                    cu_seqlens: torch.Tensor, causal: bool, sliding_window: Optional[int],
+                                    softcap: Optional[float], scale: Optional[float]
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check(q, k, v, cu_seqlens, sliding_window, softcap, scale)
+    if grad_out.shape != q.shape:
+        raise ValueError(f"attention backward: grad_out {tuple(grad_out.shape)} is not q's shape {tuple(q.shape)}")
+    return _per_document_grads(grad_out, q, k, v, cu_seqlens, causal, sliding_window, softcap, scale)
+
+
+@_document_attention_backward_op.register_fake
+def _(grad_out, q, k, v, cu_seqlens, causal, sliding_window, softcap, scale):
+    _check_shapes(q, k, v, sliding_window, softcap, scale)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _document_attention_setup(ctx, inputs, output):
+    q, k, v, cu_seqlens, *ctx.options = inputs
+    ctx.save_for_backward(q, k, v, cu_seqlens)
+
+
+def _document_attention_backward(ctx, grad_out):
+    q, k, v, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _document_attention_backward_op(grad_out, q, k, v, cu_seqlens, *ctx.options)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_document_attention_op.register_autograd(_document_attention_backward, setup_context=_document_attention_setup)
+
+
+def _documents(q, k, v, cu_seqlens, causal, sliding_window, softcap, scale):
+    if cu_seqlens is None:
+        B, T = q.shape[0], q.shape[2]
+        cu_seqlens = torch.arange(0, B * T + 1, T, device=q.device, dtype=torch.int32)
+    return _document_attention_op(q, k, v, cu_seqlens, causal, sliding_window,
+                                  None if softcap is None else float(softcap), None if scale is None else float(scale))
 
 
 def _block_mask(cu_seqlens, tokens, causal, sliding_window, device):
@@ -369,7 +470,7 @@ def _pick(q, cu_seqlens, sliding_window, softcap):
             return "flash_attn"
         if _varlen_attn() is not None and softcap is None:
             return "varlen"
-    if q.is_cuda or torch.compiler.is_compiling():
+    if q.is_cuda:
         return "flex"
     return "documents"
 
