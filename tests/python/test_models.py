@@ -1,4 +1,4 @@
-"""qforge.load: tiny random Llama / Mistral / Qwen2 / Qwen3 checkpoints (16-bit
+"""qforge.load: tiny random Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 checkpoints (16-bit
 safetensors quantized on load, or bitsandbytes "bnb-4bit" files) give the logits
 and the loss of transformers' own model holding the dequantized weights; bad
 directories get clear errors."""
@@ -23,6 +23,9 @@ FAMILIES = {
     "mistral": lambda: transformers.MistralConfig(**SMALL, sliding_window=None),
     "qwen2": lambda: transformers.Qwen2Config(**SMALL, tie_word_embeddings=True),  # q/k/v biases, tied head
     "qwen3": lambda: transformers.Qwen3Config(**SMALL, head_dim=16),  # q/k norms
+    # sliding window, attention and final-logit softcaps, tied head
+    "gemma2": lambda: transformers.Gemma2Config(**SMALL, head_dim=16, sliding_window=8),
+    "gemma3_text": lambda: transformers.Gemma3TextConfig(**SMALL, head_dim=16, sliding_window=8),  # + q/k norms
 }
 
 

@@ -12,7 +12,10 @@ from .. import nf4
 from .._files import atomic_save_safetensors, atomic_write_text, read_json
 from ..nn import DEFAULT_TARGETS, NF4Linear, _is_target
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Gemma 2 (sliding window on every other layer, attention and final-logit softcaps) and Gemma 3's
+# text model ("gemma3_text": local sliding and global layers, q/k norms) train through
+# qforge.attention like the rest.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
 # vision-language families: model_type -> the prefixes of the frozen 16-bit vision tower
 # and projector (everything else is the language model, quantized and adapted as usual)
 VISION_MODEL_TYPES = {"idefics3": ("model.vision_model.", "model.connector.")}
@@ -143,7 +146,7 @@ def _is_quant_target(name: str, module: nn.Module, targets, frozen: tuple = ()) 
 
 def load(path, load_in_4bit: bool = True, dtype: torch.dtype = torch.bfloat16, max_seq_length: Optional[int] = None,
          device=None, blocksize: int = 64, compress_statistics: bool = True,
-         target_modules: Iterable[str] = DEFAULT_TARGETS, attn_implementation: str = "sdpa"):
+         target_modules: Iterable[str] = DEFAULT_TARGETS, attn_implementation: Optional[str] = None):
     """A transformers ``*ForCausalLM`` from a local directory, its decoder-layer
     projections (``target_modules``) as frozen ``NF4Linear`` layers (or plain
     frozen 16-bit linears with ``load_in_4bit=False``). Embeddings, norms and the
@@ -151,9 +154,11 @@ def load(path, load_in_4bit: bool = True, dtype: torch.dtype = torch.bfloat16, m
     ``qforge.add_lora``. A vision-language model (VISION_MODEL_TYPES: Idefics3 /
     SmolVLM) loads as transformers' ``*ForConditionalGeneration``: its language
     model as above, its vision tower and projector frozen in ``dtype``
-    (``model.qforge_frozen_prefixes``, which add_lora leaves alone). Errors
-    (missing/partial checkpoint, unsupported architecture, truncated file) raise
-    ValueError naming the file."""
+    (``model.qforge_frozen_prefixes``, which add_lora leaves alone).
+    ``attn_implementation``: transformers' name ("qforge" once
+    ``qforge.attention.register_with_transformers`` ran); None takes transformers' default for the
+    family (sdpa, or eager for Gemma 2). Errors (missing/partial checkpoint, unsupported
+    architecture, truncated file) raise ValueError naming the file."""
     from safetensors import SafetensorError, safe_open
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -259,6 +264,9 @@ def load(path, load_in_4bit: bool = True, dtype: torch.dtype = torch.bfloat16, m
             parent, _, leaf = name.rpartition(".")
             fresh = type(module)(config=getattr(module, "config", None) or model.config).to(device)
             setattr(model.get_submodule(parent) if parent else model, leaf, fresh)
+        elif getattr(module, "embed_scale", None) is not None and module.embed_scale.is_meta:
+            # Gemma's scaled embedding: a non-persistent buffer holding sqrt(hidden_size)
+            module.embed_scale = torch.tensor(module.scalar_embed_scale, device=device)
     missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if missing:
         raise ValueError(f"{path}: partial checkpoint: {len(missing)} tensors missing "
