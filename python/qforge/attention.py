@@ -51,7 +51,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["prefer_cudnn_attention", "cudnn_takes_gqa", "attention", "cu_seqlens_from_position_ids",
-           "available_backends", "register_with_transformers", "BACKENDS"]
+           "available_backends", "register_with_transformers", "BACKENDS", "ATTENTION_CHOICES", "training_backend", "use_for_training",
+           "packed_inputs"]
 
 
 def cudnn_takes_gqa(device=None) -> bool:
@@ -305,13 +306,13 @@ def _document_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
                            causal: bool, sliding_window: Optional[int], softcap: Optional[float],
                            scale: Optional[float]) -> torch.Tensor:
     _check(q, k, v, cu_seqlens, sliding_window, softcap, scale)
-    return _per_document(q, k, v, cu_seqlens, causal, sliding_window, softcap, scale)
+    return _per_document(q, k, v, cu_seqlens, causal, sliding_window, softcap, scale).contiguous()
 
 
 @_document_attention_op.register_fake
 def _(q, k, v, cu_seqlens, causal, sliding_window, softcap, scale):
     _check_shapes(q, k, v, sliding_window, softcap, scale)
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, as the op's result
 
 
 @torch.library.custom_op("qforge::document_attention_backward", mutates_args=())
@@ -322,13 +323,14 @@ def _document_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: 
     _check(q, k, v, cu_seqlens, sliding_window, softcap, scale)
     if grad_out.shape != q.shape:
         raise ValueError(f"attention backward: grad_out {tuple(grad_out.shape)} is not q's shape {tuple(q.shape)}")
-    return _per_document_grads(grad_out, q, k, v, cu_seqlens, causal, sliding_window, softcap, scale)
+    grads = _per_document_grads(grad_out, q, k, v, cu_seqlens, causal, sliding_window, softcap, scale)
+    return tuple(g.contiguous() for g in grads)
 
 
 @_document_attention_backward_op.register_fake
 def _(grad_out, q, k, v, cu_seqlens, causal, sliding_window, softcap, scale):
     _check_shapes(q, k, v, sliding_window, softcap, scale)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the op's
 
 
 def _document_attention_setup(ctx, inputs, output):
@@ -462,7 +464,9 @@ _RUN = {"varlen": _varlen, "flash_attn": _flash_attn, "flex": _flex, "sdpa": _sd
 
 
 def _pick(q, cu_seqlens, sliding_window, softcap):
-    dense = cu_seqlens is None or cu_seqlens.numel() == q.shape[0] + 1
+    # in a graph the number of documents is dynamic: a one-document row stays on the packed path
+    # rather than specializing the graph to it
+    dense = cu_seqlens is None or (not torch.compiler.is_compiling() and cu_seqlens.numel() == q.shape[0] + 1)
     if dense and softcap is None and sliding_window is None:
         return "sdpa"
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
@@ -514,6 +518,48 @@ def _hf_cu_seqlens(position_ids, padding_mask, batch, tokens, device):
     cu = cu_seqlens_from_position_ids(position_ids.to(device), padding_mask).to(device)
     _cu_seqlens_cache[:] = [(*key, cu)]
     return cu
+
+
+ATTENTION_CHOICES = ("auto", "flash", "flex", "sdpa", "documents")
+
+
+def training_backend(choice: str, device) -> Optional[str]:
+    """The attention() backend ``qforge train --attention choice`` trains with on ``device``, or
+    None for sdpa (transformers' own SDPA, which builds a T x T mask for packed rows); a choice
+    that cannot train there is a ValueError saying why. auto, flex, documents: those backends;
+    flash: the flash-attn package's variable-length kernel, else torch's."""
+    device = torch.device(device)
+    if choice not in ATTENTION_CHOICES:
+        raise ValueError(f"attention {choice!r}: expected one of {', '.join(ATTENTION_CHOICES)}")
+    if choice == "sdpa":
+        return None
+    if choice == "flash":
+        kernels = [name for name in ("flash_attn", "varlen") if name in available_backends(device)]
+        if not kernels:
+            raise ValueError(f"--attention flash: no variable-length flash kernel on {device} (needs CUDA and the "
+                             "flash-attn package or a torch with torch.nn.attention.varlen); use auto, flex or sdpa")
+        return kernels[0]
+    if choice == "flex" and device.type != "cuda":
+        raise ValueError(f"--attention flex: torch runs FlexAttention's backward on CUDA only, not on {device}; "
+                         "use auto or documents")
+    return choice
+
+
+def use_for_training(model, choice: str, device) -> bool:
+    """Sets ``model``'s attention for training by ``qforge train --attention`` (training_backend):
+    qforge.attention under transformers' name "qforge", or transformers' SDPA. Returns whether
+    qforge.attention runs it (and so takes the packer's cu_seqlens)."""
+    backend = training_backend(choice, device)
+    model.set_attn_implementation("sdpa" if backend is None else register_with_transformers(backend))
+    return backend is not None
+
+
+def packed_inputs(cu_seqlens: torch.Tensor, device) -> dict:
+    """The model keywords that hand a packed batch's document boundaries to every attention layer
+    (transformers' names): cu_seqlens on ``device`` and the longest document, read on the host."""
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    cu = cu_seqlens.to(device)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
 def hf_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,

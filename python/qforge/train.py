@@ -72,13 +72,14 @@ class TrainArgs:
     progress: bool = True
     stop_after: Optional[int] = None  # stop (after checkpointing) at this step: tests and time-boxed runs
     loss: str = "fused"  # fused: qforge's C++/CUDA linear-cross-entropy; generic: chunked torch CE
-    compile: bool = False  # torch.compile each decoder layer (fullgraph, dynamic shapes): regional compile
+    compile: bool = False  # torch.compile the whole model (fullgraph, dynamic lengths; qforge.compile)
     compile_backend: str = "inductor"
     # a step whose loss or gradient is NaN/Inf: "stop" the run before anything of it is
     # applied or saved, or "skip" it (no update; at most MAX_SKIPPED_IN_A_ROW in a row)
     on_nonfinite: str = "stop"
     offload: str = "auto"  # under torchrun: FSDP2 CPU offload of parameters, gradients, optimizer (auto|on|off)
     dist_timeout: float = 600.0  # seconds a collective waits for the other ranks before the run fails
+    attention: str = "auto"  # auto|flash|flex|sdpa|documents: qforge.attention.use_for_training
 
 
 MAX_SKIPPED_IN_A_ROW = 10  # more non-finite steps in a row than this is no transient: stop
@@ -194,6 +195,7 @@ def _resolve_output(args: TrainArgs) -> Path:
 def train(args: TrainArgs | None = None, **overrides) -> dict:
     """Run a training job; returns a summary dict (losses, steps, paths, speed)."""
     from . import decoder, distributed, hf
+    from .attention import packed_inputs, training_backend, use_for_training
     from .offload import enable as offload_checkpoints
     from .data import PackedBatches, builtin_dataset, read_jsonl, template_for, tokenize_records
     from .models import default_device, load, load_tokenizer
@@ -237,6 +239,7 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
         dtype = getattr(torch, args.dtype)
+    training_backend(args.attention, device)  # a choice this device cannot train with: an error now
     torch.manual_seed(args.seed)
     random.seed(args.seed)
 
@@ -255,6 +258,8 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, total_steps // 20)
 
     model = load(model_dir, dtype=dtype, max_seq_length=args.max_seq_length, device=device)
+    generate_attention = model.config._attn_implementation  # transformers' own, restored after training
+    takes_cu_seqlens = use_for_training(model, args.attention, device)
     add_lora(model, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
              target_modules=args.target_modules, seed=args.seed)
     hf.patch_causal_lm(model, args.loss)  # full logits never exist in training
@@ -280,10 +285,11 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
         if dctx.main:
             print(f"qforge train: FSDP2 over {world} ranks, CPU offload {'on' if offload_params else 'off'} "
                   f"({why})", file=sys.stderr)
-    if args.compile:  # one graph shared by all layers (two: with and without a packed mask); no graph breaks
-        model.enable_input_require_grads()  # layer 0's input then requires grad like every other layer's
-        for layer in model.model.layers:
-            layer.compile(fullgraph=True, dynamic=True, backend=args.compile_backend)
+    compile_watch = None
+    if args.compile:  # the whole model, one graph, its lengths dynamic
+        from .compile import compile_for_training
+
+        compile_watch = compile_for_training(model, args.compile_backend)
     params = lora_parameters(model)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
     use_amp = device.type == "cuda" and dtype != torch.float32
@@ -332,7 +338,8 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
     step = start
     stopped_early = False
     skipped_in_a_row = 0
-    with open(metrics_path if rank == 0 else os.devnull, "a", encoding="utf-8") as mf:
+    with open(metrics_path if rank == 0 else os.devnull, "a", encoding="utf-8") as mf, \
+            compile_watch if compile_watch is not None else contextlib.nullcontext():
         for step in range(start, total_steps):
             t0 = time.perf_counter()
             lr = lr_at(step, total_steps, args.lr, warmup, args.min_lr_ratio)
@@ -345,9 +352,11 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
                 n_items = int(dctx.sum(n_items))
             loss_sum, n_tokens = 0.0, 0
             for b in micro:
+                inputs = {name: b[name].to(device) for name in ("input_ids", "position_ids", "labels")}
+                if takes_cu_seqlens:  # document boundaries as they are: no T x T mask
+                    inputs.update(packed_inputs(b["cu_seqlens"], device))
                 with amp(), offload():
-                    out = model(input_ids=b["input_ids"].to(device), position_ids=b["position_ids"].to(device),
-                                labels=b["labels"].to(device), num_items_in_batch=n_items, use_cache=False)
+                    out = model(**inputs, num_items_in_batch=n_items, use_cache=False)
                 # FSDP2 averages gradients over the ranks; each rank's loss is already a share of the
                 # global batch's (divided by all its tokens), so scale by the world size to sum them
                 scaler.scale(out.loss * world if dctx else out.loss).backward()
@@ -383,6 +392,8 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
                    "epoch": micro[-1]["epoch"], "elapsed_s": round(time.perf_counter() - t_run, 2)}
             if nonfinite is not None:
                 row["skipped"] = nonfinite
+            if compile_watch is not None:
+                row["compilations"], row["compile_s"] = compile_watch.compilations, round(compile_watch.seconds, 2)
             if dctx:  # every rank's peak memory; the row's mem_gib is the largest
                 row["mem_gib_per_rank"] = [round(m, 3) for m in dctx.gather(_memory_gib(device))]
                 row["mem_gib"] = max(row["mem_gib_per_rank"])
@@ -390,7 +401,7 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
                 mf.write(json.dumps(row) + "\n")
                 mf.flush()
             bar.update(loss=f"{loss_sum:.4f}", tok_s=f"{n_tokens / dt:,.0f}", mem=f"{row['mem_gib']:.2f}GiB",
-                       lr=f"{lr:.2e}")
+                       lr=f"{lr:.2e}", **({"compile": f"{compile_watch.seconds:.1f}s"} if compile_watch else {}))
             last = step + 1 == total_steps
             stop = args.stop_after is not None and step + 1 >= args.stop_after
             if (args.save_every and (step + 1) % args.save_every == 0) or last or stop:
@@ -404,12 +415,15 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
                 stopped_early = True
                 break
     bar.close()
+    model.set_attn_implementation(generate_attention)  # qforge.attention trains; generation needs a KV cache
     final = step + 1 if total_steps > start else start
     summary = {"output": str(output), "steps": final, "total_steps": total_steps, "losses": losses,
                "tokens_per_s": round(tokens_run / max(1e-9, time.perf_counter() - t_run), 1),
                "peak_mem_gib": round(_memory_gib(device), 3), "device": str(device), "stopped_early": stopped_early,
                "world_size": world,
                "metrics": str(metrics_path), "loss_png": str(output / "loss.png")}
+    if compile_watch is not None:
+        summary["compile"] = compile_watch.summary()
     if dctx:
         summary["peak_mem_gib_per_rank"] = [round(m, 3) for m in dctx.gather(_memory_gib(device))]
     lora_full = distributed.full_lora_state(model) if dctx and not stopped_early else None  # a collective
@@ -586,6 +600,8 @@ def _save_checkpoint(output: Path, step: int, model, opt, args: TrainArgs, save_
 # ------------------------------------------------------------------ command line
 def add_cli(subparsers) -> None:
     """`qforge train`: registered by qforge.cli."""
+    from .attention import ATTENTION_CHOICES
+
     p = subparsers.add_parser(
         "train", help="QLoRA fine-tuning: chat JSONL -> LoRA adapter (no arguments: the embedded default job)",
         description="Fine-tune a 4-bit Llama-family model with LoRA on chat-format JSONL. With neither --model "
@@ -628,7 +644,12 @@ def add_cli(subparsers) -> None:
            "auto: on CUDA with gradient checkpointing, not with --compile or torchrun)")
     a("--skip-long", action="store_true", default=None, help="skip conversations longer than max-seq-length")
     a("--stop-after", type=int, help="checkpoint and stop at this step (resume later)")
-    a("--compile", action="store_true", default=None, help="torch.compile each decoder layer (fullgraph)")
+    a("--compile", action="store_true", default=None,
+      help="torch.compile the whole model (one graph, dynamic lengths); compile time shows in the progress bar")
+    a("--attention", choices=ATTENTION_CHOICES,
+      help="attention kernel: auto (default: flash where installed, else flex on CUDA; per document on CPU), "
+           "flash, flex, documents (qforge.attention: packed rows as cu_seqlens, no T x T mask) or sdpa "
+           "(transformers' SDPA with its T x T mask)")
     a("--no-progress", dest="progress", action="store_false", default=None)
     a("--nproc", type=int, help="processes (GPUs) on this node: re-runs this command under torchrun "
       "(same as `torchrun --nproc-per-node N -m qforge train ...`); --grad-accum is per process")

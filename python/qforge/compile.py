@@ -1,0 +1,93 @@
+"""Whole-model torch.compile for training (`qforge train --compile`).
+
+The causal LM is compiled as one graph (``fullgraph=True``: a graph break is an error, not a
+silent split) for the forward, and AOT autograd compiles its backward, gradient checkpointing
+included. Packed rows change length every step, so the graph is dynamic from the first call
+(``dynamic=True``): the token dimension of the batch tensors, the number of documents
+(``cu_seq_lens_q``'s length) and the integers that come with a batch (the longest document, the
+number of trained tokens) are symbols, while parameter shapes stay static. Varied lengths then
+do not recompile (marking only the tensor dimensions dynamic cost a second compilation, for the
+integers). ``CompileWatch`` counts the
+compilations, sums the time spent compiling (forward graphs and the lazily compiled backward) and
+keeps each recompilation's reason, which torch also logs (its ``recompiles`` log is switched on).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+__all__ = ["CompileWatch", "compile_for_training"]
+
+# the logger torch's guards write recompilation reasons to (torch._logging's "recompiles" artifact)
+_RECOMPILES_LOGGER = "torch._dynamo.guards.__recompiles"
+MAX_KEPT_REASONS = 100  # a run that recompiles more than this has a problem the first ones show
+
+
+class CompileWatch(logging.Handler):
+    """Counts compilations and their time through torch._dynamo's compile callbacks; keeps the
+    reasons of recompilations. ``close()`` (or leaving it as a context) unregisters everything."""
+
+    def __init__(self):
+        super().__init__(level=logging.DEBUG)
+        from torch._dynamo.callback import CallbackTrigger, callback_handler
+
+        self.compilations = 0  # Dynamo graphs (forward)
+        self.backward_compilations = 0  # backward graphs AOT autograd compiled on first use
+        self.seconds = 0.0
+        self.recompile_reasons: list[str] = []
+        self._started = None
+        self._dynamo, self._lazy_backward = CallbackTrigger.DYNAMO, CallbackTrigger.LAZY_BACKWARD
+        self._callbacks = callback_handler
+        callback_handler.register_start_callback(self._start)
+        callback_handler.register_end_callback(self._end)
+        torch._logging.set_logs(recompiles=True)
+        logging.getLogger(_RECOMPILES_LOGGER).addHandler(self)
+
+    def _start(self, args):
+        self._started = time.perf_counter()
+        if args.callback_trigger == self._dynamo:
+            self.compilations += 1
+        elif args.callback_trigger == self._lazy_backward:
+            self.backward_compilations += 1
+
+    def _end(self, args):
+        if self._started is not None:
+            self.seconds += time.perf_counter() - self._started
+            self._started = None
+
+    def emit(self, record):
+        if len(self.recompile_reasons) < MAX_KEPT_REASONS:
+            self.recompile_reasons.append(record.getMessage())
+
+    def summary(self) -> dict:
+        return {"compilations": self.compilations, "backward_compilations": self.backward_compilations,
+                "compile_s": round(self.seconds, 2), "recompile_reasons": list(self.recompile_reasons)}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def close(self):
+        logging.getLogger(_RECOMPILES_LOGGER).removeHandler(self)
+        for callbacks, fn in ((self._callbacks.start_callbacks, self._start),
+                              (self._callbacks.end_callbacks, self._end)):
+            if fn in callbacks:
+                callbacks.remove(fn)
+        super().close()
+
+
+def compile_for_training(model: torch.nn.Module, backend: str = "inductor") -> CompileWatch:
+    """Compiles ``model`` in place as one graph (fullgraph=True); returns the watch over its
+    compilations (close it when the run ends)."""
+    # transformers' checkpointing makes the embedding output require grad (by a hook calling
+    # requires_grad_, which a compiled graph cannot return): reentrant checkpointing needs that,
+    # the non-reentrant kind qforge uses does not
+    model.disable_input_require_grads()
+    watch = CompileWatch()
+    model.compile(fullgraph=True, dynamic=True, backend=backend)
+    return watch
