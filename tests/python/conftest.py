@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def pytest_collection_modifyitems(config, items):
@@ -28,3 +29,18 @@ def child_env() -> dict:
     package_parent = str(Path(qforge.__file__).resolve().parents[1])
     path = os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH", "")) if p)
     return dict(os.environ, PYTHONPATH=path, QFORGE_LIBRARY=str(_lib.LIBRARY_PATH))
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the element count of the largest tensor any op creates (a T x T mask shows up)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out

@@ -2,7 +2,7 @@
 "qforge" transformers attention implementation training packed rows of each model family."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from conftest import LargestAllocation
 
 from qforge import attention as A
 
@@ -90,6 +90,24 @@ def test_auto_on_cpu_matches_fp64_reference_forward_and_gradients(case):
 def test_flex_backend_matches_fp64_reference(case):
     # torch runs FlexAttention's backward on CUDA only; on CPU the forward is what can be checked.
     check_against_reference("flex", case, 3, grads=False)
+
+
+def test_document_attention_ops_pass_torch_opcheck_and_check_their_inputs():
+    """The documents backend as torch ops: fake kernels, autograd registration and schema agree
+    with the real kernels (torch.library.opcheck), and each op names bad inputs itself."""
+    q, k, v, cu, gen = inputs(14, tokens=24)
+    for causal, window, softcap, scale in CASES:
+        torch.library.opcheck(torch.ops.qforge.document_attention.default,
+                              (q, k, v, cu, causal, window, softcap, scale))
+    go = torch.randn(q.shape, generator=gen, dtype=q.dtype)
+    torch.library.opcheck(torch.ops.qforge.document_attention_backward.default,
+                          (go, q.detach(), k.detach(), v.detach(), cu, True, 5, 2.0, None))
+    with pytest.raises(ValueError, match="rise strictly"):
+        torch.ops.qforge.document_attention(q, k, v, cu.flip(0), True, None, None, None)
+    with pytest.raises(ValueError, match="not a multiple"):
+        torch.ops.qforge.document_attention(q[:, :3], k, v, cu, True, None, None, None)
+    with pytest.raises(ValueError, match="grad_out"):
+        torch.ops.qforge.document_attention_backward(go[:, :, :5], q, k, v, cu, True, None, None, None)
 
 
 def test_flex_backward_on_cpu_is_a_clear_error():
@@ -293,21 +311,6 @@ def test_tiny_model_trains_packed_with_per_document_losses_of_the_unpacked_run(f
     torch.testing.assert_close(torch.stack(packed), torch.stack(unpacked), **tol)
     for (pname, p), q in zip(packed_model.named_parameters(), reference_model.parameters()):
         torch.testing.assert_close(p.grad, q.grad, **tol, msg=lambda m: f"{pname}: {m}")
-
-
-class LargestAllocation(TorchDispatchMode):
-    """Records the element count of the largest tensor any op creates."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 def largest_allocation_of_packed_step(attn_implementation, tokens):

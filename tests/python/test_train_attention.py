@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from conftest import LargestAllocation
 
 transformers = pytest.importorskip("transformers")
 
@@ -93,21 +93,6 @@ def test_each_family_trains_packed_with_per_document_losses_of_the_unpacked_run(
     assert len(got) == len(want) == 14 * SHAPE["num_hidden_layers"]  # A and B of 7 projections
     for name in want:
         torch.testing.assert_close(got[name], want[name], **tol, msg=lambda m: f"{name}: {m}")
-
-
-class LargestAllocation(TorchDispatchMode):
-    """Records the element count of the largest tensor any op creates."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 def largest_allocation_of_train_step(model, batch):
