@@ -3,11 +3,14 @@
 (which does more work than packing needs), at Llama-3.1-8B attention shapes (32 query heads,
 8 KV heads, head dim 128, bf16). Rows are packed from documents whose lengths follow an SFT-like
 log-normal (mean ~600 tokens, at most 8192). Times forward + backward and the peak memory above
-the inputs. Then a train step at 8B layer shapes (random weights, --train-layers layers) on
-packed rows of varied lengths through attn_implementation "qforge": tokens/s eager, per-layer
-compile and whole-model compile, and how many graphs torch.compile built over the run.
+the inputs, and each packed backend's largest difference from the masked SDPA. Then a QLoRA train
+step (NF4 + LoRA r=16, fused loss, checkpointed layers: what qforge train runs) at 8B layer shapes
+(random weights, --train-layers layers) on packed rows of varied lengths through
+attn_implementation "qforge": tokens/s eager, per-layer compile and whole-model compile (qforge
+train --compile), and how many graphs torch.compile built; the whole-model run goes on over
+--count-steps rows of varied lengths to count its compilations.
 
-  python bench/attention.py [--tokens 16384,65536] [--reps 5] [--train-steps 20]
+  python bench/attention.py [--tokens 16384,65536] [--reps 3] [--train-steps 10] [--count-steps 200]
       [--out bench/results/attention.json]
 
 On a machine without CUDA, `--device cpu --tokens 512 --heads 4 --kv-heads 2 --dim 16
@@ -73,6 +76,7 @@ def synchronize(device):
 
 
 def time_case(run, tokens, lengths, a, device):
+    """The median forward + backward time and the peak memory above the inputs; and the output."""
     gen = torch.Generator(device=device).manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     q = torch.randn(1, a.heads, tokens, a.dim, device=device, dtype=dtype, generator=gen).requires_grad_()
@@ -87,33 +91,44 @@ def time_case(run, tokens, lengths, a, device):
     for i in range(a.reps + 1):  # the first run warms up (and compiles flex)
         synchronize(device)
         t0 = time.perf_counter()
-        run(q, k, v, lengths).backward(go)
+        out = run(q, k, v, lengths)
+        out.backward(go)
         synchronize(device)
         if i:
             times.append(time.perf_counter() - t0)
         q.grad = k.grad = v.grad = None
     peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30 if device.type == "cuda" else None
-    return dict(ms=sorted(times)[len(times) // 2] * 1e3, peak_gib=peak)
+    return dict(ms=sorted(times)[len(times) // 2] * 1e3, peak_gib=peak), out.detach()
 
 
-def attention_cases(a, device):
-    rows = []
-    gen = torch.Generator().manual_seed(1)
-    for tokens in a.tokens:
-        lengths = packed_lengths(tokens, gen)
-        for name, run in implementations(device).items():
-            row = dict(impl=name, tokens=tokens, docs=len(lengths))
-            try:
-                row.update(time_case(run, tokens, lengths, a, device))
-            except (RuntimeError, ValueError) as e:  # out of memory, or a backend refusing the inputs
-                row["error"] = str(e).splitlines()[0][:200]
-            print(row, flush=True)
-            rows.append(row)
+def attention_cases(a, device, tokens):
+    """Every implementation on one packed row of `tokens`; each packed one's largest difference
+    from transformers' masked SDPA (the same documents, the same inputs)."""
+    rows, outs = [], {}
+    lengths = packed_lengths(tokens, torch.Generator().manual_seed(tokens))
+    for name, run in implementations(device).items():
+        row = dict(impl=name, tokens=tokens, docs=len(lengths), longest_doc=max(lengths))
+        try:
+            timing, outs[name] = time_case(run, tokens, lengths, a, device)
+            row.update(timing)
+        except (RuntimeError, ValueError) as e:  # out of memory, or a backend refusing the inputs
+            row["error"] = str(e).splitlines()[0][:200]
+        print(row, flush=True)
+        rows.append(row)
+    reference = outs.get("transformers_sdpa_mask")
+    for row in rows:
+        if reference is not None and row["impl"].startswith("qforge_") and row["impl"] in outs:
+            row["max_abs_diff_vs_mask"] = float((outs[row["impl"]].float() - reference.float()).abs().max())
     return rows
 
 
 def train_model(a, device):
+    """A QLoRA model as qforge train builds it: NF4 projections, LoRA r=16 on all 7, the fused
+    loss, checkpointed layers, packed rows through qforge.attention (--attention)."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qforge import hf
+    from qforge.nn import add_lora, replace_linears
 
     config = LlamaConfig(hidden_size=a.hidden, intermediate_size=a.intermediate, num_hidden_layers=a.train_layers,
                          num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, head_dim=a.dim,
@@ -121,74 +136,108 @@ def train_model(a, device):
                          use_cache=False, attention_dropout=0.0)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
-    model.set_attn_implementation(qattention.register_with_transformers(a.attention))
-    model.gradient_checkpointing_enable()
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    replace_linears(model)
+    add_lora(model, r=16, alpha=16, seed=0)
+    hf.patch_causal_lm(model)
+    qattention.use_for_training(model, a.attention, device)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.train()
 
 
-def train(a, device, mode):
-    """Tokens/s of forward + backward over --train-steps packed rows of varied lengths."""
+def train(a, device, mode, steps):
+    """Tokens/s of forward + backward over `steps` packed rows of varied lengths (after one warm-up
+    row), with how many graphs torch.compile built and the time it took."""
+    from qforge.compile import CompileWatch, compile_for_training
+
     torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
     model = train_model(a, device)
-    if mode == "layer_compile":
-        for layer in model.model.layers:
-            layer.compile(dynamic=True)
-    elif mode == "model_compile":
-        model.compile(dynamic=True)
+    if mode == "model_compile":  # what qforge train --compile runs
+        watch = compile_for_training(model)
+    else:
+        watch = CompileWatch()
+        if mode == "layer_compile":
+            for layer in model.model.layers:
+                layer.compile(fullgraph=True, dynamic=True)
     gen = torch.Generator().manual_seed(2)
-    seen = 0
+    seen, lengths_seen = 0, set()
     t0 = None
-    for step in range(a.train_steps + 1):  # step 0 warms up
-        tokens = int(torch.randint(a.train_tokens // 2, a.train_tokens + 1, (1,), generator=gen))
-        lengths = packed_lengths(tokens, gen)
-        ids = torch.randint(0, a.vocab, (1, tokens), generator=gen).to(device)
-        position_ids = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
-        model(input_ids=ids, position_ids=position_ids, labels=ids).loss.backward()
-        model.zero_grad(set_to_none=True)
-        synchronize(device)
-        if step == 0:
-            t0 = time.perf_counter()
-        else:
-            seen += tokens
+    with watch:
+        for step in range(steps + 1):  # step 0 warms up (and compiles)
+            tokens = int(torch.randint(a.train_tokens // 2, a.train_tokens + 1, (1,), generator=gen))
+            lengths = packed_lengths(tokens, gen)
+            ids = torch.randint(0, a.vocab, (1, tokens), generator=gen).to(device)
+            position_ids = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
+            model(input_ids=ids, position_ids=position_ids, labels=ids, use_cache=False,
+                  **qattention.packed_inputs(cu_seqlens_of(lengths, "cpu"), device)).loss.backward()
+            model.zero_grad(set_to_none=True)
+            synchronize(device)
+            if step == 0:
+                t0 = time.perf_counter()
+            else:
+                seen += tokens
+            lengths_seen.add(tokens)
     elapsed = time.perf_counter() - t0
-    counters = torch._dynamo.utils.counters
-    row = dict(mode=mode, tokens_per_s=seen / elapsed, compilations=counters["frames"]["ok"],
-               graph_breaks=sum(counters["graph_break"].values()), steps=a.train_steps)
-    print(row, flush=True)
+    row = dict(mode=mode, tokens_per_s=seen / elapsed, steps=steps, distinct_lengths=len(lengths_seen),
+               **watch.summary())
+    print({k: v for k, v in row.items() if k != "recompile_reasons"}, flush=True)
     return row
+
+
+def write(result, path):
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tokens", default="16384,65536", type=lambda s: [int(x) for x in s.split(",")])
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--attention", default="auto", choices=qattention.BACKENDS, help="backend of the train runs")
+    ap.add_argument("--attention", default="auto", choices=qattention.ATTENTION_CHOICES,
+                    help="--attention of the train runs")
     ap.add_argument("--train-modes", default="eager,layer_compile,model_compile")
     ap.add_argument("--train-layers", type=int, default=2)
-    ap.add_argument("--train-tokens", type=int, default=8192, help="rows of between half this and this many tokens")
-    ap.add_argument("--train-steps", type=int, default=20)
+    ap.add_argument("--train-tokens", type=int, default=4096, help="rows of between half this and this many tokens")
+    ap.add_argument("--train-steps", type=int, default=10, help="rows timed per mode")
+    ap.add_argument("--count-steps", type=int, default=200,
+                    help="rows of varied lengths the whole-model compile runs over (its compilations counted)")
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--intermediate", type=int, default=14336)
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     device = torch.device(a.device)
-    torch._logging.set_logs(recompiles=True)  # each recompilation's reason goes to the log
     result = dict(**environment(["transformers", "flash_attn"]),
                   shape=dict(heads=a.heads, kv_heads=a.kv_heads, dim=a.dim, causal=True,
-                             doc_lengths=f"log-normal mean {MEAN_DOC}, sigma {DOC_SIGMA}, max {MAX_DOC}"),
-                  cases=attention_cases(a, device))
-    result["train"] = [train(a, device, mode) for mode in a.train_modes.split(",") if mode]
-    result["compile_count_varied_lengths"] = {row["mode"]: row["compilations"] for row in result["train"]}
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(result, f, indent=2)
+                             doc_lengths=f"log-normal mean {MEAN_DOC}, sigma {DOC_SIGMA}, max {MAX_DOC}",
+                             train=dict(layers=a.train_layers, hidden=a.hidden, intermediate=a.intermediate,
+                                        vocab=a.vocab, tokens=f"{a.train_tokens // 2}-{a.train_tokens}",
+                                        lora="r=16 on q,k,v,o,gate,up,down; NF4 base; checkpointed layers",
+                                        attention=a.attention)),
+                  cases=[], train=[])
+    for tokens in a.tokens:  # each stage is written as it ends: a run cut short keeps what it measured
+        result["cases"] += attention_cases(a, device, tokens)
+        write(result, a.out)
+    for mode in a.train_modes.split(","):
+        steps = a.count_steps if mode == "model_compile" else a.train_steps
+        try:
+            result["train"].append(train(a, device, mode, steps))
+        except Exception as e:  # noqa: BLE001 - a mode that fails is recorded, the others still run
+            result["train"].append(dict(mode=mode, error=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"))
+            print(result["train"][-1], flush=True)
+            continue
+        result["compile_count_varied_lengths"] = {row["mode"]: dict(compilations=row["compilations"],
+                                                                    batches=row["steps"] + 1,
+                                                                    distinct_lengths=row["distinct_lengths"])
+                                                  for row in result["train"] if row["mode"] != "eager"
+                                                  and "error" not in row}
+        write(result, a.out)
 
 
 if __name__ == "__main__":
