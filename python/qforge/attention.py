@@ -45,6 +45,7 @@ cuDNN.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Optional
 
 import torch
@@ -111,12 +112,16 @@ def _cache_hit(cache, key) -> bool:
                                for a, b in zip(cache[0], key))
 
 
+try:
+    from torch.nn.attention.varlen import varlen_attn as _torch_varlen_attn
+except ImportError:  # a torch without it
+    _torch_varlen_attn = None
+# whether this torch's varlen_attn takes grouped-query K/V itself (else its heads are repeated)
+_VARLEN_TAKES_GQA = _torch_varlen_attn is not None and "enable_gqa" in inspect.signature(_torch_varlen_attn).parameters
+
+
 def _varlen_attn():
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn
+    return _torch_varlen_attn
 
 
 def _flash_attn_varlen():
@@ -438,8 +443,14 @@ def _run_varlen(kernel, q, k, v, cu_seqlens, max_seqlen, **options):
 def _varlen(q, k, v, cu_seqlens, causal, sliding_window, softcap, scale, max_seqlen=None):
     if softcap is not None:
         raise ValueError("attention: the varlen backend has no softcap; use flash_attn, flex or documents")
+    gqa = {}
+    if q.shape[1] != k.shape[1]:
+        if _VARLEN_TAKES_GQA:
+            gqa = {"enable_gqa": True}
+        else:
+            k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
     return _run_varlen(_varlen_attn(), q, k, v, cu_seqlens, max_seqlen, scale=scale,
-                       window_size=_varlen_windows(causal, sliding_window), enable_gqa=q.shape[1] != k.shape[1])
+                       window_size=_varlen_windows(causal, sliding_window), **gqa)
 
 
 def _flash_attn(q, k, v, cu_seqlens, causal, sliding_window, softcap, scale, max_seqlen=None):

@@ -169,6 +169,17 @@ def test_varlen_backends_hand_kernels_their_layout_offsets_and_windows(backend, 
     check_against_reference(backend, case, 10, grads=True)
 
 
+def test_varlen_of_a_torch_without_gqa_gets_the_kv_heads_repeated(monkeypatch):
+    def kernel(q, k, v, *args, **options):
+        assert "enable_gqa" not in options and k.shape[1] == v.shape[1] == q.shape[1]
+        return flash_convention_varlen(q, k, v, *args, **options)
+
+    monkeypatch.setattr(A, "_varlen_attn", lambda: kernel)
+    monkeypatch.setattr(A, "_VARLEN_TAKES_GQA", False)
+    monkeypatch.setattr(A, "available_backends", lambda device: ["varlen"])
+    check_against_reference("varlen", CASES[2], 15, grads=True)
+
+
 def test_varlen_takes_the_callers_longest_document_and_refuses_a_short_one(monkeypatch):
     seen = []
 
