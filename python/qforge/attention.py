@@ -21,9 +21,10 @@ backend builds a T x T mask for a packed batch:
   gradients spelled out per document), so a compiled graph holds it as one node, no graph break.
 
 ``auto`` picks flash_attn, then varlen, then flex on CUDA, sdpa for dense batches, and documents
-on CPU (compiled or not). ``register_with_transformers()`` makes all this transformers' attention implementation
-"qforge": packed position_ids (restarting per document) become cu_seqlens, and the mask
-transformers builds for it is at most the 2D padding mask.
+on CPU (compiled or not). ``register_with_transformers()`` makes all this transformers' attention
+implementation "qforge": packed position_ids (restarting per document) become cu_seqlens, and the
+mask transformers builds for it is at most the 2D padding mask. ``use_for_training`` and
+``packed_inputs`` are what ``qforge train --attention`` runs.
 
 Which scaled-dot-product-attention kernel training runs (dense SDPA):
 
@@ -52,8 +53,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["prefer_cudnn_attention", "cudnn_takes_gqa", "attention", "cu_seqlens_from_position_ids",
-           "available_backends", "register_with_transformers", "BACKENDS", "ATTENTION_CHOICES", "training_backend", "use_for_training",
-           "packed_inputs"]
+           "available_backends", "register_with_transformers", "BACKENDS", "ATTENTION_CHOICES", "training_backend",
+           "use_for_training", "packed_inputs"]
 
 
 def cudnn_takes_gqa(device=None) -> bool:
