@@ -133,3 +133,14 @@ def test_attention_choices_that_cannot_train_here_are_clear_errors(tmp_path, cho
     with pytest.raises(ValueError, match=match):  # before the run writes anything
         T.train(output=str(tmp_path / "run"), attention=choice, device="cpu", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU's errors")
+def test_cli_attention_option(tmp_path, capsys):
+    from qforge import cli
+
+    assert cli.main(["train", "--attention", "flash", "--device", "cpu", "--output", str(tmp_path / "run")]) == 2
+    assert "--attention flash: no variable-length flash kernel on cpu" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse names the choices
+        cli.main(["train", "--attention", "fast"])
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
