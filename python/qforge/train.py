@@ -220,6 +220,9 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
     output = _resolve_output(args)
     if output.exists() and not output.is_dir():
         raise ValueError(f"{output}: exists and is not a directory")
+    if args.compile and (args.offload_activations or args.tile_tokens):
+        raise ValueError("--compile traces the whole model as one graph, which the hooks of --offload-activations "
+                         "and the tiles of --tile-tokens do not go into; use one or the other")
     if args.on_nonfinite not in ("stop", "skip"):
         raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {args.on_nonfinite!r}")
     resuming = args.resume or args.resume_from is not None
@@ -269,7 +272,7 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
         offload_done = args.offload_activations
         if rank == 0:
             print(f"qforge train: {status}", file=sys.stderr)
-    elif checkpointing and (args.offload_activations or args.tile_tokens) and not args.compile:
+    elif checkpointing and (args.offload_activations or args.tile_tokens):
         # long context: each layer's checkpoint in pinned host memory, token-wise modules in tiles
         offload_checkpoints(model, offload=args.offload_activations, tile_tokens=args.tile_tokens)
         offload_done = args.offload_activations

@@ -264,6 +264,13 @@ def test_whole_model_compile_trains_like_eager_and_compiles_once_over_varied_len
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("extra", [dict(offload_activations=True), dict(tile_tokens=64)])
+def test_compile_with_offload_or_tiles_is_a_clear_error(tmp_path, extra):
+    with pytest.raises(ValueError, match="--compile traces the whole model as one graph"):
+        T.train(output=str(tmp_path / "run"), compile=True, progress=False, **extra)
+    assert not (tmp_path / "run").exists()
+
+
 def test_learning_rate_schedule():
     assert T.lr_at(0, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
     assert T.lr_at(9, 100, 1.0, 10, 0.1) == pytest.approx(1.0)
