@@ -9,7 +9,8 @@ number of trained tokens) are symbols, while parameter shapes stay static. Varie
 do not recompile (marking only the tensor dimensions dynamic cost a second compilation, for the
 integers). ``CompileWatch`` counts the
 compilations, sums the time spent compiling (forward graphs and the lazily compiled backward) and
-keeps each recompilation's reason, which torch also logs (its ``recompiles`` log is switched on).
+keeps each recompilation's reason, which torch also logs (its ``recompiles`` log is switched on, the
+rest of TORCH_LOGS left as it is).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class CompileWatch(logging.Handler):
     def __init__(self):
         super().__init__(level=logging.DEBUG)
         from torch._dynamo.callback import CallbackTrigger, callback_handler
+        from torch._logging._internal import log_state
 
         self.compilations = 0  # Dynamo graphs (forward)
         self.backward_compilations = 0  # backward graphs AOT autograd compiled on first use
@@ -42,8 +44,12 @@ class CompileWatch(logging.Handler):
         self._callbacks = callback_handler
         callback_handler.register_start_callback(self._start)
         callback_handler.register_end_callback(self._end)
-        torch._logging.set_logs(recompiles=True)
-        logging.getLogger(_RECOMPILES_LOGGER).addHandler(self)
+        recompiles = logging.getLogger(_RECOMPILES_LOGGER)
+        if not log_state.is_artifact_enabled("recompiles"):  # on, leaving the rest of TORCH_LOGS as it is
+            log_state.enable_artifact("recompiles")
+            recompiles.setLevel(logging.DEBUG)
+            recompiles.propagate = True
+        recompiles.addHandler(self)
 
     def _start(self, args):
         self._started = time.perf_counter()

@@ -152,3 +152,26 @@ def test_whole_training_forward_compiles_without_breaks():
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_compile_watch_counts_compilations_and_keeps_recompile_reasons():
+    """qforge.compile.CompileWatch (what qforge train --compile reports): one count per Dynamo
+    compilation, the time they took, each recompilation's guard failure, nothing after close()."""
+    from qforge.compile import CompileWatch
+
+    torch._dynamo.reset()
+
+    @torch.compile(backend="eager")
+    def scale(x, n):
+        return x * n
+
+    with CompileWatch() as watch:
+        scale(torch.ones(2), 2)
+        scale(torch.ones(2), 2)  # the same guards: no compilation
+        scale(torch.ones(2), 3)  # n was specialized: a recompilation
+    assert watch.compilations == 2 and watch.seconds > 0
+    (reason,) = watch.recompile_reasons
+    assert "Recompiling function scale" in reason and "n == 2" in reason
+    scale(torch.ones(5), 7)  # after close: not counted
+    assert watch.compilations == 2 and len(watch.recompile_reasons) == 1
+    torch._dynamo.reset()
