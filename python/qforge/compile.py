@@ -7,10 +7,9 @@ included. Packed rows change length every step, so the graph is dynamic from the
 (``cu_seq_lens_q``'s length) and the integers that come with a batch (the longest document, the
 number of trained tokens) are symbols, while parameter shapes stay static. Varied lengths then
 do not recompile (marking only the tensor dimensions dynamic cost a second compilation, for the
-integers). ``CompileWatch`` counts the
-compilations, sums the time spent compiling (forward graphs and the lazily compiled backward) and
-keeps each recompilation's reason, which torch also logs (its ``recompiles`` log is switched on, the
-rest of TORCH_LOGS left as it is).
+integers). ``CompileWatch`` counts the compilations, sums the time spent compiling (forward graphs
+and the lazily compiled backward) and keeps each recompilation's reason, which torch also logs
+(its ``recompiles`` log is switched on, the rest of TORCH_LOGS left as it is).
 """
 from __future__ import annotations
 
