@@ -262,7 +262,9 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
 
     model = load(model_dir, dtype=dtype, max_seq_length=args.max_seq_length, device=device)
     generate_attention = model.config._attn_implementation  # transformers' own, restored after training
-    takes_cu_seqlens = use_for_training(model, args.attention, device)
+    # the packer's boundaries go to qforge.attention as they are; fused layers (qforge.decoder) take
+    # them from position_ids and would refuse the call with keywords they do not know
+    takes_cu_seqlens = use_for_training(model, args.attention, device) and not fused
     add_lora(model, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
              target_modules=args.target_modules, seed=args.seed)
     hf.patch_causal_lm(model, args.loss)  # full logits never exist in training

@@ -349,7 +349,7 @@ def test_documents_of_position_ids_and_padding():
     assert padded.bounds == [0, 4, 5, 6]
 
 
-def test_qforge_train_with_fused_layers_trains_like_checkpointing(tmp_path, capsys):
+def test_qforge_train_with_fused_layers_trains_like_checkpointing(tmp_path, capsys, caplog):
     from qforge import train as T
     from qforge.data import builtin_dataset
 
@@ -360,6 +360,7 @@ def test_qforge_train_with_fused_layers_trains_like_checkpointing(tmp_path, caps
     fused = T.train(output=str(tmp_path / "fused"), fused_layers="on", offload_activations=True, tile_tokens=100,
                     **kw)
     assert "fused decoder layers: on" in capsys.readouterr().err
+    assert "checkpointed recompute instead" not in caplog.text  # every layer call ran fused
     torch.testing.assert_close(torch.tensor(fused["losses"]), torch.tensor(plain["losses"]), rtol=1e-5, atol=1e-5)
 
 
