@@ -139,7 +139,7 @@ def train_model(a, device):
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
     replace_linears(model)
-    add_lora(model, r=16, alpha=16, seed=0)
+    add_lora(model, r=16, lora_alpha=16, seed=0)
     hf.patch_causal_lm(model)
     qattention.use_for_training(model, a.attention, device)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -42,7 +42,7 @@ def load_with_lora(tmp_path, family, seed=0):
     path = tmp_path / family
     transformers.AutoModelForCausalLM.from_config(FAMILIES[family]()).save_pretrained(str(path))
     model = qforge.load(path, dtype=torch.float32, device="cpu")
-    qforge.add_lora(model, r=4, alpha=8, seed=seed)
+    qforge.add_lora(model, r=4, lora_alpha=8, seed=seed)
     with torch.no_grad():  # LoRA B starts at zero: make the adapters matter
         for name, p in model.named_parameters():
             if ".lora_B." in name:
