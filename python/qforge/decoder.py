@@ -50,7 +50,7 @@ import dataclasses
 import functools
 import logging
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +60,7 @@ from . import offload as _offload
 from .distributed import decoder_layers
 from .layer import (rms_norm_backward, rms_norm_forward, rope_backward_, rope_forward_, swiglu_backward_,
                     swiglu_forward)
-from .nn import NF4Linear, _dequantize
+from .nn import NF4Linear, _dequantize, dequantize_stacked
 
 __all__ = ["enable", "disable", "wanted", "FUSED_LAYER_SETTINGS", "FusedStatus", "SUPPORTED_LAYERS",
            "attention_forward", "attention_backward"]
@@ -265,22 +265,16 @@ def _linear(lin: NF4Linear, x: Tensor, residual: Optional[Tensor] = None) -> tup
     return (out if residual is None else residual + out), t
 
 
-def _linear_backward(lin: NF4Linear, dout: Tensor, x: Tensor, t: Optional[Tensor], grads: dict,
-                     dx: Optional[Tensor] = None, need_dx: bool = True) -> Optional[Tensor]:
+def _linear_backward(lin: NF4Linear, dout: Tensor, x: Tensor, t: Optional[Tensor], grads: dict) -> Tensor:
     """Backward of _linear given its input x and t = x @ A^T: adds the LoRA gradients into grads
-    (by parameter, in its dtype) and returns dx (accumulated into ``dx`` when given; None when
-    not need_dx)."""
-    if need_dx:
-        w = _weight(lin, dout.dtype)
-        dx = dout @ w if dx is None else dx.addmm_(dout, w)
+    (by parameter, in its dtype) and returns dx."""
+    dx = dout @ _weight(lin, dout.dtype)
     if lin.lora_A is not None:
         a, b = lin.lora_A.weight, lin.lora_B.weight
-        a_c = a.to(dout.dtype)
         g = dout @ b.to(dout.dtype)  # d t / scaling
         _accumulate(grads, b, dout.t() @ t, lin.scaling)
         _accumulate(grads, a, g.t() @ x, lin.scaling)
-        if need_dx:
-            dx.addmm_(g, a_c, alpha=lin.scaling)
+        dx.addmm_(g, a.to(dout.dtype), alpha=lin.scaling)
     return dx
 
 
@@ -290,6 +284,119 @@ def _accumulate(grads: dict, param: Tensor, g: Tensor, scale: float) -> None:
         grads[param] += g
     else:
         grads[param] = g
+
+
+# Rows of a stacked weight are padded to a multiple of this (zero rows), so the rows of its
+# [tokens, rows] products stay 16-byte aligned in bf16 whatever the LoRA ranks.
+STACK_ROW_ALIGN = 8
+
+
+class _Stack:
+    """Sibling projections that read the same input (q/k/v; gate/up; down alone) as one GEMM:
+    their NF4 weights dequantized one below the other into qforge.nn's workspace, then their LoRA
+    A matrices, then zero rows: [W_1; ...; W_p; A_1; ...; A_p; 0]. x @ stack^T yields every
+    x @ W_i^T and every t_i = x @ A_i^T with one read of x; in backward dx = [dY_1, ..., dY_p, g]
+    @ stack with g_i = dY_i @ (s_i B_i) is one GEMM (K = outputs + ranks) where each projection
+    took a GEMM, an add and a LoRA GEMM. The NF4 parameters stay separate; only the workspace
+    is shared."""
+
+    def __init__(self, *lins: NF4Linear):
+        self.lins = lins
+        self.outputs = []  # (start, stop): each projection's rows
+        start = 0
+        for lin in lins:
+            self.outputs.append((start, start + lin.out_features))
+            start += lin.out_features
+        self.out = start
+        self.lora = []  # (lin, rows of its A, its output rows) of the projections with LoRA
+        for lin, rows in zip(lins, self.outputs):
+            if lin.lora_A is not None:
+                self.lora.append((lin, (start, start + lin.r), rows))
+                start += lin.r
+        self.rank = start - self.out
+        self.rows = -(-start // STACK_ROW_ALIGN) * STACK_ROW_ALIGN
+
+    def weight(self, dtype: torch.dtype) -> Tensor:
+        """[rows, in] in the shared workspace (valid until the next dequantization)."""
+        w = dequantize_stacked([lin.weight for lin in self.lins], self.rows, dtype)
+        for lin, (s, e), _ in self.lora:
+            w[s:e].copy_(lin.lora_A.weight)
+        w[self.out + self.rank:].zero_()
+        return w
+
+    def bias(self, dtype: torch.dtype) -> Optional[Tensor]:
+        """[rows]: the projections' biases, zero elsewhere (None when none has one)."""
+        if all(lin.bias is None for lin in self.lins):
+            return None
+        b = torch.zeros(self.rows, dtype=dtype, device=self.lins[0].weight.device)
+        for lin, (s, e) in zip(self.lins, self.outputs):
+            if lin.bias is not None:
+                b[s:e] = lin.bias
+        return b
+
+    def scaled_b(self, dtype: torch.dtype) -> Tensor:
+        """[out, rank]: each s_i B_i on the block diagonal (its output rows, its A's columns)."""
+        b = torch.zeros(self.out, self.rank, dtype=dtype, device=self.lins[0].weight.device)
+        for lin, (s, e), (o_s, o_e) in self.lora:
+            b[o_s:o_e, s - self.out:e - self.out] = lin.lora_B.weight * lin.scaling
+        return b
+
+    def lora_grads(self, grads: dict, dy_t: Callable[[tuple, tuple], Tensor], g_x: Tensor) -> None:
+        """Adds every LoRA gradient into grads: dB_i = s_i dY_i^T t_i, with dY_i^T t_i =
+        dy_t(its output rows, its A's rows); dA_i = rows of g_x = g^T x (g already scaled)."""
+        for lin, (s, e), outputs in self.lora:
+            _accumulate(grads, lin.lora_B.weight, dy_t(outputs, (s, e)), lin.scaling)
+            _accumulate(grads, lin.lora_A.weight, g_x[s - self.out:e - self.out], 1.0)
+
+
+def _stack_matmul(stack: _Stack, x: Tensor, transposed: bool = False) -> Tensor:
+    """x [n, in] -> x @ stack^T + bias [n, rows] (transposed: its transpose [rows, n], each
+    projection's output a contiguous block of rows) with the LoRA terms s_i t_i B_i^T added into
+    the projections' outputs when transposed (untransposed: the caller adds them where it makes
+    each output contiguous, _stack_outputs)."""
+    w, b = stack.weight(x.dtype), stack.bias(x.dtype)
+    if not transposed:
+        return x @ w.t() if b is None else torch.addmm(b, x, w.t())
+    out = w @ x.t() if b is None else torch.addmm(b[:, None], w, x.t())
+    if stack.rank:
+        out[:stack.out].addmm_(stack.scaled_b(x.dtype), out[stack.out:stack.out + stack.rank])
+    return out
+
+
+def _stack_outputs(stack: _Stack, out: Tensor) -> list:
+    """Each projection's output (contiguous) from _stack_matmul's untransposed [n, rows]: its
+    columns plus s_i t_i B_i^T."""
+    lora = {lin: (s, e) for lin, (s, e), _ in stack.lora}
+    outputs = []
+    for lin, (s, e) in zip(stack.lins, stack.outputs):
+        if lin in lora:
+            t = out[:, lora[lin][0]:lora[lin][1]]
+            outputs.append(torch.addmm(out[:, s:e], t, lin.lora_B.weight.to(out.dtype).t(), alpha=lin.scaling))
+        else:
+            outputs.append(out[:, s:e].contiguous())
+    return outputs
+
+
+def _stack_input_grad(stack: _Stack, dys: list, t: Optional[Tensor], x: Tensor, x_rows: bool, grads: dict,
+                      need_dx: bool = True) -> Optional[Tensor]:
+    """Backward of a stack given each projection's output gradient dY_i [n, out_i], t = x @ A^T
+    [n, rank] of its forward and its input x ([n, in], or [in, n] with x_rows): LoRA gradients
+    into grads and dx = [dY_1, ..., dY_p, g] @ stack in one GEMM ([in, n] with x_rows; None when
+    not need_dx)."""
+    n = dys[0].shape[0]
+    dyg = torch.empty(n, stack.rows, dtype=dys[0].dtype, device=dys[0].device)
+    for dy, (s, e) in zip(dys, stack.outputs):
+        dyg[:, s:e] = dy
+    if stack.rank:
+        g = dyg[:, :stack.out] @ stack.scaled_b(dyg.dtype)
+        stack.lora_grads(grads, lambda o, a: dyg[:, o[0]:o[1]].t() @ t[:, a[0] - stack.out:a[1] - stack.out],
+                         g.t() @ (x.t() if x_rows else x))
+        dyg[:, stack.out:stack.out + stack.rank] = g
+    if not need_dx:
+        return None
+    dyg[:, stack.out + stack.rank:].zero_()
+    w = stack.weight(dyg.dtype)
+    return w.t() @ dyg.t() if x_rows else dyg @ w
 
 
 # ------------------------------------------------------------------ the layer
@@ -311,6 +418,8 @@ class _Layer:
             self.window = getattr(attn, "sliding_window", None)
         self.lora = [p for lin in (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
                      if lin.lora_A is not None for p in (lin.lora_A.weight, lin.lora_B.weight)]
+        self.qkv, self.gate_up, self.down_stack = _Stack(self.q, self.k, self.v), _Stack(self.gate, self.up), \
+            _Stack(self.down)
 
 
 def _eps(norm: nn.Module) -> float:
@@ -340,10 +449,14 @@ def _tiles(n: int, tile: Optional[int]):
 
 
 def _qkv(lay: _Layer, call: _Call, n1: Tensor):
-    """q, k, v token-major [N, H, D] after q_norm/k_norm and RoPE; their LoRA t = n1 @ A^T; and
-    what q_norm/k_norm's backward needs ((q, k) before them and their rstd) or None."""
+    """q, k, v token-major [N, H, D] after q_norm/k_norm and RoPE (one GEMM, _Stack); their
+    LoRA t = n1 @ A^T [N, rank] (None without LoRA); and what q_norm/k_norm's backward needs
+    ((q, k) before them and their rstd) or None."""
     B, T, D = call.docs.batch, call.docs.tokens, lay.head_dim
-    (q, tq), (k, tk), (v, tv) = (_linear(lin, n1) for lin in (lay.q, lay.k, lay.v))
+    out = _stack_matmul(lay.qkv, n1)
+    q, k, v = _stack_outputs(lay.qkv, out)
+    t = out[:, lay.qkv.out:lay.qkv.out + lay.qkv.rank].clone() if lay.qkv.rank else None
+    del out
     q, k = q.view(B, T, -1, D), k.view(B, T, -1, D)
     normed = None
     if lay.q_norm is not None:
@@ -353,7 +466,7 @@ def _qkv(lay: _Layer, call: _Call, n1: Tensor):
     rope_forward_(q, call.cos, call.sin)
     rope_forward_(k, call.cos, call.sin)
     N = B * T
-    return q.view(N, -1, D), k.view(N, -1, D), v.view(N, -1, D), (tq, tk, tv), normed
+    return q.view(N, -1, D), k.view(N, -1, D), v.view(N, -1, D), t, normed
 
 
 def _forward(lay: _Layer, call: _Call, x: Tensor, kernel: str):
@@ -375,9 +488,9 @@ def _forward(lay: _Layer, call: _Call, x: Tensor, kernel: str):
     y = t_down = None
     for s, e in _tiles(N, call.tile):
         n2 = _norm(lay.norm2, h[s:e])[0].to(cd)
-        m = swiglu_forward(_linear(lay.gate, n2)[0], _linear(lay.up, n2)[0])
+        m = _gate_up(lay, n2)[0]
         del n2
-        out, t = _linear(lay.down, m, residual=h[s:e])
+        out, t = _linear(lay.down, m.t(), residual=h[s:e])
         if e - s == N:  # one tile: its outputs are the layer's
             y, t_down = out, t
             continue
@@ -427,6 +540,14 @@ class _DecoderLayer(torch.autograd.Function):
         return (None, None, dx, *[grads.get(p) for p in lay.lora])
 
 
+def _gate_up(lay: _Layer, n2: Tensor) -> tuple[Tensor, Tensor]:
+    """(m, gu) for a tile n2 [n, H]: gu = [gate; up; t; 0] [rows, n] (transposed, so gate and up
+    are contiguous blocks of rows, one GEMM; LoRA added) and m = silu(gate) * up [I, n]."""
+    gu = _stack_matmul(lay.gate_up, n2, transposed=True)
+    inter = lay.gate.out_features
+    return swiglu_forward(gu[:inter], gu[inter:2 * inter]), gu
+
+
 def _mlp_backward(lay: _Layer, call: _Call, h: Tensor, dy: Tensor, t_down: Optional[Tensor],
                   grads: dict) -> Tensor:
     """dh = dy + d(mlp_block(h))/dh, over token tiles; LoRA gradients into grads."""
@@ -438,15 +559,20 @@ def _mlp_backward(lay: _Layer, call: _Call, h: Tensor, dy: Tensor, t_down: Optio
         ht = hf[s:e]
         n2, rstd = _norm(lay.norm2, ht)
         n2 = n2.to(cd)
-        (gate, t_gate), (up, t_up) = _linear(lay.gate, n2), _linear(lay.up, n2)
-        m = swiglu_forward(gate, up)
-        dm = _linear_backward(lay.down, dyf[s:e].to(cd), m, None if t_down is None else t_down[s:e], grads)
+        m, gu = _gate_up(lay, n2)  # [I, n], [rows, n]
+        dm = _stack_input_grad(lay.down_stack, [dyf[s:e].to(cd)], None if t_down is None else t_down[s:e], m,
+                               True, grads)
         del m
-        dgate, dup = swiglu_backward_(dm, gate, up)  # over gate and up
-        del dm, gate, up
-        dn2 = _linear_backward(lay.gate, dgate, n2, t_gate, grads)
-        dn2 = _linear_backward(lay.up, dup, n2, t_up, grads, dx=dn2)
-        del dgate, dup
+        stack, inter = lay.gate_up, lay.gate.out_features
+        swiglu_backward_(dm, gu[:inter], gu[inter:2 * inter])  # dgate, dup over gate and up
+        del dm
+        if stack.rank:  # dB from t's rows, then g over them: gu = [dgate; dup; g; 0]
+            g = stack.scaled_b(cd).t() @ gu[:stack.out]
+            stack.lora_grads(grads, lambda o, a: gu[o[0]:o[1]] @ gu[a[0]:a[1]].t(), g @ n2)
+            gu[stack.out:stack.out + stack.rank] = g
+            del g
+        dn2 = gu.t() @ stack.weight(cd)  # the zero rows of the stack kept gu's last rows at 0
+        del gu
         torch.add(dyf[s:e], _norm_backward(lay.norm2, dn2, ht, rstd), out=dh[s:e])
     return dh.view(B, T, H)
 
@@ -458,7 +584,7 @@ def _attention_backward(lay: _Layer, call: _Call, x: Tensor, o: Tensor, state: t
     N, cd, D = B * T, call.dtype, lay.head_dim
     n1, rstd1 = _norm(lay.norm1, x)
     n1 = n1.to(cd).view(N, H)
-    q, k, v, (tq, tk, tv), normed = _qkv(lay, call, n1)
+    q, k, v, t, normed = _qkv(lay, call, n1)
     do = _linear_backward(lay.o, dh.view(N, H).to(cd), o.view(N, -1), t_o, grads).view(o.shape)
     dq, dk, dv = attention_backward(do, q, k, v, o, state, call.docs, lay.scale, lay.window, kernel)
     del do, q, k, v, o
@@ -469,9 +595,8 @@ def _attention_backward(lay: _Layer, call: _Call, x: Tensor, o: Tensor, state: t
         q_in, q_rstd, k_in, k_rstd = normed
         dq = _norm_backward(lay.q_norm, dq, q_in, q_rstd)
         dk = _norm_backward(lay.k_norm, dk, k_in, k_rstd)
-    dn1 = _linear_backward(lay.q, dq.reshape(N, -1), n1, tq, grads, need_dx=need_dx)
-    dn1 = _linear_backward(lay.k, dk.reshape(N, -1), n1, tk, grads, dx=dn1, need_dx=need_dx)
-    dn1 = _linear_backward(lay.v, dv.reshape(N, -1), n1, tv, grads, dx=dn1, need_dx=need_dx)
+    dn1 = _stack_input_grad(lay.qkv, [dq.reshape(N, -1), dk.reshape(N, -1), dv.reshape(N, -1)], t, n1, False,
+                            grads, need_dx)
     del dq, dk, dv
     if not need_dx:
         return None

@@ -32,7 +32,7 @@ from .ops import nf4 as nf4_ops
 from .nf4_weight import NF4Weight
 
 __all__ = ["NF4Linear", "LoraConfig", "DEFAULT_TARGETS", "add_lora", "lora_parameters",
-           "replace_linears", "dequantized_weight", "workspace_bytes"]
+           "replace_linears", "dequantized_weight", "workspace_bytes", "dequantize_stacked"]
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -67,12 +67,34 @@ def workspace_bytes() -> int:
     return sum(b.numel() * b.element_size() for b in WORKSPACE.buffers.values())
 
 
-def _dequantize(packed, absmax, code, nested_absmax, nested_code, nested_offset, meta, dtype, use_workspace):
+def _dequantize(packed, absmax, code, nested_absmax, nested_code, nested_offset, meta, dtype, use_workspace,
+                out: Optional[Tensor] = None):
+    """The weight in `dtype`: into `out` when given (eager only), else into the shared workspace
+    (use_workspace) or a new tensor."""
     blocksize, nested_blocksize, shape, float_absmax = meta
     if float_absmax:
         absmax = absmax.view(torch.float32)
+    if out is not None and (tuple(out.shape) != tuple(shape) or out.dtype != dtype):
+        raise ValueError(f"dequantize: out is {tuple(out.shape)} {out.dtype}, the weight {tuple(shape)} {dtype}")
     return nf4_ops.dequantize(packed, absmax, code, blocksize, nested_absmax, nested_code, nested_offset,
-                              nested_blocksize, shape, dtype, workspace=WORKSPACE if use_workspace else None)
+                              nested_blocksize, shape, dtype, out=out, workspace=WORKSPACE if use_workspace else None)
+
+
+def dequantize_stacked(weights: list, rows: int, dtype: torch.dtype) -> Tensor:
+    """NF4 weights of equal in_features dequantized one below the other into the shared workspace,
+    as one [rows, in_features] matrix (rows >= their rows together; the rows after theirs are left
+    for the caller to fill). Valid until the next dequantization into the workspace."""
+    in_features = weights[0].shape[1]
+    stacked = sum(w.shape[0] for w in weights)
+    if any(w.shape[1] != in_features for w in weights) or rows < stacked:
+        raise ValueError(f"dequantize_stacked: weights {[tuple(w.shape) for w in weights]} do not stack "
+                         f"into {rows} rows")
+    out = WORKSPACE.get((rows, in_features), dtype, weights[0].device)
+    start = 0
+    for w in weights:
+        _dequantize(*w.storage_args(), dtype, False, out=out[start:start + w.shape[0]])
+        start += w.shape[0]
+    return out
 
 
 class _NF4Matmul(torch.autograd.Function):

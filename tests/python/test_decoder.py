@@ -200,12 +200,15 @@ def test_training_steps_follow_todays_checkpointed_path():
 
 
 def test_backward_recomputes_only_norms_qkv_and_gate_up(monkeypatch):
-    """o_proj, down_proj and the attention forward run once per layer (in forward), never in backward."""
+    """o_proj, down_proj and the attention forward run once per layer (in forward), never in backward;
+    q/k/v and gate/up are recomputed once, each group as one GEMM (decoder._Stack)."""
     model = tiny("llama", layers=3)
     off = decoder.enable(model, tile_tokens=None)
     forward_calls = []
-    linear, attn = decoder._linear, decoder.attention_forward
+    linear, stacked, attn = decoder._linear, decoder._stack_matmul, decoder.attention_forward
     monkeypatch.setattr(decoder, "_linear", lambda lin, *a, **k: forward_calls.append(lin) or linear(lin, *a, **k))
+    monkeypatch.setattr(decoder, "_stack_matmul",
+                        lambda stack, *a, **k: forward_calls.append(stack.lins) or stacked(stack, *a, **k))
     monkeypatch.setattr(decoder, "attention_forward",
                         lambda *a, **k: forward_calls.append("attention") or attn(*a, **k))
     ids = torch.randint(0, 101, (2, 13))
@@ -217,10 +220,45 @@ def test_backward_recomputes_only_norms_qkv_and_gate_up(monkeypatch):
     assert in_forward.count("attention") == 3 and forward_calls.count("attention") == 0
     for layer in layers:
         a, m = layer.self_attn, layer.mlp
+        assert in_forward.count((a.q_proj, a.k_proj, a.v_proj)) == 1 and in_forward.count((m.gate_proj, m.up_proj)) == 1
+        assert in_forward.count(a.o_proj) == 1 and in_forward.count(m.down_proj) == 1
         assert [c for c in forward_calls if c in (a.o_proj, m.down_proj)] == []
-        for lin in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
-            assert forward_calls.count(lin) == 1
+        assert forward_calls.count((a.q_proj, a.k_proj, a.v_proj)) == 1
+        assert forward_calls.count((m.gate_proj, m.up_proj)) == 1
+    assert len(forward_calls) == 2 * len(layers)
     assert off.fused == 3
+
+
+def test_stacks_with_mixed_lora_ranks_and_biases_equal_plain_training():
+    """q/k/v and gate/up each run as one GEMM over stacked weights and LoRA A's (decoder._Stack):
+    projections without LoRA, different odd ranks (the stack's rows padded) and biases on every
+    projection keep the loss and every LoRA gradient of plain training."""
+    ref = tiny("llama", attention_bias=True, mlp_bias=True, intermediate=45)
+    gen = torch.Generator().manual_seed(4)
+    for layer in ref.model.layers:
+        for lin in (layer.self_attn.k_proj, layer.mlp.gate_proj):  # NF4 without LoRA
+            lin.lora_A = lin.lora_B = None
+            lin.r = 0
+        for lin, r in ((layer.self_attn.v_proj, 3), (layer.mlp.up_proj, 5)):
+            lin.add_lora(r, alpha=7.0, generator=gen)
+            with torch.no_grad():
+                lin.lora_B.weight.normal_(0, 0.05, generator=gen)
+    stack = decoder._Stack(ref.model.layers[0].self_attn.q_proj, ref.model.layers[0].self_attn.k_proj,
+                           ref.model.layers[0].self_attn.v_proj)
+    assert (stack.rank, stack.rows % decoder.STACK_ROW_ALIGN) == (4 + 3, 0) and stack.rows > stack.out + stack.rank
+    ours = copy.deepcopy(ref)
+    assert decoder.enable(ours, tile_tokens=7).fused == 2
+    ids = torch.randint(0, 101, (2, 19), generator=gen)
+    losses = []
+    for m in (ref, ours):
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    g_ref, g_ours = lora_grads(ref), lora_grads(ours)
+    assert len(g_ref) == 2 * 5 * 2 and g_ref.keys() == g_ours.keys()
+    for n in g_ref:
+        torch.testing.assert_close(g_ours[n], g_ref[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
 def test_offloaded_bytes_are_x_o_lse_and_h():

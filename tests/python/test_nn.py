@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from qforge import nf4
-from qforge.nn import WORKSPACE, NF4Linear, add_lora, lora_parameters, replace_linears
+from qforge.nn import WORKSPACE, NF4Linear, add_lora, dequantize_stacked, lora_parameters, replace_linears
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
@@ -135,6 +135,24 @@ def test_dequantized_weight_only_in_shared_workspace(rng):
         stored = [t for w in m.state_dict().values()
                   for t in ((w.packed, w.absmax) + w.constants() if hasattr(w, "packed") else (w,)) if t is not None]
         assert not any(t.is_floating_point() and t.numel() >= 256 * 256 for t in stored)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_stacked_is_the_weights_one_below_the_other_in_the_workspace(dtype, rng):
+    """Sibling weights (q/k/v, gate/up) dequantized into one [rows, in] workspace matrix: each
+    block equals its weight's own dequantization; rows past them are the caller's."""
+    WORKSPACE.clear()
+    lins = [NF4Linear.from_linear(torch.nn.Linear(128, n), compress_statistics=dq)
+            for n, dq in ((96, True), (32, False), (64, True))]
+    stacked = dequantize_stacked([m.weight for m in lins], 200, dtype)
+    assert stacked.shape == (200, 128) and stacked.dtype == dtype
+    assert stacked.data_ptr() == next(iter(WORKSPACE.buffers.values())).data_ptr()
+    torch.testing.assert_close(stacked[:192], torch.cat([m.dequantize(dtype) for m in lins]), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="do not stack into 100 rows"):
+        dequantize_stacked([m.weight for m in lins], 100, dtype)
+    other = NF4Linear.from_linear(torch.nn.Linear(64, 32))
+    with pytest.raises(ValueError, match="do not stack"):
+        dequantize_stacked([lins[0].weight, other.weight], 200, dtype)
 
 
 def test_add_lora_targets_and_freezing():
