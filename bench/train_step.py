@@ -501,8 +501,10 @@ def main():
     if max_seq:
         out["max_seq"] = max_seq
     if a.prompt_heavy:
-        out["prompt_heavy"] = dict(prompt_heavy, config=dict(seq=a.seq, batch=a.batch, prompt_fraction=PROMPT_FRACTION,
-                                                             conversation_tokens="256..1023, packed"))
+        out["prompt_heavy"] = dict(prompt_heavy, config=dict(
+            seq=a.seq, batch=a.batch, prompt_fraction=PROMPT_FRACTION, conversation_tokens="256..1023, packed",
+            qforge_loss="fused linear + cross-entropy; masked rows compacted out before the lm_head GEMMs "
+                        "(qforge.loss compact=True)"))
     out["total_wall_s"] = time.time() - t_start
     path = Path(a.out)
     path.parent.mkdir(parents=True, exist_ok=True)
