@@ -377,12 +377,12 @@ def _stack_outputs(stack: _Stack, out: Tensor) -> list:
     return outputs
 
 
-def _stack_input_grad(stack: _Stack, dys: list, t: Optional[Tensor], x: Tensor, x_rows: bool, grads: dict,
-                      need_dx: bool = True) -> Optional[Tensor]:
-    """Backward of a stack given each projection's output gradient dY_i [n, out_i], t = x @ A^T
-    [n, rank] of its forward and its input x ([n, in], or [in, n] with x_rows): LoRA gradients
-    into grads and dx = [dY_1, ..., dY_p, g] @ stack in one GEMM ([in, n] with x_rows; None when
-    not need_dx)."""
+def _stack_output_grads(stack: _Stack, dys: list, t: Optional[Tensor], x: Tensor, x_rows: bool,
+                        grads: dict) -> Tensor:
+    """Backward of a stack up to its input gradient, given each projection's output gradient
+    dY_i [n, out_i], t = x @ A^T [n, rank] of its forward and its input x ([n, in], or [in, n]
+    with x_rows): adds the LoRA gradients into grads and returns [dY_1, ..., dY_p, g, 0]
+    [n, rows] with g_i = dY_i @ (s_i B_i), for _stack_input_grad (x is no longer needed)."""
     n = dys[0].shape[0]
     dyg = torch.empty(n, stack.rows, dtype=dys[0].dtype, device=dys[0].device)
     for dy, (s, e) in zip(dys, stack.outputs):
@@ -392,9 +392,12 @@ def _stack_input_grad(stack: _Stack, dys: list, t: Optional[Tensor], x: Tensor, 
         stack.lora_grads(grads, lambda o, a: dyg[:, o[0]:o[1]].t() @ t[:, a[0] - stack.out:a[1] - stack.out],
                          g.t() @ (x.t() if x_rows else x))
         dyg[:, stack.out:stack.out + stack.rank] = g
-    if not need_dx:
-        return None
     dyg[:, stack.out + stack.rank:].zero_()
+    return dyg
+
+
+def _stack_input_grad(stack: _Stack, dyg: Tensor, x_rows: bool) -> Tensor:
+    """dx = [dY_1, ..., dY_p, g, 0] @ stack, one GEMM with K = rows ([in, n] with x_rows)."""
     w = stack.weight(dyg.dtype)
     return w.t() @ dyg.t() if x_rows else dyg @ w
 
@@ -560,9 +563,11 @@ def _mlp_backward(lay: _Layer, call: _Call, h: Tensor, dy: Tensor, t_down: Optio
         n2, rstd = _norm(lay.norm2, ht)
         n2 = n2.to(cd)
         m, gu = _gate_up(lay, n2)  # [I, n], [rows, n]
-        dm = _stack_input_grad(lay.down_stack, [dyf[s:e].to(cd)], None if t_down is None else t_down[s:e], m,
-                               True, grads)
+        dyg = _stack_output_grads(lay.down_stack, [dyf[s:e].to(cd)], None if t_down is None else t_down[s:e], m,
+                                  True, grads)
         del m
+        dm = _stack_input_grad(lay.down_stack, dyg, True)  # [I, n], as gate and up
+        del dyg
         stack, inter = lay.gate_up, lay.gate.out_features
         swiglu_backward_(dm, gu[:inter], gu[inter:2 * inter])  # dgate, dup over gate and up
         del dm
@@ -595,11 +600,13 @@ def _attention_backward(lay: _Layer, call: _Call, x: Tensor, o: Tensor, state: t
         q_in, q_rstd, k_in, k_rstd = normed
         dq = _norm_backward(lay.q_norm, dq, q_in, q_rstd)
         dk = _norm_backward(lay.k_norm, dk, k_in, k_rstd)
-    dn1 = _stack_input_grad(lay.qkv, [dq.reshape(N, -1), dk.reshape(N, -1), dv.reshape(N, -1)], t, n1, False,
-                            grads, need_dx)
-    del dq, dk, dv
+    dyg = _stack_output_grads(lay.qkv, [dq.reshape(N, -1), dk.reshape(N, -1), dv.reshape(N, -1)], t, n1, False,
+                              grads)
+    del dq, dk, dv, t, n1
     if not need_dx:
         return None
+    dn1 = _stack_input_grad(lay.qkv, dyg, False)
+    del dyg
     return dh.add_(_norm_backward(lay.norm1, dn1.view(B, T, H), x, rstd1))
 
 
