@@ -23,9 +23,11 @@ attention time.
 
 The MLP block works over token tiles of ``tile_tokens`` (forward and backward), so nothing of
 size tokens x intermediate outlives a tile. RMSNorm, SwiGLU and RoPE are qforge.layer's fused
-kernels (one pass each; their raw forward/backward functions). LoRA adds into the base GEMM's output
-(``out.addmm_(x @ A^T, B^T, alpha=scaling)``) and its gradients are written by hand; each NF4
-weight is dequantized into qforge.nn's shared workspace once per use.
+kernels (one pass each; their raw forward/backward functions). q/k/v and gate/up each run as one
+GEMM over their NF4 weights and LoRA A matrices stacked in qforge.nn's shared workspace
+(``_Stack``; backward's input gradient is one GEMM too); o_proj and down_proj add LoRA into the
+base GEMM's output (``out.addmm_(x @ A^T, B^T, alpha=scaling)``). LoRA gradients are written by
+hand; each NF4 weight is dequantized once per use.
 
 Attention: packed rows become cu_seqlens (document starts where position_ids do not continue,
 qforge.attention.cu_seqlens_from_position_ids; never a T x T mask), grouped-query attention by
