@@ -268,7 +268,9 @@ def matmul_tflops(device) -> float:
 
 
 # ------------------------------------------------------------------ parent: one process per run
-def run_child(a, impl, seq, batch, warmup, steps, prompt_heavy, deadline) -> dict:
+def run_child(a, impl, seq, batch, warmup, steps, prompt_heavy, deadline, unsloth_missing=None) -> dict:
+    if impl == "unsloth" and unsloth_missing:
+        return dict(error=unsloth_missing, limit="time" if "Timeout" in unsloth_missing else "error")
     out = Path(a.workdir) / f"child_{impl}_{seq}x{batch}{'_ph' if prompt_heavy else ''}.json"
     out.unlink(missing_ok=True)
     argv = [sys.executable, os.path.abspath(__file__), "--_child", impl, "--_child-out", str(out),
@@ -305,15 +307,16 @@ def run_child(a, impl, seq, batch, warmup, steps, prompt_heavy, deadline) -> dic
     return result
 
 
-def unsloth_model_dir(a) -> str:
-    """The anchor's random Llama-3.1-8B-shaped checkpoint (written once per host, in a subprocess)."""
+def unsloth_model_dir(a, deadline: float) -> str:
+    """The anchor's random Llama-3.1-8B-shaped checkpoint (written once per host, in a subprocess
+    that ends by the bench's deadline)."""
     script = Path(__file__).resolve().parent / "unsloth" / "bench_unsloth.py"
     if not Path(a.unsloth_anchor, "site").is_dir():
         raise FileNotFoundError(f"{a.unsloth_anchor}/site is missing: build the Unsloth bundle (see this file's doc)")
     model_dir = Path(a.workdir, f"llama31_8b_random_L{a.layers}")
     env = dict(os.environ, PYTHONPATH=str(Path(a.unsloth_anchor, "site").resolve()))
     subprocess.run([sys.executable, str(script), "--_build", "--model-dir", str(model_dir), "--layers", str(a.layers),
-                    "--workdir", a.workdir], env=env, check=True)
+                    "--workdir", a.workdir], env=env, check=True, timeout=max(10.0, deadline - time.time()))
     return str(model_dir)
 
 
@@ -432,11 +435,15 @@ def main():
     impls = [i for i in a.impls.split(",") if i]
     every = set(impls) | set(a.long_impls.split(",") if a.long_context else []) | \
         set(a.prompt_impls.split(",") if a.prompt_heavy else []) | set(a.max_seq_probe.split(","))
+    unsloth_missing = None  # why Unsloth cannot run: its runs are reported as errors, the others still run
     if "unsloth" in every and not a.unsloth_model_dir:
-        a.unsloth_model_dir = unsloth_model_dir(a)
+        try:
+            a.unsloth_model_dir = unsloth_model_dir(a, deadline)
+        except (OSError, subprocess.SubprocessError) as e:
+            unsloth_missing = f"the Unsloth checkpoint was not written: {type(e).__name__}: {e}"[-600:]
     results = {}
     for name in impls:
-        results[name] = run_child(a, name, a.seq, a.batch, a.warmup, a.steps, False, deadline)
+        results[name] = run_child(a, name, a.seq, a.batch, a.warmup, a.steps, False, deadline, unsloth_missing)
     summarise(results, "peft_bitsandbytes")
     summarise(results, "unsloth")
     base = results.get("peft_bitsandbytes")
@@ -451,7 +458,7 @@ def main():
     warmups = warmups * len(lengths) if len(warmups) == 1 else warmups
     for seq, warm in zip(lengths, warmups):
         for name in a.long_impls.split(","):
-            r = run_child(a, name, seq, 1, warm, a.long_steps, False, deadline)
+            r = run_child(a, name, seq, 1, warm, a.long_steps, False, deadline, unsloth_missing)
             long_context.append(dict(impl=name, seq=seq, tokens_per_s=r.get("tokens_per_s"), peak_gib=r.get("peak_gib"),
                                      host_peak_gib=r.get("host_peak_gib"), step_s=[t / 1e3 for t in r.get("step_ms", [])],
                                      first_step_s=(r["first_step_ms"] / 1e3 if "first_step_ms" in r else None),
@@ -460,14 +467,14 @@ def main():
     max_seq = {}
     for name in [i for i in a.max_seq_probe.split(",") if i]:
         def attempt(seq, name=name):
-            r = run_child(a, name, seq, 1, 0, 1, False, deadline)
+            r = run_child(a, name, seq, 1, 0, 1, False, deadline, unsloth_missing)
             return r.get("limit") if "error" in r else None
 
         max_seq[name] = probe_max_seq(attempt, a.probe_start, a.probe_max, a.probe_resolution)
     prompt_heavy = {}
     if a.prompt_heavy:
         for name in a.prompt_impls.split(","):
-            prompt_heavy[name] = run_child(a, name, a.seq, a.batch, a.warmup, a.steps, True, deadline)
+            prompt_heavy[name] = run_child(a, name, a.seq, a.batch, a.warmup, a.steps, True, deadline, unsloth_missing)
         summarise(prompt_heavy, "unsloth")
 
     record = environment(["transformers", "peft", "bitsandbytes"])

@@ -56,3 +56,22 @@ def test_reaching_the_maximum_and_failing_at_the_start():
 def test_bad_arguments_are_rejected(args):
     with pytest.raises(ValueError, match="probe_max_seq"):
         bench.probe_max_seq(lambda s: None, *args)
+
+
+def test_a_missing_unsloth_bundle_is_reported_and_the_other_runs_still_run(tmp_path):
+    """Without the Unsloth bundle its entry says why; qforge's run and the JSON still come out."""
+    import json
+    import subprocess
+
+    pytest.importorskip("transformers")
+    from conftest import child_env
+
+    out = tmp_path / "train_step.json"
+    argv = [sys.executable, str(BENCH / "train_step.py"), "--device", "cpu", "--layers", "1", "--hidden", "32",
+            "--intermediate", "48", "--heads", "2", "--kv-heads", "1", "--vocab", "64", "--seq", "16", "--batch", "1",
+            "--steps", "1", "--warmup", "0", "--impls", "qforge,unsloth", "--fused-layers", "on",
+            "--unsloth-anchor", str(tmp_path / "no-bundle"), "--workdir", str(tmp_path), "--out", str(out)]
+    subprocess.run(argv, env=child_env(), check=True, timeout=300, capture_output=True)
+    record = json.loads(out.read_text())
+    assert record["qforge"]["tokens_per_s"] > 0 and "error" not in record["qforge"]
+    assert "site is missing" in record["unsloth"]["error"] and "tokens_per_s" not in record["unsloth"]
