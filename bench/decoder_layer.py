@@ -2,7 +2,7 @@
 step with fused decoder layers against plain checkpointed layers, with the top kernels by GPU
 time of each (torch.profiler).
 
-  python bench/decoder_layer.py [--layers 8] [--seq 2048] [--batch 2] [--steps 3]
+  python bench/decoder_layer.py [--layers 8] [--seq 2048] [--batch 2] [--steps 3] [--fused off,on]
       [--out bench/results/decoder_layer.json]
 
 1. Attention: `decoder.attention_forward/backward` with each CUDA kernel (flash with cu_seqlens,
@@ -128,6 +128,7 @@ def main():
     ap.add_argument("--offload", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--skip-step", action="store_true")
+    ap.add_argument("--fused", default="off,on", help="which steps to run: off (checkpointed), on (fused layers)")
     ap.add_argument("--out", default="bench/results/decoder_layer.json")
     a = ap.parse_args()
     a.prompt_heavy = False
@@ -145,7 +146,9 @@ def main():
                              kv_heads=a.kv_heads, seq=a.seq, batch=a.batch, lora_r=a.rank, offload=a.offload,
                              tile=a.tile, attention="cudnn preferred", autocast="bf16")
         out["step"] = {}
-        for fused in ("off", "on"):
+        for fused in a.fused.split(","):
+            if fused not in ("off", "on"):
+                raise SystemExit(f"--fused: expected off and/or on, got {fused!r}")
             out["step"][fused] = step_bench(a, fused, device)
             r = out["step"][fused]
             print(f"fused {fused}: {r['tokens_per_s']:.0f} tok/s, peak {r['peak_gib']:.2f} GiB, losses {r['losses']}",
