@@ -69,7 +69,7 @@ def workspace_bytes() -> int:
 
 def _dequantize(packed, absmax, code, nested_absmax, nested_code, nested_offset, meta, dtype, use_workspace,
                 out: Optional[Tensor] = None):
-    """The weight in `dtype`: into `out` when given (eager only), else into the shared workspace
+    """The weight in `dtype`: into `out` when given, else into the shared workspace
     (use_workspace) or a new tensor."""
     blocksize, nested_blocksize, shape, float_absmax = meta
     if float_absmax:
