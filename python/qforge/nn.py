@@ -31,7 +31,7 @@ from . import nf4
 from .ops import nf4 as nf4_ops
 from .nf4_weight import NF4Weight
 
-__all__ = ["NF4Linear", "LoraConfig", "DEFAULT_TARGETS", "add_lora", "lora_parameters",
+__all__ = ["NF4Linear", "LoraConfig", "DEFAULT_TARGETS", "add_lora", "finish_lora", "lora_parameters",
            "replace_linears", "dequantized_weight", "workspace_bytes", "dequantize_stacked"]
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -334,17 +334,21 @@ def _peft_names(where: str, lora_alpha, lora_dropout, alpha, dropout, defaults: 
 
 def add_lora(model: nn.Module, r: int = 16, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
              target_modules: Iterable[str] = DEFAULT_TARGETS, use_rslora: bool = False,
-             lora_dtype: torch.dtype = torch.float32, seed: Optional[int] = None, *,
+             lora_dtype: torch.dtype = torch.float32, seed: Optional[int] = None,
+             generator: Optional[torch.Generator] = None, *,
              alpha: Optional[float] = None, dropout: Optional[float] = None) -> nn.Module:
     """Attach LoRA adapters to the NF4 layers named by ``target_modules`` (PEFT's
     matching: a module whose name ends in a target); freezes every other
     parameter. Returns the model. Raises ValueError when nothing matches.
     ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules`` and ``use_rslora`` mean
     what they mean in ``peft.LoraConfig``; ``alpha`` and ``dropout`` are deprecated
-    names of ``lora_alpha`` and ``lora_dropout``."""
+    names of ``lora_alpha`` and ``lora_dropout``. ``generator`` (instead of
+    ``seed``) draws the A matrices from a generator the caller keeps: adding LoRA
+    layer by layer with one generator gives the same weights as adding it to the
+    whole model at once."""
     lora_alpha, lora_dropout = _peft_names("add_lora", lora_alpha, lora_dropout, alpha, dropout, (16.0, 0.0))
     targets = list(target_modules)
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    gen = generator if generator is not None else torch.Generator().manual_seed(seed) if seed is not None else None
     hit, plain = [], []
     frozen = tuple(getattr(model, "qforge_frozen_prefixes", ()))  # a vision tower stays frozen
     for name, module in model.named_modules():
@@ -360,6 +364,17 @@ def add_lora(model: nn.Module, r: int = 16, lora_alpha: float = 16.0, lora_dropo
                          "load the model with qforge.load(..., load_in_4bit=True) first")
     if not hit:
         raise ValueError(f"add_lora: no module matches target_modules {targets}")
+    return finish_lora(model, r, lora_alpha, lora_dropout, use_rslora)
+
+
+def finish_lora(model: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                use_rslora: bool = False) -> nn.Module:
+    """The model-wide half of ``add_lora`` for adapters already attached (e.g.
+    layer by layer while loading): only LoRA weights train, no KV cache in
+    training forwards, ``model.qforge_lora`` describes the adapter."""
+    hit = [n for n, m in model.named_modules() if isinstance(m, NF4Linear) and m.lora_A is not None]
+    if not hit:
+        raise ValueError("finish_lora: the model has no LoRA adapter")
     for p in model.parameters():
         p.requires_grad_(False)
     for p in lora_parameters(model):

@@ -199,7 +199,8 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
     from .offload import enable as offload_checkpoints
     from .data import PackedBatches, builtin_dataset, read_jsonl, template_for, tokenize_records
     from .models import default_device, load, load_tokenizer
-    from .nn import add_lora, lora_parameters
+    from .models.loader import frozen_bytes
+    from .nn import add_lora, finish_lora, lora_parameters
     from .peft_io import load_adapter, save_adapter
 
     args = TrainArgs(**{**asdict(args or TrainArgs()), **overrides})
@@ -260,13 +261,23 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * batches.batches_per_epoch / accum))
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, total_steps // 20)
 
-    model = load(model_dir, dtype=dtype, max_seq_length=args.max_seq_length, device=device)
+    lora = dict(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                target_modules=args.target_modules)
+    if dctx:  # sharded start: each layer gets its adapter and its FSDP2 shard as soon as it is loaded
+        need = frozen_bytes(model_dir, dtype)
+        offload_params, why = distributed.choose_offload(args.offload, need, device, world)
+        keep, why_keep = distributed.choose_keep_gathered(offload_params, need, device)
+        model = load(model_dir, dtype=dtype, max_seq_length=args.max_seq_length, device=device,
+                     prepare_layer=distributed.layer_sharder(dctx, offload_params, lora, args.seed,
+                                                             reshard_after_forward=not keep))
+        finish_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
+    else:
+        model = load(model_dir, dtype=dtype, max_seq_length=args.max_seq_length, device=device)
+        add_lora(model, seed=args.seed, **lora)
     generate_attention = model.config._attn_implementation  # transformers' own, restored after training
     # the packer's boundaries go to qforge.attention as they are; fused layers (qforge.decoder) take
     # them from position_ids and would refuse the call with keywords they do not know
     takes_cu_seqlens = use_for_training(model, args.attention, device) and not fused
-    add_lora(model, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-             target_modules=args.target_modules, seed=args.seed)
     hf.patch_causal_lm(model, args.loss)  # full logits never exist in training
     offload_done = False  # whether transformers offloads the checkpointed layer inputs itself
     if fused:  # each layer saves x, h, o and the attention lse; backward re-runs only part of it
@@ -284,12 +295,11 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
             offload_done = args.offload_activations
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if dctx:  # FSDP2: each decoder layer, then the root
-        offload_params, why = distributed.choose_offload(args.offload, _frozen_bytes(model), device, world)
-        distributed.shard_model(model, dctx, offload=offload_params)
+    if dctx:  # FSDP2: the decoder layers are sharded, now the root
+        distributed.finish_sharding(model, dctx, offload=offload_params)
         if dctx.main:
             print(f"qforge train: FSDP2 over {world} ranks, CPU offload {'on' if offload_params else 'off'} "
-                  f"({why})", file=sys.stderr)
+                  f"({why}), {why_keep}", file=sys.stderr)
     compile_watch = None
     if args.compile:  # the whole model, one graph, its lengths dynamic
         from .compile import compile_for_training
@@ -543,17 +553,6 @@ def _nonfinite_message(step: int, what: str, output: Path, args: TrainArgs, in_a
                 f"{MAX_SKIPPED_IN_A_ROW}); stopped before updating or saving anything; {where}")
     return (f"step {step}: {what}; stopped before updating the adapter or saving anything; {where}. "
             "Resume from it (perhaps with a lower --lr), or pass --on-nonfinite skip to skip such steps")
-
-
-def _frozen_bytes(model) -> int:
-    """Bytes of the frozen weights (NF4 codes and statistics, 16-bit tensors)."""
-    total = 0
-    for p in model.parameters():
-        if p.requires_grad:
-            continue
-        parts = (p.packed, p.absmax) + p.constants() if hasattr(p, "packed") else (p,)
-        total += sum(t.numel() * t.element_size() for t in parts if t is not None)
-    return total
 
 
 def _save_checkpoint(output: Path, step: int, model, opt, args: TrainArgs, save_adapter,

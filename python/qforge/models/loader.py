@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import re
+from collections import defaultdict
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -20,6 +22,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3
 # and projector (everything else is the language model, quantized and adapted as usual)
 VISION_MODEL_TYPES = {"idefics3": ("model.vision_model.", "model.connector.")}
 _QUANT_KEY = "weight." + nf4.QUANT_STATE_KEY
+_LAYER = re.compile(r"(?:.*\.)?layers\.\d+")  # a decoder layer's module name (prefix of its tensors' names)
 
 
 def default_device() -> torch.device:
@@ -78,6 +81,15 @@ def _weight_files(path: Path) -> list[Path]:
         raise ValueError(f"{path}: only safetensors checkpoints are read (found .bin/.pt files; "
                          "convert with transformers' save_pretrained(safe_serialization=True))")
     raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def _open_safetensors(f: Path):
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(f), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
 
 
 def _bnb_config(raw: dict, where: Path) -> Optional[dict]:
@@ -146,7 +158,8 @@ def _is_quant_target(name: str, module: nn.Module, targets, frozen: tuple = ()) 
 
 def load(path, load_in_4bit: bool = True, dtype: torch.dtype = torch.bfloat16, max_seq_length: Optional[int] = None,
          device=None, blocksize: int = 64, compress_statistics: bool = True,
-         target_modules: Iterable[str] = DEFAULT_TARGETS, attn_implementation: Optional[str] = None):
+         target_modules: Iterable[str] = DEFAULT_TARGETS, attn_implementation: Optional[str] = None,
+         prepare_layer: Optional[Callable[[nn.Module], None]] = None):
     """A transformers ``*ForCausalLM`` from a local directory, its decoder-layer
     projections (``target_modules``) as frozen ``NF4Linear`` layers (or plain
     frozen 16-bit linears with ``load_in_4bit=False``). Embeddings, norms and the
@@ -158,8 +171,16 @@ def load(path, load_in_4bit: bool = True, dtype: torch.dtype = torch.bfloat16, m
     ``attn_implementation``: transformers' name ("qforge" once
     ``qforge.attention.register_with_transformers`` ran); None takes transformers' default for the
     family (sdpa, or eager for Gemma 2). Errors (missing/partial checkpoint, unsupported
-    architecture, truncated file) raise ValueError naming the file."""
-    from safetensors import SafetensorError, safe_open
+    architecture, truncated file) raise ValueError naming the file.
+
+    The model is built on the meta device and filled one decoder layer at a
+    time, then the rest (embeddings, final norm, ``lm_head``, a vision tower);
+    the files are mapped only while a layer is read. ``prepare_layer(layer)``
+    runs on each decoder layer as soon as it is loaded, before the next is read:
+    with FSDP2's ``fully_shard`` there (``qforge.distributed.shard_module``),
+    each rank frees the rows it does not own at once, so no rank ever holds more
+    than its shards plus one whole layer."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     path = Path(path)
@@ -181,78 +202,96 @@ def load(path, load_in_4bit: bool = True, dtype: torch.dtype = torch.bfloat16, m
     modules = dict(model.named_modules())
     quant_names = {n for n, m in modules.items() if load_in_4bit and _is_quant_target(n, m, targets, frozen)}
 
-    handles = {}
     key_file: dict[str, Path] = {}
-    try:
-        for f in files:
-            try:
-                handles[f] = safe_open(str(f), framework="pt", device="cpu")
-            except (SafetensorError, OSError) as e:
-                raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
-            for k in handles[f].keys():
-                key_file[k] = f
+    for f in files:
+        with _open_safetensors(f) as handle:
+            key_file.update((k, f) for k in handle.keys())
+    handles: dict[Path, object] = {}
 
-        def get(key: str) -> torch.Tensor:
-            try:
-                return handles[key_file[key]].get_tensor(key)
-            except (SafetensorError, OSError, RuntimeError) as e:
-                raise ValueError(f"{key_file[key]}: cannot read tensor '{key}' ({e})") from None
+    def get(key: str) -> torch.Tensor:
+        f = key_file[key]
+        try:
+            if f not in handles:
+                handles[f] = _open_safetensors(f)
+            return handles[f].get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ValueError(f"{f}: cannot read tensor '{key}' ({e})") from None
 
-        loaded = set()
-        unused: list[str] = []
-        for name in sorted(quant_names):
-            wkey = f"{name}.weight"
-            bkey = f"{name}.bias"
-            lin = modules[name]
-            if wkey not in key_file:
-                continue  # reported as missing below
-            bias = get(bkey).to(device, dtype) if bkey in key_file else None
-            if bias is None and lin.bias is not None:
-                continue
-            if f"{name}.{_QUANT_KEY}" in key_file:
-                tensors = {k: get(k) for k in key_file if k == wkey or k.startswith(wkey + ".")}
-                packed, state = nf4.from_state_dict(tensors, f"{name}.", device=device, where=str(key_file[wkey]))
-                if tuple(state.shape) != (lin.out_features, lin.in_features):
-                    raise ValueError(f"{key_file[wkey]}: '{wkey}' has shape {tuple(state.shape)}, the model "
-                                     f"expects {(lin.out_features, lin.in_features)}")
-                state.dtype = dtype
-                q = NF4Linear.from_quantized(packed, state, bias)
-            else:
-                if bnb is not None:
-                    raise ValueError(f"{key_file[wkey]}: '{wkey}' is not quantized in a bnb-4bit checkpoint")
-                w = get(wkey)
-                if tuple(w.shape) != (lin.out_features, lin.in_features):
-                    raise ValueError(f"{key_file[wkey]}: '{wkey}' has shape {tuple(w.shape)}, the model expects "
-                                     f"{(lin.out_features, lin.in_features)}")
-                q = NF4Linear.from_weight(w, bias, blocksize, compress_statistics, device=device, dtype=dtype)
-                del w
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent), leaf, q)
-            loaded.update(k for k in key_file if k == wkey or k.startswith(wkey + ".") or k == bkey)
+    loaded = set()
+    unused: list[str] = []
+    prepared: set[str] = set()  # layers handed to prepare_layer (which may add trainable weights)
 
-        for key in key_file:
-            if key in loaded:
-                continue
-            if key.endswith(_QUANT_KEY) or ".weight." in key:
-                owner = key.split(".weight.")[0]
-                if owner not in quant_names:
-                    raise ValueError(f"{key_file[key]}: '{owner}' is 4-bit in the checkpoint but not a quantizable "
-                                     f"projection of this model (targets {list(targets)})")
-                continue
-            mod_name, _, leaf = key.rpartition(".")
-            target = modules.get(mod_name)
-            if target is None or (leaf not in target._parameters and leaf not in target._buffers):
-                unused.append(key)
-                continue
-            t = get(key)
-            t = t.to(device, dtype) if t.is_floating_point() else t.to(device)
-            if leaf in target._parameters and target._parameters[leaf] is not None \
-                    and tuple(target._parameters[leaf].shape) != tuple(t.shape):
-                raise ValueError(f"{key_file[key]}: '{key}' has shape {tuple(t.shape)}, the model expects "
-                                 f"{tuple(target._parameters[leaf].shape)}")
-            _set_tensor(model, key, t)
-    finally:
-        handles.clear()
+    def load_quantized(name: str) -> None:
+        wkey, bkey = f"{name}.weight", f"{name}.bias"
+        lin = modules[name]
+        if wkey not in key_file:
+            return  # reported as missing below
+        bias = get(bkey).to(device, dtype) if bkey in key_file else None
+        if bias is None and lin.bias is not None:
+            return
+        if f"{name}.{_QUANT_KEY}" in key_file:
+            tensors = {k: get(k) for k in key_file if k == wkey or k.startswith(wkey + ".")}
+            packed, state = nf4.from_state_dict(tensors, f"{name}.", device=device, where=str(key_file[wkey]))
+            if tuple(state.shape) != (lin.out_features, lin.in_features):
+                raise ValueError(f"{key_file[wkey]}: '{wkey}' has shape {tuple(state.shape)}, the model "
+                                 f"expects {(lin.out_features, lin.in_features)}")
+            state.dtype = dtype
+            q = NF4Linear.from_quantized(packed, state, bias)
+        else:
+            if bnb is not None:
+                raise ValueError(f"{key_file[wkey]}: '{wkey}' is not quantized in a bnb-4bit checkpoint")
+            w = get(wkey)
+            if tuple(w.shape) != (lin.out_features, lin.in_features):
+                raise ValueError(f"{key_file[wkey]}: '{wkey}' has shape {tuple(w.shape)}, the model expects "
+                                 f"{(lin.out_features, lin.in_features)}")
+            q = NF4Linear.from_weight(w, bias, blocksize, compress_statistics, device=device, dtype=dtype)
+            del w
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, q)
+        loaded.update(k for k in key_file if k == wkey or k.startswith(wkey + ".") or k == bkey)
+
+    def load_plain(key: str) -> None:
+        if key.endswith(_QUANT_KEY) or ".weight." in key:
+            owner = key.split(".weight.")[0]
+            if owner not in quant_names:
+                raise ValueError(f"{key_file[key]}: '{owner}' is 4-bit in the checkpoint but not a quantizable "
+                                 f"projection of this model (targets {list(targets)})")
+            return
+        mod_name, _, leaf = key.rpartition(".")
+        target = modules.get(mod_name)
+        if target is None or (leaf not in target._parameters and leaf not in target._buffers):
+            unused.append(key)
+            return
+        t = get(key)  # a view of the mapped file: copied, so that the mapping goes with the layer
+        t = t.to(device, dtype, copy=True) if t.is_floating_point() else t.to(device, copy=True)
+        if leaf in target._parameters and target._parameters[leaf] is not None \
+                and tuple(target._parameters[leaf].shape) != tuple(t.shape):
+            raise ValueError(f"{key_file[key]}: '{key}' has shape {tuple(t.shape)}, the model expects "
+                             f"{tuple(target._parameters[leaf].shape)}")
+        _set_tensor(model, key, t)
+
+    # one unit per decoder layer (in order), then the rest of the model
+    layer_names = [n for n in modules if _LAYER.fullmatch(n)]
+    unit_of = lambda name: (_LAYER.match(name) or [None])[0]  # noqa: E731 - the layer a name belongs to, or None
+    keys_of, quant_of = defaultdict(list), defaultdict(list)
+    for k in key_file:
+        keys_of[unit_of(k)].append(k)
+    for n in sorted(quant_names):
+        quant_of[unit_of(n)].append(n)
+    for unit in sorted(layer_names, key=lambda n: int(n.rsplit(".", 1)[1])) + [None]:
+        try:
+            for name in quant_of[unit]:
+                load_quantized(name)
+            for key in [k for k in keys_of[unit] if k not in loaded]:
+                load_plain(key)
+        finally:
+            handles.clear()  # unmap the files: host memory holds one layer's tensors at most
+        layer = model.get_submodule(unit) if unit is not None else None
+        if prepare_layer is not None and layer is not None and not any(p.is_meta for p in layer.parameters()):
+            for p in layer.parameters():
+                p.requires_grad_(False)
+            prepare_layer(layer)  # (a layer left partial is named as missing below)
+            prepared.add(unit)
     _report_unused(unused, key_file, model, raw)
 
     if getattr(config, "tie_word_embeddings", False):
@@ -271,14 +310,39 @@ def load(path, load_in_4bit: bool = True, dtype: torch.dtype = torch.bfloat16, m
     if missing:
         raise ValueError(f"{path}: partial checkpoint: {len(missing)} tensors missing "
                          f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
-    for p in model.parameters():
-        p.requires_grad_(False)
+    for name, p in model.named_parameters():
+        if unit_of(name) not in prepared:
+            p.requires_grad_(False)
     model.config.dtype = dtype
     model.qforge_max_seq_length = max_seq_length or getattr(config.get_text_config(), "max_position_embeddings", None)
     model.qforge_source = str(path)
     model.qforge_frozen_prefixes = frozen
     model.eval()
     return model
+
+
+def frozen_bytes(path, dtype: torch.dtype = torch.bfloat16, target_modules: Iterable[str] = DEFAULT_TARGETS,
+                 blocksize: int = 64) -> int:
+    """Bytes the frozen model of a local directory takes once ``load`` has
+    quantized it (4-bit codes + one absmax byte per block for the target
+    projections, ``dtype`` for the rest), computed from config.json alone: what
+    a sharded start weighs before anything is read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    _read_config(path)
+    config = AutoConfig.from_pretrained(str(path))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    targets = tuple(target_modules)
+    quantized = {f"{n}.weight" for n, m in model.named_modules() if _is_quant_target(n, m, targets)}
+    total = 0
+    for name, t in model.named_parameters():  # tied weights once
+        n = t.numel()
+        total += (n + 1) // 2 + -(-n // blocksize) if name in quantized else n * dtype.itemsize
+    return total
 
 
 def load_tokenizer(path):
