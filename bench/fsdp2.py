@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,54 @@ SHAPES = {
 }
 PEAK_FLOPS = 989e12
 PHRASE = 64
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class CollectiveBytes:
+    """Bytes this rank receives through all-gathers and reduce-scatters (the
+    output of each call), counted by wrapping torch.distributed's functions
+    that FSDP2 calls (their names differ between torch versions)."""
+
+    NAMES = {"all_gather_into_tensor": "all_gather", "all_gather_single": "all_gather",
+             "_all_gather_base": "all_gather", "reduce_scatter_tensor": "reduce_scatter",
+             "reduce_scatter_single": "reduce_scatter", "_reduce_scatter_base": "reduce_scatter"}
+
+    def __init__(self):
+        self.bytes = {"all_gather": 0, "reduce_scatter": 0}
+        self.calls = {"all_gather": 0, "reduce_scatter": 0}
+        self._saved = {}
+
+    def __enter__(self):
+        import torch.distributed as dist
+
+        for name, kind in self.NAMES.items():
+            fn = getattr(dist, name, None)
+            if fn is None:
+                continue
+            self._saved[name] = fn
+
+            def counted(*args, _fn=fn, _kind=kind, **kwargs):
+                out = kwargs.get("output_tensor", kwargs.get("output", args[0] if args else None))
+                if isinstance(out, torch.Tensor):
+                    self.bytes[_kind] += out.numel() * out.element_size()
+                    self.calls[_kind] += 1
+                return _fn(*args, **kwargs)
+
+            setattr(dist, name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        import torch.distributed as dist
+
+        for name, fn in self._saved.items():
+            setattr(dist, name, fn)
+        return False
+
+    def take(self) -> tuple[dict, dict]:
+        out = dict(self.bytes), dict(self.calls)
+        self.bytes = dict.fromkeys(self.bytes, 0)
+        self.calls = dict.fromkeys(self.calls, 0)
+        return out
 
 
 def meta_llama(shape: str, layers: int | None):
@@ -81,7 +130,7 @@ def materialise_root(model, cfg, device, seed: int) -> None:
 
 
 def build_model(shape: str, layers: int | None, device, ctx, offload: bool, lora_r: int, seed: int = 0,
-                reshard: bool = True):
+                reshard: bool = True, prefetch: int = 1):
     from qforge import distributed, hf
     from qforge.nn import DEFAULT_TARGETS, LoraConfig, NF4Linear, replace_linears
 
@@ -105,37 +154,31 @@ def build_model(shape: str, layers: int | None, device, ctx, offload: bool, lora
     hf.patch_causal_lm(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if ctx is not None:
-        distributed.shard_module(model, ctx, offload)
+        distributed.shard_root(model, ctx, offload)
+        distributed.set_prefetch(list(model.model.layers), prefetch)
     model.train()
     return model, cfg
 
 
-def build_peft_bnb_model(shape: str, layers: int | None, device, ctx, lora_r: int, seed: int = 0):
-    """The ecosystem's way, for comparison: transformers' Llama with bitsandbytes
-    Linear4bit layers (NF4, double quant, quant_storage=bfloat16 so FSDP can
-    flatten them), a peft LoRA adapter, and FSDP2 per decoder layer + root as
-    accelerate's FSDP2 plugin applies it (fsdp_version 2, auto_wrap on
-    LlamaDecoderLayer, bf16 mixed precision)."""
-    import bitsandbytes as bnb
-    import peft
-
+def build_bf16_model(shape: str, layers: int | None, device, ctx, lora_r: int, seed: int = 0):
+    """The same model with frozen bf16 projections (peft LoRA, fp32 adapter
+    masters) under FSDP2 with a bf16 MixedPrecisionPolicy, as accelerate runs a
+    16-bit LoRA job: the reference of the all-gather traffic."""
     model, cfg = meta_llama(shape, layers)
-    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     for i, layer in enumerate(model.model.layers):
         materialise(layer, device, seed, i + 1)
-        for name, m in list(layer.named_modules()):
-            if name.rsplit(".", 1)[-1] in targets:
-                q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=False, compute_dtype=torch.bfloat16,
-                                      compress_statistics=True, quant_type="nf4", quant_storage=torch.bfloat16,
-                                      device="meta")
-                q.weight = bnb.nn.Params4bit(m.weight.data, requires_grad=False, compress_statistics=True,
-                                             quant_type="nf4", quant_storage=torch.bfloat16).to(device)
-                parent, _, leaf = name.rpartition(".")
-                setattr(layer.get_submodule(parent), leaf, q)
     materialise_root(model, cfg, device, seed)
-    model.is_loaded_in_4bit = True
-    model = peft.get_peft_model(model, peft.LoraConfig(r=lora_r, lora_alpha=lora_r, target_modules=list(targets),
-                                                       task_type="CAUSAL_LM"))
+    return peft_fsdp2(model, ctx, lora_r), cfg
+
+
+def peft_fsdp2(model, ctx, lora_r: int):
+    """A peft LoRA adapter on all 7 projections, gradient checkpointing, and FSDP2
+    per decoder layer + root with bf16 mixed precision, as accelerate's FSDP2
+    plugin applies it (fsdp_version 2, auto_wrap on LlamaDecoderLayer)."""
+    import peft
+
+    model = peft.get_peft_model(model, peft.LoraConfig(r=lora_r, lora_alpha=lora_r, task_type="CAUSAL_LM",
+                                                       target_modules=list(LORA_TARGETS)))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     if ctx is not None:
@@ -146,7 +189,30 @@ def build_peft_bnb_model(shape: str, layers: int | None, device, ctx, lora_r: in
             fully_shard(layer, mesh=ctx.mesh, mp_policy=mp)
         fully_shard(model, mesh=ctx.mesh, mp_policy=mp)
     model.train()
-    return model, cfg
+    return model
+
+
+def build_peft_bnb_model(shape: str, layers: int | None, device, ctx, lora_r: int, seed: int = 0):
+    """The ecosystem's way, for comparison: transformers' Llama with bitsandbytes
+    Linear4bit layers (NF4, double quant, quant_storage=bfloat16 so FSDP can
+    flatten them), then ``peft_fsdp2`` (peft LoRA, FSDP2 as accelerate applies it)."""
+    import bitsandbytes as bnb
+
+    model, cfg = meta_llama(shape, layers)
+    for i, layer in enumerate(model.model.layers):
+        materialise(layer, device, seed, i + 1)
+        for name, m in list(layer.named_modules()):
+            if name.rsplit(".", 1)[-1] in LORA_TARGETS:
+                q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                      compress_statistics=True, quant_type="nf4", quant_storage=torch.bfloat16,
+                                      device="meta")
+                q.weight = bnb.nn.Params4bit(m.weight.data, requires_grad=False, compress_statistics=True,
+                                             quant_type="nf4", quant_storage=torch.bfloat16).to(device)
+                parent, _, leaf = name.rpartition(".")
+                setattr(layer.get_submodule(parent), leaf, q)
+    materialise_root(model, cfg, device, seed)
+    model.is_loaded_in_4bit = True
+    return peft_fsdp2(model, ctx, lora_r), cfg
 
 
 def micro_batch(index: int, batch: int, seq: int, vocab: int) -> torch.Tensor:
@@ -176,11 +242,17 @@ def run(a) -> dict:
     if a.stack == "peft_bnb":
         model, cfg = build_peft_bnb_model(a.model, a.layers, device, ctx, a.lora_r)
         fpt = float("nan")
+    elif a.stack == "bf16":
+        model, cfg = build_bf16_model(a.model, a.layers, device, ctx, a.lora_r)
+        fpt = float("nan")
     else:
-        model, cfg = build_model(a.model, a.layers, device, ctx, a.offload, a.lora_r, reshard=not a.keep_gathered)
+        model, cfg = build_model(a.model, a.layers, device, ctx, a.offload, a.lora_r, reshard=not a.keep_gathered,
+                                 prefetch=a.prefetch)
         fpt = flops_per_token(model, cfg, a.seq)
     sync()
     build_s = time.perf_counter() - t0
+    build_peak_gib = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0
+    build_host_peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
     accum = a.grad_accum * world
@@ -189,8 +261,17 @@ def run(a) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     peak_gib = (lambda: torch.cuda.max_memory_allocated(device) / 2**30) if cuda else (lambda: 0.0)
     deadline = time.perf_counter() + a.max_seconds
+    counter = CollectiveBytes().__enter__() if ctx else None
+    step_bytes = []
+    profiler = None
     for step in range(a.steps):
+        if a.profile and step == a.warmup:
+            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                          torch.profiler.ProfilerActivity.CUDA])
+            profiler.__enter__()
         sync()
+        if counter:
+            counter.take()  # what the step before sent, and anything in between
         t = time.perf_counter()
         n_items = accum * a.batch * (a.seq - 1)
         loss_sum = torch.zeros((), device=device)
@@ -207,15 +288,25 @@ def run(a) -> dict:
         opt.zero_grad(set_to_none=True)
         sync()
         times.append(time.perf_counter() - t)
+        if counter:
+            step_bytes.append(counter.take())
+        if profiler is not None:
+            profiler.step()
         losses.append(float(loss_sum))
         tokens = accum * a.batch * a.seq
         if rank == 0:
             print(f"[{a.name}] step {step + 1} loss {losses[-1]:.5f} {times[-1]:.3f}s "
                   f"mem {peak_gib():.2f}GiB", flush=True)
+        if profiler is not None and step + 1 >= a.warmup + a.profile:
+            profiler.__exit__(None, None, None)
+            write_profile(profiler, a, rank)
+            profiler = None
         if time.perf_counter() > deadline:
             if rank == 0:
                 print(f"[{a.name}] stopping after {step + 1} steps: --max-seconds {a.max_seconds}", flush=True)
             break
+    if counter:
+        counter.__exit__(None, None, None)
     timed = times[a.warmup:] if len(times) > a.warmup else times[-1:]
     step_s = sum(timed) / len(timed)
     peak = peak_gib()
@@ -228,7 +319,16 @@ def run(a) -> dict:
               "tokens_per_s": round(tps, 1), "tokens_per_s_per_gpu": round(tps / world, 1),
               "mfu": round(tps * fpt / (PEAK_FLOPS * world), 4) if fpt == fpt else None,
               "flops_per_token": fpt if fpt == fpt else None,
-              "peak_gib_per_rank": [round(p, 3) for p in peaks], "build_s": round(build_s, 1), "losses": losses}
+              "peak_gib_per_rank": [round(p, 3) for p in peaks], "build_s": round(build_s, 1),
+              "build_peak_gib_per_rank": [round(p, 3) for p in (ctx.gather(build_peak_gib) if ctx else
+                                                                 [build_peak_gib])],
+              "build_host_peak_gib_per_rank": [round(p, 3) for p in (ctx.gather(build_host_peak_gib) if ctx else
+                                                                      [build_host_peak_gib])],
+              "losses": losses}
+    if step_bytes:  # the last timed step's traffic (every step moves the same tensors)
+        (nbytes, calls) = step_bytes[-1]
+        result["collective_bytes_per_step_per_rank"] = nbytes
+        result["collective_calls_per_step"] = calls
     if rank == 0:
         Path(a.out).mkdir(parents=True, exist_ok=True)
         (Path(a.out) / f"{a.name}.json").write_text(json.dumps(result, indent=1))
@@ -237,24 +337,64 @@ def run(a) -> dict:
     return result
 
 
+def write_profile(profiler, a, rank: int) -> None:
+    """This rank's summary of the profiled steps (fsdp2_profile.summarise) under
+    --out, and rank 0's Chrome trace, gzipped."""
+    import gzip
+    import tempfile
+
+    from fsdp2_profile import summarise_file
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        profiler.export_chrome_trace(str(trace))
+        summary = summarise_file(trace)
+        (out / f"{a.name}.profile{rank}.txt").write_text(json.dumps(summary, indent=1))
+        if rank == 0:
+            with open(trace, "rb") as f, gzip.open(out / f"{a.name}.trace.json.gz", "wb") as g:
+                g.write(f.read())
+    if rank == 0:
+        print(f"[{a.name}] profile: " + json.dumps({k: summary.get(k) for k in (
+            "step_ms", "gpu_span_ms", "compute_busy_ms", "comm_busy_ms", "comm_exposed_ms", "gpu_idle_ms",
+            "compute_gaps", "nccl_per_step")}), flush=True)
+
+
 def combine(src: Path, dst: Path) -> None:
-    parts = {p.stem: json.loads(p.read_text()) for p in sorted(src.glob("*.json")) if p.stem != "versions"}
+    parts = {p.stem: json.loads(p.read_text()) for p in sorted(src.glob("*.json"))
+             if p.stem not in ("versions", "profile_2gpu")}
     configs = {k: v for k, v in parts.items() if not k.startswith(("70b", "peft_bnb"))}
     out = {**environment(["transformers", "peft", "accelerate", "bitsandbytes"]), "configs": configs}
+    if (src / "profile_2gpu.json").exists():  # where the time of a 2-GPU step went (run_fsdp2_profile.sh)
+        out["profile_2gpu"] = json.loads((src / "profile_2gpu.json").read_text())
     if (src / "versions.json").exists():  # what run_fsdp2_gpu.sh recorded on the GPU machine itself
         recorded = json.loads((src / "versions.json").read_text())
         out["device"] = recorded.pop("device", out["device"])
         out["versions"] = recorded or out["versions"]
     one, two = parts.get("8b_1gpu"), parts.get("8b_2gpu")
     if one and two:
-        fastest = max((v for k, v in configs.items() if k.startswith("8b_2gpu")), key=lambda v: v["tokens_per_s"])
-        out["scaling_2gpu"] = round(fastest["tokens_per_s"] / one["tokens_per_s"], 3)
-        out["scaling_2gpu_config"] = [k for k, v in configs.items() if v is fastest][0]
+        qforge_2gpu = {k: v for k, v in configs.items() if k.startswith("8b_2gpu") and v["stack"] == "qforge"}
+        out["scaling_2gpu_by_config"] = {k: round(v["tokens_per_s"] / one["tokens_per_s"], 3)
+                                         for k, v in qforge_2gpu.items()}
+        best = max(qforge_2gpu, key=lambda k: qforge_2gpu[k]["tokens_per_s"])
+        out["scaling_2gpu"], out["scaling_2gpu_config"] = out["scaling_2gpu_by_config"][best], best
         n = min(len(one["losses"]), len(two["losses"]))
         rel = [abs(x - y) / abs(x) for x, y in zip(one["losses"][:n], two["losses"][:n])]
         out["loss_steps_compared"] = n
         out["loss_max_rel_diff_vs_1gpu"] = max(rel)
         out["loss_mean_rel_diff_vs_1gpu"] = sum(rel) / n
+    bf16 = parts.get("8b_2gpu_bf16", {}).get("collective_bytes_per_step_per_rank")
+    if bf16:  # same sharding policy as the bf16 run: layers resharded after forward, root kept
+        for key, name in (("allgather_bytes_ratio_vs_bf16", "8b_2gpu"),
+                          ("allgather_bytes_ratio_vs_bf16_keep_gathered", "8b_2gpu_keep_gathered")):
+            mine = parts.get(name, {}).get("collective_bytes_per_step_per_rank")
+            if mine:
+                out[key] = round(mine["all_gather"] / bf16["all_gather"], 4)
+        out["allgather_bytes_per_step_per_rank"] = {
+            k: parts[k]["collective_bytes_per_step_per_rank"]["all_gather"]
+            for k in ("8b_2gpu", "8b_2gpu_keep_gathered", "8b_2gpu_bf16")
+            if "collective_bytes_per_step_per_rank" in parts.get(k, {})}
     out["llama70b"] = {"offload": parts.get("70b_offload", {"error": "not run"}),
                        "no_offload": parts.get("70b_no_offload", {"error": "not run"})}
     err = src / "peft_bitsandbytes_fsdp2.txt"
@@ -286,8 +426,13 @@ def main() -> None:
     p.add_argument("--offload", action="store_true")
     p.add_argument("--keep-gathered", action="store_true",
                    help="reshard_after_forward=False for the decoder layers (no re-gather in backward)")
-    p.add_argument("--stack", choices=("qforge", "peft_bnb"), default="qforge",
-                   help="peft_bnb: transformers + peft + bitsandbytes under FSDP2, for comparison")
+    p.add_argument("--stack", choices=("qforge", "peft_bnb", "bf16"), default="qforge",
+                   help="peft_bnb: transformers + peft + bitsandbytes under FSDP2, for comparison; bf16: frozen "
+                        "bf16 projections + peft LoRA under FSDP2 (the all-gather traffic reference)")
+    p.add_argument("--prefetch", type=int, default=1,
+                   help="layers whose all-gathers are issued ahead (distributed.set_prefetch; 0: FSDP2's default)")
+    p.add_argument("--profile", type=int, default=0,
+                   help="profile this many steps after --warmup; a summary per rank (+ rank 0's trace) in --out")
     p.add_argument("--out", default="bench/results/fsdp2-parts")
     p.add_argument("--combine", help="merge the per-configuration JSON files of this directory")
     p.add_argument("--write", default="bench/results/fsdp2.json")
