@@ -272,7 +272,13 @@ def load(path, load_in_4bit: bool = True, dtype: torch.dtype = torch.bfloat16, m
 
     # one unit per decoder layer (in order), then the rest of the model
     layer_names = [n for n in modules if _LAYER.fullmatch(n)]
-    unit_of = lambda name: (_LAYER.match(name) or [None])[0]  # noqa: E731 - the layer a name belongs to, or None
+
+    def unit_of(name: str) -> Optional[str]:
+        """The decoder layer of the model a name belongs to, or None (tensors of layers that
+        config.json does not have go with the rest, where they are reported as unused)."""
+        m = _LAYER.match(name)
+        return m[0] if m and m[0] in modules else None
+
     keys_of, quant_of = defaultdict(list), defaultdict(list)
     for k in key_file:
         keys_of[unit_of(k)].append(k)
