@@ -156,6 +156,21 @@ def _is_quant_target(name: str, module: nn.Module, targets, frozen: tuple = ()) 
             and not f"{name}.".startswith(frozen))
 
 
+def _meta_model(path: Path, raw: dict, dtype: torch.dtype, attn_implementation: str = "sdpa"):
+    """(the model config.json describes, on the meta device; its config; the
+    prefixes of its frozen vision tower, () for a text model)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(str(path))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    frozen = VISION_MODEL_TYPES.get(raw["model_type"], ())
+    auto = AutoModelForImageTextToText if frozen else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = auto.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    return model, config, frozen
+
+
 def load(path, load_in_4bit: bool = True, dtype: torch.dtype = torch.bfloat16, max_seq_length: Optional[int] = None,
          device=None, blocksize: int = 64, compress_statistics: bool = True,
          target_modules: Iterable[str] = DEFAULT_TARGETS, attn_implementation: Optional[str] = None,
@@ -181,7 +196,6 @@ def load(path, load_in_4bit: bool = True, dtype: torch.dtype = torch.bfloat16, m
     each rank frees the rows it does not own at once, so no rank ever holds more
     than its shards plus one whole layer."""
     from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     path = Path(path)
     raw = _read_config(path)
@@ -192,13 +206,7 @@ def load(path, load_in_4bit: bool = True, dtype: torch.dtype = torch.bfloat16, m
     device = torch.device(device) if device is not None else default_device()
     targets = tuple(target_modules)
 
-    config = AutoConfig.from_pretrained(str(path))
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    frozen = VISION_MODEL_TYPES.get(raw["model_type"], ())
-    auto = AutoModelForImageTextToText if frozen else AutoModelForCausalLM
-    with torch.device("meta"):
-        model = auto.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    model, config, frozen = _meta_model(path, raw, dtype, attn_implementation)
     modules = dict(model.named_modules())
     quant_names = {n for n, m in modules.items() if load_in_4bit and _is_quant_target(n, m, targets, frozen)}
 
@@ -270,14 +278,14 @@ def load(path, load_in_4bit: bool = True, dtype: torch.dtype = torch.bfloat16, m
                              f"{tuple(target._parameters[leaf].shape)}")
         _set_tensor(model, key, t)
 
-    # one unit per decoder layer (in order), then the rest of the model
-    layer_names = [n for n in modules if _LAYER.fullmatch(n)]
+    # one unit per decoder layer of the language model (in order), then the rest of the model
+    layer_names = {n for n in modules if _LAYER.fullmatch(n) and not f"{n}.".startswith(frozen)}
 
     def unit_of(name: str) -> Optional[str]:
-        """The decoder layer of the model a name belongs to, or None (tensors of layers that
-        config.json does not have go with the rest, where they are reported as unused)."""
+        """The decoder layer a name belongs to, or None (a vision tower's layers, and layers
+        that config.json does not have, go with the rest: the latter are reported as unused)."""
         m = _LAYER.match(name)
-        return m[0] if m and m[0] in modules else None
+        return m[0] if m and m[0] in layer_names else None
 
     keys_of, quant_of = defaultdict(list), defaultdict(list)
     for k in key_file:
@@ -333,17 +341,10 @@ def frozen_bytes(path, dtype: torch.dtype = torch.bfloat16, target_modules: Iter
     quantized it (4-bit codes + one absmax byte per block for the target
     projections, ``dtype`` for the rest), computed from config.json alone: what
     a sharded start weighs before anything is read."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     path = Path(path)
-    _read_config(path)
-    config = AutoConfig.from_pretrained(str(path))
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model, _, frozen = _meta_model(path, _read_config(path), dtype)
     targets = tuple(target_modules)
-    quantized = {f"{n}.weight" for n, m in model.named_modules() if _is_quant_target(n, m, targets)}
+    quantized = {f"{n}.weight" for n, m in model.named_modules() if _is_quant_target(n, m, targets, frozen)}
     total = 0
     for name, t in model.named_parameters():  # tied weights once
         n = t.numel()
