@@ -156,7 +156,7 @@ def _is_quant_target(name: str, module: nn.Module, targets, frozen: tuple = ()) 
             and not f"{name}.".startswith(frozen))
 
 
-def _meta_model(path: Path, raw: dict, dtype: torch.dtype, attn_implementation: str = "sdpa"):
+def _meta_model(path: Path, raw: dict, dtype: torch.dtype, attn_implementation: Optional[str] = None):
     """(the model config.json describes, on the meta device; its config; the
     prefixes of its frozen vision tower, () for a text model)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
