@@ -125,12 +125,14 @@ def _varlen_attn():
     return _torch_varlen_attn
 
 
+try:  # resolved once at import: an import that fails inside a traced forward is a graph break (Dynamo: "Import failure")
+    from flash_attn import flash_attn_varlen_func as _flash_attn_varlen_func
+except ImportError:  # the flash-attn package is optional
+    _flash_attn_varlen_func = None
+
+
 def _flash_attn_varlen():
-    try:
-        from flash_attn import flash_attn_varlen_func
-    except ImportError:
-        return None
-    return flash_attn_varlen_func
+    return _flash_attn_varlen_func
 
 
 def available_backends(device) -> list[str]:

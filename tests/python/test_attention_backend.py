@@ -430,3 +430,15 @@ def test_padded_batch_matches_each_row_alone(side):
     for r, row in enumerate(rows):
         want = reference_model(input_ids=row[None]).logits[0]
         torch.testing.assert_close(logits[r][mask[r].bool()], want, rtol=1e-9, atol=1e-11)
+
+
+def test_backend_choice_for_cuda_traces_without_a_graph_break():
+    # The CUDA choice once imported flash_attn inside the traced forward; where the package is
+    # absent that import fails, which Dynamo turns into "Unsupported: Import failure" (seen on an
+    # H200 with torch 2.11: whole-model --compile failed). The choice must trace cleanly anywhere.
+    def cuda_choice(x):
+        return x + len(A.available_backends("cuda"))
+
+    compiled = torch.compile(cuda_choice, fullgraph=True, backend="eager")
+    x = torch.zeros(3)
+    assert torch.equal(compiled(x), cuda_choice(x))
