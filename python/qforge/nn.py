@@ -390,6 +390,13 @@ def finish_lora(model: nn.Module, r: int, lora_alpha: float, lora_dropout: float
         # generate() still caches (it follows generation_config.use_cache).
         config.use_cache = False
     found = sorted({n.rsplit(".", 1)[-1] for n in hit})
+    # PEFT adapts every module whose name ends in a listed bare name: where a module of the same
+    # name stays without LoRA (a frozen vision tower's q_proj), list the adapted modules' full
+    # names instead, so PEFT loads the adapter onto exactly the modules that were trained
+    hit_names = set(hit)
+    if any(n.rsplit(".", 1)[-1] in found and n not in hit_names and isinstance(m, (nn.Linear, NF4Linear))
+           for n, m in model.named_modules()):
+        found = sorted(hit)
     model.qforge_lora = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=found,
                                    use_rslora=use_rslora)
     return model

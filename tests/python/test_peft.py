@@ -72,6 +72,29 @@ def test_saved_adapter_loads_in_peft_with_same_outputs(base_dir, tmp_path):
         assert torch.equal(ours[k], theirs[k].cpu()), k
 
 
+def test_modules_left_without_lora_are_not_adapted_by_peft(base_dir, tmp_path):
+    # a frozen part (a vision tower in a VLM) has q_proj etc. too; PEFT must not adapt them
+    model = qforge.load(base_dir, dtype=torch.float32, device="cpu")
+    model.qforge_frozen_prefixes = ("model.layers.0.",)
+    qforge.add_lora(model, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    trained_like(model).eval()
+    qforge.save_adapter(model, tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    adapted = sorted(n for n, m in model.named_modules() if isinstance(m, NF4Linear) and m.lora_A is not None)
+    assert cfg["target_modules"] == adapted and not any(".layers.0." in n for n in adapted)
+    ref = hf_dequantized(base_dir, model)
+    peft_model = peft.PeftModel.from_pretrained(ref, str(tmp_path / "adapter")).eval()
+    peft_adapted = sorted(n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+                          if hasattr(m, "lora_A") and len(m.lora_A))
+    assert peft_adapted == adapted
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, peft_model(IDS).logits, rtol=1e-5, atol=1e-5)
+    again = qforge.load(base_dir, dtype=torch.float32, device="cpu")
+    qforge.load_adapter(again, tmp_path / "adapter")
+    assert sorted(n for n, m in again.named_modules()
+                  if isinstance(m, NF4Linear) and m.lora_A is not None) == adapted
+
+
 def test_adapter_config_matches_peft(base_dir, tmp_path):
     model = qforge.load(base_dir, dtype=torch.float32, device="cpu")
     qforge.add_lora(model, r=4, lora_alpha=8, lora_dropout=0.05, target_modules=["q_proj", "v_proj"])
