@@ -31,6 +31,24 @@ def child_env() -> dict:
     return dict(os.environ, PYTHONPATH=path, QFORGE_LIBRARY=str(_lib.LIBRARY_PATH))
 
 
+def make_qlora(model, seed, targets=None, dropout=0.0):
+    """A float transformers causal LM made trainable as qforge trains it: its projections NF4
+    with LoRA r=4 (DEFAULT_TARGETS unless targets), every LoRA weight drawn away from B = 0 (which
+    would hide every gradient but B's), the fused loss, train mode."""
+    from qforge import hf
+    from qforge.nn import DEFAULT_TARGETS, add_lora, lora_parameters, replace_linears
+
+    targets = DEFAULT_TARGETS if targets is None else targets
+    replace_linears(model, targets, blocksize=64)
+    add_lora(model, r=4, lora_alpha=8, lora_dropout=dropout, seed=seed, target_modules=targets)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_(0, 0.05)
+    hf.patch_causal_lm(model)
+    model.train()
+    return model
+
+
 class LargestAllocation(TorchDispatchMode):
     """Records the element count of the largest tensor any op creates (a T x T mask shows up)."""
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from qforge import decoder, hf, offload  # noqa: E402
-from qforge.nn import add_lora, lora_parameters, replace_linears  # noqa: E402
+from conftest import make_qlora  # noqa: E402
+from qforge import decoder, offload  # noqa: E402
+from qforge.nn import lora_parameters  # noqa: E402
 
 FAMILIES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
@@ -32,18 +33,7 @@ def tiny(family="llama", seed=0, layers=2, hidden=48, heads=4, kv_heads=2, inter
         for name, p in model.named_parameters():
             if "norm" in name or name.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.2)
-    if targets is None:
-        replace_linears(model, blocksize=64)
-        add_lora(model, r=4, lora_alpha=8, lora_dropout=dropout, seed=seed)
-    else:
-        replace_linears(model, targets, blocksize=64)
-        add_lora(model, r=4, lora_alpha=8, lora_dropout=dropout, seed=seed, target_modules=targets)
-    with torch.no_grad():  # B = 0 at init would hide every gradient but B's
-        for p in lora_parameters(model):
-            p.normal_(0, 0.05)
-    hf.patch_causal_lm(model)
-    model.train()
-    return model
+    return make_qlora(model, seed, targets, dropout)
 
 
 def packed_positions(lengths_per_row):

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from qforge import hf, offload  # noqa: E402
-from qforge.nn import add_lora, lora_parameters, replace_linears  # noqa: E402
+from conftest import make_qlora  # noqa: E402
+from qforge import offload  # noqa: E402
+from qforge.nn import lora_parameters  # noqa: E402
 from qforge.nf4_weight import NF4Weight  # noqa: E402
 
 
@@ -17,14 +18,7 @@ def tiny_qlora(seed=0, layers=3):
                                    max_position_embeddings=128, attn_implementation="sdpa")
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(cfg).float()
-    replace_linears(model, blocksize=64)
-    add_lora(model, r=4, lora_alpha=8, seed=seed)
-    with torch.no_grad():  # B = 0 at init would hide every gradient but B's
-        for p in lora_parameters(model):
-            p.normal_(0, 0.05)
-    hf.patch_causal_lm(model)
-    model.train()
-    return model
+    return make_qlora(model, seed)
 
 
 def batch(seed, b=2, t=40, v=97):
