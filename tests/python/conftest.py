@@ -31,6 +31,18 @@ def child_env() -> dict:
     return dict(os.environ, PYTHONPATH=path, QFORGE_LIBRARY=str(_lib.LIBRARY_PATH))
 
 
+def leave_process(code: int = 0) -> None:
+    """End a gloo child process once its results are written. Interpreter teardown can
+    meet a gloo worker thread still holding tensors and abort ("terminate called
+    without an active exception", pytorch#190489; seen once in CI after a passing run)."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def make_qlora(model, seed, targets=None, dropout=0.0):
     """A float transformers causal LM made trainable as qforge trains it: its projections NF4
     with LoRA r=4 (DEFAULT_TARGETS unless targets), every LoRA weight drawn away from B = 0 (which

@@ -179,3 +179,6 @@ def test_fsdp2_mixed_precision_never_casts_nf4_storage(tmp_path):
 
 if __name__ == "__main__":
     worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    from conftest import leave_process
+
+    leave_process()

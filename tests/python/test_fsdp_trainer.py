@@ -188,3 +188,6 @@ def _whole_codes(weight) -> torch.Tensor:
 
 if __name__ == "__main__":
     _worker(*sys.argv[1:5])
+    from conftest import leave_process
+
+    leave_process()
