@@ -165,22 +165,20 @@ def main() -> None:
     t_qforge, got = best_of(lambda: qf_tmpl.apply_batch(
         convs, tools=TOOLS, add_generation_prompt=True, threads=threads, **kwargs))
 
-    # the C call alone, one thread: read the serialised conversations (marshal, as apply_batch sends them, or
-    # JSON) and render every one; the inputs are serialised beforehand, the outputs not decoded
+    # the C call alone, one thread: read the JSON conversations (as apply_batch sends them) and render every
+    # one; the inputs are serialised beforehand, the outputs not decoded
     from qforge import chat as qchat
     from qforge.ops import chat as chat_ops
 
     raw_shared = qchat._json(dict(tools=TOOLS, add_generation_prompt=True, **kwargs))
-    engine = {}
-    for name, (raw, fmt) in {"marshal": qchat._conversations(convs), "json": (qchat._json(convs), chat_ops.CHAT_JSON)}.items():
+    raw_convs = qchat._json(convs)
 
-        def run_engine(raw=raw, fmt=fmt):
-            out, _ = chat_ops.apply_batch_raw(qf_tmpl._handle, raw_shared, raw, fmt, args.n, now=None, threads=1)
-            return out
+    def run_engine():
+        out, _ = chat_ops.apply_batch_raw(qf_tmpl._handle, raw_shared, raw_convs, args.n, now=None, threads=1)
+        return out
 
-        engine[name], out = best_of(run_engine)
-        chat_ops.free_buffer(out)
-    t_c_call = engine["marshal"]
+    t_c_call, out = best_of(run_engine)
+    chat_ops.free_buffer(out)
 
     # The headline: jinja2 and the C++ engine (as a C++ program uses it: conversations already in memory), one
     # thread each, run in turn `pairs` times so that the machine's drift reaches both; the median of the
@@ -231,13 +229,11 @@ def main() -> None:
             "seconds_apply_batch_all_threads": round(t_qforge, 4),
             "seconds_apply_batch_1_thread": round(t_batch1, 4),
             "seconds_apply_per_conversation": round(t_apply, 4),
-            "seconds_c_call_marshal_1_thread": round(t_c_call, 4),
-            "seconds_c_call_json_1_thread": round(engine["json"], 4),
+            "seconds_c_call_json_1_thread": round(t_c_call, 4),
             "speedup_apply_batch_all_threads": round(t_base / t_qforge, 2),
             "speedup_apply_batch_1_thread": round(t_base / t_batch1, 2),
             "speedup_apply_per_conversation": round(t_base / t_apply, 2),
-            "speedup_c_call_marshal_1_thread": round(t_base / t_c_call, 2),
-            "speedup_c_call_json_1_thread": round(t_base / engine["json"], 2),
+            "speedup_c_call_json_1_thread": round(t_base / t_c_call, 2),
             "speedup_apply_batch_all_threads_vs_transformers": round(t_transformers / t_qforge, 2),
         },
         "note": ("Both engines render what they are given, compiled template cached, one thread each: jinja2 = the "
@@ -248,9 +244,9 @@ def main() -> None:
                  "speedup_vs_jinja2 = each side's fastest run over all pairs (the machine's other work only adds "
                  "time), speedup_median_of_pairs = the median of the per-pair ratios (all in speedup_pairs). "
                  "from_python figures are each the best of 3 runs, against jinja2's fastest run: qforge "
-                 "through its Python API: apply_batch (marshal.dumps of the conversations, the C call, UTF-8 "
+                 "through its Python API: apply_batch (json.dumps of the conversations, the C call, UTF-8 "
                  "decode of each output) on all cores or one thread, one apply() call per conversation, and the "
-                 "C call alone (reading the serialised conversations, marshal or JSON, and rendering them). "
+                 "C call alone (reading the JSON conversations and rendering them). "
                  "Outputs of every path are compared with jinja2's."),
         **golden_summary(),
         **environment(["jinja2", "transformers"]),

@@ -278,22 +278,16 @@ QF_API int qf_chat_apply_template(const qf_chat_template* tmpl, const char* requ
 
 /* apply_chat_template over many conversations: shared_json is a request as
  * above whose "messages" is ignored (tools, kwargs, ... apply to all);
- * conversations is a list of message lists, as JSON (format QF_CHAT_JSON), or
- * (QF_CHAT_MARSHAL) as n = offsets_len - 1 little-endian int64 sizes followed
- * by n documents, each Python's marshal.dumps(messages, 4) of one
- * conversation (None, bool, int, float, str, list, tuple and dict only; each
+ * conversations_json is a JSON list of message lists (each conversation
  * parsed by the thread that renders it). threads <= 0: all cores; at most
  * 256 are used, and threads the system refuses to start are not an error
  * (the calling thread renders their share).
  * *texts receives the outputs concatenated; offsets (n + 1 entries, n =
  * number of conversations, caller-allocated) receives where each output
  * starts in it: byte offsets, or code point offsets when code_points != 0. */
-#define QF_CHAT_JSON 0
-#define QF_CHAT_MARSHAL 1
 QF_API int qf_chat_apply_batch(const qf_chat_template* tmpl, const char* shared_json, size_t shared_len,
-                               const char* conversations, size_t conversations_len, int conversations_format,
-                               int64_t now, int threads, qf_chat_buffer** texts, int64_t* offsets, size_t offsets_len,
-                               int code_points);
+                               const char* conversations_json, size_t conversations_len, int64_t now, int threads,
+                               qf_chat_buffer** texts, int64_t* offsets, size_t offsets_len, int code_points);
 
 /* Render with a JSON object of template variables, nothing added. */
 QF_API int qf_chat_template_render(const qf_chat_template* tmpl, const char* context_json, size_t context_len,

@@ -8,34 +8,15 @@ data (loss only on the assistant's turns).
 """
 from __future__ import annotations
 
-import array
 import bisect
 import inspect
 import json
-import marshal
 import re
-import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from .ops import chat as chat_ops
 from .ops.chat import TemplateError  # re-exported: the error of every template call
-
-
-def _conversations(conversations: Sequence[Sequence[dict]]) -> tuple[bytes, int]:
-    """The conversations as marshal data (4x faster to write than JSON): their
-    sizes, then one document per conversation, so that C++ threads read them in
-    parallel. As JSON when they hold types marshal cannot write (dict
-    subclasses, ...)."""
-    items = [c if type(c) is list else list(c) for c in conversations]
-    try:
-        docs = [marshal.dumps(c, 4) for c in items]
-    except ValueError:
-        return _json(items), chat_ops.CHAT_JSON
-    sizes = array.array("q", map(len, docs))
-    if sys.byteorder != "little":
-        sizes.byteswap()
-    return sizes.tobytes() + b"".join(docs), chat_ops.CHAT_MARSHAL
 
 
 def _json(obj: Any) -> bytes:
@@ -143,9 +124,9 @@ class ChatTemplate:
             "continue_final_message": continue_final_message,
             **kwargs,
         }
-        raw_convs, fmt = _conversations(conversations)
-        return chat_ops.split_batch(*chat_ops.apply_batch_raw(self._handle, _json(shared), raw_convs, fmt,
-                                                              len(conversations), now, threads))
+        convs = _json([list(c) for c in conversations])
+        return chat_ops.split_batch(*chat_ops.apply_batch_raw(self._handle, _json(shared), convs, len(conversations),
+                                                              now, threads))
 
     @property
     def tool_call_format(self) -> str:

@@ -1,5 +1,4 @@
 // C ABI of the chat capability: argument translation only.
-#include <cstring>
 #include <string>
 
 #include "guard.hpp"
@@ -84,29 +83,9 @@ int qf_chat_apply_template(const qf_chat_template* tmpl, const char* request_jso
   });
 }
 
-// QF_CHAT_MARSHAL framing: n little-endian int64 sizes, then the n documents back to back.
-static std::vector<std::string_view> marshal_documents(std::string_view data, size_t offsets_len) {
-  QF_CHECK(offsets_len >= 1, "qf_chat_apply_batch: offsets needs n + 1 entries, got 0");
-  size_t n = offsets_len - 1;
-  QF_CHECK(n <= data.size() / 8, "qf_chat_apply_batch: marshal conversations: ", data.size(),
-           " bytes cannot hold the sizes of ", n, " documents");
-  std::vector<std::string_view> docs(n);
-  size_t at = 8 * n;
-  for (size_t i = 0; i < n; ++i) {
-    int64_t size;
-    std::memcpy(&size, data.data() + 8 * i, 8);
-    QF_CHECK(size >= 0 && static_cast<uint64_t>(size) <= data.size() - at, "qf_chat_apply_batch: marshal conversation ", i,
-             " claims ", size, " bytes, ", data.size() - at, " remain");
-    docs[i] = data.substr(at, static_cast<size_t>(size));
-    at += static_cast<size_t>(size);
-  }
-  QF_CHECK(at == data.size(), "qf_chat_apply_batch: ", data.size() - at, " bytes after the last marshal conversation");
-  return docs;
-}
-
 int qf_chat_apply_batch(const qf_chat_template* tmpl, const char* shared_json, size_t shared_len,
-                        const char* conversations, size_t conversations_len, int conversations_format, int64_t now,
-                        int threads, qf_chat_buffer** texts, int64_t* offsets, size_t offsets_len, int code_points) {
+                        const char* conversations_json, size_t conversations_len, int64_t now, int threads,
+                        qf_chat_buffer** texts, int64_t* offsets, size_t offsets_len, int code_points) {
   return qforge::capi::guard([&] {
     QF_CHECK(tmpl && texts && offsets, "qf_chat_apply_batch: tmpl, texts and offsets must not be NULL");
     *texts = nullptr;
@@ -114,17 +93,8 @@ int qf_chat_apply_batch(const qf_chat_template* tmpl, const char* shared_json, s
     QF_CHECK(shared.is_dict(), "qf_chat_apply_batch: shared request must be a JSON object");
     if (!shared.get("messages")) shared.set("messages", qforge::chat::Value(qforge::chat::List{}));
     auto req = qforge::chat::chat_request_from_json(shared);
-    QF_CHECK(conversations_format == QF_CHAT_JSON || conversations_format == QF_CHAT_MARSHAL,
-             "qf_chat_apply_batch: conversations_format must be QF_CHAT_JSON or QF_CHAT_MARSHAL, got ",
-             conversations_format);
-    std::vector<qforge::chat::ChatRendered> results;
-    if (conversations_format == QF_CHAT_JSON) {
-      results = qforge::chat::apply_chat_template_batch_json(tmpl->tmpl, req, view(conversations, conversations_len),
-                                                             options(tmpl, now), threads);
-    } else {
-      results = qforge::chat::apply_chat_template_batch_marshal(
-          tmpl->tmpl, req, marshal_documents(view(conversations, conversations_len), offsets_len), options(tmpl, now), threads);
-    }
+    auto results = qforge::chat::apply_chat_template_batch_json(tmpl->tmpl, req, view(conversations_json, conversations_len),
+                                                                options(tmpl, now), threads);
     QF_CHECK(offsets_len == results.size() + 1, "qf_chat_apply_batch: offsets needs ", results.size() + 1,
              " entries, got ", offsets_len);
     size_t total = 0;

@@ -312,13 +312,6 @@ std::vector<ChatRendered> apply_chat_template_batch_json(const Template& tmpl, c
   return render_batch(tmpl, shared, items.size(), [&](size_t i, bool) { return json_loads(items[i]); }, opt, threads);
 }
 
-std::vector<ChatRendered> apply_chat_template_batch_marshal(const Template& tmpl, const ChatRequest& shared,
-                                                            const std::vector<std::string_view>& conversations,
-                                                            const RenderOptions& opt, int threads) {
-  return render_batch(tmpl, shared, conversations.size(), [&](size_t i, bool) { return marshal_loads(conversations[i]); },
-                      opt, threads);
-}
-
 ChatRequest chat_request_from_json(const Value& obj) {
   QF_CHECK(obj.is_dict(), "a chat request must be a JSON object");
   ChatRequest req;

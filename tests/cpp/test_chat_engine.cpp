@@ -108,30 +108,6 @@ TEST(ChatValue, JsonRoundTripKeepsOrderAndPythonSpacing) {
   EXPECT_THROW(json_loads("[1, 2"), qforge::InvalidArgument);
 }
 
-TEST(ChatValue, MarshalReadsPythonsVersion4Data) {
-  // marshal.dumps([{'role': 'user', 'content': 'héhé', 'n': 1, 'f': 1.5, 't': True, 'x': None,
-  //                 'big': 2**70, 'neg': -5, 'tup': (1, 'a'), 'again': 'user'}], 4)
-  const std::string data(
-      "\x5b\x01\x00\x00\x00\x7b\xda\x04\x72\x6f\x6c\x65\xda\x04\x75\x73\x65\x72\xda\x07\x63\x6f\x6e\x74"
-      "\x65\x6e\x74\xf5\x06\x00\x00\x00\x68\xc3\xa9\x68\xc3\xa9\xda\x01\x6e\xe9\x01\x00\x00\x00\xda\x01"
-      "\x66\xe7\x00\x00\x00\x00\x00\x00\xf8\x3f\xda\x01\x74\x54\xda\x01\x78\x4e\xda\x03\x62\x69\x67\x6c"
-      "\x05\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x04\xda\x03\x6e\x65\x67\xe9\xfb\xff\xff\xff"
-      "\xda\x03\x74\x75\x70\xa9\x02\x72\x05\x00\x00\x00\xda\x01\x61\xda\x05\x61\x67\x61\x69\x6e\x72\x01"
-      "\x00\x00\x00\x30",
-      124);
-  Value v = marshal_loads(data);
-  ASSERT_TRUE(v.is_list());
-  const Value& m = v.list()[0];
-  EXPECT_EQ(py_repr(m),
-            "{'role': 'user', 'content': 'h\xc3\xa9h\xc3\xa9', 'n': 1, 'f': 1.5, 't': True, 'x': None, "
-            "'big': 1.1805916207174113e+21, 'neg': -5, 'tup': (1, 'a'), 'again': 'user'}");
-  EXPECT_EQ(m.get("again")->identity(), m.get("role")->identity());  // a back-reference shares the object
-  EXPECT_THROW(marshal_loads(data.substr(0, 40)), qforge::InvalidArgument);
-  EXPECT_THROW(marshal_loads(std::string("s\x01\x00\x00\x00x", 6)), qforge::InvalidArgument);  // bytes
-  EXPECT_THROW(marshal_loads(std::string("r\x00\x00\x00\x00", 5)), qforge::InvalidArgument);  // dangling ref
-  EXPECT_THROW(marshal_loads("NN"), qforge::InvalidArgument);
-}
-
 TEST(ChatValue, DeepCopySharesNothing) {
   Value v = json_loads(R"([{"a": [1, "x", {"b": null}]}, "s"])");
   Value c = deep_copy(v);
@@ -153,35 +129,6 @@ TEST(ChatEngine, OneTemplateRendersOnManyThreads) {
     });
   for (auto& th : pool) th.join();
   for (auto& o : outs) EXPECT_EQ(o, "user: hi[0, 1]");
-}
-
-TEST(ChatEngine, BatchReadsOneMarshalDocumentPerConversation) {
-  // marshal.dumps([{'role': 'user', 'content': c}], 4) for c in ('x', 'yz')
-  auto doc = [](const std::string& content) {
-    return std::string("[\x01\x00\x00\x00{\xda\x04" "role\xda\x04" "user\xda\x07" "content\xda", 28) +
-           static_cast<char>(content.size()) + content + "0";
-  };
-  std::vector<std::string> docs;
-  for (int i = 0; i < 40; ++i) docs.push_back(doc(i % 2 ? "yz" : "x"));
-  std::vector<std::string_view> views(docs.begin(), docs.end());
-  Template t("{% for m in messages %}{{ m.role }}: {{ m.content }}{% endfor %}|{{ tools | tojson }}");
-  ChatRequest shared;
-  shared.tools = json_loads(R"([{"name": "f"}])");
-  for (int threads : {1, 3}) {
-    auto out = apply_chat_template_batch_marshal(t, shared, views, {}, threads);
-    ASSERT_EQ(out.size(), docs.size());
-    for (size_t i = 0; i < out.size(); ++i)
-      EXPECT_EQ(out[i].text, std::string(i % 2 ? "user: yz" : "user: x") + R"(|[{"name": "f"}])");
-  }
-  docs[7].resize(docs[7].size() - 3);  // truncated
-  views.assign(docs.begin(), docs.end());
-  try {
-    apply_chat_template_batch_marshal(t, shared, views, {}, 3);
-    FAIL();
-  } catch (const qforge::InvalidArgument& e) {
-    EXPECT_NE(std::string(e.what()).find("conversation 7: invalid marshal data: truncated"), std::string::npos)
-        << e.what();
-  }
 }
 
 TEST(ChatEngine, WhitespaceControlAsJinja2) {
@@ -294,4 +241,20 @@ TEST(ChatEngine, BatchFromJsonEqualsSingleRenders) {
   EXPECT_TRUE(apply_chat_template_batch_json(t, shared, "[]").empty());
   for (const char* bad : {"", "[", "[[{\"role\": \"user\"}]", "[[]] x", "{}", "[[{\"a\": \"]\"]"})
     EXPECT_THROW(apply_chat_template_batch_json(t, shared, bad), qforge::InvalidArgument) << bad;
+}
+
+TEST(ChatEngine, BatchFromJsonNamesTheConversationThatFails) {
+  // each conversation is parsed by the thread that renders it: the error names its index
+  Template t("{% for m in messages %}{{ m.role }}: {{ m.content }}{% endfor %}");
+  std::string json = "[";
+  for (int i = 0; i < 40; ++i)
+    json += std::string(i ? ", " : "") + (i == 7 ? R"([{"role": "user", "content": tru}])"
+                                                 : R"([{"role": "user", "content": "x"}])");
+  json += "]";
+  try {
+    apply_chat_template_batch_json(t, ChatRequest{}, json, {}, 3);
+    FAIL();
+  } catch (const qforge::InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("conversation 7: invalid JSON"), std::string::npos) << e.what();
+  }
 }

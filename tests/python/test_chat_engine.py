@@ -3,6 +3,9 @@ by jinja2 configured exactly as transformers configures it (compiled through
 transformers' own _compile_jinja_template), outputs or failures compared."""
 from __future__ import annotations
 
+import random
+from collections import OrderedDict
+
 import pytest
 
 from qforge.chat import ChatTemplate, TemplateError, json_dumps
@@ -205,3 +208,49 @@ def test_json_dumps_matches_python(value, opts):
     import json
 
     assert json_dumps(value, **opts) == json.dumps(value, **{"ensure_ascii": False, **opts})
+
+
+# ------------------------------------------------- apply_batch's JSON input
+BATCH_SOURCE = "{% for m in messages %}{{ m['content'] }}|{{ m['content'] | tojson }}|{{ m.get('extra') }}\n{% endfor %}"
+PIECES = ["a", "wörld", "日本語", "🚀", "\n", '"', "\\", "\u2028", "\x00", "role", "content"]
+
+
+def random_value(rng, depth=0):
+    r = rng.random()
+    if depth > 3 or r < 0.4:
+        return rng.choice([
+            "".join(rng.choice(PIECES) for _ in range(rng.randint(0, 300 if rng.random() < 0.1 else 6))),
+            rng.randint(-2**31, 2**31 - 1), rng.randint(-2**63, 2**63 - 1), rng.choice([2**63 - 1, -2**63]),
+            rng.uniform(-1e6, 1e6), 1e300, -0.0, True, False, None])
+    if r < 0.7:
+        return [random_value(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+    return {rng.choice(PIECES) + str(i): random_value(rng, depth + 1) for i in range(rng.randint(0, 4))}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batch_of_random_values_equals_jinja2(seed):
+    """apply_batch hands the conversations over as one JSON list: nested values
+    reach the template as jinja2 sees the Python objects (str() and tojson)."""
+    rng = random.Random(seed)
+    convs = []
+    for _ in range(20):
+        msgs = []
+        for _ in range(rng.randint(1, 4)):
+            m = {"role": "user", "content": random_value(rng)}
+            if rng.random() < 0.5:
+                m["extra"] = random_value(rng)
+            msgs.append(m)
+        convs.append(msgs)
+    expected = [ctu._compile_jinja_template(BATCH_SOURCE).render(messages=m) for m in convs]
+    for threads in (1, 3):
+        assert ChatTemplate(BATCH_SOURCE).apply_batch(convs, threads=threads) == expected
+
+
+def test_batch_takes_any_sequence_and_dict_subclasses():
+    convs = ((OrderedDict(role="user", content="hi"),), [{"role": "user", "content": "yo"}])
+    assert ChatTemplate("{{ messages[0].content }}").apply_batch(convs) == ["hi", "yo"]
+
+
+def test_batch_refuses_values_json_cannot_carry():
+    with pytest.raises(TypeError, match="bytes is not JSON serializable"):
+        ChatTemplate("{{ messages }}").apply_batch([[{"role": "user", "content": b"bytes"}]])

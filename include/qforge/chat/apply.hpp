@@ -55,12 +55,6 @@ QFORGE_API std::vector<ChatRendered> apply_chat_template_batch_json(const Templa
                                                          std::string_view conversations_json,
                                                          const RenderOptions& opt = {}, int threads = 1);
 
-// The same with conversation i as Python's marshal.dumps(messages, 4) in
-// conversations[i] (each parsed by the thread that renders it).
-QFORGE_API std::vector<ChatRendered> apply_chat_template_batch_marshal(const Template& tmpl, const ChatRequest& shared,
-                                                            const std::vector<std::string_view>& conversations,
-                                                            const RenderOptions& opt = {}, int threads = 1);
-
 // A request from one JSON object: {"messages": [...], "tools": ..., "documents": ...,
 // "add_generation_prompt": bool, "continue_final_message": bool|str, <any other key>: kwarg}.
 QFORGE_API ChatRequest chat_request_from_json(const Value& obj);

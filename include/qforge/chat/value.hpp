@@ -304,11 +304,6 @@ QFORGE_API Value json_loads(std::string_view text);
 // Parses one JSON value at text[pos...]; advances pos past it (no trailing check).
 QFORGE_API Value json_parse_prefix(std::string_view text, size_t& pos);
 
-// Python's marshal.loads (format version 4) of None, bools, ints, floats,
-// str, lists, tuples and dicts: the fast way in from Python. Throws
-// InvalidArgument naming the offset of anything else.
-QFORGE_API Value marshal_loads(std::string_view data);
-
 // Python's str.strip()/lstrip()/rstrip() with no argument (Unicode whitespace).
 QFORGE_API std::string_view py_strip(std::string_view s, bool left = true, bool right = true);
 QFORGE_API bool py_isspace(uint32_t cp);

@@ -20,8 +20,8 @@ _apply = declare(
     ctypes.POINTER(ctypes.c_int64), ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t),
 )
 _batch = declare(
-    "qf_chat_apply_batch", _p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int,
-    ctypes.c_int64, ctypes.c_int, ctypes.POINTER(_p), ctypes.POINTER(ctypes.c_int64), ctypes.c_size_t, ctypes.c_int,
+    "qf_chat_apply_batch", _p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int64,
+    ctypes.c_int, ctypes.POINTER(_p), ctypes.POINTER(ctypes.c_int64), ctypes.c_size_t, ctypes.c_int,
 )
 _render = declare("qf_chat_template_render", _p, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int64, ctypes.POINTER(_p))
 _formats = declare("qf_chat_tool_call_formats", ctypes.POINTER(_p))
@@ -39,8 +39,6 @@ _dumps = declare(
 _llama3 = declare("qf_chat_llama3_template", ctypes.c_int, restype=ctypes.c_char_p)
 _buf_data = declare("qf_chat_buffer_data", _p, ctypes.POINTER(ctypes.c_size_t), restype=ctypes.c_void_p)
 _buf_free = declare("qf_chat_buffer_free", _p, restype=None)
-
-CHAT_JSON, CHAT_MARSHAL = 0, 1  # qf_chat_apply_batch's conversations_format
 
 _ERROR_RE = re.compile(r"^(\w+): (.*?)(?: \(line (\d+):(\d+)\))?$", re.S)
 
@@ -119,14 +117,14 @@ def apply_template(handle: ctypes.c_void_p, request: bytes, now: int | None,
     raise ValueError(f"the template rendered more generation blocks ({n.value}) on a second render than the first")
 
 
-def apply_batch_raw(handle: ctypes.c_void_p, shared: bytes, conversations: bytes, fmt: int, count: int,
+def apply_batch_raw(handle: ctypes.c_void_p, shared: bytes, conversations: bytes, count: int,
                     now: int | None, threads: int) -> tuple[ctypes.c_void_p, ctypes.Array]:
-    """One qf_chat_apply_batch of `count` conversations (format CHAT_JSON or
-    CHAT_MARSHAL): the output buffer (read it with split_batch, or free it with
+    """One qf_chat_apply_batch of `count` conversations (a JSON list of message
+    lists): the output buffer (read it with split_batch, or free it with
     free_buffer) and the count + 1 byte offsets of the texts in it."""
     offsets = (ctypes.c_int64 * (count + 1))()
     out = ctypes.c_void_p()
-    call(_batch(handle, shared, len(shared), conversations, len(conversations), fmt, _now(now), int(threads),
+    call(_batch(handle, shared, len(shared), conversations, len(conversations), _now(now), int(threads),
                 ctypes.byref(out), offsets, count + 1, 0))
     return out, offsets
 
