@@ -1,8 +1,11 @@
-// C ABI of the layer kernels (src/layer): argument translation only.
+// C ABI of the layer kernels (qforge/layer.hpp): argument translation only.
 #include "guard.hpp"
-#include "layer/layer.hpp"
+#include "qforge/layer.hpp"
+#include "translate.hpp"
 
 using qforge::capi::guard;
+using qforge::capi::to_device;
+using qforge::capi::to_float_dtype;
 namespace layer = qforge::layer;
 
 extern "C" {
@@ -11,8 +14,11 @@ int qf_rms_norm_forward(qf_device device, const void* x, qf_dtype x_dtype, const
                         qf_dtype weight_dtype, int64_t rows, int64_t dim, float eps, void* y,
                         float* rstd, void* stream) {
   return guard([&] {
-    layer::rms_norm_forward(device, {x, x_dtype, weight, weight_dtype, rows, dim}, eps, y, rstd,
-                            stream);
+    const auto dev = to_device(device, "rms_norm_forward");
+    layer::rms_norm_forward(dev,
+                            {x, to_float_dtype(x_dtype, "rms_norm_forward: x"), weight,
+                             to_float_dtype(weight_dtype, "rms_norm_forward: weight"), rows, dim},
+                            eps, y, rstd, stream);
   });
 }
 
@@ -20,19 +26,29 @@ int qf_rms_norm_backward(qf_device device, const void* dy, const void* x, qf_dty
                          const void* weight, qf_dtype weight_dtype, const float* rstd, int64_t rows,
                          int64_t dim, void* dx, void* stream) {
   return guard([&] {
-    layer::rms_norm_backward(device, {x, x_dtype, weight, weight_dtype, rows, dim}, dy, rstd, dx,
-                             stream);
+    const auto dev = to_device(device, "rms_norm_backward");
+    layer::rms_norm_backward(dev,
+                             {x, to_float_dtype(x_dtype, "rms_norm_backward: x"), weight,
+                              to_float_dtype(weight_dtype, "rms_norm_backward: weight"), rows, dim},
+                             dy, rstd, dx, stream);
   });
 }
 
 int qf_swiglu_forward(qf_device device, const void* gate, const void* up, qf_dtype dtype, int64_t n,
                       void* out, void* stream) {
-  return guard([&] { layer::swiglu_forward(device, gate, up, dtype, n, out, stream); });
+  return guard([&] {
+    const auto dev = to_device(device, "swiglu_forward");
+    layer::swiglu_forward(dev, gate, up, to_float_dtype(dtype, "swiglu_forward: gate and up"), n, out, stream);
+  });
 }
 
 int qf_swiglu_backward(qf_device device, const void* dout, const void* gate, const void* up,
                        qf_dtype dtype, int64_t n, void* dgate, void* dup, void* stream) {
-  return guard([&] { layer::swiglu_backward(device, dout, gate, up, dtype, n, dgate, dup, stream); });
+  return guard([&] {
+    const auto dev = to_device(device, "swiglu_backward");
+    layer::swiglu_backward(dev, dout, gate, up, to_float_dtype(dtype, "swiglu_backward: dout, gate and up"), n,
+                           dgate, dup, stream);
+  });
 }
 
 int qf_rope(qf_device device, const void* x, void* out, qf_dtype dtype, int64_t batch, int64_t seq,
@@ -40,19 +56,20 @@ int qf_rope(qf_device device, const void* x, void* out, qf_dtype dtype, int64_t 
             int64_t cos_batch, int backward, void* stream) {
   return guard([&] {
     layer::RopeArgs a;
+    const auto dev = to_device(device, backward ? "rope_backward" : "rope_forward");
     a.x = x;
     a.out = out;
-    a.dtype = dtype;
+    a.dtype = to_float_dtype(dtype, backward ? "rope_backward: x" : "rope_forward: x");
     a.batch = batch;
     a.seq = seq;
     a.heads = heads;
     a.head_dim = head_dim;
     a.cos = cos;
     a.sin = sin;
-    a.cos_dtype = cos_dtype;
+    a.cos_dtype = to_float_dtype(cos_dtype, backward ? "rope_backward: cos and sin" : "rope_forward: cos and sin");
     a.cos_batch = cos_batch;
-    layer::rope(device, a, backward != 0, stream);
+    layer::rope(dev, a, backward != 0, stream);
   });
 }
 
-}
+}  // extern "C"

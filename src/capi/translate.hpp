@@ -7,8 +7,10 @@
 
 namespace qforge::capi {
 
-inline Device to_device(qf_device d) {
-  QF_CHECK(d == QF_CPU || d == QF_CUDA, "unknown device ", static_cast<int>(d), " (qf_device: 0 cpu, 1 cuda)");
+// `op`, when given, names the call in the error.
+inline Device to_device(qf_device d, const char* op = nullptr) {
+  QF_CHECK(d == QF_CPU || d == QF_CUDA, op ? op : "", op ? ": " : "", "unknown device ", static_cast<int>(d),
+           " (qf_device: 0 cpu, 1 cuda)");
   return static_cast<Device>(d);
 }
 

@@ -1,24 +1,11 @@
-// Argument checks shared by the layer kernels' entry points (layer.hpp).
+// Argument checks shared by the layer kernels' entry points (qforge/layer.hpp).
 #pragma once
 #include <cstdint>
 #include <initializer_list>
 
-#include "core/dtype_name.hpp"
 #include "qforge/error.hpp"
-#include "qforge/qforge.h"
 
 namespace qforge::layer {
-
-inline int64_t dtype_bytes(qf_dtype d) { return d == QF_FLOAT32 ? 4 : 2; }
-
-inline void check_float_dtype(const char* op, const char* what, qf_dtype d) {
-  QF_CHECK(d == QF_FLOAT32 || d == QF_FLOAT16 || d == QF_BFLOAT16, op, ": ", what,
-           " must be float32, float16 or bfloat16, got ", dtype_name(d));
-}
-
-inline void check_device(const char* op, qf_device device) {
-  QF_CHECK(device == QF_CPU || device == QF_CUDA, op, ": unknown device ", static_cast<int>(device));
-}
 
 // The product of sizes (each >= 0), refused when it would overflow int64.
 inline int64_t checked_numel(const char* op, std::initializer_list<int64_t> sizes) {

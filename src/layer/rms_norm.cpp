@@ -1,17 +1,15 @@
 // RMSNorm: argument checks, the CPU twin of rms_norm.cu, and dispatch.
 #include "core/float_io.hpp"
 #include "layer/checks.hpp"
-#include "layer/layer.hpp"
 #include "layer/rules.hpp"
 #include "qforge/cuda_runtime.hpp"
+#include "qforge/layer.hpp"
 
 namespace qforge::layer {
 namespace {
 
-void check_rms_args(const char* op, qf_device device, const RmsNormArgs& a) {
-  check_device(op, device);
-  check_float_dtype(op, "x", a.x_dtype);
-  QF_CHECK(a.weight_dtype == a.x_dtype || a.weight_dtype == QF_FLOAT32, op, ": weight must be ",
+void check_rms_args(const char* op, const RmsNormArgs& a) {
+  QF_CHECK(a.weight_dtype == a.x_dtype || a.weight_dtype == DType::F32, op, ": weight must be ",
            dtype_name(a.x_dtype), " (as x) or float32, got ", dtype_name(a.weight_dtype));
   QF_CHECK(a.dim > 0, op, ": the normalized dimension must be > 0, got ", a.dim);
   checked_numel(op, {a.rows, a.dim});
@@ -20,28 +18,27 @@ void check_rms_args(const char* op, qf_device device, const RmsNormArgs& a) {
 
 }  // namespace
 
-void rms_norm_forward(qf_device device, const RmsNormArgs& a, float eps, void* y, float* rstd,
-                      void* stream) {
+void rms_norm_forward(Device device, const RmsNormArgs& a, float eps, void* y, float* rstd, void* stream) {
   const char* op = "rms_norm_forward";
-  check_rms_args(op, device, a);
+  check_rms_args(op, a);
   QF_CHECK(eps >= 0.0f, op, ": eps must be >= 0, got ", eps);
   if (a.rows == 0) return;
   QF_CHECK(y && rstd, op, ": null y or rstd");
-  check_alias(op, "y", y, "x", a.x, a.rows * a.dim * dtype_bytes(a.x_dtype));
-  if (device == QF_CUDA) return rms_norm_forward_cuda(a, eps, y, rstd, stream);
+  check_alias(op, "y", y, "x", a.x, a.rows * a.dim * dtype_size(a.x_dtype));
+  if (device == Device::CUDA) return rms_norm_forward_cuda(a, eps, y, rstd, stream);
   rms_norm_forward_cpu(a, eps, y, rstd);
 }
 
-void rms_norm_backward(qf_device device, const RmsNormArgs& a, const void* dy, const float* rstd,
-                       void* dx, void* stream) {
+void rms_norm_backward(Device device, const RmsNormArgs& a, const void* dy, const float* rstd, void* dx,
+                       void* stream) {
   const char* op = "rms_norm_backward";
-  check_rms_args(op, device, a);
+  check_rms_args(op, a);
   if (a.rows == 0) return;
   QF_CHECK(dy && rstd && dx, op, ": null dy, rstd or dx");
-  const int64_t bytes = a.rows * a.dim * dtype_bytes(a.x_dtype);
+  const int64_t bytes = a.rows * a.dim * dtype_size(a.x_dtype);
   check_alias(op, "dx", dx, "dy", dy, bytes);
   check_alias(op, "dx", dx, "x", a.x, bytes);
-  if (device == QF_CUDA) return rms_norm_backward_cuda(a, dy, rstd, dx, stream);
+  if (device == Device::CUDA) return rms_norm_backward_cuda(a, dy, rstd, dx, stream);
   rms_norm_backward_cpu(a, dy, rstd, dx);
 }
 

@@ -7,9 +7,9 @@
 // accesses) or one block: each thread keeps its kCache accesses of 16 bytes
 // in registers between the reduction and the write, so the row is read from
 // memory once; longer rows read the rest a second time (from cache).
-#include "layer/layer.hpp"
 #include "layer/rules.hpp"
 #include "layer/vec.cuh"
+#include "qforge/layer.hpp"
 
 namespace qforge::layer {
 namespace {
@@ -218,7 +218,7 @@ void dispatch_row(const RmsNormArgs& a, std::initializer_list<const void*> buffe
     bool vec = a.dim % kVec16 == 0 && aligned16(a.weight);
     for (const void* p : buffers) vec = vec && aligned16(p);
     auto with_weight = [&](auto vec_width) {
-      if (a.weight_dtype == QF_FLOAT32) f(t, float{}, vec_width);
+      if (a.weight_dtype == DType::F32) f(t, float{}, vec_width);
       else f(t, T{}, vec_width);
     };
     if (vec) with_weight(std::integral_constant<int, kVec16>{});

@@ -2,28 +2,26 @@
 // dispatch.
 #include "core/float_io.hpp"
 #include "layer/checks.hpp"
-#include "layer/layer.hpp"
 #include "layer/rules.hpp"
 #include "qforge/cuda_runtime.hpp"
+#include "qforge/layer.hpp"
 
 namespace qforge::layer {
 
-void rope(qf_device device, const RopeArgs& a, bool backward, void* stream) {
+void rope(Device device, const RopeArgs& a, bool backward, void* stream) {
   const char* op = backward ? "rope_backward" : "rope_forward";
-  check_device(op, device);
-  check_float_dtype(op, "x", a.dtype);
-  QF_CHECK(a.cos_dtype == a.dtype || a.cos_dtype == QF_FLOAT32, op, ": cos and sin must be ",
+  QF_CHECK(a.cos_dtype == a.dtype || a.cos_dtype == DType::F32, op, ": cos and sin must be ",
            dtype_name(a.dtype), " (as x) or float32, got ", dtype_name(a.cos_dtype));
   QF_CHECK(a.head_dim > 0 && a.head_dim % 2 == 0, op,
            ": head_dim must be even and > 0 (rotate_half splits it in two), got ", a.head_dim);
   QF_CHECK(a.cos_batch == 1 || a.cos_batch == a.batch, op, ": cos/sin have batch ", a.cos_batch,
            " but x has batch ", a.batch, " (expected 1 or ", a.batch, ")");
-  const int64_t n = checked_numel(op, {a.batch, a.seq, a.heads, a.head_dim, dtype_bytes(a.dtype)}) /
-                    dtype_bytes(a.dtype);
+  const int64_t n = checked_numel(op, {a.batch, a.seq, a.heads, a.head_dim, dtype_size(a.dtype)}) /
+                    dtype_size(a.dtype);
   if (n == 0) return;
   QF_CHECK(a.x && a.out && a.cos && a.sin, op, ": null x, out, cos or sin");
-  check_alias(op, "out", a.out, "x", a.x, n * dtype_bytes(a.dtype));
-  if (device == QF_CUDA) return rope_cuda(a, backward, stream);
+  check_alias(op, "out", a.out, "x", a.x, n * dtype_size(a.dtype));
+  if (device == Device::CUDA) return rope_cuda(a, backward, stream);
   rope_cpu(a, backward);
 }
 

@@ -8,9 +8,9 @@
 // matching vector of the second half, for kHeads consecutive heads of one
 // token, so it loads its cos/sin vectors once for all of them; consecutive
 // lanes take consecutive vectors of a head.
-#include "layer/layer.hpp"
 #include "layer/rules.hpp"
 #include "layer/vec.cuh"
+#include "qforge/layer.hpp"
 
 namespace qforge::layer {
 namespace {
@@ -88,7 +88,7 @@ void rope_cuda(const RopeArgs& a, bool backward, void* stream) {
                                         static_cast<const C*>(a.cos), static_cast<const C*>(a.sin),
                                         shape, backward);
     };
-    if (a.cos_dtype == QF_FLOAT32) launch(float{});
+    if (a.cos_dtype == DType::F32) launch(float{});
     else launch(T{});
   });
   QF_CUDA_CHECK(cudaGetLastError());

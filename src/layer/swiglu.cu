@@ -8,9 +8,9 @@
 // input before it computes and stores (outputs may alias inputs, so the
 // compiler could not hoist later loads over earlier stores itself);
 // consecutive lanes take consecutive vectors.
-#include "layer/layer.hpp"
 #include "layer/rules.hpp"
 #include "layer/vec.cuh"
+#include "qforge/layer.hpp"
 
 namespace qforge::layer {
 namespace {
@@ -104,8 +104,7 @@ void launch_elementwise(const Buffers<T, Op::kIn, Op::kOut>& b, int64_t n, cudaS
 
 }  // namespace
 
-void swiglu_forward_cuda(const void* gate, const void* up, qf_dtype dtype, int64_t n, void* out,
-                         void* stream) {
+void swiglu_forward_cuda(const void* gate, const void* up, DType dtype, int64_t n, void* out, void* stream) {
   cuda::require_cuda("swiglu_forward on CUDA");
   with_float_type(dtype, [&](auto t) {
     using T = decltype(t);
@@ -115,8 +114,8 @@ void swiglu_forward_cuda(const void* gate, const void* up, qf_dtype dtype, int64
   });
 }
 
-void swiglu_backward_cuda(const void* dout, const void* gate, const void* up, qf_dtype dtype,
-                          int64_t n, void* dgate, void* dup, void* stream) {
+void swiglu_backward_cuda(const void* dout, const void* gate, const void* up, DType dtype, int64_t n, void* dgate,
+                          void* dup, void* stream) {
   cuda::require_cuda("swiglu_backward on CUDA");
   with_float_type(dtype, [&](auto t) {
     using T = decltype(t);

@@ -13,7 +13,7 @@
 #include "core/cuda_check.cuh"
 #include "core/float_cuda.cuh"
 #include "qforge/cuda_runtime.hpp"
-#include "qforge/qforge.h"
+#include "qforge/dtype.hpp"
 
 namespace qforge::layer {
 
@@ -68,12 +68,12 @@ inline int grid_for(int64_t work, int64_t cap = int64_t{1} << 30) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(work, cap)));
 }
 
-// Calls f(T{}) with T the CUDA type of an fp32 / fp16 / bf16 qf_dtype.
+// Calls f(T{}) with T the CUDA type of d.
 template <class F>
-void with_float_type(qf_dtype d, F&& f) {
+void with_float_type(DType d, F&& f) {
   switch (d) {
-    case QF_FLOAT16: return f(__half{});
-    case QF_BFLOAT16: return f(__nv_bfloat16{});
+    case DType::F16: return f(__half{});
+    case DType::BF16: return f(__nv_bfloat16{});
     default: return f(float{});
   }
 }

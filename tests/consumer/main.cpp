@@ -1,6 +1,8 @@
 // Uses the installed library through both of its APIs: the C++ chat engine
-// (qforge::chat) and NF4 core (qforge::nf4), and the C ABI (qforge.h). Prints what they returned; exits
-// nonzero when either disagrees with what it must return.
+// (qforge::chat), NF4 core (qforge::nf4) and layer kernels (qforge::layer), and
+// the C ABI (qforge.h). Prints what they returned; exits nonzero when either
+// disagrees with what it must return.
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <string>
@@ -8,6 +10,7 @@
 
 #include "qforge/chat/apply.hpp"
 #include "qforge/chat/template.hpp"
+#include "qforge/layer.hpp"
 #include "qforge/nf4.hpp"
 #include "qforge/qforge.h"
 
@@ -33,6 +36,16 @@ bool nf4_round_trips() {
   return out == x;
 }
 
+// SwiGLU in fp32 on the CPU: out = silu(gate) * up.
+bool swiglu_computes() {
+  const float gate[3] = {-2.0f, 0.0f, 1.5f}, up[3] = {3.0f, 5.0f, -2.0f};
+  float out[3] = {};
+  qforge::layer::swiglu_forward(qforge::Device::CPU, gate, up, qforge::DType::F32, 3, out, nullptr);
+  for (int i = 0; i < 3; ++i)
+    if (std::fabs(out[i] - gate[i] / (1.0f + std::exp(-gate[i])) * up[i]) > 1e-6f) return false;
+  return true;
+}
+
 int main() {
   using namespace qforge::chat;
   Template tmpl("{% for m in messages %}<{{ m.role }}>{{ m.content | upper }}{% endfor %}");
@@ -54,5 +67,7 @@ int main() {
   std::printf("TemplateError caught: %d\n", caught ? 1 : 0);
   const bool nf4_ok = nf4_round_trips();
   std::printf("nf4 round trip: %d\n", nf4_ok ? 1 : 0);
-  return text == "<user>HI" && packed == 4 && caught && nf4_ok ? 0 : 1;
+  const bool swiglu_ok = swiglu_computes();
+  std::printf("layer swiglu: %d\n", swiglu_ok ? 1 : 0);
+  return text == "<user>HI" && packed == 4 && caught && nf4_ok && swiglu_ok ? 0 : 1;
 }

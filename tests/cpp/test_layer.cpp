@@ -9,8 +9,8 @@
 #include <vector>
 
 #include "core/float_io.hpp"
-#include "layer/layer.hpp"
 #include "qforge/cuda_runtime.hpp"
+#include "qforge/layer.hpp"
 #include "qforge/qforge.h"
 
 #ifdef QFORGE_WITH_CUDA
@@ -19,21 +19,24 @@
 
 namespace {
 
+using qforge::Device;
+using qforge::DType;
+using qforge::dtype_name;
 using qforge::load_float;
 using qforge::store_float;
 
 // A host buffer of n elements of dtype.
 struct Buf {
-  qf_dtype dtype;
+  DType dtype;
   std::vector<uint8_t> bytes;
-  Buf(qf_dtype d, int64_t n) : dtype(d), bytes(static_cast<size_t>(n) * (d == QF_FLOAT32 ? 4 : 2)) {}
-  int64_t size() const { return static_cast<int64_t>(bytes.size()) / (dtype == QF_FLOAT32 ? 4 : 2); }
+  Buf(DType d, int64_t n) : dtype(d), bytes(static_cast<size_t>(n) * (d == DType::F32 ? 4 : 2)) {}
+  int64_t size() const { return static_cast<int64_t>(bytes.size()) / (dtype == DType::F32 ? 4 : 2); }
   void* data() { return bytes.data(); }
   const void* data() const { return bytes.data(); }
   double at(int64_t i) const { return load_float(bytes.data(), dtype, i); }
 };
 
-Buf random_buf(qf_dtype d, int64_t n, std::mt19937& rng, float scale = 1.0f) {
+Buf random_buf(DType d, int64_t n, std::mt19937& rng, float scale = 1.0f) {
   Buf b(d, n);
   std::normal_distribution<float> nd(0.0f, scale);
   for (int64_t i = 0; i < n; ++i) store_float(b.data(), d, i, nd(rng));
@@ -41,17 +44,17 @@ Buf random_buf(qf_dtype d, int64_t n, std::mt19937& rng, float scale = 1.0f) {
 }
 
 // One ulp of dtype at |v| (relative 2^-7 for bf16, 2^-10 for fp16, 2^-23 fp32), plus a floor.
-double ulp(qf_dtype d, double v) {
-  const int bits = d == QF_BFLOAT16 ? 7 : d == QF_FLOAT16 ? 10 : 23;
+double ulp(DType d, double v) {
+  const int bits = d == DType::BF16 ? 7 : d == DType::F16 ? 10 : 23;
   return std::ldexp(std::max(std::fabs(v), 1e-3), -bits);
 }
 
-constexpr qf_dtype kDtypes[] = {QF_FLOAT32, QF_FLOAT16, QF_BFLOAT16};
+constexpr DType kDtypes[] = {DType::F32, DType::F16, DType::BF16};
 
 // ---------------------------------------------------------- CPU twins vs float64
 TEST(LayerCpu, RmsNormForwardAndBackwardMatchFloat64) {
   std::mt19937 rng(11);
-  for (qf_dtype d : kDtypes)
+  for (DType d : kDtypes)
     for (int64_t dim : {int64_t(1), int64_t(7), int64_t(64), int64_t(1000)}) {
       const int64_t rows = 5;
       const float eps = 1e-5f;
@@ -59,8 +62,8 @@ TEST(LayerCpu, RmsNormForwardAndBackwardMatchFloat64) {
       Buf y(d, rows * dim), dx(d, rows * dim);
       std::vector<float> rstd(rows);
       const qforge::layer::RmsNormArgs a{x.data(), d, w.data(), d, rows, dim};
-      qforge::layer::rms_norm_forward(QF_CPU, a, eps, y.data(), rstd.data(), nullptr);
-      qforge::layer::rms_norm_backward(QF_CPU, a, dy.data(), rstd.data(), dx.data(), nullptr);
+      qforge::layer::rms_norm_forward(Device::CPU, a, eps, y.data(), rstd.data(), nullptr);
+      qforge::layer::rms_norm_backward(Device::CPU, a, dy.data(), rstd.data(), dx.data(), nullptr);
       for (int64_t r = 0; r < rows; ++r) {
         double ss = 0;
         for (int64_t j = 0; j < dim; ++j) ss += x.at(r * dim + j) * x.at(r * dim + j);
@@ -83,27 +86,27 @@ TEST(LayerCpu, RmsNormForwardAndBackwardMatchFloat64) {
 TEST(LayerCpu, RmsNormFp32WeightWithHalfInput) {
   std::mt19937 rng(12);
   const int64_t rows = 3, dim = 24;
-  Buf x = random_buf(QF_BFLOAT16, rows * dim, rng), w = random_buf(QF_FLOAT32, dim, rng);
-  Buf y(QF_BFLOAT16, rows * dim);
+  Buf x = random_buf(DType::BF16, rows * dim, rng), w = random_buf(DType::F32, dim, rng);
+  Buf y(DType::BF16, rows * dim);
   std::vector<float> rstd(rows);
-  qforge::layer::rms_norm_forward(QF_CPU, {x.data(), QF_BFLOAT16, w.data(), QF_FLOAT32, rows, dim}, 1e-6f,
+  qforge::layer::rms_norm_forward(Device::CPU, {x.data(), DType::BF16, w.data(), DType::F32, rows, dim}, 1e-6f,
                                   y.data(), rstd.data(), nullptr);
   for (int64_t i = 0; i < rows * dim; ++i) {
     // Llama's order: the normalized value is rounded to bf16 before the weight multiplies it
-    const float normed = qforge::round_to(QF_BFLOAT16, static_cast<float>(x.at(i)) * rstd[i / dim]);
-    EXPECT_EQ(y.at(i), qforge::round_to(QF_BFLOAT16, static_cast<float>(w.at(i % dim)) * normed)) << i;
+    const float normed = qforge::round_to(DType::BF16, static_cast<float>(x.at(i)) * rstd[i / dim]);
+    EXPECT_EQ(y.at(i), qforge::round_to(DType::BF16, static_cast<float>(w.at(i % dim)) * normed)) << i;
   }
 }
 
 TEST(LayerCpu, SwigluForwardAndBackwardMatchFloat64) {
   std::mt19937 rng(13);
-  for (qf_dtype d : kDtypes) {
+  for (DType d : kDtypes) {
     const int64_t n = 1001;
     Buf g = random_buf(d, n, rng, 3.0f), u = random_buf(d, n, rng), dout = random_buf(d, n, rng);
     store_float(g.data(), d, 0, -100.0f);  // exp(100) overflows fp32: silu -> -0, not NaN
     Buf out(d, n), dg(d, n), du(d, n);
-    qforge::layer::swiglu_forward(QF_CPU, g.data(), u.data(), d, n, out.data(), nullptr);
-    qforge::layer::swiglu_backward(QF_CPU, dout.data(), g.data(), u.data(), d, n, dg.data(), du.data(), nullptr);
+    qforge::layer::swiglu_forward(Device::CPU, g.data(), u.data(), d, n, out.data(), nullptr);
+    qforge::layer::swiglu_backward(Device::CPU, dout.data(), g.data(), u.data(), d, n, dg.data(), du.data(), nullptr);
     for (int64_t i = 0; i < n; ++i) {
       const double gv = g.at(i), sig = 1.0 / (1.0 + std::exp(-gv)), s = gv * sig;
       EXPECT_NEAR(out.at(i), s * u.at(i), 2.5 * ulp(d, s * u.at(i))) << i;
@@ -133,8 +136,8 @@ std::vector<double> rope_reference(const Buf& x, const Buf& cos, const Buf& sin,
 
 TEST(LayerCpu, RopeMatchesFloat64AndBackwardInvertsForward) {
   std::mt19937 rng(14);
-  for (qf_dtype d : kDtypes)
-    for (qf_dtype cd : {d, QF_FLOAT32})
+  for (DType d : kDtypes)
+    for (DType cd : {d, DType::F32})
       for (int64_t cos_batch : {int64_t(1), int64_t(2)}) {
         const int64_t B = 2, T = 5, H = 3, D = 6;
         Buf x = random_buf(d, B * T * H * D, rng);
@@ -156,12 +159,12 @@ TEST(LayerCpu, RopeMatchesFloat64AndBackwardInvertsForward) {
         a.dtype = d;
         a.batch = B, a.seq = T, a.heads = H, a.head_dim = D;
         a.cos = cos.data(), a.sin = sin.data(), a.cos_dtype = cd, a.cos_batch = cos_batch;
-        qforge::layer::rope(QF_CPU, a, false, nullptr);
+        qforge::layer::rope(Device::CPU, a, false, nullptr);
         const std::vector<double> ref = rope_reference(x, cos, sin, B, T, H, D, cos_batch);
         for (int64_t i = 0; i < x.size(); ++i) EXPECT_NEAR(y.at(i), ref[i], 2 * ulp(d, ref[i]) + 1e-6) << i;
         // in place: the backward (the transpose rotation) brings x back up to rounding
         a.x = y.data();
-        qforge::layer::rope(QF_CPU, a, true, nullptr);
+        qforge::layer::rope(Device::CPU, a, true, nullptr);
         for (int64_t i = 0; i < x.size(); ++i) {
           const int64_t partner = i % D < D / 2 ? i + D / 2 : i - D / 2;  // the other element of its pair
           const double pair = std::max(std::fabs(x.at(i)), std::fabs(x.at(partner)));
@@ -242,8 +245,8 @@ struct Dev {
   void* p = nullptr;
   size_t bytes = 0;
   // an output of n elements, poisoned with NaN (all bits set) to catch unwritten ones
-  Dev(qf_dtype d, int64_t n, int64_t offset = 0) {
-    const size_t esize = d == QF_FLOAT32 ? 4 : 2;
+  Dev(DType d, int64_t n, int64_t offset = 0) {
+    const size_t esize = d == DType::F32 ? 4 : 2;
     bytes = static_cast<size_t>(n) * esize;
     EXPECT_EQ(cudaMalloc(&base, bytes + 64), cudaSuccess);
     p = static_cast<uint8_t*>(base) + offset * esize;
@@ -255,7 +258,7 @@ struct Dev {
   Dev(const Dev&) = delete;
   Dev& operator=(const Dev&) = delete;
   ~Dev() { cudaFree(base); }
-  Buf get(qf_dtype d) const {
+  Buf get(DType d) const {
     Buf b(d, 0);
     b.bytes.resize(bytes);
     EXPECT_EQ(cudaMemcpy(b.data(), p, bytes, cudaMemcpyDeviceToHost), cudaSuccess);
@@ -285,40 +288,41 @@ void expect_twin(const Buf& cuda, const Buf& cpu, const char* what, TwinToleranc
           << what << " element " << i;
     }
   }
-  if (cpu.dtype != QF_FLOAT32) EXPECT_LE(mismatched, tol.max_mismatch_fraction * cpu.size() + 1) << what;
+  if (cpu.dtype != DType::F32) EXPECT_LE(mismatched, tol.max_mismatch_fraction * cpu.size() + 1) << what;
 }
 
 TEST(LayerCuda, RmsNormMatchesCpuTwin) {
   if (qforge::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   std::mt19937 rng(21);
   // short rows (warp per row), long rows (block per row), rows past the register cache, odd sizes
-  for (qf_dtype d : kDtypes)
-    for (qf_dtype wd : {d, QF_FLOAT32})
+  for (DType d : kDtypes)
+    for (DType wd : {d, DType::F32})
       for (int64_t dim : {int64_t(8), int64_t(100), int64_t(1024), int64_t(4097), int64_t(40000)})
         for (int64_t offset : {int64_t(0), int64_t(1)}) {
           const int64_t rows = dim > 4096 ? 7 : 37;
-          SCOPED_TRACE(testing::Message() << "dtype " << d << " weight " << wd << " dim " << dim << " off " << offset);
+          SCOPED_TRACE(testing::Message() << "dtype " << dtype_name(d) << " weight " << dtype_name(wd) << " dim " << dim
+                                          << " off " << offset);
           Buf x = random_buf(d, rows * dim, rng, 3.0f), w = random_buf(wd, dim, rng), dy = random_buf(d, rows * dim, rng);
           const qforge::layer::RmsNormArgs a{x.data(), d, w.data(), wd, rows, dim};
           Buf y(d, rows * dim), dx(d, rows * dim);
           std::vector<float> rstd(rows);
-          qforge::layer::rms_norm_forward(QF_CPU, a, 1e-6f, y.data(), rstd.data(), nullptr);
-          qforge::layer::rms_norm_backward(QF_CPU, a, dy.data(), rstd.data(), dx.data(), nullptr);
+          qforge::layer::rms_norm_forward(Device::CPU, a, 1e-6f, y.data(), rstd.data(), nullptr);
+          qforge::layer::rms_norm_backward(Device::CPU, a, dy.data(), rstd.data(), dx.data(), nullptr);
           Dev xd(x, offset), wdev(w), dyd(dy, offset), yd(d, rows * dim, offset), dxd(d, rows * dim, offset);
-          Dev rd(QF_FLOAT32, rows);
+          Dev rd(DType::F32, rows);
           const qforge::layer::RmsNormArgs ad{xd.p, d, wdev.p, wd, rows, dim};
-          qforge::layer::rms_norm_forward(QF_CUDA, ad, 1e-6f, yd.p, static_cast<float*>(rd.p), nullptr);
-          Buf rstd_cuda = rd.get(QF_FLOAT32);
+          qforge::layer::rms_norm_forward(Device::CUDA, ad, 1e-6f, yd.p, static_cast<float*>(rd.p), nullptr);
+          Buf rstd_cuda = rd.get(DType::F32);
           for (int64_t r = 0; r < rows; ++r) EXPECT_NEAR(rstd_cuda.at(r), rstd[r], 2e-6 * rstd[r]) << r;
           // the backward from the CPU's rstd, so that only the kernel differs
           EXPECT_EQ(cudaMemcpy(rd.p, rstd.data(), rows * 4, cudaMemcpyHostToDevice), cudaSuccess);
-          qforge::layer::rms_norm_backward(QF_CUDA, ad, dyd.p, static_cast<float*>(rd.p), dxd.p, nullptr);
+          qforge::layer::rms_norm_backward(Device::CUDA, ad, dyd.p, static_cast<float*>(rd.p), dxd.p, nullptr);
           ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
           const TwinTolerance tol{0.02, 4e-6, 1e-5};
           expect_twin(yd.get(d), y, "y", tol);
           expect_twin(dxd.get(d), dx, "dx", tol);
           // in place: dx over dy
-          qforge::layer::rms_norm_backward(QF_CUDA, ad, dyd.p, static_cast<float*>(rd.p), dyd.p, nullptr);
+          qforge::layer::rms_norm_backward(Device::CUDA, ad, dyd.p, static_cast<float*>(rd.p), dyd.p, nullptr);
           ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
           expect_twin(dyd.get(d), dx, "dx in place", tol);
         }
@@ -327,24 +331,25 @@ TEST(LayerCuda, RmsNormMatchesCpuTwin) {
 TEST(LayerCuda, SwigluMatchesCpuTwinInAndOutOfPlace) {
   if (qforge::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   std::mt19937 rng(22);
-  for (qf_dtype d : kDtypes)
+  for (DType d : kDtypes)
     for (int64_t n : {int64_t(1), int64_t(13), int64_t(4096 + 5), int64_t(3 << 20)})
       for (int64_t offset : {int64_t(0), int64_t(1)}) {
-        SCOPED_TRACE(testing::Message() << "dtype " << d << " n " << n << " off " << offset);
+        SCOPED_TRACE(testing::Message() << "dtype " << dtype_name(d) << " n " << n << " off " << offset);
         Buf g = random_buf(d, n, rng, 3.0f), u = random_buf(d, n, rng), dout = random_buf(d, n, rng);
         Buf out(d, n), dg(d, n), du(d, n);
-        qforge::layer::swiglu_forward(QF_CPU, g.data(), u.data(), d, n, out.data(), nullptr);
-        qforge::layer::swiglu_backward(QF_CPU, dout.data(), g.data(), u.data(), d, n, dg.data(), du.data(), nullptr);
+        qforge::layer::swiglu_forward(Device::CPU, g.data(), u.data(), d, n, out.data(), nullptr);
+        qforge::layer::swiglu_backward(Device::CPU, dout.data(), g.data(), u.data(), d, n, dg.data(), du.data(),
+                                       nullptr);
         Dev gd(g, offset), ud(u, offset), dd(dout, offset), od(d, n, offset), dgd(d, n, offset), dud(d, n, offset);
-        qforge::layer::swiglu_forward(QF_CUDA, gd.p, ud.p, d, n, od.p, nullptr);
-        qforge::layer::swiglu_backward(QF_CUDA, dd.p, gd.p, ud.p, d, n, dgd.p, dud.p, nullptr);
+        qforge::layer::swiglu_forward(Device::CUDA, gd.p, ud.p, d, n, od.p, nullptr);
+        qforge::layer::swiglu_backward(Device::CUDA, dd.p, gd.p, ud.p, d, n, dgd.p, dud.p, nullptr);
         ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
         // fp32 dgate: 1 + g (1 - s) cancels near g = -1.28, so an ulp of expf grows there
         const TwinTolerance tol{0.01, 1e-6, 1e-6};
         expect_twin(od.get(d), out, "out", tol);
         expect_twin(dgd.get(d), dg, "dgate", tol);
         expect_twin(dud.get(d), du, "dup", tol);
-        qforge::layer::swiglu_backward(QF_CUDA, dd.p, gd.p, ud.p, d, n, gd.p, ud.p, nullptr);  // in place
+        qforge::layer::swiglu_backward(Device::CUDA, dd.p, gd.p, ud.p, d, n, gd.p, ud.p, nullptr);  // in place
         ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
         expect_twin(gd.get(d), dg, "dgate in place", tol);
         expect_twin(ud.get(d), du, "dup in place", tol);
@@ -355,12 +360,13 @@ TEST(LayerCuda, RopeMatchesCpuTwinBitForBit) {
   if (qforge::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   std::mt19937 rng(23);
   struct Shape { int64_t B, T, H, D; };
-  for (qf_dtype d : kDtypes)
-    for (qf_dtype cd : {d, QF_FLOAT32})
+  for (DType d : kDtypes)
+    for (DType cd : {d, DType::F32})
       for (Shape s : {Shape{2, 33, 5, 128}, Shape{1, 7, 3, 6}, Shape{3, 17, 9, 64}, Shape{2, 9, 2, 18}})
         for (int64_t cos_batch : {int64_t(1), s.B})
           for (bool backward : {false, true}) {
-            SCOPED_TRACE(testing::Message() << "dtype " << d << " cos " << cd << " D " << s.D << " back " << backward);
+            SCOPED_TRACE(testing::Message() << "dtype " << dtype_name(d) << " cos " << dtype_name(cd) << " D " << s.D
+                                            << " back " << backward);
             const int64_t n = s.B * s.T * s.H * s.D;
             Buf x = random_buf(d, n, rng), cos = random_buf(cd, cos_batch * s.T * s.D, rng),
                 sin = random_buf(cd, cos_batch * s.T * s.D, rng), y(d, n);
@@ -368,12 +374,12 @@ TEST(LayerCuda, RopeMatchesCpuTwinBitForBit) {
             a.x = x.data(), a.out = y.data(), a.dtype = d;
             a.batch = s.B, a.seq = s.T, a.heads = s.H, a.head_dim = s.D;
             a.cos = cos.data(), a.sin = sin.data(), a.cos_dtype = cd, a.cos_batch = cos_batch;
-            qforge::layer::rope(QF_CPU, a, backward, nullptr);
+            qforge::layer::rope(Device::CPU, a, backward, nullptr);
             Dev xd(x), cdv(cos), sdv(sin), yd(d, n);
             a.x = xd.p, a.out = yd.p, a.cos = cdv.p, a.sin = sdv.p;
-            qforge::layer::rope(QF_CUDA, a, backward, nullptr);
+            qforge::layer::rope(Device::CUDA, a, backward, nullptr);
             a.out = xd.p;  // in place
-            qforge::layer::rope(QF_CUDA, a, backward, nullptr);
+            qforge::layer::rope(Device::CUDA, a, backward, nullptr);
             ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
             // the same products and sums in the same order: bit for bit
             EXPECT_EQ(yd.get(d).bytes, y.bytes);

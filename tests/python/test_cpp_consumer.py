@@ -1,6 +1,7 @@
 """The C++ API links: a CMake project (tests/consumer) that does
 find_package(qforge) against an installed qforge, links qforge::qforge, calls
-the C++ chat engine, the C++ NF4 core and the C ABI, builds and runs.
+the C++ chat engine, the C++ NF4 core and layer kernels and the C ABI, builds
+and runs.
 
 qforge is configured CPU-only in a temporary build directory (the library the
 other tests load may be a wheel build, which installs no CMake package),
@@ -41,3 +42,4 @@ def test_installed_package_links_cpp_and_c_api(tmp_path):
     assert "qf_nf4_packed_bytes(7): 4" in out
     assert "TemplateError caught: 1" in out
     assert "nf4 round trip: 1" in out
+    assert "layer swiglu: 1" in out
