@@ -1,13 +1,22 @@
-// Turn a failed CUDA runtime call or kernel launch into a RuntimeFailure.
+// Turn a failed CUDA runtime call, kernel launch or cuBLAS / cuBLASLt call
+// into a RuntimeFailure naming the call and the status.
 #pragma once
 #include <cuda_runtime.h>
 
 #include "qforge/error.hpp"
 
-#define QF_CUDA_CHECK(expr)                                                                  \
-  do {                                                                                       \
-    cudaError_t qf_status_ = (expr);                                                         \
-    if (qf_status_ != cudaSuccess)                                                           \
-      throw ::qforge::RuntimeFailure(::qforge::detail::concat(#expr, " failed: ",            \
-                                                              cudaGetErrorString(qf_status_))); \
+// expr returns a Status; anything but ok throws "<text> failed: <describe...>".
+#define QF_STATUS_CHECK_(Status, expr, text, ok, ...)                                              \
+  do {                                                                                            \
+    const Status qf_status_ = (expr);                                                             \
+    if (qf_status_ != (ok))                                                                       \
+      throw ::qforge::RuntimeFailure(::qforge::detail::concat(text, " failed: ", __VA_ARGS__));   \
   } while (0)
+
+#define QF_CUDA_CHECK(expr) QF_STATUS_CHECK_(cudaError_t, expr, #expr, cudaSuccess, cudaGetErrorString(qf_status_))
+
+// cuBLAS and cuBLASLt calls (include <cublasLt.h> first). The status is printed
+// as its number: cublasGetStatusString lives in libcublas, which qforge does not
+// link (cuBLASLt alone).
+#define QF_CUBLAS_CHECK(expr) \
+  QF_STATUS_CHECK_(cublasStatus_t, expr, #expr, CUBLAS_STATUS_SUCCESS, "cuBLAS status ", static_cast<int>(qf_status_))

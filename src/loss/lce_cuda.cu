@@ -25,14 +25,6 @@
 namespace qforge::loss {
 namespace {
 
-#define QF_LT_CHECK(expr)                                                                      \
-  do {                                                                                         \
-    cublasStatus_t qf_st_ = (expr);                                                            \
-    if (qf_st_ != CUBLAS_STATUS_SUCCESS)                                                       \
-      throw ::qforge::RuntimeFailure(::qforge::detail::concat(#expr, " failed: cuBLAS status ", \
-                                                              int(qf_st_)));                   \
-  } while (0)
-
 constexpr int kThreads = 512;
 
 struct Scalars {
@@ -339,7 +331,7 @@ cublasLtHandle_t lt_handle(int dev) {
   auto it = lt_state.handles.find(dev);
   if (it != lt_state.handles.end()) return it->second;
   cublasLtHandle_t h;
-  QF_LT_CHECK(cublasLtCreate(&h));
+  QF_CUBLAS_CHECK(cublasLtCreate(&h));
   lt_state.handles[dev] = h;
   return h;
 }
@@ -356,21 +348,21 @@ void gemm(int dev, cudaStream_t stream, bool ta, bool tb, int64_t m, int64_t n, 
   auto it = lt_state.plans.find(key);
   if (it == lt_state.plans.end()) {
     GemmPlan plan;
-    QF_LT_CHECK(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    QF_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     cublasOperation_t opa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, opb = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
-    QF_LT_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof(opa)));
-    QF_LT_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof(opb)));
-    QF_LT_CHECK(cublasLtMatrixLayoutCreate(&plan.a, ab_type, ta ? k : m, ta ? m : k, lda));
-    QF_LT_CHECK(cublasLtMatrixLayoutCreate(&plan.b, ab_type, tb ? n : k, tb ? k : n, ldb));
-    QF_LT_CHECK(cublasLtMatrixLayoutCreate(&plan.c, c_type, m, n, ldc));
+    QF_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof(opa)));
+    QF_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof(opb)));
+    QF_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.a, ab_type, ta ? k : m, ta ? m : k, lda));
+    QF_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.b, ab_type, tb ? n : k, tb ? k : n, ldb));
+    QF_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.c, c_type, m, n, ldc));
     cublasLtMatmulPreference_t pref;
-    QF_LT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+    QF_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
     uint64_t wsb = ws_bytes;
-    QF_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof(wsb)));
-    QF_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &key.al_a, sizeof(uint32_t)));
-    QF_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &key.al_b, sizeof(uint32_t)));
-    QF_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &key.al_c, sizeof(uint32_t)));
-    QF_LT_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &key.al_c, sizeof(uint32_t)));
+    QF_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof(wsb)));
+    QF_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &key.al_a, sizeof(uint32_t)));
+    QF_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &key.al_b, sizeof(uint32_t)));
+    QF_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &key.al_c, sizeof(uint32_t)));
+    QF_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &key.al_c, sizeof(uint32_t)));
     constexpr int kMaxAlgos = 8;
     cublasLtMatmulHeuristicResult_t res[kMaxAlgos];
     int found = 0;
@@ -423,7 +415,7 @@ void gemm(int dev, cudaStream_t stream, bool ta, bool tb, int64_t m, int64_t n, 
   }
   const GemmPlan& plan = it->second;
   const float alpha = 1.0f;
-  QF_LT_CHECK(cublasLtMatmul(h, plan.desc, &alpha, A, plan.a, B, plan.b, &beta, C, plan.c, C,
+  QF_CUBLAS_CHECK(cublasLtMatmul(h, plan.desc, &alpha, A, plan.a, B, plan.b, &beta, C, plan.c, C,
                              plan.c, plan.have_algo ? &plan.algo : nullptr, ws, ws_bytes, stream));
 }
 
