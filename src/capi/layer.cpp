@@ -8,6 +8,18 @@ using qforge::capi::to_device;
 using qforge::capi::to_float_dtype;
 namespace layer = qforge::layer;
 
+namespace {
+
+// The RMSNorm arguments of both directions, each dtype checked under the call's name.
+layer::RmsNormArgs rms_args(bool backward, const void* x, qf_dtype x_dtype, const void* weight, qf_dtype weight_dtype,
+                            int64_t rows, int64_t dim) {
+  return {x, to_float_dtype(x_dtype, backward ? "rms_norm_backward: x" : "rms_norm_forward: x"), weight,
+          to_float_dtype(weight_dtype, backward ? "rms_norm_backward: weight" : "rms_norm_forward: weight"), rows,
+          dim};
+}
+
+}  // namespace
+
 extern "C" {
 
 int qf_rms_norm_forward(qf_device device, const void* x, qf_dtype x_dtype, const void* weight,
@@ -15,10 +27,7 @@ int qf_rms_norm_forward(qf_device device, const void* x, qf_dtype x_dtype, const
                         float* rstd, void* stream) {
   return guard([&] {
     const auto dev = to_device(device, "rms_norm_forward");
-    layer::rms_norm_forward(dev,
-                            {x, to_float_dtype(x_dtype, "rms_norm_forward: x"), weight,
-                             to_float_dtype(weight_dtype, "rms_norm_forward: weight"), rows, dim},
-                            eps, y, rstd, stream);
+    layer::rms_norm_forward(dev, rms_args(false, x, x_dtype, weight, weight_dtype, rows, dim), eps, y, rstd, stream);
   });
 }
 
@@ -27,10 +36,7 @@ int qf_rms_norm_backward(qf_device device, const void* dy, const void* x, qf_dty
                          int64_t dim, void* dx, void* stream) {
   return guard([&] {
     const auto dev = to_device(device, "rms_norm_backward");
-    layer::rms_norm_backward(dev,
-                             {x, to_float_dtype(x_dtype, "rms_norm_backward: x"), weight,
-                              to_float_dtype(weight_dtype, "rms_norm_backward: weight"), rows, dim},
-                             dy, rstd, dx, stream);
+    layer::rms_norm_backward(dev, rms_args(true, x, x_dtype, weight, weight_dtype, rows, dim), dy, rstd, dx, stream);
   });
 }
 

@@ -55,17 +55,25 @@ __device__ __forceinline__ RowGroup row_group() {
   }
 }
 
-// Visits this thread's accesses of a row of nvec: the first kCache as
-// cached(c, v), c the register slot, the rest as uncached(v).
-template <class Cached, class Uncached>
-__device__ __forceinline__ void for_each_access(const RowGroup& g, int64_t nvec, Cached cached,
-                                                Uncached uncached) {
+// One pass over this thread's accesses of a row of nvec: use(v, vals) with
+// access v's values. The first kCache accesses keep theirs in cache[c]
+// between passes (kFill: load them there); the rest are loaded anew.
+template <bool kFill, class Vals, class Load, class Use>
+__device__ __forceinline__ void row_pass(const RowGroup& g, int64_t nvec, Vals (&cache)[kCache], Load load,
+                                         Use use) {
 #pragma unroll
   for (int c = 0; c < kCache; ++c) {
     const int64_t v = g.lane + int64_t(c) * g.size;
-    if (v < nvec) cached(c, v);
+    if (v < nvec) {
+      if constexpr (kFill) load(v, cache[c]);
+      use(v, cache[c]);
+    }
   }
-  for (int64_t v = g.lane + int64_t(kCache) * g.size; v < nvec; v += g.size) uncached(v);
+  for (int64_t v = g.lane + int64_t(kCache) * g.size; v < nvec; v += g.size) {
+    Vals vals;
+    load(v, vals);
+    use(v, vals);
+  }
 }
 
 template <typename T, typename W, int kVec, bool kWarpPerRow>
@@ -78,39 +86,22 @@ __global__ void rms_norm_forward_kernel(const T* x, const W* __restrict__ weight
   for (int64_t row = g.first; row < rows; row += g.step) {
     const T* xr = x + row * dim;
     T* yr = y + row * dim;
+    auto load = [&](int64_t v, float (&f)[kVec]) { load_floats<T, kVec>(xr + v * kVec, f); };
     float cached[kCache][kVec];
     float sum_squares = 0.0f;
-    auto add = [&](const float (&f)[kVec]) {
+    row_pass<true>(g, nvec, cached, load, [&](int64_t, const float (&f)[kVec]) {
 #pragma unroll
       for (int k = 0; k < kVec; ++k) sum_squares += f[k] * f[k];
-    };
-    for_each_access(
-        g, nvec,
-        [&](int c, int64_t v) {
-          load_floats<T, kVec>(xr + v * kVec, cached[c]);
-          add(cached[c]);
-        },
-        [&](int64_t v) {
-          float f[kVec];
-          load_floats<T, kVec>(xr + v * kVec, f);
-          add(f);
-        });
+    });
     const float inv = rms_inverse(group_sum<kWarpPerRow>(sum_squares, scratch), dim, eps);
     if (g.lane == 0) rstd[row] = inv;
-    auto write = [&](int64_t v, const float (&f)[kVec]) {
+    row_pass<false>(g, nvec, cached, load, [&](int64_t v, const float (&f)[kVec]) {
       float w[kVec], out[kVec];
       load_floats<W, kVec>(weight + v * kVec, w);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) out[k] = w[k] * round_to<T>(f[k] * inv);
       store_floats<T, kVec>(yr + v * kVec, out);
-    };
-    for_each_access(
-        g, nvec, [&](int c, int64_t v) { write(v, cached[c]); },
-        [&](int64_t v) {
-          float f[kVec];
-          load_floats<T, kVec>(xr + v * kVec, f);
-          write(v, f);
-        });
+    });
   }
 }
 
@@ -121,54 +112,38 @@ __global__ void rms_norm_backward_kernel(const T* dy, const T* x, const W* __res
   __shared__ float scratch[32];
   const RowGroup g = row_group<kWarpPerRow>();
   const int64_t nvec = dim / kVec;
+  struct Vals {  // g = dy * weight and xhat = x * rstd of an access
+    float gw[kVec], xhat[kVec];
+  };
   for (int64_t row = g.first; row < rows; row += g.step) {
     const T* xr = x + row * dim;
     const T* dyr = dy + row * dim;
     T* dxr = dx + row * dim;
     const float inv = rstd[row];
-    // g = dy * weight and xhat = x * rstd of access v
-    auto load = [&](int64_t v, float (&gw)[kVec], float (&xhat)[kVec]) {
+    auto load = [&](int64_t v, Vals& a) {
       float w[kVec];
-      load_floats<T, kVec>(dyr + v * kVec, gw);
-      load_floats<T, kVec>(xr + v * kVec, xhat);
+      load_floats<T, kVec>(dyr + v * kVec, a.gw);
+      load_floats<T, kVec>(xr + v * kVec, a.xhat);
       load_floats<W, kVec>(weight + v * kVec, w);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        gw[k] *= w[k];
-        xhat[k] *= inv;
+        a.gw[k] *= w[k];
+        a.xhat[k] *= inv;
       }
     };
-    float cached_g[kCache][kVec], cached_xhat[kCache][kVec];
+    Vals cached[kCache];
     float sum_g_xhat = 0.0f;
-    auto add = [&](const float (&gw)[kVec], const float (&xhat)[kVec]) {
+    row_pass<true>(g, nvec, cached, load, [&](int64_t, const Vals& a) {
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) sum_g_xhat += gw[k] * xhat[k];
-    };
-    for_each_access(
-        g, nvec,
-        [&](int c, int64_t v) {
-          load(v, cached_g[c], cached_xhat[c]);
-          add(cached_g[c], cached_xhat[c]);
-        },
-        [&](int64_t v) {
-          float gw[kVec], xhat[kVec];
-          load(v, gw, xhat);
-          add(gw, xhat);
-        });
+      for (int k = 0; k < kVec; ++k) sum_g_xhat += a.gw[k] * a.xhat[k];
+    });
     const float mean = group_sum<kWarpPerRow>(sum_g_xhat, scratch) / static_cast<float>(dim);
-    auto write = [&](int64_t v, const float (&gw)[kVec], const float (&xhat)[kVec]) {
+    row_pass<false>(g, nvec, cached, load, [&](int64_t v, const Vals& a) {
       float out[kVec];
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) out[k] = rms_norm_dx(gw[k], xhat[k], inv, mean);
+      for (int k = 0; k < kVec; ++k) out[k] = rms_norm_dx(a.gw[k], a.xhat[k], inv, mean);
       store_floats<T, kVec>(dxr + v * kVec, out);
-    };
-    for_each_access(
-        g, nvec, [&](int c, int64_t v) { write(v, cached_g[c], cached_xhat[c]); },
-        [&](int64_t v) {
-          float gw[kVec], xhat[kVec];
-          load(v, gw, xhat);
-          write(v, gw, xhat);
-        });
+    });
   }
 }
 
