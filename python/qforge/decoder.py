@@ -45,6 +45,12 @@ and why. At run time a call this layer cannot take (a KV cache, a custom 4D atte
 missing ``position_embeddings``) runs the checkpointed path instead, with a one-time log line.
 Like qforge.offload, the layers run only in training (grad enabled); evaluation and generation
 run transformers' own forward.
+
+Under FSDP2 (``fully_shard`` per decoder layer, before or after ``enable``) a fused layer runs
+inside its module's call, between FSDP2's hooks, and reads its weights from the modules at each
+call: the pre-forward hook gathers the NF4 codes (uint8) and LoRA weights, the pre-backward hook
+on the layer's output gathers them again before the hand-written backward, and the LoRA gradients
+it returns through autograd are reduce-scattered by the post-backward hook.
 """
 from __future__ import annotations
 
@@ -252,19 +258,21 @@ def _weight(lin: NF4Linear, dtype: torch.dtype) -> Tensor:
     return _dequantize(*lin.weight.storage_args(), dtype, True)
 
 
-def _linear(lin: NF4Linear, x: Tensor, residual: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+def _linear(lin: NF4Linear, x: Tensor, residual: Optional[Tensor] = None, out: Optional[Tensor] = None
+            ) -> tuple[Tensor, Optional[Tensor]]:
     """x [n, in] (compute dtype) -> (residual + x @ W^T + b + scaling * t @ B^T, t = x @ A^T or
-    None without LoRA). The residual and the LoRA branch add inside the GEMMs (beta = 1)."""
+    None without LoRA). The residual and the LoRA branch add inside the GEMMs (beta = 1). With a
+    residual, ``out`` (of the residual's dtype promoted with x's) receives the result."""
     w = _weight(lin, x.dtype)
     if residual is not None and residual.dtype == x.dtype and lin.bias is None:
-        out, residual = torch.addmm(residual, x, w.t()), None
+        y, residual = torch.addmm(residual, x, w.t(), out=out), None
     else:
-        out = F.linear(x, w, None if lin.bias is None else lin.bias.to(x.dtype))
+        y = F.linear(x, w, None if lin.bias is None else lin.bias.to(x.dtype))
     t = None
     if lin.lora_A is not None:
         t = x @ lin.lora_A.weight.to(x.dtype).t()
-        out.addmm_(t, lin.lora_B.weight.to(x.dtype).t(), alpha=lin.scaling)
-    return (out if residual is None else residual + out), t
+        y.addmm_(t, lin.lora_B.weight.to(x.dtype).t(), alpha=lin.scaling)
+    return (y if residual is None else torch.add(residual, y, out=out)), t
 
 
 def _linear_backward(lin: NF4Linear, dout: Tensor, x: Tensor, t: Optional[Tensor], grads: dict) -> Tensor:
@@ -421,10 +429,15 @@ class _Layer:
             self.window = getattr(attn.config, "sliding_window", None)
         else:
             self.window = getattr(attn, "sliding_window", None)
-        self.lora = [p for lin in (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
-                     if lin.lora_A is not None for p in (lin.lora_A.weight, lin.lora_B.weight)]
+        self.projections = (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
         self.qkv, self.gate_up, self.down_stack = _Stack(self.q, self.k, self.v), _Stack(self.gate, self.up), \
             _Stack(self.down)
+
+    def lora(self) -> list:
+        """The LoRA weights (A, B of each projection with LoRA), read from the modules at each call:
+        under FSDP2 they are the gathered tensors only while the layer's hooks have unsharded it."""
+        return [p for lin in self.projections if lin.lora_A is not None
+                for p in (lin.lora_A.weight, lin.lora_B.weight)]
 
 
 def _eps(norm: nn.Module) -> float:
@@ -490,21 +503,21 @@ def _forward(lay: _Layer, call: _Call, x: Tensor, kernel: str):
     h, t_o = _linear(lay.o, o.view(N, -1), residual=x.view(N, H))
     saved.append(save(h.view(B, T, H)) if call.save_h else None)
     del o
-    y = t_down = None
+    # the layer's output is no view: FSDP2 hooks it for its pre-backward unshard (and warns on views)
+    y = torch.empty(B, T, H, dtype=h.dtype, device=h.device)
+    t_down = None
     for s, e in _tiles(N, call.tile):
         n2 = _norm(lay.norm2, h[s:e])[0].to(cd)
         m = _gate_up(lay, n2)[0]
         del n2
-        out, t = _linear(lay.down, m.t(), residual=h[s:e])
-        if e - s == N:  # one tile: its outputs are the layer's
-            y, t_down = out, t
+        t = _linear(lay.down, m.t(), residual=h[s:e], out=y.view(N, H)[s:e])[1]
+        if t is None or e - s == N:  # no LoRA, or one tile: its t is the layer's
+            t_down = t
             continue
-        if y is None:
-            y, t_down = out.new_empty(N, H), (None if t is None else t.new_empty(N, t.shape[1]))
-        y[s:e] = out
-        if t is not None:
-            t_down[s:e] = t
-    return y.view(B, T, H), saved, state[1:], (t_o, t_down)
+        if t_down is None:
+            t_down = t.new_empty(N, t.shape[1])
+        t_down[s:e] = t
+    return y, saved, state[1:], (t_o, t_down)
 
 
 class _DecoderLayer(torch.autograd.Function):
@@ -542,7 +555,7 @@ class _DecoderLayer(torch.autograd.Function):
                 del h
             dx = _attention_backward(lay, call, x, o, (lse, *ctx.state), t_o, dh, ctx.kernel, grads, need_dx)
         ctx.x = ctx.o = ctx.lse = ctx.h = ctx.state = ctx.t = ctx.call = None
-        return (None, None, dx, *[grads.get(p) for p in lay.lora])
+        return (None, None, dx, *[grads.get(p) for p in lay.lora()])
 
 
 def _gate_up(lay: _Layer, n2: Tensor) -> tuple[Tensor, Tensor]:
@@ -613,9 +626,21 @@ def _attention_backward(lay: _Layer, call: _Call, x: Tensor, o: Tensor, state: t
 
 
 # ------------------------------------------------------------------ installing it
+def _layer_class(layer: nn.Module) -> type:
+    """The layer's transformers class; fully_shard makes a layer an instance of a generated
+    FSDP<class> subclass, which adds only FSDP2's hooks."""
+    cls = type(layer)
+    if torch.distributed.is_available():
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(layer, FSDPModule):
+            return next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))
+    return cls
+
+
 def unsupported_reason(layer: nn.Module) -> Optional[str]:
     """Why this layer cannot run fused (None: it can)."""
-    name = type(layer).__name__
+    name = _layer_class(layer).__name__
     family = SUPPORTED_LAYERS.get(name)
     if family is None:
         return f"{name} is not one of {', '.join(sorted(SUPPORTED_LAYERS))}"
@@ -744,7 +769,46 @@ def _fused_checkpoint(lay: _Layer, state: _State, fallback, run, hidden, *args, 
     docs = state.documents(kw.get("position_ids"), mask, B, T, hidden.device)
     cos, sin = kw["position_embeddings"]
     call = _Call(docs, cos.to(dtype), sin.to(dtype), dtype, state.tile, state.offloader, save_h=saves == "all")
-    return _DecoderLayer.apply(lay, call, hidden, *lay.lora)
+    if _calls_module(run):  # the layer's hooks (FSDP2's unshard, reshard, pre- and post-backward) around it
+        return run(hidden, **{_FUSED_CALL: call})
+    return _DecoderLayer.apply(lay, call, hidden, *lay.lora())
+
+
+def _calls_module(run) -> bool:
+    """Whether run calls the layer through nn.Module.__call__, hooks included: older transformers
+    (5.17) checkpoint the layer's __call__; newer ones (5.24) checkpoint its forward, with the
+    hooks already run around this call."""
+    return getattr(run.func, "__func__", None) is nn.Module.__call__
+
+
+# The keyword through which _fused_checkpoint hands its _Call to a fused layer's forward.
+_FUSED_CALL = "_qforge_fused_call"
+
+
+def _layer_forward(lay: _Layer, layer: nn.Module, *args, **kwargs):
+    """A fused layer module's forward: the fused layer when _fused_checkpoint passes its _Call,
+    else the forward it had before: its own, or its class's as of now (fully_shard after enable()
+    changes the class; transformers' checkpointing wraps the outermost class's forward)."""
+    call = kwargs.pop(_FUSED_CALL, None)
+    if call is not None:
+        return _DecoderLayer.apply(lay, call, args[0], *lay.lora())
+    plain = layer.__dict__["_qforge_plain_forward"]
+    return plain(*args, **kwargs) if plain is not None else type(layer).forward(layer, *args, **kwargs)
+
+
+def _install_forward(layer: nn.Module, lay: _Layer) -> None:
+    layer._qforge_plain_forward = layer.__dict__.get("forward")  # None: the class's
+    layer.forward = functools.partial(_layer_forward, lay, layer)
+
+
+def _restore_forward(layer: nn.Module) -> None:
+    if "_qforge_plain_forward" not in layer.__dict__:
+        return
+    plain = layer.__dict__.pop("_qforge_plain_forward")
+    if plain is None:
+        del layer.forward
+    else:
+        layer.forward = plain
 
 
 def _stack_owner(model: nn.Module, layers: list) -> Optional[nn.Module]:
@@ -826,9 +890,10 @@ def enable(model: nn.Module, offload: bool = True, tile_tokens: Optional[int] = 
         if why is not None:
             reason = reason or why
             continue
-        lay = _Layer(layer, SUPPORTED_LAYERS[type(layer).__name__])
+        lay = _Layer(layer, SUPPORTED_LAYERS[_layer_class(layer).__name__])
         layer._gradient_checkpointing_func = functools.partial(_fused_checkpoint, lay, state,
                                                                layer._gradient_checkpointing_func)
+        _install_forward(layer, lay)
         fused += 1
     state.layers = fused
     if fused:
@@ -850,9 +915,12 @@ def enable(model: nn.Module, offload: bool = True, tile_tokens: Optional[int] = 
 
 
 def _remove_hooks(model: nn.Module) -> None:
+    """The mask hooks and the layers' fused forwards of an earlier enable() removed."""
     for hook in getattr(model, "_qforge_decoder_hooks", None) or ():
         hook.remove()
     model._qforge_decoder_hooks = None
+    for layer in decoder_layers(model):
+        _restore_forward(layer)
 
 
 def disable(model: nn.Module) -> nn.Module:

@@ -331,11 +331,30 @@ def test_a_call_it_cannot_take_runs_checkpointed(caplog):
     torch.testing.assert_close(outs[1][1], outs[0][1])
 
 
+def test_a_fused_layer_runs_inside_its_module_hooks():
+    """FSDP2 unshards a layer in its forward pre-hook and hooks its output for backward: the fused
+    layer must run between the layer's hooks, whichever of __call__ or forward transformers checkpoints."""
+    model = tiny("llama")
+    decoder.enable(model)
+    events = []
+    for i, layer in enumerate(model.model.layers):
+        layer.register_forward_pre_hook(lambda m, a, i=i: events.append(("pre", i)))
+        layer.register_forward_hook(lambda m, a, out, i=i: events.append(("post", i, type(out).__name__,
+                                                                          out.grad_fn.name())))
+        layer.self_attn.register_forward_pre_hook(lambda m, a: events.append("transformers' attention"))
+    ids = torch.randint(0, 101, (1, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert events == [("pre", 0), ("post", 0, "Tensor", "_DecoderLayerBackward"),
+                      ("pre", 1), ("post", 1, "Tensor", "_DecoderLayerBackward")]
+
+
 def test_disable_restores_transformers_layers():
     model = tiny("llama")
     decoder.enable(model)
+    assert all("forward" in layer.__dict__ for layer in model.model.layers)  # the fused forward
     decoder.disable(model)
     assert model._qforge_decoder is None and not model.model.layers[0].gradient_checkpointing
+    assert not any("forward" in layer.__dict__ for layer in model.model.layers)  # the class's again
     ids = torch.randint(0, 101, (1, 8))
     model(input_ids=ids, labels=ids).loss.backward()  # plain autograd, no hooks left
     assert all(p.grad is not None for p in lora_parameters(model))
