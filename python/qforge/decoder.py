@@ -824,17 +824,16 @@ def _stack_owner(model: nn.Module, layers: list) -> Optional[nn.Module]:
 FUSED_LAYER_SETTINGS = ("auto", "on", "off")
 
 
-def wanted(setting: str, device: torch.device, checkpointing: bool, compiled: bool, distributed: bool
-           ) -> tuple[bool, str]:
+def wanted(setting: str, device: torch.device, checkpointing: bool, compiled: bool) -> tuple[bool, str]:
     """Whether a training run uses fused layers (``qforge train --fused-layers``), and why.
-    auto: on CUDA, with checkpointing, neither compiled nor under torchrun. on: wherever it can
-    run (any device; refused with --compile or torchrun). off: never."""
+    auto: on CUDA, with checkpointing, not compiled (one process or under torchrun: FSDP2's hooks
+    gather each layer around its fused forward and backward). on: wherever it can run (any device;
+    refused with --compile). off: never."""
     if setting not in FUSED_LAYER_SETTINGS:
         raise ValueError(f"fused layers: expected one of {', '.join(FUSED_LAYER_SETTINGS)}, got {setting!r}")
     if setting == "off":
         return False, "--fused-layers off"
-    blocker = ("--compile (compiled layers keep transformers' checkpointing)" if compiled else
-               "torchrun (FSDP2 shards the layers; fused layers run on one process)" if distributed else None)
+    blocker = "--compile (compiled layers keep transformers' checkpointing)" if compiled else None
     if setting == "on":
         if blocker:
             raise ValueError(f"--fused-layers on does not combine with {blocker}")

@@ -1,6 +1,6 @@
 """`qforge train` under torchrun (FSDP2 over gloo, two CPU processes) against
 one process with the same global batch: per-step losses, the adapter, CPU
-offload, sharded checkpoints (torch.distributed.checkpoint) resumed on two
+offload, fused decoder layers (qforge.decoder), sharded checkpoints (torch.distributed.checkpoint) resumed on two
 processes and on one, per-rank memory in metrics.jsonl, and the collective
 timeout and disagreement check that keep a broken run from hanging."""
 from __future__ import annotations
@@ -108,6 +108,17 @@ def test_cpu_offload_trains_the_same_job(tmp_path, one_process):
     r = qforge_train(out, "--offload", "on", nproc=2)
     assert "CPU offload on (--offload on)" in r.stderr
     assert_close_losses(losses(out), losses(one_process))
+
+
+def test_fused_layers_under_fsdp2_train_the_same_job(tmp_path, one_process):
+    out = tmp_path / "fused"
+    r = qforge_train(out, "--fused-layers", "on", nproc=2)
+    assert r.stderr.count("qforge train: fused decoder layers: on (2 layers, hand-written backward)") == 1
+    assert "checkpointed recompute instead" not in r.stderr  # every layer call ran fused
+    assert_close_losses(losses(out), losses(one_process))  # one process, checkpointing off
+    a, b = adapter(out), adapter(one_process)
+    for k in a:  # AdamW's normalized steps make the fused layers' fp32 rounding ~1e-6 after 20 steps
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_sharded_checkpoint_resumes_on_two_and_on_one(tmp_path, two_processes, one_process):
