@@ -130,8 +130,8 @@ def materialise_root(model, cfg, device, seed: int) -> None:
 
 
 def build_model(shape: str, layers: int | None, device, ctx, offload: bool, lora_r: int, seed: int = 0,
-                reshard: bool = True, prefetch: int = 1):
-    from qforge import distributed, hf
+                reshard: bool = True, prefetch: int = 1, fused: bool = False):
+    from qforge import decoder, distributed, hf
     from qforge.nn import DEFAULT_TARGETS, LoraConfig, NF4Linear, replace_linears
 
     model, cfg = meta_llama(shape, layers)
@@ -153,6 +153,10 @@ def build_model(shape: str, layers: int | None, device, ctx, offload: bool, lora
                                    target_modules=sorted(DEFAULT_TARGETS), use_rslora=False)
     hf.patch_causal_lm(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if fused:  # qforge train's fused layers (--fused-layers, its default activation settings)
+        status = decoder.enable(model, offload=False, tile_tokens=None)
+        if status.fused < status.layers:
+            raise RuntimeError(f"--fused-layers: {status}")
     if ctx is not None:
         distributed.shard_root(model, ctx, offload)
         distributed.set_prefetch(list(model.model.layers), prefetch)
@@ -247,7 +251,7 @@ def run(a) -> dict:
         fpt = float("nan")
     else:
         model, cfg = build_model(a.model, a.layers, device, ctx, a.offload, a.lora_r, reshard=not a.keep_gathered,
-                                 prefetch=a.prefetch)
+                                 prefetch=a.prefetch, fused=a.fused_layers)
         fpt = flops_per_token(model, cfg, a.seq)
     sync()
     build_s = time.perf_counter() - t0
@@ -314,7 +318,7 @@ def run(a) -> dict:
     tps = tokens / step_s
     result = {"stack": a.stack, "world_size": world, "model": a.model, "layers": cfg.num_hidden_layers, "seq": a.seq,
               "batch_per_gpu": a.batch, "grad_accum": a.grad_accum, "offload": a.offload, "lora_r": a.lora_r,
-              "reshard_after_forward": not a.keep_gathered,
+              "reshard_after_forward": not a.keep_gathered, "fused_layers": a.fused_layers,
               "steps": len(losses), "timed_steps": len(timed), "step_s": round(step_s, 4),
               "tokens_per_s": round(tps, 1), "tokens_per_s_per_gpu": round(tps / world, 1),
               "mfu": round(tps * fpt / (PEAK_FLOPS * world), 4) if fpt == fpt else None,
@@ -374,9 +378,13 @@ def combine(src: Path, dst: Path) -> None:
         out["versions"] = recorded or out["versions"]
     one, two = parts.get("8b_1gpu"), parts.get("8b_2gpu")
     if one and two:
-        qforge_2gpu = {k: v for k, v in configs.items() if k.startswith("8b_2gpu") and v["stack"] == "qforge"}
-        out["scaling_2gpu_by_config"] = {k: round(v["tokens_per_s"] / one["tokens_per_s"], 3)
-                                         for k, v in qforge_2gpu.items()}
+        # each 2-GPU configuration against one GPU with the same layers (fused or checkpointed)
+        one_gpu = {False: one, True: parts.get("8b_1gpu_fused")}
+        qforge_2gpu = {k: v for k, v in configs.items() if k.startswith("8b_2gpu") and v["stack"] == "qforge"
+                       and one_gpu[v.get("fused_layers", False)]}
+        out["scaling_2gpu_by_config"] = {
+            k: round(v["tokens_per_s"] / one_gpu[v.get("fused_layers", False)]["tokens_per_s"], 3)
+            for k, v in qforge_2gpu.items()}
         best = max(qforge_2gpu, key=lambda k: qforge_2gpu[k]["tokens_per_s"])
         out["scaling_2gpu"], out["scaling_2gpu_config"] = out["scaling_2gpu_by_config"][best], best
         n = min(len(one["losses"]), len(two["losses"]))
@@ -426,6 +434,8 @@ def main() -> None:
     p.add_argument("--offload", action="store_true")
     p.add_argument("--keep-gathered", action="store_true",
                    help="reshard_after_forward=False for the decoder layers (no re-gather in backward)")
+    p.add_argument("--fused-layers", action="store_true",
+                   help="qforge.decoder's fused layers (hand-written backward) instead of checkpointed recompute")
     p.add_argument("--stack", choices=("qforge", "peft_bnb", "bf16"), default="qforge",
                    help="peft_bnb: transformers + peft + bitsandbytes under FSDP2, for comparison; bf16: frozen "
                         "bf16 projections + peft LoRA under FSDP2 (the all-gather traffic reference)")

@@ -38,6 +38,10 @@ stage 8b_1gpu $((S8 + 45)) python3 bench/fsdp2.py --name 8b_1gpu --grad-accum 2 
 stage 8b_2gpu $((S8 + 45)) $RUN2 --name 8b_2gpu --steps "$STEPS" --max-seconds $S8 --out "$P"
 stage 8b_2gpu_keep_gathered $((S8 + 45)) $RUN2 --name 8b_2gpu_keep_gathered --keep-gathered --steps "$STEPS" \
     --max-seconds $S8 --out "$P"
+stage 8b_1gpu_fused $((S8 + 45)) python3 bench/fsdp2.py --name 8b_1gpu_fused --fused-layers --grad-accum 2 \
+    --steps "$STEPS" --max-seconds $S8 --out "$P"
+stage 8b_2gpu_fused_keep_gathered $((S8 + 45)) $RUN2 --name 8b_2gpu_fused_keep_gathered --fused-layers \
+    --keep-gathered --steps "$STEPS" --max-seconds $S8 --out "$P"
 stage 8b_2gpu_bf16 60 $RUN2 --name 8b_2gpu_bf16 --stack bf16 --steps 3 --warmup 1 --max-seconds 10 --out "$P"
 stage 70b_offload 110 $RUN2 --name 70b_offload --model 70b --offload --steps 5 --warmup 1 --max-seconds 30 --out "$P"
 stage 70b_no_offload 80 $RUN2 --name 70b_no_offload --model 70b --steps 4 --warmup 1 --max-seconds 12 --out "$P"
