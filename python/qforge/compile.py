@@ -1,8 +1,10 @@
-"""Whole-model torch.compile for training (`qforge train --compile`).
+"""torch.compile for training (`qforge train --compile`).
 
-The causal LM is compiled as one graph (``fullgraph=True``: a graph break is an error, not a
-silent split) for the forward, and AOT autograd compiles its backward, gradient checkpointing
-included. Packed rows change length every step, so the graph is dynamic from the first call
+One process: the causal LM is compiled as one graph (``fullgraph=True``: a graph break is an
+error, not a silent split) for the forward, and AOT autograd compiles its backward, gradient
+checkpointing included. Under FSDP2 (torchrun) each decoder layer is compiled on its own, FSDP2's
+hooks and the root's embeddings, norm and loss eager around the graphs (``compile_for_training``
+says why). Packed rows change length every step, so the graphs are dynamic from the first call
 (``dynamic=True``): the token dimension of the batch tensors, the number of documents
 (``cu_seq_lens_q``'s length) and the integers that come with a batch (the longest document, the
 number of trained tokens) are symbols, while parameter shapes stay static. Varied lengths then
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Optional
 
 import torch
 
@@ -29,8 +32,9 @@ class CompileWatch(logging.Handler):
     """Counts compilations and their time through torch._dynamo's compile callbacks; keeps the
     reasons of recompilations. ``close()`` (or leaving it as a context) unregisters everything."""
 
-    def __init__(self):
+    def __init__(self, regions: Optional[str] = None):
         super().__init__(level=logging.DEBUG)
+        self.regions = regions  # what compile_for_training compiled: "model" or "decoder layers"
         from torch._dynamo.callback import CallbackTrigger, callback_handler
         from torch._logging._internal import log_state
 
@@ -67,8 +71,9 @@ class CompileWatch(logging.Handler):
             self.recompile_reasons.append(record.getMessage())
 
     def summary(self) -> dict:
-        return {"compilations": self.compilations, "backward_compilations": self.backward_compilations,
-                "compile_s": round(self.seconds, 2), "recompile_reasons": list(self.recompile_reasons)}
+        return {"regions": self.regions, "compilations": self.compilations,
+                "backward_compilations": self.backward_compilations, "compile_s": round(self.seconds, 2),
+                "recompile_reasons": list(self.recompile_reasons)}
 
     def __enter__(self):
         return self
@@ -86,13 +91,51 @@ class CompileWatch(logging.Handler):
         super().close()
 
 
+def _fsdp_units(model: torch.nn.Module) -> list[str]:
+    """The names of ``model``'s FSDP2 units (modules ``fully_shard`` was applied to; "" for the root)."""
+    if not torch.distributed.is_available():  # a torch built without distributed has no FSDP2
+        return []
+    from torch.distributed.fsdp import FSDPModule
+
+    return [name for name, m in model.named_modules() if isinstance(m, FSDPModule)]
+
+
+def _decoder_layers_outside_fsdp_hooks(model: torch.nn.Module, units: list[str]) -> list[torch.nn.Module]:
+    """``model``'s decoder layers; ValueError when an FSDP2 unit lies inside one (its hooks would
+    fall inside the layer's graph)."""
+    from .distributed import decoder_layers
+
+    layers = decoder_layers(model)
+    names = {id(m): name for name, m in model.named_modules()}
+    inside = [u for u in units if any(u.startswith(names[id(layer)] + ".") for layer in layers)]
+    if inside:
+        raise ValueError(f"compile_for_training compiles each decoder layer with FSDP2's hooks outside its graph; "
+                         f"{', '.join(inside[:3])} inside a decoder layer is an FSDP2 unit of its own, whose hooks "
+                         "would fall inside it. fully_shard whole decoder layers (and the root), as qforge.distributed "
+                         "does")
+    return layers
+
+
 def compile_for_training(model: torch.nn.Module, backend: str = "inductor") -> CompileWatch:
-    """Compiles ``model`` in place as one graph (fullgraph=True); returns the watch over its
-    compilations (close it when the run ends)."""
+    """Compiles ``model`` in place for training; returns the watch over its compilations (close it
+    when the run ends). One process: the whole model as one graph (fullgraph=True). Sharded by
+    FSDP2 (as under torchrun: ``fully_shard`` on each decoder layer, then the root): each decoder
+    layer's ``forward`` as a graph of its own (fullgraph=True), FSDP2's hooks and the root's
+    embeddings, norm and loss eager around them, as torchtitan compiles under FSDP2. Dynamo does
+    not trace FSDP2's hooks (they are torch._dynamo.disable'd), so a whole-model graph would break
+    at every layer, or need compiled autograd to trace them. The layers share one code object and
+    so their compilations. ValueError for an FSDP2 unit inside a decoder layer."""
+    units = _fsdp_units(model)
+    layers = _decoder_layers_outside_fsdp_hooks(model, units) if units else None
     # transformers' checkpointing makes the embedding output require grad (by a hook calling
     # requires_grad_, which a compiled graph cannot return): reentrant checkpointing needs that,
     # the non-reentrant kind qforge uses does not
     model.disable_input_require_grads()
-    watch = CompileWatch()
-    model.compile(fullgraph=True, dynamic=True, backend=backend)
+    watch = CompileWatch(regions="decoder layers" if units else "model")
+    if layers is None:
+        model.compile(fullgraph=True, dynamic=True, backend=backend)
+    else:
+        for layer in layers:
+            # its bound forward, not Module.compile, which would trace _call_impl and FSDP2's hooks in it
+            layer.forward = torch.compile(layer.forward, fullgraph=True, dynamic=True, backend=backend)
     return watch

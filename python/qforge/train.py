@@ -301,10 +301,13 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
             print(f"qforge train: FSDP2 over {world} ranks, CPU offload {'on' if offload_params else 'off'} "
                   f"({why}), {why_keep}", file=sys.stderr)
     compile_watch = None
-    if args.compile:  # the whole model, one graph, its lengths dynamic
+    if args.compile:  # the whole model, one graph, its lengths dynamic (under FSDP2: each decoder layer)
         from .compile import compile_for_training
 
         compile_watch = compile_for_training(model, args.compile_backend)
+        if dctx and dctx.main:
+            print("qforge train: --compile under FSDP2 compiles each decoder layer, FSDP2's hooks outside the graphs",
+                  file=sys.stderr)
     params = lora_parameters(model)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay)
     use_amp = device.type == "cuda" and dtype != torch.float32
@@ -649,7 +652,8 @@ def add_cli(subparsers) -> None:
     a("--skip-long", action="store_true", default=None, help="skip conversations longer than max-seq-length")
     a("--stop-after", type=int, help="checkpoint and stop at this step (resume later)")
     a("--compile", action="store_true", default=None,
-      help="torch.compile the whole model (one graph, dynamic lengths); compile time shows in the progress bar")
+      help="torch.compile the whole model (one graph, dynamic lengths; under torchrun each decoder layer, FSDP2's "
+           "hooks outside); compile time shows in the progress bar")
     a("--attention", choices=ATTENTION_CHOICES,
       help="attention kernel: auto (default: flash where installed, else flex on CUDA; per document on CPU), "
            "flash, flex, documents (qforge.attention: packed rows as cu_seqlens, no T x T mask) or sdpa "

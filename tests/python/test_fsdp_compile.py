@@ -1,0 +1,144 @@
+"""`qforge train --compile` under torchrun: FSDP2 over gloo, two CPU processes. Each decoder layer
+is compiled on its own (fullgraph=True, its gradient checkpoint inside) with FSDP2's hooks left
+outside, as torchtitan compiles under FSDP2: the losses over packed rows of varied lengths equal
+the eager FSDP2 run and one process with the same global batch, the layers share at most 3
+compilations, nothing breaks a graph, and an FSDP2 unit inside a decoder layer (its hooks would
+fall inside the graph) is refused with a message naming it."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from conftest import child_env  # noqa: E402
+
+HERE = Path(__file__).resolve()
+STEPS = 20
+RUN = dict(max_steps=STEPS, gradient_checkpointing=True, max_seq_length=1024, tokens_per_batch=512, lr=4e-3,
+           warmup_steps=2, lora_r=8, lora_alpha=16.0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """The embedded default model + tokenizer, built once."""
+    from qforge import train as T
+    from qforge.data import builtin_dataset
+
+    return T._prepare_default_model(tmp_path_factory.mktemp("default"), builtin_dataset(seed=0), seed=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two(mode: str, base: Path, out: Path, timeout: int = 300) -> tuple[dict, str]:
+    """Two ranks of this file's worker; rank 0's result and both ranks' output."""
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(child_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(HERE), mode, str(base), str(out)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-6000:]
+    return json.loads((out / "result.json").read_text()), "\n".join(logs)
+
+
+def assert_close_losses(a, b, rtol=1e-5):
+    assert len(a) == len(b) == STEPS
+    worst = max(abs(x - y) / abs(y) for x, y in zip(a, b))
+    assert worst <= rtol, (worst, a, b)
+
+
+def test_compiled_layers_under_fsdp2_train_like_eager_and_compile_at_most_three_times(tmp_path, base_dir):
+    from qforge import train as T
+
+    compiled, log = run_two("compiled", base_dir, tmp_path / "compiled")
+    eager, _ = run_two("eager", base_dir, tmp_path / "eager")
+    one = T.train(model=str(base_dir), output=str(tmp_path / "one"), grad_accum=2, **RUN)  # the same global batch
+    assert_close_losses(compiled["losses"], eager["losses"])
+    assert_close_losses(compiled["losses"], one["losses"])
+    assert len(set(compiled["tokens"])) >= 4  # the lengths did vary
+    report = compiled["compile"]
+    assert report["regions"] == "decoder layers"
+    # both layers share one code object: the first layer's input needs no gradient, the second's
+    # does, which is the one recompilation; lengths never recompile
+    assert 1 <= report["compilations"] <= 3, report
+    assert len(report["recompile_reasons"]) == report["compilations"] - 1
+    assert all("requires_grad" in r for r in report["recompile_reasons"]), report["recompile_reasons"]
+    assert compiled["graph_breaks"] == 0 and compiled["compiled_layers"] == 2
+    assert eager["compile"] is None and eager["compiled_layers"] == 0
+    assert log.count("--compile under FSDP2 compiles each decoder layer") == 1  # said once, by rank 0
+
+
+def test_an_fsdp_unit_inside_a_decoder_layer_is_refused(tmp_path, base_dir):
+    r, _ = run_two("nested", base_dir, tmp_path / "nested")
+    assert "compiles each decoder layer with FSDP2's hooks outside" in r["error"]
+    assert "model.layers.0.mlp" in r["error"]
+
+
+def _worker(mode: str, base: str, out: str) -> None:
+    from torch._dynamo.utils import counters
+
+    from qforge import train as T
+
+    out = Path(out)
+    if mode == "nested":
+        out.mkdir(parents=True, exist_ok=True)
+        result = {"error": _nested_error(base)}
+    else:
+        counters.clear()
+        s = T.train(model=base, output=str(out), compile=mode == "compiled", compile_backend="aot_eager", **RUN)
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        layers = s["model"].model.layers
+        result = {"losses": s["losses"], "tokens": [r["tokens"] for r in rows], "compile": s.get("compile"),
+                  "graph_breaks": sum(counters["graph_break"].values()),
+                  "compiled_layers": sum(1 for layer in layers if "forward" in vars(layer))}
+    if int(os.environ["RANK"]) == 0:
+        (out / "result.json").write_text(json.dumps(result))
+
+
+def _nested_error(base: str) -> str:
+    """compile_for_training on a model whose first layer's MLP is an FSDP2 unit of its own."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from qforge import distributed, load
+    from qforge.compile import compile_for_training
+
+    ctx = distributed.init_from_env("cpu")
+    model = load(base, dtype=torch.float32, device="cpu")
+    fully_shard(model.model.layers[0].mlp, mesh=ctx.mesh)
+    distributed.shard_model(model, ctx)
+    try:
+        compile_for_training(model, "aot_eager")
+    except ValueError as e:
+        return str(e)
+    finally:
+        dist.destroy_process_group()
+    return "no error"
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:4])
+    from conftest import leave_process
+
+    leave_process()
