@@ -55,17 +55,25 @@ def document_mask(lengths, device):
 
 
 def implementations(device):
-    """name -> function(q, k, v, lengths) running one attention forward."""
+    """name -> prepare(lengths, device) -> run(q, k, v), one attention forward. What prepare builds
+    (cu_seqlens, transformers' mask) is built once per case and kept, as a training forward builds
+    it once for all its layers: a new cu_seqlens every call would miss qforge's block-mask cache and
+    time (and hold) flex's block-mask construction in every call."""
     impls = {}
     for backend in qattention.available_backends(device):
         if backend == "sdpa":
             continue  # dense only: it is the dense_causal_sdpa row
-        impls[f"qforge_{backend}"] = (
-            lambda q, k, v, lengths, b=backend: qattention.attention(q, k, v, cu_seqlens=cu_seqlens_of(lengths, q.device),
-                                                                     backend=b))
-    impls["transformers_sdpa_mask"] = lambda q, k, v, lengths: F.scaled_dot_product_attention(
-        q, k, v, attn_mask=document_mask(lengths, q.device), enable_gqa=True)
-    impls["dense_causal_sdpa"] = lambda q, k, v, lengths: F.scaled_dot_product_attention(
+
+        def prepare(lengths, device, b=backend):
+            cu = cu_seqlens_of(lengths, device)
+            return lambda q, k, v: qattention.attention(q, k, v, cu_seqlens=cu, backend=b)
+        impls[f"qforge_{backend}"] = prepare
+
+    def masked(lengths, device):
+        mask = document_mask(lengths, device)
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    impls["transformers_sdpa_mask"] = masked
+    impls["dense_causal_sdpa"] = lambda lengths, device: lambda q, k, v: F.scaled_dot_product_attention(
         q, k, v, is_causal=True, enable_gqa=True)
     return impls
 
@@ -75,30 +83,37 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def time_case(run, tokens, lengths, a, device):
-    """The median forward + backward time and the peak memory above the inputs; and the output."""
+def time_case(prepare, tokens, lengths, a, device):
+    """The median forward + backward time and the peak memory above the inputs, of the timed calls
+    and of the first one (which also builds what the backend caches per batch, flex's block mask,
+    and compiles flex); and the output."""
     gen = torch.Generator(device=device).manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     q = torch.randn(1, a.heads, tokens, a.dim, device=device, dtype=dtype, generator=gen).requires_grad_()
     k = torch.randn(1, a.kv_heads, tokens, a.dim, device=device, dtype=dtype, generator=gen).requires_grad_()
     v = torch.randn(1, a.kv_heads, tokens, a.dim, device=device, dtype=dtype, generator=gen).requires_grad_()
     go = torch.randn_like(q)
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    times = []
-    for i in range(a.reps + 1):  # the first run warms up (and compiles flex)
+    run = prepare(lengths, device)
+    times, first_peak = [], None
+    for i in range(a.reps + 1):  # the first run warms up (builds flex's block mask, compiles flex)
         synchronize(device)
         t0 = time.perf_counter()
-        out = run(q, k, v, lengths)
+        out = run(q, k, v)
         out.backward(go)
         synchronize(device)
         if i:
             times.append(time.perf_counter() - t0)
         q.grad = k.grad = v.grad = None
-    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30 if device.type == "cuda" else None
-    return dict(ms=sorted(times)[len(times) // 2] * 1e3, peak_gib=peak), out.detach()
+        if i == 0 and cuda:
+            first_peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+            torch.cuda.reset_peak_memory_stats()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30 if cuda else None
+    return dict(ms=sorted(times)[len(times) // 2] * 1e3, peak_gib=peak, first_call_peak_gib=first_peak), out.detach()
 
 
 def attention_cases(a, device, tokens):
@@ -106,10 +121,10 @@ def attention_cases(a, device, tokens):
     from transformers' masked SDPA (the same documents, the same inputs)."""
     rows, outs = [], {}
     lengths = packed_lengths(tokens, torch.Generator().manual_seed(tokens))
-    for name, run in implementations(device).items():
+    for name, prepare in implementations(device).items():
         row = dict(impl=name, tokens=tokens, docs=len(lengths), longest_doc=max(lengths))
         try:
-            timing, outs[name] = time_case(run, tokens, lengths, a, device)
+            timing, outs[name] = time_case(prepare, tokens, lengths, a, device)
             row.update(timing)
         except Exception as e:  # noqa: BLE001 - out of memory, a backend refusing the inputs: recorded
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
