@@ -11,9 +11,12 @@ backend builds a T x T mask for a packed batch:
   no softcap);
 - ``flash_attn``: the flash-attn package's flash_attn_varlen_func, where it is installed (CUDA);
 - ``flex``: FlexAttention with a block mask (document + causal + sliding window) and a softcap
-  score_mod; the block mask is built once per cu_seqlens tensor and reused by every layer. torch
-  runs its backward on CUDA only; on CPU it is forward-only (and eager flex on CPU is torch's
-  reference implementation);
+  score_mod. The block mask is classified block pair by block pair from the document bounds,
+  O((T/128)^2) memory (torch's create_block_mask evaluates the mask on all T x T pairs), and built
+  once a batch for all layers: eagerly through a cache on the cu_seqlens tensor, in compiled graphs
+  (the whole model's, or each layer's) through the op ``qforge::flex_block_mask``, which reads the
+  same cache at run time. torch runs flex's backward on CUDA only; on CPU it is forward-only (and
+  eager flex on CPU is torch's reference implementation);
 - ``sdpa``: scaled_dot_product_attention for dense batches (no cu_seqlens, or one document a row);
 - ``documents``: any device, any dtype: one SDPA (or, with softcap, one explicit softmax) per
   document, so memory grows with the longest document, never with T^2. It is the torch op
@@ -99,7 +102,8 @@ BACKENDS = ("auto", "varlen", "flash_attn", "flex", "sdpa", "documents")
 # Set by register_with_transformers(); read by the "qforge" attention function transformers calls.
 _hf_settings = {"backend": "auto"}
 # One entry each: the cu_seqlens derived from the position_ids every layer of a forward shares, and
-# the FlexAttention block mask built for those cu_seqlens (built once per batch, reused by layers).
+# the FlexAttention block masks built for a batch's cu_seqlens (one per causal/window kind, built
+# at the first layer and reused by the others, eager or compiled: see _flex_block_mask_op).
 _cu_seqlens_cache: list = []
 _block_mask_cache: list = []
 # The cu_seqlens last checked (each check reads it on the host), with its longest document.
@@ -170,6 +174,12 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor, padding_mask: torch
     return torch.cat([starts, starts.new_tensor([B * T])]).to(torch.int32)
 
 
+def _check_window(sliding_window):
+    if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
+                                       or sliding_window < 1):
+        raise ValueError(f"attention: sliding_window must be a positive int or None, got {sliding_window!r}")
+
+
 def _check_shapes(q, k, v, sliding_window, softcap, scale):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dim() != 4:
@@ -185,13 +195,25 @@ def _check_shapes(q, k, v, sliding_window, softcap, scale):
     if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
         raise ValueError(f"attention: q, k, v differ in dtype or device ({q.dtype}/{k.dtype}/{v.dtype}, "
                          f"{q.device}/{k.device}/{v.device})")
-    if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
-                                       or sliding_window < 1):
-        raise ValueError(f"attention: sliding_window must be a positive int or None, got {sliding_window!r}")
+    _check_window(sliding_window)
     if softcap is not None and not softcap > 0:
         raise ValueError(f"attention: softcap must be > 0 or None, got {softcap!r}")
     if scale is not None and not (scale > 0 and scale < float("inf")):
         raise ValueError(f"attention: scale must be a positive finite number or None, got {scale!r}")
+
+
+def _check_offsets_type(cu_seqlens):
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 2:
+        raise ValueError(f"attention: cu_seqlens must be a 1-D int32/int64 tensor of >= 2 offsets, got "
+                         f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+
+
+def _check_offsets_rise(cu_seqlens, total):
+    """cu_seqlens as int64, after checking (on the host) that it rises strictly from 0 to total."""
+    cu = cu_seqlens.long()
+    if cu[0].item() != 0 or cu[-1].item() != total or not bool((cu[1:] > cu[:-1]).all()):
+        raise ValueError(f"attention: cu_seqlens must rise strictly from 0 to batch*tokens = {total}")
+    return cu
 
 
 def _check(q, k, v, cu_seqlens, sliding_window, softcap, scale):
@@ -199,17 +221,13 @@ def _check(q, k, v, cu_seqlens, sliding_window, softcap, scale):
     if cu_seqlens is None or torch.compiler.is_compiling():
         return
     B, T = q.shape[0], q.shape[2]
-    if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 2:
-        raise ValueError(f"attention: cu_seqlens must be a 1-D int32/int64 tensor of >= 2 offsets, got "
-                         f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    _check_offsets_type(cu_seqlens)
     if cu_seqlens.device != q.device:
         raise ValueError(f"attention: cu_seqlens is on {cu_seqlens.device}, q on {q.device}")
     key = (cu_seqlens, cu_seqlens._version, B, T)
     if _cache_hit(_checked_cache, key):  # every layer of a forward passes the same tensor: check it once
         return
-    cu = cu_seqlens.long()
-    if cu[0].item() != 0 or cu[-1].item() != B * T or not bool((cu[1:] > cu[:-1]).all()):
-        raise ValueError(f"attention: cu_seqlens must rise strictly from 0 to batch*tokens = {B * T}")
+    cu = _check_offsets_rise(cu_seqlens, B * T)
     row_ends = torch.arange(1, B, device=cu.device) * T
     if B > 1 and not bool(torch.isin(row_ends, cu).all()):
         raise ValueError(f"attention: cu_seqlens has a document crossing a row end (rows of {T} tokens)")
@@ -363,15 +381,13 @@ def _documents(q, k, v, cu_seqlens, causal, sliding_window, softcap, scale):
                                   None if softcap is None else float(softcap), None if scale is None else float(scale))
 
 
-def _block_mask(cu_seqlens, tokens, causal, sliding_window, device):
-    from torch.nn.attention.flex_attention import create_block_mask
+FLEX_BLOCK = 128  # FlexAttention's block size (torch's default), for queries and keys alike
 
-    key = (cu_seqlens, cu_seqlens._version, tokens, causal, sliding_window)
-    compiling = torch.compiler.is_compiling()  # in a graph the mask is one more node, not a cache entry
-    if not compiling and _cache_hit(_block_mask_cache, key):
-        return _block_mask_cache[0][-1]
-    position = torch.arange(tokens, device=device)
-    document = torch.searchsorted(cu_seqlens[1:].long(), position, right=True)
+
+def _document_mask_mod(cu_seqlens, tokens, causal, sliding_window):
+    """FlexAttention's mask_mod: same document, causal, |q - k| < window. Only the blocks the block
+    mask marks partial evaluate it."""
+    document = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(tokens, device=cu_seqlens.device), right=True)
 
     def mask_mod(b, h, q_idx, kv_idx):
         allowed = document[q_idx] == document[kv_idx]
@@ -381,11 +397,117 @@ def _block_mask(cu_seqlens, tokens, causal, sliding_window, device):
             allowed = allowed & ((q_idx - kv_idx).abs() < sliding_window)
         return allowed
 
-    block_mask = create_block_mask(mask_mod, 1, None, tokens, tokens, device=device)
-    if not compiling:
+    return mask_mod
+
+
+def _block_pairs(cu_seqlens, tokens, causal, sliding_window):
+    """[n, n] bool (n = ceil(tokens / FLEX_BLOCK)): for each (query block, key block), whether some
+    query-key pair in it may attend and whether every pair may, from the document bounds alone, in
+    O(n^2) memory. As create_block_mask, which pads the T x T mask with False, a block cut short by
+    the end of the tokens is never full."""
+    bounds = cu_seqlens.long()
+    n = (tokens + FLEX_BLOCK - 1) // FLEX_BLOCK
+    first = torch.arange(n, device=bounds.device) * FLEX_BLOCK
+    last = (first + FLEX_BLOCK).clamp(max=tokens) - 1
+    first_doc = torch.searchsorted(bounds[1:], first, right=True)
+    last_doc = torch.searchsorted(bounds[1:], last, right=True)
+    # Off the diagonal the two blocks are disjoint ranges, so a document in both holds the end of
+    # the earlier block and the start of the later one: the one candidate is the document of the
+    # earlier block's last token. On the diagonal that document (the block's last) is in both too.
+    doc = torch.minimum(last_doc[:, None], last_doc[None, :])
+    shared = doc >= torch.maximum(first_doc[:, None], first_doc[None, :])
+    doc_first, doc_last = bounds[doc], bounds[doc + 1] - 1
+    q_first, q_last = torch.maximum(first[:, None], doc_first), torch.minimum(last[:, None], doc_last)
+    k_first, k_last = torch.maximum(first[None, :], doc_first), torch.minimum(last[None, :], doc_last)
+    # within the shared document, q - k takes every value from q_first - k_last to q_last - k_first
+    lowest, highest = q_first - k_last, q_last - k_first
+    whole = (torch.arange(n, device=bounds.device) < tokens // FLEX_BLOCK) & (first_doc == last_doc)
+    some, every = shared, shared & whole[:, None] & whole[None, :]
+    nearest = 0 if causal else None if sliding_window is None else 1 - sliding_window  # the smallest q - k allowed
+    farthest = None if sliding_window is None else sliding_window - 1  # the largest
+    if nearest is not None:
+        some, every = some & (highest >= nearest), every & (lowest >= nearest)
+    if farthest is not None:
+        some, every = some & (lowest <= farthest), every & (highest <= farthest)
+    return some, every
+
+
+def _ordered(blocks):
+    """A block mask's [1, 1, n] counts and [1, 1, n, n] indices (the blocks of a row first, in
+    order) from an [n, n] bool, as create_block_mask orders them."""
+    blocks = blocks.to(torch.int32, memory_format=torch.contiguous_format)  # a transposed one too
+    return (blocks.sum(-1, dtype=torch.int32)[None, None],
+            torch.argsort(blocks, dim=-1, descending=True, stable=True).to(torch.int32)[None, None])
+
+
+_BLOCK_MASK_TENSORS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+                       "q_indices", "full_q_num_blocks", "full_q_indices")
+
+
+def _as_block_mask(tensors, cu_seqlens, tokens, causal, sliding_window):
+    """A BlockMask of the eight _BLOCK_MASK_TENSORS. Built here, not by BlockMask.from_kv_blocks:
+    its query-side transpose runs under vmap, which fails inside the op compiled graphs call
+    (torch 2.15: "Cannot access storage of BatchedTensorImpl"); the transposed [n, n] blocks give
+    the same tensors directly."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    return BlockMask(seq_lengths=(tokens, tokens), **dict(zip(_BLOCK_MASK_TENSORS, tensors)),
+                     BLOCK_SIZE=(FLEX_BLOCK, FLEX_BLOCK),
+                     mask_mod=_document_mask_mod(cu_seqlens, tokens, causal, sliding_window))
+
+
+def _build_block_mask(cu_seqlens, tokens, causal, sliding_window):
+    """The flex BlockMask of packed documents (+ causal, + window) over ``tokens`` tokens, never a
+    T x T tensor (create_block_mask evaluates mask_mod on all T x T pairs)."""
+    some, every = _block_pairs(cu_seqlens, tokens, causal, sliding_window)
+    partial = some & ~every
+    tensors = (*_ordered(partial), *_ordered(every), *_ordered(partial.T), *_ordered(every.T))
+    return _as_block_mask(tensors, cu_seqlens, tokens, causal, sliding_window)
+
+
+def _cached_block_mask(cu_seqlens, tokens, causal, sliding_window):
+    """The block mask of this batch: built at the first layer, then reused by every layer (for each
+    causal/window kind a model mixes, as Gemma's local and global layers)."""
+    key = (cu_seqlens, cu_seqlens._version, tokens)
+    if not _cache_hit(_block_mask_cache, key):
+        _block_mask_cache[:] = [(*key, {})]
+    masks = _block_mask_cache[0][-1]
+    if (causal, sliding_window) not in masks:
+        _check_window(sliding_window)  # once a batch: in a compiled graph nothing checked them before
+        _check_offsets_type(cu_seqlens)
+        _check_offsets_rise(cu_seqlens, tokens)
+        masks[causal, sliding_window] = _build_block_mask(cu_seqlens, tokens, causal, sliding_window)
         stats["block_masks_built"] += 1
-        _block_mask_cache[:] = [(*key, block_mask)]
-    return block_mask
+    return masks[causal, sliding_window]
+
+
+# Inside a compiled graph the block mask comes from this op: it runs at run time, so the cache
+# serves every layer's graph (a per-layer compile passes each layer the batch's cu_seqlens tensor)
+# where a traced build would run again in each graph.
+@torch.library.custom_op("qforge::flex_block_mask", mutates_args=())
+def _flex_block_mask_op(cu_seqlens: torch.Tensor, tokens: int, causal: bool, sliding_window: Optional[int]
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                   torch.Tensor, torch.Tensor, torch.Tensor]:
+    mask = _cached_block_mask(cu_seqlens, tokens, causal, sliding_window)
+    # copies, O((T / 128)^2): what an op returns belongs to the graph that called it
+    return tuple(getattr(mask, name).clone() for name in _BLOCK_MASK_TENSORS)
+
+
+@_flex_block_mask_op.register_fake
+def _(cu_seqlens, tokens, causal, sliding_window):
+    _check_window(sliding_window)
+    _check_offsets_type(cu_seqlens)
+    n = (tokens + FLEX_BLOCK - 1) // FLEX_BLOCK
+    counts, indices = (1, 1, n), (1, 1, n, n)
+    return tuple(cu_seqlens.new_empty(counts if name.endswith("num_blocks") else indices, dtype=torch.int32)
+                 for name in _BLOCK_MASK_TENSORS)
+
+
+def _block_mask(cu_seqlens, tokens, causal, sliding_window):
+    if not torch.compiler.is_compiling():
+        return _cached_block_mask(cu_seqlens, tokens, causal, sliding_window)
+    tensors = _flex_block_mask_op(cu_seqlens, tokens, causal, sliding_window)
+    return _as_block_mask(tensors, cu_seqlens, tokens, causal, sliding_window)
 
 
 _compiled_flex = []
@@ -407,7 +529,7 @@ def _flex(q, k, v, cu_seqlens, causal, sliding_window, softcap, scale):
                          "documents backend (flex runs forward-only here)")
     if cu_seqlens is None:
         cu_seqlens = torch.arange(0, B * T + 1, T, device=q.device, dtype=torch.int32)
-    block_mask = _block_mask(cu_seqlens, B * T, causal, sliding_window, q.device)
+    block_mask = _block_mask(cu_seqlens, B * T, causal, sliding_window)
     score_mod = None if softcap is None else _softcap_score_mod(
         torch.tensor(softcap, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device))
     run = flex_attention

@@ -62,15 +62,18 @@ def make_qlora(model, seed, targets=None, dropout=0.0):
 
 
 class LargestAllocation(TorchDispatchMode):
-    """Records the element count of the largest tensor any op creates (a T x T mask shows up)."""
+    """Records the element count of the largest tensor any op creates (a T x T mask shows up) and
+    the bytes of all the tensors ops create (views included, so an upper bound)."""
 
     def __init__(self):
         super().__init__()
         self.largest = 0
+        self.total_bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel())
+                self.total_bytes += t.numel() * t.element_size()
         return out

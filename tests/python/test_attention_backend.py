@@ -92,6 +92,131 @@ def test_flex_backend_matches_fp64_reference(case):
     check_against_reference("flex", case, 3, grads=False)
 
 
+def packed_bounds(lengths):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def random_lengths(seed):
+    """One packed row of a random token count (1 to 1000, mostly not a multiple of 128): documents
+    of length 1, short ones and ones spanning several 128-token blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = int(torch.randint(1, 1001, (1,), generator=gen))
+    lengths = []
+    while sum(lengths) < tokens:
+        kind = int(torch.randint(0, 3, (1,), generator=gen))
+        longest = (1, 20, 400)[kind]
+        lengths.append(min(int(torch.randint(1, longest + 1, (1,), generator=gen)), tokens - sum(lengths)))
+    return lengths
+
+
+BLOCK_MASK_LAYOUTS = {  # document lengths of the packed tokens
+    "one document": [300],
+    "one document of two whole blocks": [256],
+    "fewer than 128 tokens": [1, 30, 2, 40],
+    "one token": [1],
+    "length-1 documents between long ones": [1, 200, 1, 1, 140, 257, 1],
+    **{f"random {seed}": random_lengths(seed) for seed in range(8)},
+}
+MASK_KINDS = [(True, None), (True, 1), (True, 100), (True, 128), (True, 300), (False, None), (False, 100)]
+
+
+@pytest.mark.parametrize("causal, window", MASK_KINDS)
+@pytest.mark.parametrize("layout", sorted(BLOCK_MASK_LAYOUTS))
+def test_flex_block_mask_from_document_bounds_equals_create_block_mask(layout, causal, window):
+    """Every tensor of the block mask classified from the document bounds equals torch's
+    create_block_mask over the whole T x T mask (partial blocks, full blocks, both orders)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    cu = packed_bounds(BLOCK_MASK_LAYOUTS[layout])
+    tokens = int(cu[-1])
+    got = A._build_block_mask(cu, tokens, causal, window)
+    want = create_block_mask(A._document_mask_mod(cu, tokens, causal, window), 1, None, tokens, tokens,
+                             device="cpu", BLOCK_SIZE=A.FLEX_BLOCK)
+    assert got.seq_lengths == want.seq_lengths and tuple(got.BLOCK_SIZE) == tuple(want.BLOCK_SIZE)
+    for name in A._BLOCK_MASK_TENSORS:
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert torch.equal(got.to_dense(), want.to_dense())
+
+
+@pytest.mark.parametrize("causal, window", [(True, None), (True, 300), (False, 140)])
+def test_compiled_flex_with_the_block_mask_matches_fp64_reference(causal, window):
+    """Compiled, flex reads the block mask's blocks (eager flex evaluates mask_mod everywhere):
+    two rows of 600 tokens (1200 in all, not a multiple of 128) with documents over several
+    blocks, so full and partial blocks both occur; dropping the full blocks changes the result."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    cu = packed_bounds([1, 399, 13, 187, 1, 499, 100])
+    gen = torch.Generator().manual_seed(21)
+    q, k, v = (torch.randn(2, 2, 600, 16, generator=gen) for _ in range(3))
+    mask = A._build_block_mask(cu, 1200, causal, window)
+    assert int(mask.full_kv_num_blocks.sum()) > 0 and int(mask.kv_num_blocks.sum()) > 0
+    flex = torch.compile(flex_attention, dynamic=False)
+
+    def run(block_mask):
+        out = flex(A._token_major(q), A._token_major(k), A._token_major(v), block_mask=block_mask)
+        return A._batch_major(out, 2, 600).double()
+
+    expected = reference(q, k, v, cu, causal, window, None, None)
+    torch.testing.assert_close(run(mask), expected, rtol=1e-5, atol=1e-5)
+    no_full = [getattr(mask, name) for name in A._BLOCK_MASK_TENSORS]
+    no_full[2], no_full[6] = torch.zeros_like(no_full[2]), torch.zeros_like(no_full[6])
+    assert not torch.allclose(run(A._as_block_mask(no_full, cu, 1200, causal, window)), expected, atol=1e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal, window", [(True, None), (True, 300), (False, 140)])
+def test_flex_on_cuda_with_full_blocks_matches_fp64_reference_and_gradients(causal, window):
+    cu = packed_bounds([1, 399, 13, 187, 1, 499, 100])
+    gen = torch.Generator().manual_seed(22)
+    cpu = [torch.randn(2, h, 600, 64, generator=gen, dtype=torch.float64).requires_grad_() for h in (4, 2, 2)]
+    q, k, v = (x.detach().float().cuda().requires_grad_() for x in cpu)
+    expected = reference(*cpu, cu, causal, window, None, None)
+    out = A.attention(q, k, v, cu_seqlens=cu.cuda(), causal=causal, sliding_window=window, backend="flex")
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-4, atol=1e-4)
+    go = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
+    want = torch.autograd.grad(expected, cpu, go)
+    got = torch.autograd.grad(out, (q, k, v), go.float().cuda())
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g.double().cpu(), w, rtol=1e-4, atol=1e-4)
+
+
+def test_flex_block_mask_at_64k_tokens_allocates_nothing_tokens_by_tokens():
+    """At 64k packed tokens the block mask's largest tensor is (64k / 128)^2 elements, and all it
+    allocates is far below T^2 bytes (torch's create_block_mask: ~10 bytes a pair, 40 GiB)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    tokens = 65536
+    gen = torch.Generator().manual_seed(23)
+    lengths = [1]
+    while sum(lengths) < tokens:
+        lengths.append(min(int(torch.randint(1, 8193, (1,), generator=gen)), tokens - sum(lengths)))
+    cu = packed_bounds(lengths)
+    for causal, window in ((True, None), (True, 4096), (False, None)):
+        with LargestAllocation() as watch:
+            mask = A._block_mask(cu, tokens, causal, window)
+        assert mask.kv_indices.shape == (1, 1, 512, 512)
+        assert watch.largest <= (tokens // A.FLEX_BLOCK) ** 2
+        assert watch.total_bytes < 2 ** 27, watch.total_bytes  # 128 MiB, against T^2 bytes = 4 GiB
+    # The watch sees a T x T tensor where there is one: create_block_mask's (at 2k tokens).
+    small = 2048
+    cu = packed_bounds([1, 1000, 1047])
+    with LargestAllocation() as watch:
+        create_block_mask(A._document_mask_mod(cu, small, True, None), 1, None, small, small, device="cpu")
+    assert watch.largest >= small * small
+
+
+def test_flex_block_mask_op_passes_opcheck_and_checks_its_inputs():
+    cu = packed_bounds([1, 199, 100])
+    for causal, window in MASK_KINDS[:3] + MASK_KINDS[-1:]:
+        torch.library.opcheck(torch.ops.qforge.flex_block_mask.default, (cu, 300, causal, window))
+    for bad, tokens, window, match in ((packed_bounds([1, 199, 100]), 301, None, "rise strictly"),
+                                       (torch.tensor([0, 5, 3, 300]), 300, None, "rise strictly"),
+                                       (cu.float(), 300, None, "int32/int64"),
+                                       (cu, 300, 0, "sliding_window")):
+        with pytest.raises(ValueError, match=match):
+            torch.ops.qforge.flex_block_mask(bad, tokens, True, window)
+
+
 def test_document_attention_ops_pass_torch_opcheck_and_check_their_inputs():
     """The documents backend as torch ops: fake kernels, autograd registration and schema agree
     with the real kernels (torch.library.opcheck), and each op names bad inputs itself."""
@@ -279,9 +404,9 @@ FAMILIES = {
 }
 
 
-def tiny_model(family, attn_implementation):
+def tiny_model(family, attn_implementation, layers=2):
     cls, extra = FAMILIES[family]
-    config = getattr(transformers, cls)(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = getattr(transformers, cls)(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                                         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                         max_position_embeddings=256, attention_dropout=0.0, use_cache=False,
                                         **extra)
@@ -362,6 +487,37 @@ def test_flex_block_mask_is_built_once_per_batch():
         A.register_with_transformers("auto")
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "each layer compiled"])
+def test_flex_block_masks_are_built_once_per_batch_for_all_layers(compiled):
+    """Gemma 2's four layers alternate sliding-window and global attention: two block masks a
+    batch, however many layers, eager and with each layer's forward compiled (as under FSDP2),
+    where the layers' graphs get the batch's cu_seqlens and the op hands them the cached masks."""
+    name = A.register_with_transformers("flex")
+    try:
+        model = tiny_model("gemma2", name, layers=4).eval()
+        reference_model = tiny_model("gemma2", "eager", layers=4).eval()
+        reference_model.load_state_dict(model.state_dict())
+        if compiled:
+            torch._dynamo.reset()
+            for layer in model.model.layers:
+                layer.forward = torch.compile(layer.forward, fullgraph=True, dynamic=True, backend="aot_eager")
+        gen = torch.Generator().manual_seed(24)
+        for tokens in (37, 150, 200):
+            cu = random_cu_seqlens(1, tokens, gen)
+            lengths = (cu[1:] - cu[:-1]).tolist()
+            ids = torch.randint(0, 64, (1, tokens), generator=gen)
+            position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+            before = A.stats["block_masks_built"]
+            with torch.no_grad():  # torch runs flex's backward on CUDA only
+                got = model(input_ids=ids, position_ids=position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu).logits
+                want = torch.cat([reference_model(input_ids=d).logits for d in ids.split(lengths, dim=1)], dim=1)
+            assert A.stats["block_masks_built"] == before + 2
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    finally:
+        A.register_with_transformers("auto")
+        torch._dynamo.reset()
+
+
 def test_kv_cache_and_dropout_are_clear_errors():
     name = A.register_with_transformers("auto")
     model = tiny_model("llama", name)
@@ -398,9 +554,11 @@ def test_whole_model_compiles_once_or_twice_over_varied_packed_lengths():
             lengths = (cu[1:] - cu[:-1]).tolist()
             ids = torch.randint(0, 64, (1, tokens), generator=gen)
             position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+            before = A.stats["block_masks_built"]
             with torch.no_grad():
                 got = compiled(input_ids=ids, position_ids=position_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu).logits
                 want = torch.cat([reference_model(input_ids=d).logits for d in ids.split(lengths, dim=1)], dim=1)
+            assert A.stats["block_masks_built"] == before + 1  # in the graph too: one block mask for both layers
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
         assert 1 <= len(graphs) <= 3, f"{len(graphs)} compilations"
     finally:
