@@ -9,6 +9,10 @@ metrics JSONL, a loss-curve PNG, checkpoints that are complete or absent
 (written to a temporary directory and renamed), and the final adapter in
 PEFT's format. ``resume`` continues from the latest checkpoint bit for bit.
 
+``prepare`` sets a run up (a ``TrainingRun``), ``train_step`` runs one optimizer
+step of it, and ``train`` loops over the steps: progress bar, metrics,
+checkpoints, the final adapter, the summary (and the default job's eval).
+
 With neither a model nor data it runs the embedded default: a tiny random
 Llama-architecture model and tokenizer built by code, and a built-in
 tool-calling dataset.
@@ -26,7 +30,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
@@ -34,7 +38,11 @@ from ._files import atomic_write_text
 from .checkpoints import checkpoint_step, checkpoints, latest_checkpoint, load_checkpoint, verify_checkpoint
 from .nn import DEFAULT_TARGETS
 
-__all__ = ["TrainArgs", "train", "latest_checkpoint", "DEFAULT_JOB", "NonFiniteTraining"]
+if TYPE_CHECKING:
+    from .distributed import DistContext
+
+__all__ = ["TrainArgs", "train", "prepare", "train_step", "TrainingRun", "StepResult", "latest_checkpoint", "DEFAULT_JOB",
+           "NonFiniteTraining"]
 
 
 @dataclass
@@ -192,49 +200,75 @@ def _resolve_output(args: TrainArgs) -> Path:
     return Path("qforge-runs") / time.strftime("run-%Y%m%d-%H%M%S")
 
 
-def train(args: TrainArgs | None = None, **overrides) -> dict:
-    """Run a training job; returns a summary dict (losses, steps, paths, speed)."""
-    from . import decoder, distributed, hf
-    from .attention import packed_inputs, training_backend, use_for_training
-    from .offload import enable as offload_checkpoints
-    from .data import PackedBatches, builtin_dataset, read_jsonl, template_for, tokenize_records
-    from .models import default_device, load, load_tokenizer
-    from .models.loader import frozen_bytes
-    from .nn import add_lora, finish_lora, lora_parameters
-    from .peft_io import load_adapter, save_adapter
+@dataclass
+class TrainingRun:
+    """A run as prepare() set it up: what train_step() and train()'s loop read, and the one
+    counter train_step() keeps."""
+    args: TrainArgs
+    output: Path
+    dctx: Optional[DistContext]  # None unless under torchrun
+    world: int
+    rank: int
+    accum: int  # micro-batches per optimizer step, all ranks together
+    device: torch.device
+    dtype: torch.dtype
+    model_dir: Path
+    model_type: str
+    tokenizer: Any
+    template: Any  # qforge.chat.ChatTemplate
+    examples: list
+    batches: Any  # qforge.data.PackedBatches
+    total_steps: int
+    steps_per_epoch: int
+    warmup_steps: int
+    model: torch.nn.Module
+    params: list
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    autocast: Callable  # a context around each forward: bf16/fp16 autocast on CUDA, else none
+    save_activations: Callable  # a context: saved activations to CPU (--offload-activations), where the layers do not
+    takes_cu_seqlens: bool  # the packer's document boundaries go to qforge.attention as they are
+    generate_attention: str  # transformers' attention implementation, restored for generation after training
+    compile_watch: Any  # qforge.compile.CompileWatch with --compile, else None
+    fingerprint: str  # what a resumed run must share with this one (_fingerprint)
+    start_step: int = 0  # the resumed checkpoint's step
+    nonfinite_in_a_row: int = 0  # steps skipped in a row for a NaN/Inf loss or gradient
 
-    args = TrainArgs(**{**asdict(args or TrainArgs()), **overrides})
-    default_job = args.model is None and args.data is None
+    @property
+    def metrics_path(self) -> Path:
+        return self.output / "metrics.jsonl"
+
+
+@dataclass
+class StepResult:
+    """One optimizer step, summed over its micro-batches and (under torchrun) the ranks."""
+    lr: float
+    loss: float
+    grad_norm: float
+    tokens: int  # of the step's packed batches
+    trained_tokens: int  # of those, the ones with a label (assistant turns)
+    epoch: int  # of this rank's last micro-batch
+    skipped: Optional[str]  # what was NaN/Inf when the step was skipped (--on-nonfinite skip), else None
+
+
+def prepare(args: TrainArgs) -> TrainingRun:
+    """Everything before the first step: the process group (under torchrun), data, model
+    directory, output and resume point checked before anything is written; then the
+    tokenized and packed data, schedule, the 4-bit model with its LoRA adapters, its decoder
+    layers set up (fused, checkpointed, offloaded, sharded, compiled), the optimizer, and
+    the resumed checkpoint's state. The model is left in training mode, ready for train_step."""
+    from . import decoder, distributed, hf
+    from .attention import training_backend, use_for_training
+    from .data import PackedBatches, template_for, tokenize_records
+    from .models import default_device, load_tokenizer
+    from .nn import lora_parameters
+
     if args.grad_accum < 1 or args.max_seq_length < 8:
         raise ValueError("grad_accum must be >= 1 and max_seq_length >= 8")
     dctx = distributed.init_from_env(args.device, args.dist_timeout)  # None unless under torchrun
     world, rank = (dctx.world, dctx.rank) if dctx else (1, 0)
-    accum = args.grad_accum * world  # micro-batches per optimizer step, all ranks together
-
-    # 1. everything that can fail on bad input, before anything is written
-    records = read_jsonl(args.data) if args.data else builtin_dataset(seed=args.seed)
-    if args.model is not None:
-        from .models.loader import _read_config, _weight_files
-
-        _read_config(Path(args.model))
-        _weight_files(Path(args.model))
-    output = _resolve_output(args)
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"{output}: exists and is not a directory")
-    if args.compile and (args.offload_activations or args.tile_tokens):
-        raise ValueError("--compile traces the whole model as one graph, which the hooks of --offload-activations "
-                         "and the tiles of --tile-tokens do not go into; use one or the other")
-    if args.on_nonfinite not in ("stop", "skip"):
-        raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {args.on_nonfinite!r}")
-    resuming = args.resume or args.resume_from is not None
-    resume_from = _resume_point(args, output)
-    if not resuming and latest_checkpoint(output) is not None:
-        raise ValueError(f"{output}: holds checkpoints of an earlier run; pass --resume to continue it "
-                         "or choose another --output (nothing was overwritten)")
-    if resuming and resume_from is None and (output / "metrics.jsonl").exists():
-        raise ValueError(f"{output}: --resume found no complete checkpoint to continue from")
-    if resume_from is not None:
-        verify_checkpoint(resume_from)
+    accum = args.grad_accum * world
+    records, output, resume_from = _checked_inputs(args)
 
     device = dctx.device if dctx else torch.device(args.device) if args.device else default_device()
     checkpointing = args.gradient_checkpointing if args.gradient_checkpointing is not None else args.model is not None
@@ -261,45 +295,17 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * batches.batches_per_epoch / accum))
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, total_steps // 20)
 
-    lora = dict(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                target_modules=args.target_modules)
-    if dctx:  # sharded start: each layer gets its adapter and its FSDP2 shard as soon as it is loaded
-        need = frozen_bytes(model_dir, dtype)
-        offload_params, why = distributed.choose_offload(args.offload, need, device, world)
-        keep, why_keep = distributed.choose_keep_gathered(offload_params, need, device)
-        model = load(model_dir, dtype=dtype, max_seq_length=args.max_seq_length, device=device,
-                     prepare_layer=distributed.layer_sharder(dctx, offload_params, lora, args.seed,
-                                                             reshard_after_forward=not keep))
-        finish_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
-    else:
-        model = load(model_dir, dtype=dtype, max_seq_length=args.max_seq_length, device=device)
-        add_lora(model, seed=args.seed, **lora)
+    model, offload_params, sharding = _load_with_lora(args, model_dir, dtype, device, dctx)
     generate_attention = model.config._attn_implementation  # transformers' own, restored after training
     # the packer's boundaries go to qforge.attention as they are; fused layers (qforge.decoder) take
     # them from position_ids and would refuse the call with keywords they do not know
     takes_cu_seqlens = use_for_training(model, args.attention, device) and not fused
     hf.patch_causal_lm(model, args.loss)  # full logits never exist in training
-    offload_done = False  # whether transformers offloads the checkpointed layer inputs itself
-    if fused:  # each layer saves x, h, o and the attention lse; backward re-runs only part of it
-        status = decoder.enable(model, offload=args.offload_activations, tile_tokens=args.tile_tokens)
-        offload_done = args.offload_activations
-        if rank == 0:
-            print(f"qforge train: {status}", file=sys.stderr)
-    elif checkpointing and (args.offload_activations or args.tile_tokens):
-        # long context: each layer's checkpoint in pinned host memory, token-wise modules in tiles
-        offload_checkpoints(model, offload=args.offload_activations, tile_tokens=args.tile_tokens)
-        offload_done = args.offload_activations
-    elif checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable({"use_reentrant": False}, offload=args.offload_activations)
-            offload_done = args.offload_activations
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers_offload = _set_up_decoder_layers(model, args, fused, checkpointing, rank)
     if dctx:  # FSDP2: the decoder layers are sharded, now the root
         distributed.finish_sharding(model, dctx, offload=offload_params)
         if dctx.main:
-            print(f"qforge train: FSDP2 over {world} ranks, CPU offload {'on' if offload_params else 'off'} "
-                  f"({why}), {why_keep}", file=sys.stderr)
+            print(f"qforge train: FSDP2 over {world} ranks, {sharding}", file=sys.stderr)
     compile_watch = None
     if args.compile:  # the whole model, one graph, its lengths dynamic (under FSDP2: each decoder layer)
         from .compile import compile_for_training
@@ -313,162 +319,254 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
     use_amp = device.type == "cuda" and dtype != torch.float32
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and dtype == torch.float16)  # fp16 only
 
-    start = 0
-    metrics_path = output / "metrics.jsonl"
     fingerprint = _fingerprint(examples, tokens_per_batch, args, accum)
     if dctx:
         distributed.check_same_on_all_ranks(dctx, {"data and batching": fingerprint, "torch": torch.__version__,
                                                    "arguments": json.dumps(asdict(args), default=str)})
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, model, opt, scaler, device, load_adapter, verified=True)
-        if state.get("fingerprint", fingerprint) != fingerprint:
-            raise ValueError(f"{resume_from}: the data or batching settings (tokens, batch size, grad_accum, seed, "
-                             "LoRA shape) differ from the run that wrote this checkpoint; resuming would not "
-                             "continue it. Use the original settings or a new --output")
-        start = state["step"]
-        kept_metrics = _metrics_up_to(metrics_path, start)  # drop lines past the checkpoint (a crash after it)
-        if args.resume_from is not None and rank == 0:
-            _set_aside_newer(output, resume_from)
-        if kept_metrics is not None and rank == 0:
-            atomic_write_text(metrics_path, "".join(line + "\n" for line in kept_metrics))
-    elif metrics_path.exists() and rank == 0:
-        metrics_path.unlink()  # a run that never checkpointed: nothing to keep consistent with
+    run = TrainingRun(
+        args=args, output=output, dctx=dctx, world=world, rank=rank, accum=accum, device=device, dtype=dtype,
+        model_dir=model_dir, model_type=model_type, tokenizer=tokenizer, template=template, examples=examples,
+        batches=batches, total_steps=total_steps, steps_per_epoch=per_epoch, warmup_steps=warmup, model=model,
+        params=params, opt=opt, scaler=scaler,
+        autocast=(lambda: torch.autocast(device.type, dtype=dtype)) if use_amp else contextlib.nullcontext,
+        save_activations=(lambda: torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda"))
+        if args.offload_activations and not layers_offload else contextlib.nullcontext,
+        takes_cu_seqlens=takes_cu_seqlens, generate_attention=generate_attention, compile_watch=compile_watch,
+        fingerprint=fingerprint)
+    run.start_step = _restore(run, resume_from)
     if rank == 0:
         atomic_write_text(output / "train_args.json", json.dumps({**asdict(args), "output": str(output),
                                                              "model": str(model_dir), "world_size": world},
                                                             indent=2, default=str))
-
-    amp = (lambda: torch.autocast(device.type, dtype=dtype)) if use_amp else contextlib.nullcontext
-    offload = (lambda: torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")) \
-        if args.offload_activations and not offload_done \
-        else contextlib.nullcontext
-    n_params = sum(p.numel() for p in params)
-    bar = _Progress(total_steps, start, args.progress and rank == 0, silent=rank != 0)
-    bar.write(f"qforge train: {model_dir} ({model_type}, NF4 + LoRA r={args.lora_r}, {n_params:,} trainable) "
-              f"on {device}, {dtype}; {len(examples)} conversations, {total_steps} steps "
-              f"({per_epoch} per epoch) -> {output}")
     model.train()
+    return run
+
+
+def _checked_inputs(args: TrainArgs) -> tuple[list[dict], Path, Optional[Path]]:
+    """(records, output directory, checkpoint to resume from): everything that can fail on bad
+    input, checked before anything is written."""
+    from .data import builtin_dataset, read_jsonl
+    from .models.loader import _read_config, _weight_files
+
+    records = read_jsonl(args.data) if args.data else builtin_dataset(seed=args.seed)
+    if args.model is not None:
+        _read_config(Path(args.model))
+        _weight_files(Path(args.model))
+    output = _resolve_output(args)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"{output}: exists and is not a directory")
+    if args.compile and (args.offload_activations or args.tile_tokens):
+        raise ValueError("--compile traces the whole model as one graph, which the hooks of --offload-activations "
+                         "and the tiles of --tile-tokens do not go into; use one or the other")
+    if args.on_nonfinite not in ("stop", "skip"):
+        raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {args.on_nonfinite!r}")
+    return records, output, _resume_point(args, output)
+
+
+def _load_with_lora(args: TrainArgs, model_dir: Path, dtype: torch.dtype, device: torch.device, dctx):
+    """(model, offload_params, sharding): the 4-bit model with its LoRA adapters. Under torchrun
+    each decoder layer gets its adapter and its FSDP2 shard as soon as it is loaded (sharded
+    start); offload_params is FSDP2's CPU offload and `sharding` says what was chosen and why."""
+    from . import distributed
+    from .models import load
+    from .models.loader import frozen_bytes
+    from .nn import add_lora, finish_lora
+
+    lora = dict(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                target_modules=args.target_modules)
+    if dctx is None:
+        model = load(model_dir, dtype=dtype, max_seq_length=args.max_seq_length, device=device)
+        add_lora(model, seed=args.seed, **lora)
+        return model, False, ""
+    need = frozen_bytes(model_dir, dtype)
+    offload_params, why = distributed.choose_offload(args.offload, need, device, dctx.world)
+    keep, why_keep = distributed.choose_keep_gathered(offload_params, need, device)
+    model = load(model_dir, dtype=dtype, max_seq_length=args.max_seq_length, device=device,
+                 prepare_layer=distributed.layer_sharder(dctx, offload_params, lora, args.seed,
+                                                         reshard_after_forward=not keep))
+    finish_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
+    return model, offload_params, f"CPU offload {'on' if offload_params else 'off'} ({why}), {why_keep}"
+
+
+def _set_up_decoder_layers(model, args: TrainArgs, fused: bool, checkpointing: bool, rank: int) -> bool:
+    """Fused layers, or activation checkpointing (with its offload and token tiles), or neither.
+    Returns whether the layers now offload their saved activations themselves; where they do
+    not, --offload-activations is torch's save_on_cpu around each forward."""
+    from . import decoder
+    from .offload import enable as offload_checkpoints
+
+    if fused:  # each layer saves x, h, o and the attention lse; backward re-runs only part of it
+        status = decoder.enable(model, offload=args.offload_activations, tile_tokens=args.tile_tokens)
+        if rank == 0:
+            print(f"qforge train: {status}", file=sys.stderr)
+        return args.offload_activations
+    if checkpointing and (args.offload_activations or args.tile_tokens):
+        # long context: each layer's checkpoint in pinned host memory, token-wise modules in tiles
+        offload_checkpoints(model, offload=args.offload_activations, tile_tokens=args.tile_tokens)
+        return args.offload_activations
+    if checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable({"use_reentrant": False}, offload=args.offload_activations)
+            return args.offload_activations
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return False
+
+
+def _restore(run: TrainingRun, resume_from: Optional[Path]) -> int:
+    """The step to start from. Resuming: the checkpoint's adapter, optimizer, scaler and RNG
+    restored, metrics.jsonl cut back to its step, newer checkpoints set aside (--resume-from).
+    A new run: 0, and the metrics.jsonl of an earlier run that never checkpointed removed."""
+    from .peft_io import load_adapter
+
+    if resume_from is None:
+        if run.metrics_path.exists() and run.rank == 0:
+            run.metrics_path.unlink()  # a run that never checkpointed: nothing to keep consistent with
+        return 0
+    state = load_checkpoint(resume_from, run.model, run.opt, run.scaler, run.device, load_adapter, verified=True)
+    if state.get("fingerprint", run.fingerprint) != run.fingerprint:
+        raise ValueError(f"{resume_from}: the data or batching settings (tokens, batch size, grad_accum, seed, "
+                         "LoRA shape) differ from the run that wrote this checkpoint; resuming would not "
+                         "continue it. Use the original settings or a new --output")
+    start = state["step"]
+    kept_metrics = _metrics_up_to(run.metrics_path, start)  # drop lines past the checkpoint (a crash after it)
+    if run.args.resume_from is not None and run.rank == 0:
+        _set_aside_newer(run.output, resume_from)
+    if kept_metrics is not None and run.rank == 0:
+        atomic_write_text(run.metrics_path, "".join(line + "\n" for line in kept_metrics))
+    return start
+
+
+def train_step(run: TrainingRun, step: int) -> StepResult:
+    """Optimizer step `step` (0-based): its learning rate; forward and backward of this rank's
+    micro-batches, their gradients summed and normalised by the trained tokens of the whole
+    global batch; clipping and the AdamW update. A NaN/Inf loss or gradient norm updates
+    nothing: the step is skipped (--on-nonfinite skip) or NonFiniteTraining raised."""
+    from .attention import packed_inputs
+
+    args, dctx, world = run.args, run.dctx, run.world
+    lr = lr_at(step, run.total_steps, args.lr, run.warmup_steps, args.min_lr_ratio)
+    for g in run.opt.param_groups:
+        g["lr"] = lr
+    # this rank's share of the step's `accum` micro-batches: every world-th one
+    micro = [run.batches.batch(step * run.accum + k * world + run.rank) for k in range(args.grad_accum)]
+    n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    if dctx:
+        n_items = int(dctx.sum(n_items))
+    loss_sum, n_tokens = 0.0, 0
+    for b in micro:
+        inputs = {name: b[name].to(run.device) for name in ("input_ids", "position_ids", "labels")}
+        if run.takes_cu_seqlens:  # document boundaries as they are: no T x T mask
+            inputs.update(packed_inputs(b["cu_seqlens"], run.device))
+        with run.autocast(), run.save_activations():
+            out = run.model(**inputs, num_items_in_batch=n_items, use_cache=False)
+        # FSDP2 averages gradients over the ranks; each rank's loss is already a share of the
+        # global batch's (divided by all its tokens), so scale by the world size to sum them
+        run.scaler.scale(out.loss * world if dctx else out.loss).backward()
+        loss_sum += float(out.loss.detach())
+        n_tokens += b["input_ids"].numel()
+    if dctx:
+        loss_sum, n_tokens = dctx.sum(loss_sum), int(dctx.sum(n_tokens))
+    run.scaler.unscale_(run.opt)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, args.max_grad_norm))
+    nonfinite = _nonfinite(loss_sum, grad_norm, run.scaler)
+    if nonfinite is None:
+        run.nonfinite_in_a_row = 0
+        run.scaler.step(run.opt)
+        run.scaler.update()
+    else:
+        run.nonfinite_in_a_row += 1
+        if args.on_nonfinite == "stop" or run.nonfinite_in_a_row > MAX_SKIPPED_IN_A_ROW:
+            raise NonFiniteTraining(_nonfinite_message(step + 1, nonfinite, run.output, args,
+                                                       run.nonfinite_in_a_row))
+        run.scaler.update()  # a no-op without fp16 loss scaling
+    run.opt.zero_grad(set_to_none=True)
+    return StepResult(lr=lr, loss=loss_sum, grad_norm=grad_norm, tokens=n_tokens, trained_tokens=n_items,
+                      epoch=micro[-1]["epoch"], skipped=nonfinite)
+
+
+def train(args: TrainArgs | None = None, **overrides) -> dict:
+    """Run a training job; returns a summary dict (losses, steps, paths, speed)."""
+    from . import distributed
+    from .peft_io import save_adapter
+
+    args = TrainArgs(**{**asdict(args or TrainArgs()), **overrides})
+    run = prepare(args)
+    model, device, rank, output, total_steps = run.model, run.device, run.rank, run.output, run.total_steps
+    compile_watch = run.compile_watch
+    n_params = sum(p.numel() for p in run.params)
+    bar = _Progress(total_steps, run.start_step, args.progress and rank == 0, silent=rank != 0)
+    bar.write(f"qforge train: {run.model_dir} ({run.model_type}, NF4 + LoRA r={args.lora_r}, {n_params:,} trainable) "
+              f"on {device}, {run.dtype}; {len(run.examples)} conversations, {total_steps} steps "
+              f"({run.steps_per_epoch} per epoch) -> {output}")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     losses = []
     t_run = time.perf_counter()
     tokens_run = 0
-    step = start
+    step = run.start_step
     stopped_early = False
-    skipped_in_a_row = 0
-    with open(metrics_path if rank == 0 else os.devnull, "a", encoding="utf-8") as mf, \
+    with open(run.metrics_path if rank == 0 else os.devnull, "a", encoding="utf-8") as mf, \
             compile_watch if compile_watch is not None else contextlib.nullcontext():
-        for step in range(start, total_steps):
+        for step in range(run.start_step, total_steps):
             t0 = time.perf_counter()
-            lr = lr_at(step, total_steps, args.lr, warmup, args.min_lr_ratio)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            # this rank's share of the step's `accum` micro-batches: every world-th one
-            micro = [batches.batch(step * accum + k * world + rank) for k in range(args.grad_accum)]
-            n_items = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-            if dctx:
-                n_items = int(dctx.sum(n_items))
-            loss_sum, n_tokens = 0.0, 0
-            for b in micro:
-                inputs = {name: b[name].to(device) for name in ("input_ids", "position_ids", "labels")}
-                if takes_cu_seqlens:  # document boundaries as they are: no T x T mask
-                    inputs.update(packed_inputs(b["cu_seqlens"], device))
-                with amp(), offload():
-                    out = model(**inputs, num_items_in_batch=n_items, use_cache=False)
-                # FSDP2 averages gradients over the ranks; each rank's loss is already a share of the
-                # global batch's (divided by all its tokens), so scale by the world size to sum them
-                scaler.scale(out.loss * world if dctx else out.loss).backward()
-                loss_sum += float(out.loss.detach())
-                n_tokens += b["input_ids"].numel()
-            if dctx:
-                loss_sum, n_tokens = dctx.sum(loss_sum), int(dctx.sum(n_tokens))
-            scaler.unscale_(opt)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm))
-            nonfinite = _nonfinite(loss_sum, grad_norm, scaler)
-            if nonfinite is None:
-                skipped_in_a_row = 0
-                scaler.step(opt)
-                scaler.update()
-            else:
-                skipped_in_a_row += 1
-                if args.on_nonfinite == "stop" or skipped_in_a_row > MAX_SKIPPED_IN_A_ROW:
-                    bar.close()
-                    raise NonFiniteTraining(_nonfinite_message(step + 1, nonfinite, output, args, skipped_in_a_row))
-                scaler.update()  # a no-op without fp16 loss scaling
-                bar.write(f"step {step + 1}: {nonfinite}; step skipped (--on-nonfinite skip)")
-            opt.zero_grad(set_to_none=True)
+            try:
+                result = train_step(run, step)
+            except NonFiniteTraining:
+                bar.close()
+                raise
+            if result.skipped is not None:
+                bar.write(f"step {step + 1}: {result.skipped}; step skipped (--on-nonfinite skip)")
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
-            tokens_run += n_tokens
-            if nonfinite is None:
-                losses.append(loss_sum)
-            row = {"step": step + 1, "loss": round(loss_sum, 6) if nonfinite is None else None, "lr": lr,
-                   "grad_norm": round(grad_norm, 6) if nonfinite is None else None,
-                   "tokens": n_tokens, "trained_tokens": n_items, "tokens_per_s": round(n_tokens / dt, 1),
-                   "step_s": round(dt, 4), "mem_gib": round(_memory_gib(device), 3),
-                   "epoch": micro[-1]["epoch"], "elapsed_s": round(time.perf_counter() - t_run, 2)}
-            if nonfinite is not None:
-                row["skipped"] = nonfinite
-            if compile_watch is not None:
-                row["compilations"], row["compile_s"] = compile_watch.compilations, round(compile_watch.seconds, 2)
-            if dctx:  # every rank's peak memory; the row's mem_gib is the largest
-                row["mem_gib_per_rank"] = [round(m, 3) for m in dctx.gather(_memory_gib(device))]
-                row["mem_gib"] = max(row["mem_gib_per_rank"])
+            tokens_run += result.tokens
+            if result.skipped is None:
+                losses.append(result.loss)
+            row = _metrics_row(run, step, result, dt, t_run)
             if (step + 1) % args.log_every == 0 or step + 1 == total_steps:
                 mf.write(json.dumps(row) + "\n")
                 mf.flush()
-            bar.update(loss=f"{loss_sum:.4f}", tok_s=f"{n_tokens / dt:,.0f}", mem=f"{row['mem_gib']:.2f}GiB",
-                       lr=f"{lr:.2e}", **({"compile": f"{compile_watch.seconds:.1f}s"} if compile_watch else {}))
+            bar.update(loss=f"{result.loss:.4f}", tok_s=f"{result.tokens / dt:,.0f}", mem=f"{row['mem_gib']:.2f}GiB",
+                       lr=f"{result.lr:.2e}", **({"compile": f"{compile_watch.seconds:.1f}s"} if compile_watch else {}))
             last = step + 1 == total_steps
             stop = args.stop_after is not None and step + 1 >= args.stop_after
             if (args.save_every and (step + 1) % args.save_every == 0) or last or stop:
                 if rank == 0:
                     mf.flush()
                     os.fsync(mf.fileno())
-                _save_checkpoint(output, step + 1, model, opt, args, save_adapter, fingerprint, scaler, dctx)
+                _save_checkpoint(output, step + 1, model, run.opt, args, save_adapter, run.fingerprint, run.scaler,
+                                 run.dctx)
                 if rank == 0:
-                    plot_losses(metrics_path, output / "loss.png")
+                    plot_losses(run.metrics_path, output / "loss.png")
             if stop and not last:
                 stopped_early = True
                 break
     bar.close()
-    model.set_attn_implementation(generate_attention)  # qforge.attention trains; generation needs a KV cache
-    final = step + 1 if total_steps > start else start
+    model.set_attn_implementation(run.generate_attention)  # qforge.attention trains; generation needs a KV cache
+    final = step + 1 if total_steps > run.start_step else run.start_step
     summary = {"output": str(output), "steps": final, "total_steps": total_steps, "losses": losses,
                "tokens_per_s": round(tokens_run / max(1e-9, time.perf_counter() - t_run), 1),
                "peak_mem_gib": round(_memory_gib(device), 3), "device": str(device), "stopped_early": stopped_early,
-               "world_size": world,
-               "metrics": str(metrics_path), "loss_png": str(output / "loss.png")}
+               "world_size": run.world,
+               "metrics": str(run.metrics_path), "loss_png": str(output / "loss.png")}
     if compile_watch is not None:
         summary["compile"] = compile_watch.summary()
-    if dctx:
-        summary["peak_mem_gib_per_rank"] = [round(m, 3) for m in dctx.gather(_memory_gib(device))]
-    lora_full = distributed.full_lora_state(model) if dctx and not stopped_early else None  # a collective
+    if run.dctx:
+        summary["peak_mem_gib_per_rank"] = [round(m, 3) for m in run.dctx.gather(_memory_gib(device))]
+    lora_full = distributed.full_lora_state(model) if run.dctx and not stopped_early else None  # a collective
     if not stopped_early:
         summary["adapter"] = str(output / "adapter")
     if not stopped_early and rank == 0:
-        adapter_dir = output / "adapter"
-        tmp = output / ".adapter.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        save_adapter(model, tmp, base_model_name_or_path=str(model_dir.resolve()), tensors=lora_full)
-        tokenizer.save_pretrained(str(tmp))
-        if adapter_dir.exists():
-            old = output / ".adapter.old"
-            if old.exists():
-                shutil.rmtree(old)
-            adapter_dir.replace(old)
-            tmp.replace(adapter_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.replace(adapter_dir)
+        _save_final_adapter(run, lora_full)
         atomic_write_text(output / "summary.json", json.dumps(summary, indent=2))
-    if default_job and not stopped_early:  # the run ends with qforge eval's report on held-out built-in data
+    if args.model is None and args.data is None and not stopped_early:
+        # the default job ends with qforge eval's report on held-out built-in data
+        from .data import builtin_dataset
         from .evaluate import evaluate_model, report_table
 
         # every rank generates (FSDP2 gathers the layers); rank 0 writes
-        report = evaluate_model(model, tokenizer, template, builtin_dataset(8, seed=args.seed + 1), max_new_tokens=48)
+        report = evaluate_model(model, run.tokenizer, run.template, builtin_dataset(8, seed=args.seed + 1),
+                                max_new_tokens=48)
         bar.write(report_table(report["metrics"], report["format"]))
         summary["eval"] = report["metrics"]
         if rank == 0:
@@ -477,6 +575,49 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
     model.qforge_train_summary = summary
     summary["model"] = model
     return summary
+
+
+def _metrics_row(run: TrainingRun, step: int, result: StepResult, step_s: float, t_run: float) -> dict:
+    """metrics.jsonl's row of step `step` (0-based), which took `step_s` seconds of a loop begun
+    at perf_counter() `t_run`. Every rank calls it: under torchrun the memory figures are gathered."""
+    applied = result.skipped is None
+    row = {"step": step + 1, "loss": round(result.loss, 6) if applied else None, "lr": result.lr,
+           "grad_norm": round(result.grad_norm, 6) if applied else None,
+           "tokens": result.tokens, "trained_tokens": result.trained_tokens,
+           "tokens_per_s": round(result.tokens / step_s, 1), "step_s": round(step_s, 4),
+           "mem_gib": round(_memory_gib(run.device), 3), "epoch": result.epoch,
+           "elapsed_s": round(time.perf_counter() - t_run, 2)}
+    if not applied:
+        row["skipped"] = result.skipped
+    if run.compile_watch is not None:
+        row["compilations"], row["compile_s"] = run.compile_watch.compilations, round(run.compile_watch.seconds, 2)
+    if run.dctx:  # every rank's peak memory; the row's mem_gib is the largest
+        row["mem_gib_per_rank"] = [round(m, 3) for m in run.dctx.gather(_memory_gib(run.device))]
+        row["mem_gib"] = max(row["mem_gib_per_rank"])
+    return row
+
+
+def _save_final_adapter(run: TrainingRun, tensors: Optional[dict]) -> None:
+    """<output>/adapter: the PEFT adapter and the tokenizer, built in .adapter.tmp and swapped in
+    whole. `tensors`: the whole LoRA weights (gathered under torchrun), else the model's own."""
+    from .peft_io import save_adapter
+
+    output = run.output
+    adapter_dir = output / "adapter"
+    tmp = output / ".adapter.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_adapter(run.model, tmp, base_model_name_or_path=str(run.model_dir.resolve()), tensors=tensors)
+    run.tokenizer.save_pretrained(str(tmp))
+    if adapter_dir.exists():
+        old = output / ".adapter.old"
+        if old.exists():
+            shutil.rmtree(old)
+        adapter_dir.replace(old)
+        tmp.replace(adapter_dir)
+        shutil.rmtree(old)
+    else:
+        tmp.replace(adapter_dir)
 
 
 def _fingerprint(examples, tokens_per_batch: int, args: TrainArgs, accum: int) -> str:
@@ -494,13 +635,26 @@ def _fingerprint(examples, tokens_per_batch: int, args: TrainArgs, accum: int) -
 
 
 def _resume_point(args: TrainArgs, output: Path) -> Optional[Path]:
-    """The checkpoint to resume from: --resume-from, else the latest one with --resume."""
+    """The checkpoint to resume from, verified: --resume-from, else the latest one with --resume;
+    None for a new run. ValueError where the arguments and `output` do not make one run."""
     if args.resume_from is not None:
         path = Path(args.resume_from)
         if not path.is_dir() or checkpoint_step(path) is None:
             raise ValueError(f"{path}: --resume-from needs a checkpoint directory (<output>/checkpoints/step-N)")
+        verify_checkpoint(path)
         return path
-    return latest_checkpoint(output) if args.resume else None
+    if not args.resume:
+        if latest_checkpoint(output) is not None:
+            raise ValueError(f"{output}: holds checkpoints of an earlier run; pass --resume to continue it "
+                             "or choose another --output (nothing was overwritten)")
+        return None
+    path = latest_checkpoint(output)
+    if path is None:
+        if (output / "metrics.jsonl").exists():
+            raise ValueError(f"{output}: --resume found no complete checkpoint to continue from")
+        return None
+    verify_checkpoint(path)
+    return path
 
 
 def _set_aside_newer(output: Path, resumed: Path) -> None:

@@ -16,6 +16,7 @@ import qforge  # noqa: E402
 from qforge import cli, train as T  # noqa: E402
 from qforge.data import (PackedBatches, builtin_dataset, read_jsonl, template_for,  # noqa: E402
                          tokenize_records)
+from qforge.nn import lora_state_dict  # noqa: E402
 
 SMALL_RUN = dict(max_seq_length=1024, tokens_per_batch=512, lr=4e-3, warmup_steps=2, lora_r=8, lora_alpha=16.0,
                  progress=False)
@@ -89,6 +90,25 @@ def test_resume_is_bit_exact(tmp_path, base_dir):
     assert set(wa) == set(wb) and len(wa) == 28
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+
+
+def test_prepare_and_train_step_make_train_s_steps(tmp_path, base_dir):
+    """train() is prepare() and a train_step() per step: driven by hand, the steps give train()'s
+    losses, learning rates and trained tokens exactly, and the same LoRA weights."""
+    kw = dict(model=str(base_dir), max_steps=3, save_every=0, grad_accum=2, lora_dropout=0.1, **SMALL_RUN)
+    looped = T.train(output=str(tmp_path / "loop"), **kw)
+    run = T.prepare(T.TrainArgs(output=str(tmp_path / "by-hand"), **kw))
+    assert run.model.training and run.start_step == 0 and run.total_steps == 3 and run.accum == 2
+    steps = [T.train_step(run, step) for step in range(run.total_steps)]
+    rows = read_metrics(tmp_path / "loop")
+    assert [s.loss for s in steps] == looped["losses"]
+    assert [(s.lr, s.trained_tokens, s.tokens, s.skipped) for s in steps] == \
+        [(r["lr"], r["trained_tokens"], r["tokens"], None) for r in rows]
+    trained = lora_state_dict(looped["model"])
+    by_hand = lora_state_dict(run.model)
+    assert set(trained) == set(by_hand) and len(trained) == 28
+    for k in trained:
+        assert torch.equal(trained[k], by_hand[k]), k
 
 
 def test_checkpoint_is_complete_or_absent(tmp_path, base_dir, monkeypatch):
