@@ -68,7 +68,7 @@ from . import offload as _offload
 from .distributed import decoder_layers
 from .layer import (rms_norm_backward, rms_norm_forward, rope_backward_, rope_forward_, swiglu_backward_,
                     swiglu_forward)
-from .nn import NF4Linear, _dequantize, dequantize_stacked
+from .nn import NF4Linear, dequantize_stacked, dequantize_weight
 
 __all__ = ["enable", "disable", "wanted", "FUSED_LAYER_SETTINGS", "FusedStatus", "SUPPORTED_LAYERS",
            "attention_forward", "attention_backward"]
@@ -255,7 +255,7 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, s
 # ------------------------------------------------------------------ linear + LoRA
 def _weight(lin: NF4Linear, dtype: torch.dtype) -> Tensor:
     """The dequantized weight, in the shared workspace (valid until the next dequantization)."""
-    return _dequantize(*lin.weight.storage_args(), dtype, True)
+    return dequantize_weight(*lin.weight.storage_args(), dtype, True)
 
 
 def _linear(lin: NF4Linear, x: Tensor, residual: Optional[Tensor] = None, out: Optional[Tensor] = None

@@ -170,18 +170,18 @@ class _Checkpoint:
     def __init__(self, path: Path):
         from safetensors import SafetensorError, safe_open
 
-        from .models.loader import VISION_MODEL_TYPES, _bnb_config, _read_config, _weight_files
+        from .models.loader import VISION_MODEL_TYPES, bnb_config, read_config, weight_files
 
         self.path = path
-        self.raw_config = _read_config(path)
+        self.raw_config = read_config(path)
         # a vision-language model: the language model's hyperparameters at the top level, as
         # convert_hf_to_gguf reads them; its vision tensors go to the mmproj file (gguf_vision)
         self.vision_prefixes = VISION_MODEL_TYPES.get(self.raw_config["model_type"], ())
         self.config = ({**self.raw_config, **self.raw_config["text_config"]} if self.vision_prefixes
                        else self.raw_config)
-        self.bnb = _bnb_config(self.raw_config, path / "config.json") is not None
+        self.bnb = bnb_config(self.raw_config, path / "config.json") is not None
         self._handles, self._file = {}, {}
-        for f in _weight_files(path):
+        for f in weight_files(path):
             try:
                 self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
             except (SafetensorError, OSError) as e:

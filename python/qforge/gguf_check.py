@@ -38,10 +38,10 @@ def _adapter_model(adapter_dir: Path, base: Path):
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     from .gguf import _load_adapter
-    from .models.loader import VISION_MODEL_TYPES, _read_config
+    from .models.loader import VISION_MODEL_TYPES, read_config
 
     lora = _load_adapter(adapter_dir)
-    auto = AutoModelForImageTextToText if _read_config(base)["model_type"] in VISION_MODEL_TYPES else \
+    auto = AutoModelForImageTextToText if read_config(base)["model_type"] in VISION_MODEL_TYPES else \
         AutoModelForCausalLM
     model = auto.from_pretrained(str(base), dtype=torch.float32, local_files_only=True).eval()
     modules = dict(model.named_modules())

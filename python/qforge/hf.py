@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .loss import _valid_rows, chunked_linear, linear_cross_entropy
+from .loss import chunked_linear, linear_cross_entropy, valid_rows
 
 __all__ = ["patch_causal_lm", "unpatch_causal_lm", "causal_lm_loss"]
 
@@ -40,7 +40,7 @@ def causal_lm_loss(hidden: torch.Tensor, lm_head: torch.nn.Linear, labels: Optio
         loss = linear_cross_entropy(h, lm_head.weight, y, lm_head.bias, ignore_index=ignore_index,
                                     reduction=reduction, softcap=softcap, chunk_size=chunk_size)
     elif mode == "generic":
-        kept = _valid_rows(y, ignore_index)  # masked rows cost nothing in the GEMMs
+        kept = valid_rows(y, ignore_index)  # masked rows cost nothing in the GEMMs
         if kept is not None:
             h, y = h.index_select(0, kept), y.index_select(0, kept)
 

@@ -82,7 +82,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: O
     y = labels.reshape(-1).to(torch.int64).contiguous()
     w = weight.contiguous()
     b = bias.contiguous() if bias is not None else None
-    kept = _valid_rows(y, ignore_index) if compact and not return_lse else None
+    kept = valid_rows(y, ignore_index) if compact and not return_lse else None
     if kept is not None:
         h2, y = h2.index_select(0, kept), y.index_select(0, kept)
     grad_on = torch.is_grad_enabled()
@@ -100,7 +100,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: O
     return loss
 
 
-def _valid_rows(labels: Tensor, ignore_index: int) -> Optional[Tensor]:
+def valid_rows(labels: Tensor, ignore_index: int) -> Optional[Tensor]:
     """Indices of the rows whose label is not ignore_index, or None where compaction would not
     pay or cannot run: under torch.compile (data-dependent shape), when no row is ignored,
     and when every row is (the uncompacted op defines that case)."""

@@ -193,15 +193,16 @@ def quantize(weight: Tensor, blocksize: int = 64, compress_statistics: bool = Tr
     return packed, state
 
 
-def _as_bytes(packed: Tensor) -> Tensor:
-    # bitsandbytes may store the codes in another dtype (quant_storage); the bytes are the same
+def codes_as_uint8(packed: Tensor) -> Tensor:
+    """The packed 4-bit codes as uint8: bitsandbytes may store them in another dtype
+    (quant_storage), whose bytes are the same."""
     return packed if packed.dtype == torch.uint8 else packed.contiguous().view(-1).view(torch.uint8)
 
 
 def dequantize(packed: Tensor, state, out: Optional[Tensor] = None, dtype: Optional[torch.dtype] = None) -> Tensor:
     """bitsandbytes.functional.dequantize_4bit(packed, state): one fused kernel on CUDA.
     `state` is a qforge or bitsandbytes QuantState. With `out`, writes into it."""
-    packed = _as_bytes(packed)
+    packed = codes_as_uint8(packed)
     nested = state.state2 is not None
     args = (
         packed, state.absmax, state.code, state.blocksize,
@@ -228,7 +229,7 @@ def from_state_dict(tensors: dict[str, Tensor], prefix: str, device="cpu", where
         raise ValueError(f"{where}: missing tensor '{key}'")
     qs = {k[len(key) + 1:]: v for k, v in tensors.items() if k.startswith(key + ".")}
     state = QuantState.from_dict(qs, device=device, where=f"{where}: '{key}'")
-    packed = _as_bytes(tensors[key]).to(device)
+    packed = codes_as_uint8(tensors[key]).to(device)
     check_consistent(packed, state, where=f"{where}: '{key}'")
     return packed, state
 

@@ -148,9 +148,9 @@ class NF4Weight(Tensor):
     # ------------------------------------------------------------ dense
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
         """A new dense tensor of this weight (``dtype`` default: its own)."""
-        from .nn import _dequantize
+        from .nn import dequantize_weight
 
-        return _dequantize(*self.storage_args(), dtype or self.dtype, False)
+        return dequantize_weight(*self.storage_args(), dtype or self.dtype, False)
 
 
 # ---------------------------------------------------------------- row ranges

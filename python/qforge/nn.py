@@ -67,8 +67,8 @@ def workspace_bytes() -> int:
     return sum(b.numel() * b.element_size() for b in WORKSPACE.buffers.values())
 
 
-def _dequantize(packed, absmax, code, nested_absmax, nested_code, nested_offset, meta, dtype, use_workspace,
-                out: Optional[Tensor] = None):
+def dequantize_weight(packed, absmax, code, nested_absmax, nested_code, nested_offset, meta, dtype, use_workspace,
+                      out: Optional[Tensor] = None):
     """The weight in `dtype`: into `out` when given, else into the shared workspace
     (use_workspace) or a new tensor."""
     blocksize, nested_blocksize, shape, float_absmax = meta
@@ -92,7 +92,7 @@ def dequantize_stacked(weights: list, rows: int, dtype: torch.dtype) -> Tensor:
     out = WORKSPACE.get((rows, in_features), dtype, weights[0].device)
     start = 0
     for w in weights:
-        _dequantize(*w.storage_args(), dtype, False, out=out[start:start + w.shape[0]])
+        dequantize_weight(*w.storage_args(), dtype, False, out=out[start:start + w.shape[0]])
         start += w.shape[0]
     return out
 
@@ -103,7 +103,7 @@ class _NF4Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, packed, absmax, code, nested_absmax, nested_code, nested_offset, meta):
-        w = _dequantize(packed, absmax, code, nested_absmax, nested_code, nested_offset, meta, x.dtype, True)
+        w = dequantize_weight(packed, absmax, code, nested_absmax, nested_code, nested_offset, meta, x.dtype, True)
         storage = (packed, absmax, code, nested_absmax, nested_code, nested_offset)
         if torch.compiler.is_compiling():
             ctx.save_for_backward(*storage)
@@ -121,7 +121,7 @@ class _NF4Matmul(torch.autograd.Function):
             return (None,) * 8
         storage = ctx.storage if ctx.storage is not None else ctx.saved_tensors
         packed, absmax, code, nested_absmax, nested_code, nested_offset = storage
-        w = _dequantize(packed, absmax, code, nested_absmax, nested_code, nested_offset, ctx.meta, grad.dtype, True)
+        w = dequantize_weight(packed, absmax, code, nested_absmax, nested_code, nested_offset, ctx.meta, grad.dtype, True)
         return (grad @ w,) + (None,) * 7
 
 
@@ -174,7 +174,7 @@ class NF4Linear(nn.Module):
         f32 = lambda t: t.to(dev, torch.float32).contiguous()  # noqa: E731
         stats = (f32(state.state2.absmax), f32(state.state2.code), f32(state.offset).reshape(1)) if nested \
             else (None, None, None)
-        m.weight = nn.Parameter(NF4Weight(nf4._as_bytes(packed).reshape(-1).contiguous(),
+        m.weight = nn.Parameter(NF4Weight(nf4.codes_as_uint8(packed).reshape(-1).contiguous(),
                                           absmax.reshape(-1) if nested else absmax.float().reshape(-1).view(torch.uint8),
                                           f32(state.code), *stats, shape, state.dtype, state.blocksize,
                                           m.nested_blocksize), requires_grad=False)
@@ -289,7 +289,9 @@ def dequantized_weight(module: nn.Module, dtype: Optional[torch.dtype] = None) -
     return module.weight.detach().to(dtype or module.weight.dtype)
 
 
-def _is_target(name: str, targets: Iterable[str]) -> bool:
+def is_target_module(name: str, targets: Iterable[str]) -> bool:
+    """Whether the module `name` is one of `targets`, matched as PEFT's target_modules match:
+    the whole name, or its last part(s)."""
     leaf = name.rsplit(".", 1)[-1]
     return any(leaf == t or name == t or name.endswith("." + t) for t in targets)
 
@@ -302,7 +304,7 @@ def replace_linears(model: nn.Module, targets: Iterable[str] = DEFAULT_TARGETS, 
     targets = tuple(targets)
     done = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and _is_target(name, targets):
+        if isinstance(module, nn.Linear) and is_target_module(name, targets):
             parent_name, _, leaf = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             q = NF4Linear.from_weight(module.weight, module.bias, blocksize, compress_statistics, device, dtype)
@@ -352,7 +354,7 @@ def add_lora(model: nn.Module, r: int = 16, lora_alpha: float = 16.0, lora_dropo
     hit, plain = [], []
     frozen = tuple(getattr(model, "qforge_frozen_prefixes", ()))  # a vision tower stays frozen
     for name, module in model.named_modules():
-        if not _is_target(name, targets) or f"{name}.".startswith(frozen):
+        if not is_target_module(name, targets) or f"{name}.".startswith(frozen):
             continue
         if isinstance(module, NF4Linear):
             module.add_lora(r, lora_alpha, lora_dropout, use_rslora, lora_dtype, generator=gen)

@@ -141,7 +141,7 @@ def merge_and_save(model: nn.Module, path, dtype: torch.dtype = torch.bfloat16, 
     """Write a plain transformers checkpoint: every NF4 layer dequantized, plus
     ``scaling * B @ A`` where it has an adapter, in ``dtype``; other tensors
     converted to ``dtype``. Loads with ``AutoModelForCausalLM.from_pretrained``."""
-    from .models.loader import _write_sharded, checkpoint_tensors
+    from .models.loader import checkpoint_tensors, write_sharded
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -157,7 +157,7 @@ def merge_and_save(model: nn.Module, path, dtype: torch.dtype = torch.bfloat16, 
 
     tensors = checkpoint_tensors(model, merged,
                                  lambda t: (t.to(dtype) if t.is_floating_point() else t).detach().cpu().contiguous())
-    _write_sharded(path, tensors, max_shard_bytes)
+    write_sharded(path, tensors, max_shard_bytes)
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
     cfg["dtype"] = str(dtype).removeprefix("torch.")

@@ -346,12 +346,12 @@ def _checked_inputs(args: TrainArgs) -> tuple[list[dict], Path, Optional[Path]]:
     """(records, output directory, checkpoint to resume from): everything that can fail on bad
     input, checked before anything is written."""
     from .data import builtin_dataset, read_jsonl
-    from .models.loader import _read_config, _weight_files
+    from .models.loader import read_config, weight_files
 
     records = read_jsonl(args.data) if args.data else builtin_dataset(seed=args.seed)
     if args.model is not None:
-        _read_config(Path(args.model))
-        _weight_files(Path(args.model))
+        read_config(Path(args.model))
+        weight_files(Path(args.model))
     output = _resolve_output(args)
     if output.exists() and not output.is_dir():
         raise ValueError(f"{output}: exists and is not a directory")

@@ -3,7 +3,7 @@ the GEMMs, and the loss and gradients equal the uncompacted op's, for every redu
 import pytest
 import torch
 
-from qforge.loss import _valid_rows, linear_cross_entropy
+from qforge.loss import linear_cross_entropy, valid_rows
 
 
 def case(seed=0, n=57, d=24, v=41, masked=0.6, ignore_index=-100):
@@ -34,7 +34,7 @@ def test_compacted_equals_uncompacted(reduction, options):
     h, w, y = case(ignore_index=ignore)
     if options.get("weight_per_class") == "random":
         options["weight_per_class"] = torch.rand(w.shape[0], generator=torch.Generator().manual_seed(9)) + 0.5
-    assert _valid_rows(y, ignore) is not None  # the compacted path really runs
+    assert valid_rows(y, ignore) is not None  # the compacted path really runs
     full = run(h, w, y, False, reduction, **options)
     compact = run(h, w, y, True, reduction, **options)
     for a, b in zip(full, compact):
@@ -58,16 +58,16 @@ def test_batched_leading_shape(reduction):
 
 def test_nothing_or_everything_masked_takes_the_uncompacted_path():
     h, w, y = case(masked=0.0)
-    assert _valid_rows(y, -100) is None
+    assert valid_rows(y, -100) is None
     y_all = torch.full_like(y, -100)
-    assert _valid_rows(y_all, -100) is None
+    assert valid_rows(y_all, -100) is None
     full = linear_cross_entropy(h, w, y_all, reduction="sum", compact=False)
     torch.testing.assert_close(linear_cross_entropy(h, w, y_all, reduction="sum"), full)
 
 
 def test_valid_rows_are_the_unmasked_indices():
     y = torch.tensor([5, -100, 2, -100, -100, 0])
-    assert _valid_rows(y, -100).tolist() == [0, 2, 5]
+    assert valid_rows(y, -100).tolist() == [0, 2, 5]
 
 
 @pytest.mark.cuda

@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import nf4
 from .._files import atomic_save_safetensors, atomic_write_text, read_json
-from ..nn import DEFAULT_TARGETS, NF4Linear, _is_target
+from ..nn import DEFAULT_TARGETS, NF4Linear, is_target_module
 
 # Gemma 2 (sliding window on every other layer, attention and final-logit softcaps) and Gemma 3's
 # text model ("gemma3_text": local sliding and global layers, q/k norms) train through
@@ -31,7 +31,8 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and built_with_cuda() else "cpu")
 
 
-def _read_config(path: Path) -> dict:
+def read_config(path: Path) -> dict:
+    """config.json of the model directory `path`; ValueError naming what is missing or not supported."""
     if not path.exists():
         raise ValueError(f"{path}: no such model directory")
     if not path.is_dir():
@@ -56,7 +57,9 @@ def _read_config(path: Path) -> dict:
     return raw
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of the model directory `path` (its index's shards, or model.safetensors);
+    ValueError for a partial checkpoint or one that is not safetensors."""
     index = path / "model.safetensors.index.json"
     if index.exists():
         doc = read_json(index, "the safetensors index")
@@ -92,7 +95,9 @@ def _open_safetensors(f: Path):
         raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
 
 
-def _bnb_config(raw: dict, where: Path) -> Optional[dict]:
+def bnb_config(raw: dict, where: Path) -> Optional[dict]:
+    """The quantization_config of a bitsandbytes 4-bit (nf4) checkpoint's config `raw`, None for a
+    16-bit one; ValueError naming `where` for any other quantization."""
     q = raw.get("quantization_config")
     if not q:
         return None
@@ -152,7 +157,7 @@ def _report_unused(unused: list[str], key_file: dict, model: nn.Module, raw: dic
 
 
 def _is_quant_target(name: str, module: nn.Module, targets, frozen: tuple = ()) -> bool:
-    return (isinstance(module, nn.Linear) and ".layers." in f".{name}" and _is_target(name, targets)
+    return (isinstance(module, nn.Linear) and ".layers." in f".{name}" and is_target_module(name, targets)
             and not f"{name}.".startswith(frozen))
 
 
@@ -198,11 +203,11 @@ def load(path, load_in_4bit: bool = True, dtype: torch.dtype = torch.bfloat16, m
     from safetensors import SafetensorError
 
     path = Path(path)
-    raw = _read_config(path)
-    bnb = _bnb_config(raw, path / "config.json")
+    raw = read_config(path)
+    bnb = bnb_config(raw, path / "config.json")
     if bnb is not None and not load_in_4bit:
         raise ValueError(f"{path}: a bitsandbytes 4-bit checkpoint needs load_in_4bit=True")
-    files = _weight_files(path)
+    files = weight_files(path)
     device = torch.device(device) if device is not None else default_device()
     targets = tuple(target_modules)
 
@@ -342,7 +347,7 @@ def frozen_bytes(path, dtype: torch.dtype = torch.bfloat16, target_modules: Iter
     projections, ``dtype`` for the rest), computed from config.json alone: what
     a sharded start weighs before anything is read."""
     path = Path(path)
-    model, _, frozen = _meta_model(path, _read_config(path), dtype)
+    model, _, frozen = _meta_model(path, read_config(path), dtype)
     targets = tuple(target_modules)
     quantized = {f"{n}.weight" for n, m in model.named_modules() if _is_quant_target(n, m, targets, frozen)}
     total = 0
@@ -376,7 +381,7 @@ def save_4bit(model: nn.Module, path, max_shard_bytes: int = 2 << 30) -> None:
         return entries
 
     tensors = checkpoint_tensors(model, nf4_layer, lambda t: t)
-    _write_sharded(path, {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, max_shard_bytes)
+    write_sharded(path, {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, max_shard_bytes)
     cfg = model.config.to_dict()
     first = next((m for m in model.modules() if isinstance(m, NF4Linear)), None)
     compute = str(model.config.dtype).removeprefix("torch.") if model.config.dtype else "bfloat16"
@@ -407,7 +412,7 @@ def checkpoint_tensors(model: nn.Module, nf4_layer, other) -> dict[str, torch.Te
     return tensors
 
 
-def _write_sharded(path: Path, tensors: dict, max_shard_bytes: int) -> None:
+def write_sharded(path: Path, tensors: dict, max_shard_bytes: int) -> None:
     """model.safetensors, or model-0000i-of-0000n.safetensors + index when larger
     than max_shard_bytes; each file complete or absent (_files)."""
     shards, cur, size = [], {}, 0
