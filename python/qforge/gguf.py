@@ -16,7 +16,6 @@ import ctypes
 import json
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -24,7 +23,8 @@ import torch
 
 from . import _lib
 from ._files import read_json
-from .peft_io import adapter_dir as find_adapter_dir
+from ._torch import FLOAT_DTYPES, qf_dtype
+from .peft_io import adapter_dir as find_adapter_dir, read_lora_weights
 
 __all__ = ["export_gguf", "check_export", "EXPORT_TYPES", "add_cli"]
 
@@ -67,10 +67,11 @@ _finish = _lib.declare("qf_gguf_finish", ctypes.c_void_p)
 _mix_types = _lib.declare("qf_gguf_mix_types", ctypes.c_uint32, ctypes.c_char_p, ctypes.POINTER(ctypes.c_int64),
                           ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_int64), ctypes.c_int64,
                           ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(ctypes.c_uint32))
-_TORCH_QF = {torch.float32: _lib.QF_FLOAT32, torch.float16: _lib.QF_FLOAT16, torch.bfloat16: _lib.QF_BFLOAT16}
 
 
-def _concat(strings: list[bytes]):
+def pack_strings(strings: list[bytes]):
+    """(data, offsets): `strings` concatenated, and the C array of their n + 1 start offsets (the C ABI's
+    string lists)."""
     offsets = (ctypes.c_int64 * (len(strings) + 1))()
     pos = 0
     for i, s in enumerate(strings):
@@ -80,7 +81,7 @@ def _concat(strings: list[bytes]):
     return b"".join(strings), offsets
 
 
-class _Writer:
+class GGUFWriter:
     """The C++ GGUF writer (qf_gguf_*); discards its temporary file unless finished."""
 
     def __init__(self, path: Path, overwrite: bool):
@@ -101,7 +102,7 @@ class _Writer:
             _lib.check(_add_string(self._h, k, b, len(b)))
         elif vtype == _GGUF_ARRAY:
             if sub_type == _GGUF_STRING:
-                data, offsets = _concat([v.encode() if isinstance(v, str) else bytes(v) for v in value])
+                data, offsets = pack_strings([v.encode() if isinstance(v, str) else bytes(v) for v in value])
                 _lib.check(_add_string_array(self._h, k, data, offsets, len(value)))
             else:
                 arr = np.ascontiguousarray(np.asarray(value, dtype=_NUMPY_OF[sub_type]))
@@ -115,8 +116,11 @@ class _Writer:
         _lib.check(_add_tensor(self._h, name.encode(), ne, len(shape), ggml_type))
 
     def write(self, t: torch.Tensor, threads: int) -> None:
+        """The next tensor's data (a dtype other than fp32, fp16 and bf16 is written from fp32)."""
         t = t.detach().contiguous().cpu()
-        _lib.check(_write_tensor(self._h, t.data_ptr(), _TORCH_QF[t.dtype], t.numel(), threads))
+        if t.dtype not in FLOAT_DTYPES:
+            t = t.float()
+        _lib.check(_write_tensor(self._h, t.data_ptr(), qf_dtype(t.dtype, "GGUF tensor"), t.numel(), threads))
 
     def finish(self) -> None:
         _lib.check(_finish(self._h))
@@ -126,44 +130,7 @@ _NUMPY_OF = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4",
              12: "<f8"}
 
 
-@dataclass
-class _Adapter:
-    path: Path
-    scaling: float
-    tensors: dict  # HF module name ("model.layers.0.self_attn.q_proj") -> (A, B)
-
-
-def _load_adapter(path: Path) -> _Adapter:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from .peft_io import read_adapter_config
-
-    cfg = read_adapter_config(path)
-    r, alpha = cfg["r"], float(cfg["lora_alpha"])
-    scaling = alpha / r ** 0.5 if cfg.get("use_rslora") else alpha / r
-    w_path = path / "adapter_model.safetensors"
-    try:
-        raw = load_file(str(w_path))
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{w_path}: not a readable safetensors file ({e})") from None
-    pairs: dict[str, dict] = {}
-    for key, value in raw.items():
-        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight", key)
-        if m is None:
-            raise ValueError(f"{w_path}: tensor '{key}' is not a LoRA A/B weight")
-        pairs.setdefault(m.group(1), {})[m.group(2)] = value
-    tensors = {}
-    for module, ab in pairs.items():
-        if set(ab) != {"A", "B"}:
-            raise ValueError(f"{w_path}: '{module}' has lora_{''.join(ab)} but not both A and B")
-        if ab["A"].shape[0] != r or ab["B"].shape[1] != r:
-            raise ValueError(f"{w_path}: '{module}' has rank {ab['A'].shape[0]}, the config says r={r}")
-        tensors[module] = (ab["A"], ab["B"])
-    return _Adapter(path, scaling, tensors)
-
-
-class _Checkpoint:
+class CheckpointReader:
     """A local Hugging Face checkpoint read one tensor at a time: 16-bit, or
     bitsandbytes 4-bit (NF4 weights dequantized by qforge's NF4 core)."""
 
@@ -524,7 +491,7 @@ def _check_end_of_turn(rec, tokens: list[str], tok_dir: Path) -> None:
             return
 
 
-def _plan(ckpt: _Checkpoint, cfg: dict, arch_name: str) -> list[tuple[str, Optional[str], tuple]]:
+def _plan(ckpt: CheckpointReader, cfg: dict, arch_name: str) -> list[tuple[str, Optional[str], tuple]]:
     """(gguf name, hf name or None for generated tensors, HF shape) in convert_hf_to_gguf's order."""
     plan = []
     rope = _llama3_rope_factors(cfg) if arch_name == "llama" else None
@@ -572,8 +539,8 @@ def export_gguf(adapter, base, out, type: str = "q4_k_m", merge_into: str = "ori
     if mmproj is not None and Path(mmproj).exists() and not overwrite:
         raise ValueError(f"{mmproj}: the mmproj output file already exists (pass overwrite=True / --overwrite)")
     adapter_dir = find_adapter_dir(adapter)
-    lora = _load_adapter(adapter_dir)
-    ckpt = _Checkpoint(base)
+    lora = read_lora_weights(adapter_dir)
+    ckpt = CheckpointReader(base)
     mmproj_plan = None
     if mmproj is not None:
         from .gguf_vision import plan_mmproj
@@ -601,7 +568,7 @@ def export_gguf(adapter, base, out, type: str = "q4_k_m", merge_into: str = "ori
 
     mix, file_type = EXPORT_TYPES[type]
     names = [n for n, _, _ in plan]
-    data, offsets = _concat([n.encode() for n in names])
+    data, offsets = pack_strings([n.encode() for n in names])
     n_dims = (ctypes.c_int32 * len(plan))(*[len(s) for _, _, s in plan])
     ne0 = (ctypes.c_int64 * len(plan))(*[s[-1] for _, _, s in plan])
     ggml_types = (ctypes.c_uint32 * len(plan))()
@@ -612,8 +579,8 @@ def export_gguf(adapter, base, out, type: str = "q4_k_m", merge_into: str = "ori
     metadata = _metadata(arch_name, cfg, base, tok_dir, file_type, total_params)
 
     n_head, n_kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
-    bar = _progress(len(plan), f"export {out.name} ({type})", progress)
-    writer = _Writer(out, overwrite)
+    bar = progress_bar(len(plan), f"export {out.name} ({type})", progress)
+    writer = GGUFWriter(out, overwrite)
     try:
         for key, value, vtype, sub in metadata:
             writer.add(key, value, vtype, sub)
@@ -637,8 +604,6 @@ def export_gguf(adapter, base, out, type: str = "q4_k_m", merge_into: str = "ori
                     tensor = _permute(tensor, n_head)
                 elif permute and name.startswith("blk.") and ".attn_k." in name:
                     tensor = _permute(tensor, n_kv)
-            if tensor.dtype not in _TORCH_QF:
-                tensor = tensor.float()
             writer.write(tensor, threads)
             bar(name)
         writer.finish()
@@ -701,7 +666,7 @@ def _is_quantized_projection(hf_name: str) -> bool:
     return ".layers." in hf_name and hf_name.rsplit(".", 2)[-2] in DEFAULT_TARGETS
 
 
-def _progress(total: int, desc: str, enabled: bool) -> Callable[[Optional[str]], None]:
+def progress_bar(total: int, desc: str, enabled: bool) -> Callable[[Optional[str]], None]:
     """A tqdm bar on stderr (a no-op when disabled or tqdm is missing); call with None to close."""
     bar = None
     if enabled:

@@ -37,10 +37,10 @@ def _adapter_model(adapter_dir: Path, base: Path):
     vision-language base: its *ForConditionalGeneration model, run on text)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    from .gguf import _load_adapter
     from .models.loader import VISION_MODEL_TYPES, read_config
+    from .peft_io import read_lora_weights
 
-    lora = _load_adapter(adapter_dir)
+    lora = read_lora_weights(adapter_dir)
     auto = AutoModelForImageTextToText if read_config(base)["model_type"] in VISION_MODEL_TYPES else \
         AutoModelForCausalLM
     model = auto.from_pretrained(str(base), dtype=torch.float32, local_files_only=True).eval()

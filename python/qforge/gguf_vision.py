@@ -139,12 +139,12 @@ class MmprojPlan:
 
 
 def plan_mmproj(ckpt, text_type: str, mmproj_type_name: Optional[str] = None) -> MmprojPlan:
-    """Names, types and metadata of the mmproj file of `ckpt` (gguf._Checkpoint of a vision-language
+    """Names, types and metadata of the mmproj file of `ckpt` (gguf.CheckpointReader of a vision-language
     base), in mmproj_type(text_type) unless mmproj_type_name is given. Raises ValueError naming the
     problem (not a vision-language model, a 4-bit base, an unknown vision tensor, missing config)."""
     import torch
 
-    from .gguf import _concat
+    from .gguf import pack_strings
 
     qtype = mmproj_type_name or mmproj_type(text_type)
     if qtype not in _MMPROJ_TYPES:
@@ -160,7 +160,7 @@ def plan_mmproj(ckpt, text_type: str, mmproj_type_name: Optional[str] = None) ->
     if not plan:
         raise ValueError(f"{ckpt.path}: no vision tower tensors ({', '.join(ckpt.vision_prefixes)}) in the checkpoint")
     mix, file_type = _MMPROJ_TYPES[qtype]
-    data, offsets = _concat([n.encode() for n, _, _ in plan])
+    data, offsets = pack_strings([n.encode() for n, _, _ in plan])
     n_dims = (ctypes.c_int32 * len(plan))(*[len(s) for _, _, s in plan])
     ne0 = (ctypes.c_int64 * len(plan))(*[s[-1] for _, _, s in plan])
     ggml_types = (ctypes.c_uint32 * len(plan))()
@@ -173,18 +173,17 @@ def plan_mmproj(ckpt, text_type: str, mmproj_type_name: Optional[str] = None) ->
 def write_mmproj(plan: MmprojPlan, out: Path, overwrite: bool = False, threads: int = 0,
                  progress: bool = True) -> Path:
     """Write the planned mmproj GGUF at `out`, complete or absent (the C++ writer); returns out."""
-    from .gguf import _TORCH_QF, _Writer, _progress
+    from .gguf import GGUFWriter, progress_bar
 
-    bar = _progress(len(plan.tensors), f"export {out.name} (mmproj {plan.qtype})", progress)
-    writer = _Writer(out, overwrite)
+    bar = progress_bar(len(plan.tensors), f"export {out.name} (mmproj {plan.qtype})", progress)
+    writer = GGUFWriter(out, overwrite)
     try:
         for key, value, vtype, sub in plan.metadata:
             writer.add(key, value, vtype, sub)
         for name, _, shape, ggml_type in plan.tensors:
             writer.add_tensor(name, shape, ggml_type)
         for name, hf, _, _ in plan.tensors:
-            tensor = plan.ckpt.get(hf)
-            writer.write(tensor if tensor.dtype in _TORCH_QF else tensor.float(), threads)
+            writer.write(plan.ckpt.get(hf), threads)
             bar(name)
         writer.finish()
     finally:

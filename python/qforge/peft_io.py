@@ -11,6 +11,8 @@ transformers checkpoint.
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -21,7 +23,7 @@ from ._files import atomic_save_safetensors, atomic_write_text, read_json
 from .nn import NF4Linear, add_lora, lora_state_dict
 
 __all__ = ["save_adapter", "load_adapter", "merge_and_save", "adapter_config", "adapter_dir",
-           "read_adapter_config"]
+           "read_adapter_config", "read_lora_weights", "LoraWeights"]
 
 _PREFIX = "base_model.model."
 
@@ -94,20 +96,60 @@ def read_adapter_config(path) -> dict:
     return cfg
 
 
+def _adapter_tensors(path: Path) -> dict:
+    """The tensors of `path`/adapter_model.safetensors; ValueError naming the file when unreadable."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    w_path = path / "adapter_model.safetensors"
+    try:
+        return load_file(str(w_path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{w_path}: not a readable safetensors file ({e})") from None
+
+
+@dataclass
+class LoraWeights:
+    """A PEFT adapter's LoRA pairs, read without a model (read_lora_weights)."""
+    path: Path
+    scaling: float  # lora_alpha / r (/ sqrt(r) with use_rslora)
+    tensors: dict  # HF module name ("model.layers.0.self_attn.q_proj") -> (A, B)
+
+
+def read_lora_weights(path) -> LoraWeights:
+    """The LoRA A/B pairs of the PEFT adapter directory `path` by module name, and their scaling:
+    for merging into a base checkpoint without building a model. Raises ValueError naming the
+    file for a config read_adapter_config refuses, a tensor that is not a LoRA weight, an
+    unpaired A or B, or a rank other than the config's."""
+    path = Path(path)
+    cfg = read_adapter_config(path)
+    r, alpha = cfg["r"], float(cfg["lora_alpha"])
+    scaling = alpha / r ** 0.5 if cfg.get("use_rslora") else alpha / r
+    w_path = path / "adapter_model.safetensors"
+    pairs: dict[str, dict] = {}
+    for key, value in _adapter_tensors(path).items():
+        m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight", key)
+        if m is None:
+            raise ValueError(f"{w_path}: tensor '{key}' is not a LoRA A/B weight")
+        pairs.setdefault(m.group(1), {})[m.group(2)] = value
+    tensors = {}
+    for module, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{w_path}: '{module}' has lora_{''.join(ab)} but not both A and B")
+        if ab["A"].shape[0] != r or ab["B"].shape[1] != r:
+            raise ValueError(f"{w_path}: '{module}' has rank {ab['A'].shape[0]}, the config says r={r}")
+        tensors[module] = (ab["A"], ab["B"])
+    return LoraWeights(path, scaling, tensors)
+
+
 def load_adapter(model: nn.Module, path, strict: bool = True) -> nn.Module:
     """Load a PEFT LoRA adapter directory into a qforge model (adding the LoRA
     layers when the model has none). Raises ValueError for files that are missing,
     not LoRA, or whose tensors do not fit the model."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     cfg_path, w_path = path / "adapter_config.json", path / "adapter_model.safetensors"
     cfg = read_adapter_config(path)
-    try:
-        tensors = load_file(str(w_path))
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{w_path}: not a readable safetensors file ({e})") from None
+    tensors = _adapter_tensors(path)
     if getattr(model, "qforge_lora", None) is None:
         targets = cfg.get("target_modules")
         if isinstance(targets, str):
