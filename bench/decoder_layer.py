@@ -47,7 +47,7 @@ def check_attention(device, seed=0):
             position_ids = torch.tensor(pos, device=device)
         else:
             position_ids = None
-        docs = decoder._documents(position_ids, None, B, T, device)
+        docs = decoder.packed_documents(position_ids, None, B, T, device)
         q, k, v, do = (torch.randn(B * T, h, D, generator=gen).to(device, torch.bfloat16)
                        for h in (Hq, Hkv, Hkv, Hq))
         scale = D ** -0.5

@@ -84,7 +84,7 @@ _PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
 
 # ------------------------------------------------------------------ attention with log-sum-exp
 @dataclasses.dataclass
-class _Documents:
+class Documents:
     """Document structure of one forward's B x T tokens (shared by all its layers)."""
     batch: int
     tokens: int
@@ -94,8 +94,10 @@ class _Documents:
     dense: bool  # one document a row
 
 
-def _documents(position_ids: Optional[Tensor], padding_mask: Optional[Tensor], batch: int, tokens: int,
-               device) -> _Documents:
+def packed_documents(position_ids: Optional[Tensor], padding_mask: Optional[Tensor], batch: int, tokens: int,
+                     device) -> Documents:
+    """The documents of a B x T forward: from position_ids restarting at 0 (packed rows; None: one
+    document a row), padding excluded."""
     from .attention import cu_seqlens_from_position_ids
 
     if position_ids is None:
@@ -107,7 +109,7 @@ def _documents(position_ids: Optional[Tensor], padding_mask: Optional[Tensor], b
     cu = cu_seqlens_from_position_ids(position_ids, padding_mask).to(device)
     bounds = cu.tolist()  # one host read per forward; at most B*T + 1 offsets
     longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
-    return _Documents(batch, tokens, cu, bounds, longest, len(bounds) == batch + 1)
+    return Documents(batch, tokens, cu, bounds, longest, len(bounds) == batch + 1)
 
 
 def _allowed(length: int, window: Optional[int], device) -> Tensor:
@@ -181,7 +183,7 @@ def _cudnn_takes_gqa(device) -> bool:
 _CUDNN_GQA: dict = {}
 
 
-def _pick_kernel(device: torch.device, dtype: torch.dtype, docs: _Documents, window: Optional[int]) -> str:
+def _pick_kernel(device: torch.device, dtype: torch.dtype, docs: Documents, window: Optional[int]) -> str:
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return "math"
     if docs.dense and (window is None or window >= docs.longest) and _prefers_cudnn():
@@ -197,7 +199,7 @@ def _prefers_cudnn() -> bool:
     return bool(order) and order[0] == int(SDPBackend.CUDNN_ATTENTION) and torch.backends.cuda.cudnn_sdp_enabled()
 
 
-def attention_forward(q: Tensor, k: Tensor, v: Tensor, docs: _Documents, scale: float, window: Optional[int],
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, docs: Documents, scale: float, window: Optional[int],
                       kernel: str) -> tuple[Tensor, tuple]:
     """Causal attention of token-major q [N, Hq, D], k/v [N, Hkv, D] over docs' documents.
     Returns (o [N, Hq, D], state): state holds the log-sum-exp (state[0]) and what the kernel's
@@ -224,7 +226,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, docs: _Documents, scale: 
     raise ValueError(f"attention kernel {kernel!r}: expected math, flash or cudnn")
 
 
-def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, state: tuple, docs: _Documents,
+def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, state: tuple, docs: Documents,
                        scale: float, window: Optional[int], kernel: str) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of attention_forward, from its output and state (no forward recompute)."""
     if kernel == "math":
@@ -455,7 +457,7 @@ def _norm_backward(norm: nn.Module, dy: Tensor, x: Tensor, rstd: Tensor) -> Tens
 class _Call:
     """One forward's settings shared by its layers: cos/sin [1 or B, T, head_dim]."""
 
-    def __init__(self, docs: _Documents, cos: Tensor, sin: Tensor, dtype: torch.dtype, tile: Optional[int],
+    def __init__(self, docs: Documents, cos: Tensor, sin: Tensor, dtype: torch.dtype, tile: Optional[int],
                  offloader: _offload.HostOffloader, save_h: bool = True):
         self.docs, self.cos, self.sin, self.dtype, self.tile, self.offloader = docs, cos, sin, dtype, tile, offloader
         self.save_h = save_h  # False: backward recomputes h = x + o_proj(o) (saves host memory)
@@ -681,12 +683,12 @@ _OUTSIDE = object()  # no model forward running: a layer called directly takes i
 
 
 class _State:
-    """Per model: the offloader, the padding mask of the current forward, one cached _Documents."""
+    """Per model: the offloader, the padding mask of the current forward, one cached Documents."""
 
     def __init__(self, offloader, tile, host_budget: Optional[int], layers: int):
         self.offloader, self.tile = offloader, tile
         self.mask = _OUTSIDE  # the model's padding mask while its forward runs
-        self.cache = None  # (key, _Documents)
+        self.cache = None  # (key, Documents)
         self.warned: set = set()
         self.host_budget, self.layers = host_budget, layers
         self.host_used, self.layer_index = 0, 0  # this forward's: bytes sent to the host, layers run
@@ -710,13 +712,13 @@ class _State:
                 self.host_used += size[mode]
                 return mode
 
-    def documents(self, position_ids, mask, batch, tokens, device) -> _Documents:
+    def documents(self, position_ids, mask, batch, tokens, device) -> Documents:
         key = (position_ids, None if position_ids is None else position_ids._version, mask,
                None if mask is None else mask._version, batch, tokens)
         if self.cache is not None and len(self.cache[0]) == len(key) and all(
                 a is b if isinstance(b, Tensor) or b is None else a == b for a, b in zip(self.cache[0], key)):
             return self.cache[1]
-        docs = _documents(position_ids, mask, batch, tokens, device)
+        docs = packed_documents(position_ids, mask, batch, tokens, device)
         self.cache = (key, docs)
         return docs
 

@@ -366,7 +366,7 @@ def test_math_attention_and_its_lse_backward_equal_fp64_sdpa(window):
     g = torch.Generator().manual_seed(1)
     B, T, Hq, Hkv, D = 2, 19, 6, 2, 8
     lengths = random_lengths(g, B, T)
-    docs = decoder._documents(packed_positions(lengths), None, B, T, "cpu")
+    docs = decoder.packed_documents(packed_positions(lengths), None, B, T, "cpu")
     assert not docs.dense and docs.longest == max(max(r) for r in lengths)
     q = torch.randn(B * T, Hq, D, dtype=torch.float64, generator=g, requires_grad=True)
     k, v = (torch.randn(B * T, Hkv, D, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
@@ -387,12 +387,12 @@ def test_math_attention_and_its_lse_backward_equal_fp64_sdpa(window):
 
 
 def test_documents_of_position_ids_and_padding():
-    docs = decoder._documents(packed_positions([[3, 1, 2], [6]]), None, 2, 6, "cpu")
+    docs = decoder.packed_documents(packed_positions([[3, 1, 2], [6]]), None, 2, 6, "cpu")
     assert docs.bounds == [0, 3, 4, 6, 12] and docs.longest == 6 and not docs.dense
-    dense = decoder._documents(None, None, 2, 6, "cpu")
+    dense = decoder.packed_documents(None, None, 2, 6, "cpu")
     assert dense.bounds == [0, 6, 12] and dense.dense
     pad = torch.tensor([[1, 1, 1, 1, 0, 0]])
-    padded = decoder._documents(torch.arange(6)[None], pad, 1, 6, "cpu")
+    padded = decoder.packed_documents(torch.arange(6)[None], pad, 1, 6, "cpu")
     assert padded.bounds == [0, 4, 5, 6]
 
 
