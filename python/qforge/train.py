@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
-from ._files import atomic_write_text
+from ._files import atomic_write_text, write_complete_or_absent
 from .checkpoints import checkpoint_step, checkpoints, latest_checkpoint, load_checkpoint, verify_checkpoint
 from .nn import DEFAULT_TARGETS
 
@@ -124,7 +124,7 @@ def _memory_gib(device: torch.device) -> float:
 
 
 def plot_losses(metrics_path: Path, png: Path) -> None:
-    """The loss curve (raw and smoothed) as a PNG, written atomically."""
+    """The loss curve (raw and smoothed) as a PNG, complete or absent."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,10 +148,8 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png.with_name(f".{png.stem}.tmp.png")
-    fig.savefig(tmp)
+    write_complete_or_absent(png, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
-    tmp.replace(png)
 
 
 class _Progress:
