@@ -170,15 +170,17 @@ def main() -> None:
     from qforge import chat as qchat
     from qforge.ops import chat as chat_ops
 
-    raw_shared = qchat._json(dict(tools=TOOLS, add_generation_prompt=True, **kwargs))
-    raw_convs = qchat._json(convs)
+    raw_shared = qchat.engine_json(dict(tools=TOOLS, add_generation_prompt=True, **kwargs))
+    raw_convs = qchat.engine_json(convs)
+    handle = chat_ops.compile_template(source.encode("utf-8"))
 
     def run_engine():
-        out, _ = chat_ops.apply_batch_raw(qf_tmpl._handle, raw_shared, raw_convs, args.n, now=None, threads=1)
+        out, _ = chat_ops.apply_batch_raw(handle, raw_shared, raw_convs, args.n, now=None, threads=1)
         return out
 
     t_c_call, out = best_of(run_engine)
     chat_ops.free_buffer(out)
+    chat_ops.free_template(handle)
 
     # The headline: jinja2 and the C++ engine (as a C++ program uses it: conversations already in memory), one
     # thread each, run in turn `pairs` times so that the machine's drift reaches both; the median of the

@@ -19,8 +19,9 @@ from .ops import chat as chat_ops
 from .ops.chat import TemplateError  # re-exported: the error of every template call
 
 
-def _json(obj: Any) -> bytes:
-    # ASCII-escaped JSON: Python's encoder is twice as fast that way
+def engine_json(obj: Any) -> bytes:
+    """`obj` as the JSON the C++ engine reads (qforge.ops.chat), ASCII-escaped: Python's encoder
+    is twice as fast that way."""
     return json.dumps(obj, ensure_ascii=True, allow_nan=True).encode("ascii")
 
 
@@ -101,7 +102,7 @@ class ChatTemplate:
             if key in request:
                 raise TypeError(f"render() got multiple values for keyword argument '{key}'")
             request[key] = value
-        text, spans = chat_ops.apply_template(self._handle, _json(request), now, return_assistant_spans)
+        text, spans = chat_ops.apply_template(self._handle, engine_json(request), now, return_assistant_spans)
         return (text, spans) if return_assistant_spans else text
 
     def apply_batch(
@@ -124,8 +125,8 @@ class ChatTemplate:
             "continue_final_message": continue_final_message,
             **kwargs,
         }
-        convs = _json([list(c) for c in conversations])
-        return chat_ops.split_batch(*chat_ops.apply_batch_raw(self._handle, _json(shared), convs, len(conversations),
+        convs = engine_json([list(c) for c in conversations])
+        return chat_ops.split_batch(*chat_ops.apply_batch_raw(self._handle, engine_json(shared), convs, len(conversations),
                                                               now, threads))
 
     @property
@@ -144,12 +145,12 @@ class ChatTemplate:
 
     def render(self, now: int | None = None, **variables) -> str:
         """Render with exactly these template variables."""
-        return chat_ops.render(self._handle, _json(variables), now)
+        return chat_ops.render(self._handle, engine_json(variables), now)
 
 
 def json_dumps(obj: Any, ensure_ascii: bool = False, indent: int | None = None, sort_keys: bool = False) -> str:
     """Python's json.dumps, computed by the C++ value type (for tests)."""
-    return chat_ops.json_dumps(_json(obj), ensure_ascii, indent, sort_keys)
+    return chat_ops.json_dumps(engine_json(obj), ensure_ascii, indent, sort_keys)
 
 
 def _utf8(text: str | bytes) -> bytes:
@@ -174,7 +175,7 @@ def detect_tool_call_format(template_source: str) -> str:
 
 
 def _tools_json(tools) -> bytes | None:
-    return None if tools is None else _json([tool_schema(t) for t in tools])
+    return None if tools is None else engine_json([tool_schema(t) for t in tools])
 
 
 def parse_tool_calls(text: str | bytes, format: str = "auto", tools: Iterable[dict | Callable] | None = None) -> dict:
