@@ -108,6 +108,31 @@ TEST(ChatValue, JsonRoundTripKeepsOrderAndPythonSpacing) {
   EXPECT_THROW(json_loads("[1, 2"), qforge::InvalidArgument);
 }
 
+TEST(ChatValue, JsonStringsAtEveryOffsetOfTheScan) {
+  // the reader and writer scan strings 16 bytes at a time: a byte to stop at, in every place of runs up to 40 bytes
+  for (size_t n = 0; n <= 40; ++n)
+    for (size_t k = 0; k < n; ++k) {
+      std::string plain(n, 'a'), text = plain;
+      text.replace(k, 1, "\\n");
+      plain[k] = '\n';
+      EXPECT_EQ(json_loads("\"" + text + "\"").str(), plain) << n << " " << k;
+      std::string raw = "\"" + std::string(n, 'a') + "\"";
+      raw[1 + k] = '\x01';
+      try {
+        json_loads(raw);
+        ADD_FAILURE() << n << " " << k;
+      } catch (const qforge::InvalidArgument& e) {
+        EXPECT_EQ(std::string(e.what()), "invalid JSON: control character in string at offset " + std::to_string(k + 2));
+      }
+      std::string accented = std::string(k, 'a') + "é" + std::string(n - k, 'a');
+      DumpOptions ascii;
+      ascii.ensure_ascii = true;
+      EXPECT_EQ(json_dumps(Value(accented), ascii), "\"" + std::string(k, 'a') + "\\u00e9" + std::string(n - k, 'a') + "\"");
+      EXPECT_EQ(json_loads(json_dumps(Value(accented), ascii)).str(), accented);
+      EXPECT_EQ(json_loads("\"" + accented + "\"").str(), accented);  // bytes from 0x80 up are plain when reading
+    }
+}
+
 TEST(ChatValue, DeepCopySharesNothing) {
   Value v = json_loads(R"([{"a": [1, "x", {"b": null}]}, "s"])");
   Value c = deep_copy(v);
