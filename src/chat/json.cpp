@@ -2,6 +2,7 @@
 #include "qforge/chat/value.hpp"
 
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <charconv>
 #include <cmath>
@@ -190,6 +191,20 @@ std::string json_dumps(const Value& v, const DumpOptions& o) {
 
 // --------------------------------------------------------------- json.loads
 namespace {
+// The value of each hex digit; 0xFF for bytes that are not one.
+constexpr std::array<uint8_t, 256> kHexValue = [] {
+  std::array<uint8_t, 256> v{};
+  v.fill(0xFF);
+  for (int c = 0; c < 10; ++c) v['0' + c] = static_cast<uint8_t>(c);
+  for (int c = 0; c < 6; ++c) v['a' + c] = v['A' + c] = static_cast<uint8_t>(10 + c);
+  return v;
+}();
+constexpr std::array<int8_t, 256> kNoKeys = [] {
+  std::array<int8_t, 256> v{};
+  v.fill(-1);
+  return v;
+}();
+
 struct JsonReader {
   std::string_view t;
   size_t p = 0;
@@ -205,45 +220,41 @@ struct JsonReader {
     if (p + 4 > t.size()) fail("truncated \\u escape");
     uint32_t v = 0;
     for (int k = 0; k < 4; ++k) {
-      char c = t[p++];
-      v <<= 4;
-      if (c >= '0' && c <= '9') v |= c - '0';
-      else if (c >= 'a' && c <= 'f') v |= c - 'a' + 10;
-      else if (c >= 'A' && c <= 'F') v |= c - 'A' + 10;
-      else fail("bad \\u escape");
+      uint8_t d = kHexValue[static_cast<unsigned char>(t[p++])];
+      if (d == 0xFF) fail("bad \\u escape");
+      v = v << 4 | d;
     }
     return v;
   }
+
+  // The string whose opening quote is at t[p]; leaves p past its closing quote.
   std::string string() {
-    ++p;  // opening quote
-    size_t run = p;
+    size_t start = ++p;
     p = plain_run(t, p, false);
-    if (p < t.size() && t[p] == '"') {  // no escapes: one copy
-      std::string s(t.data() + run, p - run);
-      ++p;
-      return s;
-    }
-    std::string s(t.data() + run, p - run);
+    if (p < t.size() && t[p] == '"') return std::string(t.substr(start, p++ - start));  // no escapes: one copy
+    return escaped_string(start);
+  }
+  // A string that opened at t[start] and has an escape (or an error) at t[p]:
+  // decoded into `scratch`, which keeps its capacity from string to string,
+  // then copied out at its exact size (no regrowth of the result).
+  std::string scratch;
+  std::string escaped_string(size_t start) {
+    scratch.assign(t.data() + start, p - start);
     while (true) {
-      if (p >= t.size()) fail("unterminated string");
-      run = p;
-      p = plain_run(t, p, false);
-      s.append(t.data() + run, p - run);
       if (p >= t.size()) fail("unterminated string");
       char c = t[p++];
       if (c == '"') break;
       if (static_cast<unsigned char>(c) < 0x20) fail("control character in string");
       if (p >= t.size()) fail("unterminated string");
-      char e = t[p++];
-      switch (e) {
-        case '"': s += '"'; break;
-        case '\\': s += '\\'; break;
-        case '/': s += '/'; break;
-        case 'b': s += '\b'; break;
-        case 'f': s += '\f'; break;
-        case 'n': s += '\n'; break;
-        case 'r': s += '\r'; break;
-        case 't': s += '\t'; break;
+      switch (t[p++]) {
+        case '"': scratch += '"'; break;
+        case '\\': scratch += '\\'; break;
+        case '/': scratch += '/'; break;
+        case 'b': scratch += '\b'; break;
+        case 'f': scratch += '\f'; break;
+        case 'n': scratch += '\n'; break;
+        case 'r': scratch += '\r'; break;
+        case 't': scratch += '\t'; break;
         case 'u': {
           uint32_t cp = hex4();
           if (cp >= 0xD800 && cp < 0xDC00 && p + 1 < t.size() && t[p] == '\\' && t[p + 1] == 'u') {
@@ -251,16 +262,20 @@ struct JsonReader {
             p += 2;
             uint32_t lo = hex4();
             if (lo >= 0xDC00 && lo < 0xE000) cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
-            else p = save;
+            else p = save;  // a lone high surrogate; the next escape is read on its own
           }
-          utf8_append(s, cp);
+          utf8_append(scratch, cp);
           break;
         }
         default: --p; fail("invalid escape");
       }
+      size_t run = p;
+      p = plain_run(t, p, false);
+      scratch.append(t.data() + run, p - run);
     }
-    return s;
+    return scratch;
   }
+
   Value number() {
     size_t start = p;
     bool is_float = false;
@@ -296,23 +311,65 @@ struct JsonReader {
     if (r.ec == std::errc::result_out_of_range) d = std::strtod(std::string(num).c_str(), nullptr);  // inf or 0, as Python
     return Value(d);
   }
-  bool lit(const char* w) {
-    size_t n = std::strlen(w);
-    if (t.substr(p, n) == w) {
-      p += n;
-      return true;
-    }
-    return false;
+  bool lit(std::string_view w) {
+    if (t.substr(p, w.size()) != w) return false;
+    p += w.size();
+    return true;
   }
+
   // Object keys repeat ("role", "content", ...): one Value per distinct
-  // short key within a document, as CPython's decoder memoises keys.
-  std::vector<Value> keys;
-  Value key(std::string k) {
-    if (k.size() > 32) return Value(std::move(k));
-    for (auto& v : keys)
-      if (v.str() == k) return v;
-    Value v(std::move(k));
-    if (keys.size() < 64) keys.push_back(v);
+  // short key within a document, as CPython's decoder memoises keys. A
+  // memoised key is recognised in the text (compared with the keys that start
+  // with its first byte) before any scan or string; its slot lets an object
+  // tell a repeat by one bit.
+  static constexpr size_t kMemoKeyBytes = 32, kMemoKeys = 64;
+  struct Memo {
+    std::string_view bytes;  // the key's own string
+    Value key;
+    int next;  // the next key in its first byte's chain, -1 at the end
+  };
+  std::vector<Memo> keys;
+  std::array<int8_t, 256> first_key = kNoKeys;  // by first byte (the closing quote for ""): a chain head, -1 if none
+
+  Value key(int& slot) {  // t[p] is the opening quote; slot: the key's memo slot, -1 if none
+    size_t start = p + 1;
+    if (start < t.size())
+      for (int j = first_key[static_cast<unsigned char>(t[start])]; j >= 0; j = keys[j].next) {
+        std::string_view b = keys[j].bytes;
+        size_t end = start + b.size();
+        if (end < t.size() && t[end] == '"' && same_bytes(t.data() + start, b.data(), b.size())) {
+          p = end + 1;
+          slot = j;
+          return keys[j].key;
+        }
+      }
+    slot = -1;
+    size_t end = plain_run(t, start, false);
+    if (end < t.size() && t[end] == '"') {  // no escapes: not memoised, or the chain would have held it
+      p = end + 1;
+      return remember(Value(t.substr(start, end - start)), slot);
+    }
+    p = end;
+    std::string k = escaped_string(start);
+    if (k.size() <= kMemoKeyBytes)
+      for (size_t j = 0; j < keys.size(); ++j)
+        if (same_string(keys[j].bytes, k)) {
+          slot = static_cast<int>(j);
+          return keys[j].key;
+        }
+    return remember(Value(std::move(k)), slot);
+  }
+  Value remember(Value v, int& slot) {
+    std::string_view b = v.str();
+    if (b.size() > kMemoKeyBytes || keys.size() >= kMemoKeys) return v;
+    slot = static_cast<int>(keys.size());
+    int next = -1;
+    if (plain_run(b, 0, false) == b.size()) {  // found in the text only if no byte of it would end or escape a string there
+      int8_t& head = first_key[b.empty() ? '"' : static_cast<unsigned char>(b[0])];
+      next = head;
+      head = static_cast<int8_t>(slot);
+    }
+    keys.push_back({b, v, next});
     return v;
   }
 
@@ -322,86 +379,100 @@ struct JsonReader {
   std::vector<std::pair<Value, Value>> pairs_stack;
   static constexpr size_t kScanKeys = 16;  // objects with more keys find repeats through a hash index
 
-  Value value() {
-    if (++depth > 1000) fail("nesting too deep");
+  Value object() {  // t[p] is '{'
+    ++p;
+    size_t base = pairs_stack.size();
+    std::unordered_map<std::string_view, size_t> index;  // key -> place, once the object has many keys
+    uint64_t seen = 0;                                   // memo slots of the keys so far
     ws();
-    if (p >= t.size()) fail("expecting value");
-    Value out;
-    char c = t[p];
-    if (c == '{') {
-      ++p;
-      size_t base = pairs_stack.size();
-      std::unordered_map<std::string_view, size_t> index;  // key -> place, once the object has many keys
-      ws();
-      if (p < t.size() && t[p] == '}') ++p;
-      else {
-        while (true) {
-          ws();
-          if (p >= t.size() || t[p] != '"') fail("expecting property name enclosed in double quotes");
-          Value k = key(string());
-          ws();
-          if (p >= t.size() || t[p] != ':') fail("expecting ':' delimiter");
-          ++p;
-          Value v = value();
-          // a repeated key keeps its first place and takes the last value, as in Python;
-          // found by a scan while the object is small, through `index` after (no quadratic parse)
-          size_t i = base;
+    if (p < t.size() && t[p] == '}') ++p;
+    else {
+      while (true) {
+        ws();
+        if (p >= t.size() || t[p] != '"') fail("expecting property name enclosed in double quotes");
+        int slot;
+        Value k = key(slot);
+        ws();
+        if (p >= t.size() || t[p] != ':') fail("expecting ':' delimiter");
+        ++p;
+        Value v = value();
+        // a repeated key keeps its first place and takes the last value, as in Python; a
+        // memoised key equals no other key, so only an unseen slot is known new without a
+        // search: a scan while the object is small, through `index` after (no quadratic parse)
+        size_t i = pairs_stack.size();
+        if (slot < 0 || (seen >> slot & 1)) {
           if (pairs_stack.size() - base < kScanKeys) {
+            i = base;
             while (i < pairs_stack.size() && pairs_stack[i].first.identity() != k.identity() &&
-                   pairs_stack[i].first.str() != k.str())
+                   !same_string(pairs_stack[i].first.str(), k.str()))
               ++i;
           } else {
             if (index.empty())
               for (size_t j = base; j < pairs_stack.size(); ++j) index.emplace(pairs_stack[j].first.str(), j);
             auto it = index.find(k.str());
-            i = it == index.end() ? pairs_stack.size() : it->second;
+            if (it != index.end()) i = it->second;
           }
-          if (i < pairs_stack.size()) {
-            pairs_stack[i].second = std::move(v);
-          } else {
-            pairs_stack.emplace_back(std::move(k), std::move(v));
-            if (!index.empty()) index.emplace(pairs_stack.back().first.str(), pairs_stack.size() - 1);
-          }
-          ws();
-          if (p < t.size() && t[p] == ',') { ++p; continue; }
-          if (p < t.size() && t[p] == '}') { ++p; break; }
-          fail("expecting ',' delimiter");
         }
-      }
-      Dict d;
-      d.items.assign(std::make_move_iterator(pairs_stack.begin() + static_cast<ptrdiff_t>(base)),
-                     std::make_move_iterator(pairs_stack.end()));
-      pairs_stack.resize(base);
-      out = Value(std::move(d));
-    } else if (c == '[') {
-      ++p;
-      size_t base = items_stack.size();
-      ws();
-      if (p < t.size() && t[p] == ']') ++p;
-      else {
-        while (true) {
-          items_stack.push_back(value());
-          ws();
-          if (p < t.size() && t[p] == ',') { ++p; continue; }
-          if (p < t.size() && t[p] == ']') { ++p; break; }
-          fail("expecting ',' delimiter");
+        if (slot >= 0) seen |= uint64_t{1} << slot;
+        if (i < pairs_stack.size()) {
+          pairs_stack[i].second = std::move(v);
+        } else {
+          pairs_stack.emplace_back(std::move(k), std::move(v));
+          if (!index.empty()) index.emplace(pairs_stack.back().first.str(), pairs_stack.size() - 1);
         }
+        ws();
+        if (p < t.size() && t[p] == ',') { ++p; continue; }
+        if (p < t.size() && t[p] == '}') { ++p; break; }
+        fail("expecting ',' delimiter");
       }
-      List l(std::make_move_iterator(items_stack.begin() + static_cast<ptrdiff_t>(base)),
-             std::make_move_iterator(items_stack.end()));
-      items_stack.resize(base);
-      out = Value(std::move(l));
-    } else if (c == '"') {
-      out = Value(string());
-    } else if (lit("true")) out = Value(true);
-    else if (lit("false")) out = Value(false);
-    else if (lit("null")) out = Value();
-    else if (lit("NaN")) out = Value(std::nan(""));
-    else if (lit("Infinity")) out = Value(HUGE_VAL);
-    else if (lit("-Infinity")) out = Value(-HUGE_VAL);
-    else out = number();
-    --depth;
-    return out;
+    }
+    Dict d;
+    d.items.assign(std::make_move_iterator(pairs_stack.begin() + static_cast<ptrdiff_t>(base)),
+                   std::make_move_iterator(pairs_stack.end()));
+    pairs_stack.resize(base);
+    return Value(std::move(d));
+  }
+
+  Value array() {  // t[p] is '['
+    ++p;
+    size_t base = items_stack.size();
+    ws();
+    if (p < t.size() && t[p] == ']') ++p;
+    else {
+      while (true) {
+        items_stack.push_back(value());
+        ws();
+        if (p < t.size() && t[p] == ',') { ++p; continue; }
+        if (p < t.size() && t[p] == ']') { ++p; break; }
+        fail("expecting ',' delimiter");
+      }
+    }
+    List l(std::make_move_iterator(items_stack.begin() + static_cast<ptrdiff_t>(base)),
+           std::make_move_iterator(items_stack.end()));
+    items_stack.resize(base);
+    return Value(std::move(l));
+  }
+
+  Value value() {
+    if (++depth > 1000) fail("nesting too deep");
+    struct Leave {
+      int& depth;
+      ~Leave() { --depth; }
+    } leave{depth};  // after the value is built in place (returned prvalues are never moved)
+    ws();
+    if (p >= t.size()) fail("expecting value");
+    switch (t[p]) {  // a literal that does not match is read as a number, which names the error
+      case '{': return object();
+      case '[': return array();
+      case '"': return Value(string());
+      case 't': return lit("true") ? Value(true) : number();
+      case 'f': return lit("false") ? Value(false) : number();
+      case 'n': return lit("null") ? Value() : number();
+      case 'N': return lit("NaN") ? Value(std::nan("")) : number();
+      case 'I': return lit("Infinity") ? Value(HUGE_VAL) : number();
+      case '-': return lit("-Infinity") ? Value(-HUGE_VAL) : number();
+      default: return number();
+    }
   }
 };
 }  // namespace

@@ -133,6 +133,64 @@ TEST(ChatValue, JsonStringsAtEveryOffsetOfTheScan) {
     }
 }
 
+TEST(ChatValue, JsonEscapesAndErrorsAsPython) {
+  EXPECT_EQ(json_loads(R"("\"\\\/\b\f\n\r\t")").str(), "\"\\/\b\f\n\r\t");
+  EXPECT_EQ(json_loads(R"("caf\u00e9 \u65e5\u672C \ud83d\ude80!")").str(), "café 日本 🚀!");
+  // lone surrogates keep their 3-byte form, as Python's str holds them
+  EXPECT_EQ(json_loads(R"("\ud83dA\udc00")").str(), "\xed\xa0\xbd" "A\xed\xb0\x80");
+  EXPECT_EQ(json_loads(R"("\ud83d\u0041")").str(), "\xed\xa0\xbd" "A");
+  std::string long_escaped;  // longer than any string before it: the decoded text is copied out whole
+  for (int i = 0; i < 200; ++i) long_escaped += "x\\u00e9\\\"";
+  std::string long_plain;
+  for (int i = 0; i < 200; ++i) long_plain += "xé\"";
+  EXPECT_EQ(json_loads("[\"\\n\", \"" + long_escaped + "\", \"\\t\"]").list()[1].str(), long_plain);
+  const std::pair<const char*, const char*> errors[] = {
+      {R"("ab\q")", "invalid escape at offset 4"},
+      {R"("\u12")", "truncated \\u escape at offset 3"},
+      {R"("\u12g4")", "bad \\u escape at offset 6"},
+      {R"("\ud83d\uzz12")", "bad \\u escape at offset 10"},
+      {R"("abc)", "unterminated string at offset 4"},
+      {R"("a\)", "unterminated string at offset 3"},
+      {R"({"a" 1})", "expecting ':' delimiter at offset 5"},
+      {R"({"a":1,})", "expecting property name enclosed in double quotes at offset 7"},
+      {"[1,]", "expecting value at offset 3"},
+      {"tru", "expecting value at offset 0"},
+      {"-Inf", "expecting value at offset 1"},
+      {"[1] 2", "extra data at offset 4"},
+  };
+  for (auto& [text, error] : errors) {
+    try {
+      json_loads(text);
+      ADD_FAILURE() << text;
+    } catch (const qforge::InvalidArgument& e) {
+      EXPECT_EQ(std::string(e.what()), std::string("invalid JSON: ") + error) << text;
+    }
+  }
+  // a value may sit 1000 levels deep, not 1001
+  EXPECT_EQ(json_loads(std::string(999, '[') + "1" + std::string(999, ']')).list().size(), 1u);
+  EXPECT_THROW(json_loads(std::string(1000, '[') + "1" + std::string(1000, ']')), qforge::InvalidArgument);
+  EXPECT_EQ(json_loads(std::string(1000, '[') + std::string(1000, ']')).list().size(), 1u);
+}
+
+TEST(ChatValue, JsonKeysAreSharedAndRepeatsTakeTheLastValue) {
+  // one Value per distinct key, escaped or not (as CPython's memo); a repeat keeps its first place
+  Value v = json_loads(R"([{"role": 1, "content": 2}, {"content": 3, "r\u006fle": 4, "role": 5, "": 6, "": 7},
+                           {"a\"b": 8, "a": 9, "a\u0022b": 10, "\\": 11, "\u005c": 12}])");
+  auto& l = v.list();
+  EXPECT_EQ(json_dumps(v), R"([{"role": 1, "content": 2}, {"content": 3, "role": 5, "": 7}, {"a\"b": 10, "a": 9, "\\": 12}])");
+  EXPECT_EQ(l[0].dict_ref().items[0].first.identity(), l[1].dict_ref().items[1].first.identity());
+  EXPECT_EQ(l[0].dict_ref().items[1].first.identity(), l[1].dict_ref().items[0].first.identity());
+  // 70 distinct keys: past the 64 memoised, repeats are still found
+  std::string many = "{";
+  for (int i = 0; i < 70; ++i) many += "\"k" + std::to_string(i) + "\": " + std::to_string(i) + ", ";
+  for (int i = 0; i < 70; i += 3) many += "\"k" + std::to_string(i) + "\": -1, ";
+  many += "\"" + std::string(40, 'L') + "\": 1, \"" + std::string(40, 'L') + "\": 2}";
+  Value d = json_loads(many);
+  ASSERT_EQ(d.dict_ref().items.size(), 71u);
+  for (int i = 0; i < 70; ++i) EXPECT_EQ(d.get("k" + std::to_string(i))->as_int(), i % 3 ? i : -1) << i;
+  EXPECT_EQ(d.get(std::string(40, 'L'))->as_int(), 2);
+}
+
 TEST(ChatValue, DeepCopySharesNothing) {
   Value v = json_loads(R"([{"a": [1, "x", {"b": null}]}, "s"])");
   Value c = deep_copy(v);
