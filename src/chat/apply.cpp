@@ -264,6 +264,23 @@ std::vector<ChatRendered> apply_chat_template_batch(const Template& tmpl, const 
       threads);
 }
 
+namespace {
+// The closing quote of the JSON string whose content starts at t[p] (t.size()
+// when there is none): the next '"' that an odd run of backslashes does not
+// escape. memchr finds quotes many bytes at a time; escapes elsewhere in the
+// string cost nothing here (each conversation's own parse reads them).
+size_t string_end(std::string_view t, size_t p) {
+  for (size_t from = p;;) {
+    const void* q = std::memchr(t.data() + from, '"', t.size() - from);
+    if (!q) return t.size();
+    size_t at = static_cast<size_t>(static_cast<const char*>(q) - t.data()), slashes = 0;
+    while (at - slashes > p && t[at - slashes - 1] == '\\') ++slashes;
+    if (slashes % 2 == 0) return at;
+    from = at + 1;
+  }
+}
+}  // namespace
+
 std::vector<ChatRendered> apply_chat_template_batch_json(const Template& tmpl, const ChatRequest& shared,
                                                          std::string_view conversations_json, const RenderOptions& opt,
                                                          int threads) {
@@ -284,15 +301,9 @@ std::vector<ChatRendered> apply_chat_template_batch_json(const Template& tmpl, c
       ws();
       size_t start = p;
       int depth = 0;
-      bool in_str = false;
       for (; p < t.size(); ++p) {
         char c = t[p];
-        if (in_str) {
-          if (c == '\\') ++p;
-          else if (c == '"') in_str = false;
-          continue;
-        }
-        if (c == '"') in_str = true;
+        if (c == '"') p = string_end(t, p + 1);
         else if (c == '[' || c == '{') ++depth;
         else if (c == ']' || c == '}') {
           if (depth == 0) break;

@@ -326,6 +326,38 @@ TEST(ChatEngine, BatchFromJsonEqualsSingleRenders) {
     EXPECT_THROW(apply_chat_template_batch_json(t, shared, bad), qforge::InvalidArgument) << bad;
 }
 
+TEST(ChatEngine, BatchFromJsonSplitsOnlyOutsideStrings) {
+  // brackets, commas and quotes inside strings, after runs of backslashes of both parities
+  Template t("{% for m in messages %}{{ m.content }}|{% endfor %}");
+  const char* contents[] = {R"(],[)", R"(a\\)", R"(\\\"],[\"\\)", R"(\\\\)", R"(\")", "", R"(x\"y\\\\\"z)"};
+  std::string json = "[";
+  std::vector<std::string> expected;
+  for (const char* c : contents) {
+    json += std::string(json.size() > 1 ? "," : "") + R"([{"role":"user","content":")" + c + R"("}])";
+    expected.push_back(json_loads(std::string("\"") + c + "\"").str() + "|");
+  }
+  json += "]";
+  for (int threads : {1, 2}) {
+    auto out = apply_chat_template_batch_json(t, ChatRequest{}, json, {}, threads);
+    ASSERT_EQ(out.size(), expected.size());
+    for (size_t i = 0; i < out.size(); ++i) EXPECT_EQ(out[i].text, expected[i]) << i;
+  }
+  const std::pair<std::string, std::string> errors[] = {
+      {R"([[{"content": "a\"}]])", "invalid JSON: unterminated conversations list"},
+      {R"([[{"content": "a\\"}]] x)", "invalid JSON: extra data after the conversations list at offset 23"},
+      {R"([[{"content": "\\\"], [{}]]")", "invalid JSON: unterminated conversations list"},
+      {"{}", "conversations must be a JSON list of message lists"},
+  };
+  for (auto& [text, error] : errors) {
+    try {
+      apply_chat_template_batch_json(t, ChatRequest{}, text);
+      ADD_FAILURE() << text;
+    } catch (const qforge::InvalidArgument& e) {
+      EXPECT_EQ(std::string(e.what()), error) << text;
+    }
+  }
+}
+
 TEST(ChatEngine, BatchFromJsonNamesTheConversationThatFails) {
   // each conversation is parsed by the thread that renders it: the error names its index
   Template t("{% for m in messages %}{{ m.role }}: {{ m.content }}{% endfor %}");
