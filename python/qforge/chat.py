@@ -12,6 +12,7 @@ import bisect
 import inspect
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -19,10 +20,24 @@ from .ops import chat as chat_ops
 from .ops.chat import TemplateError  # re-exported: the error of every template call
 
 
+# JSON for the engine: ASCII-escaped (Python's encoder is twice as fast so) and compact.
+_ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
+# Without the circular check (a dict entry per container): a cycle recurses to
+# RecursionError, then the checked encoder names it. Before Python 3.12 the
+# recursion limit also bounds the encoder's native stack (about 100 bytes a
+# level), so a raised limit keeps the check.
+_UNCHECKED_ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), check_circular=False)
+_UNCHECKED_MAX_RECURSION_LIMIT = 10_000
+
+
 def engine_json(obj: Any) -> bytes:
-    """`obj` as the JSON the C++ engine reads (qforge.ops.chat), ASCII-escaped: Python's encoder
-    is twice as fast that way."""
-    return json.dumps(obj, ensure_ascii=True, allow_nan=True).encode("ascii")
+    """`obj` as the JSON the C++ engine reads (qforge.ops.chat): ASCII-escaped, compact."""
+    if sys.version_info >= (3, 12) or sys.getrecursionlimit() <= _UNCHECKED_MAX_RECURSION_LIMIT:
+        try:
+            return _UNCHECKED_ENCODER.encode(obj).encode("ascii")
+        except RecursionError:
+            pass  # circular or too deep: the checked encoder says which
+    return _ENCODER.encode(obj).encode("ascii")
 
 
 def tool_schema(tool: dict | Callable) -> dict:
@@ -125,7 +140,10 @@ class ChatTemplate:
             "continue_final_message": continue_final_message,
             **kwargs,
         }
-        convs = engine_json([list(c) for c in conversations])
+        convs = conversations if isinstance(conversations, (list, tuple)) else list(conversations)
+        if not all(isinstance(c, (list, tuple)) for c in convs):  # other sequences: copied into lists
+            convs = [list(c) for c in convs]
+        convs = engine_json(convs)
         return chat_ops.split_batch(*chat_ops.apply_batch_raw(self._handle, engine_json(shared), convs, len(conversations),
                                                               now, threads))
 

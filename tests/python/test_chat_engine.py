@@ -4,9 +4,13 @@ transformers' own _compile_jinja_template), outputs or failures compared."""
 from __future__ import annotations
 
 import random
-from collections import OrderedDict
+import subprocess
+import sys
+import textwrap
+from collections import OrderedDict, UserList
 
 import pytest
+from conftest import child_env
 
 from qforge.chat import ChatTemplate, TemplateError, json_dumps
 
@@ -249,8 +253,43 @@ def test_batch_of_random_values_equals_jinja2(seed):
 def test_batch_takes_any_sequence_and_dict_subclasses():
     convs = ((OrderedDict(role="user", content="hi"),), [{"role": "user", "content": "yo"}])
     assert ChatTemplate("{{ messages[0].content }}").apply_batch(convs) == ["hi", "yo"]
+    # sequences JSON has no list for are read into lists first, outside and in
+    convs = UserList([convs[1], UserList([{"role": "user", "content": "ok"}])])
+    assert ChatTemplate("{{ messages[0].content }}").apply_batch(convs) == ["yo", "ok"]
 
 
 def test_batch_refuses_values_json_cannot_carry():
     with pytest.raises(TypeError, match="bytes is not JSON serializable"):
         ChatTemplate("{{ messages }}").apply_batch([[{"role": "user", "content": b"bytes"}]])
+
+
+def test_a_circular_value_is_named_and_a_too_deep_one_refused():
+    # values are encoded without json's circular check; a cycle must still be its ValueError
+    msg = {"role": "user", "content": []}
+    msg["content"].append(msg)
+    with pytest.raises(ValueError, match="Circular reference detected"):
+        ChatTemplate("{{ messages }}").apply_batch([[msg]])
+    with pytest.raises(ValueError, match="Circular reference detected"):
+        ChatTemplate("{{ messages }}").apply([msg])
+    deep = []
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(RecursionError):
+        ChatTemplate("{{ messages }}").apply_batch([[{"role": "user", "content": deep}]])
+
+
+def test_a_circular_value_is_named_under_a_raised_recursion_limit():
+    # before Python 3.12 the encoder would follow the cycle that deep on the native stack, and crash
+    code = textwrap.dedent("""
+        import sys
+        sys.setrecursionlimit(1_000_000)
+        from qforge.chat import ChatTemplate
+        msg = {"role": "user", "content": []}
+        msg["content"].append(msg)
+        try:
+            ChatTemplate("{{ messages }}").apply_batch([[msg]])
+        except ValueError as e:
+            print(e)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout.strip()) == (0, "Circular reference detected"), proc.stderr[-2000:]
