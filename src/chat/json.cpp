@@ -205,10 +205,44 @@ constexpr std::array<int8_t, 256> kNoKeys = [] {
   return v;
 }();
 
+// A memoised object key: its bytes (the key's own string) and its Value.
+struct Memo {
+  std::string_view bytes;
+  Value key;
+  int next;  // the next key in its first byte's chain, -1 at the end
+};
+
+// A read's working space, kept per thread from document to document (a batch
+// reads one per conversation), so its buffers grow once rather than in every
+// read. A read calls nothing that reads JSON: one per thread at a time.
+struct Space {
+  static constexpr size_t kKeepBytes = 1 << 16, kKeepItems = 1 << 12;  // past these a buffer is not kept
+  std::string scratch;                         // an escaped string being decoded
+  std::vector<Memo> keys;                      // the document's memoised keys
+  std::vector<Value> items;                    // children of the arrays being read
+  std::vector<std::pair<Value, Value>> pairs;  // children of the objects being read
+
+  static Space& mine() {
+    thread_local Space s;
+    return s;
+  }
+  // Empties it after a read (also one that failed): the values go with the document.
+  void release() {
+    keys.clear();
+    items.clear();
+    pairs.clear();
+    if (scratch.capacity() > kKeepBytes) std::string().swap(scratch);
+    if (items.capacity() > kKeepItems) std::vector<Value>().swap(items);
+    if (pairs.capacity() > kKeepItems) std::vector<std::pair<Value, Value>>().swap(pairs);
+  }
+};
+
 struct JsonReader {
   std::string_view t;
   size_t p = 0;
+  Space& space = Space::mine();
   int depth = 0;
+  ~JsonReader() { space.release(); }
 
   [[noreturn]] void fail(const char* what) {
     throw InvalidArgument(detail::concat("invalid JSON: ", what, " at offset ", p));
@@ -237,7 +271,7 @@ struct JsonReader {
   // A string that opened at t[start] and has an escape (or an error) at t[p]:
   // decoded into `scratch`, which keeps its capacity from string to string,
   // then copied out at its exact size (no regrowth of the result).
-  std::string scratch;
+  std::string& scratch = space.scratch;
   std::string escaped_string(size_t start) {
     scratch.assign(t.data() + start, p - start);
     while (true) {
@@ -323,12 +357,7 @@ struct JsonReader {
   // with its first byte) before any scan or string; its slot lets an object
   // tell a repeat by one bit.
   static constexpr size_t kMemoKeyBytes = 32, kMemoKeys = 64;
-  struct Memo {
-    std::string_view bytes;  // the key's own string
-    Value key;
-    int next;  // the next key in its first byte's chain, -1 at the end
-  };
-  std::vector<Memo> keys;
+  std::vector<Memo>& keys = space.keys;
   std::array<int8_t, 256> first_key = kNoKeys;  // by first byte (the closing quote for ""): a chain head, -1 if none
 
   Value key(int& slot) {  // t[p] is the opening quote; slot: the key's memo slot, -1 if none
@@ -375,8 +404,8 @@ struct JsonReader {
 
   // Children of the containers being parsed; each container takes its
   // exact range at the end (one allocation, no regrowth).
-  std::vector<Value> items_stack;
-  std::vector<std::pair<Value, Value>> pairs_stack;
+  std::vector<Value>& items_stack = space.items;
+  std::vector<std::pair<Value, Value>>& pairs_stack = space.pairs;
   static constexpr size_t kScanKeys = 16;  // objects with more keys find repeats through a hash index
 
   Value object() {  // t[p] is '{'
