@@ -826,11 +826,13 @@ def _stack_owner(model: nn.Module, layers: list) -> Optional[nn.Module]:
 FUSED_LAYER_SETTINGS = ("auto", "on", "off")
 
 
-def wanted(setting: str, device: torch.device, checkpointing: bool, compiled: bool) -> tuple[bool, str]:
+def wanted(setting: str, device: torch.device, checkpointing: bool, compiled: bool,
+           distributed: bool = False) -> tuple[bool, str]:
     """Whether a training run uses fused layers (``qforge train --fused-layers``), and why.
-    auto: on CUDA, with checkpointing, not compiled (one process or under torchrun: FSDP2's hooks
-    gather each layer around its fused forward and backward). on: wherever it can run (any device;
-    refused with --compile). off: never."""
+    auto: on CUDA, with checkpointing, not compiled, in one process. Under torchrun FSDP2's hooks
+    gather each fused layer (tested over gloo), but auto waits for a multi-GPU run to confirm it:
+    ``on`` turns them on there. on: wherever it can run (any device; refused with --compile).
+    off: never."""
     if setting not in FUSED_LAYER_SETTINGS:
         raise ValueError(f"fused layers: expected one of {', '.join(FUSED_LAYER_SETTINGS)}, got {setting!r}")
     if setting == "off":
@@ -846,6 +848,8 @@ def wanted(setting: str, device: torch.device, checkpointing: bool, compiled: bo
         return False, f"auto: on CUDA only (this run is on {device.type})"
     if not checkpointing:
         return False, "auto: gradient checkpointing is off"
+    if distributed:
+        return False, "auto: off under torchrun until measured on GPUs (--fused-layers on turns them on)"
     return True, "auto"
 
 

@@ -270,7 +270,7 @@ def prepare(args: TrainArgs) -> TrainingRun:
 
     device = dctx.device if dctx else torch.device(args.device) if args.device else default_device()
     checkpointing = args.gradient_checkpointing if args.gradient_checkpointing is not None else args.model is not None
-    fused = decoder.wanted(args.fused_layers, device, checkpointing, args.compile)[0]
+    fused = decoder.wanted(args.fused_layers, device, checkpointing, args.compile, distributed=dctx is not None)[0]
     if args.dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
@@ -800,7 +800,8 @@ def add_cli(subparsers) -> None:
     a("--tile-tokens", type=int, help="run MLPs and RMSNorms over tiles of this many tokens (long context)")
     a("--fused-layers", choices=("auto", "on", "off"),
       help="decoder layers with a hand-written backward that re-runs only part of the layer (qforge.decoder; "
-           "auto: on CUDA with gradient checkpointing, under torchrun too; not with --compile)")
+           "auto: on CUDA with gradient checkpointing in one process; under torchrun only with on; "
+           "not with --compile)")
     a("--skip-long", action="store_true", default=None, help="skip conversations longer than max-seq-length")
     a("--stop-after", type=int, help="checkpoint and stop at this step (resume later)")
     a("--compile", action="store_true", default=None,

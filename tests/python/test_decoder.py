@@ -413,7 +413,9 @@ def test_qforge_train_with_fused_layers_trains_like_checkpointing(tmp_path, caps
 
 def test_when_training_uses_fused_layers():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert decoder.wanted("auto", cuda, True, False) == (True, "auto")  # one process or under torchrun
+    assert decoder.wanted("auto", cuda, True, False) == (True, "auto")  # one process
+    assert not decoder.wanted("auto", cuda, True, False, distributed=True)[0]  # torchrun: on, not auto, until measured
+    assert decoder.wanted("on", cuda, True, False, distributed=True)[0]
     assert not decoder.wanted("auto", cpu, True, False)[0]
     assert not decoder.wanted("auto", cuda, False, False)[0]
     assert "compile" in decoder.wanted("auto", cuda, True, True)[1]
