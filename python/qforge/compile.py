@@ -11,7 +11,8 @@ number of trained tokens) are symbols, while parameter shapes stay static. Varie
 do not recompile (marking only the tensor dimensions dynamic cost a second compilation, for the
 integers). ``CompileWatch`` counts the compilations, sums the time spent compiling (forward graphs
 and the lazily compiled backward) and keeps each recompilation's reason, which torch also logs
-(its ``recompiles`` log is switched on, the rest of TORCH_LOGS left as it is).
+(its ``recompiles`` log is switched on, the rest of TORCH_LOGS left as it is). ``eager_modules()``
+runs what was compiled eagerly again, for the generation that closes a run.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["CompileWatch", "compile_for_training"]
+__all__ = ["CompileWatch", "compile_for_training", "eager_modules"]
 
 # the logger torch's guards write recompilation reasons to (torch._logging's "recompiles" artifact)
 _RECOMPILES_LOGGER = "torch._dynamo.guards.__recompiles"
@@ -139,3 +140,12 @@ def compile_for_training(model: torch.nn.Module, backend: str = "inductor") -> C
             # its bound forward, not Module.compile, which would trace _call_impl and FSDP2's hooks in it
             layer.forward = torch.compile(layer.forward, fullgraph=True, dynamic=True, backend=backend)
     return watch
+
+
+def eager_modules():
+    """A context in which what ``compile_for_training`` compiled (the whole model, or each decoder
+    layer) runs as the eager modules. Generation after training has new shapes, no grad and a KV
+    cache: through the training graphs it would recompile (costing compile time, and counting
+    against the recompile limit) rather than reuse them. torch's "force_eager" stance skips every
+    ``torch.compile`` inside it and leaves the compiled graphs in place for later."""
+    return torch.compiler.set_stance("force_eager")

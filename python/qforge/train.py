@@ -559,12 +559,15 @@ def train(args: TrainArgs | None = None, **overrides) -> dict:
         atomic_write_text(output / "summary.json", json.dumps(summary, indent=2))
     if args.model is None and args.data is None and not stopped_early:
         # the default job ends with qforge eval's report on held-out built-in data
+        from .compile import eager_modules
         from .data import builtin_dataset
         from .evaluate import evaluate_model, report_table
 
-        # every rank generates (FSDP2 gathers the layers); rank 0 writes
-        report = evaluate_model(model, run.tokenizer, run.template, builtin_dataset(8, seed=args.seed + 1),
-                                max_new_tokens=48)
+        # every rank generates (FSDP2 gathers the layers), through the eager modules with --compile;
+        # rank 0 writes
+        with eager_modules() if compile_watch is not None else contextlib.nullcontext():
+            report = evaluate_model(model, run.tokenizer, run.template, builtin_dataset(8, seed=args.seed + 1),
+                                    max_new_tokens=48)
         bar.write(report_table(report["metrics"], report["format"]))
         summary["eval"] = report["metrics"]
         if rank == 0:

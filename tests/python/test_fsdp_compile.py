@@ -2,8 +2,9 @@
 is compiled on its own (fullgraph=True, its gradient checkpoint inside) with FSDP2's hooks left
 outside, as torchtitan compiles under FSDP2: the losses over packed rows of varied lengths equal
 the eager FSDP2 run and one process with the same global batch, the layers share at most 3
-compilations, nothing breaks a graph, and an FSDP2 unit inside a decoder layer (its hooks would
-fall inside the graph) is refused with a message naming it."""
+compilations, nothing breaks a graph, the default job's closing eval generates through the eager
+layers, and an FSDP2 unit inside a decoder layer (its hooks would fall inside the graph) is refused
+with a message naming it."""
 from __future__ import annotations
 
 import json
@@ -89,6 +90,28 @@ def test_compiled_layers_under_fsdp2_train_like_eager_and_compile_at_most_three_
     assert log.count("--compile under FSDP2 compiles each decoder layer") == 1  # said once, by rank 0
 
 
+def test_generation_after_compiled_layers_runs_the_eager_layers(tmp_path):
+    """The default job under torchrun with --compile: every rank's closing eval compiles nothing
+    (through the layers' graphs it recompiled them for no grad and the KV cache), and its replies
+    are those of the saved adapter on one process's model, never compiled."""
+    from qforge import evaluate as E, load, load_adapter, load_tokenizer
+    from qforge import train as T
+    from qforge.data import builtin_dataset, template_for
+
+    out = tmp_path / "eval"
+    r, _ = run_two("eval", out, out)
+    assert r["regions"] == "decoder layers" and r["compilations"] >= 1  # training ran compiled
+    assert r["eval_compilations"] == [[0], [0]], r  # one eval on each rank
+    model = load(out / "base-model", dtype=torch.float32, device="cpu")
+    load_adapter(model, out / "adapter")
+    tokenizer = load_tokenizer(out / "base-model")
+    eager = E.evaluate_model(model, tokenizer, template_for(tokenizer, "llama", with_tools=True),
+                             builtin_dataset(8, seed=T.TrainArgs().seed + 1), max_new_tokens=48)
+    replies = [t["reply"] for t in json.loads((out / "eval.json").read_text())["turns"]]
+    assert len(replies) == 14 and any(replies)
+    assert replies == [t["reply"] for t in eager["turns"]]
+
+
 def test_an_fsdp_unit_inside_a_decoder_layer_is_refused(tmp_path, base_dir):
     r, _ = run_two("nested", base_dir, tmp_path / "nested")
     assert "compiles each decoder layer with FSDP2's hooks outside" in r["error"]
@@ -104,6 +127,8 @@ def _worker(mode: str, base: str, out: str) -> None:
     if mode == "nested":
         out.mkdir(parents=True, exist_ok=True)
         result = {"error": _nested_error(base)}
+    elif mode == "eval":
+        result = _default_job_eval(out)
     else:
         counters.clear()
         s = T.train(model=base, output=str(out), compile=mode == "compiled", compile_backend="aot_eager", **RUN)
@@ -114,6 +139,31 @@ def _worker(mode: str, base: str, out: str) -> None:
                   "compiled_layers": sum(1 for layer in layers if "forward" in vars(layer))}
     if int(os.environ["RANK"]) == 0:
         (out / "result.json").write_text(json.dumps(result))
+
+
+def _default_job_eval(out: Path) -> dict:
+    """The default job (its model built into ``out``), compiled, two steps: what training compiled,
+    and how many compilations each rank's closing eval made."""
+    import torch.distributed as dist
+
+    from qforge import evaluate as E
+    from qforge import train as T
+    from qforge.compile import CompileWatch
+
+    counts = []  # of each eval on this rank
+    evaluate_model = E.evaluate_model
+
+    def watched(*args, **kwargs):
+        with CompileWatch() as watch:
+            report = evaluate_model(*args, **kwargs)
+        counts.append(watch.compilations + watch.backward_compilations)
+        return report
+
+    E.evaluate_model = watched
+    s = T.train(output=str(out), compile=True, compile_backend="aot_eager", **{**RUN, "max_steps": 2})
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, counts)
+    return {**s["compile"], "eval_compilations": per_rank}
 
 
 def _nested_error(base: str) -> str:

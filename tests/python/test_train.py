@@ -299,6 +299,40 @@ def test_whole_model_compile_trains_like_eager_and_compiles_once_over_200_varied
     torch._dynamo.reset()
 
 
+def test_generation_after_compiled_training_runs_the_eager_modules(tmp_path, monkeypatch, one_thread):
+    """--compile: the default job's closing eval generates through the eager modules and compiles
+    nothing (through the training graph it compiled twice more: for no grad, then for the KV
+    cache), and its replies are those of the saved adapter on a model never compiled."""
+    from qforge import evaluate as E
+    from qforge.compile import CompileWatch
+
+    torch._dynamo.reset()
+    watches = []
+    evaluate_model = E.evaluate_model
+
+    def watched(*args, **kwargs):
+        with CompileWatch() as watch:
+            report = evaluate_model(*args, **kwargs)
+        watches.append(watch)
+        return report
+
+    monkeypatch.setattr(E, "evaluate_model", watched)
+    out = tmp_path / "run"
+    s = T.train(output=str(out), compile=True, compile_backend="aot_eager", max_steps=2, save_every=0, **SMALL_RUN)
+    assert s["compile"]["compilations"] >= 1  # training ran compiled
+    (watch,) = watches
+    assert watch.compilations == 0 and watch.backward_compilations == 0
+    model = qforge.load(out / "base-model", dtype=torch.float32, device="cpu")
+    qforge.load_adapter(model, out / "adapter")
+    tokenizer = qforge.load_tokenizer(out / "base-model")
+    eager = evaluate_model(model, tokenizer, template_for(tokenizer, "llama", with_tools=True),
+                           builtin_dataset(8, seed=T.TrainArgs().seed + 1), max_new_tokens=48)
+    replies = [t["reply"] for t in json.loads((out / "eval.json").read_text())["turns"]]
+    assert len(replies) == 14 and any(replies)
+    assert replies == [t["reply"] for t in eager["turns"]]
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("extra", [dict(offload_activations=True), dict(tile_tokens=64)])
 def test_compile_with_offload_or_tiles_is_a_clear_error(tmp_path, extra):
     with pytest.raises(ValueError, match="--compile traces the whole model as one graph"):
