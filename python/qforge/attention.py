@@ -60,23 +60,37 @@ __all__ = ["prefer_cudnn_attention", "cudnn_takes_gqa", "attention", "cu_seqlens
            "use_for_training", "packed_inputs"]
 
 
-def cudnn_takes_gqa(device=None) -> bool:
-    """Whether cuDNN's SDPA kernel runs grouped-query inputs (enable_gqa=True) here."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+# device -> whether its cuDNN attention kernel takes grouped-query K/V: probed once per device
+_cudnn_gqa: dict = {}
 
-    q = torch.zeros(1, 4, 8, 64, device=device or "cuda", dtype=torch.bfloat16)
-    kv = torch.zeros(1, 2, 8, 64, device=q.device, dtype=torch.bfloat16)
-    try:
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True)
-        return True
-    except RuntimeError:
-        return False
+
+def cudnn_takes_gqa(device=None) -> bool:
+    """Whether cuDNN's attention kernel (aten._scaled_dot_product_cudnn_attention as training calls
+    it, with the log-sum-exp) takes K/V with fewer heads than q on ``device`` (default: the current
+    CUDA device); asked once per device. qforge.decoder calls the kernel itself, and SDPA with
+    enable_gqa=True hands it K/V as they are, its cuDNN gate asking only that their heads divide
+    q's (torch 2.11 and the newest: sdp_utils.cpp, attention.cpp), so one answer serves both. SDPA's
+    other gates (cuDNN SDPA switched off, deterministic algorithms) keep it from cuDNN whatever the
+    heads."""
+    device = torch.device("cuda" if device is None else device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _cudnn_gqa:
+        q = torch.zeros(1, 4, 16, 64, device=device, dtype=torch.bfloat16)
+        kv = torch.zeros(1, 2, 16, 64, device=device, dtype=torch.bfloat16)
+        try:
+            torch.ops.aten._scaled_dot_product_cudnn_attention(q, kv, kv, None, True, 0.0, True, False)
+            _cudnn_gqa[device] = True
+        except RuntimeError:  # cuDNN's refusal (NotImplementedError too: no cuDNN kernel on this device)
+            _cudnn_gqa[device] = False
+    return _cudnn_gqa[device]
 
 
 @contextlib.contextmanager
-def prefer_cudnn_attention():
-    """Context: SDPA tries cuDNN, flash, memory-efficient, math, in that order (CUDA only)."""
+def prefer_cudnn_attention(device=None):
+    """Context: SDPA tries cuDNN, flash, memory-efficient, math, in that order (CUDA only).
+    ``device``: the GPU whose cuDNN is asked whether it takes grouped-query inputs (default: the
+    current one)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if not torch.cuda.is_available():
@@ -84,7 +98,7 @@ def prefer_cudnn_attention():
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
              SDPBackend.MATH]
     patched = None
-    if not cudnn_takes_gqa():
+    if not cudnn_takes_gqa(device):
         from transformers.integrations import sdpa_attention
 
         patched = sdpa_attention.use_gqa_in_sdpa

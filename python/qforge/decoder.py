@@ -65,6 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import offload as _offload
+from .attention import cudnn_takes_gqa
 from .distributed import decoder_layers
 from .layer import (rms_norm_backward, rms_norm_forward, rope_backward_, rope_forward_, swiglu_backward_,
                     swiglu_forward)
@@ -166,23 +167,6 @@ def _flash_windows(window):
     return (None, None) if window is None else (window - 1, 0)
 
 
-def _cudnn_takes_gqa(device) -> bool:
-    """Whether aten._scaled_dot_product_cudnn_attention runs Hq != Hkv here (probed once)."""
-    key = str(device)
-    if key not in _CUDNN_GQA:
-        q = torch.zeros(1, 4, 16, 64, device=device, dtype=torch.bfloat16)
-        kv = torch.zeros(1, 2, 16, 64, device=device, dtype=torch.bfloat16)
-        try:
-            torch.ops.aten._scaled_dot_product_cudnn_attention(q, kv, kv, None, True, 0.0, True, False)
-            _CUDNN_GQA[key] = True
-        except RuntimeError:
-            _CUDNN_GQA[key] = False
-    return _CUDNN_GQA[key]
-
-
-_CUDNN_GQA: dict = {}
-
-
 def _pick_kernel(device: torch.device, dtype: torch.dtype, docs: Documents, window: Optional[int]) -> str:
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return "math"
@@ -216,7 +200,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, docs: Documents, scale: f
     if kernel == "cudnn":
         B, T = docs.batch, docs.tokens
         qb, kb, vb = (t.view(B, T, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
-        if kb.shape[1] != qb.shape[1] and not _cudnn_takes_gqa(q.device):
+        if kb.shape[1] != qb.shape[1] and not cudnn_takes_gqa(q.device):
             groups = qb.shape[1] // kb.shape[1]
             kb, vb = kb.repeat_interleave(groups, 1), vb.repeat_interleave(groups, 1)
         out = torch.ops.aten._scaled_dot_product_cudnn_attention(qb, kb, vb, None, True, 0.0, True, False,
@@ -242,7 +226,7 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, s
         lse, cum_q, cum_k, max_q, max_k, seed, offset = state
         qb, kb, vb, ob, dob = (t.view(B, T, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v, o, do))
         groups = qb.shape[1] // kb.shape[1]
-        repeat = groups > 1 and not _cudnn_takes_gqa(q.device)
+        repeat = groups > 1 and not cudnn_takes_gqa(q.device)
         if repeat:
             kb, vb = kb.repeat_interleave(groups, 1), vb.repeat_interleave(groups, 1)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(

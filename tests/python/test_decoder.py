@@ -386,6 +386,50 @@ def test_math_attention_and_its_lse_backward_equal_fp64_sdpa(window):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("takes_gqa", [True, False])
+def test_cudnn_kernel_gets_grouped_query_kv_or_repeated_heads(monkeypatch, takes_gqa):
+    """The cuDNN path on the CPU, cuDNN's kernels stood in for by SDPA: K/V reach them as they are
+    where cuDNN takes grouped-query inputs (qforge.attention.cudnn_takes_gqa, asked once), else with
+    their heads repeated and the copies' gradients summed; either way the math path's results."""
+    from qforge import attention
+
+    calls = []
+
+    def sdpa(q, k, v, scale):
+        if k.shape[1] != q.shape[1] and not takes_gqa:
+            raise RuntimeError("cuDNN Frontend error: no grouped-query attention here")
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                                enable_gqa=True)
+
+    def forward(q, k, v, attn_bias, compute_log_sumexp, dropout_p, is_causal, return_debug_mask, scale=None):
+        calls.append(("forward", q.shape[1], k.shape[1]))
+        out, unused = sdpa(q, k, v, scale), torch.empty(0)
+        return out, torch.zeros(q.shape[:3]), unused, unused, 0, 0, unused, unused, unused
+
+    def backward(do, q, k, v, o, lse, seed, offset, attn_bias, cum_q, cum_k, max_q, max_k, dropout_p, is_causal,
+                 scale=None):
+        calls.append(("backward", q.shape[1], k.shape[1]))
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        return torch.autograd.grad(sdpa(q, k, v, scale), (q, k, v), do)
+
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", forward)
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention_backward", backward)
+    monkeypatch.setattr(attention, "_cudnn_gqa", {})
+    g = torch.Generator().manual_seed(3)
+    B, T, Hq, Hkv, D = 2, 7, 6, 2, 8
+    docs = decoder.packed_documents(None, None, B, T, "cpu")
+    q, do = (torch.randn(B * T, Hq, D, generator=g) for _ in range(2))
+    k, v = (torch.randn(B * T, Hkv, D, generator=g) for _ in range(2))
+    o, state = decoder.attention_forward(q, k, v, docs, 0.3, None, "cudnn")
+    grads = decoder.attention_backward(do, q, k, v, o, state, docs, 0.3, None, "cudnn")
+    ref, ref_state = decoder.attention_forward(q, k, v, docs, 0.3, None, "math")
+    torch.testing.assert_close(o, ref)
+    for got, want in zip(grads, decoder.attention_backward(do, q, k, v, ref, ref_state, docs, 0.3, None, "math")):
+        torch.testing.assert_close(got, want)
+    kv_heads = Hkv if takes_gqa else Hq
+    assert calls == [("forward", 4, 2), ("forward", Hq, kv_heads), ("backward", Hq, kv_heads)]  # the probe first
+
+
 def test_documents_of_position_ids_and_padding():
     docs = decoder.packed_documents(packed_positions([[3, 1, 2], [6]]), None, 2, 6, "cpu")
     assert docs.bounds == [0, 3, 4, 6, 12] and docs.longest == 6 and not docs.dense
