@@ -69,7 +69,7 @@ def cudnn_takes_gqa(device=None) -> bool:
     it, with the log-sum-exp) takes K/V with fewer heads than q on ``device`` (default: the current
     CUDA device); asked once per device. qforge.decoder calls the kernel itself, and SDPA with
     enable_gqa=True hands it K/V as they are, its cuDNN gate asking only that their heads divide
-    q's (torch 2.11 and the newest: sdp_utils.cpp, attention.cpp), so one answer serves both. SDPA's
+    q's (torch 2.11 to 2.15: sdp_utils.cpp, attention.cpp), so one answer serves both. SDPA's
     other gates (cuDNN SDPA switched off, deterministic algorithms) keep it from cuDNN whatever the
     heads."""
     device = torch.device("cuda" if device is None else device)
