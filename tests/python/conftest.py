@@ -31,6 +31,37 @@ def child_env() -> dict:
     return dict(os.environ, PYTHONPATH=path, QFORGE_LIBRARY=str(_lib.LIBRARY_PATH))
 
 
+def free_port() -> int:
+    """A TCP port free on this host now (for a process group's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(argv: list, world: int, timeout: float, env: dict | None = None) -> list[tuple[int, str]]:
+    """Runs ``world`` Pythons of ``argv`` as the ranks of one torch.distributed group on this
+    host (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; one OpenMP thread each), in
+    ``env`` (default child_env()). Returns each rank's (return code, output); when one outlives
+    ``timeout`` all are killed and TimeoutExpired propagates."""
+    import subprocess
+    import sys
+
+    port, base = free_port(), child_env() if env is None else env
+    procs = [subprocess.Popen([sys.executable, *map(str, argv)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, errors="replace", env=dict(base, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                                                  OMP_NUM_THREADS="1"))
+             for rank in range(world)]
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+        return [(p.returncode, text) for p, text in zip(procs, outputs)]
+    finally:
+        for p in procs:
+            p.kill()  # a no-op for those that ended
+
+
 def leave_process(code: int = 0) -> None:
     """End a gloo child process once its results are written. Interpreter teardown can
     meet a gloo worker thread still holding tensors and abort ("terminate called

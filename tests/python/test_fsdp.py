@@ -8,14 +8,12 @@ parameters but leaves the packed 4-bit codes and their statistics untouched
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import qforge
+from conftest import run_ranks
 
 transformers = pytest.importorskip("transformers")
 
@@ -86,7 +84,7 @@ def record_fused_layers(seen: dict, describe) -> None:
     fn.forward, fn.backward = staticmethod(recorded_forward), staticmethod(recorded_backward)
 
 
-def worker(rank: int, port: int, out: str, mode: str) -> None:
+def worker(out: str, mode: str) -> None:
     import warnings
 
     import torch.distributed as dist
@@ -96,7 +94,7 @@ def worker(rank: int, port: int, out: str, mode: str) -> None:
     from qforge import decoder
     from qforge.nn import NF4Linear
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    rank = int(os.environ["RANK"])
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     ids, labels = batch()
@@ -172,29 +170,10 @@ def worker(rank: int, port: int, out: str, mode: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_fsdp(tmp_path, mode):
     out = tmp_path / f"fsdp-{mode}.pt"
-    port = _free_port()
-    # the workers import the same qforge as this process (installed or from PYTHONPATH)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(qforge.__file__).resolve().parents[1]),
-                                                       os.environ.get("PYTHONPATH", "")]))
-    procs = [subprocess.Popen([sys.executable, str(HERE), str(r), str(port), str(out), mode], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(WORLD)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=240)[0].decode(errors="replace"))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+    ranks = run_ranks([HERE, out, mode], WORLD, timeout=240)
+    assert all(code == 0 for code, _ in ranks), "\n".join(text for _, text in ranks)[-4000:]
     return torch.load(out, weights_only=False)
 
 
@@ -251,7 +230,7 @@ def test_fsdp2_mixed_precision_never_casts_nf4_storage(tmp_path):
 
 
 if __name__ == "__main__":
-    worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    worker(sys.argv[1], sys.argv[2])
     from conftest import leave_process
 
     leave_process()

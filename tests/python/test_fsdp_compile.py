@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,10 +17,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from conftest import child_env  # noqa: E402
+from conftest import run_ranks  # noqa: E402
+from test_fsdp_train import STEPS, assert_close_losses  # noqa: E402
 
 HERE = Path(__file__).resolve()
-STEPS = 20
 RUN = dict(max_steps=STEPS, gradient_checkpointing=True, max_seq_length=1024, tokens_per_batch=512, lr=4e-3,
            warmup_steps=2, lora_r=8, lora_alpha=16.0, progress=False)
 
@@ -36,37 +34,12 @@ def base_dir(tmp_path_factory):
     return T._prepare_default_model(tmp_path_factory.mktemp("default"), builtin_dataset(seed=0), seed=0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_two(mode: str, base: Path, out: Path, timeout: int = 300) -> tuple[dict, str]:
     """Two ranks of this file's worker; rank 0's result and both ranks' output."""
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(child_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(HERE), mode, str(base), str(out)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=timeout)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-6000:]
-    return json.loads((out / "result.json").read_text()), "\n".join(logs)
-
-
-def assert_close_losses(a, b, rtol=1e-5):
-    assert len(a) == len(b) == STEPS
-    worst = max(abs(x - y) / abs(y) for x, y in zip(a, b))
-    assert worst <= rtol, (worst, a, b)
+    ranks = run_ranks([HERE, mode, base, out], 2, timeout)
+    log = "\n".join(text for _, text in ranks)
+    assert all(code == 0 for code, _ in ranks), log[-6000:]
+    return json.loads((out / "result.json").read_text()), log
 
 
 def test_compiled_layers_under_fsdp2_train_like_eager_and_compile_at_most_three_times(tmp_path, base_dir):

@@ -12,8 +12,6 @@
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,18 +19,12 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from conftest import child_env  # noqa: E402
+from conftest import run_ranks  # noqa: E402
 from test_fsdp_train import STEPS, adapter, assert_close_losses, losses, qforge_train  # noqa: E402
 
 HERE = Path(__file__).resolve()
 LAYERS, HIDDEN, INTERMEDIATE = 24, 512, 2048
 MIB = 2**20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -48,22 +40,10 @@ def model_dir(tmp_path_factory):
 
 
 def _load_in_children(model_dir: Path, world: int, sharded: bool) -> list[dict]:
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        env = dict(child_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(HERE), str(model_dir), "sharded" if sharded else "whole"],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     results = []
-    try:
-        for p in procs:
-            text = p.communicate(timeout=300)[0]
-            assert p.returncode == 0, text[-4000:]
-            results.append(json.loads(text.strip().splitlines()[-1]))
-    finally:
-        for p in procs:
-            p.kill()
+    for code, text in run_ranks([HERE, model_dir, "sharded" if sharded else "whole"], world, timeout=300):
+        assert code == 0, text[-4000:]
+        results.append(json.loads(text.strip().splitlines()[-1]))
     return results
 
 

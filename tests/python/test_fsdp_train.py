@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 import torch
 
 import qforge
+from conftest import run_ranks
 
 pytest.importorskip("transformers")
 
@@ -143,29 +143,8 @@ def test_sharded_checkpoint_resumes_on_two_and_on_one(tmp_path, two_processes, o
 
 
 # ------------------------------------------------------------------ failures stop, never hang
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_workers(mode: str, timeout: int = 120) -> list[subprocess.CompletedProcess]:
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, str(HERE), mode], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    out = []
-    for p in procs:
-        try:
-            out.append((p.returncode, p.communicate(timeout=timeout)[0]))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    return [(p.returncode, text) for p, (_, text) in zip(procs, out)]
+def _run_workers(mode: str, timeout: int = 120) -> list[tuple[int, str]]:
+    return run_ranks([HERE, mode], 2, timeout)
 
 
 def test_ranks_that_disagree_stop_with_the_difference_named():
