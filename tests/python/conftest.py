@@ -49,10 +49,10 @@ def run_ranks(argv: list, world: int, timeout: float, env: dict | None = None) -
     import sys
 
     port, base = free_port(), child_env() if env is None else env
+    rendezvous = dict(WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, *map(str, argv)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, errors="replace", env=dict(base, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                                                  OMP_NUM_THREADS="1"))
+                              text=True, errors="replace",
+                              env=dict(base, RANK=str(rank), LOCAL_RANK=str(rank), **rendezvous))
              for rank in range(world)]
     try:
         outputs = [p.communicate(timeout=timeout)[0] for p in procs]
