@@ -80,6 +80,16 @@ class DistContext:
             dist.destroy_process_group()
 
 
+def exit_worker(code: int = 0) -> None:
+    """End a torchrun worker once its process group is destroyed and its files are
+    written. Interpreter teardown can still meet a gloo worker thread holding tensors
+    and abort ("terminate called without an active exception", pytorch#190489), turning
+    a finished run into a SIGABRT that torchrun reports as the whole job failing."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def init_from_env(device: Optional[str] = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Optional[DistContext]:
     """Join torchrun's process group when this process is one of several
     (``WORLD_SIZE`` > 1); None for a single process. Each rank uses

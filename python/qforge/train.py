@@ -852,11 +852,23 @@ def run_cli(ns) -> int:
 
     try:
         summary = train(TrainArgs(**{**base, **given}))
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # no rank tears its group down while another still generates or writes
     finally:  # a process that leaves with its group alive aborts in the group's teardown
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-    if int(os.environ.get("RANK", "0")) != 0:
-        return 0  # rank 0 reports
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .distributed import exit_worker
+
+        if int(os.environ.get("RANK", "0")) == 0:
+            _report(summary)
+        exit_worker(0)  # everything is written; skip the teardown that can abort on gloo
+    _report(summary)
+    return 0
+
+
+def _report(summary: dict) -> None:
+    """The closing lines of `qforge train` (rank 0's, under torchrun)."""
     losses = summary["losses"]
     if losses:
         k = max(1, min(10, len(losses) // 5))
@@ -870,4 +882,3 @@ def run_cli(ns) -> int:
         print(f"stopped at step {summary['steps']} of {summary['total_steps']}; continue with "
               f"qforge train --output {out} --resume")
     print(f"metrics: {summary['metrics']}  loss curve: {summary['loss_png']}")
-    return 0

@@ -63,15 +63,10 @@ def run_ranks(argv: list, world: int, timeout: float, env: dict | None = None) -
 
 
 def leave_process(code: int = 0) -> None:
-    """End a gloo child process once its results are written. Interpreter teardown can
-    meet a gloo worker thread still holding tensors and abort ("terminate called
-    without an active exception", pytorch#190489; seen once in CI after a passing run)."""
-    import os
-    import sys
+    """End a gloo child process once its results are written (see qforge.distributed.exit_worker)."""
+    from qforge.distributed import exit_worker
 
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_worker(code)
 
 
 def make_qlora(model, seed, targets=None, dropout=0.0):
