@@ -337,7 +337,9 @@ def enable(model: nn.Module, offload: bool = True, tile_tokens: Optional[int] = 
         layers = decoder_layers(model)
     except ValueError as e:
         raise ValueError(f"offload.enable: {e}") from None
-    if hasattr(model, "gradient_checkpointing_enable"):
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    elif hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     offloader = HostOffloader(max_inflight) if offload else _NoOffload(max_inflight)
     func = _checkpoint_function(offloader)
@@ -358,7 +360,9 @@ def disable(model: nn.Module) -> nn.Module:
     """Undo :func:`enable`: the modules run untiled and gradient checkpointing is turned off."""
     for module in _token_wise_modules(model, decoder_layers(model)):
         _untile(module)
-    if hasattr(model, "gradient_checkpointing_disable"):
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    elif hasattr(model, "gradient_checkpointing_disable"):
         model.gradient_checkpointing_disable()
     model._qforge_offloader = None
     return model

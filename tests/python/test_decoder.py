@@ -230,7 +230,7 @@ def test_stacks_with_mixed_lora_ranks_and_biases_equal_plain_training():
             lin.lora_A = lin.lora_B = None
             lin.r = 0
         for lin, r in ((layer.self_attn.v_proj, 3), (layer.mlp.up_proj, 5)):
-            lin.add_lora(r, alpha=7.0, generator=gen)
+            lin.add_lora(r, lora_alpha=7.0, generator=gen)
             with torch.no_grad():
                 lin.lora_B.weight.normal_(0, 0.05, generator=gen)
     stack = decoder._Stack(ref.model.layers[0].self_attn.q_proj, ref.model.layers[0].self_attn.k_proj,
