@@ -62,13 +62,6 @@ def run_ranks(argv: list, world: int, timeout: float, env: dict | None = None) -
             p.kill()  # a no-op for those that ended
 
 
-def leave_process(code: int = 0) -> None:
-    """End a gloo child process once its results are written (see qforge.distributed.exit_worker)."""
-    from qforge.distributed import exit_worker
-
-    exit_worker(code)
-
-
 def make_qlora(model, seed, targets=None, dropout=0.0):
     """A float transformers causal LM made trainable as qforge trains it: its projections NF4
     with LoRA r=4 (DEFAULT_TARGETS unless targets), every LoRA weight drawn away from B = 0 (which

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import qforge
-from conftest import leave_process, run_ranks
+from conftest import run_ranks
 
 pytest.importorskip("transformers")
 
@@ -172,7 +172,7 @@ def _worker(mode: str) -> None:
         except ValueError as e:
             print(e, flush=True)
             ctx.close()
-            leave_process(3)
+            distributed.exit_worker(3)
     elif mode == "absent":
         if ctx.rank == 1:
             time.sleep(20)  # stuck elsewhere: never joins the all-reduce
