@@ -337,10 +337,7 @@ def enable(model: nn.Module, offload: bool = True, tile_tokens: Optional[int] = 
         layers = decoder_layers(model)
     except ValueError as e:
         raise ValueError(f"offload.enable: {e}") from None
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
-        model.activation_checkpointing_enable({"use_reentrant": False})
-    elif hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     offloader = HostOffloader(max_inflight) if offload else _NoOffload(max_inflight)
     func = _checkpoint_function(offloader)
     for layer in layers:
@@ -360,10 +357,24 @@ def disable(model: nn.Module) -> nn.Module:
     """Undo :func:`enable`: the modules run untiled and gradient checkpointing is turned off."""
     for module in _token_wise_modules(model, decoder_layers(model)):
         _untile(module)
-    if hasattr(model, "activation_checkpointing_disable"):
+    if hasattr(model, "activation_checkpointing_disable"):  # transformers' name since 5.2x; the old one warns
         model.activation_checkpointing_disable()
     elif hasattr(model, "gradient_checkpointing_disable"):
         model.gradient_checkpointing_disable()
     model._qforge_offloader = None
     return model
+
+
+def enable_checkpointing(model: nn.Module, offload: bool = False) -> bool:
+    """transformers' own per-layer activation checkpointing (non-reentrant), through
+    ``activation_checkpointing_enable`` where the installed transformers has it (the old
+    ``gradient_checkpointing_enable`` warns that v6 removes it). ``offload``: that API also keeps
+    the checkpointed inputs in host memory. Returns whether it does; a model with neither method
+    is left as it is."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": False}, offload=offload)
+        return offload
+    if hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return False
 

@@ -391,7 +391,7 @@ def _set_up_decoder_layers(model, args: TrainArgs, fused: bool, checkpointing: b
     Returns whether the layers now offload their saved activations themselves; where they do
     not, --offload-activations is torch's save_on_cpu around each forward."""
     from . import decoder
-    from .offload import enable as offload_checkpoints
+    from .offload import enable as offload_checkpoints, enable_checkpointing
 
     if fused:  # each layer saves x, h, o and the attention lse; backward re-runs only part of it
         status = decoder.enable(model, offload=args.offload_activations, tile_tokens=args.tile_tokens)
@@ -403,10 +403,7 @@ def _set_up_decoder_layers(model, args: TrainArgs, fused: bool, checkpointing: b
         offload_checkpoints(model, offload=args.offload_activations, tile_tokens=args.tile_tokens)
         return args.offload_activations
     if checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable({"use_reentrant": False}, offload=args.offload_activations)
-            return args.offload_activations
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return enable_checkpointing(model, offload=args.offload_activations)
     return False
 
 
