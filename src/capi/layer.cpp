@@ -10,12 +10,10 @@ namespace layer = qforge::layer;
 
 namespace {
 
-// The RMSNorm arguments of both directions, each dtype checked under the call's name.
-layer::RmsNormArgs rms_args(bool backward, const void* x, qf_dtype x_dtype, const void* weight, qf_dtype weight_dtype,
-                            int64_t rows, int64_t dim) {
-  return {x, to_float_dtype(x_dtype, backward ? "rms_norm_backward: x" : "rms_norm_forward: x"), weight,
-          to_float_dtype(weight_dtype, backward ? "rms_norm_backward: weight" : "rms_norm_forward: weight"), rows,
-          dim};
+// The RMSNorm arguments of both directions, each dtype checked under the call's name `op`.
+layer::RmsNormArgs rms_args(const char* op, const void* x, qf_dtype x_dtype, const void* weight,
+                            qf_dtype weight_dtype, int64_t rows, int64_t dim) {
+  return {x, to_float_dtype(x_dtype, "x", op), weight, to_float_dtype(weight_dtype, "weight", op), rows, dim};
 }
 
 }  // namespace
@@ -27,7 +25,7 @@ int qf_rms_norm_forward(qf_device device, const void* x, qf_dtype x_dtype, const
                         float* rstd, void* stream) {
   return guard([&] {
     const auto dev = to_device(device, "rms_norm_forward");
-    layer::rms_norm_forward(dev, rms_args(false, x, x_dtype, weight, weight_dtype, rows, dim), eps, y, rstd, stream);
+    layer::rms_norm_forward(dev, rms_args("rms_norm_forward", x, x_dtype, weight, weight_dtype, rows, dim), eps, y, rstd, stream);
   });
 }
 
@@ -36,7 +34,7 @@ int qf_rms_norm_backward(qf_device device, const void* dy, const void* x, qf_dty
                          int64_t dim, void* dx, void* stream) {
   return guard([&] {
     const auto dev = to_device(device, "rms_norm_backward");
-    layer::rms_norm_backward(dev, rms_args(true, x, x_dtype, weight, weight_dtype, rows, dim), dy, rstd, dx, stream);
+    layer::rms_norm_backward(dev, rms_args("rms_norm_backward", x, x_dtype, weight, weight_dtype, rows, dim), dy, rstd, dx, stream);
   });
 }
 
@@ -44,7 +42,7 @@ int qf_swiglu_forward(qf_device device, const void* gate, const void* up, qf_dty
                       void* out, void* stream) {
   return guard([&] {
     const auto dev = to_device(device, "swiglu_forward");
-    layer::swiglu_forward(dev, gate, up, to_float_dtype(dtype, "swiglu_forward: gate and up"), n, out, stream);
+    layer::swiglu_forward(dev, gate, up, to_float_dtype(dtype, "gate and up", "swiglu_forward"), n, out, stream);
   });
 }
 
@@ -52,7 +50,7 @@ int qf_swiglu_backward(qf_device device, const void* dout, const void* gate, con
                        qf_dtype dtype, int64_t n, void* dgate, void* dup, void* stream) {
   return guard([&] {
     const auto dev = to_device(device, "swiglu_backward");
-    layer::swiglu_backward(dev, dout, gate, up, to_float_dtype(dtype, "swiglu_backward: dout, gate and up"), n,
+    layer::swiglu_backward(dev, dout, gate, up, to_float_dtype(dtype, "dout, gate and up", "swiglu_backward"), n,
                            dgate, dup, stream);
   });
 }
@@ -61,18 +59,19 @@ int qf_rope(qf_device device, const void* x, void* out, qf_dtype dtype, int64_t 
             int64_t heads, int64_t head_dim, const void* cos, const void* sin, qf_dtype cos_dtype,
             int64_t cos_batch, int backward, void* stream) {
   return guard([&] {
+    const char* op = backward ? "rope_backward" : "rope_forward";
     layer::RopeArgs a;
-    const auto dev = to_device(device, backward ? "rope_backward" : "rope_forward");
+    const auto dev = to_device(device, op);
     a.x = x;
     a.out = out;
-    a.dtype = to_float_dtype(dtype, backward ? "rope_backward: x" : "rope_forward: x");
+    a.dtype = to_float_dtype(dtype, "x", op);
     a.batch = batch;
     a.seq = seq;
     a.heads = heads;
     a.head_dim = head_dim;
     a.cos = cos;
     a.sin = sin;
-    a.cos_dtype = to_float_dtype(cos_dtype, backward ? "rope_backward: cos and sin" : "rope_forward: cos and sin");
+    a.cos_dtype = to_float_dtype(cos_dtype, "cos and sin", op);
     a.cos_batch = cos_batch;
     layer::rope(dev, a, backward != 0, stream);
   });

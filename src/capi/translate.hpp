@@ -14,9 +14,9 @@ inline Device to_device(qf_device d, const char* op = nullptr) {
   return static_cast<Device>(d);
 }
 
-// A floating-point qf_dtype; `what` names the argument in the error.
-inline DType to_float_dtype(qf_dtype d, const char* what) {
-  QF_CHECK(d == QF_FLOAT32 || d == QF_FLOAT16 || d == QF_BFLOAT16, what,
+// A floating-point qf_dtype; `what` names the argument in the error, `op`, when given, the call.
+inline DType to_float_dtype(qf_dtype d, const char* what, const char* op = nullptr) {
+  QF_CHECK(d == QF_FLOAT32 || d == QF_FLOAT16 || d == QF_BFLOAT16, op ? op : "", op ? ": " : "", what,
            " must be float32, float16 or bfloat16, got ", dtype_name(static_cast<int>(d)));
   return static_cast<DType>(d);
 }

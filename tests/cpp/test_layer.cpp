@@ -29,8 +29,8 @@ using qforge::store_float;
 struct Buf {
   DType dtype;
   std::vector<uint8_t> bytes;
-  Buf(DType d, int64_t n) : dtype(d), bytes(static_cast<size_t>(n) * (d == DType::F32 ? 4 : 2)) {}
-  int64_t size() const { return static_cast<int64_t>(bytes.size()) / (dtype == DType::F32 ? 4 : 2); }
+  Buf(DType d, int64_t n) : dtype(d), bytes(static_cast<size_t>(n) * qforge::dtype_size(d)) {}
+  int64_t size() const { return static_cast<int64_t>(bytes.size() / qforge::dtype_size(dtype)); }
   void* data() { return bytes.data(); }
   const void* data() const { return bytes.data(); }
   double at(int64_t i) const { return load_float(bytes.data(), dtype, i); }
@@ -246,7 +246,7 @@ struct Dev {
   size_t bytes = 0;
   // an output of n elements, poisoned with NaN (all bits set) to catch unwritten ones
   Dev(DType d, int64_t n, int64_t offset = 0) {
-    const size_t esize = d == DType::F32 ? 4 : 2;
+    const size_t esize = qforge::dtype_size(d);
     bytes = static_cast<size_t>(n) * esize;
     EXPECT_EQ(cudaMalloc(&base, bytes + 64), cudaSuccess);
     p = static_cast<uint8_t*>(base) + offset * esize;
