@@ -25,6 +25,7 @@ gradient checkpointing, against 989 TFLOP/s (H200 SXM dense bf16, datasheet).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import torch
 from _record import environment  # bench/ is sys.path[0] when a bench runs
+from fsdp2_profile import STEP as PROFILED_STEP
 
 SHAPES = {
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -276,6 +278,9 @@ def run(a) -> dict:
         sync()
         if counter:
             counter.take()  # what the step before sent, and anything in between
+        # the annotation fsdp2_profile.summarise finds each profiled step by
+        mark = torch.profiler.record_function(PROFILED_STEP) if profiler is not None else contextlib.nullcontext()
+        mark.__enter__()
         t = time.perf_counter()
         n_items = accum * a.batch * (a.seq - 1)
         loss_sum = torch.zeros((), device=device)
@@ -291,6 +296,7 @@ def run(a) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
+        mark.__exit__(None, None, None)
         times.append(time.perf_counter() - t)
         if counter:
             step_bytes.append(counter.take())
