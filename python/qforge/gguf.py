@@ -135,9 +135,7 @@ class CheckpointReader:
     bitsandbytes 4-bit (NF4 weights dequantized by qforge's NF4 core)."""
 
     def __init__(self, path: Path):
-        from safetensors import SafetensorError, safe_open
-
-        from .models.loader import VISION_MODEL_TYPES, bnb_config, read_config, weight_files
+        from .models.loader import VISION_MODEL_TYPES, bnb_config, open_safetensors, read_config, weight_files
 
         self.path = path
         self.raw_config = read_config(path)
@@ -149,10 +147,7 @@ class CheckpointReader:
         self.bnb = bnb_config(self.raw_config, path / "config.json") is not None
         self._handles, self._file = {}, {}
         for f in weight_files(path):
-            try:
-                self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
-            except (SafetensorError, OSError) as e:
-                raise ValueError(f"{f}: not a readable safetensors file ({e})") from None
+            self._handles[f] = open_safetensors(f)
             for k in self._handles[f].keys():
                 self._file[k] = f
 

@@ -86,7 +86,8 @@ def weight_files(path: Path) -> list[Path]:
     raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-def _open_safetensors(f: Path):
+def open_safetensors(f: Path):
+    """safetensors' reader of `f` (CPU tensors); ValueError naming the file if it cannot be read."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -217,7 +218,7 @@ def load(path, load_in_4bit: bool = True, dtype: torch.dtype = torch.bfloat16, m
 
     key_file: dict[str, Path] = {}
     for f in files:
-        with _open_safetensors(f) as handle:
+        with open_safetensors(f) as handle:
             key_file.update((k, f) for k in handle.keys())
     handles: dict[Path, object] = {}
 
@@ -225,7 +226,7 @@ def load(path, load_in_4bit: bool = True, dtype: torch.dtype = torch.bfloat16, m
         f = key_file[key]
         try:
             if f not in handles:
-                handles[f] = _open_safetensors(f)
+                handles[f] = open_safetensors(f)
             return handles[f].get_tensor(key)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise ValueError(f"{f}: cannot read tensor '{key}' ({e})") from None
@@ -234,7 +235,8 @@ def load(path, load_in_4bit: bool = True, dtype: torch.dtype = torch.bfloat16, m
     unused: list[str] = []
     prepared: set[str] = set()  # layers handed to prepare_layer (which may add trainable weights)
 
-    def load_quantized(name: str) -> None:
+    def load_quantized(name: str, unit_keys: list[str]) -> None:
+        """`name` as an NF4Linear; `unit_keys`: the keys of its decoder layer (or of the rest)."""
         wkey, bkey = f"{name}.weight", f"{name}.bias"
         lin = modules[name]
         if wkey not in key_file:
@@ -243,7 +245,7 @@ def load(path, load_in_4bit: bool = True, dtype: torch.dtype = torch.bfloat16, m
         if bias is None and lin.bias is not None:
             return
         if f"{name}.{_QUANT_KEY}" in key_file:
-            tensors = {k: get(k) for k in key_file if k == wkey or k.startswith(wkey + ".")}
+            tensors = {k: get(k) for k in unit_keys if k == wkey or k.startswith(wkey + ".")}
             packed, state = nf4.from_state_dict(tensors, f"{name}.", device=device, where=str(key_file[wkey]))
             if tuple(state.shape) != (lin.out_features, lin.in_features):
                 raise ValueError(f"{key_file[wkey]}: '{wkey}' has shape {tuple(state.shape)}, the model "
@@ -261,7 +263,7 @@ def load(path, load_in_4bit: bool = True, dtype: torch.dtype = torch.bfloat16, m
             del w
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, q)
-        loaded.update(k for k in key_file if k == wkey or k.startswith(wkey + ".") or k == bkey)
+        loaded.update(k for k in unit_keys if k == wkey or k.startswith(wkey + ".") or k == bkey)
 
     def load_plain(key: str) -> None:
         if key.endswith(_QUANT_KEY) or ".weight." in key:
@@ -300,7 +302,7 @@ def load(path, load_in_4bit: bool = True, dtype: torch.dtype = torch.bfloat16, m
     for unit in sorted(layer_names, key=lambda n: int(n.rsplit(".", 1)[1])) + [None]:
         try:
             for name in quant_of[unit]:
-                load_quantized(name)
+                load_quantized(name, keys_of[unit])
             for key in [k for k in keys_of[unit] if k not in loaded]:
                 load_plain(key)
         finally:
