@@ -194,17 +194,17 @@ def finish_sharding(model: nn.Module, ctx: DistContext, offload: bool = False, p
 def layer_sharder(ctx: DistContext, offload: bool, lora: dict, seed: int, **policy):
     """The ``prepare_layer`` hook of ``qforge.load`` for a sharded start: each
     decoder layer, as soon as it is loaded, gets its LoRA adapter (``lora``:
-    ``add_lora``'s r, lora_alpha, lora_dropout, target_modules; A drawn from
+    ``attach_lora``'s r, lora_alpha, lora_dropout, target_modules; A drawn from
     one generator seeded by ``seed``, so the adapter equals the one added to
     the whole model at once) and is sharded, so that this rank frees the rows it
     does not own before the next layer is read. Finish with ``nn.finish_lora``
     and ``finish_sharding`` on the model."""
-    from .nn import add_lora
+    from .nn import attach_lora
 
     generator = torch.Generator().manual_seed(seed)
 
     def prepare(layer: nn.Module) -> None:
-        add_lora(layer, generator=generator, **lora)
+        attach_lora(layer, generator=generator, **lora)
         shard_module(layer, ctx, offload, **policy)
 
     return prepare

@@ -31,7 +31,7 @@ from . import nf4
 from .ops import nf4 as nf4_ops
 from .nf4_weight import NF4Weight
 
-__all__ = ["NF4Linear", "LoraConfig", "DEFAULT_TARGETS", "add_lora", "finish_lora", "lora_parameters",
+__all__ = ["NF4Linear", "LoraConfig", "DEFAULT_TARGETS", "add_lora", "attach_lora", "finish_lora", "lora_parameters",
            "replace_linears", "dequantized_weight", "workspace_bytes", "dequantize_stacked"]
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -349,15 +349,25 @@ def add_lora(model: nn.Module, r: int = 16, lora_alpha: float = 16.0, lora_dropo
     layer by layer with one generator gives the same weights as adding it to the
     whole model at once."""
     lora_alpha, lora_dropout = _peft_names("add_lora", lora_alpha, lora_dropout, alpha, dropout, (16.0, 0.0))
-    targets = list(target_modules)
     gen = generator if generator is not None else torch.Generator().manual_seed(seed) if seed is not None else None
+    attach_lora(model, r, lora_alpha, lora_dropout, target_modules, use_rslora, lora_dtype, gen)
+    return finish_lora(model, r, lora_alpha, lora_dropout, use_rslora)
+
+
+def attach_lora(model: nn.Module, r: int = 16, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
+                target_modules: Iterable[str] = DEFAULT_TARGETS, use_rslora: bool = False,
+                lora_dtype: torch.dtype = torch.float32, generator: Optional[torch.Generator] = None) -> nn.Module:
+    """The module-by-module half of ``add_lora``: adapters on the NF4 layers named by
+    ``target_modules``, nothing else touched (a sharded start attaches them layer by layer,
+    then calls ``finish_lora`` once on the model). ValueError when nothing matches."""
+    targets = list(target_modules)
     hit, plain = [], []
     frozen = tuple(getattr(model, "qforge_frozen_prefixes", ()))  # a vision tower stays frozen
     for name, module in model.named_modules():
         if not is_target_module(name, targets) or f"{name}.".startswith(frozen):
             continue
         if isinstance(module, NF4Linear):
-            module.add_lora(r, lora_alpha, lora_dropout, use_rslora, lora_dtype, generator=gen)
+            module.add_lora(r, lora_alpha, lora_dropout, use_rslora, lora_dtype, generator=generator)
             hit.append(name)
         elif isinstance(module, nn.Linear):
             plain.append(name)
@@ -366,7 +376,7 @@ def add_lora(model: nn.Module, r: int = 16, lora_alpha: float = 16.0, lora_dropo
                          "load the model with qforge.load(..., load_in_4bit=True) first")
     if not hit:
         raise ValueError(f"add_lora: no module matches target_modules {targets}")
-    return finish_lora(model, r, lora_alpha, lora_dropout, use_rslora)
+    return model
 
 
 def finish_lora(model: nn.Module, r: int, lora_alpha: float, lora_dropout: float = 0.0,
